@@ -1,0 +1,1 @@
+"""The part a person touches: kernel registration, the daemon, configuration and ``hbactl``."""
