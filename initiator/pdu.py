@@ -52,6 +52,11 @@ def pad_len(n: int) -> int:
     return -n & 3
 
 
+def _nbytes(buf: Buffer) -> int:
+    # len() of a memoryview counts items, not bytes: a view of an array('I') has 4 per item.
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
 class Opcode(enum.IntEnum):
     """PDU opcodes (§11.2.1.2): initiator opcodes below 0x20, target opcodes above."""
 
@@ -199,7 +204,7 @@ def lun_to_wire(lun: int) -> int:
     """
     if 0 <= lun < 256:
         return lun << 48
-    if lun < 0x4000:
+    if 256 <= lun < 0x4000:
         return (0x4000 | lun) << 48
     raise LocalProtocolError(f"LUN {lun} is outside 0..16383, the single-level SAM range")
 
@@ -552,7 +557,8 @@ class LogoutRequest(PDU):
                    itt=itt, cid=cid, cmd_sn=cmd_sn, exp_stat_sn=exp_stat_sn, data=data)
 
 
-_SNACK_REQUEST = struct.Struct(">BBHIQII4xI4xII4x")
+# Bytes 24-27 reserved, 28 ExpStatSN, 32-39 reserved, 40 BegRun, 44 RunLength (§11.16).
+_SNACK_REQUEST = struct.Struct(">BBHIQII4xI8xII")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -1001,7 +1007,7 @@ def frame(
     parts: Sequence[Buffer] = (pdu.data,) if data is None else data
     dsl = 0
     for part in parts:
-        dsl += len(part)
+        dsl += _nbytes(part)
     if dsl > MAX_DATA_SEGMENT_LENGTH:
         raise LocalProtocolError(f"a data segment of {dsl} bytes does not fit in one PDU")
     ahs = pdu.ahs_bytes()
@@ -1011,7 +1017,7 @@ def frame(
     if not dsl:
         return [header]
     out: list[Buffer] = [header]
-    out.extend(part for part in parts if len(part))
+    out.extend(part for part in parts if _nbytes(part))
     pad = _PAD[dsl & 3]
     if data_digest:
         value = _digest.crc32c_of(parts)
@@ -1078,6 +1084,21 @@ class DataSink(Protocol):
         have the payload delivered in ``pdu.data`` instead. Raise an ``ISCSIError`` to reject
         the PDU (e.g. data outside the command's buffer)."""
         ...
+
+
+def _byte_views(views: Sequence[memoryview]) -> list[memoryview]:
+    """``views`` as flat views of unsigned bytes, so that lengths and slices count bytes.
+
+    A cast view still exports the caller's memory: nothing is copied.
+    """
+    out: list[memoryview] = []
+    for view in views:
+        if view.readonly or not view.c_contiguous:
+            raise LocalProtocolError(
+                "DataSink returned a read-only or non-contiguous view; Data-In cannot land in it"
+            )
+        out.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+    return out
 
 
 class _State(enum.Enum):
@@ -1259,6 +1280,12 @@ class PDUReader:
         if avail < hdr_len:
             self._ensure_capacity(hdr_len)
             return False
+        if self.header_digest:
+            # Checked first: when the header is corrupted its opcode and lengths are noise, and
+            # the caller must see a digest error, not a format error (§7.8).
+            end = self._start + BHS_LEN + ahs_len
+            _digest.check(self._view[end : end + DIGEST_LEN],
+                          _digest.crc32c(self._view[self._start : end]), header=True)
         opcode = bhs[0] & 0x3F
         if opcode not in PDU_CLASSES:
             raise PDUFormatError(f"unknown PDU opcode 0x{opcode:02x}")
@@ -1267,10 +1294,6 @@ class PDUReader:
                 f"{PDU_CLASSES[opcode].__name__} PDU has a {dsl}-byte data segment, more than "
                 f"the MaxRecvDataSegmentLength of {self.max_data_segment_length} we declared"
             )
-        if self.header_digest:
-            end = self._start + BHS_LEN + ahs_len
-            _digest.check(self._view[end : end + DIGEST_LEN],
-                          _digest.crc32c(self._view[self._start : end]), header=True)
         ahs = _parse_ahs(self._view[self._start + BHS_LEN : self._start + BHS_LEN + ahs_len]) \
             if ahs_len else ()
         trailer = pad_len(dsl) + (DIGEST_LEN if self.data_digest and dsl else 0)
@@ -1278,12 +1301,13 @@ class PDUReader:
             din = DataIn._unpack(bhs, ahs, b"")
             dest = self.sink.data_in_buffers(din, dsl)
             if dest is not None:
-                if sum(len(v) for v in dest) != dsl:
+                views = _byte_views(dest)
+                if sum(len(v) for v in views) != dsl:
                     raise LocalProtocolError("DataSink returned buffers of the wrong size")
                 self._start += hdr_len
                 self._pending = din
-                self._dest_all = dest
-                self._dest = [v for v in dest if len(v)]
+                self._dest_all = views
+                self._dest = [v for v in views if len(v)]
                 self._dest_index = self._dest_pos = 0
                 self._remaining = self._dsl = dsl
                 self._trailer = trailer

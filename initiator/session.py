@@ -1,0 +1,827 @@
+"""Full Feature Phase of one iSCSI connection: commands, data, window, NOP, TMF, logout.
+
+Theory of operation
+-------------------
+:class:`SessionCore` is the sans-I/O heart of the initiator after login (RFC 7143 §4.2, §7).
+It owns the task table, the command window and the outbound queue; it never touches a socket
+or the clock. The transport feeds it:
+
+- :meth:`SessionCore.receive_pdu` with every PDU read from the connection (and, through the
+  :class:`~initiator.pdu.DataSink` interface, tells the reader where Data-In payloads go, so
+  they are received straight into the command's buffers);
+- :meth:`SessionCore.handle_timer` when :meth:`SessionCore.get_timer` says so (``now`` is
+  always passed in);
+
+and drains :meth:`SessionCore.send_buffers` / :meth:`SessionCore.sent` into ``sendmsg``.
+Outbound PDUs are :class:`_Frame` objects whose buffers include the caller's own ``memoryview``s
+of Data-Out: nothing is copied on the way out.
+
+Commands complete through the callback given to :meth:`SessionCore.submit`, called exactly
+once, after every reference the core holds to the command's buffers has been dropped. Other
+happenings the transport must act on (the target asks us to log out, will drop the connection,
+wants renegotiation, reported a SCSI asynchronous event) become :class:`Event`\\s.
+
+Sequence numbers (§4.2.2): non-immediate commands take consecutive CmdSNs and are sent only
+while CmdSN is inside [ExpCmdSN, MaxCmdSN]; the rest wait in order. Immediate PDUs (task
+management, NOP-Out pings, logout) carry the current CmdSN without consuming it. Every PDU we
+send carries ExpStatSN = last StatSN received + 1, which acknowledges status.
+
+Writes (§4.2.4 "Data Transfer", §13.13-13.14): up to FirstBurstLength bytes go unsolicited —
+as immediate data when ImmediateData=Yes, then as Data-Out PDUs with TTT 0xffffffff when
+InitialR2T=No — and the rest as answers to R2Ts, each R2T answered at once, so any number of
+outstanding R2Ts (MaxOutstandingR2T > 1) is served. No PDU carries more data than the target's
+MaxRecvDataSegmentLength.
+
+Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
+digest error or lost connection ends the connection, and the transport reinstates the session
+and re-issues the commands that did not complete (see :meth:`SessionCore.take_unfinished`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from initiator import pdu as P
+from initiator import serial
+from initiator.command import Buffers, CommandResult, CompletionCallback, ScsiStatus
+from initiator.errors import (
+    CommandError,
+    ISCSIError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TaskAborted,
+)
+
+log = logging.getLogger(__name__)
+
+Buffer = P.Buffer
+
+
+@dataclass(frozen=True, slots=True)
+class TransferParameters:
+    """The negotiated values the Full Feature Phase depends on (a subset of the session's)."""
+
+    header_digest: bool = False
+    data_digest: bool = False
+    max_recv_data_segment_length: int = 262144
+    """What we declared: the most the target may send in one PDU."""
+    max_xmit_data_segment_length: int = 8192
+    """What the target declared: the most we may send in one PDU."""
+    first_burst_length: int = 65536
+    max_burst_length: int = 262144
+    immediate_data: bool = True
+    initial_r2t: bool = True
+
+
+class TaskState(enum.Enum):
+    QUEUED = 1   # waiting for the command window
+    ACTIVE = 2   # sent; waiting for data and status
+    DONE = 3
+
+
+class Task:
+    """One SCSI command in the session. Its buffers are the caller's; dropped at completion."""
+
+    __slots__ = (
+        "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
+        "itt", "lun", "lun_wire", "on_done", "out_len", "received", "reissues", "state",
+        "unsent_frames", "unsolicited",
+    )
+
+    def __init__(
+        self,
+        lun: int,
+        cdb: bytes,
+        data_out: Buffers | None,
+        data_in: Buffers | None,
+        on_done: CompletionCallback,
+        attr: P.TaskAttribute = P.TaskAttribute.SIMPLE,
+    ) -> None:
+        self.lun = lun
+        self.lun_wire = P.lun_to_wire(lun)
+        self.cdb = cdb
+        self.data_out: Buffers | None = _byte_views(data_out) if data_out else None
+        self.data_in: Buffers | None = _byte_views(data_in) if data_in else None
+        self.out_len = sum(len(v) for v in self.data_out) if self.data_out else 0
+        self.in_len = sum(len(v) for v in self.data_in) if self.data_in else 0
+        self.on_done: CompletionCallback | None = on_done
+        self.attr = attr
+        self.itt = P.RESERVED_TAG
+        self.cmd_sn = 0
+        self.state = TaskState.QUEUED
+        self.received = 0          # Data-In bytes placed so far
+        self.data_sn = 0           # next expected Data-In DataSN
+        self.unsent_frames = 0     # frames in the send queue that reference our buffers
+        self.unsolicited = 0       # bytes sent without an R2T
+        self.immediate_sent = 0
+        self.reissues = 0
+
+    def reset_for_reissue(self) -> None:
+        """Forget per-connection progress so the command can be sent again (ERL 0)."""
+        self.itt = P.RESERVED_TAG
+        self.state = TaskState.QUEUED
+        self.received = 0
+        self.data_sn = 0
+        self.unsent_frames = 0
+        self.unsolicited = 0
+        self.immediate_sent = 0
+        self.reissues += 1
+
+    def __repr__(self) -> str:
+        return (f"<Task itt=0x{self.itt:08x} lun={self.lun} op=0x{self.cdb[0]:02x} "
+                f"out={self.out_len} in={self.in_len} {self.state.name}>")
+
+
+class _Frame:
+    """One PDU waiting in the send queue: its buffers, and the task whose buffers it holds."""
+
+    __slots__ = ("bufs", "started", "task")
+
+    def __init__(self, bufs: list[Buffer], task: Task | None) -> None:
+        self.bufs = bufs
+        self.task = task
+        self.started = False
+
+
+class EventKind(enum.Enum):
+    LOGOUT_REQUESTED = 1       # Async 1: log out within `seconds` (Parameter3)
+    CONNECTION_DROP = 2        # Async 2/3: target will drop us; reconnect after `seconds`
+    RENEGOTIATE = 3            # Async 4: target asks for text negotiation
+    SCSI_EVENT = 4             # Async 0: sense data in `sense` (e.g. 3F/0E REPORTED LUNS CHANGED)
+    TASKS_TERMINATING = 5      # Async 5
+    VENDOR = 6                 # Async 255
+    LOGGED_OUT = 7             # our Logout completed; `seconds` = Time2Wait
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the transport has to act on."""
+
+    kind: EventKind
+    seconds: int = 0
+    lun: int = 0
+    sense: bytes = b""
+    detail: str = ""
+
+
+ControlCallback = Callable[[P.PDU | ISCSIError], None]
+
+
+@dataclass(slots=True)
+class _Control:
+    """A pending non-SCSI request (TMF, NOP ping, text, logout) keyed by its ITT."""
+
+    kind: P.Opcode
+    on_done: ControlCallback
+    text: bytearray = field(default_factory=bytearray)
+    ref_task: Task | None = None
+    lun: int | None = None
+    function: P.TMFunction | None = None
+
+
+class SessionCore:
+    """The sans-I/O Full Feature Phase of one connection. See the module docstring."""
+
+    def __init__(
+        self,
+        params: TransferParameters,
+        *,
+        cmd_sn: int,
+        exp_stat_sn: int,
+        exp_cmd_sn: int,
+        max_cmd_sn: int,
+        target: str = "",
+        now: float = 0.0,
+        noop_interval: float = 5.0,
+        noop_timeout: float = 5.0,
+    ) -> None:
+        self.params = params
+        self.target = target
+        self.cmd_sn = cmd_sn
+        self.exp_stat_sn = exp_stat_sn
+        self.exp_cmd_sn = exp_cmd_sn
+        self.max_cmd_sn = max_cmd_sn
+        self.noop_interval = noop_interval
+        self.noop_timeout = noop_timeout
+        self._tasks: dict[int, Task] = {}
+        self._controls: dict[int, _Control] = {}
+        self._queued: deque[Task] = deque()
+        self._frames: deque[_Frame] = deque()
+        self._next_itt = 1
+        self._events: deque[Event] = deque()
+        self._last_rx = now
+        self._ping_itt: int | None = None
+        self._ping_deadline = 0.0
+        self._closed: ISCSIError | None = None
+        self.logging_out = False
+        self.stats_commands = 0
+        self.stats_bytes_in = 0
+        self.stats_bytes_out = 0
+        self._handlers: dict[type[P.PDU], Callable[[P.PDU], None]] = {
+            P.DataIn: self._on_data_in,  # type: ignore[dict-item]
+            P.ScsiResponse: self._on_scsi_response,  # type: ignore[dict-item]
+            P.R2T: self._on_r2t,  # type: ignore[dict-item]
+            P.NopIn: self._on_nop_in,  # type: ignore[dict-item]
+            P.TaskMgmtResponse: self._on_tmf_response,  # type: ignore[dict-item]
+            P.TextResponse: self._on_text_response,  # type: ignore[dict-item]
+            P.LogoutResponse: self._on_logout_response,  # type: ignore[dict-item]
+            P.AsyncMessage: self._on_async,  # type: ignore[dict-item]
+            P.Reject: self._on_reject,  # type: ignore[dict-item]
+        }
+
+    # ------------------------------------------------------------------------------------
+    # Submitting work
+
+    @property
+    def in_flight(self) -> int:
+        """Commands sent or waiting for the window."""
+        return len(self._tasks) + len(self._queued)
+
+    def submit(self, task: Task) -> None:
+        """Queue a SCSI command; it is sent as soon as the command window allows."""
+        if self._closed is not None:
+            raise LocalProtocolError("the connection is closed; commands cannot be submitted")
+        if self.logging_out:
+            raise LocalProtocolError("the session is logging out; no new commands")
+        if task.state is not TaskState.QUEUED:
+            raise LocalProtocolError(f"{task!r} was already submitted")
+        if self._queued or not serial.le(self.cmd_sn, self.max_cmd_sn):
+            self._queued.append(task)
+            return
+        self._send_command(task)
+
+    def abort_task(self, task: Task, on_done: ControlCallback) -> None:
+        """ABORT TASK for ``task`` (§11.5.1). ``on_done`` gets the TaskMgmtResponse.
+
+        A command still waiting for the window was never seen by the target: it completes
+        at once with :class:`TaskAborted` and ``on_done`` gets a synthetic COMPLETE response.
+        """
+        if task.state is TaskState.QUEUED and task in self._queued:
+            self._queued.remove(task)
+            self._complete_error(
+                task, TaskAborted(f"{self._what(task)} aborted before it was sent"))
+            on_done(P.TaskMgmtResponse(response=P.TMResponse.COMPLETE))
+            return
+        self._task_mgmt(P.TMFunction.ABORT_TASK, task.lun, on_done, ref_task=task)
+
+    def task_management(self, function: P.TMFunction, lun: int, on_done: ControlCallback) -> None:
+        """ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET or TARGET WARM/COLD RESET."""
+        if function in (P.TMFunction.ABORT_TASK, P.TMFunction.TASK_REASSIGN):
+            raise LocalProtocolError(f"{function.name} needs a task; use abort_task")
+        self._task_mgmt(function, lun, on_done)
+
+    def text_request(self, text: bytes, on_done: ControlCallback) -> None:
+        """Send a Text Request (e.g. ``SendTargets=All``); ``on_done`` gets a TextResponse
+        whose ``data`` is the whole answer, reassembled across continuation PDUs (§11.10.2)."""
+        itt = self._alloc_itt()
+        self._controls[itt] = _Control(P.Opcode.TEXT_REQUEST, on_done)
+        self._send_text(itt, text, P.RESERVED_TAG)
+
+    def ping(self, now: float, on_done: ControlCallback | None = None, data: bytes = b"") -> None:
+        """Send a NOP-Out ping (§11.18); the NOP-In answer goes to ``on_done``."""
+        itt = self._alloc_itt()
+        self._controls[itt] = _Control(P.Opcode.NOP_OUT, on_done or _ignore)
+        if self._ping_itt is None:
+            self._ping_itt = itt
+            self._ping_deadline = now + self.noop_timeout
+        self._queue(P.NopOut(immediate=True, itt=itt, ttt=P.RESERVED_TAG, cmd_sn=self.cmd_sn,
+                             exp_stat_sn=self.exp_stat_sn, data=data))
+
+    def logout(self, on_done: ControlCallback,
+               reason: P.LogoutReason = P.LogoutReason.CLOSE_SESSION) -> None:
+        """Send a Logout Request (§11.14). New commands are refused from now on."""
+        self.logging_out = True
+        itt = self._alloc_itt()
+        self._controls[itt] = _Control(P.Opcode.LOGOUT_REQUEST, on_done)
+        self._queue(P.LogoutRequest(immediate=True, reason=reason, itt=itt, cid=0,
+                                    cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
+
+    # ------------------------------------------------------------------------------------
+    # Transport side
+
+    def send_buffers(self, max_buffers: int = 1024) -> list[Buffer]:
+        """Up to ``max_buffers`` buffers of queued PDUs, in order, for one ``sendmsg``."""
+        out: list[Buffer] = []
+        for frame in self._frames:
+            room = max_buffers - len(out)
+            if room <= 0:
+                break
+            frame.started = True
+            if len(frame.bufs) <= room:
+                out.extend(frame.bufs)
+            else:
+                out.extend(frame.bufs[:room])
+                break
+        return out
+
+    def sent(self, nbytes: int) -> None:
+        """``nbytes`` of :meth:`send_buffers` went out; drop or trim what was sent."""
+        frames = self._frames
+        while nbytes and frames:
+            frame = frames[0]
+            bufs = frame.bufs
+            while nbytes and bufs:
+                n = len(bufs[0])
+                if nbytes >= n:
+                    nbytes -= n
+                    bufs.pop(0)
+                else:
+                    bufs[0] = memoryview(bufs[0])[nbytes:]
+                    nbytes = 0
+            if not bufs:
+                frames.popleft()
+                task = frame.task
+                if task is not None:
+                    task.unsent_frames -= 1
+        if nbytes:
+            raise LocalProtocolError("sent() reports more bytes than were handed out")
+
+    @property
+    def wants_to_send(self) -> bool:
+        return bool(self._frames)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_received(self, now: float) -> None:
+        """Bytes arrived (maybe only part of a PDU): the connection is alive."""
+        self._last_rx = now
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next run, or None."""
+        if self._closed is not None:
+            return None
+        if self._ping_itt is not None:
+            return self._ping_deadline
+        if self.noop_interval <= 0:
+            return None
+        return self._last_rx + self.noop_interval
+
+    def handle_timer(self, now: float) -> None:
+        """Send a keepalive NOP-Out when the line was idle; fail when it went unanswered."""
+        if self._closed is not None:
+            return
+        if self._ping_itt is not None:
+            if now >= self._ping_deadline and self._last_rx < self._ping_deadline - \
+                    self.noop_timeout:
+                raise RemoteProtocolError(
+                    f"target {self.target} did not answer a NOP-Out ping within "
+                    f"{self.noop_timeout:g} s: the connection is considered dead")
+            if now >= self._ping_deadline:
+                # Data kept arriving: the target is alive but busy. Keep waiting (this is
+                # how we avoid open-iscsi's NOP timeouts under load).
+                self._ping_deadline = now + self.noop_timeout
+            return
+        if self.noop_interval > 0 and now >= self._last_rx + self.noop_interval:
+            self.ping(now)
+
+    def receive_pdu(self, pdu: P.PDU, now: float) -> None:
+        """Process one PDU from the target. Raises a ProtocolError when the connection must
+        be dropped (the transport then recovers the session)."""
+        self._last_rx = now
+        handler = self._handlers.get(type(pdu))
+        if handler is None:
+            raise RemoteProtocolError(
+                f"target {self.target} sent a {type(pdu).__name__} PDU, which a target never "
+                "sends in Full Feature Phase")
+        handler(pdu)
+
+    def data_in_buffers(self, pdu: P.DataIn, length: int) -> Sequence[memoryview] | None:
+        """:class:`~initiator.pdu.DataSink`: where the payload of ``pdu`` goes."""
+        task = self._tasks.get(pdu.itt)
+        if task is None or task.data_in is None:
+            return None  # decoded into pdu.data; _on_data_in reports the error
+        end = pdu.buffer_offset + length
+        if end > task.in_len:
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In bytes {pdu.buffer_offset}..{end} for "
+                f"{self._what(task)}, which expects only {task.in_len} bytes")
+        return _slice(task.data_in, pdu.buffer_offset, length)
+
+    def close(self, error: ISCSIError) -> None:
+        """The connection is gone: nothing more is sent or received on it.
+
+        Commands stay in the table; :meth:`take_unfinished` hands them to the next connection.
+        Pending control requests fail with ``error``.
+        """
+        if self._closed is not None:
+            return
+        self._closed = error
+        self._frames.clear()
+        for task in self._tasks.values():
+            task.unsent_frames = 0
+        controls, self._controls = self._controls, {}
+        for control in controls.values():
+            control.on_done(error)
+
+    def take_unfinished(self) -> list[Task]:
+        """Every command that has not completed, in submission order, reset for re-issue."""
+        tasks = sorted(self._tasks.values(), key=lambda t: t.cmd_sn - self.exp_cmd_sn & 0xFFFFFFFF)
+        tasks.extend(self._queued)
+        self._tasks.clear()
+        self._queued.clear()
+        for task in tasks:
+            task.reset_for_reissue()
+        return tasks
+
+    def fail_all(self, error: ISCSIError) -> None:
+        """Complete every command with ``error`` (session replacement timed out, etc.)."""
+        for task in self.take_unfinished():
+            self._complete_error(task, error)
+
+    # ------------------------------------------------------------------------------------
+    # Sending
+
+    def _alloc_itt(self) -> int:
+        itt = self._next_itt
+        while itt in self._tasks or itt in self._controls or itt == P.RESERVED_TAG:
+            itt = (itt + 1) & 0xFFFFFFFF
+        self._next_itt = (itt + 1) & 0xFFFFFFFF
+        return itt
+
+    def _queue(self, pdu: P.PDU, data: Sequence[Buffer] | None = None,
+               task: Task | None = None) -> None:
+        bufs = P.frame(pdu, data, header_digest=self.params.header_digest,
+                       data_digest=self.params.data_digest)
+        self._frames.append(_Frame(bufs, task))
+        if task is not None:
+            task.unsent_frames += 1
+
+    def _send_command(self, task: Task) -> None:
+        params = self.params
+        task.itt = itt = self._alloc_itt()
+        task.cmd_sn = self.cmd_sn
+        self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
+        task.state = TaskState.ACTIVE
+        self._tasks[itt] = task
+        self.stats_commands += 1
+        immediate: Sequence[Buffer] = ()
+        unsolicited = 0
+        if task.out_len:
+            assert task.data_out is not None
+            # What may go without an R2T (§13.13, §13.14): up to FirstBurstLength when
+            # InitialR2T=No; only the immediate data (one PDU) when InitialR2T=Yes.
+            if not params.initial_r2t:
+                unsolicited = min(task.out_len, params.first_burst_length)
+            elif params.immediate_data:
+                unsolicited = min(task.out_len, params.first_burst_length,
+                                  params.max_xmit_data_segment_length)
+            if params.immediate_data and unsolicited:
+                n = min(unsolicited, params.max_xmit_data_segment_length)
+                immediate = _slice(task.data_out, 0, n)
+                task.immediate_sent = n
+        data_out_follows = unsolicited > task.immediate_sent
+        cmd = P.ScsiCommand(
+            final=not data_out_follows, read=task.in_len > 0, write=task.out_len > 0,
+            attr=task.attr, lun=task.lun_wire, itt=itt,
+            expected_data_transfer_length=task.out_len if task.out_len else task.in_len,
+            cmd_sn=task.cmd_sn, exp_stat_sn=self.exp_stat_sn, cdb=task.cdb,
+            bidi_read_length=task.in_len if task.out_len and task.in_len else None,
+        )
+        self._queue(cmd, immediate, task)
+        self.stats_bytes_out += task.immediate_sent
+        if data_out_follows:
+            # Unsolicited Data-Out, TTT 0xffffffff, one sequence up to FirstBurstLength.
+            self._send_data_out(task, task.immediate_sent, unsolicited - task.immediate_sent,
+                                P.RESERVED_TAG)
+        task.unsolicited = unsolicited
+
+    def _send_data_out(self, task: Task, offset: int, length: int, ttt: int) -> None:
+        """Data-Out PDUs for ``length`` bytes from ``offset``, one sequence (§11.7)."""
+        assert task.data_out is not None
+        mxdsl = self.params.max_xmit_data_segment_length
+        end = offset + length
+        data_sn = 0
+        while offset < end:
+            n = min(mxdsl, end - offset)
+            self._queue(
+                P.DataOut(final=offset + n == end, lun=task.lun_wire, itt=task.itt, ttt=ttt,
+                          exp_stat_sn=self.exp_stat_sn, data_sn=data_sn, buffer_offset=offset),
+                _slice(task.data_out, offset, n), task)
+            data_sn += 1
+            offset += n
+        self.stats_bytes_out += length
+
+    def _send_text(self, itt: int, text: bytes, ttt: int) -> None:
+        # Text Requests are not immediate: they take a CmdSN like commands (§11.10).
+        self._queue(P.TextRequest(final=True, itt=itt, ttt=ttt, cmd_sn=self.cmd_sn,
+                                  exp_stat_sn=self.exp_stat_sn, data=text))
+        self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
+
+    def _task_mgmt(self, function: P.TMFunction, lun: int, on_done: ControlCallback,
+                   ref_task: Task | None = None) -> None:
+        itt = self._alloc_itt()
+        self._controls[itt] = _Control(P.Opcode.TASK_MGMT_REQUEST, on_done, ref_task=ref_task,
+                                       lun=lun, function=function)
+        self._queue(P.TaskMgmtRequest(
+            immediate=True, function=function, lun=P.lun_to_wire(lun), itt=itt,
+            referenced_task_tag=ref_task.itt if ref_task else P.RESERVED_TAG,
+            cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn,
+            ref_cmd_sn=ref_task.cmd_sn if ref_task else 0))
+
+    def _drain_queue(self) -> None:
+        queued = self._queued
+        while queued and serial.le(self.cmd_sn, self.max_cmd_sn):
+            self._send_command(queued.popleft())
+
+    # ------------------------------------------------------------------------------------
+    # Receiving
+
+    def _ack(self, stat_sn: int) -> None:
+        nxt = (stat_sn + 1) & 0xFFFFFFFF
+        if serial.gt(nxt, self.exp_stat_sn):
+            self.exp_stat_sn = nxt
+
+    def _window(self, exp_cmd_sn: int, max_cmd_sn: int) -> None:
+        # §4.2.2.1: values with MaxCmdSN < ExpCmdSN - 1 are invalid and ignored; stale
+        # (smaller) values from out-of-order PDUs must not move the window back.
+        if serial.lt(max_cmd_sn, (exp_cmd_sn - 1) & 0xFFFFFFFF):
+            return
+        if serial.gt(exp_cmd_sn, self.exp_cmd_sn):
+            self.exp_cmd_sn = exp_cmd_sn
+        if serial.gt(max_cmd_sn, self.max_cmd_sn):
+            self.max_cmd_sn = max_cmd_sn
+            if self._queued:
+                self._drain_queue()
+
+    def _task_for(self, itt: int, what: str) -> Task:
+        task = self._tasks.get(itt)
+        if task is None:
+            raise RemoteProtocolError(
+                f"target {self.target} sent a {what} for task 0x{itt:08x}, which is not an "
+                "outstanding command of this connection")
+        return task
+
+    def _on_data_in(self, pdu: P.DataIn) -> None:
+        task = self._task_for(pdu.itt, "Data-In")
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        n = pdu.placed
+        if not n and pdu.data:
+            n = len(pdu.data)
+            if task.data_in is None or pdu.buffer_offset + n > task.in_len:
+                raise RemoteProtocolError(
+                    f"target {self.target} sent {n} bytes of Data-In at offset "
+                    f"{pdu.buffer_offset} for {self._what(task)}, which reads "
+                    f"{task.in_len} bytes")
+            _scatter(task.data_in, pdu.buffer_offset, pdu.data)
+        task.received += n
+        task.data_sn = (pdu.data_sn + 1) & 0xFFFFFFFF
+        self.stats_bytes_in += n
+        if pdu.status_present:
+            # Phase collapse: the status comes with the final Data-In (§11.7.4).
+            if not pdu.final:
+                raise RemoteProtocolError(
+                    f"target {self.target} sent a Data-In with status but without the F bit")
+            self._ack(pdu.stat_sn)
+            residual = pdu.residual_count if pdu.underflow else (
+                -pdu.residual_count if pdu.overflow else 0)
+            self._complete(task, CommandResult(status=pdu.status, residual=residual,
+                                               data_in_length=task.received))
+
+    def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
+        task = self._task_for(pdu.itt, "SCSI Response")
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        if pdu.response != P.ServiceResponse.COMPLETED:
+            self._complete_error(task, CommandError(
+                f"{self._what(task)} failed in target {self.target}: iSCSI service response "
+                f"0x{pdu.response:02x} (target failure); the command may be retried"))
+            return
+        residual = pdu.residual_count if pdu.underflow else (
+            -pdu.residual_count if pdu.overflow else 0)
+        bidi_residual = pdu.bidi_residual_count if pdu.bidi_underflow else (
+            -pdu.bidi_residual_count if pdu.bidi_overflow else 0)
+        sense = pdu.sense() if pdu.status == ScsiStatus.CHECK_CONDITION else b""
+        self._complete(task, CommandResult(
+            status=pdu.status, sense=sense, residual=residual, bidi_residual=bidi_residual,
+            data_in_length=task.received))
+
+    def _on_r2t(self, pdu: P.R2T) -> None:
+        task = self._task_for(pdu.itt, "R2T")
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        end = pdu.buffer_offset + pdu.desired_data_transfer_length
+        if task.data_out is None or end > task.out_len or pdu.desired_data_transfer_length == 0:
+            raise RemoteProtocolError(
+                f"target {self.target} sent an R2T for bytes {pdu.buffer_offset}..{end} of "
+                f"{self._what(task)}, which writes {task.out_len} bytes")
+        if pdu.ttt == P.RESERVED_TAG:
+            raise RemoteProtocolError(f"target {self.target} sent an R2T with TTT 0xffffffff")
+        self._send_data_out(task, pdu.buffer_offset, pdu.desired_data_transfer_length, pdu.ttt)
+
+    def _on_nop_in(self, pdu: P.NopIn) -> None:
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        if pdu.itt != P.RESERVED_TAG:
+            # The answer to our ping (§11.19): it carries a StatSN that is acknowledged.
+            self._ack(pdu.stat_sn)
+            control = self._controls.pop(pdu.itt, None)
+            if control is None or control.kind is not P.Opcode.NOP_OUT:
+                raise RemoteProtocolError(
+                    f"target {self.target} answered a NOP-Out 0x{pdu.itt:08x} we never sent")
+            if pdu.itt == self._ping_itt:
+                self._ping_itt = None
+            control.on_done(pdu)
+            return
+        if pdu.ttt != P.RESERVED_TAG:
+            # The target pings us: answer with its TTT, ITT reserved (§11.18.2).
+            self._queue(P.NopOut(immediate=True, lun=pdu.lun, itt=P.RESERVED_TAG, ttt=pdu.ttt,
+                                 cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
+
+    def _on_tmf_response(self, pdu: P.TaskMgmtResponse) -> None:
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        control = self._controls.pop(pdu.itt, None)
+        if control is None or control.kind is not P.Opcode.TASK_MGMT_REQUEST:
+            raise RemoteProtocolError(
+                f"target {self.target} answered a task management request 0x{pdu.itt:08x} "
+                "we never sent")
+        if pdu.response in (P.TMResponse.COMPLETE, P.TMResponse.TASK_DOES_NOT_EXIST):
+            # The target sends no status for the tasks a TMF terminates (§4.2.3.3, §11.6.1):
+            # complete them here so nobody waits forever.
+            function = control.function
+            why = f"aborted by {function.name if function else 'task management'}"
+            if control.ref_task is not None:
+                task = control.ref_task
+                if task.state is not TaskState.DONE:
+                    self._tasks.pop(task.itt, None)
+                    self._complete_error(task, TaskAborted(f"{self._what(task)} {why}"))
+            elif function in (P.TMFunction.ABORT_TASK_SET, P.TMFunction.CLEAR_TASK_SET,
+                              P.TMFunction.LOGICAL_UNIT_RESET):
+                self._terminate(lambda t: t.lun == control.lun, why)
+            elif function in (P.TMFunction.TARGET_WARM_RESET, P.TMFunction.TARGET_COLD_RESET):
+                self._terminate(lambda t: True, why)
+        control.on_done(pdu)
+
+    def _terminate(self, match: Callable[[Task], bool], why: str) -> None:
+        for task in [t for t in self._tasks.values() if match(t)]:
+            del self._tasks[task.itt]
+            self._complete_error(task, TaskAborted(f"{self._what(task)} {why}"))
+
+    def _on_text_response(self, pdu: P.TextResponse) -> None:
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        control = self._controls.get(pdu.itt)
+        if control is None or control.kind is not P.Opcode.TEXT_REQUEST:
+            raise RemoteProtocolError(
+                f"target {self.target} sent a Text Response for 0x{pdu.itt:08x}, which is not "
+                "a text request of ours")
+        control.text += pdu.data
+        if len(control.text) > 16 * 1024 * 1024:
+            raise RemoteProtocolError(
+                f"target {self.target} sent more than 16 MiB of text in one exchange")
+        if not pdu.final or pdu.cont:
+            # More to come: ask for it with an empty Text Request echoing the TTT (§11.11.4).
+            if pdu.ttt == P.RESERVED_TAG:
+                raise RemoteProtocolError(
+                    f"target {self.target} sent a partial Text Response with TTT 0xffffffff")
+            self._send_text(pdu.itt, b"", pdu.ttt)
+            return
+        del self._controls[pdu.itt]
+        control.on_done(P.TextResponse(final=True, itt=pdu.itt, ttt=pdu.ttt, stat_sn=pdu.stat_sn,
+                                       exp_cmd_sn=pdu.exp_cmd_sn, max_cmd_sn=pdu.max_cmd_sn,
+                                       data=bytes(control.text)))
+
+    def _on_logout_response(self, pdu: P.LogoutResponse) -> None:
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        control = self._controls.pop(pdu.itt, None)
+        if control is None or control.kind is not P.Opcode.LOGOUT_REQUEST:
+            raise RemoteProtocolError(
+                f"target {self.target} sent a Logout Response 0x{pdu.itt:08x} we never asked for")
+        self._events.append(Event(EventKind.LOGGED_OUT, seconds=pdu.time2wait))
+        control.on_done(pdu)
+
+    def _on_async(self, pdu: P.AsyncMessage) -> None:
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        event = pdu.async_event
+        lun = P.lun_from_wire(pdu.lun)
+        if event == P.AsyncEvent.SCSI_ASYNC_EVENT:
+            self._events.append(Event(EventKind.SCSI_EVENT, lun=lun, sense=pdu.sense()))
+        elif event == P.AsyncEvent.LOGOUT_REQUEST:
+            self._events.append(Event(EventKind.LOGOUT_REQUESTED, seconds=pdu.parameter3))
+        elif event in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.ALL_CONNECTIONS_DROP):
+            self._events.append(Event(EventKind.CONNECTION_DROP, seconds=pdu.parameter2))
+        elif event == P.AsyncEvent.NEGOTIATION_REQUEST:
+            self._events.append(Event(EventKind.RENEGOTIATE, seconds=pdu.parameter3))
+        elif event == P.AsyncEvent.TASK_TERMINATION:
+            self._events.append(Event(EventKind.TASKS_TERMINATING))
+        else:
+            self._events.append(Event(EventKind.VENDOR, detail=f"AsyncEvent {event}"))
+
+    def _on_reject(self, pdu: P.Reject) -> None:
+        self._ack(pdu.stat_sn)
+        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        try:
+            reason = P.RejectReason(pdu.reason).name.lower().replace("_", " ")
+        except ValueError:
+            reason = f"reason 0x{pdu.reason:02x}"
+        header = pdu.rejected_header()
+        itt = getattr(header, "itt", None) if header is not None else None
+        if isinstance(header, P.ScsiCommand) and itt in self._tasks:
+            task = self._tasks[itt]
+            if pdu.reason in (P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+                              P.RejectReason.LONG_OPERATION_REJECT,
+                              P.RejectReason.WAITING_FOR_LOGOUT):
+                # The target is short of resources: the command was not executed. Sending it
+                # again later is safe (§11.17.1); ERL 0 does that on the next connection.
+                raise RemoteProtocolError(
+                    f"target {self.target} rejected {self._what(task)} ({reason}); "
+                    "reconnecting to retry it")
+            del self._tasks[itt]
+            self._complete_error(task, CommandError(
+                f"target {self.target} rejected {self._what(task)}: {reason}"))
+            return
+        if isinstance(header, (P.NopOut, P.TaskMgmtRequest, P.TextRequest)) and \
+                itt in self._controls:
+            control = self._controls.pop(itt)
+            if itt == self._ping_itt:
+                self._ping_itt = None
+            control.on_done(CommandError(
+                f"target {self.target} rejected our {type(header).__name__}: {reason}"))
+            return
+        # A rejected Data-Out, SNACK or an unidentifiable PDU: at ERL 0 the only recovery is a
+        # new connection, on which the affected commands are re-issued.
+        raise RemoteProtocolError(
+            f"target {self.target} rejected a {type(header).__name__ if header else 'PDU'}: "
+            f"{reason}")
+
+    # ------------------------------------------------------------------------------------
+    # Completion
+
+    def _release(self, task: Task) -> None:
+        """Drop every reference to the task's buffers before anyone learns it completed."""
+        if task.unsent_frames:
+            for frame in list(self._frames):
+                if frame.task is not task:
+                    continue
+                if frame.started:
+                    # Partly on the wire: finish the PDU from a private copy so the framing
+                    # stays intact while the caller reuses its buffer.
+                    frame.bufs = [bytes(b) for b in frame.bufs]
+                    frame.task = None
+                else:
+                    self._frames.remove(frame)
+            task.unsent_frames = 0
+        task.data_in = None
+        task.data_out = None
+        task.state = TaskState.DONE
+
+    def _complete(self, task: Task, result: CommandResult) -> None:
+        del self._tasks[task.itt]
+        self._release(task)
+        on_done, task.on_done = task.on_done, None
+        if on_done is not None:
+            on_done(result)
+
+    def _complete_error(self, task: Task, error: ISCSIError) -> None:
+        self._release(task)
+        on_done, task.on_done = task.on_done, None
+        if on_done is not None:
+            on_done(error)
+
+    def _what(self, task: Task) -> str:
+        return f"command 0x{task.cdb[0]:02x} (task 0x{task.itt:08x}, LUN {task.lun})"
+
+
+def _ignore(_: P.PDU | ISCSIError) -> None:
+    return None
+
+
+def _byte_views(views: Buffers) -> Buffers:
+    """The views as flat byte views (``len`` counts bytes), without copying."""
+    for v in views:
+        if v.format != "B" or v.ndim != 1:
+            return [memoryview(v).cast("B") for v in views]
+    return views
+
+
+def _slice(views: Buffers, offset: int, length: int) -> list[memoryview]:
+    """The views covering ``length`` bytes at ``offset`` of a scatter/gather list."""
+    if len(views) == 1:
+        return [views[0][offset : offset + length]]
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, length)
+        out.append(view[offset : offset + take])
+        length -= take
+        offset = 0
+        if not length:
+            break
+    return out
+
+
+def _scatter(views: Buffers, offset: int, data: Buffer) -> None:
+    """Copy ``data`` into a scatter/gather list at ``offset``."""
+    pos = 0
+    for dest in _slice(views, offset, len(data)):
+        n = len(dest)
+        dest[:] = memoryview(data)[pos : pos + n]
+        pos += n

@@ -1,0 +1,894 @@
+"""The asyncio side of the initiator: TCP connections, login, and session recovery.
+
+Theory of operation
+-------------------
+:class:`Connection` is an ``asyncio.BufferedProtocol``: asyncio asks it for a buffer, receives
+into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.pdu.
+PDUReader`, which hands out the internal header buffer or, while a Data-In payload is being
+received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
+daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
+frames (header bytes plus the caller's own views) go to ``socket.sendmsg`` as one scatter list,
+and when the socket is full the rest waits for writability in the session core's queue.
+
+:class:`Session` drives login (:mod:`initiator.login`) over a connection, then runs the Full
+Feature Phase through :class:`~initiator.session.SessionCore`. When the connection fails it
+recovers as open-iscsi does at ErrorRecoveryLevel 0 (RFC 7143 §6.3.5, §7.1.4): after
+DefaultTime2Wait it logs in again with the same ISID and TSIH 0 — session reinstatement — and
+re-issues every command that had not completed, for up to ``replacement_timeout`` seconds;
+after that those commands fail with :class:`~initiator.errors.SessionFailed`.
+
+No asyncio Task is created per command: :meth:`Session.submit` takes a callback, and
+:meth:`Session.execute` only adds one Future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from initiator import pdu as P
+from initiator.command import Buffers, CommandResult, CompletionCallback
+from initiator.errors import (
+    CommandError,
+    ConnectionFailed,
+    ISCSIError,
+    LocalProtocolError,
+    ProtocolError,
+    SessionFailed,
+)
+from initiator.login import (
+    Credentials,
+    LoginError,
+    LoginMachine,
+    LoginRedirect,
+    LoginSuccess,
+    Portal,
+)
+from initiator.session import (
+    Event,
+    EventKind,
+    SessionCore,
+    Task,
+    TransferParameters,
+)
+
+if TYPE_CHECKING:
+    from initiator.keys import SessionParameters
+    from initiator.pcap import PcapRecorder
+
+log = logging.getLogger(__name__)
+
+IOV_MAX = 1024
+MAX_REDIRECTS = 8
+
+
+def default_initiator_name() -> str:
+    """The host's open-iscsi initiator name, or one derived from the host name."""
+    try:
+        with open("/etc/iscsi/initiatorname.iscsi", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "InitiatorName" and value:
+                    return value
+    except OSError:
+        pass
+    host = "".join(c for c in socket.gethostname().lower() if c.isalnum() or c in ".-") or "host"
+    return f"iqn.2026-11.org.iscsi-hba:{host}"
+
+
+def random_isid() -> int:
+    """An ISID of the "random" type (T=10b, RFC 7143 §11.12.5): 24 random bits in B and C."""
+    return (0x80 << 40) | (secrets.randbits(24) << 16)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How to log in and how to behave; the defaults are open-iscsi's (anchors.md)."""
+
+    initiator_name: str = field(default_factory=default_initiator_name)
+    initiator_alias: str | None = None
+    credentials: Credentials | None = None
+    header_digest: bool = False
+    """Ask for CRC32C header digests (offered as ``CRC32C,None``, or required if ``strict``)."""
+    data_digest: bool = False
+    digest_required: bool = False
+    """Fail the login if the target refuses a requested digest (instead of running without)."""
+    negotiation: dict[str, str] = field(default_factory=dict)
+    """Overrides of our operational offers, by key name (e.g. ``{"MaxBurstLength": "65536"}``)."""
+    isid: int = field(default_factory=random_isid)
+    login_timeout: float = 15.0
+    replacement_timeout: float = 120.0
+    noop_interval: float = 5.0
+    noop_timeout: float = 5.0
+    reconnect_forever: bool = False
+    """Keep trying to reconnect after the replacement timeout (the daemon); one-shot commands
+    give up then."""
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    LOGGING_IN = "logging in"
+    LOGGED_IN = "logged in"
+    RECOVERING = "recovering"
+    FAILED = "failed"
+    LOGGING_OUT = "logging out"
+    CLOSED = "closed"
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One TCP connection carrying PDUs. See the module docstring."""
+
+    def __init__(self, portal: Portal, pcap: PcapRecorder | None = None) -> None:
+        self.portal = portal
+        self.pcap = pcap
+        self.reader = _login_reader()
+        self.core: SessionCore | None = None
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
+        self._buf: memoryview | None = None
+        self._login_waiter: asyncio.Future[P.PDU] | None = None
+        self._login_pdus: list[P.PDU] = []
+        self._writer_armed = False
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.error: ISCSIError | None = None
+        self.closed = self._loop.create_future()
+        self.on_failure: Callable[[ISCSIError], None] | None = None
+        self.on_event: Callable[[Event], None] | None = None
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, portal: Portal, timeout: float, pcap_factory: Callable[
+            [tuple[str, int], tuple[str, int]], PcapRecorder] | None = None) -> Connection:
+        """Connect to ``portal`` within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionFailed(
+                f"cannot resolve {portal.host}: {_reason(exc)}; check the target address"
+            ) from None
+        last: BaseException | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                last = exc
+                continue
+            pcap = None
+            if pcap_factory is not None:
+                local = sock.getsockname()
+                remote = sock.getpeername()
+                pcap = pcap_factory((local[0], local[1]), (remote[0], remote[1]))
+            return await cls._attach(portal, pcap, sock)
+        assert last is not None
+        raise ConnectionFailed(
+            f"cannot connect to iSCSI portal {portal}: {_reason(last)}; check that the target "
+            "is running and reachable, and the address and port") from None
+
+    @classmethod
+    async def _attach(cls, portal: Portal, pcap: PcapRecorder | None,
+                      sock: socket.socket) -> Connection:
+        conn = cls(portal, pcap)
+        conn._sock = sock
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=sock)
+        return conn
+
+    # -- asyncio protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._buf = buf = self.reader.get_buffer(sizehint)
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.pcap is not None and self._buf is not None:
+            self.pcap.received(self._buf[:nbytes])
+        self._buf = None
+        now = self._loop.time()
+        core = self.core
+        try:
+            pdus = self.reader.buffer_updated(nbytes)
+            if core is None:
+                self._login_pdus.extend(pdus)
+                waiter = self._login_waiter
+                if waiter is not None and not waiter.done() and self._login_pdus:
+                    waiter.set_result(self._login_pdus.pop(0))
+                return
+            core.data_received(now)
+            for pdu in pdus:
+                core.receive_pdu(pdu, now)
+            self._after_core_activity()
+        except ISCSIError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool | None:
+        self.fail(ConnectionFailed(f"target {self.portal} closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionFailed(
+            f"connection to {self.portal} lost: {_reason(exc) if exc else 'closed'}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- login phase -----------------------------------------------------------------------
+
+    def send_pdu(self, pdu: P.PDU, *, header_digest: bool = False,
+                 data_digest: bool = False) -> None:
+        """Send a control PDU outside the Full Feature Phase (login)."""
+        self._sendmsg_all(P.frame(pdu, header_digest=header_digest, data_digest=data_digest))
+
+    async def next_pdu(self, timeout: float) -> P.PDU:
+        """The next PDU received during login."""
+        if self.error is not None:
+            raise self.error
+        if self._login_pdus:
+            return self._login_pdus.pop(0)
+        self._login_waiter = self._loop.create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._login_waiter), timeout)
+        except TimeoutError:
+            raise ConnectionFailed(
+                f"target {self.portal} did not answer within {timeout:g} s during login"
+            ) from None
+        finally:
+            self._login_waiter = None
+
+    def _sendmsg_all(self, bufs: list[P.Buffer]) -> None:
+        # Login PDUs are small and strictly request/response, so asyncio's (copying) write
+        # buffer is fine here; it is always empty again by the time Full Feature Phase starts
+        # and :meth:`_flush` takes over with ``sendmsg``.
+        if self.error is not None:
+            raise self.error
+        assert self._transport is not None
+        data = b"".join(bufs)
+        if self.pcap is not None:
+            self.pcap.sent([data])
+        self._transport.write(data)
+
+    # -- full feature phase ----------------------------------------------------------------
+
+    def start_full_feature(self, core: SessionCore) -> None:
+        """Hand the connection to ``core``; PDUs received from now on go to it."""
+        self.core = core
+        self.reader.header_digest = core.params.header_digest
+        self.reader.data_digest = core.params.data_digest
+        self.reader.max_data_segment_length = core.params.max_recv_data_segment_length
+        self.reader.sink = core
+        pending, self._login_pdus = self._login_pdus, []
+        now = self._loop.time()
+        try:
+            for pdu in pending:
+                core.receive_pdu(pdu, now)
+        except ISCSIError as exc:
+            self.fail(exc)
+            return
+        self._arm_timer()
+        self._after_core_activity()
+
+    def kick(self) -> None:
+        """Commands were queued on the core: flush once this loop iteration is done, so
+        everything submitted in one iteration goes out in one ``sendmsg``."""
+        if not self._flush_scheduled and self.error is None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._after_core_activity()
+
+    def _after_core_activity(self) -> None:
+        core = self.core
+        if core is None or self.error is not None:
+            return
+        event = core.next_event()
+        while event is not None:
+            if self.on_event is not None:
+                self.on_event(event)
+            event = core.next_event()
+        if core.wants_to_send and not self._writer_armed:
+            self._flush()
+
+    def _flush(self) -> None:
+        core = self.core
+        sock = self._sock
+        if core is None or sock is None or self.error is not None:
+            return
+        while core.wants_to_send:
+            bufs = core.send_buffers(IOV_MAX)
+            try:
+                n = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self.fail(ConnectionFailed(f"sending to {self.portal} failed: {_reason(exc)}"))
+                return
+            if self.pcap is not None and n:
+                self.pcap.sent(_first_bytes(bufs, n))
+            try:
+                core.sent(n)
+            except LocalProtocolError as exc:  # pragma: no cover - internal consistency
+                self.fail(exc)
+                return
+            total = 0
+            for b in bufs:
+                total += len(b)
+            if n < total:
+                # Socket full: wait until it can take more; the queue keeps the views.
+                if not self._writer_armed:
+                    self._writer_armed = True
+                    self._loop.add_writer(sock.fileno(), self._on_writable)
+                return
+        if self._writer_armed:
+            self._writer_armed = False
+            self._loop.remove_writer(sock.fileno())
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _arm_timer(self) -> None:
+        core = self.core
+        if core is None or self.error is not None:
+            return
+        when = core.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        core = self.core
+        if core is None or self.error is not None:
+            return
+        try:
+            core.handle_timer(self._loop.time())
+        except ISCSIError as exc:
+            self.fail(exc)
+            return
+        self._after_core_activity()
+        self._arm_timer()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def fail(self, error: ISCSIError) -> None:
+        """The connection is unusable: close it and tell the session (once)."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer_armed and self._sock is not None:
+            self._writer_armed = False
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._sock.fileno())
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.core is not None:
+            self.core.close(error)
+        # Release every view of caller buffers the reader may hold.
+        self.reader = _login_reader()
+        if self._transport is not None:
+            self._transport.abort()
+        if self.pcap is not None:
+            self.pcap.close()
+            self.pcap = None
+        if self.on_failure is not None:
+            self.on_failure(error)
+
+    def close(self) -> None:
+        """Orderly close after logout (no error reported to the session)."""
+        self.on_failure = None
+        self.fail(ConnectionFailed(f"connection to {self.portal} closed"))
+
+
+def _login_reader() -> P.PDUReader:
+    """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12)."""
+    return P.PDUReader(max_data_segment_length=8192)
+
+
+class Session:
+    """An iSCSI session to one target: login, commands, recovery, logout."""
+
+    def __init__(
+        self,
+        portal: Portal,
+        target_name: str | None,
+        config: SessionConfig | None = None,
+        *,
+        pcap_path: str | None = None,
+        discovery: bool = False,
+    ) -> None:
+        self.portal = portal
+        self.original_portal = portal
+        self.target_name = target_name
+        self.config = config or SessionConfig()
+        self.discovery = discovery
+        self.pcap_path = pcap_path
+        self.state = SessionState.NEW
+        self.parameters: SessionParameters | None = None
+        self.tsih = 0
+        self.target_alias: str | None = None
+        self.target_portal_group_tag: int | None = None
+        self._conn: Connection | None = None
+        self._core: SessionCore | None = None
+        self._pending: list[Task] = []     # waiting for a connection (recovery)
+        self._recovery: asyncio.Task[None] | None = None
+        self._failed_error: SessionFailed | None = None
+        self._closing = False
+        self._pcap_count = 0
+        self.events: list[Event] = []
+        self.on_event: Callable[[Event], None] | None = None
+        self.on_state: Callable[[SessionState], None] | None = None
+        self.reconnects = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.target_name or 'discovery'} at {self.portal}"
+
+    # -- login -----------------------------------------------------------------------------
+
+    async def login(self) -> None:
+        """Log in the first time. Raises a typed error, with no retry, when that fails."""
+        self._set_state(SessionState.LOGGING_IN)
+        try:
+            await self._connect_and_login()
+        except BaseException:
+            self._set_state(SessionState.CLOSED)
+            raise
+
+    async def _connect_and_login(self) -> None:
+        portal = self.portal
+        for _ in range(MAX_REDIRECTS + 1):
+            conn = await Connection.open(portal, self.config.login_timeout, self._pcap_factory())
+            try:
+                outcome = await self._run_login(conn)
+            except BaseException:
+                conn.close()
+                raise
+            if isinstance(outcome, LoginRedirect):
+                conn.close()
+                log.info("%s: redirected %s to %s", self.label,
+                         "permanently" if outcome.permanent else "temporarily", outcome.portal)
+                portal = outcome.portal
+                if outcome.permanent:
+                    self.portal = portal
+                continue
+            self._start_full_feature(conn, outcome)
+            return
+        raise ConnectionFailed(
+            f"target {self.target_name} redirected the login more than {MAX_REDIRECTS} times; "
+            "check the target's portal configuration")
+
+    def _pcap_factory(self) -> Callable[[tuple[str, int], tuple[str, int]], PcapRecorder] | None:
+        if self.pcap_path is None:
+            return None
+        path = self.pcap_path
+        self._pcap_count += 1
+        if self._pcap_count > 1:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.{self._pcap_count}{ext or '.pcap'}"
+
+        def factory(local: tuple[str, int], remote: tuple[str, int]) -> PcapRecorder:
+            from initiator.pcap import PcapRecorder
+            return PcapRecorder(path, local=local, remote=remote)
+        return factory
+
+    async def _run_login(self, conn: Connection) -> LoginSuccess | LoginRedirect:
+        machine = LoginMachine(
+            initiator_name=self.config.initiator_name,
+            initiator_alias=self.config.initiator_alias,
+            target_name=None if self.discovery else self.target_name,
+            isid=self.config.isid,
+            tsih=0,
+            credentials=self.config.credentials,
+            header_digest=self.config.header_digest,
+            data_digest=self.config.data_digest,
+            digest_required=self.config.digest_required,
+            overrides=self.config.negotiation,
+            portal=conn.portal,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.login_timeout
+        request = machine.start()
+        while True:
+            conn.send_pdu(request)
+            response = await conn.next_pdu(max(0.1, deadline - loop.time()))
+            result = machine.receive(response)
+            if isinstance(result, P.LoginRequest):
+                request = result
+                continue
+            return result
+
+    def _start_full_feature(self, conn: Connection, login: LoginSuccess) -> None:
+        params = login.parameters
+        self.parameters = params
+        self.tsih = login.tsih
+        self.target_alias = params.target_alias
+        self.target_portal_group_tag = params.target_portal_group_tag
+        core = SessionCore(
+            TransferParameters(
+                header_digest=params.header_digest, data_digest=params.data_digest,
+                max_recv_data_segment_length=params.max_recv_data_segment_length,
+                max_xmit_data_segment_length=params.max_xmit_data_segment_length,
+                first_burst_length=params.first_burst_length,
+                max_burst_length=params.max_burst_length,
+                immediate_data=params.immediate_data, initial_r2t=params.initial_r2t),
+            cmd_sn=login.cmd_sn, exp_stat_sn=login.exp_stat_sn, exp_cmd_sn=login.exp_cmd_sn,
+            max_cmd_sn=login.max_cmd_sn, target=self.label,
+            now=asyncio.get_running_loop().time(),
+            noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout)
+        conn.on_failure = lambda err: self._connection_failed(conn, err)
+        conn.on_event = self._core_event
+        self._conn = conn
+        self._core = core
+        conn.start_full_feature(core)
+        self._failed_error = None
+        self._set_state(SessionState.LOGGED_IN)
+        pending, self._pending = self._pending, []
+        for task in pending:
+            core.submit(task)
+        if pending:
+            log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
+        conn.kick()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def submit(
+        self,
+        lun: int,
+        cdb: bytes,
+        *,
+        data_out: Buffers | None = None,
+        data_in: Buffers | None = None,
+        on_done: CompletionCallback,
+    ) -> Task:
+        """Queue a SCSI command; ``on_done`` gets its result or a typed error, exactly once.
+
+        Never blocks and creates no Task. During recovery the command waits for the new
+        connection; after the replacement timeout it fails at once.
+        """
+        task = Task(lun, bytes(cdb), data_out, data_in, on_done)
+        if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
+            self._loop_call(on_done, SessionFailed(f"session to {self.label} is closed"))
+            return task
+        if self._failed_error is not None:
+            self._loop_call(on_done, self._failed_error)
+            return task
+        core = self._core
+        if self.state is SessionState.LOGGED_IN and core is not None and self._conn is not None:
+            core.submit(task)
+            self._conn.kick()
+        else:
+            self._pending.append(task)
+        return task
+
+    async def execute(
+        self,
+        lun: int,
+        cdb: bytes,
+        *,
+        data_out: Buffers | None = None,
+        data_in: Buffers | None = None,
+    ) -> CommandResult:
+        """Run one SCSI command and return its status, sense and residual."""
+        fut: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+
+        def done(result: CommandResult | ISCSIError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, ISCSIError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        self.submit(lun, cdb, data_out=data_out, data_in=data_in, on_done=done)
+        return await fut
+
+    async def abort_task(self, task: Task) -> P.TaskMgmtResponse:
+        """ABORT TASK (RFC 7143 §11.5.1). The command's callback runs with TaskAborted."""
+        if task in self._pending:
+            self._pending.remove(task)
+            if task.on_done is not None:
+                on_done, task.on_done = task.on_done, None
+                on_done(CommandError(f"command 0x{task.cdb[0]:02x} aborted before it was sent"))
+            return P.TaskMgmtResponse(response=P.TMResponse.COMPLETE)
+        return await self._tmf(lambda core, cb: core.abort_task(task, cb))
+
+    async def task_management(self, function: P.TMFunction, lun: int) -> P.TaskMgmtResponse:
+        """ABORT TASK SET, LOGICAL UNIT RESET, TARGET WARM RESET, ..."""
+        return await self._tmf(lambda core, cb: core.task_management(function, lun, cb))
+
+    async def lun_reset(self, lun: int) -> P.TaskMgmtResponse:
+        return await self.task_management(P.TMFunction.LOGICAL_UNIT_RESET, lun)
+
+    async def _tmf(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+                   ) -> P.TaskMgmtResponse:
+        response = await self._control(send)
+        if not isinstance(response, P.TaskMgmtResponse):
+            raise LocalProtocolError("unexpected answer to task management")
+        return response
+
+    async def _control(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+                       ) -> P.PDU:
+        core, conn = self._core, self._conn
+        if core is None or conn is None or self.state is not SessionState.LOGGED_IN:
+            raise SessionFailed(f"session to {self.label} is not logged in ({self.state.value})")
+        fut: asyncio.Future[P.PDU] = asyncio.get_running_loop().create_future()
+
+        def done(result: P.PDU | ISCSIError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, ISCSIError):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        send(core, done)
+        conn.kick()
+        return await fut
+
+    async def text(self, text: bytes) -> bytes:
+        """One text exchange in Full Feature Phase; returns the whole answer."""
+        response = await self._control(lambda core, cb: core.text_request(text, cb))
+        return bytes(response.data)
+
+    async def ping(self, data: bytes = b"") -> float:
+        """NOP-Out ping; returns the round-trip time in seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._control(lambda core, cb: core.ping(loop.time(), cb, data))
+        return loop.time() - start
+
+    # -- events and recovery -----------------------------------------------------------------
+
+    def _core_event(self, event: Event) -> None:
+        self.events.append(event)
+        if len(self.events) > 100:
+            del self.events[:50]
+        if self.on_event is not None:
+            self.on_event(event)
+        conn = self._conn
+        if event.kind is EventKind.CONNECTION_DROP and conn is not None:
+            log.warning("%s: target announced it will drop the connection", self.label)
+            self._connection_failed(conn, ConnectionFailed(
+                f"target {self.label} asked to drop the connection"), time2wait=event.seconds)
+        elif event.kind is EventKind.LOGOUT_REQUESTED and conn is not None:
+            log.warning("%s: target requested logout; logging in again", self.label)
+            asyncio.get_running_loop().create_task(self._logout_and_relogin(conn))
+        elif event.kind is EventKind.RENEGOTIATE:
+            asyncio.get_running_loop().create_task(self._renegotiate())
+        elif event.kind is EventKind.SCSI_EVENT:
+            log.info("%s: SCSI asynchronous event on LUN %d, sense %s", self.label, event.lun,
+                     event.sense.hex())
+
+    async def _logout_and_relogin(self, conn: Connection) -> None:
+        # Async logout request (§11.9.1, AsyncEvent 1): log out within Parameter3 seconds;
+        # the commands not yet complete are re-issued on the next login.
+        with contextlib.suppress(ISCSIError, TimeoutError):
+            await asyncio.wait_for(self._control(lambda core, cb: core.logout(cb)), 5)
+        if self._conn is conn:
+            self._connection_failed(conn, ConnectionFailed(
+                f"target {self.label} requested a logout"), time2wait=0)
+
+    async def _renegotiate(self) -> None:
+        # Async negotiation request (AsyncEvent 4): the only key that may change in Full Feature
+        # Phase with one connection is MaxRecvDataSegmentLength (§13.12); restate ours.
+        params = self.parameters
+        if params is None:
+            return
+        with contextlib.suppress(ISCSIError):
+            await self.text(f"MaxRecvDataSegmentLength={params.max_recv_data_segment_length}\0"
+                            .encode())
+
+    def _connection_failed(self, conn: Connection, error: ISCSIError,
+                           time2wait: int | None = None) -> None:
+        if conn is not self._conn:
+            return
+        conn.on_failure = None
+        if conn.error is None:
+            conn.fail(error)
+        core = self._core
+        self._conn = None
+        self._core = None
+        if core is not None:
+            self._pending = core.take_unfinished() + self._pending
+        if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
+            self._fail_pending(SessionFailed(f"session to {self.label} closed"))
+            return
+        log.warning("%s: connection failed (%s); recovering", self.label, error)
+        params = self.parameters
+        wait = time2wait if time2wait is not None else (
+            params.default_time2wait if params is not None else 2)
+        self._set_state(SessionState.RECOVERING)
+        loop = asyncio.get_running_loop()
+        self._recovery = loop.create_task(self._recover(error, float(wait)))
+
+    async def _recover(self, cause: ISCSIError, time2wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.replacement_timeout
+        wait = time2wait
+        attempt = 0
+        while True:
+            await asyncio.sleep(wait)
+            if self._closing:
+                return
+            attempt += 1
+            try:
+                await self._connect_and_login()
+            except (ISCSIError, OSError) as exc:
+                log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, exc)
+                if loop.time() >= deadline and self._failed_error is None:
+                    self._failed_error = SessionFailed(
+                        f"session to {self.label} could not be re-established within the "
+                        f"replacement timeout of {self.config.replacement_timeout:g} s "
+                        f"(connection lost: {cause}; last attempt: {exc})")
+                    self._set_state(SessionState.FAILED)
+                    self._fail_pending(self._failed_error)
+                    if not self.config.reconnect_forever:
+                        return
+                wait = min(max(1.0, wait * 2), 30.0, max(0.5, deadline - loop.time())
+                           if loop.time() < deadline else 30.0)
+                continue
+            self.reconnects += 1
+            log.info("%s: session reinstated after %d attempt(s)", self.label, attempt)
+            return
+
+    def _fail_pending(self, error: ISCSIError) -> None:
+        pending, self._pending = self._pending, []
+        for task in pending:
+            task.data_in = None
+            task.data_out = None
+            if task.on_done is not None:
+                on_done, task.on_done = task.on_done, None
+                on_done(error)
+
+    def _set_state(self, state: SessionState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
+
+    def _loop_call(self, on_done: CompletionCallback, error: ISCSIError) -> None:
+        asyncio.get_running_loop().call_soon(on_done, error)
+
+    # -- logout ----------------------------------------------------------------------------
+
+    async def logout(self, timeout: float = 10.0) -> None:
+        """Orderly logout (RFC 7143 §11.14): wait for outstanding commands, log out, close."""
+        if self.state in (SessionState.CLOSED,):
+            return
+        self._closing = True
+        core, conn = self._core, self._conn
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
+        if core is not None and conn is not None and self.state is SessionState.LOGGED_IN:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while core.in_flight and loop.time() < deadline and conn.error is None:
+                await asyncio.sleep(0.01)
+            self._set_state(SessionState.LOGGING_OUT)
+            fut: asyncio.Future[P.PDU] = loop.create_future()
+
+            def done(result: P.PDU | ISCSIError) -> None:
+                if not fut.done():
+                    fut.set_result(result) if isinstance(result, P.PDU) else \
+                        fut.set_exception(result)
+
+            try:
+                core.logout(done)
+                conn.kick()
+                await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+            except (ISCSIError, TimeoutError) as exc:
+                log.info("%s: logout did not complete cleanly: %s", self.label, exc)
+        await self.close()
+
+    async def close(self) -> None:
+        """Drop the connection without logging out; fail whatever is outstanding."""
+        self._closing = True
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
+        conn, core = self._conn, self._core
+        self._conn = None
+        self._core = None
+        if core is not None:
+            core.fail_all(SessionFailed(f"session to {self.label} was closed"))
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(conn.closed), 2)
+        self._fail_pending(SessionFailed(f"session to {self.label} was closed"))
+        self._set_state(SessionState.CLOSED)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        core = self._core
+        return (core.in_flight if core is not None else 0) + len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        core = self._core
+        return {
+            "commands": core.stats_commands if core else 0,
+            "bytes_in": core.stats_bytes_in if core else 0,
+            "bytes_out": core.stats_bytes_out if core else 0,
+            "in_flight": self.in_flight,
+            "reconnects": self.reconnects,
+        }
+
+    async def __aenter__(self) -> Session:
+        if self.state is SessionState.NEW:
+            await self.login()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.logout()
+
+
+async def open_session(
+    portal: Portal,
+    target_name: str,
+    config: SessionConfig | None = None,
+    *,
+    pcap_path: str | None = None,
+) -> Session:
+    """Log in to ``target_name`` at ``portal`` and return the session in Full Feature Phase."""
+    session = Session(portal, target_name, config, pcap_path=pcap_path)
+    await session.login()
+    return session
+
+
+def _first_bytes(bufs: Sequence[P.Buffer], n: int) -> list[P.Buffer]:
+    out: list[P.Buffer] = []
+    for b in bufs:
+        if n <= 0:
+            break
+        if len(b) <= n:
+            out.append(b)
+            n -= len(b)
+        else:
+            out.append(memoryview(b)[:n])
+            n = 0
+    return out
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown reason"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno) if exc.errno in errno.errorcode else str(exc)
+    return str(exc) or type(exc).__name__
+
+
+__all__ = [
+    "Connection", "LoginError", "Portal", "ProtocolError", "Session", "SessionConfig",
+    "SessionState", "default_initiator_name", "open_session", "random_isid",
+]
