@@ -44,9 +44,6 @@ from initiator.errors import (
     RemoteProtocolError,
 )
 from initiator.keys import (
-    DIGEST_CRC32C_PREFERRED,
-    DIGEST_CRC32C_REQUIRED,
-    DIGEST_NONE,
     KEYS,
     Kind,
     NegotiationSettings,
@@ -274,17 +271,17 @@ def negotiation_settings(
     initiator_alias: str | None = None,
     target_name: str | None,
     chap: bool,
-    header_digest: bool = False,
-    data_digest: bool = False,
-    digest_required: bool = False,
+    header_digest: str = "None",
+    data_digest: str = "None",
     overrides: Mapping[str, str] | None = None,
 ) -> NegotiationSettings:
     """Our offers: open-iscsi's defaults, the digests asked for, then per-key overrides.
 
-    ``overrides`` maps key names (``MaxBurstLength``, ``ImmediateData`` ...) to values as
-    written in a configuration file; a bad name or value raises ``ConfigurationError``.
+    ``header_digest``/``data_digest`` are the key values to offer, in preference order:
+    ``None``, ``CRC32C``, ``CRC32C,None`` or ``None,CRC32C``. ``overrides`` maps key names
+    (``MaxBurstLength``, ``ImmediateData`` ...) to values as written in a configuration file;
+    a bad name or value raises ``ConfigurationError``.
     """
-    wanted = DIGEST_CRC32C_REQUIRED if digest_required else DIGEST_CRC32C_PREFERRED
     values: dict[str, object] = {
         "initiator_name": initiator_name,
         "initiator_alias": initiator_alias,
@@ -292,8 +289,8 @@ def negotiation_settings(
         "session_type": SessionType.DISCOVERY if target_name is None else SessionType.NORMAL,
         # With credentials only CHAP is offered: a target must not be able to skip it.
         "auth_methods": ("CHAP",) if chap else ("None",),
-        "header_digest": wanted if header_digest else DIGEST_NONE,
-        "data_digest": wanted if data_digest else DIGEST_NONE,
+        "header_digest": _digest_offer(header_digest, "HeaderDigest"),
+        "data_digest": _digest_offer(data_digest, "DataDigest"),
     }
     if target_name is None:
         values["max_recv_data_segment_length"] = DISCOVERY_MAX_RECV_DATA_SEGMENT_LENGTH
@@ -320,6 +317,18 @@ def negotiation_settings(
     return dataclasses.replace(NegotiationSettings(), **values)  # type: ignore[arg-type]
 
 
+def _digest_offer(text: str, key: str) -> tuple[str, ...]:
+    choices = {"none": "None", "crc32c": "CRC32C"}
+    offer: list[str] = []
+    for item in text.replace(" ", "").split(","):
+        value = choices.get(item.lower())
+        if value is None or value in offer:
+            raise ConfigurationError(
+                f"{key} = {text!r}: expected None, CRC32C, CRC32C,None or None,CRC32C")
+        offer.append(value)
+    return tuple(offer)
+
+
 class LoginMachine:
     """One connection's login, initiator side, sans-I/O. See the module docstring.
 
@@ -339,9 +348,8 @@ class LoginMachine:
         itt: int = 0,
         initiator_alias: str | None = None,
         credentials: ChapCredentials | None = None,
-        header_digest: bool = False,
-        data_digest: bool = False,
-        digest_required: bool = False,
+        header_digest: str = "None",
+        data_digest: str = "None",
         overrides: Mapping[str, str] | None = None,
         portal: Portal | str = "",
         settings: NegotiationSettings | None = None,
@@ -355,8 +363,7 @@ class LoginMachine:
             settings = negotiation_settings(
                 initiator_name=initiator_name, initiator_alias=initiator_alias,
                 target_name=target_name, chap=credentials is not None,
-                header_digest=header_digest, data_digest=data_digest,
-                digest_required=digest_required, overrides=overrides)
+                header_digest=header_digest, data_digest=data_digest, overrides=overrides)
         self.negotiator = Negotiator(Role.INITIATOR, settings, peer=self.label)
         self.chap = chap if chap is not None else (
             ChapInitiator(credentials, target=target_name or self.label)
@@ -421,9 +428,11 @@ class LoginMachine:
             raise RemoteProtocolError(
                 f"target {self.label} sent a {type(response).__name__} during login, where "
                 "only Login Responses may come (RFC 7143 §6)")
-        self._check_header(response)
         if response.status_class != StatusClass.SUCCESS:
+            # Checked before the header: targets rejecting a login (tgtd for an unknown
+            # target name) do not always echo the ISID.
             return self._status(response)
+        self._check_header(response)
         if self._outgoing is not None and not self._outgoing.done:
             # Our text was split: the target acknowledges each piece with an empty response.
             return self._next_piece()

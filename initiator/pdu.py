@@ -197,24 +197,21 @@ _I = 0x40  # the Immediate bit, byte 0
 
 
 def lun_to_wire(lun: int) -> int:
-    """The 8-byte LUN field for a LUN number, SAM-2 single level (§11.2.2.3).
+    """The 8-byte LUN field for a LUN number, numbered as Linux, LIO and libiscsi number them.
 
-    LUNs 0-255 use peripheral device addressing; 256-16383 use flat space addressing, as Linux
-    and libiscsi do.
+    The number goes into the first two bytes (Linux's ``int_to_scsilun``): LUNs 0-255 are then
+    SAM peripheral device addressing, and a target built on the same convention (LIO, tgt)
+    decodes larger numbers back to the LUN it was configured with (§11.2.2.3, SAM-2 §4.9).
     """
-    if 0 <= lun < 256:
+    if 0 <= lun <= 0xFFFF:
         return lun << 48
-    if 256 <= lun < 0x4000:
-        return (0x4000 | lun) << 48
-    raise LocalProtocolError(f"LUN {lun} is outside 0..16383, the single-level SAM range")
+    raise LocalProtocolError(f"LUN {lun} is outside 0..65535, the single-level LUN range")
 
 
 def lun_from_wire(raw: int) -> int:
-    """The LUN number of an 8-byte LUN field (inverse of :func:`lun_to_wire`)."""
-    first = raw >> 48
-    if (first >> 14) in (0, 1):
-        return first & 0x3FFF if first >> 14 else first & 0xFF
-    return raw
+    """The LUN number of an 8-byte LUN field: its first level, as Linux's ``scsilun_to_int``
+    reads a single-level LUN (inverse of :func:`lun_to_wire`)."""
+    return raw >> 48
 
 
 # --------------------------------------------------------------------------------------------

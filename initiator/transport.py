@@ -97,11 +97,11 @@ class SessionConfig:
     initiator_name: str = field(default_factory=default_initiator_name)
     initiator_alias: str | None = None
     credentials: Credentials | None = None
-    header_digest: bool = False
-    """Ask for CRC32C header digests (offered as ``CRC32C,None``, or required if ``strict``)."""
-    data_digest: bool = False
-    digest_required: bool = False
-    """Fail the login if the target refuses a requested digest (instead of running without)."""
+    header_digest: str = "None"
+    """HeaderDigest to offer, in preference order: ``None``, ``CRC32C``, ``CRC32C,None``,
+    ``None,CRC32C``. Offering ``CRC32C`` alone makes the login fail if the target refuses it."""
+    data_digest: str = "None"
+    """DataDigest to offer, likewise."""
     negotiation: dict[str, str] = field(default_factory=dict)
     """Overrides of our operational offers, by key name (e.g. ``{"MaxBurstLength": "65536"}``)."""
     isid: int = field(default_factory=random_isid)
@@ -393,7 +393,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
         if self.pcap is not None:
-            self.pcap.close()
+            try:
+                self.pcap.close()
+            except OSError as exc:
+                log.warning("could not finish the pcap capture of %s: %s", self.portal, exc)
             self.pcap = None
         if self.on_failure is not None:
             self.on_failure(error)
@@ -506,7 +509,6 @@ class Session:
             credentials=self.config.credentials,
             header_digest=self.config.header_digest,
             data_digest=self.config.data_digest,
-            digest_required=self.config.digest_required,
             overrides=self.config.negotiation,
             portal=conn.portal,
         )

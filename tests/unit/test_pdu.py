@@ -921,9 +921,10 @@ def test_response_code_bytes(p: PDU, offset: int, value: int) -> None:
 @pytest.mark.parametrize(
     ("lun", "first_two_bytes"),
     [(0, b"\x00\x00"), (1, b"\x00\x01"), (255, b"\x00\xff"),  # peripheral device addressing
-     (256, b"\x41\x00"), (0x1234, b"\x52\x34"), (16383, b"\x7f\xff")],  # flat space addressing
+     (256, b"\x01\x00"), (300, b"\x01\x2c"), (0x4123, b"\x41\x23"), (0xFFFF, b"\xff\xff")],
 )
 def test_lun_to_wire(lun: int, first_two_bytes: bytes) -> None:
+    # Linux's int_to_scsilun numbering, which LIO, tgt and libiscsi share.
     wire = pdu.lun_to_wire(lun)
     assert struct.pack(">Q", wire) == first_two_bytes + bytes(6)
     assert pdu.lun_from_wire(wire) == lun
@@ -931,25 +932,23 @@ def test_lun_to_wire(lun: int, first_two_bytes: bytes) -> None:
     assert pdu.encode(ScsiCommand(lun=wire, cdb=CDB16))[8:16] == first_two_bytes + bytes(6)
 
 
-@pytest.mark.parametrize("lun", [-1, -256, 16384, 1 << 20])
+@pytest.mark.parametrize("lun", [-1, -256, 0x10000, 1 << 20])
 def test_lun_out_of_range(lun: int) -> None:
     with pytest.raises(LocalProtocolError):
         pdu.lun_to_wire(lun)
 
 
 def test_lun_round_trip_every_single_level_lun() -> None:
-    for lun in range(16384):
+    for lun in range(0x10000):
         wire = pdu.lun_to_wire(lun)
         assert 0 <= wire < 1 << 64
         assert pdu.lun_from_wire(wire) == lun
 
 
 def test_lun_from_wire_other_forms() -> None:
-    # Flat space addressing of a LUN below 256 (some targets report LUN 0 this way).
-    assert pdu.lun_from_wire(0x4005 << 48) == 5
-    # Logical unit (10b) and extended (11b) addressing are passed through as the raw field.
-    for raw in (0x8123_4567_0000_0000, 0xC1FF_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF):
-        assert pdu.lun_from_wire(raw) == raw
+    # Only the first level counts, as in Linux's scsilun_to_int for single-level LUNs.
+    assert pdu.lun_from_wire(0x4005 << 48) == 0x4005
+    assert pdu.lun_from_wire(0x0001_0002_0000_0000) == 1
 
 
 # --------------------------------------------------------------------------------------------

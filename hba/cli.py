@@ -1,0 +1,232 @@
+"""``hbactl``: the command line of iscsi-hba.
+
+Every failure is printed as one sentence saying what failed and what to check, and the exit
+status says what kind of failure it was; no traceback reaches the user (``-v`` shows debug
+logging, ``HBACTL_TRACEBACK=1`` shows tracebacks for bug reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from hba import oneshot
+from hba.errors import HBAError
+from initiator.errors import AuthenticationError, ConfigurationError, ISCSIError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def _options(args: argparse.Namespace) -> oneshot.Options:
+    return oneshot.Options(initiator_name=args.initiator_name, login_timeout=args.login_timeout,
+                           pcap=args.pcap)
+
+
+async def _discover(args: argparse.Namespace) -> dict[str, Any]:
+    return await oneshot.cmd_discover(args.url, _options(args))
+
+
+async def _inquiry(args: argparse.Namespace) -> dict[str, Any]:
+    return await oneshot.cmd_inquiry(args.url, _options(args))
+
+
+async def _readcap(args: argparse.Namespace) -> dict[str, Any]:
+    return await oneshot.cmd_readcap(args.url, _options(args))
+
+
+async def _read(args: argparse.Namespace) -> dict[str, Any]:
+    return await oneshot.cmd_read(args.url, _options(args), args.lba, args.blocks, args.output)
+
+
+async def _write(args: argparse.Namespace) -> dict[str, Any]:
+    return await oneshot.cmd_write(args.url, _options(args), args.lba, args.input, args.blocks)
+
+
+async def _perf(args: argparse.Namespace) -> dict[str, Any]:
+    settings = oneshot.PerfSettings(
+        block_size=oneshot.parse_size(args.block_size), queue_depth=args.queue_depth,
+        seconds=args.seconds, random=args.random, write=args.write)
+    live = None if args.json else sys.stdout
+    return await oneshot.cmd_perf(args.url, _options(args), settings, live)
+
+
+def _print_discover(r: dict[str, Any]) -> None:
+    if not r["targets"]:
+        print(f"portal {r['portal']} offers no targets to this initiator")
+    for t in r["targets"]:
+        for p in t["portals"]:
+            tag = f",{p['tpgt']}" if p["tpgt"] is not None else ""
+            print(f"{p['address']}{tag} {t['name']}")
+
+
+def _print_fields(r: dict[str, Any], fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(label) for _, label in fields)
+    for key, label in fields:
+        value = r.get(key)
+        if value is None:
+            value = "-"
+        print(f"{label + ':':<{width + 1}} {value}")
+
+
+def _print_inquiry(r: dict[str, Any]) -> None:
+    _print_fields(r, [("vendor", "Vendor"), ("product", "Product"), ("revision", "Revision"),
+                      ("device_type", "Device type"), ("unit_serial", "Unit serial"),
+                      ("naa", "NAA identifier"), ("wwn", "WWN")])
+
+
+def _print_readcap(r: dict[str, Any]) -> None:
+    r = dict(r, size=f"{r['size_bytes']} bytes ({_human(r['size_bytes'])})")
+    _print_fields(r, [("blocks", "Blocks"), ("block_size", "Block size"), ("size", "Size"),
+                      ("thin_provisioned", "Thin provisioned")])
+
+
+def _print_transfer(r: dict[str, Any]) -> None:
+    verb = "read" if "output" in r else "wrote"
+    where = r.get("output") or r.get("input")
+    if verb == "read" and where == "-":
+        return
+    print(f"{verb} {r['blocks']} blocks ({r['bytes']} bytes) at LBA {r['lba']} "
+          f"{'to' if verb == 'read' else 'from'} {where}", file=sys.stderr)
+
+
+def _print_perf(r: dict[str, Any]) -> None:
+    print(f"\n{r['pattern']}, {r['block_size']}-byte blocks, queue depth {r['queue_depth']}: "
+          f"{r['iops']:.0f} IOPS, {r['mb_per_s']:.1f} MB/s over {r['seconds']:.1f} s "
+          f"({r['commands']} commands, {r['errors']} errors)")
+    if r["first_error"]:
+        print(f"first error: {r['first_error']}")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "discover": _print_discover, "inquiry": _print_inquiry, "readcap": _print_readcap,
+    "read": _print_transfer, "write": _print_transfer, "perf": _print_perf,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hbactl",
+        description="iscsi-hba: a userspace iSCSI initiator that the kernel sees as a SCSI HBA.",
+        epilog="URLs: iscsi://[user[%%secret]@]host[:port]/<target-iqn>/<lun>"
+               "[?header_digest=crc32c&data_digest=crc32c&target_user=..&target_password=..]. "
+               "Secrets may come from ISCSI_HBA_CHAP_SECRET / ISCSI_HBA_TARGET_CHAP_SECRET "
+               "instead of the URL.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log protocol events (twice: debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    common.add_argument("--pcap", metavar="FILE",
+                        help="record the session's PDUs into a pcap file (Wireshark/tshark)")
+    common.add_argument("--initiator-name", metavar="IQN",
+                        help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
+    common.add_argument("--login-timeout", type=float, default=15.0, metavar="SECONDS",
+                        help="give up a login after this long (default 15)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("discover", parents=[common],
+                       help="list the targets and portals a portal offers (SendTargets)")
+    p.add_argument("url", metavar="URL", help="iscsi://host[:port]")
+    p.set_defaults(handler=_discover)
+
+    p = sub.add_parser("inquiry", parents=[common],
+                       help="vendor, product, revision, unit serial and NAA identifier")
+    p.add_argument("url", metavar="URL")
+    p.set_defaults(handler=_inquiry)
+
+    p = sub.add_parser("readcap", parents=[common], help="number of blocks and block size")
+    p.add_argument("url", metavar="URL")
+    p.set_defaults(handler=_readcap)
+
+    p = sub.add_parser("read", parents=[common], help="read blocks into a file")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--lba", type=int, required=True, help="first block")
+    p.add_argument("--blocks", type=int, required=True, help="number of blocks")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
+    p.set_defaults(handler=_read)
+
+    p = sub.add_parser("write", parents=[common], help="write a file's blocks")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--lba", type=int, required=True, help="first block")
+    p.add_argument("-i", "--input", required=True, metavar="FILE", help="file, or - for stdin")
+    p.add_argument("--blocks", type=int, help="number of blocks (default: the whole file)")
+    p.set_defaults(handler=_write)
+
+    p = sub.add_parser("perf", parents=[common],
+                       help="measure IOPS and throughput, like libiscsi's iscsi-perf")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--block-size", default="4096", metavar="BYTES",
+                   help="bytes per command: 4096, 4k, 128k, 1m (default 4096)")
+    p.add_argument("--queue-depth", type=int, default=32, metavar="N",
+                   help="commands in flight (default 32)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    p.add_argument("--random", action="store_true", help="random LBAs instead of sequential")
+    p.add_argument("--write", action="store_true",
+                   help="WRITE instead of READ (destroys the LUN's data)")
+    p.set_defaults(handler=_perf)
+
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="hbactl: %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        result: dict[str, Any] = asyncio.run(handler(args))
+    except KeyboardInterrupt:
+        print("hbactl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigurationError, HBAError) as exc:
+        return _fail(exc, EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE)
+    except (ISCSIError, OSError) as exc:
+        return _fail(exc, EXIT_FAILURE)
+    if getattr(args, "json", False):
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        printer = PRINTERS.get(args.command)
+        if printer is not None:
+            printer(result)
+    return int(result.get("exit_status", EXIT_OK))
+
+
+def _fail(exc: BaseException, status: int) -> int:
+    if os.environ.get("HBACTL_TRACEBACK"):
+        raise exc
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    print(f"hbactl: {message}", file=sys.stderr)
+    if isinstance(exc, AuthenticationError) and "check" not in message:
+        print("hbactl: check the CHAP user name and secret for this target", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

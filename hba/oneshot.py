@@ -1,0 +1,359 @@
+"""The one-shot ``hbactl`` commands: discover, inquiry, readcap, read, write, perf.
+
+Each logs in, does its work over :class:`initiator.client.ScsiClient`, logs out, and returns a
+plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from initiator import scsi
+from initiator.chap import ChapAccount, ChapCredentials, Secret
+from initiator.client import Capacity, ScsiClient
+from initiator.command import CommandResult
+from initiator.discovery import discover
+from initiator.errors import ConfigurationError, ISCSIError
+from initiator.login import Portal
+from initiator.transport import Session, SessionConfig, default_initiator_name
+from initiator.url import IscsiUrl, parse_url
+
+Result = dict[str, Any]
+
+# A command moves at most this much per SCSI command (also capped by the Block Limits VPD).
+MAX_TRANSFER = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What every command shares: how to log in and where to record the wire."""
+
+    initiator_name: str | None = None
+    login_timeout: float = 15.0
+    pcap: str | None = None
+
+
+def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:
+    """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests)."""
+    credentials: ChapCredentials | None = None
+    if url.chap_user is not None:
+        if url.chap_secret is None:
+            raise ConfigurationError(
+                f"URL {url} names CHAP user {url.chap_user!r} but no secret: put it in the URL "
+                "as user%secret or in ISCSI_HBA_CHAP_SECRET")
+        target: ChapAccount | None = None
+        if url.target_user is not None:
+            if url.target_secret is None:
+                raise ConfigurationError(
+                    f"URL {url} asks for mutual CHAP as {url.target_user!r} but gives no "
+                    "target_password (or ISCSI_HBA_TARGET_CHAP_SECRET)")
+            target = ChapAccount(url.target_user, Secret(url.target_secret))
+        credentials = ChapCredentials(ChapAccount(url.chap_user, Secret(url.chap_secret)),
+                                      target)
+    return SessionConfig(
+        initiator_name=options.initiator_name or default_initiator_name(),
+        credentials=credentials,
+        header_digest=url.header_digest.offer if url.header_digest else "None",
+        data_digest=url.data_digest.offer if url.data_digest else "None",
+        login_timeout=options.login_timeout,
+        **extra,
+    )
+
+
+def target_url(text: str) -> IscsiUrl:
+    """Parse a URL that must name a target and LUN."""
+    url = parse_url(text)
+    if url.is_discovery or url.target_iqn is None or url.lun is None:
+        raise ConfigurationError(
+            f"URL {url} names no target and LUN; expected "
+            "iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>")
+    return url
+
+
+async def with_client(url: IscsiUrl, options: Options,
+                      work: Callable[[ScsiClient], Awaitable[Result]],
+                      **config: Any) -> Result:
+    """Log in to the URL's target, run ``work`` on its LUN, log out."""
+    assert url.target_iqn is not None and url.lun is not None
+    session = Session(Portal(url.host, url.port), url.target_iqn,
+                      session_config(url, options, **config), pcap_path=options.pcap)
+    await session.login()
+    try:
+        return await work(ScsiClient(session, url.lun))
+    finally:
+        await session.logout()
+
+
+# -- discover ---------------------------------------------------------------------------------
+
+async def cmd_discover(text: str, options: Options) -> Result:
+    url = parse_url(text)
+    portal = Portal(url.host, url.port)
+    targets = await discover(portal, session_config(url, options), pcap_path=options.pcap)
+    return {
+        "portal": str(portal),
+        "targets": [
+            {"name": t.name,
+             "portals": [{"address": str(p), "host": p.host, "port": p.port, "tpgt": p.tpgt}
+                         for p in t.portals]}
+            for t in targets
+        ],
+    }
+
+
+# -- inquiry / readcap ------------------------------------------------------------------------
+
+async def cmd_inquiry(text: str, options: Options) -> Result:
+    url = target_url(text)
+
+    async def work(client: ScsiClient) -> Result:
+        ident = await client.identity()
+        return {"target": url.target_iqn, "lun": url.lun, "vendor": ident.vendor,
+                "product": ident.product, "revision": ident.revision,
+                "device_type": ident.device_type, "unit_serial": ident.unit_serial,
+                "naa": ident.naa, "wwn": ident.wwn, "designators": list(ident.designators)}
+
+    return await with_client(url, options, work)
+
+
+async def cmd_readcap(text: str, options: Options) -> Result:
+    url = target_url(text)
+
+    async def work(client: ScsiClient) -> Result:
+        cap = await client.capacity()
+        return {"target": url.target_iqn, "lun": url.lun, "blocks": cap.blocks,
+                "block_size": cap.block_size, "size_bytes": cap.size_bytes,
+                "thin_provisioned": cap.thin_provisioned}
+
+    return await with_client(url, options, work)
+
+
+# -- read / write -----------------------------------------------------------------------------
+
+async def _geometry(client: ScsiClient) -> tuple[Capacity, int]:
+    """The LUN's capacity and the most blocks one command should move."""
+    cap = await client.capacity()
+    limit = MAX_TRANSFER // cap.block_size
+    limits = await client.block_limits()
+    if limits is not None and limits.max_transfer_length:
+        limit = min(limit, limits.max_transfer_length)
+    return cap, max(1, limit)
+
+
+def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
+    if lba < 0 or blocks < 0:
+        raise ConfigurationError("--lba and --blocks must not be negative")
+    if lba + blocks > total:
+        raise ConfigurationError(
+            f"blocks {lba}..{lba + blocks - 1} are beyond the end of {url.target_iqn} LUN "
+            f"{url.lun}, which has {total} blocks (0..{total - 1})")
+
+
+async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
+    url = target_url(text)
+
+    async def work(client: ScsiClient) -> Result:
+        cap, chunk = await _geometry(client)
+        _check_range(lba, blocks, cap.blocks, url)
+        out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+        try:
+            buf = bytearray(chunk * cap.block_size)
+            view = memoryview(buf)
+            done = 0
+            while done < blocks:
+                n = min(chunk, blocks - done)
+                part = view[: n * cap.block_size]
+                await client.read(lba + done, n, part)
+                out.write(part)
+                done += n
+            out.flush()
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+        return {"target": url.target_iqn, "lun": url.lun, "lba": lba, "blocks": blocks,
+                "bytes": blocks * cap.block_size, "output": output}
+
+    return await with_client(url, options, work)
+
+
+async def cmd_write(text: str, options: Options, lba: int, source: str,
+                    blocks: int | None) -> Result:
+    url = target_url(text)
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
+
+    async def work(client: ScsiClient) -> Result:
+        cap, chunk = await _geometry(client)
+        if len(data) % cap.block_size:
+            raise ConfigurationError(
+                f"{source} holds {len(data)} bytes, not a whole number of "
+                f"{cap.block_size}-byte blocks; pad it or use --blocks")
+        count = len(data) // cap.block_size if blocks is None else blocks
+        if count * cap.block_size > len(data):
+            raise ConfigurationError(
+                f"--blocks {count} needs {count * cap.block_size} bytes; {source} has only "
+                f"{len(data)}")
+        _check_range(lba, count, cap.blocks, url)
+        view = memoryview(data)
+        done = 0
+        while done < count:
+            n = min(chunk, count - done)
+            off = done * cap.block_size
+            await client.write(lba + done, n, view[off : off + n * cap.block_size])
+            done += n
+        await client.synchronize_cache()
+        return {"target": url.target_iqn, "lun": url.lun, "lba": lba, "blocks": count,
+                "bytes": count * cap.block_size, "input": source}
+
+    return await with_client(url, options, work)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# -- perf -------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class PerfSettings:
+    block_size: int = 4096
+    queue_depth: int = 32
+    seconds: float = 10.0
+    random: bool = False
+    write: bool = False
+
+
+async def cmd_perf(text: str, options: Options, settings: PerfSettings,
+                   live: IO[str] | None) -> Result:
+    """Keep ``queue_depth`` commands in flight for ``seconds``; print iscsi-perf-like lines.
+
+    Completions resubmit from their callback: no asyncio Task per command.
+    """
+    url = target_url(text)
+    if settings.queue_depth < 1:
+        raise ConfigurationError("--queue-depth must be at least 1")
+    if settings.seconds <= 0:
+        raise ConfigurationError("--seconds must be positive")
+
+    async def work(client: ScsiClient) -> Result:
+        cap = await client.capacity()
+        if settings.block_size % cap.block_size or settings.block_size <= 0:
+            raise ConfigurationError(
+                f"--block-size {settings.block_size} is not a multiple of the LUN's "
+                f"{cap.block_size}-byte blocks")
+        blocks = settings.block_size // cap.block_size
+        span = cap.blocks - cap.blocks % blocks
+        if span < blocks:
+            raise ConfigurationError(
+                f"the LUN has only {cap.blocks} blocks, fewer than one {settings.block_size}-"
+                "byte request")
+        return await _perf_loop(client, settings, blocks, span, live)
+
+    return await with_client(url, options, work, noop_interval=0.0)
+
+
+async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, span: int,
+                     live: IO[str] | None) -> Result:
+    loop = asyncio.get_running_loop()
+    session, lun = client.session, client.lun
+    rng = random.Random(0x15C5)
+    state = {"lba": 0, "done": 0, "in_flight": 0, "errors": 0}
+    first_error: list[ISCSIError | str] = []
+    end = loop.time() + settings.seconds
+    finished: asyncio.Future[None] = loop.create_future()
+    build = scsi.write if settings.write else scsi.read
+
+    def next_lba() -> int:
+        if settings.random:
+            return rng.randrange(span // blocks) * blocks
+        lba = state["lba"]
+        state["lba"] = (lba + blocks) % span
+        return lba
+
+    def issue(buf: memoryview) -> None:
+        state["in_flight"] += 1
+        cdb = build(next_lba(), blocks)
+        if settings.write:
+            session.submit(lun, cdb, data_out=[buf], on_done=lambda r: done(r, buf))
+        else:
+            session.submit(lun, cdb, data_in=[buf], on_done=lambda r: done(r, buf))
+
+    def done(result: CommandResult | ISCSIError, buf: memoryview) -> None:
+        state["in_flight"] -= 1
+        if isinstance(result, ISCSIError) or result.status != 0:
+            state["errors"] += 1
+            if not first_error:
+                first_error.append(result if isinstance(result, ISCSIError)
+                                   else f"SCSI status 0x{result.status:02x}")
+        else:
+            state["done"] += 1
+        if loop.time() < end and not first_error:
+            issue(buf)
+        elif state["in_flight"] == 0 and not finished.done():
+            finished.set_result(None)
+
+    start = loop.time()
+    wall = time.perf_counter()
+    for _ in range(settings.queue_depth):
+        issue(memoryview(bytearray(settings.block_size)))
+    last_time, last_done = start, 0
+    try:
+        while not finished.done():
+            await asyncio.wait([finished], timeout=1.0)
+            now = loop.time()
+            if live is not None and now - last_time >= 0.5:
+                cur = (state["done"] - last_done) / (now - last_time)
+                avg = state["done"] / max(now - start, 1e-9)
+                live.write(
+                    f"{_clock(now - start)} - iops current {cur:.0f} "
+                    f"({cur * settings.block_size / 1e6:.0f} MB/s), iops average {avg:.0f} "
+                    f"({avg * settings.block_size / 1e6:.0f} MB/s), in_flight "
+                    f"{state['in_flight']}\n")
+                live.flush()
+                last_time, last_done = now, state["done"]
+    finally:
+        if not finished.done():
+            finished.cancel()
+    elapsed = time.perf_counter() - wall
+    if first_error and state["done"] == 0:
+        err = first_error[0]
+        if isinstance(err, ISCSIError):
+            raise err
+        raise ISCSIError(f"every command failed: {err}")
+    iops = state["done"] / elapsed
+    return {"target": client.session.target_name, "lun": lun,
+            "block_size": settings.block_size, "queue_depth": settings.queue_depth,
+            "pattern": ("random" if settings.random else "sequential")
+            + (" write" if settings.write else " read"),
+            "seconds": round(elapsed, 3), "commands": state["done"],
+            "errors": state["errors"], "iops": round(iops, 1),
+            "mb_per_s": round(iops * settings.block_size / 1e6, 2),
+            "first_error": str(first_error[0]) if first_error else None}
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``4k``, ``128K``, ``1m``: a size in bytes."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
+    digits = raw[:-1] if mult != 1 else raw
+    try:
+        value = int(digits) * mult
+    except ValueError:
+        raise ConfigurationError(f"size {text!r} is not a number (e.g. 4096, 4k, 1m)") from None
+    if value <= 0:
+        raise ConfigurationError(f"size {text!r} must be positive")
+    return value

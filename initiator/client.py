@@ -1,0 +1,156 @@
+"""A small SCSI client over an iSCSI session: what ``hbactl`` and the daemon ask a LUN.
+
+It builds CDBs with :mod:`initiator.scsi`, runs them with :meth:`Session.execute`, retries the
+UNIT ATTENTION conditions a target reports after login or a reset (as the Linux SCSI midlayer
+and libiscsi's tools do), and turns any other failure into a
+:class:`~initiator.scsi.ScsiCommandError` that says what went wrong in words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from initiator import scsi
+from initiator.command import Buffers, CommandResult, ScsiStatus
+from initiator.errors import ISCSIError
+from initiator.transport import Session
+
+UNIT_ATTENTION_RETRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What READ CAPACITY says."""
+
+    blocks: int
+    block_size: int
+    thin_provisioned: bool = False
+
+    @property
+    def size_bytes(self) -> int:
+        return self.blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the LUN says it is: standard INQUIRY plus the identification VPD pages."""
+
+    vendor: str
+    product: str
+    revision: str
+    device_type: str
+    unit_serial: str | None
+    naa: str | None
+    wwn: str | None
+    designators: tuple[str, ...]
+
+
+class ScsiClient:
+    """SCSI commands to one LUN of a logged-in :class:`Session`."""
+
+    def __init__(self, session: Session, lun: int) -> None:
+        self.session = session
+        self.lun = lun
+
+    @property
+    def where(self) -> str:
+        return f"{self.session.target_name} LUN {self.lun}"
+
+    async def run(self, cdb: bytes, *, data_in: Buffers | None = None,
+                  data_out: Buffers | None = None, check: bool = True) -> CommandResult:
+        """Execute ``cdb``, retrying UNIT ATTENTION; raise ScsiCommandError on failure."""
+        result: CommandResult | None = None
+        for _ in range(UNIT_ATTENTION_RETRIES):
+            result = await self.session.execute(self.lun, cdb, data_in=data_in,
+                                                data_out=data_out)
+            if not _unit_attention(result):
+                break
+        assert result is not None
+        if check:
+            scsi.check_result(cdb, result, where=self.where)
+        return result
+
+    async def read_data(self, cdb: bytes, length: int) -> bytes:
+        """Run a command that returns up to ``length`` bytes; return what came back."""
+        buf = bytearray(length)
+        result = await self.run(cdb, data_in=[memoryview(buf)])
+        return bytes(buf[: result.data_in_length])
+
+    async def test_unit_ready(self) -> None:
+        await self.run(scsi.test_unit_ready())
+
+    async def inquiry(self) -> scsi.StandardInquiry:
+        return scsi.parse_standard_inquiry(await self.read_data(scsi.inquiry(), 255))
+
+    async def vpd(self, page: int, length: int = 4096) -> bytes:
+        return await self.read_data(scsi.inquiry(page, allocation_length=length), length)
+
+    async def supported_vpd_pages(self) -> tuple[int, ...]:
+        try:
+            return scsi.parse_supported_vpd_pages(await self.vpd(0x00, 255))
+        except scsi.ScsiCommandError:
+            return ()
+
+    async def identity(self) -> Identity:
+        """Standard INQUIRY, unit serial number (VPD 0x80), device identification (0x83)."""
+        std = await self.inquiry()
+        pages = await self.supported_vpd_pages()
+        serial: str | None = None
+        naa: str | None = None
+        wwn: str | None = None
+        designators: tuple[str, ...] = ()
+        if 0x80 in pages:
+            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+                serial = scsi.parse_unit_serial_number(await self.vpd(0x80, 255)) or None
+        if 0x83 in pages:
+            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+                ident = scsi.parse_device_identification(await self.vpd(0x83))
+                designators = tuple(d.text for d in ident.designators)
+                found = ident.naa
+                if found is not None:
+                    naa = found.text
+                    wwn = found.wwn
+        return Identity(vendor=std.vendor, product=std.product, revision=std.revision,
+                        device_type=std.device_type_name, unit_serial=serial, naa=naa, wwn=wwn,
+                        designators=designators)
+
+    async def capacity(self) -> Capacity:
+        """READ CAPACITY(16), or (10) for devices that do not know it."""
+        try:
+            rc16 = scsi.parse_read_capacity16(await self.read_data(scsi.read_capacity16(), 32))
+            return Capacity(rc16.blocks, rc16.block_size, rc16.lbpme)
+        except scsi.ScsiCommandError as exc:
+            if exc.sense_key != scsi.SenseKey.ILLEGAL_REQUEST:
+                raise
+        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8))
+        return Capacity(rc10.blocks, rc10.block_size)
+
+    async def block_limits(self) -> scsi.BlockLimits | None:
+        """The Block Limits VPD page (0xB0), when the LUN has one."""
+        if 0xB0 not in await self.supported_vpd_pages():
+            return None
+        try:
+            return scsi.parse_block_limits(await self.vpd(0xB0, 64))
+        except (scsi.ScsiCommandError, scsi.ScsiDataError):
+            return None
+
+    async def read(self, lba: int, blocks: int, into: memoryview) -> None:
+        """READ ``blocks`` blocks at ``lba`` into ``into`` (exactly blocks * block size bytes)."""
+        await self.run(scsi.read(lba, blocks), data_in=[into])
+
+    async def write(self, lba: int, blocks: int, data: memoryview) -> None:
+        """WRITE ``blocks`` blocks at ``lba`` from ``data``."""
+        await self.run(scsi.write(lba, blocks), data_out=[data])
+
+    async def synchronize_cache(self) -> None:
+        await self.run(scsi.synchronize_cache10())
+
+
+def _unit_attention(result: CommandResult) -> bool:
+    if result.status != ScsiStatus.CHECK_CONDITION or not result.sense:
+        return False
+    try:
+        return scsi.parse_sense(result.sense).sense_key == scsi.SenseKey.UNIT_ATTENTION
+    except ISCSIError:
+        return False
