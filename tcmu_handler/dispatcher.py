@@ -1,0 +1,686 @@
+"""The dispatcher: serve a TCMU command ring from the asyncio loop with an iSCSI session.
+
+Theory of operation
+-------------------
+The uio fd is watched with ``loop.add_reader``. On every wake-up (and once right after start,
+because opening the device snapshots the event counter) the dispatcher does the 4-byte read and
+walks the ring from its private *consume* pointer to ``cmd_head``: PAD entries are skipped, TMR
+entries start task management, and each CMD entry becomes one
+``CommandExecutor.submit(lun, cdb, data_out=..., data_in=..., on_done=...)`` whose buffers are
+``memoryview`` slices of the map, exactly one per iovec: Data-In is received straight into the
+data area, Data-Out is sent straight from it. No Task is created per command; ``on_done`` is a
+small per-command object.
+
+Completion follows the out-of-order rule of ``tcmu_handle_completions`` (``CAP_OOOC``): slots
+are always freed in ring order, so a finished command X takes the *first CMD slot at
+cmd_tail* (skipping PAD/TMR slots there): X's cmd_id and response are written into that slot,
+whichever command the slot was queued for, and ``cmd_tail`` moves past it. ``len_op`` is never
+touched. Invariant: the CMD slots between ``cmd_tail`` and *consume* are exactly as many as the
+commands in flight, so that first CMD slot always exists; when nothing is in flight,
+``cmd_tail`` jumps to *consume* so trailing PAD/TMR slots are released too. Kernels without
+``CAP_OOOC`` get the same slot rule with completions retired strictly in ring order.
+
+The mailbox's ``cmd_tail`` is stored once per batch, as one aligned 32-bit write after the
+response fields (x86 is TSO: the kernel sees the responses before the new tail), and then the
+4-byte ``write()`` tells the kernel to reap: all completions of one loop iteration share one
+write. Before a command is completed every view of its buffers is released, because the kernel
+frees (and may unmap) its data pages as soon as it reaps the slot: touching them later would be
+a SIGBUS.
+
+Errors: a command the transport cannot deliver ends with CHECK CONDITION and sense saying why
+(:mod:`tcmu_handler.scsi`). An entry that cannot be served safely (iovecs outside the data area,
+a CDB outside the entry, DIF iovecs) is completed with ``TCMU_UFLAG_UNKNOWN_OP``. When the
+device goes away (POLLERR, EIO, ENODEV) the dispatcher logs one line and stops; commands still
+in flight are aborted at the target, and their buffers are released, never written back, when
+the initiator reports them done; the map is unmapped after the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from initiator.command import CommandExecutor, CommandHandle, CommandResult, ScsiStatus
+from initiator.errors import ISCSIError
+from tcmu_handler import ring, scsi
+from tcmu_handler.device import CONFIGFS_ROOT, ResetLevel, UioDevice, UioInfo, takeover
+from tcmu_handler.errors import DeviceRemoved, MalformedEntry, RingError, TCMUError
+
+log = logging.getLogger(__name__)
+
+_CMD = int(ring.Opcode.CMD)
+_TMR = int(ring.Opcode.TMR)
+_PAD = int(ring.Opcode.PAD)
+_HEAD = ring.HEAD_WORD
+_TAIL = ring.TAIL_WORD
+_RSP = ring.CMD_RSP
+_CHECK_CONDITION = int(ScsiStatus.CHECK_CONDITION)
+_UNKNOWN_OP = int(ring.UFlag.UNKNOWN_OP)
+_READ_LEN = int(ring.UFlag.READ_LEN)
+_OP_MASK = ring.OP_MASK
+_LEN_MASK = ~ring.OP_MASK
+_HDR_SIZE = ring.ENTRY_HDR_SIZE
+_parse_cmd = ring.parse_cmd
+_is_data_out = scsi.is_data_out
+_GOOD: tuple[int, int, int, bytes | None] = (0, 0, 0, None)
+_ABORTS = frozenset({ring.TmrType.ABORT_TASK, ring.TmrType.ABORT_TASK_SET,
+                     ring.TmrType.CLEAR_TASK_SET, ring.TmrType.LUN_RESET_PRO})
+_RESETS = frozenset({ring.TmrType.LUN_RESET, ring.TmrType.TARGET_WARM_RESET,
+                     ring.TmrType.TARGET_COLD_RESET})
+
+
+class StopReason(enum.Enum):
+    """Why :meth:`Dispatcher.run` returned."""
+
+    CLOSED = "closed"
+    """:meth:`Dispatcher.close` was called."""
+    REMOVED = "removed"
+    """The uio device went away (its backstore was deleted)."""
+    RING_CORRUPT = "ring corrupt"
+    """The ring holds what the kernel never writes; :func:`~tcmu_handler.device.takeover`
+    resets it."""
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherStats:
+    """Counters of one dispatcher (a snapshot)."""
+
+    in_flight: int
+    """Commands submitted to the initiator and not yet completed."""
+    submitted: int
+    completed: int
+    """Commands completed (written back, or dropped after removal)."""
+    failed: int
+    """Completions that carried an initiator error instead of a SCSI status."""
+    unknown_op: int
+    """Entries completed with UNKNOWN_OP because they could not be served."""
+    tmr_entries: int
+    aborts: int
+    """ABORT TASKs sent on behalf of TMR entries (or device removal)."""
+    lun_resets: int
+    wakeups: int
+    """Reader callbacks (uio events)."""
+    notifications: int
+    """4-byte completion writes to the device."""
+
+
+class _Command:
+    """One CMD entry in flight. Called as the ``on_done`` of ``CommandExecutor.submit``."""
+
+    __slots__ = ("cmd_id", "data_in_len", "dispatcher", "finished", "handle", "response",
+                 "views")
+
+    def __init__(self, dispatcher: Dispatcher, cmd_id: int) -> None:
+        self.dispatcher = dispatcher
+        self.cmd_id = cmd_id
+        self.views: list[memoryview] | tuple[()] = ()
+        self.data_in_len = 0  # Data-In bytes of a unidirectional read: READ_LEN applies
+        self.handle: CommandHandle | None = None
+        self.finished = False
+        self.response: tuple[int, int, int, bytes | None] | None = None
+
+    def __call__(self, result: CommandResult | ISCSIError) -> None:
+        self.dispatcher._complete(self, result)
+
+
+class Dispatcher:
+    """Serve the ring of ``device`` by submitting every command to ``executor`` for ``lun``.
+
+    Use from a running asyncio loop::
+
+        dispatcher = Dispatcher(device, session, lun=0)
+        reason = await dispatcher.run()      # until the device is removed or close() is called
+
+    or ``dispatcher.start()`` and later ``await dispatcher.close()``.
+    """
+
+    def __init__(self, device: UioDevice, executor: CommandExecutor, *, lun: int = 0) -> None:
+        mailbox = device.mailbox()
+        self._device = device
+        self._executor = executor
+        self._lun = lun
+        self._name = device.name
+        self._flags = mailbox.flags
+        self._ooo = bool(mailbox.flags & ring.MailboxFlag.OOOC)
+        self._use_read_len = bool(mailbox.flags & ring.MailboxFlag.READ_LEN)
+        self._cmdr_off = mailbox.cmdr_off
+        self._cmdr_size = mailbox.cmdr_size
+        self._data_start = mailbox.data_off
+        self._data_end = device.size
+        tail = mailbox.cmd_tail
+        if tail >= self._cmdr_size or tail & ring.OP_MASK:
+            raise RingError(f"{self._name}: cmd_tail {tail} is not a slot of the "
+                            f"{self._cmdr_size}-byte ring; take the device over to reset it")
+        self._buf = device.view
+        self._words: memoryview | None = self._buf.cast("I")
+        # A previous handler's commands between cmd_tail and cmd_head (no takeover) are served
+        # again from cmd_tail: their request slots are intact, because a slot is only ever
+        # overwritten at cmd_tail, just before cmd_tail moves past it.
+        self._tail = tail
+        self._consume = tail
+        self._inflight: dict[int, _Command] = {}
+        self._order: collections.deque[_Command] = collections.deque()
+        self._state = _State.NEW
+        self._stop_reason: StopReason | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[StopReason] | None = None
+        self._drained: asyncio.Event | None = None
+        self._reading = False
+        self._in_scan = False
+        self._dirty = False
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: set[str] = set()
+        self._submitted = 0
+        self._completed = 0
+        self._failed = 0
+        self._unknown_op = 0
+        self._tmr_entries = 0
+        self._aborts = 0
+        self._lun_resets = 0
+        self._wakeups = 0
+        self._notifications = 0
+
+    # --- public API ----------------------------------------------------------------------------
+
+    @classmethod
+    def takeover(cls, info: UioInfo, executor: CommandExecutor, *, lun: int = 0,
+                 reset_level: int = ResetLevel.BUSY,
+                 configfs_root: Path = CONFIGFS_ROOT) -> Dispatcher:
+        """Take over a device a dead handler left (see :func:`tcmu_handler.device.takeover`)
+        and return a dispatcher for it, not yet started."""
+        device = takeover(info, configfs_root=configfs_root, reset_level=reset_level)
+        try:
+            return cls(device, executor, lun=lun)
+        except BaseException:
+            device.close()
+            raise
+
+    @property
+    def device(self) -> UioDevice:
+        return self._device
+
+    @property
+    def lun(self) -> int:
+        return self._lun
+
+    @property
+    def flags(self) -> ring.MailboxFlag:
+        """The capabilities the kernel announced in the mailbox."""
+        return self._flags
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._stop_reason
+
+    @property
+    def stats(self) -> DispatcherStats:
+        return DispatcherStats(
+            in_flight=len(self._inflight), submitted=self._submitted,
+            completed=self._completed, failed=self._failed, unknown_op=self._unknown_op,
+            tmr_entries=self._tmr_entries, aborts=self._aborts, lun_resets=self._lun_resets,
+            wakeups=self._wakeups, notifications=self._notifications)
+
+    def start(self) -> None:
+        """Start serving the ring (from a running loop): watch the fd and scan once now."""
+        if self._state is not _State.NEW:
+            raise TCMUError(f"{self._name}: dispatcher already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        self._drained = asyncio.Event()
+        self._state = _State.RUNNING
+        loop.add_reader(self._device.fd, self._on_readable)
+        self._reading = True
+        log.info("%s: serving LUN %d (ring %d bytes, data area %d MiB, kernel offers %s)",
+                 self._name, self._lun, self._cmdr_size,
+                 (self._data_end - self._data_start) >> 20,
+                 "|".join(f.name or "" for f in ring.MailboxFlag if f in self._flags) or "none")
+        # Opening the device snapshot the uio event counter: whatever the kernel queued before
+        # (commands sent while no handler was running) raised no event we will ever see.
+        self._serve()
+
+    async def run(self) -> StopReason:
+        """Start if needed, and wait until the dispatcher stops; return why."""
+        if self._state is _State.NEW:
+            self.start()
+        assert self._done is not None
+        return await asyncio.shield(self._done)
+
+    async def close(self, *, timeout: float | None = 30.0) -> StopReason:
+        """Stop taking commands, let those in flight finish (up to ``timeout`` seconds), write
+        their completions, then close the device.
+
+        Commands still in flight after the timeout are abandoned to the kernel
+        (``cmd_time_out``) or to the next handler's takeover; their buffers stay mapped until
+        the initiator lets go of them.
+        """
+        if self._state is _State.NEW:
+            self._state = _State.STOPPED
+            self._stop_reason = StopReason.CLOSED
+            self._release_device()
+            return StopReason.CLOSED
+        if self._state is _State.RUNNING:
+            self._stop_reading()
+            self._state = _State.CLOSING
+        if self._state is _State.CLOSING:
+            assert self._drained is not None
+            if self._inflight:
+                self._drained.clear()
+                try:
+                    await asyncio.wait_for(self._drained.wait(), timeout)
+                except TimeoutError:
+                    log.warning("%s: closing with %d command(s) still in flight after %ss; "
+                                "they are left to the kernel's cmd_time_out", self._name,
+                                len(self._inflight), timeout)
+            self._flush()
+            self._stop(StopReason.CLOSED, "")
+        for task in list(self._tasks):
+            task.cancel()
+        assert self._stop_reason is not None
+        return self._stop_reason
+
+    # --- reading the ring ----------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            self._device.read_event()
+        except DeviceRemoved as exc:
+            self._stop(StopReason.REMOVED, str(exc))
+            return
+        self._wakeups += 1
+        self._serve()
+
+    def _serve(self) -> None:
+        self._in_scan = True
+        try:
+            self._scan()
+        except RingError as exc:
+            self._stop(StopReason.RING_CORRUPT, str(exc))
+            return
+        finally:
+            self._in_scan = False
+        if self._dirty:
+            self._flush()
+
+    def _scan(self) -> None:
+        words = self._words
+        assert words is not None
+        size = self._cmdr_size
+        base = self._cmdr_off
+        head = words[_HEAD]
+        if head >= size or head & _OP_MASK:
+            raise RingError(f"{self._name}: cmd_head {head} is not a slot of the {size}-byte "
+                            "ring")
+        consume = self._consume
+        start_command = self._start_command
+        running = _State.RUNNING
+        while consume != head:
+            off = base + consume
+            len_op = words[off >> 2]
+            length = len_op & _LEN_MASK
+            if length < _HDR_SIZE or length > size - consume:
+                raise RingError(f"{self._name}: entry at ring offset {consume} claims {length} "
+                                f"bytes; the ring was rewritten underneath us")
+            consume += length
+            if consume == size:
+                consume = 0
+            # Advance before dispatching: a command the executor completes synchronously must
+            # find its slot between cmd_tail and the consume pointer.
+            self._consume = consume
+            op = len_op & _OP_MASK
+            if op == _CMD:
+                start_command(off, length)
+            elif op == _TMR:
+                self._start_tmr(off, length)
+            elif op != _PAD:
+                self._warn_once(f"op{op}", "%s: skipping ring entry with unknown opcode %d",
+                                self._name, op)
+            if self._state is not running:
+                return
+        if not self._inflight and self._tail != consume:
+            self._tail = consume
+            self._dirty = True
+
+    def _start_command(self, off: int, length: int) -> None:
+        buf = self._buf
+        try:
+            entry = _parse_cmd(buf, off, length, self._data_start, self._data_end)
+        except MalformedEntry as exc:
+            self._unknown_op += 1
+            log.warning("%s: %s; completing it with UNKNOWN_OP", self._name, exc)
+            # The kernel turns UNKNOWN_OP into CHECK CONDITION itself (tcmu_handle_completion).
+            self._finish(self._register(_Command(self, exc.cmd_id)),
+                         (_CHECK_CONDITION, _UNKNOWN_OP, 0, None))
+            return
+        cmd_id, _kf, _uf, _len, iov_cnt, iov_bidi_cnt, _dif, _cdb_off, iovecs, cdb = entry
+        rec = _Command(self, cmd_id)
+        inflight = self._inflight
+        if cmd_id in inflight:
+            self._register(rec)  # raises RingError
+        inflight[cmd_id] = rec
+        if not self._ooo:
+            self._order.append(rec)
+        data_out: list[memoryview] | None = None
+        data_in: list[memoryview] | None = None
+        if iovecs:
+            if len(iovecs) == 1:
+                ((o, n),) = iovecs
+                views = [buf[o:o + n]]
+            else:
+                views = [buf[o:o + n] for o, n in iovecs]
+                n = 0
+            rec.views = views
+            if iov_bidi_cnt:
+                data_out = views[:iov_cnt]
+                data_in = views[iov_cnt:]
+            elif _is_data_out(cdb):
+                data_out = views
+            else:
+                data_in = views
+                if self._use_read_len:
+                    rec.data_in_len = n or sum(n for _, n in iovecs)
+        self._submitted += 1
+        try:
+            rec.handle = self._executor.submit(self._lun, cdb, data_out=data_out,
+                                               data_in=data_in, on_done=rec)
+        except ISCSIError as exc:
+            if not rec.finished:
+                self._complete_error(rec, exc)
+        except Exception as exc:
+            log.exception("%s: submitting CDB %s failed", self._name, cdb.hex())
+            if not rec.finished:
+                self._complete_error(rec, exc)
+
+    def _register(self, rec: _Command) -> _Command:
+        if rec.cmd_id in self._inflight:
+            raise RingError(f"{self._name}: the kernel queued cmd_id {rec.cmd_id} while it is "
+                            "still in flight; the ring was reset underneath us")
+        self._inflight[rec.cmd_id] = rec
+        if not self._ooo:
+            self._order.append(rec)
+        return rec
+
+    # --- completing ----------------------------------------------------------------------------
+
+    def _complete(self, rec: _Command, result: CommandResult | ISCSIError) -> None:
+        """``on_done`` of one command: build the response and write it back."""
+        if rec.finished:
+            self._warn_once("twice", "%s: the initiator completed cmd_id %d twice",
+                            self._name, rec.cmd_id)
+            return
+        if result.__class__ is not CommandResult and not isinstance(result, CommandResult):
+            self._complete_error(rec, result)
+            return
+        status = result.status & 0xFF
+        expected = rec.data_in_len
+        if not status and (not expected or result.data_in_length == expected):
+            self._finish(rec, _GOOD)
+            return
+        sense: bytes | None = None
+        uflags = 0
+        read_len = 0
+        if status == _CHECK_CONDITION:
+            sense = result.sense
+            if not sense:
+                # The kernel would hand 96 stale bytes to the initiator, which then has no
+                # valid sense and escalates to error handling (aborts, resets).
+                self._warn_once("nosense", "%s: target returned CHECK CONDITION without "
+                                "sense data; reporting %s", self._name,
+                                scsi.NO_SENSE_FROM_TARGET)
+                sense = scsi.NO_SENSE_FROM_TARGET.fixed()
+        if expected:
+            got = result.data_in_length
+            if 0 < got < expected:
+                read_len = got
+            elif got == 0 and 0 < result.residual < expected:
+                read_len = expected - result.residual
+            if read_len:
+                # tcmu_handle_completion: a short read becomes target_complete_cmd_with_length
+                # (a residual for the initiator); with CHECK CONDITION the data up to read_len
+                # is still returned (SCF_TREAT_READ_AS_NORMAL).
+                uflags = _READ_LEN
+        self._finish(rec, (status, uflags, read_len, sense))
+
+    def _complete_error(self, rec: _Command, error: BaseException) -> None:
+        code = scsi.sense_for_error(error)
+        self._failed += 1
+        log.debug("%s: cmd_id %d failed (%s): reporting %s", self._name, rec.cmd_id, error,
+                  code)
+        self._finish(rec, (_CHECK_CONDITION, 0, 0, code.fixed()))
+
+    def _finish(self, rec: _Command, response: tuple[int, int, int, bytes | None]) -> None:
+        rec.finished = True
+        views = rec.views
+        if views:
+            # Release our views before the kernel can reap the slot and free the pages.
+            rec.views = ()
+            for view in views:
+                try:
+                    view.release()
+                except BufferError:
+                    self._warn_once("export", "%s: a buffer of cmd_id %d is still exported "
+                                    "at completion", self._name, rec.cmd_id)
+        self._completed += 1
+        if self._inflight.pop(rec.cmd_id, None) is not rec:
+            return
+        if self._state is _State.STOPPED:
+            self._release_device()
+            return
+        try:
+            if self._ooo:
+                self._write_slot(rec.cmd_id, response)
+            else:
+                self._retire(rec, response)
+        except RingError as exc:
+            self._stop(StopReason.RING_CORRUPT, str(exc))
+            return
+        if not self._inflight:
+            if self._tail != self._consume:
+                self._tail = self._consume
+            drained = self._drained
+            if drained is not None:
+                drained.set()
+        self._mark_dirty()
+
+    def _retire(self, rec: _Command, response: tuple[int, int, int, bytes | None]) -> None:
+        # No CAP_OOOC: the kernel expects completions in ring order.
+        rec.response = response
+        order = self._order
+        while order and order[0].response is not None:
+            done = order.popleft()
+            assert done.response is not None
+            self._write_slot(done.cmd_id, done.response)
+
+    def _write_slot(self, cmd_id: int, response: tuple[int, int, int, bytes | None]) -> None:
+        """Write ``cmd_id``'s response into the first CMD slot at cmd_tail; advance cmd_tail."""
+        words = self._words
+        assert words is not None
+        base = self._cmdr_off
+        size = self._cmdr_size
+        tail = self._tail
+        while True:
+            off = base + tail
+            len_op = words[off >> 2]
+            length = len_op & ~ring.OP_MASK
+            if len_op & ring.OP_MASK == _CMD:
+                break
+            tail += length
+            if tail >= size:
+                tail = 0
+            if tail == self._consume or length == 0:
+                raise RingError(f"{self._name}: no CMD slot left between cmd_tail and the "
+                                f"last consumed entry for cmd_id {cmd_id}")
+        status, uflags, read_len, sense = response
+        if sense is None:
+            _RSP.pack_into(self._buf, off + ring.HDR_CMD_ID, cmd_id, 0, uflags, status,
+                           read_len)
+        else:
+            ring.write_response(self._buf, off, cmd_id=cmd_id, scsi_status=status,
+                                uflags=uflags, read_len=read_len, sense=sense)
+        tail += length
+        if tail >= size:
+            tail = 0
+        self._tail = tail
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        if not self._in_scan and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Publish cmd_tail and make the kernel reap: one 4-byte write per batch."""
+        self._flush_scheduled = False
+        if not self._dirty or self._state not in (_State.RUNNING, _State.CLOSING):
+            return
+        words = self._words
+        assert words is not None
+        self._dirty = False
+        # One aligned 32-bit store, after the response stores. x86 keeps stores in order; on
+        # weaker CPUs the write() below is the barrier for the reaping it triggers, though
+        # not for the kernel's other readers of cmd_tail (block_dev, the unmap worker).
+        words[_TAIL] = self._tail
+        try:
+            written = self._device.notify()
+        except DeviceRemoved as exc:
+            self._stop(StopReason.REMOVED, str(exc))
+            return
+        if not written:  # EAGAIN: only a simulated device's socket can be full; try again
+            self._dirty = True
+            if self._loop is not None and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_later(0.001, self._flush)
+            return
+        self._notifications += 1
+
+    # --- task management -----------------------------------------------------------------------
+
+    def _start_tmr(self, off: int, length: int) -> None:
+        try:
+            tmr = ring.parse_tmr(self._buf, off, length)
+        except RingError as exc:
+            log.warning("%s: ignoring TMR entry: %s", self._name, exc)
+            return
+        self._tmr_entries += 1
+        targets = [rec for cmd_id in tmr.cmd_ids
+                   if (rec := self._inflight.get(cmd_id)) is not None and not rec.finished]
+        log.info("%s: kernel task management %s for %d command(s), %d still in flight",
+                 self._name, _tmr_name(tmr.tmr_type), len(tmr.cmd_ids), len(targets))
+        if not targets:
+            return
+        coro: Coroutine[Any, Any, None]
+        if tmr.tmr_type in _ABORTS:
+            coro = self._abort(targets)
+        elif tmr.tmr_type in _RESETS:
+            coro = self._reset(targets, _tmr_name(tmr.tmr_type))
+        else:
+            return  # CLEAR ACA, unknown: nothing to abort
+        self._spawn(coro)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _abort(self, targets: list[_Command]) -> None:
+        """ABORT TASK for each command; escalate to LUN RESET if an abort fails."""
+        pending = [rec for rec in targets if not rec.finished and rec.handle is not None]
+        self._aborts += len(pending)
+        results = await asyncio.gather(
+            *(self._executor.abort_task(rec.handle) for rec in pending if rec.handle),
+            return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("%s: ABORT TASK failed for %d command(s) (%s)", self._name,
+                        len(failed), failed[0])
+            await self._reset(pending, "ABORT TASK failed")
+
+    async def _reset(self, targets: list[_Command], why: str) -> None:
+        if all(rec.finished for rec in targets) or self._state is _State.STOPPED:
+            return
+        self._lun_resets += 1
+        log.warning("%s: LOGICAL UNIT RESET of LUN %d (%s)", self._name, self._lun, why)
+        try:
+            await self._executor.lun_reset(self._lun)
+        except Exception as exc:
+            log.warning("%s: LOGICAL UNIT RESET of LUN %d failed: %s", self._name, self._lun,
+                        exc)
+
+    async def _abort_quietly(self, targets: list[_Command]) -> None:
+        pending = [rec for rec in targets if not rec.finished and rec.handle is not None]
+        self._aborts += len(pending)
+        results = await asyncio.gather(
+            *(self._executor.abort_task(rec.handle) for rec in pending if rec.handle),
+            return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.debug("%s: abort after removal failed: %s", self._name, r)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None:
+            self._reading = False
+            self._loop.remove_reader(self._device.fd)
+
+    def _stop(self, reason: StopReason, message: str) -> None:
+        if self._state is _State.STOPPED:
+            return
+        self._stop_reading()
+        self._state = _State.STOPPED
+        self._stop_reason = reason
+        n = len(self._inflight)
+        if reason is StopReason.REMOVED:
+            log.warning("%s; stopped serving it, %d command(s) in flight dropped", message, n)
+        elif reason is StopReason.RING_CORRUPT:
+            log.error("%s; stopped serving it, %d command(s) in flight dropped", message, n)
+        if n and reason is not StopReason.CLOSED:
+            # Nobody will read their completions: ask the target to drop them so the
+            # initiator lets go of their buffers soon, and we can unmap.
+            self._spawn(self._abort_quietly(list(self._inflight.values())))
+        if self._done is not None and not self._done.done():
+            self._done.set_result(reason)
+        self._release_device()
+
+    def _release_device(self) -> None:
+        """Close the fd now; unmap once no command's buffers are in the initiator's hands."""
+        if self._inflight:
+            self._device.close()  # closes the fd; the unmap is deferred (views still exported)
+            return
+        if self._words is not None:
+            self._words.release()
+            self._words = None
+        if not self._device.close():
+            self._warn_once("unmap", "%s: views of the map outlived their commands; "
+                            "unmapping is deferred", self._name)
+
+    def _warn_once(self, key: str, fmt: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(fmt, *args)
+
+
+def _tmr_name(tmr_type: int) -> str:
+    try:
+        return ring.TmrType(tmr_type).name.replace("_", " ")
+    except ValueError:
+        return f"type {tmr_type}"

@@ -1,0 +1,231 @@
+"""The little SCSI the ring path needs: data direction from a CDB, fixed-format sense, and the
+sense we report when a command could not be delivered.
+
+Data direction
+--------------
+A TCMU CMD entry carries the iovecs but not the direction of a unidirectional transfer
+(``tcmu_cmd_entry`` has no such field and ``kflags`` is always 0), so the dispatcher derives it
+from the CDB, as every TCMU handler does. The table below lists the SPC/SBC/SSC/MMC commands that
+move data *to* the device; a command that has iovecs and is not listed is a Data-In command.
+Where two command sets reuse an opcode in opposite directions (0x51: obsolete XPWRITE(10) vs
+MMC READ DISC INFORMATION) the live command wins.
+
+Sense for errors the transport reports
+--------------------------------------
+When the initiator cannot deliver a command (``on_done`` receives an ``ISCSIError``) the
+command still has to finish: we complete it with CHECK CONDITION and fixed-format sense. The
+sense key decides what Linux does with it; tcm_loop passes our sense to the mid-layer
+unchanged (``tcmu_handle_completion`` copies it and sets ``SCF_TRANSPORT_TASK_SENSE``).
+What ``scsi_check_sense()`` (scsi_error.c) and ``scsi_io_completion_action()`` (scsi_lib.c) of
+Linux 6.x do with each choice:
+
+- ``ConnectionFailed`` -> NOT READY, 04/01 (logical unit is in process of becoming ready).
+  ``scsi_check_sense`` says NEEDS_RETRY, then ``scsi_io_completion_action`` says
+  ACTION_DELAYED_RETRY every few ms until (retries + 1) x timeout (about 180 s for sd): the I/O
+  waits out session recovery, as open-iscsi holds it within replacement_timeout.
+- ``SessionFailed`` -> NOT READY, 08/00 (logical unit communication failure). No retry
+  (ACTION_FAIL): the session is gone after replacement_timeout, so the I/O fails now, as with
+  open-iscsi, and dm-multipath fails over.
+- ``AuthenticationError``, ``NegotiationError``, ``ConfigurationError`` -> NOT READY, 04/03
+  (manual intervention required). No retry: a person must fix the configuration.
+- ``DigestError`` -> ABORTED COMMAND, 47/05 (protocol service CRC error). NEEDS_RETRY (up to 5
+  immediate resends): the bytes were damaged in flight; iSCSI targets report digest errors
+  with this very code (RFC 7143 §7.8).
+- ``CommandTimeout`` -> ABORTED COMMAND, 08/01 (logical unit communication time-out).
+  NEEDS_RETRY.
+- ``TaskAborted`` -> ABORTED COMMAND, 2F/02 (commands cleared by device server). NEEDS_RETRY.
+  When the abort came from the kernel's own TMR, LIO has already aborted the command and
+  ignores our status.
+- ``RemoteProtocolError`` -> ABORTED COMMAND, 4B/00 (data phase error). NEEDS_RETRY: the
+  target broke the exchange; a resend may get through.
+- any other ``ISCSIError`` -> ABORTED COMMAND, 08/00 (logical unit communication failure).
+  NEEDS_RETRY.
+- ``LocalProtocolError`` and any other exception (a bug) -> HARDWARE ERROR, 44/00 (internal
+  target failure). No retry (SUCCESS, then ACTION_FAIL): retrying would repeat the bug.
+  Deliberately not ILLEGAL REQUEST 20/00, which makes sd switch READ(10)/WRITE(10) to 6-byte
+  CDBs for good.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from initiator.errors import (
+    AuthenticationError,
+    CommandTimeout,
+    ConfigurationError,
+    ConnectionFailed,
+    DigestError,
+    ISCSIError,
+    LocalProtocolError,
+    NegotiationError,
+    RemoteProtocolError,
+    SessionFailed,
+    TaskAborted,
+)
+
+
+class SenseKey(enum.IntEnum):
+    """SPC-5 sense keys."""
+
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    BLANK_CHECK = 0x8
+    VENDOR_SPECIFIC = 0x9
+    COPY_ABORTED = 0xA
+    ABORTED_COMMAND = 0xB
+    VOLUME_OVERFLOW = 0xD
+    MISCOMPARE = 0xE
+    COMPLETED = 0xF
+
+
+class SenseCode(NamedTuple):
+    """A sense key with its additional sense code and qualifier, and their SPC name."""
+
+    key: SenseKey
+    asc: int
+    ascq: int
+    text: str
+
+    def fixed(self) -> bytes:
+        """This code as 18 bytes of fixed-format, current sense (SPC-5 §4.4.3)."""
+        return fixed_sense(self.key, self.asc, self.ascq)
+
+    def __str__(self) -> str:
+        return f"{self.key.name.replace('_', ' ')}, {self.text} ({self.asc:02X}/{self.ascq:02X})"
+
+
+def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
+    """Fixed-format sense data: response code 0x70 (current), additional length 10."""
+    return bytes((0x70, 0, key & 0x0F, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
+
+
+LU_BECOMING_READY = SenseCode(SenseKey.NOT_READY, 0x04, 0x01,
+                              "logical unit is in process of becoming ready")
+LU_COMMUNICATION_FAILURE = SenseCode(SenseKey.NOT_READY, 0x08, 0x00,
+                                     "logical unit communication failure")
+LU_MANUAL_INTERVENTION = SenseCode(SenseKey.NOT_READY, 0x04, 0x03,
+                                   "logical unit not ready, manual intervention required")
+PROTOCOL_CRC_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x47, 0x05,
+                               "protocol service CRC error")
+LU_COMMUNICATION_TIMEOUT = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x01,
+                                     "logical unit communication time-out")
+COMMANDS_CLEARED = SenseCode(SenseKey.ABORTED_COMMAND, 0x2F, 0x02,
+                             "commands cleared by device server")
+DATA_PHASE_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x4B, 0x00, "data phase error")
+TRANSPORT_FAILURE = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x00,
+                              "logical unit communication failure")
+INTERNAL_FAILURE = SenseCode(SenseKey.HARDWARE_ERROR, 0x44, 0x00, "internal target failure")
+NO_SENSE_FROM_TARGET = SenseCode(SenseKey.ABORTED_COMMAND, 0x00, 0x00,
+                                 "no additional sense information")
+
+_ERROR_SENSE: tuple[tuple[type[BaseException], SenseCode], ...] = (
+    # Most specific first: the first isinstance() match wins.
+    (SessionFailed, LU_COMMUNICATION_FAILURE),
+    (ConnectionFailed, LU_BECOMING_READY),
+    (AuthenticationError, LU_MANUAL_INTERVENTION),
+    (NegotiationError, LU_MANUAL_INTERVENTION),
+    (ConfigurationError, LU_MANUAL_INTERVENTION),
+    (DigestError, PROTOCOL_CRC_ERROR),
+    (CommandTimeout, LU_COMMUNICATION_TIMEOUT),
+    (TaskAborted, COMMANDS_CLEARED),
+    (LocalProtocolError, INTERNAL_FAILURE),
+    (RemoteProtocolError, DATA_PHASE_ERROR),
+    (ISCSIError, TRANSPORT_FAILURE),
+)
+
+
+def sense_for_error(error: BaseException) -> SenseCode:
+    """The sense code reporting ``error`` to the kernel (see the module docstring for why)."""
+    for cls, code in _ERROR_SENSE:
+        if isinstance(error, cls):
+            return code
+    return INTERNAL_FAILURE
+
+
+# --- data direction ------------------------------------------------------------------------------
+
+_DATA_OUT_OPCODES = frozenset({
+    0x04,  # FORMAT UNIT (parameter list)
+    0x07,  # REASSIGN BLOCKS
+    0x0A,  # WRITE(6)
+    0x15,  # MODE SELECT(6)
+    0x18,  # COPY (obsolete)
+    0x1D,  # SEND DIAGNOSTIC
+    0x24,  # SET WINDOW (scanners)
+    0x2A,  # WRITE(10)
+    0x2E,  # WRITE AND VERIFY(10)
+    0x39,  # COMPARE (obsolete)
+    0x3A,  # COPY AND VERIFY (obsolete)
+    0x3B,  # WRITE BUFFER
+    0x3D,  # UPDATE BLOCK (obsolete)
+    0x3F,  # WRITE LONG(10)
+    0x41,  # WRITE SAME(10)
+    0x42,  # UNMAP
+    0x4C,  # LOG SELECT
+    0x50,  # XDWRITE(10) (obsolete)
+    0x54,  # SEND OPC INFORMATION (MMC)
+    0x55,  # MODE SELECT(10)
+    0x56,  # RESERVE(10) (third-party parameter list)
+    0x5D,  # SEND CUE SHEET (MMC)
+    0x5F,  # PERSISTENT RESERVE OUT
+    0x83,  # EXTENDED COPY / THIRD-PARTY COPY OUT
+    0x89,  # COMPARE AND WRITE
+    0x8D,  # WRITE ATTRIBUTE
+    0x8A,  # WRITE(16)
+    0x8B,  # ORWRITE(16)
+    0x8E,  # WRITE AND VERIFY(16)
+    0x93,  # WRITE SAME(16)
+    0x9C,  # WRITE ATOMIC(16)
+    0x9F,  # SERVICE ACTION OUT(16) (WRITE LONG(16), ...)
+    0xA4,  # MAINTENANCE OUT (SET TARGET PORT GROUPS, ...)
+    0xA9,  # SERVICE ACTION OUT(12)
+    0xAA,  # WRITE(12)
+    0xAE,  # WRITE AND VERIFY(12)
+    0xB5,  # SECURITY PROTOCOL OUT
+    0xB6,  # SET STREAMING (MMC)
+    0xBF,  # SEND DVD STRUCTURE (MMC)
+})
+_VERIFY_OPCODES = frozenset({0x2F, 0xAF, 0x8F})  # VERIFY(10), VERIFY(12), VERIFY(16)
+_ATA_PASS_THROUGH = frozenset({0x85, 0xA1})  # ATA PASS-THROUGH(16), (12)
+_VARLEN_DATA_OUT = frozenset({
+    0x0004,  # XDWRITE(32)
+    0x0006,  # XPWRITE(32)
+    0x000B,  # WRITE(32)
+    0x000C,  # WRITE AND VERIFY(32)
+    0x000D,  # WRITE SAME(32)
+    0x000E,  # ORWRITE(32)
+    0x0018,  # WRITE ATOMIC(32)
+})
+_VARLEN_VERIFY = 0x000A  # VERIFY(32)
+
+
+def is_data_out(cdb: bytes) -> bool:
+    """True when the data of a unidirectional command flows to the device (a "write").
+
+    Commands whose direction depends on a CDB field are decided by that field: VERIFY sends
+    data only with BYTCHK != 0 (SBC-4), ATA PASS-THROUGH reads when T_DIR is 1 (SAT-4).
+    """
+    if not cdb:
+        return False
+    opcode = cdb[0]
+    if opcode in _DATA_OUT_OPCODES:
+        return True
+    if opcode in _VERIFY_OPCODES:
+        return len(cdb) > 1 and (cdb[1] >> 1) & 0x3 != 0
+    if opcode in _ATA_PASS_THROUGH:
+        return len(cdb) > 2 and not cdb[2] & 0x08
+    if opcode == 0x7F and len(cdb) >= 11:
+        action = (cdb[8] << 8) | cdb[9]
+        if action in _VARLEN_DATA_OUT:
+            return True
+        if action == _VARLEN_VERIFY:
+            return (cdb[10] >> 1) & 0x3 != 0
+    return False
