@@ -512,9 +512,13 @@ class LoginMachine:
                     "configured: refusing to log in unauthenticated",
                     status_class=2, status_detail=1, target=self.label)
             if method == "CHAP" and not chap.done:
-                if got.deferred:
+                if got.deferred or self._chap_started:
+                    # Once CHAP has started every response must carry its next step: a target
+                    # that answers our CHAP_A or our mutual challenge with nothing would
+                    # otherwise keep us exchanging empty requests forever. ChapInitiator
+                    # names the keys that are missing.
                     answers += chap.receive(got.deferred)
-                elif not chap.offered or not self._chap_started:
+                else:
                     answers += chap.start()
                     self._chap_started = True
         elif got.deferred:

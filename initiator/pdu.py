@@ -1301,6 +1301,21 @@ class PDUReader:
                 views = _byte_views(dest)
                 if sum(len(v) for v in views) != dsl:
                     raise LocalProtocolError("DataSink returned buffers of the wrong size")
+                total = hdr_len + dsl + trailer
+                if avail >= total and len(views) == 1:
+                    # The whole PDU is already buffered (the common case for small reads):
+                    # one copy into the caller's view, no state changes.
+                    data_start = self._start + hdr_len
+                    payload = self._view[data_start : data_start + dsl]
+                    if self.data_digest:
+                        tail = data_start + dsl + pad_len(dsl)
+                        value = _digest.crc32c(self._view[data_start:tail])
+                        _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
+                    views[0][:] = payload
+                    self._start += total
+                    din.placed = dsl
+                    out.append(din)
+                    return True
                 self._start += hdr_len
                 self._pending = din
                 self._dest_all = views

@@ -139,12 +139,13 @@ class Task:
 class _Frame:
     """One PDU waiting in the send queue: its buffers, and the task whose buffers it holds."""
 
-    __slots__ = ("bufs", "started", "task")
+    __slots__ = ("bufs", "handed", "started", "task")
 
     def __init__(self, bufs: list[Buffer], task: Task | None) -> None:
         self.bufs = bufs
         self.task = task
-        self.started = False
+        self.started = False   # some of its bytes are on the wire
+        self.handed = False    # in the hands of the transport between send_buffers and sent
 
 
 class EventKind(enum.Enum):
@@ -181,6 +182,17 @@ class _Control:
     ref_task: Task | None = None
     lun: int | None = None
     function: P.TMFunction | None = None
+    cmd_sn: int = 0
+    """The CmdSN the request carried (a TMF affects only commands sent before it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _TextSend:
+    """A Text Request waiting for the command window, in line with the commands."""
+
+    itt: int
+    text: bytes
+    ttt: int
 
 
 class SessionCore:
@@ -209,7 +221,7 @@ class SessionCore:
         self.noop_timeout = noop_timeout
         self._tasks: dict[int, Task] = {}
         self._controls: dict[int, _Control] = {}
-        self._queued: deque[Task] = deque()
+        self._queued: deque[Task | _TextSend] = deque()
         self._frames: deque[_Frame] = deque()
         self._next_itt = 1
         self._events: deque[Event] = deque()
@@ -219,6 +231,9 @@ class SessionCore:
         self._closed: ISCSIError | None = None
         self.logging_out = False
         self.stats_commands = 0
+        self.stats_answered = 0
+        """Commands that got their status and pings that got their answer on this connection:
+        the transport's evidence that a reconnect really re-established the session."""
         self.stats_bytes_in = 0
         self.stats_bytes_out = 0
         self._handlers: dict[type[P.PDU], Callable[[P.PDU], None]] = {
@@ -239,7 +254,7 @@ class SessionCore:
     @property
     def in_flight(self) -> int:
         """Commands sent or waiting for the window."""
-        return len(self._tasks) + len(self._queued)
+        return len(self._tasks) + sum(isinstance(t, Task) for t in self._queued)
 
     def submit(self, task: Task) -> None:
         """Queue a SCSI command; it is sent as soon as the command window allows."""
@@ -310,7 +325,7 @@ class SessionCore:
             room = max_buffers - len(out)
             if room <= 0:
                 break
-            frame.started = True
+            frame.handed = True
             if len(frame.bufs) <= room:
                 out.extend(frame.bufs)
             else:
@@ -323,6 +338,7 @@ class SessionCore:
         frames = self._frames
         while nbytes and frames:
             frame = frames[0]
+            frame.started = True
             bufs = frame.bufs
             while nbytes and bufs:
                 n = len(bufs[0])
@@ -337,6 +353,13 @@ class SessionCore:
                 task = frame.task
                 if task is not None:
                     task.unsent_frames -= 1
+        # Frames handed out but not reached are back in the queue's hands: a command that
+        # completes now drops them instead of sending them from a copy (a Data-Out for a
+        # command that already has its status could draw a Reject).
+        for frame in frames:
+            if not frame.handed:
+                break
+            frame.handed = False
         if nbytes:
             raise LocalProtocolError("sent() reports more bytes than were handed out")
 
@@ -419,12 +442,20 @@ class SessionCore:
             control.on_done(error)
 
     def take_unfinished(self) -> list[Task]:
-        """Every command that has not completed, in submission order, reset for re-issue."""
-        tasks = sorted(self._tasks.values(), key=lambda t: t.cmd_sn - self.exp_cmd_sn & 0xFFFFFFFF)
-        tasks.extend(self._queued)
+        """Every command that has not completed, in submission order, reset for re-issue.
+
+        On a live connection (``fail_all``) the send queue lets go of their buffers too.
+        """
+        # Sent commands have CmdSNs just below the next one to allocate; counting back from
+        # it orders them in serial arithmetic, whether or not ExpCmdSN has passed them (the
+        # target saw some of them) and across the 2**32 wrap.
+        nxt = self.cmd_sn
+        tasks = sorted(self._tasks.values(), key=lambda t: (t.cmd_sn - nxt) & 0xFFFFFFFF)
+        tasks.extend(t for t in self._queued if isinstance(t, Task))
         self._tasks.clear()
         self._queued.clear()
         for task in tasks:
+            self._detach_frames(task)
             task.reset_for_reissue()
         return tasks
 
@@ -507,7 +538,15 @@ class SessionCore:
         self.stats_bytes_out += length
 
     def _send_text(self, itt: int, text: bytes, ttt: int) -> None:
-        # Text Requests are not immediate: they take a CmdSN like commands (§11.10).
+        # Text Requests are not immediate: they take a CmdSN like commands (§11.10), so they
+        # wait for the command window like commands (§4.2.2.1: a target silently drops a
+        # CmdSN outside [ExpCmdSN, MaxCmdSN], and every later command would wait behind it).
+        if self._queued or not serial.le(self.cmd_sn, self.max_cmd_sn):
+            self._queued.append(_TextSend(itt, text, ttt))
+            return
+        self._emit_text(itt, text, ttt)
+
+    def _emit_text(self, itt: int, text: bytes, ttt: int) -> None:
         self._queue(P.TextRequest(final=True, itt=itt, ttt=ttt, cmd_sn=self.cmd_sn,
                                   exp_stat_sn=self.exp_stat_sn, data=text))
         self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
@@ -516,7 +555,7 @@ class SessionCore:
                    ref_task: Task | None = None) -> None:
         itt = self._alloc_itt()
         self._controls[itt] = _Control(P.Opcode.TASK_MGMT_REQUEST, on_done, ref_task=ref_task,
-                                       lun=lun, function=function)
+                                       lun=lun, function=function, cmd_sn=self.cmd_sn)
         self._queue(P.TaskMgmtRequest(
             immediate=True, function=function, lun=P.lun_to_wire(lun), itt=itt,
             referenced_task_tag=ref_task.itt if ref_task else P.RESERVED_TAG,
@@ -526,7 +565,11 @@ class SessionCore:
     def _drain_queue(self) -> None:
         queued = self._queued
         while queued and serial.le(self.cmd_sn, self.max_cmd_sn):
-            self._send_command(queued.popleft())
+            item = queued.popleft()
+            if isinstance(item, Task):
+                self._send_command(item)
+            elif item.itt in self._controls:  # not failed or answered meanwhile
+                self._emit_text(item.itt, item.text, item.ttt)
 
     # ------------------------------------------------------------------------------------
     # Receiving
@@ -623,6 +666,7 @@ class SessionCore:
                     f"target {self.target} answered a NOP-Out 0x{pdu.itt:08x} we never sent")
             if pdu.itt == self._ping_itt:
                 self._ping_itt = None
+            self.stats_answered += 1
             control.on_done(pdu)
             return
         if pdu.ttt != P.RESERVED_TAG:
@@ -650,13 +694,16 @@ class SessionCore:
                     self._complete_error(task, TaskAborted(f"{self._what(task)} {why}"))
             elif function in (P.TMFunction.ABORT_TASK_SET, P.TMFunction.CLEAR_TASK_SET,
                               P.TMFunction.LOGICAL_UNIT_RESET):
-                self._terminate(lambda t: t.lun == control.lun, why)
+                self._terminate(lambda t: t.lun == control.lun, control.cmd_sn, why)
             elif function in (P.TMFunction.TARGET_WARM_RESET, P.TMFunction.TARGET_COLD_RESET):
-                self._terminate(lambda t: True, why)
+                self._terminate(lambda t: True, control.cmd_sn, why)
         control.on_done(pdu)
 
-    def _terminate(self, match: Callable[[Task], bool], why: str) -> None:
-        for task in [t for t in self._tasks.values() if match(t)]:
+    def _terminate(self, match: Callable[[Task], bool], before: int, why: str) -> None:
+        # Only commands sent before the TMF (CmdSN below the one it carried) are affected:
+        # the target executes and answers those that arrived after it (§4.2.3.3, §11.5).
+        for task in [t for t in self._tasks.values()
+                     if match(t) and serial.lt(t.cmd_sn, before)]:
             del self._tasks[task.itt]
             self._complete_error(task, TaskAborted(f"{self._what(task)} {why}"))
 
@@ -752,26 +799,32 @@ class SessionCore:
     # ------------------------------------------------------------------------------------
     # Completion
 
-    def _release(self, task: Task) -> None:
-        """Drop every reference to the task's buffers before anyone learns it completed."""
+    def _detach_frames(self, task: Task) -> None:
+        """Take the task's buffers out of the send queue."""
         if task.unsent_frames:
             for frame in list(self._frames):
                 if frame.task is not task:
                     continue
-                if frame.started:
-                    # Partly on the wire: finish the PDU from a private copy so the framing
-                    # stays intact while the caller reuses its buffer.
+                if frame.started or frame.handed:
+                    # Partly on the wire (or maybe, before sent() tells): finish the PDU from a
+                    # private copy so the framing stays intact while the caller reuses its
+                    # buffer.
                     frame.bufs = [bytes(b) for b in frame.bufs]
                     frame.task = None
                 else:
                     self._frames.remove(frame)
             task.unsent_frames = 0
+
+    def _release(self, task: Task) -> None:
+        """Drop every reference to the task's buffers before anyone learns it completed."""
+        self._detach_frames(task)
         task.data_in = None
         task.data_out = None
         task.state = TaskState.DONE
 
     def _complete(self, task: Task, result: CommandResult) -> None:
         del self._tasks[task.itt]
+        self.stats_answered += 1
         self._release(task)
         on_done, task.on_done = task.on_done, None
         if on_done is not None:

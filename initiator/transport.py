@@ -15,7 +15,9 @@ Feature Phase through :class:`~initiator.session.SessionCore`. When the connecti
 recovers as open-iscsi does at ErrorRecoveryLevel 0 (RFC 7143 §6.3.5, §7.1.4): after
 DefaultTime2Wait it logs in again with the same ISID and TSIH 0 — session reinstatement — and
 re-issues every command that had not completed, for up to ``replacement_timeout`` seconds;
-after that those commands fail with :class:`~initiator.errors.SessionFailed`.
+after that those commands fail with :class:`~initiator.errors.SessionFailed`. The timeout
+counts from the first loss: a reconnect that logs in but breaks again before answering a
+command or a ping does not restart it.
 
 No asyncio Task is created per command: :meth:`Session.submit` takes a callback, and
 :meth:`Session.execute` only adds one Future.
@@ -38,12 +40,12 @@ from typing import TYPE_CHECKING, Any
 from initiator import pdu as P
 from initiator.command import Buffers, CommandResult, CompletionCallback
 from initiator.errors import (
-    CommandError,
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
     ProtocolError,
     SessionFailed,
+    TaskAborted,
 )
 from initiator.login import (
     Credentials,
@@ -446,6 +448,11 @@ class Session:
         self.on_event: Callable[[Event], None] | None = None
         self.on_state: Callable[[SessionState], None] | None = None
         self.reconnects = 0
+        # The outage being recovered from: when the first connection of it was lost. A
+        # reconnect that logs in but fails again before answering anything does not end it,
+        # so the replacement timeout still bounds how long commands wait (a target that
+        # breaks right after every login would otherwise have them re-issued forever).
+        self._outage_since: float | None = None
 
     @property
     def label(self) -> str:
@@ -547,6 +554,10 @@ class Session:
         self._conn = conn
         self._core = core
         conn.start_full_feature(core)
+        if conn.error is not None:
+            # PDUs that came with the last Login Response broke the connection at once;
+            # _connection_failed has taken the pending commands and started recovering.
+            return
         self._failed_error = None
         self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
@@ -580,7 +591,8 @@ class Session:
             self._loop_call(on_done, self._failed_error)
             return task
         core = self._core
-        if self.state is SessionState.LOGGED_IN and core is not None and self._conn is not None:
+        if self.state is SessionState.LOGGED_IN and core is not None and \
+                self._conn is not None and not core.logging_out:
             core.submit(task)
             self._conn.kick()
         else:
@@ -615,7 +627,7 @@ class Session:
             self._pending.remove(task)
             if task.on_done is not None:
                 on_done, task.on_done = task.on_done, None
-                on_done(CommandError(f"command 0x{task.cdb[0]:02x} aborted before it was sent"))
+                on_done(TaskAborted(f"command 0x{task.cdb[0]:02x} aborted before it was sent"))
             return P.TaskMgmtResponse(response=P.TMResponse.COMPLETE)
         return await self._tmf(lambda core, cb: core.abort_task(task, cb))
 
@@ -715,22 +727,48 @@ class Session:
         core = self._core
         self._conn = None
         self._core = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if core is not None:
-            self._pending = core.take_unfinished() + self._pending
+            unfinished = core.take_unfinished()
+            if core.stats_answered or not (unfinished or self._pending):
+                # That connection worked (or nothing waits on the session): a new outage.
+                self._outage_since = None
+            self._pending = unfinished + self._pending
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._fail_pending(SessionFailed(f"session to {self.label} closed"))
             return
+        if self._outage_since is None:
+            self._outage_since = now
+        elif now >= self._outage_since + self.config.replacement_timeout:
+            self._give_up(error, None)
+            if not self.config.reconnect_forever:
+                return
         log.warning("%s: connection failed (%s); recovering", self.label, error)
         params = self.parameters
         wait = time2wait if time2wait is not None else (
             params.default_time2wait if params is not None else 2)
-        self._set_state(SessionState.RECOVERING)
-        loop = asyncio.get_running_loop()
+        if self._failed_error is None:
+            self._set_state(SessionState.RECOVERING)
         self._recovery = loop.create_task(self._recover(error, float(wait)))
+
+    def _give_up(self, cause: ISCSIError, last: BaseException | None) -> None:
+        """The replacement timeout has passed: fail what waits, and whatever comes next."""
+        if self._failed_error is not None:
+            return
+        attempt = f"; last attempt: {last}" if last is not None else \
+            "; every reconnect failed again at once"
+        self._failed_error = SessionFailed(
+            f"session to {self.label} could not be re-established within the replacement "
+            f"timeout of {self.config.replacement_timeout:g} s (connection lost: {cause}"
+            f"{attempt})")
+        self._set_state(SessionState.FAILED)
+        self._fail_pending(self._failed_error)
 
     async def _recover(self, cause: ISCSIError, time2wait: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.replacement_timeout
+        since = self._outage_since if self._outage_since is not None else loop.time()
+        deadline = since + self.config.replacement_timeout
         wait = time2wait
         attempt = 0
         while True:
@@ -743,17 +781,14 @@ class Session:
             except (ISCSIError, OSError) as exc:
                 log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, exc)
                 if loop.time() >= deadline and self._failed_error is None:
-                    self._failed_error = SessionFailed(
-                        f"session to {self.label} could not be re-established within the "
-                        f"replacement timeout of {self.config.replacement_timeout:g} s "
-                        f"(connection lost: {cause}; last attempt: {exc})")
-                    self._set_state(SessionState.FAILED)
-                    self._fail_pending(self._failed_error)
+                    self._give_up(cause, exc)
                     if not self.config.reconnect_forever:
                         return
                 wait = min(max(1.0, wait * 2), 30.0, max(0.5, deadline - loop.time())
                            if loop.time() < deadline else 30.0)
                 continue
+            if self.state is not SessionState.LOGGED_IN:
+                return  # the new connection failed at once; another recovery took over
             self.reconnects += 1
             log.info("%s: session reinstated after %d attempt(s)", self.label, attempt)
             return
@@ -818,10 +853,13 @@ class Session:
         conn, core = self._conn, self._core
         self._conn = None
         self._core = None
+        if conn is not None:
+            # First the connection: the reader lets go of the views it receives into, so no
+            # byte lands in a buffer whose command has been reported failed.
+            conn.close()
         if core is not None:
             core.fail_all(SessionFailed(f"session to {self.label} was closed"))
         if conn is not None:
-            conn.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(conn.closed), 2)
         self._fail_pending(SessionFailed(f"session to {self.label} was closed"))

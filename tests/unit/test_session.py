@@ -1,0 +1,1701 @@
+"""SessionCore, the sans-I/O Full Feature Phase (RFC 7143 §4.2, §7, §11).
+
+The tests play the target by hand (:class:`Harness`): they read what the core queued, decode
+it, and hand back target PDUs through a :class:`~initiator.pdu.PDUReader` whose DataSink is
+the core, as the transport does. Time is the ``now`` argument; nothing sleeps. The end of the
+file runs the same core against the in-memory fake target for whole read/write exchanges.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from initiator import pdu as P
+from initiator.command import CommandResult, ScsiStatus
+from initiator.errors import (
+    CommandError,
+    ISCSIError,
+    LocalProtocolError,
+    PDUFormatError,
+    RemoteProtocolError,
+    TaskAborted,
+)
+from initiator.keys import NegotiationSettings
+from initiator.login import LoginMachine, LoginSuccess
+from initiator.session import (
+    Event,
+    EventKind,
+    SessionCore,
+    Task,
+    TaskState,
+    TransferParameters,
+)
+from tests.support.fake_target import (
+    CHECK_CONDITION,
+    FakeTarget,
+    Hostility,
+    Loopback,
+    RamDisk,
+    TargetNode,
+    cdb_inquiry,
+    cdb_read10,
+    cdb_read16,
+    cdb_read_capacity10,
+    cdb_read_capacity16,
+    cdb_test_unit_ready,
+    cdb_write10,
+    cdb_write16,
+    sense_key_asc,
+)
+
+M = 0xFFFFFFFF
+
+
+class Window(TypedDict):
+    exp_cmd_sn: int
+    max_cmd_sn: int
+
+
+class Numbers(Window):
+    stat_sn: int
+
+READ = cdb_read10(0, 8)
+WRITE = cdb_write10(0, 8)
+
+
+def views(*parts: bytearray) -> list[memoryview]:
+    return [memoryview(p) for p in parts]
+
+
+class Harness:
+    """A SessionCore and a hand-played target."""
+
+    def __init__(self, params: TransferParameters | None = None, *, cmd_sn: int = 1,
+                 window: int = 32, exp_stat_sn: int = 100, now: float = 0.0,
+                 noop_interval: float = 0.0, noop_timeout: float = 5.0) -> None:
+        self.params = params or TransferParameters()
+        self.core = SessionCore(
+            self.params, cmd_sn=cmd_sn, exp_stat_sn=exp_stat_sn, exp_cmd_sn=cmd_sn,
+            max_cmd_sn=(cmd_sn + window - 1) & M, target="iqn.test:t", now=now,
+            noop_interval=noop_interval, noop_timeout=noop_timeout)
+        self.stat_sn = exp_stat_sn
+        self.reader = P.PDUReader(header_digest=self.params.header_digest,
+                                  data_digest=self.params.data_digest,
+                                  max_data_segment_length=self.params.max_recv_data_segment_length,
+                                  sink=self.core)
+        self.results: dict[int, CommandResult | ISCSIError] = {}
+        self.order: list[int] = []
+        self.hold_max: Callable[[], int] | None = None
+
+    # -- initiator side ---------------------------------------------------------------------
+
+    def submit(self, cdb: bytes = READ, *, data_out: Sequence[memoryview] | None = None,
+               data_in: Sequence[memoryview] | None = None, lun: int = 0) -> Task:
+        holder: list[Task] = []
+
+        def done(result: CommandResult | ISCSIError) -> None:
+            task = holder[0]
+            assert id(task) not in self.results, "on_done ran twice"
+            self.results[id(task)] = result
+            self.order.append(id(task))
+
+        task = Task(lun, cdb, data_out, data_in, done)
+        holder.append(task)
+        self.core.submit(task)
+        return task
+
+    def result(self, task: Task) -> CommandResult | ISCSIError | None:
+        return self.results.get(id(task))
+
+    def ok(self, task: Task) -> CommandResult:
+        result = self.result(task)
+        assert isinstance(result, CommandResult), result
+        return result
+
+    def wire(self) -> bytes:
+        """Everything queued, as one byte string, marked sent."""
+        core = self.core
+        out = bytearray()
+        while core.wants_to_send:
+            bufs = core.send_buffers()
+            data = b"".join(bytes(b) for b in bufs)
+            core.sent(len(data))
+            out += data
+        return bytes(out)
+
+    def sent(self) -> list[P.PDU]:
+        reader = P.PDUReader(header_digest=self.params.header_digest,
+                             data_digest=self.params.data_digest,
+                             max_data_segment_length=1 << 24)
+        return reader.feed(self.wire())
+
+    # -- target side --------------------------------------------------------------------------
+
+    def numbers(self, *, advance: bool = True, max_cmd_sn: int | None = None) -> Numbers:
+        sn = self.stat_sn
+        if advance:
+            self.stat_sn = (sn + 1) & M
+        window = self.window()
+        return {"stat_sn": sn, "exp_cmd_sn": window["exp_cmd_sn"],
+                "max_cmd_sn": window["max_cmd_sn"] if max_cmd_sn is None else max_cmd_sn}
+
+    def window(self) -> Window:
+        """ExpCmdSN: the target saw everything sent; MaxCmdSN: unchanged (or ``hold_max``)."""
+        hold = self.hold_max
+        return {"exp_cmd_sn": self.core.cmd_sn,
+                "max_cmd_sn": self.core.max_cmd_sn if hold is None else hold()}
+
+    def deliver(self, *pdus: P.PDU, now: float = 0.0, chunk: int | None = None) -> None:
+        raw = b"".join(P.encode(p, header_digest=self.params.header_digest,
+                                data_digest=self.params.data_digest) for p in pdus)
+        step = chunk or len(raw) or 1
+        for pos in range(0, len(raw), step):
+            self.core.data_received(now)
+            for pdu in self.reader.feed(raw[pos : pos + step]):
+                self.core.receive_pdu(pdu, now)
+
+    def response(self, task: Task, status: int = 0, **kw: Any) -> P.ScsiResponse:
+        return P.ScsiResponse(itt=task.itt, status=status, **{**self.numbers(), **kw})
+
+    def data_in(self, task: Task, offset: int, data: bytes, *, status: bool = False,
+                data_sn: int = 0, **kw: Any) -> P.DataIn:
+        numbers = self.numbers(advance=status)
+        if not status:
+            numbers["stat_sn"] = 0
+        return P.DataIn(itt=task.itt, buffer_offset=offset, data=data, data_sn=data_sn,
+                        final=status or kw.pop("final", False), status_present=status,
+                        **numbers, **kw)
+
+
+def exports(buf: bytearray) -> bool:
+    """True while any memoryview of ``buf`` is alive (a bytearray cannot resize then)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Sending commands and the command window
+
+
+def test_read_command_fields() -> None:
+    h = Harness(cmd_sn=41, exp_stat_sn=7)
+    buf = bytearray(4096)
+    task = h.submit(cdb_read10(3, 8), data_in=views(buf), lun=5)
+    (cmd,) = h.sent()
+    assert isinstance(cmd, P.ScsiCommand)
+    assert cmd.read and not cmd.write and cmd.final and not cmd.immediate
+    assert cmd.expected_data_transfer_length == 4096
+    assert (cmd.cmd_sn, cmd.exp_stat_sn, cmd.itt) == (41, 7, task.itt)
+    assert cmd.lun == P.lun_to_wire(5) and cmd.cdb[:10] == cdb_read10(3, 8)
+    assert cmd.itt != P.RESERVED_TAG and task.state is TaskState.ACTIVE
+    assert h.core.cmd_sn == 42 and h.core.in_flight == 1
+
+
+def test_non_data_command() -> None:
+    h = Harness()
+    h.submit(cdb_test_unit_ready())
+    (cmd,) = h.sent()
+    assert isinstance(cmd, P.ScsiCommand)
+    assert not cmd.read and not cmd.write and cmd.final
+    assert cmd.expected_data_transfer_length == 0 and cmd.data == b""
+
+
+def test_bidirectional_command_carries_read_length() -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    task = h.submit(cdb_write10(0, 1), data_out=views(bytearray(512)),
+                    data_in=views(bytearray(300)))
+    (cmd,) = h.sent()
+    assert isinstance(cmd, P.ScsiCommand)
+    assert cmd.read and cmd.write
+    assert cmd.expected_data_transfer_length == 512 and cmd.bidi_read_length == 300
+    h.deliver(h.response(task, bidi_underflow=True, bidi_residual_count=44))
+    assert h.ok(task).bidi_residual == 44
+
+
+def test_itts_are_unique_and_never_reserved() -> None:
+    h = Harness()
+    h.core._next_itt = M - 1
+    tasks = [h.submit() for _ in range(4)]
+    itts = [t.itt for t in tasks]
+    assert len(set(itts)) == 4 and P.RESERVED_TAG not in itts
+    assert itts == [M - 1, 0, 1, 2]
+
+
+START_POINTS = [0, 1, 1000, M - 3, M - 1, M, 0x7FFFFFFF, 0x80000000]
+
+
+@pytest.mark.parametrize("start", START_POINTS)
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_window_with_serial_wraparound(start: int, window: int) -> None:
+    h = Harness(cmd_sn=start, window=window)
+    tasks = [h.submit() for _ in range(window + 3)]
+    cmds = [p for p in h.sent() if isinstance(p, P.ScsiCommand)]
+    assert [c.cmd_sn for c in cmds] == [(start + i) & M for i in range(window)]
+    assert [t.state for t in tasks].count(TaskState.QUEUED) == 3
+    assert h.core.in_flight == window + 3
+    # The target opens the window by two: exactly two more go, in submission order.
+    h.deliver(P.NopIn(exp_cmd_sn=(start + window) & M,
+                      max_cmd_sn=(start + window + 1) & M))
+    more = [p for p in h.sent() if isinstance(p, P.ScsiCommand)]
+    assert [c.cmd_sn for c in more] == [(start + window + i) & M for i in range(2)]
+    assert [c.itt for c in more] == [t.itt for t in tasks[window : window + 2]]
+    assert tasks[-1].state is TaskState.QUEUED
+
+
+def test_closed_window_queues_everything_until_it_opens() -> None:
+    h = Harness(cmd_sn=10, window=0)  # MaxCmdSN = ExpCmdSN - 1: closed
+    tasks = [h.submit() for _ in range(3)]
+    assert h.sent() == [] and all(t.state is TaskState.QUEUED for t in tasks)
+    h.deliver(P.NopIn(exp_cmd_sn=10, max_cmd_sn=20))
+    cmds = h.sent()
+    assert [getattr(c, "cmd_sn", None) for c in cmds] == [10, 11, 12]
+
+
+def test_new_commands_wait_behind_queued_ones() -> None:
+    h = Harness(cmd_sn=5, window=1)
+    first, second = h.submit(), h.submit()
+    h.sent()
+    h.deliver(P.NopIn(exp_cmd_sn=6, max_cmd_sn=6))
+    third = h.submit()
+    sent = [p.itt for p in h.sent() if isinstance(p, P.ScsiCommand)]
+    assert sent == [second.itt]
+    assert third.state is TaskState.QUEUED and first.state is TaskState.ACTIVE
+
+
+@pytest.mark.parametrize(("exp", "max_", "expect_exp", "expect_max"), [
+    (10, 30, 10, 30),       # larger MaxCmdSN: taken
+    (8, 25, 10, 25),        # stale ExpCmdSN ignored, larger MaxCmdSN taken
+    (12, 15, 12, 20),       # smaller MaxCmdSN ignored (stale), larger ExpCmdSN taken
+    (30, 10, 10, 20),       # MaxCmdSN < ExpCmdSN - 1: invalid, ignored entirely
+    (21, 20, 21, 20),       # MaxCmdSN = ExpCmdSN - 1: valid, window closed
+])
+def test_window_updates(exp: int, max_: int, expect_exp: int, expect_max: int) -> None:
+    h = Harness(cmd_sn=10, window=11)
+    assert (h.core.exp_cmd_sn, h.core.max_cmd_sn) == (10, 20)
+    h.deliver(P.NopIn(exp_cmd_sn=exp, max_cmd_sn=max_))
+    assert (h.core.exp_cmd_sn, h.core.max_cmd_sn) == (expect_exp, expect_max)
+
+
+def test_stale_window_update_across_the_wrap() -> None:
+    h = Harness(cmd_sn=M - 1, window=4)   # window M-1, M, 0, 1
+    h.deliver(P.NopIn(exp_cmd_sn=M - 1, max_cmd_sn=M))  # stale: smaller in serial terms
+    assert h.core.max_cmd_sn == 1
+    h.deliver(P.NopIn(exp_cmd_sn=0, max_cmd_sn=5))
+    assert (h.core.exp_cmd_sn, h.core.max_cmd_sn) == (0, 5)
+
+
+def test_every_status_pdu_updates_the_window_and_expstatsn() -> None:
+    h = Harness(cmd_sn=1, window=1)
+    a, b = h.submit(), h.submit()
+    h.sent()
+    assert b.state is TaskState.QUEUED
+    h.deliver(h.response(a, max_cmd_sn=2))
+    assert b.itt != P.RESERVED_TAG  # sent
+    (cmd,) = h.sent()
+    assert isinstance(cmd, P.ScsiCommand) and cmd.exp_stat_sn == 101
+
+
+def test_expstatsn_only_moves_forward() -> None:
+    h = Harness(exp_stat_sn=50)
+    a, b = h.submit(), h.submit()
+    h.sent()
+    h.deliver(P.ScsiResponse(itt=b.itt, stat_sn=60, **h.window()))
+    h.deliver(P.ScsiResponse(itt=a.itt, stat_sn=55, **h.window()))
+    assert h.core.exp_stat_sn == 61
+
+
+# --------------------------------------------------------------------------------------------
+# Task states x task PDUs
+
+
+def _task_pdu(kind: str, h: Harness, itt: int) -> P.PDU:
+    if kind == "data_in":
+        return P.DataIn(itt=itt, data=bytes(512), buffer_offset=0, **h.window())
+    if kind == "data_in_status":
+        return P.DataIn(itt=itt, data=bytes(512), buffer_offset=0, final=True,
+                        status_present=True, **h.numbers())
+    if kind == "data_in_status_no_data":
+        return P.DataIn(itt=itt, final=True, status_present=True, **h.numbers())
+    if kind == "scsi_response":
+        return P.ScsiResponse(itt=itt, **h.numbers())
+    if kind == "r2t":
+        return P.R2T(itt=itt, ttt=0x77, buffer_offset=0, desired_data_transfer_length=512,
+                     **h.numbers(advance=False))
+    raise AssertionError(kind)
+
+
+TASK_PDUS = ["data_in", "data_in_status", "data_in_status_no_data", "scsi_response", "r2t"]
+STATES = ["queued", "active_read", "active_write", "done"]
+# What becomes of the task: "error" (the connection must go), "active", "done".
+OUTCOME: dict[tuple[str, str], str] = {
+    **{("queued", k): "error" for k in TASK_PDUS},
+    **{("done", k): "error" for k in TASK_PDUS},
+    ("active_read", "data_in"): "active",
+    ("active_read", "data_in_status"): "done",
+    ("active_read", "data_in_status_no_data"): "done",
+    ("active_read", "scsi_response"): "done",
+    ("active_read", "r2t"): "error",
+    ("active_write", "data_in"): "error",
+    ("active_write", "data_in_status"): "error",
+    ("active_write", "data_in_status_no_data"): "done",
+    ("active_write", "scsi_response"): "done",
+    ("active_write", "r2t"): "active",
+}
+
+
+def _task_in_state(h: Harness, state: str) -> tuple[Task, int]:
+    """A task in ``state`` and the ITT a target would use for it."""
+    if state == "queued":
+        h.core.max_cmd_sn = (h.core.cmd_sn - 1) & M  # close the window
+        task = h.submit(data_in=views(bytearray(4096)))
+        return task, h.core._next_itt  # the tag it would get; nobody has it yet
+    if state == "active_write":
+        task = h.submit(WRITE, data_out=views(bytearray(4096)))
+    else:
+        task = h.submit(READ, data_in=views(bytearray(4096)))
+    h.sent()
+    if state == "done":
+        itt = task.itt
+        h.deliver(h.response(task))
+        return task, itt
+    return task, task.itt
+
+
+@pytest.mark.parametrize("kind", TASK_PDUS)
+@pytest.mark.parametrize("state", STATES)
+def test_task_state_by_inbound_pdu(state: str, kind: str) -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    task, itt = _task_in_state(h, state)
+    done_before = h.result(task)
+    expected = OUTCOME[(state, kind)]
+    if expected == "error":
+        with pytest.raises(RemoteProtocolError, match=f"0x{itt:08x}|Data-In|R2T"):
+            h.deliver(_task_pdu(kind, h, itt))
+        assert h.result(task) is done_before  # nothing completed by a rejected PDU
+        return
+    h.deliver(_task_pdu(kind, h, itt))
+    if expected == "active":
+        assert task.state is TaskState.ACTIVE and h.result(task) is None
+        if kind == "r2t":
+            (data_out,) = h.sent()
+            assert isinstance(data_out, P.DataOut)
+            assert (data_out.ttt, data_out.buffer_offset, len(data_out.data)) == (0x77, 0, 512)
+            assert data_out.final and data_out.data_sn == 0
+    else:
+        assert task.state is TaskState.DONE
+        assert isinstance(h.result(task), CommandResult)
+        assert task.itt not in h.core._tasks
+
+
+def test_data_in_with_status_needs_the_final_bit() -> None:
+    h = Harness()
+    task = h.submit(data_in=views(bytearray(512)))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="F bit"):
+        h.deliver(P.DataIn(itt=task.itt, status_present=True, final=False, **h.numbers()))
+
+
+# --------------------------------------------------------------------------------------------
+# Data-In reassembly
+
+
+def _pattern(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 100, 3000])
+@pytest.mark.parametrize("order", ["in_order", "reversed", "shuffled"])
+def test_data_in_lands_by_offset_in_several_views(chunk: int | None, order: str) -> None:
+    h = Harness()
+    parts = [bytearray(n) for n in (100, 1, 2500, 0, 1499, 4096)]
+    total = sum(len(p) for p in parts)
+    task = h.submit(cdb_read10(0, 16), data_in=views(*parts))
+    h.sent()
+    source = _pattern(total)
+    cuts = [0, 50, 101, 2000, 2601, 5000, 6000, total]
+    pieces = [(a, source[a:b]) for a, b in itertools.pairwise(cuts)]
+    if order == "reversed":
+        pieces.reverse()
+    elif order == "shuffled":
+        random.Random(3).shuffle(pieces)
+    pdus = [h.data_in(task, off, data, data_sn=i) for i, (off, data) in enumerate(pieces)]
+    h.deliver(*pdus, h.response(task), chunk=chunk)
+    assert b"".join(parts) == source
+    assert h.ok(task).data_in_length == total
+
+
+def test_data_in_into_non_byte_views() -> None:
+    h = Harness()
+    words = array.array("I", [0] * 256)   # 1024 bytes, 4-byte items
+    task = h.submit(data_in=[memoryview(words)])
+    h.sent()
+    source = _pattern(1024, 9)
+    h.deliver(h.data_in(task, 0, source[:1000]), h.data_in(task, 1000, source[1000:], status=True))
+    assert words.tobytes() == source
+    assert h.ok(task).data_in_length == 1024
+
+
+def test_data_in_without_sink_uses_the_copy_path() -> None:
+    h = Harness()
+    buf_a, buf_b = bytearray(10), bytearray(30)
+    task = h.submit(data_in=views(buf_a, buf_b))
+    h.sent()
+    source = _pattern(40, 4)
+    h.core.receive_pdu(h.data_in(task, 5, source[5:]), 0.0)
+    h.core.receive_pdu(h.data_in(task, 0, source[:5], status=True), 0.0)
+    assert bytes(buf_a + buf_b) == source
+
+
+@pytest.mark.parametrize(("offset", "length"), [(4090, 7), (4096, 1), (0, 4097), (1 << 31, 4)])
+def test_data_in_beyond_the_buffer_is_refused(offset: int, length: int) -> None:
+    h = Harness()
+    buf = bytearray(4096)
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="4096"):
+        h.deliver(h.data_in(task, offset, bytes(length)))
+    with pytest.raises(RemoteProtocolError):
+        h.core.receive_pdu(h.data_in(task, offset, bytes(length)), 0.0)
+    assert buf == bytearray(4096)
+
+
+# --------------------------------------------------------------------------------------------
+# Status, sense, residuals
+
+
+def test_check_condition_carries_sense() -> None:
+    h = Harness()
+    task = h.submit()
+    h.sent()
+    sense = bytes.fromhex("7000050000000a00000000002100000000000000")[:18]
+    h.deliver(h.response(task, status=CHECK_CONDITION,
+                         data=len(sense).to_bytes(2, "big") + sense))
+    result = h.ok(task)
+    assert result.status == ScsiStatus.CHECK_CONDITION and not result.ok
+    assert result.sense == sense
+
+
+def test_sense_is_ignored_unless_check_condition() -> None:
+    h = Harness()
+    task = h.submit()
+    h.sent()
+    h.deliver(h.response(task, status=ScsiStatus.BUSY, data=b"\x00\x02ab"))
+    assert h.ok(task).sense == b"" and h.ok(task).status == ScsiStatus.BUSY
+
+
+def test_sense_length_beyond_the_segment_is_a_format_error() -> None:
+    h = Harness()
+    task = h.submit()
+    h.sent()
+    with pytest.raises(PDUFormatError, match="sense"):
+        h.deliver(h.response(task, status=CHECK_CONDITION, data=b"\x00\x20abc"))
+
+
+def test_target_failure_service_response() -> None:
+    h = Harness()
+    task = h.submit()
+    h.sent()
+    h.deliver(h.response(task, response=P.ServiceResponse.TARGET_FAILURE))
+    error = h.result(task)
+    assert isinstance(error, CommandError) and "target failure" in str(error)
+
+
+@pytest.mark.parametrize("via", ["response", "data_in"])
+@pytest.mark.parametrize(("flags", "count", "expected"), [
+    ({"underflow": True}, 100, 100),
+    ({"overflow": True}, 100, -100),
+    ({}, 100, 0),  # no flag: the count means nothing
+])
+def test_residuals(via: str, flags: dict[str, bool], count: int, expected: int) -> None:
+    h = Harness()
+    task = h.submit(data_in=views(bytearray(512)))
+    h.sent()
+    if via == "response":
+        h.deliver(h.response(task, residual_count=count, **flags))
+    else:
+        h.deliver(h.data_in(task, 0, bytes(412), status=True, residual_count=count, **flags))
+    assert h.ok(task).residual == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Writes: immediate data, unsolicited Data-Out, R2T
+
+
+@dataclass(frozen=True)
+class Combo:
+    fbl: int
+    mbl: int
+    mxdsl: int
+    initial_r2t: bool
+    immediate: bool
+
+    def params(self, **kw: Any) -> TransferParameters:
+        return TransferParameters(first_burst_length=self.fbl, max_burst_length=self.mbl,
+                                  max_xmit_data_segment_length=self.mxdsl,
+                                  initial_r2t=self.initial_r2t, immediate_data=self.immediate,
+                                  **kw)
+
+
+COMBOS = [
+    Combo(fbl, mbl, mxdsl, ir2t, imm)
+    for fbl, mbl in ((512, 512), (4096, 8192), (8192, 8192), (65536, 262144), (3000, 5000))
+    for mxdsl in (512, 1000, 8192)
+    for ir2t in (True, False)
+    for imm in (True, False)
+]
+SIZES = [1, 511, 512, 4096, 8193, 20000]
+
+
+def expected_unsolicited(c: Combo, size: int) -> tuple[int, int]:
+    """(immediate bytes, unsolicited Data-Out bytes) that RFC 7143 §13.10-13.14 allow."""
+    if not c.initial_r2t:
+        unsolicited = min(size, c.fbl)
+    elif c.immediate:
+        unsolicited = min(size, c.fbl, c.mxdsl)
+    else:
+        unsolicited = 0
+    immediate = min(unsolicited, c.mxdsl) if c.immediate else 0
+    return immediate, unsolicited - immediate
+
+
+def check_sequence(data_outs: list[P.DataOut], *, start: int, length: int, ttt: int,
+                   mxdsl: int, source: bytes) -> None:
+    """One Data-Out sequence: contiguous, split at MaxXmitDSL, DataSN from 0, F on the last."""
+    assert data_outs, "no Data-Out"
+    offset = start
+    for sn, d in enumerate(data_outs):
+        assert d.ttt == ttt and d.data_sn == sn and d.buffer_offset == offset
+        assert 0 < len(d.data) <= mxdsl
+        assert bytes(d.data) == source[offset : offset + len(d.data)]
+        assert d.final == (d is data_outs[-1])
+        offset += len(d.data)
+    assert offset == start + length
+
+
+def run_write(c: Combo, size: int, *, max_outstanding: int = 1, seed: int = 0) -> None:
+    h = Harness(c.params())
+    source = _pattern(size, seed or size)
+    # The caller's buffer in three views with odd boundaries.
+    cut1, cut2 = size // 3, size // 3 + size // 5
+    parts = [bytearray(source[:cut1]), bytearray(source[cut1:cut2]), bytearray(source[cut2:])]
+    task = h.submit(cdb_write10(0, (size + 511) // 512), data_out=views(*parts))
+    pdus = h.sent()
+    cmd = pdus[0]
+    assert isinstance(cmd, P.ScsiCommand) and cmd.write
+    immediate, unsolicited = expected_unsolicited(c, size)
+    assert len(cmd.data) == immediate
+    assert bytes(cmd.data) == source[:immediate]
+    assert cmd.expected_data_transfer_length == size
+    assert cmd.final == (unsolicited == 0)
+    data_outs = [p for p in pdus[1:] if isinstance(p, P.DataOut)]
+    assert len(data_outs) == len(pdus) - 1
+    if unsolicited:
+        check_sequence(data_outs, start=immediate, length=unsolicited, ttt=P.RESERVED_TAG,
+                       mxdsl=c.mxdsl, source=source)
+    else:
+        assert data_outs == []
+    # The rest is solicited, MaxBurstLength per R2T, several R2Ts outstanding at once.
+    offset = immediate + unsolicited
+    r2t_sn = 0
+    while offset < size:
+        batch = []
+        for _ in range(max_outstanding):
+            if offset >= size:
+                break
+            length = min(c.mbl, size - offset)
+            batch.append(P.R2T(itt=task.itt, ttt=0x1000 + r2t_sn, r2t_sn=r2t_sn,
+                               buffer_offset=offset, desired_data_transfer_length=length,
+                               **h.numbers(advance=False)))
+            r2t_sn += 1
+            offset += length
+        h.deliver(*batch)
+        answers = h.sent()
+        assert all(isinstance(p, P.DataOut) for p in answers)
+        for r2t in batch:
+            mine = [p for p in answers if isinstance(p, P.DataOut) and p.ttt == r2t.ttt]
+            check_sequence(mine, start=r2t.buffer_offset,
+                           length=r2t.desired_data_transfer_length, ttt=r2t.ttt,
+                           mxdsl=c.mxdsl, source=source)
+        # Answers come in R2T order.
+        ttts = [p.ttt for p in answers if isinstance(p, P.DataOut)]
+        assert ttts == sorted(ttts)
+    h.deliver(h.response(task))
+    assert h.ok(task).ok
+    assert h.core.stats_bytes_out == size
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("combo", COMBOS, ids=str)
+def test_write_splits(combo: Combo, size: int) -> None:
+    run_write(combo, size)
+
+
+@pytest.mark.parametrize("max_outstanding", [2, 3, 8])
+@pytest.mark.parametrize("combo", [Combo(512, 1024, 512, True, False),
+                                   Combo(4096, 4096, 1000, False, True),
+                                   Combo(8192, 16384, 8192, True, True)], ids=str)
+def test_write_with_several_outstanding_r2ts(combo: Combo, max_outstanding: int) -> None:
+    run_write(combo, 50000, max_outstanding=max_outstanding)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fbl=st.integers(512, 20000), extra=st.integers(0, 20000), mxdsl=st.integers(512, 9000),
+       initial_r2t=st.booleans(), immediate=st.booleans(), size=st.integers(1, 40000),
+       outstanding=st.integers(1, 4))
+def test_write_splits_property(fbl: int, extra: int, mxdsl: int, initial_r2t: bool,
+                               immediate: bool, size: int, outstanding: int) -> None:
+    run_write(Combo(fbl, fbl + extra, mxdsl, initial_r2t, immediate), size,
+              max_outstanding=outstanding)
+
+
+@pytest.mark.parametrize(("offset", "length", "match"), [
+    (0, 4097, "writes 4096"),
+    (4000, 200, "writes 4096"),
+    (0, 0, "writes 4096"),
+])
+def test_r2t_out_of_range_is_refused(offset: int, length: int, match: str) -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    task = h.submit(WRITE, data_out=views(bytearray(4096)))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match=match):
+        h.deliver(P.R2T(itt=task.itt, ttt=1, buffer_offset=offset,
+                        desired_data_transfer_length=length, **h.window()))
+    assert h.sent() == []
+
+
+def test_r2t_with_reserved_ttt_is_refused() -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    task = h.submit(WRITE, data_out=views(bytearray(4096)))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="TTT"):
+        h.deliver(P.R2T(itt=task.itt, ttt=P.RESERVED_TAG, buffer_offset=0,
+                        desired_data_transfer_length=512, **h.window()))
+
+
+def test_data_out_is_sent_from_the_callers_views() -> None:
+    h = Harness(TransferParameters(immediate_data=False, initial_r2t=False,
+                                   first_burst_length=8192))
+    buf = bytearray(_pattern(4096))
+    h.submit(WRITE, data_out=views(buf))
+    bufs = h.core.send_buffers()
+    # Zero copy: the payload buffers handed out are views of the caller's bytearray.
+    assert any(isinstance(b, memoryview) and b.obj is buf for b in bufs)
+
+
+# --------------------------------------------------------------------------------------------
+# Partial sends and the on_done guarantee
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
+       max_buffers=st.integers(1, 6), hd=st.booleans(), dd=st.booleans())
+def test_partial_sends_produce_the_same_stream(cuts: list[int], max_buffers: int, hd: bool,
+                                               dd: bool) -> None:
+    params = TransferParameters(header_digest=hd, data_digest=dd, initial_r2t=False,
+                                first_burst_length=6000, max_xmit_data_segment_length=1000)
+
+    def build() -> SessionCore:
+        core = SessionCore(params, cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=99)
+        for i in range(3):
+            data = bytearray(_pattern(2500 + i * 700, i + 1))
+            core.submit(Task(0, WRITE, [memoryview(data)], None, lambda r: None))
+        core.ping(0.0, data=b"hello")
+        return core
+
+    reference = Harness(params)
+    reference.core = build()
+    expected = reference.wire()
+    core = build()
+    got = bytearray()
+    sizes = itertools.cycle(cuts)
+    while core.wants_to_send:
+        bufs = core.send_buffers(max_buffers)
+        flat = b"".join(bytes(b) for b in bufs)
+        n = min(next(sizes), len(flat))
+        got += flat[:n]
+        core.sent(n)
+    assert bytes(got) == expected
+
+
+def test_sent_more_than_handed_out() -> None:
+    h = Harness()
+    h.submit()
+    bufs = h.core.send_buffers()
+    with pytest.raises(LocalProtocolError):
+        h.core.sent(sum(len(b) for b in bufs) + 1)
+
+
+class Guard:
+    """An on_done that checks the core let go of the caller's buffer before calling it."""
+
+    def __init__(self, core: SessionCore, buf: bytearray) -> None:
+        self.core = core
+        self.buf = buf
+        self.calls: list[CommandResult | ISCSIError] = []
+
+    def __call__(self, result: CommandResult | ISCSIError) -> None:
+        for frame in self.core._frames:
+            for b in frame.bufs:
+                assert not (isinstance(b, memoryview) and b.obj is self.buf), \
+                    "a queued frame still references the caller's buffer"
+        assert not exports(self.buf), "a view of the caller's buffer is still alive"
+        self.calls.append(result)
+        # The caller reuses its buffer at once.
+        self.buf[:] = bytes(len(self.buf))
+
+
+def _guarded_write(h: Harness, size: int = 20000) -> tuple[Task, Guard, bytes]:
+    source = _pattern(size, 5)
+    buf = bytearray(source)
+    guard = Guard(h.core, buf)
+    task = Task(0, cdb_write10(0, size // 512 + 1), [memoryview(buf)], None, guard)
+    h.core.submit(task)
+    return task, guard, source
+
+
+def _last_queued(h: Harness) -> P.PDU:
+    """The PDU of the last queued frame (not sent; the queue is left as it was)."""
+    raw = b"".join(bytes(b) for b in h.core._frames[-1].bufs)
+    pdu, _ = P.decode(raw, header_digest=h.params.header_digest,
+                      data_digest=h.params.data_digest)
+    return pdu
+
+
+def _finish(h: Harness, how: str, task: Task) -> None:
+    if how == "response":
+        h.deliver(P.ScsiResponse(itt=task.itt, status=CHECK_CONDITION,
+                                 data=b"\x00\x12" + bytes(18), **h.numbers()))
+    elif how == "reject":
+        cmd = P.encode(P.ScsiCommand(itt=task.itt, cdb=WRITE, write=True))[:48]
+        h.deliver(P.Reject(reason=P.RejectReason.PROTOCOL_ERROR, data=cmd, **h.numbers()))
+    elif how in ("abort", "lun_reset"):
+        if how == "abort":
+            h.core.abort_task(task, lambda r: None)
+        else:
+            h.core.task_management(P.TMFunction.LOGICAL_UNIT_RESET, 0, lambda r: None)
+        tmf = _last_queued(h)
+        assert isinstance(tmf, P.TaskMgmtRequest)
+        h.deliver(P.TaskMgmtResponse(itt=tmf.itt, **h.numbers()))
+    elif how == "fail_all":
+        h.core.fail_all(CommandError("gone"))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["response", "reject", "abort", "lun_reset", "fail_all"])
+@pytest.mark.parametrize("progress", ["unsent", "partial_header", "partial_data", "all_sent"])
+@pytest.mark.parametrize("digests", [False, True])
+def test_on_done_runs_after_every_buffer_reference_is_gone(how: str, progress: str,
+                                                           digests: bool) -> None:
+    params = TransferParameters(initial_r2t=False, first_burst_length=20000,
+                                max_xmit_data_segment_length=4096, header_digest=digests,
+                                data_digest=digests)
+    h = Harness(params)
+    task, guard, source = _guarded_write(h)
+    # How far the transport got before the completion arrives.
+    frame_lens = [sum(len(b) for b in f.bufs) for f in h.core._frames]
+    header = P.BHS_LEN + (4 if digests else 0)
+    n = {"unsent": 0,
+         "partial_header": frame_lens[0] + 10,
+         "partial_data": frame_lens[0] + frame_lens[1] + header + 1000,
+         "all_sent": sum(frame_lens)}[progress]
+    prefix = b""
+    if n:
+        bufs = h.core.send_buffers()
+        prefix = b"".join(bytes(b) for b in bufs)[:n]
+        h.core.sent(n)
+        del bufs  # the transport keeps no view once sendmsg returned
+    _finish(h, how, task)
+    assert len(guard.calls) == 1
+    # Whatever was partly on the wire is finished from a copy: the stream still decodes,
+    # and the bytes of that PDU are the original ones even though the caller reused its
+    # buffer.
+    rest = h.wire()
+    stream = prefix + rest
+    reader = P.PDUReader(header_digest=digests, data_digest=digests,
+                         max_data_segment_length=1 << 24)
+    pdus = reader.feed(stream)
+    assert not reader.receiving_payload
+    for p in pdus:
+        if isinstance(p, P.DataOut | P.ScsiCommand) and p.data:
+            start = p.buffer_offset if isinstance(p, P.DataOut) else 0
+            assert bytes(p.data) == source[start : start + len(p.data)]
+    assert task.data_out is None and task.state is TaskState.DONE
+
+
+def test_early_status_drops_the_data_out_not_yet_on_the_wire() -> None:
+    # The target answers a write before taking its unsolicited data (e.g. a bad LBA). Only
+    # the PDU already partly sent is finished; the rest of the Data-Out is not sent at all.
+    h = Harness(TransferParameters(initial_r2t=False, first_burst_length=65536,
+                                   max_xmit_data_segment_length=4096, immediate_data=False))
+    task = h.submit(WRITE, data_out=views(bytearray(20000)))
+    frame_lens = [sum(len(b) for b in f.bufs) for f in h.core._frames]
+    assert len(frame_lens) == 6   # the command and five Data-Outs
+    bufs = h.core.send_buffers()
+    n = frame_lens[0] + 100
+    prefix = b"".join(bytes(b) for b in bufs)[:n]
+    h.core.sent(n)
+    del bufs
+    h.deliver(h.response(task, status=CHECK_CONDITION))
+    pdus = P.PDUReader(max_data_segment_length=1 << 20).feed(prefix + h.wire())
+    assert [type(p) for p in pdus] == [P.ScsiCommand, P.DataOut]
+
+
+def test_completion_between_send_buffers_and_sent_keeps_the_framing() -> None:
+    h = Harness(TransferParameters(initial_r2t=False, first_burst_length=65536,
+                                   max_xmit_data_segment_length=4096, immediate_data=False))
+    task = h.submit(WRITE, data_out=views(bytearray(20000)))
+    bufs = h.core.send_buffers()
+    raw = b"".join(bytes(b) for b in bufs)
+    del bufs
+    h.deliver(h.response(task))      # before the transport reported what it sent
+    h.core.sent(len(raw))
+    assert not h.core.wants_to_send
+    assert len(P.PDUReader(max_data_segment_length=1 << 20).feed(raw)) == 6
+
+
+def test_read_buffers_released_before_on_done() -> None:
+    h = Harness()
+    buf = bytearray(8192)
+    guard = Guard(h.core, buf)
+    task = Task(0, cdb_read10(0, 16), None, [memoryview(buf)], guard)
+    h.core.submit(task)
+    h.sent()
+    source = _pattern(8192, 2)
+    h.deliver(P.DataIn(itt=task.itt, data=source[:5000], **h.window()),
+              P.DataIn(itt=task.itt, data=source[5000:], buffer_offset=5000, final=True,
+                       status_present=True, data_sn=1, **h.numbers()), chunk=777)
+    assert len(guard.calls) == 1 and isinstance(guard.calls[0], CommandResult)
+    assert not h.reader.receiving_payload
+
+
+def test_abort_of_queued_task_completes_at_once_without_sending() -> None:
+    h = Harness(window=0)
+    buf = bytearray(1024)
+    guard = Guard(h.core, buf)
+    task = Task(0, WRITE, [memoryview(buf)], None, guard)
+    h.core.submit(task)
+    answers: list[Any] = []
+    h.core.abort_task(task, answers.append)
+    assert isinstance(guard.calls[0], TaskAborted)
+    assert isinstance(answers[0], P.TaskMgmtResponse)
+    assert answers[0].response == P.TMResponse.COMPLETE
+    assert h.sent() == [] and h.core.in_flight == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Task management
+
+
+def _tmf(h: Harness) -> P.TaskMgmtRequest:
+    (tmf,) = [p for p in h.sent() if isinstance(p, P.TaskMgmtRequest)]
+    return tmf
+
+
+def test_abort_task() -> None:
+    h = Harness()
+    a, b = h.submit(data_in=views(bytearray(512))), h.submit()
+    h.sent()
+    answers: list[Any] = []
+    h.core.abort_task(a, answers.append)
+    tmf = _tmf(h)
+    assert tmf.function is P.TMFunction.ABORT_TASK and tmf.immediate
+    assert (tmf.referenced_task_tag, tmf.ref_cmd_sn, tmf.cmd_sn) == (a.itt, a.cmd_sn,
+                                                                      h.core.cmd_sn)
+    h.deliver(P.TaskMgmtResponse(itt=tmf.itt, **h.numbers()))
+    assert isinstance(h.result(a), TaskAborted) and "ABORT_TASK" in str(h.result(a))
+    assert h.result(b) is None and b.state is TaskState.ACTIVE
+    assert answers[0].response == P.TMResponse.COMPLETE
+
+
+def test_abort_task_that_completed_meanwhile() -> None:
+    h = Harness()
+    a = h.submit()
+    h.sent()
+    h.core.abort_task(a, lambda r: None)
+    tmf = _tmf(h)
+    h.deliver(h.response(a))   # the status overtook the abort
+    h.deliver(P.TaskMgmtResponse(itt=tmf.itt, response=P.TMResponse.TASK_DOES_NOT_EXIST,
+                                 **h.numbers()))
+    assert isinstance(h.result(a), CommandResult)
+
+
+@pytest.mark.parametrize("function", [P.TMFunction.LOGICAL_UNIT_RESET,
+                                      P.TMFunction.ABORT_TASK_SET,
+                                      P.TMFunction.CLEAR_TASK_SET])
+def test_lun_level_tmf_completes_that_luns_tasks(function: P.TMFunction) -> None:
+    h = Harness()
+    on_lun1 = [h.submit(lun=1) for _ in range(3)]
+    on_lun2 = h.submit(lun=2)
+    h.sent()
+    answers: list[Any] = []
+    h.core.task_management(function, 1, answers.append)
+    tmf = _tmf(h)
+    assert tmf.lun == P.lun_to_wire(1)
+    h.deliver(P.TaskMgmtResponse(itt=tmf.itt, **h.numbers()))
+    assert all(isinstance(h.result(t), TaskAborted) for t in on_lun1)
+    assert h.result(on_lun2) is None
+    assert len(answers) == 1
+
+
+@pytest.mark.parametrize("function", [P.TMFunction.TARGET_WARM_RESET,
+                                      P.TMFunction.TARGET_COLD_RESET])
+def test_target_reset_completes_everything(function: P.TMFunction) -> None:
+    h = Harness()
+    tasks = [h.submit(lun=n) for n in range(3)]
+    h.sent()
+    h.core.task_management(function, 0, lambda r: None)
+    h.deliver(P.TaskMgmtResponse(itt=_tmf(h).itt, **h.numbers()))
+    assert all(isinstance(h.result(t), TaskAborted) for t in tasks)
+
+
+def test_commands_sent_after_a_lun_reset_are_not_terminated_by_it() -> None:
+    # The target applies the reset to what arrived before it; a command sent after the TMF
+    # is executed and answered normally (§4.2.3.3), so it must stay outstanding.
+    h = Harness()
+    before = h.submit(lun=1)
+    h.sent()
+    h.core.task_management(P.TMFunction.LOGICAL_UNIT_RESET, 1, lambda r: None)
+    tmf = _tmf(h)
+    after = h.submit(lun=1)
+    h.sent()
+    h.deliver(P.TaskMgmtResponse(itt=tmf.itt, **h.numbers()))
+    assert isinstance(h.result(before), TaskAborted)
+    assert h.result(after) is None and after.state is TaskState.ACTIVE
+    h.deliver(h.response(after))
+    assert isinstance(h.result(after), CommandResult)
+
+
+@pytest.mark.parametrize("response", [P.TMResponse.REJECTED, P.TMResponse.NOT_SUPPORTED,
+                                      P.TMResponse.LUN_DOES_NOT_EXIST,
+                                      P.TMResponse.AUTHORIZATION_FAILED])
+def test_failed_tmf_leaves_tasks_alone(response: P.TMResponse) -> None:
+    h = Harness()
+    task = h.submit()
+    h.sent()
+    answers: list[Any] = []
+    h.core.abort_task(task, answers.append)
+    h.deliver(P.TaskMgmtResponse(itt=_tmf(h).itt, response=response, **h.numbers()))
+    assert h.result(task) is None and task.state is TaskState.ACTIVE
+    assert answers[0].response == response
+
+
+def test_abort_task_needs_abort_task() -> None:
+    h = Harness()
+    with pytest.raises(LocalProtocolError):
+        h.core.task_management(P.TMFunction.ABORT_TASK, 0, lambda r: None)
+
+
+def test_tmf_response_nobody_asked_for() -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="task management"):
+        h.deliver(P.TaskMgmtResponse(itt=99, **h.numbers()))
+
+
+# --------------------------------------------------------------------------------------------
+# NOP
+
+
+def test_target_ping_is_answered_with_its_ttt() -> None:
+    h = Harness(cmd_sn=9)
+    h.deliver(P.NopIn(itt=P.RESERVED_TAG, ttt=0x1234, lun=P.lun_to_wire(3), data=b"ping",
+                      **h.numbers(advance=False)))
+    (nop,) = h.sent()
+    assert isinstance(nop, P.NopOut)
+    assert (nop.itt, nop.ttt, nop.lun, nop.cmd_sn) == (P.RESERVED_TAG, 0x1234,
+                                                       P.lun_to_wire(3), 9)
+    assert nop.immediate
+
+
+def test_unsolicited_nop_in_without_ttt_needs_no_answer() -> None:
+    h = Harness()
+    h.deliver(P.NopIn(**h.numbers(advance=False)))
+    assert h.sent() == []
+
+
+def test_our_ping_and_its_answer() -> None:
+    h = Harness(cmd_sn=3)
+    answers: list[Any] = []
+    h.core.ping(0.0, answers.append, data=b"abc")
+    (nop,) = h.sent()
+    assert isinstance(nop, P.NopOut) and nop.ttt == P.RESERVED_TAG and nop.data == b"abc"
+    assert nop.immediate and nop.cmd_sn == 3 and h.core.cmd_sn == 3
+    h.deliver(P.NopIn(itt=nop.itt, data=b"abc", **h.numbers()))
+    assert isinstance(answers[0], P.NopIn) and answers[0].data == b"abc"
+    assert h.core.exp_stat_sn == 101
+
+
+def test_nop_in_answering_a_ping_we_never_sent() -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="NOP-Out"):
+        h.deliver(P.NopIn(itt=77, **h.numbers()))
+
+
+def test_keepalive_and_timeout() -> None:
+    h = Harness(noop_interval=5.0, noop_timeout=3.0, now=100.0)
+    core = h.core
+    assert core.get_timer() == 105.0
+    core.handle_timer(104.0)
+    assert h.sent() == []
+    core.handle_timer(105.0)
+    (nop,) = h.sent()
+    assert isinstance(nop, P.NopOut)
+    assert core.get_timer() == 108.0
+    core.handle_timer(107.9)
+    with pytest.raises(RemoteProtocolError, match="did not answer a NOP-Out"):
+        core.handle_timer(108.0)
+
+
+def test_keepalive_answered_in_time() -> None:
+    h = Harness(noop_interval=5.0, noop_timeout=3.0)
+    h.core.handle_timer(5.0)
+    (nop,) = h.sent()
+    assert isinstance(nop, P.NopOut)
+    h.deliver(P.NopIn(itt=nop.itt, **h.numbers()), now=6.0)
+    assert h.core.get_timer() == 11.0
+    h.core.handle_timer(8.0)  # the old deadline: nothing happens
+    assert h.sent() == []
+
+
+def test_no_timeout_while_data_keeps_arriving() -> None:
+    h = Harness(noop_interval=5.0, noop_timeout=3.0)
+    task = h.submit(data_in=views(bytearray(1 << 20)))
+    h.sent()
+    h.core.handle_timer(5.0)
+    assert [type(p) for p in h.sent()] == [P.NopOut]
+    # A big read is streaming in; the ping's answer is stuck behind it.
+    now = 5.0
+    for i in range(10):
+        now += 2.0
+        h.deliver(h.data_in(task, i * 1000, bytes(1000), data_sn=i), now=now)
+        h.core.handle_timer(now)
+    h.core.handle_timer(now + 2.9)
+    # Bytes of a PDU still arriving count too (data_received), not only whole PDUs.
+    h.core.data_received(now + 2.95)
+    h.core.handle_timer(now + 3.0)
+    with pytest.raises(RemoteProtocolError):
+        h.core.handle_timer(now + 2.95 + 3.0 + 3.0)
+
+
+def test_keepalive_disabled() -> None:
+    h = Harness(noop_interval=0.0)
+    assert h.core.get_timer() is None
+    h.core.handle_timer(1e9)
+    assert h.sent() == []
+
+
+def test_timer_after_close() -> None:
+    h = Harness(noop_interval=1.0)
+    h.core.close(CommandError("gone"))
+    assert h.core.get_timer() is None
+    h.core.handle_timer(100.0)
+    assert h.sent() == []
+
+
+# --------------------------------------------------------------------------------------------
+# Text, logout, async, reject
+
+
+def test_text_response_with_continuation() -> None:
+    h = Harness(cmd_sn=20)
+    answers: list[Any] = []
+    h.core.text_request(b"SendTargets=All\0", answers.append)
+    (req,) = h.sent()
+    assert isinstance(req, P.TextRequest) and req.cmd_sn == 20 and not req.immediate
+    assert req.final and req.ttt == P.RESERVED_TAG
+    h.deliver(P.TextResponse(itt=req.itt, final=False, cont=True, ttt=0x42,
+                             data=b"TargetName=iqn.a:b\0Targ", **h.numbers()))
+    (more,) = h.sent()
+    assert isinstance(more, P.TextRequest)
+    assert (more.itt, more.ttt, more.data, more.cmd_sn) == (req.itt, 0x42, b"", 21)
+    h.deliver(P.TextResponse(itt=req.itt, final=True, data=b"etAddress=1.2.3.4:3260,1\0",
+                             **h.numbers()))
+    assert answers[0].data == b"TargetName=iqn.a:b\0TargetAddress=1.2.3.4:3260,1\0"
+
+
+def test_text_request_waits_for_the_window_in_line_with_commands() -> None:
+    h = Harness(cmd_sn=7, window=1)
+    a, b = h.submit(), h.submit()
+    answers: list[Any] = []
+    h.core.text_request(b"SendTargets=All\0", answers.append)
+    assert [p.cmd_sn for p in h.sent() if isinstance(p, P.ScsiCommand)] == [7]
+    assert b.state is TaskState.QUEUED and h.core.in_flight == 2
+    h.deliver(h.response(a, max_cmd_sn=8))
+    assert [(type(p), getattr(p, "cmd_sn", None)) for p in h.sent()] == [(P.ScsiCommand, 8)]
+    h.deliver(h.response(b, max_cmd_sn=9))
+    (text,) = h.sent()
+    assert isinstance(text, P.TextRequest) and text.cmd_sn == 9
+    # The continuation waits for the window too.
+    h.deliver(P.TextResponse(itt=text.itt, final=False, cont=True, ttt=3, data=b"A=",
+                             **h.numbers(max_cmd_sn=9)))
+    assert h.sent() == []
+    h.deliver(P.NopIn(exp_cmd_sn=10, max_cmd_sn=10))
+    (more,) = h.sent()
+    assert isinstance(more, P.TextRequest) and (more.cmd_sn, more.ttt) == (10, 3)
+
+
+def test_queued_text_request_fails_with_the_connection() -> None:
+    h = Harness(window=0)
+    answers: list[Any] = []
+    h.core.text_request(b"SendTargets=All\0", answers.append)
+    error = CommandError("lost")
+    h.core.close(error)
+    assert answers == [error]
+    assert h.core.take_unfinished() == []
+
+
+def test_partial_text_response_needs_a_ttt() -> None:
+    h = Harness()
+    h.core.text_request(b"SendTargets=All\0", lambda r: None)
+    (req,) = h.sent()
+    assert isinstance(req, P.TextRequest)
+    with pytest.raises(RemoteProtocolError, match="TTT"):
+        h.deliver(P.TextResponse(itt=req.itt, final=False, cont=True, **h.numbers()))
+
+
+def test_text_response_nobody_asked_for() -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="Text Response"):
+        h.deliver(P.TextResponse(itt=5, **h.numbers()))
+
+
+def test_logout() -> None:
+    h = Harness(cmd_sn=4)
+    answers: list[Any] = []
+    h.core.logout(answers.append)
+    (req,) = h.sent()
+    assert isinstance(req, P.LogoutRequest) and req.reason is P.LogoutReason.CLOSE_SESSION
+    assert req.cmd_sn == 4
+    with pytest.raises(LocalProtocolError, match="logging out"):
+        h.submit()
+    h.deliver(P.LogoutResponse(itt=req.itt, time2wait=7, **h.numbers()))
+    assert answers[0].time2wait == 7
+    assert h.core.next_event() == Event(EventKind.LOGGED_OUT, seconds=7)
+
+
+def test_logout_response_nobody_asked_for() -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="Logout"):
+        h.deliver(P.LogoutResponse(itt=3, **h.numbers()))
+
+
+SENSE_3F0E = bytes.fromhex("700006000000000a000000003f0e0000")
+
+
+@pytest.mark.parametrize(("event", "kw", "expected"), [
+    (P.AsyncEvent.SCSI_ASYNC_EVENT, {"lun": 2, "data": b"\x00\x10" + SENSE_3F0E},
+     Event(EventKind.SCSI_EVENT, lun=2, sense=SENSE_3F0E)),
+    (P.AsyncEvent.LOGOUT_REQUEST, {"parameter3": 15}, Event(EventKind.LOGOUT_REQUESTED, 15)),
+    (P.AsyncEvent.CONNECTION_DROP, {"parameter2": 4, "parameter3": 20},
+     Event(EventKind.CONNECTION_DROP, 4)),
+    (P.AsyncEvent.ALL_CONNECTIONS_DROP, {"parameter2": 6},
+     Event(EventKind.CONNECTION_DROP, 6)),
+    (P.AsyncEvent.NEGOTIATION_REQUEST, {"parameter3": 9}, Event(EventKind.RENEGOTIATE, 9)),
+    (P.AsyncEvent.TASK_TERMINATION, {}, Event(EventKind.TASKS_TERMINATING)),
+    (P.AsyncEvent.VENDOR_SPECIFIC, {}, Event(EventKind.VENDOR, detail="AsyncEvent 255")),
+    (17, {}, Event(EventKind.VENDOR, detail="AsyncEvent 17")),
+])
+def test_async_events(event: int, kw: dict[str, Any], expected: Event) -> None:
+    h = Harness()
+    lun = kw.pop("lun", 0)
+    task = h.submit()
+    h.sent()
+    h.deliver(P.AsyncMessage(async_event=event, lun=P.lun_to_wire(lun), **kw, **h.numbers()))
+    assert h.core.next_event() == expected
+    assert h.core.next_event() is None
+    assert h.core.exp_stat_sn == 101
+    assert task.state is TaskState.ACTIVE   # no event touches the tasks
+
+
+def _header(pdu: P.PDU) -> bytes:
+    return P.encode(pdu)[: P.BHS_LEN]
+
+
+CONTROL_KINDS = [
+    "nop_ping", "nop_answer", "nop_window", "tmf_other_lun", "text_continued", "text_final",
+    "logout", *[f"async_{e.name.lower()}" for e in P.AsyncEvent],
+    "reject_ping", "reject_tmf", "reject_text",
+]
+
+
+def _control_exchange(h: Harness, kind: str) -> list[P.PDU]:
+    """Start whatever request ``kind`` answers and return the target's PDUs for it."""
+    if kind == "nop_ping":
+        return [P.NopIn(itt=P.RESERVED_TAG, ttt=0x10, **h.numbers(advance=False))]
+    if kind == "nop_window":
+        return [P.NopIn(**h.numbers(advance=False))]
+    if kind in ("nop_answer", "reject_ping"):
+        h.core.ping(0.0)
+    elif kind in ("tmf_other_lun", "reject_tmf"):
+        h.core.task_management(P.TMFunction.LOGICAL_UNIT_RESET, 9, lambda r: None)
+    elif kind.startswith("text") or kind == "reject_text":
+        h.core.text_request(b"X-A=1\0", lambda r: None)
+    elif kind == "logout":
+        h.core.logout(lambda r: None)
+    elif kind.startswith("async_"):
+        event = P.AsyncEvent[kind[6:].upper()]
+        return [P.AsyncMessage(async_event=event, **h.numbers())]
+    (req,) = [p for p in h.sent() if not isinstance(p, P.ScsiCommand | P.DataOut)]
+    assert isinstance(req, P.NopOut | P.TaskMgmtRequest | P.TextRequest | P.LogoutRequest)
+    if kind.startswith("reject"):
+        return [P.Reject(reason=P.RejectReason.COMMAND_NOT_SUPPORTED, data=_header(req),
+                         **h.numbers())]
+    if kind == "nop_answer":
+        return [P.NopIn(itt=req.itt, **h.numbers())]
+    if kind == "tmf_other_lun":
+        return [P.TaskMgmtResponse(itt=req.itt, **h.numbers())]
+    if kind == "text_continued":
+        return [P.TextResponse(itt=req.itt, final=False, cont=True, ttt=5,
+                               data=b"X-A=", **h.numbers())]
+    if kind == "text_final":
+        return [P.TextResponse(itt=req.itt, data=b"X-A=1\0", **h.numbers())]
+    if kind == "logout":
+        return [P.LogoutResponse(itt=req.itt, **h.numbers())]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("state", "kind"), [
+    (state, kind) for state in STATES for kind in CONTROL_KINDS
+    # A text request waits in line behind a queued command: it cannot be outstanding then.
+    if not (state == "queued" and "text" in kind)])
+def test_control_pdus_leave_tasks_alone(state: str, kind: str) -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    task, _ = _task_in_state(h, state)
+    before = (task.state, h.result(task), task.itt)
+    if state == "queued":
+        # The window stays closed across the exchange.
+        h.hold_max = lambda: (h.core.cmd_sn - 1) & M
+    h.deliver(*_control_exchange(h, kind))
+    assert (task.state, h.result(task), task.itt) == before
+
+
+def test_reject_of_a_command_fails_that_command() -> None:
+    h = Harness()
+    a, b = h.submit(), h.submit()
+    (cmd_a, _) = h.sent()
+    h.deliver(P.Reject(reason=P.RejectReason.INVALID_PDU_FIELD, data=_header(cmd_a),
+                       **h.numbers()))
+    error = h.result(a)
+    assert isinstance(error, CommandError) and "invalid pdu field" in str(error)
+    assert b.state is TaskState.ACTIVE
+
+
+@pytest.mark.parametrize("reason", [P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+                                    P.RejectReason.LONG_OPERATION_REJECT,
+                                    P.RejectReason.WAITING_FOR_LOGOUT])
+def test_reject_for_lack_of_resources_reconnects(reason: P.RejectReason) -> None:
+    h = Harness()
+    a = h.submit()
+    (cmd,) = h.sent()
+    with pytest.raises(RemoteProtocolError, match="reconnecting"):
+        h.deliver(P.Reject(reason=reason, data=_header(cmd), **h.numbers()))
+    assert h.result(a) is None   # re-issued on the next connection
+    assert a in h.core.take_unfinished()
+
+
+@pytest.mark.parametrize("kind", ["ping", "tmf", "text"])
+def test_reject_of_a_control_request_fails_only_that_request(kind: str) -> None:
+    h = Harness(noop_interval=5.0)
+    task = h.submit()
+    h.sent()
+    answers: list[Any] = []
+    if kind == "ping":
+        h.core.ping(0.0, answers.append)
+    elif kind == "tmf":
+        h.core.task_management(P.TMFunction.LOGICAL_UNIT_RESET, 0, answers.append)
+    else:
+        h.core.text_request(b"X-Foo=1\0", answers.append)
+    (req,) = h.sent()
+    h.deliver(P.Reject(reason=P.RejectReason.COMMAND_NOT_SUPPORTED, data=_header(req),
+                       **h.numbers()))
+    assert isinstance(answers[0], CommandError) and "rejected" in str(answers[0])
+    assert task.state is TaskState.ACTIVE
+    if kind == "ping":
+        assert h.core.get_timer() == 5.0  # no ping outstanding any more
+
+
+@pytest.mark.parametrize("rejected", [
+    P.DataOut(itt=1, ttt=5),
+    P.LogoutRequest(itt=1),
+    P.SnackRequest(itt=1),
+    P.NopOut(itt=P.RESERVED_TAG, ttt=9),
+    P.ScsiCommand(itt=0x999, cdb=READ),   # a command we do not have
+])
+def test_reject_of_other_pdus_drops_the_connection(rejected: P.PDU) -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="rejected"):
+        h.deliver(P.Reject(reason=P.RejectReason.PROTOCOL_ERROR, data=_header(rejected),
+                           **h.numbers()))
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01" * 20, b"\x3e" + bytes(47)])
+def test_reject_with_unusable_header(data: bytes) -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="rejected a PDU"):
+        h.deliver(P.Reject(reason=0x55, data=data, **h.numbers()))
+
+
+@pytest.mark.parametrize("pdu", [P.NopOut(), P.ScsiCommand(cdb=READ), P.LoginResponse(),
+                                 P.DataOut(), P.LogoutRequest(), P.TextRequest()],
+                         ids=lambda p: type(p).__name__)
+def test_pdus_a_target_never_sends(pdu: P.PDU) -> None:
+    h = Harness()
+    with pytest.raises(RemoteProtocolError, match="never sends"):
+        h.core.receive_pdu(pdu, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-issue after a lost connection
+
+
+@pytest.mark.parametrize("start", [1, M - 2, 0x7FFFFFFE])
+def test_take_unfinished_keeps_submission_order(start: int) -> None:
+    h = Harness(cmd_sn=start, window=4)
+    tasks = [h.submit() for _ in range(6)]
+    h.sent()
+    # The target saw the first three (ExpCmdSN moved past them) but answered only the second.
+    seen = (start + 3) & M
+    h.deliver(h.response(tasks[1], exp_cmd_sn=seen, max_cmd_sn=seen))
+    assert h.core.exp_cmd_sn == seen
+    h.core.close(CommandError("connection lost"))
+    unfinished = h.core.take_unfinished()
+    assert unfinished == [tasks[0], *tasks[2:]]
+    for t in unfinished:
+        assert t.state is TaskState.QUEUED and t.itt == P.RESERVED_TAG
+        assert t.reissues == 1 and t.received == 0
+    assert h.core.in_flight == 0
+    assert h.result(tasks[0]) is None
+
+
+def test_reissued_tasks_run_again_on_a_new_core() -> None:
+    h = Harness(TransferParameters(immediate_data=False))
+    source = _pattern(1024, 6)
+    read_buf = bytearray(512)
+    r = h.submit(data_in=views(read_buf))
+    w = h.submit(WRITE, data_out=views(bytearray(source)))
+    h.sent()
+    h.deliver(h.data_in(r, 0, b"x" * 100))   # some data, then the line drops
+    h.core.close(CommandError("lost"))
+    again = h.core.take_unfinished()
+    h2 = Harness(TransferParameters(immediate_data=False), cmd_sn=500)
+    for t in again:
+        h2.core.submit(t)
+    cmds = h2.sent()
+    assert [c.cmd_sn for c in cmds if isinstance(c, P.ScsiCommand)] == [500, 501]
+    h2.deliver(h2.data_in(r, 0, b"y" * 512, status=True))
+    h2.deliver(P.R2T(itt=w.itt, ttt=3, desired_data_transfer_length=1024,
+                     **h2.numbers(advance=False)))
+    outs = [p for p in h2.sent() if isinstance(p, P.DataOut)]
+    assert b"".join(bytes(p.data) for p in outs) == source
+    h2.deliver(h2.response(w))
+    assert read_buf == b"y" * 512
+    assert isinstance(h.result(r), CommandResult) and isinstance(h.result(w), CommandResult)
+
+
+def test_close_fails_control_requests_and_refuses_new_commands() -> None:
+    h = Harness()
+    answers: list[Any] = []
+    h.core.ping(0.0, answers.append)
+    h.core.text_request(b"X-A=1\0", answers.append)
+    err = CommandError("connection lost")
+    h.core.close(err)
+    assert answers == [err, err]
+    assert not h.core.wants_to_send
+    with pytest.raises(LocalProtocolError, match="closed"):
+        h.submit()
+
+
+def test_fail_all_on_a_live_core_forgets_the_frames() -> None:
+    h = Harness(TransferParameters(initial_r2t=False, first_burst_length=65536))
+    buf = bytearray(_pattern(20000))
+    guard = Guard(h.core, buf)
+    h.core.submit(Task(0, WRITE, [memoryview(buf)], None, guard))
+    h.core.fail_all(CommandError("session closed"))
+    assert len(guard.calls) == 1
+    assert not h.core.wants_to_send
+
+
+# --------------------------------------------------------------------------------------------
+# Against the fake target
+
+
+INI = "iqn.2024-01.org.example:initiator"
+
+
+def logged_in(target: FakeTarget, **machine_kw: Any) -> tuple[Loopback, SessionCore]:
+    lb = Loopback(target)
+    machine = LoginMachine(initiator_name=INI, target_name=target.node.name,
+                           isid=0x800000000042, **machine_kw)
+    success = lb.login(machine)
+    assert isinstance(success, LoginSuccess)
+    return lb, lb.start(success)
+
+
+def submit(core: SessionCore, results: list[Any], cdb: bytes, *,
+           data_out: bytes | None = None, data_in: bytearray | None = None,
+           lun: int = 0) -> Task:
+    task = Task(lun, cdb, [memoryview(bytearray(data_out))] if data_out is not None else None,
+                [memoryview(data_in)] if data_in is not None else None, results.append)
+    core.submit(task)
+    return task
+
+
+FAKE_COMBOS = [
+    dict(initial_r2t=True, immediate_data=True),
+    dict(initial_r2t=True, immediate_data=False),
+    dict(initial_r2t=False, immediate_data=True, first_burst_length=8192),
+    dict(initial_r2t=False, immediate_data=False, first_burst_length=4096,
+         max_burst_length=8192, max_outstanding_r2t=4),
+    dict(max_recv_data_segment_length=512, max_burst_length=1024, first_burst_length=512,
+         initial_r2t=False, max_outstanding_r2t=3),
+]
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+@pytest.mark.parametrize("digests", [False, True])
+@pytest.mark.parametrize("combo", FAKE_COMBOS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
+                                                                         c.items()))
+def test_reads_and_writes_against_the_fake_target(combo: dict[str, Any], digests: bool,
+                                                  collapse: bool) -> None:
+    hd = ("CRC32C",) if digests else ("None",)
+    target = FakeTarget([TargetNode("iqn.2003-01.org.example:disk1", {0: RamDisk(4096)})],
+                        settings=NegotiationSettings.rfc_defaults(
+                            header_digest=hd, data_digest=hd, **combo),
+                        phase_collapse=collapse, cmd_window=8)
+    target.disk.fill_pattern()
+    overrides = {k: v for k, v in {
+        "InitialR2T": "No" if not combo.get("initial_r2t", True) else None,
+        "MaxOutstandingR2T": str(combo["max_outstanding_r2t"])
+        if "max_outstanding_r2t" in combo else None,
+        "MaxRecvDataSegmentLength": "4096"}.items() if v is not None}
+    lb, core = logged_in(target, header_digest="CRC32C" if digests else "None",
+                         data_digest="CRC32C" if digests else "None", overrides=overrides)
+    assert core.params.header_digest is digests
+    results: list[Any] = []
+    writes = []
+    for i in range(12):
+        blocks = 1 + i * 7
+        data = _pattern(blocks * 512, 100 + i)
+        writes.append((1000 + i * 100, data))
+        submit(core, results, cdb_write16(1000 + i * 100, blocks), data_out=data)
+    reads = []
+    for i in range(12):
+        buf = bytearray((1 + i * 5) * 512)
+        reads.append((i * 50, buf))
+        submit(core, results, cdb_read10(i * 50, len(buf) // 512), data_in=buf)
+    lb.pump()
+    assert len(results) == 24 and all(isinstance(r, CommandResult) and r.ok for r in results)
+    assert not target.violations(), target.violations()
+    for lba, data in writes:
+        assert target.disk.data[lba * 512 : lba * 512 + len(data)] == data
+    for lba, buf in reads:
+        assert buf == target.disk.data[lba * 512 : lba * 512 + len(buf)]
+    assert core.in_flight == 0
+
+
+def test_scsi_commands_against_the_fake_target() -> None:
+    disk = RamDisk(blocks=5000, block_size=4096, vendor="ACME", product="SUPERDISK",
+                   serial="SN123")
+    target = FakeTarget([TargetNode("iqn.2003-01.org.example:big", {0: disk, 3: RamDisk()})])
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    inq = bytearray(96)
+    submit(core, results, cdb_inquiry(allocation_length=96), data_in=inq)
+    cap10, cap16 = bytearray(8), bytearray(32)
+    submit(core, results, cdb_read_capacity10(), data_in=cap10)
+    submit(core, results, cdb_read_capacity16(), data_in=cap16)
+    submit(core, results, cdb_test_unit_ready())
+    serial = bytearray(64)
+    submit(core, results, cdb_inquiry(0x80, 64), data_in=serial)
+    bad = bytearray(4096)
+    submit(core, results, cdb_read16(5000, 1), data_in=bad)          # one past the end
+    submit(core, results, cdb_write10(4999, 2), data_out=bytes(8192))  # crosses the end
+    nolun = bytearray(512)
+    submit(core, results, cdb_read10(0, 1), data_in=nolun, lun=7)
+    lb.pump()
+    inq_r, c10, c16, tur, ser, bad_r, bad_w, nolun_r = results
+    assert inq_r.ok and inq_r.residual == 96 - 36 and inq_r.data_in_length == 36
+    assert inq[8:16] == b"ACME    " and inq[16:25] == b"SUPERDISK"
+    assert c10.ok and int.from_bytes(cap10[:4], "big") == 4999
+    assert int.from_bytes(cap10[4:8], "big") == 4096
+    assert c16.ok and int.from_bytes(cap16[:8], "big") == 4999
+    assert tur.ok and tur.data_in_length == 0
+    assert ser.ok and serial[4:9] == b"SN123"
+    for r in (bad_r, bad_w):
+        assert r.status == CHECK_CONDITION and sense_key_asc(r.sense) == (5, 0x21, 0)
+    assert sense_key_asc(nolun_r.sense) == (5, 0x25, 0)
+    assert not target.violations(), target.violations()
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+def test_residual_underflow_and_overflow_against_the_fake_target(collapse: bool) -> None:
+    target = FakeTarget(phase_collapse=collapse)
+    target.disk.fill_pattern()
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    big = bytearray(4096)
+    submit(core, results, cdb_read10(0, 4), data_in=big)     # 2048 bytes into 4096
+    small = bytearray(1024)
+    submit(core, results, cdb_read10(0, 4), data_in=small)   # 2048 bytes into 1024
+    lb.pump()
+    under, over = results
+    assert under.residual == 2048 and under.data_in_length == 2048
+    assert over.residual == -1024 and over.data_in_length == 1024
+    assert small == target.disk.data[:1024]
+
+
+def test_window_of_one_against_the_fake_target() -> None:
+    target = FakeTarget(cmd_window=1, initial_stat_sn=M - 3)
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    for i in range(20):
+        submit(core, results, cdb_read10(i, 1), data_in=bytearray(512))
+    lb.pump()
+    assert len(results) == 20 and all(r.ok for r in results)
+    assert not target.violations()
+    assert core.exp_stat_sn < 100  # StatSN wrapped
+
+
+def test_withheld_commands_and_a_window_that_closes() -> None:
+    target = FakeTarget(cmd_window=4, hostile=Hostility(withhold=True))
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    for i in range(10):
+        submit(core, results, cdb_read10(i, 1), data_in=bytearray(512))
+    lb.pump()
+    assert results == [] and len(lb.conn.held) == 4 and core.in_flight == 10
+    target.hostile.withhold = False
+    lb.conn.release()
+    lb.pump()
+    assert len(results) == 10 and not target.violations()
+
+
+def test_target_pings_and_async_events_through_the_fake() -> None:
+    target = FakeTarget()
+    lb, core = logged_in(target)
+    ttt = lb.conn.send_ping(b"are you there")
+    lb.conn.send_async(P.AsyncEvent.SCSI_ASYNC_EVENT, lun=0, sense=SENSE_3F0E)
+    lb.pump()
+    assert lb.conn.ping_answers == [ttt]
+    assert core.next_event() == Event(EventKind.SCSI_EVENT, sense=SENSE_3F0E)
+
+
+def test_send_targets_with_continuation_through_the_fake() -> None:
+    nodes = [TargetNode(f"iqn.2003-01.org.example:t{i}",
+                        addresses=(f"10.0.0.{i}:3260,1", f"[2001:db8::{i}]:3260,2"))
+             for i in range(40)]
+    target = FakeTarget(nodes, text_chunk=100)
+    lb = Loopback(target)
+    success = lb.login(LoginMachine(initiator_name=INI, target_name=None, isid=1 << 47))
+    assert isinstance(success, LoginSuccess)
+    core = lb.start(success)
+    answers: list[Any] = []
+    core.text_request(b"SendTargets=All\0", answers.append)
+    lb.pump()
+    text = answers[0].data
+    assert text.count(b"TargetName=") == 40 and b"[2001:db8::39]:3260,2" in text
+    requests = [p for p in lb.conn.received if isinstance(p, P.TextRequest)]
+    assert len(requests) > 10
+    assert not target.violations()
+
+
+def test_abort_and_lun_reset_through_the_fake() -> None:
+    target = FakeTarget(hostile=Hostility(withhold=True))
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    a = submit(core, results, cdb_read10(0, 1), data_in=bytearray(512))
+    submit(core, results, cdb_read10(1, 1), data_in=bytearray(512))
+    lb.pump()
+    answers: list[Any] = []
+    core.abort_task(a, answers.append)
+    lb.pump()
+    assert answers[0].response == P.TMResponse.COMPLETE
+    assert isinstance(results[0], TaskAborted) and len(results) == 1
+    core.task_management(P.TMFunction.LOGICAL_UNIT_RESET, 0, answers.append)
+    lb.pump()
+    assert len(results) == 2 and isinstance(results[1], TaskAborted)
+    assert not lb.conn.held and core.in_flight == 0
+
+
+@pytest.mark.parametrize("hostile", [
+    Hostility(wrong_itt=True),
+    Hostility(data_in_overrun=100),
+    Hostility(r2t_out_of_range=True),
+    Hostility(corrupt_header_digest=1),
+    Hostility(corrupt_data_digest=1),
+], ids=["wrong_itt", "data_in_overrun", "r2t_out_of_range", "header_digest", "data_digest"])
+def test_hostile_target_ends_in_a_protocol_error(hostile: Hostility) -> None:
+    target = FakeTarget(settings=NegotiationSettings.rfc_defaults(
+        header_digest=("CRC32C",), data_digest=("CRC32C",), immediate_data=False),
+        hostile=hostile)
+    lb, core = logged_in(target, header_digest="CRC32C", data_digest="CRC32C")
+    results: list[Any] = []
+    submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    submit(core, results, cdb_write10(0, 8), data_out=bytes(4096))
+    with pytest.raises(RemoteProtocolError):
+        lb.pump()
+
+
+def test_bogus_window_is_ignored() -> None:
+    target = FakeTarget(cmd_window=2)
+    lb, core = logged_in(target)
+    target.hostile.bogus_window = True
+    results: list[Any] = []
+    submit(core, results, cdb_read10(0, 1), data_in=bytearray(512))
+    lb.pump()
+    assert core.max_cmd_sn == 1   # the invalid MaxCmdSN < ExpCmdSN - 1 was ignored
+
+
+def test_rejects_on_demand_through_the_fake() -> None:
+    target = FakeTarget()
+    lb, core = logged_in(target)
+    lb.conn.reject_next[P.Opcode.SCSI_COMMAND] = P.RejectReason.INVALID_PDU_FIELD
+    lb.conn.reject_next[P.Opcode.NOP_OUT] = P.RejectReason.COMMAND_NOT_SUPPORTED
+    results: list[Any] = []
+    submit(core, results, cdb_read10(0, 1), data_in=bytearray(512))
+    submit(core, results, cdb_read10(1, 1), data_in=bytearray(512))
+    answers: list[Any] = []
+    core.ping(0.0, answers.append)
+    lb.pump()
+    assert isinstance(results[0], CommandError) and "invalid pdu field" in str(results[0])
+    assert isinstance(results[1], CommandResult) and results[1].ok
+    assert isinstance(answers[0], CommandError)
+
+
+def test_bogus_statsn_does_not_stop_commands() -> None:
+    target = FakeTarget(hostile=Hostility(bogus_stat_sn=True))
+    lb, core = logged_in(target)
+    results: list[Any] = []
+    for i in range(3):
+        submit(core, results, cdb_read10(i, 1), data_in=bytearray(512))
+    lb.pump()
+    assert len(results) == 3 and all(r.ok for r in results)
+
+
+@pytest.mark.parametrize("pdu", [
+    P.DataIn(itt=0x5555, data=bytes(16)),
+    P.ScsiResponse(itt=0x5555),
+    P.R2T(itt=0x5555, ttt=1, desired_data_transfer_length=512),
+    P.NopIn(itt=0x5555),
+    P.LoginResponse(),
+], ids=lambda p: type(p).__name__)
+def test_unsolicited_pdus_from_the_fake(pdu: P.PDU) -> None:
+    target = FakeTarget()
+    lb, _ = logged_in(target)
+    lb.conn.inject(pdu)
+    with pytest.raises(RemoteProtocolError):
+        lb.pump()
+

@@ -1,0 +1,590 @@
+"""initiator.transport.Session end to end against the fake target on a real loopback port.
+
+Login, commands (64 in flight), digests, redirects, target pings and events, recovery after a
+dropped connection (reinstatement: same ISID, TSIH 0, in-flight commands re-issued), the
+replacement timeout, the async logout request, task management and logout. Timeouts are kept
+small through SessionConfig; every wait is bounded so a regression fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+
+from initiator import pdu as P
+from initiator.chap import ChapAccount, ChapCredentials, Secret
+from initiator.command import CommandResult
+from initiator.errors import (
+    ConnectionFailed,
+    ISCSIError,
+    SessionFailed,
+    TaskAborted,
+)
+from initiator.keys import NegotiationSettings
+from initiator.login import LoginAuthenticationError, Portal, TargetNotFoundError
+from initiator.session import EventKind
+from initiator.transport import Session, SessionConfig, SessionState
+from tests.support.fake_target import (
+    FakeTarget,
+    FakeTargetServer,
+    Hostility,
+    RamDisk,
+    TargetNode,
+    cdb_inquiry,
+    cdb_read10,
+    cdb_read_capacity10,
+    cdb_test_unit_ready,
+    cdb_write10,
+    sense_key_asc,
+)
+
+INI = "iqn.2024-01.org.example:initiator"
+TGT = "iqn.2003-01.org.example:disk1"
+ISID = 0x80_00_5A_5A_00_00
+T = TypeVar("T")
+
+
+def config(**kw: Any) -> SessionConfig:
+    base: dict[str, Any] = dict(
+        initiator_name=INI, isid=ISID, login_timeout=2.0, replacement_timeout=5.0,
+        noop_interval=0.0, noop_timeout=1.0, negotiation={"DefaultTime2Wait": "0"})
+    base.update(kw)
+    return SessionConfig(**base)
+
+
+def fake(**kw: Any) -> FakeTarget:
+    settings = kw.pop("settings", None) or NegotiationSettings.rfc_defaults(default_time2wait=0)
+    nodes = kw.pop("nodes", None) or [TargetNode(TGT, {0: RamDisk(blocks=8192)})]
+    target = FakeTarget(nodes, settings=settings, **kw)
+    target.disk.fill_pattern()
+    return target
+
+
+@asynccontextmanager
+async def serve(target: FakeTarget) -> AsyncIterator[FakeTargetServer]:
+    server = FakeTargetServer(target)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def logged_in(target: FakeTarget, **cfg: Any) -> AsyncIterator[
+        tuple[FakeTargetServer, Session]]:
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(**cfg))
+        await within(session.login())
+        try:
+            yield server, session
+        finally:
+            await within(session.close())
+
+
+async def within(aw: Awaitable[T], seconds: float = 10.0) -> T:
+    return await asyncio.wait_for(aw, seconds)
+
+
+def state(session: Session) -> SessionState:
+    """The session's state, read afresh (mypy would keep an earlier narrowing across awaits)."""
+    return session.state
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+async def read(session: Session, lba: int, blocks: int) -> tuple[CommandResult, bytearray]:
+    buf = bytearray(blocks * 512)
+    result = await within(session.execute(0, cdb_read10(lba, blocks),
+                                          data_in=[memoryview(buf)]))
+    return result, buf
+
+
+async def write(session: Session, lba: int, data: bytes) -> CommandResult:
+    return await within(session.execute(0, cdb_write10(lba, len(data) // 512),
+                                        data_out=[memoryview(bytearray(data))]))
+
+
+# --------------------------------------------------------------------------------------------
+# Login, commands, logout
+
+
+async def test_login_commands_and_logout() -> None:
+    target = fake()
+    async with serve(target) as server:
+        states: list[SessionState] = []
+        session = Session(server.portal, TGT, config())
+        session.on_state = states.append
+        await within(session.login())
+        assert state(session) is SessionState.LOGGED_IN
+        assert session.tsih == target.logins[0].tsih != 0
+        assert target.logins[0].isid == ISID
+        inq = bytearray(36)
+        result = await within(session.execute(0, cdb_inquiry(allocation_length=36),
+                                              data_in=[memoryview(inq)]))
+        assert result.ok and inq[8:12] == b"FAKE"
+        cap = bytearray(8)
+        await within(session.execute(0, cdb_read_capacity10(), data_in=[memoryview(cap)]))
+        assert int.from_bytes(cap[:4], "big") == 8191
+        assert (await within(session.execute(0, cdb_test_unit_ready()))).ok
+        data = pattern(8192, 1)
+        assert (await write(session, 100, data)).ok
+        result, buf = await read(session, 100, 16)
+        assert result.ok and buf == data
+        stats = session.stats()
+        assert stats["commands"] == 5 and stats["in_flight"] == 0
+        await within(session.logout())
+        assert state(session) is SessionState.CLOSED
+        assert any(isinstance(p, P.LogoutRequest) for p in target.connections[0].received)
+        assert states == [SessionState.LOGGING_IN, SessionState.LOGGED_IN,
+                          SessionState.LOGGING_OUT, SessionState.CLOSED]
+        with pytest.raises(SessionFailed, match="closed"):
+            await within(session.execute(0, cdb_test_unit_ready()))
+        await within(session.logout())   # a second logout is harmless
+    assert not target.violations(), target.violations()
+
+
+async def test_context_manager_logs_in_and_out() -> None:
+    target = fake()
+    async with serve(target) as server:
+        async with Session(server.portal, TGT, config()) as session:
+            assert state(session) is SessionState.LOGGED_IN
+        assert state(session) is SessionState.CLOSED
+    assert any(isinstance(p, P.LogoutRequest) for p in target.connections[0].received)
+
+
+async def test_check_condition_reaches_the_caller() -> None:
+    target = fake()
+    async with logged_in(target) as (_, session):
+        result, _ = await read(session, 8191, 2)
+        assert result.status == 2 and sense_key_asc(result.sense) == (5, 0x21, 0)
+
+
+async def test_64_commands_in_flight() -> None:
+    target = fake(cmd_window=64, hostile=Hostility(withhold=True))
+    async with logged_in(target) as (server, session):
+        writes = [pattern(4096, i) for i in range(32)]
+        reads = [bytearray(4096) for _ in range(32)]
+        futures = [asyncio.ensure_future(session.execute(
+            0, cdb_write10(1000 + 8 * i, 8), data_out=[memoryview(bytearray(d))]))
+            for i, d in enumerate(writes)]
+        futures += [asyncio.ensure_future(session.execute(
+            0, cdb_read10(8 * i, 8), data_in=[memoryview(b)])) for i, b in enumerate(reads)]
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.held) == 64)
+        assert session.in_flight == 64
+        target.hostile.withhold = False
+        conn.release()
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r in results)
+        for i, d in enumerate(writes):
+            assert target.disk.data[(1000 + 8 * i) * 512 : (1008 + 8 * i) * 512] == d
+        for i, b in enumerate(reads):
+            assert b == target.disk.data[8 * i * 512 : (8 * i + 8) * 512]
+    assert not target.violations(), target.violations()
+
+
+async def test_window_smaller_than_the_load() -> None:
+    target = fake(cmd_window=3)
+    async with logged_in(target) as (_, session):
+        results = await within(asyncio.gather(*(read(session, i, 1) for i in range(40))))
+        assert all(r.ok for r, _ in results)
+    assert not target.violations(), target.violations()
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+async def test_digests_and_large_transfers(collapse: bool) -> None:
+    settings = NegotiationSettings.rfc_defaults(
+        default_time2wait=0, header_digest=("CRC32C",), data_digest=("CRC32C",),
+        max_recv_data_segment_length=4096, max_burst_length=16384, first_burst_length=8192,
+        max_outstanding_r2t=2)
+    target = fake(settings=settings, phase_collapse=collapse)
+    async with logged_in(target, header_digest="CRC32C", data_digest="CRC32C",
+                         negotiation={"DefaultTime2Wait": "0", "MaxOutstandingR2T": "2",
+                                      "MaxRecvDataSegmentLength": "8192",
+                                      "InitialR2T": "No"}) as (_, session):
+        params = session.parameters
+        assert params is not None and params.header_digest and params.data_digest
+        assert params.max_xmit_data_segment_length == 4096
+        data = pattern(256 * 1024, 7)
+        assert (await write(session, 0, data)).ok
+        result, buf = await read(session, 0, 512)
+        assert result.ok and buf == data
+    assert not target.violations(), target.violations()
+
+
+async def test_target_ping_is_answered() -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        conn = server.connections[-1]
+        ttt = conn.send_ping(b"hello")
+        await server.wait_for(lambda: conn.ping_answers == [ttt])
+        rtt = await within(session.ping(b"xyz"))
+        assert rtt >= 0
+
+
+async def test_scsi_async_event_is_reported() -> None:
+    target = fake()
+    events: list[Any] = []
+    async with logged_in(target) as (server, session):
+        session.on_event = events.append
+        sense = bytes.fromhex("700006000000000a000000003f0e0000")
+        server.connections[-1].send_async(P.AsyncEvent.SCSI_ASYNC_EVENT, sense=sense)
+        await server.wait_for(lambda: bool(events))
+        assert events[0].kind is EventKind.SCSI_EVENT and events[0].sense == sense
+        assert session.events[-1] == events[0]
+
+
+async def test_renegotiation_request_restates_max_recv_data_segment_length() -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        conn = server.connections[-1]
+        conn.send_async(P.AsyncEvent.NEGOTIATION_REQUEST, parameter3=10)
+        await server.wait_for(lambda: any(isinstance(p, P.TextRequest) for p in conn.received))
+        text = next(p for p in conn.received if isinstance(p, P.TextRequest))
+        assert bytes(text.data).startswith(b"MaxRecvDataSegmentLength=")
+        assert (await read(session, 0, 1))[0].ok
+    assert not target.violations(), target.violations()
+
+
+async def test_abort_task_and_lun_reset() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target) as (server, session):
+        results: list[CommandResult | ISCSIError] = []
+        tasks = [session.submit(0, cdb_read10(i, 1), data_in=[memoryview(bytearray(512))],
+                                on_done=results.append) for i in range(3)]
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.held) == 3)
+        response = await within(session.abort_task(tasks[0]))
+        assert response.response == P.TMResponse.COMPLETE
+        assert isinstance(results[0], TaskAborted)
+        response = await within(session.lun_reset(0))
+        assert response.response == P.TMResponse.COMPLETE
+        assert len(results) == 3 and all(isinstance(r, TaskAborted) for r in results)
+        assert not conn.held
+
+
+# --------------------------------------------------------------------------------------------
+# Login failures and redirects
+
+
+async def test_wrong_chap_secret() -> None:
+    account = ChapAccount("ini-user", Secret("initiator-secret-1"))
+    target = fake(chap=ChapCredentials(account))
+    async with serve(target) as server:
+        wrong = ChapCredentials(ChapAccount("ini-user", Secret("wrong-secret-123")))
+        session = Session(server.portal, TGT, config(credentials=wrong))
+        with pytest.raises(LoginAuthenticationError, match="chapSecret"):
+            await within(session.login())
+        assert state(session) is SessionState.CLOSED
+        good = Session(server.portal, TGT, config(credentials=ChapCredentials(account)))
+        await within(good.login())
+        assert (await read(good, 0, 1))[0].ok
+        await within(good.logout())
+
+
+async def test_unknown_target() -> None:
+    target = fake()
+    async with serve(target) as server:
+        session = Session(server.portal, "iqn.2003-01.org.example:nope", config())
+        with pytest.raises(TargetNotFoundError, match="nope"):
+            await within(session.login())
+
+
+async def test_nothing_listening() -> None:
+    server = FakeTargetServer(fake())
+    await server.start()
+    portal = server.portal
+    await server.stop()
+    session = Session(portal, TGT, config())
+    with pytest.raises(ConnectionFailed, match=r"cannot connect to iSCSI portal 127\.0\.0\.1"):
+        await within(session.login())
+
+
+async def test_target_that_never_answers_the_login() -> None:
+    target = fake(hostile=Hostility(login_hook=lambda req, resp: b""))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(login_timeout=0.2))
+        with pytest.raises(ConnectionFailed, match="did not answer"):
+            await within(session.login())
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+async def test_redirect(permanent: bool) -> None:
+    real = fake()
+    async with serve(real) as destination:
+        front = fake(hostile=Hostility(redirect=(f"127.0.0.1:{destination.port},1",
+                                                 permanent)))
+        async with serve(front) as server:
+            session = Session(server.portal, TGT, config())
+            await within(session.login())
+            assert state(session) is SessionState.LOGGED_IN
+            assert real.successful_logins() and not front.successful_logins()
+            expected = Portal("127.0.0.1", destination.port, 1) if permanent else server.portal
+            assert session.portal == expected
+            assert (await read(session, 0, 1))[0].ok
+            await within(session.logout())
+
+
+async def test_redirect_loop_gives_up() -> None:
+    target = fake()
+    async with serve(target) as server:
+        target.hostile.redirect = (f"127.0.0.1:{server.port}", False)
+        session = Session(server.portal, TGT, config())
+        with pytest.raises(ConnectionFailed, match="redirected the login more than"):
+            await within(session.login())
+
+
+# --------------------------------------------------------------------------------------------
+# Recovery
+
+
+async def test_recovery_after_a_dropped_connection() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target) as (server, session):
+        writes = {2000 + 16 * i: pattern(8192, 100 + i) for i in range(6)}
+        reads = {16 * i: bytearray(8192) for i in range(6)}
+        futures = [asyncio.ensure_future(session.execute(
+            0, cdb_write10(lba, 16), data_out=[memoryview(bytearray(d))]))
+            for lba, d in writes.items()]
+        futures += [asyncio.ensure_future(session.execute(
+            0, cdb_read10(lba, 16), data_in=[memoryview(b)])) for lba, b in reads.items()]
+        first = server.connections[-1]
+        await server.wait_for(lambda: len(first.held) == 12)
+        target.hostile.withhold = False
+        server.drop()
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r in results)
+        for lba, d in writes.items():
+            assert target.disk.data[lba * 512 : lba * 512 + 8192] == d
+        for lba, b in reads.items():
+            assert b == target.disk.data[lba * 512 : lba * 512 + 8192]
+        logins = target.successful_logins()
+        assert len(logins) == 2
+        # Session reinstatement (§6.3.5): the same ISID, and TSIH 0 to ask for a new session.
+        assert logins[1].isid == logins[0].isid == ISID
+        assert logins[1].tsih_requested == 0
+        assert session.tsih == logins[1].tsih
+        assert session.reconnects == 1 and state(session) is SessionState.LOGGED_IN
+    assert not target.violations(), target.violations()
+
+
+async def test_connection_dropped_by_the_target_mid_command() -> None:
+    target = fake(hostile=Hostility(drop_after_commands=3))
+    async with logged_in(target) as (server, session):
+        first = asyncio.gather(*(read(session, i, 1) for i in range(5)))
+        await server.wait_for(lambda: server.connections[0].dropped)
+        target.hostile.drop_after_commands = None
+        results = await within(first)
+        assert all(r.ok for r, _ in results)
+        assert session.reconnects == 1
+
+
+async def test_commands_submitted_during_recovery_wait_for_it() -> None:
+    target = fake()
+    async with logged_in(target, negotiation={"DefaultTime2Wait": "0"}) as (server, session):
+        server.accepting = False
+        server.drop()
+        await server.wait_for(lambda: state(session) is SessionState.RECOVERING)
+        pending = asyncio.ensure_future(read(session, 3, 1))
+        await asyncio.sleep(0.05)
+        assert not pending.done() and session.in_flight == 1
+        server.accepting = True
+        result, buf = await within(pending)
+        assert result.ok and buf == target.disk.data[3 * 512 : 4 * 512]
+
+
+async def test_reconnect_broken_by_pdus_riding_on_the_login_response() -> None:
+    # The final Login Response arrives together with a PDU that breaks the new connection
+    # at once: the pending commands must survive for the next attempt.
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target) as (server, session):
+        future = asyncio.ensure_future(read(session, 7, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        fired: list[bool] = []
+
+        def hook(req: P.LoginRequest, resp: P.LoginResponse) -> bytes | None:
+            if resp.transit and resp.nsg == P.Stage.FULL_FEATURE_PHASE and not fired:
+                fired.append(True)
+                bogus = P.ScsiResponse(itt=0x4242, stat_sn=resp.stat_sn + 1,
+                                       exp_cmd_sn=resp.exp_cmd_sn, max_cmd_sn=resp.max_cmd_sn)
+                return P.encode(resp) + P.encode(bogus)
+            return None
+
+        target.hostile.withhold = False
+        target.hostile.login_hook = hook
+        server.drop()
+        result, buf = await within(future)
+        assert fired and result.ok and buf == target.disk.data[7 * 512 : 8 * 512]
+        assert len(target.successful_logins()) == 3
+        assert state(session) is SessionState.LOGGED_IN
+
+
+async def test_target_restart() -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        data = pattern(4096, 3)
+        assert (await write(session, 40, data)).ok
+        await server.restart()
+        result, buf = await read(session, 40, 8)
+        assert result.ok and buf == data
+        assert session.reconnects == 1 and server.portal.port == session.portal.port
+
+
+async def test_replacement_timeout_fails_the_commands() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.3))
+        await within(session.login())
+        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(3)]
+        await server.wait_for(lambda: len(server.connections[-1].held) == 3)
+        await server.stop()
+        for future in futures:
+            with pytest.raises(SessionFailed) as info:
+                await within(future)
+            text = str(info.value)
+            assert "replacement timeout of 0.3 s" in text and TGT in text
+        assert state(session) is SessionState.FAILED
+        with pytest.raises(SessionFailed, match="replacement timeout"):
+            await within(read(session, 0, 1))
+        await within(session.close())
+
+
+async def test_target_failing_right_after_every_login_ends_in_session_failed() -> None:
+    # Each reconnect logs in fine and then breaks at once: the commands must still fail
+    # when the replacement timeout has passed, not be re-issued forever.
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.5))
+        await within(session.login())
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+
+        def break_it(conn: Any, pdu: P.PDU) -> bool:
+            if isinstance(pdu, P.ScsiCommand):
+                conn.inject_bytes(bytes([0x1F]) + bytes(47))   # an opcode no target sends
+                return True
+            return False
+
+        target.hostile.withhold = False
+        target.hostile.pdu_hook = break_it
+        server.drop()
+        with pytest.raises(SessionFailed, match="replacement timeout"):
+            await within(future, 5.0)
+        assert len(target.successful_logins()) >= 2
+        await within(session.close())
+
+
+async def test_async_logout_request_logs_in_again() -> None:
+    target = fake(logout_time2wait=0)
+    async with logged_in(target) as (server, session):
+        conn = server.connections[-1]
+        conn.send_async(P.AsyncEvent.LOGOUT_REQUEST, parameter3=5)
+        await server.wait_for(lambda: len(target.successful_logins()) == 2)
+        assert any(isinstance(p, P.LogoutRequest) for p in conn.received)
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN)
+        assert (await read(session, 0, 1))[0].ok
+        assert target.logins[1].isid == ISID and target.logins[1].tsih_requested == 0
+    assert not target.violations(), target.violations()
+
+
+async def test_commands_submitted_while_logging_out_on_request_are_reissued() -> None:
+    target = fake(logout_time2wait=0)
+    async with logged_in(target) as (server, session):
+        conn = server.connections[-1]
+        # Hold the Logout Request unanswered so commands arrive while it is outstanding.
+        held: list[P.PDU] = []
+
+        def hook(c: Any, pdu: P.PDU) -> bool:
+            if isinstance(pdu, P.LogoutRequest) and not held:
+                held.append(pdu)
+                return True
+            return False
+
+        target.hostile.pdu_hook = hook
+        conn.send_async(P.AsyncEvent.LOGOUT_REQUEST, parameter3=5)
+        await server.wait_for(lambda: bool(held))
+        target.hostile.pdu_hook = None
+        pending = asyncio.ensure_future(read(session, 5, 1))
+        await asyncio.sleep(0.01)
+        server.drop()
+        result, buf = await within(pending)
+        assert result.ok and buf == target.disk.data[5 * 512 : 6 * 512]
+
+
+async def test_async_connection_drop_reconnects() -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        server.connections[-1].send_async(P.AsyncEvent.CONNECTION_DROP, parameter2=0)
+        await server.wait_for(lambda: len(target.successful_logins()) == 2)
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN)
+        assert (await read(session, 0, 1))[0].ok
+
+
+async def test_nop_timeout_reconnects() -> None:
+    target = fake()
+    async with logged_in(target, noop_interval=0.05, noop_timeout=0.1) as (server, session):
+        target.hostile.silent = True
+        await server.wait_for(lambda: state(session) is SessionState.RECOVERING, 3.0)
+        target.hostile.silent = False
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 3.0)
+        assert session.reconnects == 1
+        assert (await read(session, 0, 1))[0].ok
+
+
+async def test_garbage_from_the_target_in_full_feature_phase_is_recovered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        server.connections[-1].inject_bytes(bytes(range(256)))
+        await server.wait_for(lambda: len(target.successful_logins()) == 2)
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN)
+        assert (await read(session, 1, 1))[0].ok
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_abort_of_a_command_waiting_for_recovery() -> None:
+    target = fake()
+    async with logged_in(target) as (server, session):
+        server.accepting = False
+        server.drop()
+        await server.wait_for(lambda: state(session) is SessionState.RECOVERING)
+        results: list[Any] = []
+        task = session.submit(0, cdb_read10(0, 1), data_in=[memoryview(bytearray(512))],
+                              on_done=results.append)
+        response = await within(session.abort_task(task))
+        assert response.response == P.TMResponse.COMPLETE
+        assert isinstance(results[0], TaskAborted)
+        server.accepting = True
+
+
+async def test_close_fails_outstanding_commands() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config())
+        await within(session.login())
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        await within(session.close())
+        with pytest.raises(SessionFailed, match="closed"):
+            await within(future)
+
+
+async def test_logout_with_a_command_that_never_completes() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config())
+        await within(session.login())
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        await within(session.logout(timeout=0.2))
+        assert state(session) is SessionState.CLOSED
+        with pytest.raises(SessionFailed, match="closed"):
+            await within(future)
