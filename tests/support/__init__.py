@@ -1,0 +1,6 @@
+"""Test helpers shared by the host tiers and the kernel tier (usable without pytest fixtures).
+
+- ``targets``: CHAP credentials, the description of a reachable LUN (portal, IQN, LUN, CHAP,
+  ``iscsi://`` URL), free loopback ports.
+- ``tgtd``: a private tgtd (own control port, own portal) with targets backed by sparse files.
+"""

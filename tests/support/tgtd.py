@@ -1,0 +1,246 @@
+"""A private tgtd (the Linux SCSI target framework daemon) for tests, on the host or in the VM.
+
+Each :class:`Tgtd` has its own management channel (``tgtd -C N``: socket ``/run/tgtd/socket.N``)
+and its own iSCSI portal on a free loopback port, so it never meets the packaged service, another
+test's tgtd or another engineer's. Targets are backed by sparse files in the given work
+directory. tgtd is pure userspace: it needs root (it binds the management socket under /run)
+but no kernel module, so the same helper serves the host integration tests and the kernel tests.
+
+    with Tgtd.start(tmp_path) as tgtd:
+        target = tgtd.add_target(size=64 << 20, chap=Chap.one_way())
+        ...  # target.portal, target.iqn, target.lun, target.url()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
+
+# tgt exposes LUN 0 of every target as its own controller (peripheral type 0x0c); the first
+# backing store is LUN 1.
+FIRST_DATA_LUN = 1
+TGT_IPC_DIR = Path("/var/run/tgtd")
+
+
+class TgtdError(Exception):
+    """tgtd would not start, or a tgtadm command failed (the message names which and why)."""
+
+
+@dataclass(frozen=True)
+class TgtdTarget(TargetInfo):
+    """A target of this tgtd: what initiators need, plus the tgt target id and backing file."""
+
+    tid: int = 0
+    backing_file: Path | None = None
+
+
+class Tgtd:
+    """One tgtd process; use :meth:`start` (a context manager) or :meth:`launch` + :meth:`stop`."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        self.host = host
+        self.port = 0
+        self.control_port = 0
+        self.log_path = workdir / "tgtd.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._next_tid = 1
+        self._targets: dict[int, TgtdTarget] = {}
+        self._accounts: dict[str, str] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, workdir: Path, host: str = "127.0.0.1") -> Iterator[Tgtd]:
+        """Start a tgtd, yield it, and stop it (removing its targets and files) afterwards."""
+        tgtd = cls(workdir, host)
+        tgtd.launch()
+        try:
+            yield tgtd
+        finally:
+            tgtd.stop()
+
+    # -- process ---------------------------------------------------------------------------
+
+    def launch(self, attempts: int = 5) -> None:
+        """Start tgtd on a free portal port and an unused control port; wait until it answers."""
+        if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
+            raise TgtdError("tgtd/tgtadm not found (Debian package tgt): run deploy/setup")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        TGT_IPC_DIR.mkdir(parents=True, exist_ok=True)
+        last = ""
+        for _ in range(attempts):
+            self.port = free_tcp_port(self.host)
+            self.control_port = self._free_control_port()
+            with self.log_path.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    [
+                        "tgtd", "-f", "-C", str(self.control_port),
+                        "--iscsi", f"portal={self._portal_arg()}",
+                    ],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            if self._wait_ready(timeout=30.0):
+                return
+            last = self._log_tail()
+            self._terminate()
+        raise TgtdError(f"tgtd did not start after {attempts} attempts; its log says:\n{last}")
+
+    def stop(self) -> None:
+        """Remove every target, stop tgtd and delete the backing files."""
+        if self._proc is None:
+            return
+        for tid in list(self._targets):
+            with contextlib.suppress(TgtdError):
+                self.remove_target(tid)
+        self._terminate()
+        for sock in TGT_IPC_DIR.glob(f"socket.{self.control_port}*"):
+            sock.unlink(missing_ok=True)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _portal_arg(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @staticmethod
+    def _free_control_port() -> int:
+        # tgtd holds socket.N.lock while it runs; a port whose lock file is absent is free.
+        for _ in range(100):
+            n = random.randrange(1000, 60000)
+            if not (TGT_IPC_DIR / f"socket.{n}.lock").exists():
+                return n
+        raise TgtdError(f"no free tgtd control port under {TGT_IPC_DIR}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                return False
+            probe = subprocess.run(
+                ["tgtadm", "-C", str(self.control_port), "--op", "show", "--mode", "system"],
+                capture_output=True, check=False,
+            )
+            if probe.returncode == 0:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            # tgtd ignores SIGTERM; it exits when asked over its management channel.
+            subprocess.run(
+                ["tgtadm", "-C", str(self.control_port), "--op", "delete", "--mode", "system"],
+                capture_output=True, check=False,
+            )
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- management ------------------------------------------------------------------------
+
+    def tgtadm(self, *args: str) -> str:
+        """Run ``tgtadm -C <control port> --lld iscsi ARGS``; raise TgtdError on failure."""
+        argv = ["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise TgtdError(
+                f"`{' '.join(argv)}` failed ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+        return proc.stdout
+
+    def add_target(
+        self,
+        size: int = 64 << 20,
+        *,
+        chap: Chap | None = None,
+        iqn: str | None = None,
+        label: str = "tgtd",
+    ) -> TgtdTarget:
+        """A new target with one LUN (LUN 1) backed by a sparse file of ``size`` bytes.
+
+        Any initiator may log in; with ``chap`` it must authenticate (and with mutual
+        credentials tgtd authenticates back). CHAP user names are global to a tgtd: reuse one
+        only with the same password.
+        """
+        if not self.running:
+            raise TgtdError("tgtd is not running")
+        tid = self._next_tid
+        self._next_tid += 1
+        iqn = iqn or unique_iqn(label)
+        backing = self.workdir / f"tgtd-{self.control_port}-tid{tid}.img"
+        with backing.open("wb") as f:
+            f.truncate(size)
+        self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn)
+        target = TgtdTarget(
+            host=self.host, port=self.port, iqn=iqn, lun=FIRST_DATA_LUN, size=size, chap=chap,
+            tid=tid, backing_file=backing,
+        )
+        self._targets[tid] = target
+        self.tgtadm(
+            "--op", "new", "--mode", "logicalunit", "--tid", str(tid),
+            "--lun", str(FIRST_DATA_LUN), "-b", str(backing),
+        )
+        self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
+        if chap is not None:
+            self._account(chap.userid, chap.password)
+            self.tgtadm(
+                "--op", "bind", "--mode", "account", "--tid", str(tid), "--user", chap.userid
+            )
+            if chap.mutual_userid is not None and chap.mutual_password is not None:
+                self._account(chap.mutual_userid, chap.mutual_password)
+                self.tgtadm(
+                    "--op", "bind", "--mode", "account", "--tid", str(tid),
+                    "--user", chap.mutual_userid, "--outgoing",
+                )
+        return target
+
+    def remove_target(self, target: TgtdTarget | int) -> None:
+        """Delete the target (even with sessions logged in) and its backing file."""
+        tid = target if isinstance(target, int) else target.tid
+        known = self._targets.pop(tid, None)
+        try:
+            self.tgtadm("--op", "delete", "--mode", "target", "--tid", str(tid), "--force")
+        finally:
+            if known is not None and known.backing_file is not None:
+                known.backing_file.unlink(missing_ok=True)
+
+    @property
+    def targets(self) -> list[TgtdTarget]:
+        return list(self._targets.values())
+
+    def _account(self, user: str, password: str) -> None:
+        known = self._accounts.get(user)
+        if known == password:
+            return
+        if known is not None:
+            raise TgtdError(f"CHAP user {user!r} already exists in this tgtd with another password")
+        self.tgtadm("--op", "new", "--mode", "account", "--user", user, "--password", password)
+        self._accounts[user] = password
+
+
+def tgtd_available() -> bool:
+    """True when tgtd can run here (installed, and root for its management socket)."""
+    return shutil.which("tgtd") is not None and os.geteuid() == 0
