@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Self, TypeVar
 
@@ -1008,7 +1008,23 @@ def frame(
     if dsl > MAX_DATA_SEGMENT_LENGTH:
         raise LocalProtocolError(f"a data segment of {dsl} bytes does not fit in one PDU")
     ahs = pdu.ahs_bytes()
-    header = pdu._pack(len(ahs) >> 2, dsl) + ahs
+    return frame_header(pdu._pack(len(ahs) >> 2, dsl) + ahs, parts, dsl,
+                        header_digest=header_digest, data_digest=data_digest)
+
+
+def frame_header(
+    header: bytes,
+    parts: Sequence[Buffer],
+    dsl: int,
+    *,
+    header_digest: bool = False,
+    data_digest: bool = False,
+) -> list[Buffer]:
+    """Frame an already packed BHS (+AHS) with its ``dsl`` bytes of data ``parts``.
+
+    The hot path of :mod:`initiator.session` packs SCSI Command headers itself
+    (:func:`pack_scsi_command`) and frames them here, skipping the PDU object.
+    """
     if header_digest:
         header += _digest.pack_digest(_digest.crc32c(header))
     if not dsl:
@@ -1024,6 +1040,14 @@ def frame(
     elif pad:
         out.append(pad)
     return out
+
+
+def pack_scsi_command(flags: int, dsl: int, lun: int, itt: int, edtl: int, cmd_sn: int,
+                      exp_stat_sn: int, cdb: bytes) -> bytes:
+    """The 48-byte BHS of a SCSI Command with a CDB of at most 16 bytes and no AHS (§11.3),
+    without building a :class:`ScsiCommand`: the per-command hot path."""
+    return _SCSI_COMMAND.pack(Opcode.SCSI_COMMAND, flags, 0, dsl, lun, itt, edtl, cmd_sn,
+                              exp_stat_sn, cdb)
 
 
 def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
@@ -1074,7 +1098,14 @@ def pdu_length(raw: Buffer, *, header_digest: bool = False, data_digest: bool = 
 
 
 class DataSink(Protocol):
-    """Tells the reader where the payload of a Data-In goes (zero-copy receive)."""
+    """Tells the reader where the payload of a Data-In goes (zero-copy receive).
+
+    A sink may also have ``data_in_inline(flags, status, itt, buffer_offset, stat_sn,
+    exp_cmd_sn, max_cmd_sn, data_sn, residual_count, payload) -> bool``: for a Data-In that is
+    entirely buffered, the reader then passes its fields and payload view directly; returning
+    True means the sink placed the data and processed the PDU (no PDU object is made), False
+    that the reader should go the ordinary way.
+    """
 
     def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
         """Views that together take exactly ``length`` bytes of ``pdu``'s payload, or None to
@@ -1136,6 +1167,9 @@ class PDUReader:
         self._end = 0
         self._state = _State.HEADER
         self._direct_out = False
+        self.deliver: Callable[[PDU], None] | None = None
+        """When set, each PDU goes to this callable as soon as it is parsed (in wire order)
+        instead of into the list :meth:`buffer_updated` returns."""
         # Direct-receive bookkeeping for the Data-In being received.
         self._pending: DataIn | None = None
         self._dest: list[memoryview] = []
@@ -1263,7 +1297,14 @@ class PDUReader:
         self._dest = []
         self._dest_all = ()
         self._state = _State.HEADER
-        out.append(pdu)
+        self._emit(out, pdu)
+
+    def _emit(self, out: list[PDU], pdu: PDU) -> None:
+        deliver = self.deliver
+        if deliver is None:
+            out.append(pdu)
+        else:
+            deliver(pdu)
 
     def _parse_one(self, out: list[PDU]) -> bool:
         avail = self._end - self._start
@@ -1295,13 +1336,29 @@ class PDUReader:
             if ahs_len else ()
         trailer = pad_len(dsl) + (DIGEST_LEN if self.data_digest and dsl else 0)
         if opcode == Opcode.DATA_IN and dsl and self.sink is not None:
+            total = hdr_len + dsl + trailer
+            inline = getattr(self.sink, "data_in_inline", None)
+            if inline is not None and avail >= total and not ahs_len and (
+                    self.deliver is not None or not out):
+                # The whole Data-In is buffered: hand its fields and payload to the sink in one
+                # call, with no PDU object (the per-command hot path of small reads). Order is
+                # kept: only when every earlier PDU of this batch has been delivered.
+                data_start = self._start + hdr_len
+                if self.data_digest:
+                    tail = data_start + dsl + pad_len(dsl)
+                    value = _digest.crc32c(self._view[data_start:tail])
+                    _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
+                f = _DATA_IN.unpack_from(self._buf, self._start)
+                if inline(f[1], f[3], f[6], f[12], f[8], f[9], f[10], f[11], f[13],
+                          self._view[data_start : data_start + dsl]):
+                    self._start += total
+                    return True
             din = DataIn._unpack(bhs, ahs, b"")
             dest = self.sink.data_in_buffers(din, dsl)
             if dest is not None:
                 views = _byte_views(dest)
                 if sum(len(v) for v in views) != dsl:
                     raise LocalProtocolError("DataSink returned buffers of the wrong size")
-                total = hdr_len + dsl + trailer
                 if avail >= total and len(views) == 1:
                     # The whole PDU is already buffered (the common case for small reads):
                     # one copy into the caller's view, no state changes.
@@ -1314,7 +1371,7 @@ class PDUReader:
                     views[0][:] = payload
                     self._start += total
                     din.placed = dsl
-                    out.append(din)
+                    self._emit(out, din)
                     return True
                 self._start += hdr_len
                 self._pending = din
@@ -1337,7 +1394,7 @@ class PDUReader:
             _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
         pdu = decode_bhs(bhs, ahs, data)
         self._start += total
-        out.append(pdu)
+        self._emit(out, pdu)
         return True
 
 

@@ -106,8 +106,8 @@ class Task:
         self.cdb = cdb
         self.data_out: Buffers | None = _byte_views(data_out) if data_out else None
         self.data_in: Buffers | None = _byte_views(data_in) if data_in else None
-        self.out_len = sum(len(v) for v in self.data_out) if self.data_out else 0
-        self.in_len = sum(len(v) for v in self.data_in) if self.data_in else 0
+        self.out_len = _total(self.data_out) if self.data_out else 0
+        self.in_len = _total(self.data_in) if self.data_in else 0
         self.on_done: CompletionCallback | None = on_done
         self.attr = attr
         self.itt = P.RESERVED_TAG
@@ -425,6 +425,38 @@ class SessionCore:
                 f"{self._what(task)}, which expects only {task.in_len} bytes")
         return _slice(task.data_in, pdu.buffer_offset, length)
 
+    def data_in_inline(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
+                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                       payload: memoryview) -> bool:
+        """:class:`~initiator.pdu.DataSink` hot path: a whole Data-In, without a PDU object.
+
+        Does what :meth:`_on_data_in` does for the well-formed common case and declines
+        (returns False, so the reader takes the ordinary path and its checks) otherwise.
+        """
+        task = self._tasks.get(itt)
+        if task is None:
+            return False
+        data_in = task.data_in
+        n = len(payload)
+        end = offset + n
+        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01:
+            return False
+        if len(data_in) == 1:
+            data_in[0][offset:end] = payload
+        else:
+            _scatter(data_in, offset, payload)
+        task.received += n
+        task.data_sn = (data_sn + 1) & 0xFFFFFFFF
+        self.stats_bytes_in += n
+        if exp_cmd_sn != self.exp_cmd_sn or max_cmd_sn != self.max_cmd_sn:
+            self._window(exp_cmd_sn, max_cmd_sn)
+        if flags & 0x01:
+            # Phase collapse: the status comes with the final Data-In (§11.7.4).
+            self._ack(stat_sn)
+            residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
+            self._complete(task, CommandResult(status, b"", residual, 0, task.received))
+        return True
+
     def close(self, error: ISCSIError) -> None:
         """The connection is gone: nothing more is sent or received on it.
 
@@ -506,14 +538,28 @@ class SessionCore:
                 immediate = _slice(task.data_out, 0, n)
                 task.immediate_sent = n
         data_out_follows = unsolicited > task.immediate_sent
-        cmd = P.ScsiCommand(
-            final=not data_out_follows, read=task.in_len > 0, write=task.out_len > 0,
-            attr=task.attr, lun=task.lun_wire, itt=itt,
-            expected_data_transfer_length=task.out_len if task.out_len else task.in_len,
-            cmd_sn=task.cmd_sn, exp_stat_sn=self.exp_stat_sn, cdb=task.cdb,
-            bidi_read_length=task.in_len if task.out_len and task.in_len else None,
-        )
-        self._queue(cmd, immediate, task)
+        cdb = task.cdb
+        if len(cdb) <= 16 and not (task.out_len and task.in_len):
+            # Hot path: pack the BHS directly (no ScsiCommand object, no AHS).
+            flags = (0 if data_out_follows else 0x80) | (0x40 if task.in_len else 0) \
+                | (0x20 if task.out_len else 0) | task.attr
+            header = P.pack_scsi_command(
+                flags, task.immediate_sent, task.lun_wire, itt,
+                task.out_len if task.out_len else task.in_len, task.cmd_sn, self.exp_stat_sn,
+                cdb if len(cdb) == 16 else cdb.ljust(16, b"\0"))
+            self._frames.append(_Frame(P.frame_header(
+                header, immediate, task.immediate_sent, header_digest=params.header_digest,
+                data_digest=params.data_digest), task))
+            task.unsent_frames += 1
+        else:
+            cmd = P.ScsiCommand(
+                final=not data_out_follows, read=task.in_len > 0, write=task.out_len > 0,
+                attr=task.attr, lun=task.lun_wire, itt=itt,
+                expected_data_transfer_length=task.out_len if task.out_len else task.in_len,
+                cmd_sn=task.cmd_sn, exp_stat_sn=self.exp_stat_sn, cdb=cdb,
+                bidi_read_length=task.in_len if task.out_len and task.in_len else None,
+            )
+            self._queue(cmd, immediate, task)
         self.stats_bytes_out += task.immediate_sent
         if data_out_follows:
             # Unsolicited Data-Out, TTT 0xffffffff, one sequence up to FirstBurstLength.
@@ -844,8 +890,18 @@ def _ignore(_: P.PDU | ISCSIError) -> None:
     return None
 
 
+def _total(views: Buffers) -> int:
+    if len(views) == 1:
+        return len(views[0])
+    return sum(len(v) for v in views)
+
+
 def _byte_views(views: Buffers) -> Buffers:
     """The views as flat byte views (``len`` counts bytes), without copying."""
+    if len(views) == 1:
+        v = views[0]
+        if v.format == "B" and v.ndim == 1:
+            return views
     for v in views:
         if v.format != "B" or v.ndim != 1:
             return [memoryview(v).cast("B") for v in views]
