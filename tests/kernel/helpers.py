@@ -1,0 +1,447 @@
+"""Helpers for kernel tests, which run inside the VM of ``deploy/vm/run`` (real configfs, LIO,
+open-iscsi, udev).
+
+- :class:`Lio`: LIO iSCSI targets through rtslib-fb (ramdisk or fileio backstore, any LUN size,
+  no CHAP / one-way / mutual CHAP, demo mode or explicit initiator ACLs), removed without a trace.
+- :class:`Iscsid` and :class:`Iscsiadm`: open-iscsi's daemon and CLI, the reference initiator.
+- :func:`wait_for_block_device`: wait, through real udev events (pyudev), for a disk that udev
+  has finished processing (so its ``/dev/disk/by-*`` links exist).
+
+The conftest turns these into fixtures; tests may also use them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyudev
+
+from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
+
+CONFIGFS_TARGET = Path("/sys/kernel/config/target")
+VM_HINT = "deploy/vm/run -- .venv/bin/pytest tests/kernel"
+
+
+def in_vm() -> bool:
+    """True inside the harness's VM (its init sets HBA_VM=1; LIO's configfs is mounted)."""
+    return os.environ.get("HBA_VM") == "1" and CONFIGFS_TARGET.is_dir()
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    check: bool = True,
+    timeout: float = 120.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text output; on failure raise with the command and its output."""
+    args = [os.fspath(a) for a in argv]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, input=input, check=False
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(args, proc)
+    return proc
+
+
+class CommandError(AssertionError):
+    """A helper's command failed; the message holds the command, its status and its output."""
+
+    def __init__(self, argv: list[str], proc: subprocess.CompletedProcess[str]) -> None:
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        super().__init__(
+            f"`{' '.join(argv)}` exited {proc.returncode}\n"
+            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# LIO through rtslib-fb
+
+
+@dataclass(frozen=True)
+class LioTarget(TargetInfo):
+    """An LIO target made by :class:`Lio`: what initiators need plus what teardown removes."""
+
+    backstore: str = "ramdisk"
+    storage_name: str = ""
+    backing_file: Path | None = None
+    initiators: tuple[str, ...] | None = None  # None: any initiator (demo mode)
+
+    @property
+    def configfs_paths(self) -> list[Path]:
+        """The configfs directories this target owns (all gone after removal)."""
+        plugin = "rd_mcp" if self.backstore == "ramdisk" else "fileio"
+        paths = [CONFIGFS_TARGET / "iscsi" / self.iqn]
+        paths += (CONFIGFS_TARGET / "core").glob(f"{plugin}_*/{self.storage_name}")
+        return paths
+
+
+BACKSTORES = ("ramdisk", "fileio")
+
+
+class Lio:
+    """Creates LIO iSCSI targets and removes them (and only them) again."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        self.host = host
+        self._targets: list[LioTarget] = []
+        self._serial = 0
+
+    def create(
+        self,
+        size: int = 64 << 20,
+        *,
+        chap: Chap | None = None,
+        backstore: str = "ramdisk",
+        port: int | None = None,
+        lun: int = 0,
+        iqn: str | None = None,
+        initiators: Iterable[str] | None = None,
+    ) -> LioTarget:
+        """An enabled target with one LUN of ``size`` bytes on ``host:port`` (default: free port).
+
+        ``initiators=None`` lets any initiator in (demo mode; CHAP then lives on the TPG);
+        otherwise each named initiator gets an ACL (carrying the CHAP credentials) and the LUN.
+        ``chap`` with mutual credentials makes the target authenticate itself too.
+        """
+        import rtslib_fb as rts
+
+        if backstore not in BACKSTORES:
+            raise ValueError(f"backstore must be one of {BACKSTORES}, not {backstore!r}")
+        self._serial += 1
+        name = f"hba_test_{self._serial}_{secrets.token_hex(3)}"
+        iqn = iqn or unique_iqn("lio")
+        port = port or free_tcp_port(self.host)
+        acl_names = tuple(initiators) if initiators is not None else None
+        backing: Path | None = None
+        if backstore == "ramdisk":
+            so = rts.RDMCPStorageObject(name, size=size)
+        else:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            backing = self.workdir / f"{name}.img"
+            with backing.open("wb") as f:
+                f.truncate(size)
+            so = rts.FileIOStorageObject(name, str(backing), size=size, write_back=False)
+        target = LioTarget(
+            host=self.host, port=port, iqn=iqn, lun=lun, size=size, chap=chap,
+            backstore=backstore, storage_name=name, backing_file=backing, initiators=acl_names,
+        )
+        self._targets.append(target)  # from here on, remove() cleans up whatever exists
+        try:
+            fabric = rts.FabricModule("iscsi")
+            rts_target = rts.Target(fabric, iqn, mode="create")
+            tpg = rts.TPG(rts_target, 1, mode="create")
+            rts.NetworkPortal(tpg, self.host, port, mode="create")
+            rts_lun = rts.LUN(tpg, lun, so)
+            tpg.set_attribute("authentication", "1" if chap is not None else "0")
+            if acl_names is None:
+                tpg.set_attribute("generate_node_acls", "1")
+                tpg.set_attribute("demo_mode_write_protect", "0")
+                tpg.set_attribute("cache_dynamic_acls", "1")
+                if chap is not None:
+                    _set_chap(tpg, chap)
+            else:
+                tpg.set_attribute("generate_node_acls", "0")
+                for wwn in acl_names:
+                    acl = rts.NodeACL(tpg, wwn, mode="create")
+                    rts.MappedLUN(acl, lun, rts_lun)
+                    if chap is not None:
+                        _set_chap(acl, chap)
+            tpg.enable = True
+        except BaseException:
+            self.remove(target)
+            raise
+        return target
+
+    def remove(self, target: LioTarget) -> None:
+        """Delete the target (sessions included), its backstore and its backing file."""
+        import rtslib_fb as rts
+
+        errors = []
+        with contextlib.suppress(rts.RTSLibNotInCFSError):
+            try:
+                rts.Target(rts.FabricModule("iscsi"), target.iqn, mode="lookup").delete()
+            except rts.RTSLibError as exc:
+                errors.append(f"target {target.iqn}: {exc}")
+        cls = rts.RDMCPStorageObject if target.backstore == "ramdisk" else rts.FileIOStorageObject
+        with contextlib.suppress(rts.RTSLibNotInCFSError):
+            try:
+                cls(target.storage_name).delete()
+            except rts.RTSLibError as exc:
+                errors.append(f"backstore {target.storage_name}: {exc}")
+        if target.backing_file is not None:
+            target.backing_file.unlink(missing_ok=True)
+        if target in self._targets:
+            self._targets.remove(target)
+        left = [str(p) for p in target.configfs_paths if p.exists()]
+        if errors or left:
+            raise AssertionError(
+                f"LIO target {target.iqn} not fully removed: {'; '.join(errors)} "
+                f"left in configfs: {left}"
+            )
+
+    def remove_all(self) -> None:
+        failures = []
+        for target in list(reversed(self._targets)):
+            try:
+                self.remove(target)
+            except AssertionError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise AssertionError("\n".join(failures))
+
+    @property
+    def targets(self) -> list[LioTarget]:
+        return list(self._targets)
+
+
+def _set_chap(node: object, chap: Chap) -> None:
+    # rtslib writes these configfs files without a trailing newline (LIO keeps it otherwise,
+    # and CHAP then fails).
+    node.chap_userid = chap.userid  # type: ignore[attr-defined]
+    node.chap_password = chap.password  # type: ignore[attr-defined]
+    if chap.mutual_userid is not None and chap.mutual_password is not None:
+        node.chap_mutual_userid = chap.mutual_userid  # type: ignore[attr-defined]
+        node.chap_mutual_password = chap.mutual_password  # type: ignore[attr-defined]
+
+
+def configfs_objects() -> set[str]:
+    """LIO objects in configfs now: HBAs and storage objects, fabric targets, TPGs."""
+    found: set[str] = set()
+    core = CONFIGFS_TARGET / "core"
+    if core.is_dir():
+        for hba in core.iterdir():
+            if hba.is_dir() and hba.name != "alua":
+                found.add(f"core/{hba.name}")
+                found.update(f"core/{hba.name}/{so.name}" for so in hba.iterdir() if so.is_dir())
+    for fabric in ("iscsi", "loopback"):
+        base = CONFIGFS_TARGET / fabric
+        if base.is_dir():
+            for wwn in base.iterdir():
+                if wwn.is_dir() and wwn.name != "discovery_auth":
+                    found.add(f"{fabric}/{wwn.name}")
+    return found
+
+
+# ------------------------------------------------------------------------------------------
+# open-iscsi
+
+
+ISCSID_SOCKET = "@ISCSIADM_ABSTRACT_NAMESPACE"
+
+
+class Iscsid:
+    """open-iscsi's iscsid in the foreground, owned by the test session."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        if _unix_socket_listening(ISCSID_SOCKET):
+            raise RuntimeError("an iscsid is already running in this VM")
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                ["iscsid", "-f"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not _unix_socket_listening(ISCSID_SOCKET):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"iscsid did not start; log:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Log out every session, then stop iscsid."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _unix_socket_listening(name: str) -> bool:
+    with open("/proc/net/unix") as f:
+        return any(line.split()[-1] == name for line in f if len(line.split()) >= 8)
+
+
+_DISCOVERY_LINE = re.compile(r"^(?P<portal>\S+),(?P<tpgt>\d+)\s+(?P<iqn>\S+)$")
+
+
+class Iscsiadm:
+    """open-iscsi's CLI: discovery, node records with CHAP settings, login/logout, sessions.
+
+    Remembers the node records it created and the sessions it opened; :meth:`cleanup` logs out
+    of those and deletes the records.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: set[tuple[str, str]] = set()
+
+    def discover(self, portal: str) -> list[tuple[str, str]]:
+        """SendTargets discovery: ``[(portal, iqn), ...]``; creates node records for them."""
+        out = run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal]).stdout
+        found = []
+        for line in out.splitlines():
+            m = _DISCOVERY_LINE.match(line.strip())
+            if m:
+                found.append((m["portal"], m["iqn"]))
+                self._nodes.add((m["iqn"], m["portal"]))
+        return found
+
+    def add_node(self, target: TargetInfo, chap: Chap | None = None) -> None:
+        """Create (or update) the node record for ``target`` with ``chap`` (default: its own)."""
+        key = (target.iqn, target.portal)
+        if key not in self._nodes:
+            self.node(target, "-o", "new")
+            self._nodes.add(key)
+        chap = target.chap if chap is None else chap
+        settings = {"node.session.auth.authmethod": "CHAP" if chap is not None else "None"}
+        if chap is not None:
+            settings["node.session.auth.username"] = chap.userid
+            settings["node.session.auth.password"] = chap.password
+            if chap.mutual_userid is not None and chap.mutual_password is not None:
+                settings["node.session.auth.username_in"] = chap.mutual_userid
+                settings["node.session.auth.password_in"] = chap.mutual_password
+        # Fail a refused login at once rather than retrying for minutes.
+        settings["node.session.initial_login_retry_max"] = "1"
+        for name, value in settings.items():
+            self.node(target, "-o", "update", "-n", name, "-v", value)
+
+    def node(self, target: TargetInfo, *args: str, check: bool = True) -> str:
+        return run(
+            ["iscsiadm", "-m", "node", "-T", target.iqn, "-p", target.portal, *args], check=check
+        ).stdout
+
+    def login(self, target: TargetInfo, chap: Chap | None = None) -> None:
+        """Log in to ``target`` (creating its node record with CHAP settings); raise on refusal."""
+        self.add_node(target, chap)
+        self.node(target, "--login")
+
+    def logout(self, target: TargetInfo) -> None:
+        self.node(target, "--logout")
+
+    def sessions(self) -> list[str]:
+        """``iscsiadm -m session`` lines; [] when there is none (exit status 21)."""
+        proc = run(["iscsiadm", "-m", "session"], check=False)
+        if proc.returncode == 21:
+            return []
+        if proc.returncode != 0:
+            raise CommandError(["iscsiadm", "-m", "session"], proc)
+        return [line for line in proc.stdout.splitlines() if line.strip()]
+
+    def cleanup(self) -> None:
+        for iqn, portal in sorted(self._nodes):
+            base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
+            run([*base, "--logout"], check=False)
+            run([*base, "-o", "delete"], check=False)
+        self._nodes.clear()
+
+
+# ------------------------------------------------------------------------------------------
+# block devices through udev
+
+
+DeviceMatch = Callable[[pyudev.Device], bool]
+
+
+def wait_for_block_device(
+    match: DeviceMatch, timeout: float = 60.0, *, what: str = "the block device"
+) -> pyudev.Device:
+    """The first whole-disk block device for which ``match`` is true, once udev processed it.
+
+    Existing devices are looked at first, then udev's ``add``/``change`` events (sent after the
+    rules ran, so ``device.device_node`` and ``device.device_links`` — the ``/dev/disk/by-*``
+    links — are in place). Raises TimeoutError naming ``what`` after ``timeout`` seconds.
+    """
+    context = pyudev.Context()
+    monitor = pyudev.Monitor.from_netlink(context)
+    monitor.filter_by("block", device_type="disk")
+    monitor.start()
+    for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        if device.is_initialized and match(device):
+            return device
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        device = monitor.poll(timeout=remaining)
+        if device is not None and device.action in ("add", "change") and match(device):
+            return device
+    raise TimeoutError(f"{what} did not appear within {timeout:.0f} s")
+
+
+def wait_until_gone(path: str | os.PathLike[str], timeout: float = 30.0) -> None:
+    """Wait until a /dev node or sysfs path disappears (e.g. a disk after logout)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{os.fspath(path)} still exists after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def scsi_address(device: pyudev.Device) -> tuple[int, int, int, int] | None:
+    """``(host, channel, target, lun)`` of a SCSI disk, from its scsi_device ancestor."""
+    for parent in device.ancestors:
+        if parent.subsystem == "scsi" and parent.device_type == "scsi_device":
+            h, c, t, lun = (int(x) for x in parent.sys_name.split(":"))
+            return h, c, t, lun
+    return None
+
+
+def iscsi_targetname(device: pyudev.Device) -> str | None:
+    """The target IQN of the open-iscsi session a disk belongs to (None if not iSCSI)."""
+    for parent in device.ancestors:
+        if re.fullmatch(r"session\d+", parent.sys_name):
+            name: Path = Path(parent.sys_path) / "iscsi_session" / parent.sys_name / "targetname"
+            with contextlib.suppress(OSError):
+                return name.read_text().strip()
+    return None
+
+
+def iscsi_disk(iqn: str, lun: int) -> DeviceMatch:
+    """Match the disk of LUN ``lun`` of an open-iscsi session with target ``iqn``."""
+
+    def match(device: pyudev.Device) -> bool:
+        address = scsi_address(device)
+        return address is not None and address[3] == lun and iscsi_targetname(device) == iqn
+
+    return match
+
+
+def by_id_links(device: pyudev.Device) -> list[str]:
+    return sorted(link for link in device.device_links if link.startswith("/dev/disk/by-id/"))
+
+
+@contextlib.contextmanager
+def logged_in(
+    iscsiadm: Iscsiadm, target: TargetInfo, timeout: float = 60.0
+) -> Iterator[pyudev.Device]:
+    """Log in, yield the session's disk (udev-processed), log out and wait for it to go."""
+    iscsiadm.login(target)
+    try:
+        what = f"the disk of {target.url(credentials=False)}"
+        disk = wait_for_block_device(iscsi_disk(target.iqn, target.lun), timeout, what=what)
+        yield disk
+    finally:
+        iscsiadm.logout(target)
+    if disk.device_node:
+        wait_until_gone(disk.device_node)
