@@ -85,10 +85,10 @@ class CommandExecutor(Protocol):
         on_done: CompletionCallback,
     ) -> CommandHandle: ...
 
-    async def abort_task(self, handle: CommandHandle) -> None:
+    async def abort_task(self, handle: CommandHandle) -> object:
         """ABORT TASK for one command (RFC 7143 §11.5.1); its on_done still runs."""
         ...
 
-    async def lun_reset(self, lun: int) -> None:
+    async def lun_reset(self, lun: int) -> object:
         """LOGICAL UNIT RESET; every outstanding command of that LUN completes."""
         ...

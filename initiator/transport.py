@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from initiator import pdu as P
-from initiator.command import Buffers, CommandResult, CompletionCallback
+from initiator.command import Buffers, CommandHandle, CommandResult, CompletionCallback
 from initiator.errors import (
     ConnectionFailed,
     ISCSIError,
@@ -137,6 +137,9 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
+        # A duplicate of the socket's fd to wait for writability on: asyncio refuses
+        # add_writer() on the fd its transport owns ("File descriptor N is used by transport").
+        self._writer_fd = -1
         self._buf: memoryview | None = None
         self._login_waiter: asyncio.Future[P.PDU] | None = None
         self._login_pdus: list[P.PDU] = []
@@ -188,6 +191,7 @@ class Connection(asyncio.BufferedProtocol):
                       sock: socket.socket) -> Connection:
         conn = cls(portal, pcap)
         conn._sock = sock
+        conn._writer_fd = os.dup(sock.fileno())
         await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=sock)
         return conn
 
@@ -338,11 +342,11 @@ class Connection(asyncio.BufferedProtocol):
                 # Socket full: wait until it can take more; the queue keeps the views.
                 if not self._writer_armed:
                     self._writer_armed = True
-                    self._loop.add_writer(sock.fileno(), self._on_writable)
+                    self._loop.add_writer(self._writer_fd, self._on_writable)
                 return
         if self._writer_armed:
             self._writer_armed = False
-            self._loop.remove_writer(sock.fileno())
+            self._loop.remove_writer(self._writer_fd)
 
     def _on_writable(self) -> None:
         self._flush()
@@ -381,10 +385,13 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._writer_armed and self._sock is not None:
+        if self._writer_armed:
             self._writer_armed = False
             with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._sock.fileno())
+                self._loop.remove_writer(self._writer_fd)
+        if self._writer_fd >= 0:
+            os.close(self._writer_fd)
+            self._writer_fd = -1
         waiter = self._login_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
@@ -468,6 +475,21 @@ class Session:
         except BaseException:
             self._set_state(SessionState.CLOSED)
             raise
+
+    def start_background_login(self) -> None:
+        """Log in from a background task, retrying like recovery does, and return at once.
+
+        Commands submitted meanwhile wait for the login; after ``replacement_timeout`` they
+        fail. This is how the daemon serves a device it adopts at start: the kernel's queue
+        must not stall on a login, and a target that is down now may be back soon.
+        """
+        if self.state is not SessionState.NEW:
+            raise LocalProtocolError(f"session to {self.label} was already started")
+        loop = asyncio.get_running_loop()
+        self._outage_since = loop.time()
+        self._set_state(SessionState.RECOVERING)
+        self._recovery = loop.create_task(self._recover(
+            ConnectionFailed(f"not logged in to {self.label} yet"), 0.0))
 
     async def _connect_and_login(self) -> None:
         portal = self.portal
@@ -621,8 +643,10 @@ class Session:
         self.submit(lun, cdb, data_out=data_out, data_in=data_in, on_done=done)
         return await fut
 
-    async def abort_task(self, task: Task) -> P.TaskMgmtResponse:
+    async def abort_task(self, task: CommandHandle) -> P.TaskMgmtResponse:
         """ABORT TASK (RFC 7143 §11.5.1). The command's callback runs with TaskAborted."""
+        if not isinstance(task, Task):
+            raise LocalProtocolError(f"{task!r} is not a command of this session")
         if task in self._pending:
             self._pending.remove(task)
             if task.on_done is not None:

@@ -1,0 +1,149 @@
+"""Block devices: wait for the disk of a SCSI address with pyudev, and tell whether it is busy.
+
+udev, not sysfs polling, decides when a disk is usable: once udev has processed the ``add``
+event, ``/dev/sdX`` has its permissions and its ``/dev/disk/by-id`` links exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hba.errors import HBAError
+
+
+class DeviceTimeout(HBAError):
+    """The disk did not appear (or go away) in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    """A disk as udev knows it."""
+
+    name: str              # sdX
+    node: str              # /dev/sdX
+    by_id: tuple[str, ...]  # /dev/disk/by-id/... links
+
+    @property
+    def primary_link(self) -> str | None:
+        """The stable link to print: ``wwn-0x...`` when the LUN has a WWN, else the first."""
+        for link in self.by_id:
+            if "/wwn-" in link:
+                return link
+        return self.by_id[0] if self.by_id else None
+
+
+def disk_name(scsi_address: str, sysfs: Path = Path("/sys")) -> str | None:
+    """``sdX`` of the disk at SCSI address ``H:C:T:L``, once the sd driver has bound it."""
+    block = sysfs / "bus/scsi/devices" / scsi_address / "block"
+    try:
+        names = sorted(p.name for p in block.iterdir())
+    except OSError:
+        return None
+    return names[0] if names else None
+
+
+def _udev_device(name: str) -> Any:
+    import pyudev
+
+    context = pyudev.Context()
+    try:
+        return pyudev.Devices.from_name(context, "block", name)
+    except pyudev.DeviceNotFoundError:
+        return None
+
+
+def _ready(name: str) -> BlockDevice | None:
+    device = _udev_device(name)
+    if device is None or not device.is_initialized:
+        return None
+    links = tuple(sorted(link for link in device.device_links
+                         if link.startswith("/dev/disk/by-id/")))
+    node = device.device_node or f"/dev/{name}"
+    if not os.path.exists(node):
+        return None
+    return BlockDevice(name=name, node=node, by_id=links)
+
+
+async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
+                        sysfs: Path = Path("/sys")) -> BlockDevice:
+    """The disk at ``scsi_address`` once udev has finished with it (by-id links included)."""
+    import pyudev
+
+    loop = asyncio.get_running_loop()
+    context = pyudev.Context()
+    monitor = pyudev.Monitor.from_netlink(context)
+    monitor.filter_by("block")
+    monitor.start()
+    event = asyncio.Event()
+    loop.add_reader(monitor.fileno(), _drain, monitor, event)
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            name = disk_name(scsi_address, sysfs)
+            if name is not None:
+                device = _ready(name)
+                # udev adds the by-id links of a disk with a WWN a moment after the node.
+                if device is not None and device.by_id:
+                    return device
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                what = f"/dev/{name}" if name else "no block device"
+                raise DeviceTimeout(
+                    f"the disk at SCSI address {scsi_address} was not ready within "
+                    f"{timeout:g} s ({what} so far): check `dmesg` and that systemd-udevd runs")
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                # Events wake us; the short cap covers a udev that misses nothing but is slow.
+                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+    finally:
+        loop.remove_reader(monitor.fileno())
+
+
+def _drain(monitor: Any, event: asyncio.Event) -> None:
+    while monitor.poll(timeout=0) is not None:
+        pass
+    event.set()
+
+
+async def wait_until_gone(name: str, timeout: float = 30.0) -> None:
+    """Wait until ``/dev/<name>`` is gone (after the LUN was unlinked)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while Path("/sys/class/block", name).exists():
+        if loop.time() >= deadline:
+            raise DeviceTimeout(f"/dev/{name} still exists {timeout:g} s after its removal")
+        await asyncio.sleep(0.1)
+
+
+def users(name: str, sysfs: Path = Path("/sys"),
+          mounts: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """What holds disk ``name`` or one of its partitions: mounts, device-mapper, md, swap."""
+    parts = [name]
+    block = sysfs / "class/block" / name
+    with contextlib.suppress(OSError):
+        parts += [p.name for p in block.iterdir() if p.name.startswith(name)]
+    found: list[str] = []
+    majmins: dict[str, str] = {}
+    for part in parts:
+        with contextlib.suppress(OSError):
+            majmins[(sysfs / "class/block" / part / "dev").read_text().strip()] = part
+        holders = sysfs / "class/block" / part / "holders"
+        with contextlib.suppress(OSError):
+            for holder in holders.iterdir():
+                found.append(f"/dev/{part} is used by {holder.name} (device-mapper, LVM or md)")
+    with contextlib.suppress(OSError):
+        for line in mounts.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[2] in majmins:
+                found.append(f"/dev/{majmins[fields[2]]} is mounted on {fields[4]}")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+            dev = line.split()[0] if line.split() else ""
+            if dev.rsplit("/", 1)[-1] in parts:
+                found.append(f"{dev} is in use as swap")
+    return found

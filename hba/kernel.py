@@ -1,0 +1,336 @@
+"""Registration with the kernel: TCMU user backstores and tcm_loop LUNs, through rtslib-fb.
+
+Every function here blocks (configfs writes do: linking a LUN makes the kernel send INQUIRY
+and READ CAPACITY to the ring synchronously) and must run in a worker thread while the event
+loop keeps serving the ring — see ``Daemon`` in :mod:`hba.daemon`. Nothing here touches the
+ring itself.
+
+A LUN we attach is, in configfs (tcmu-interface.md §3)::
+
+    core/user_<n>/<name>            UserBackedStorageObject, dev_config "iscsi/<cfgstring>",
+                                    control nl_reply_supported=-1 (no netlink replies awaited)
+    loopback/naa.5001405.../tpgt_1  tcm_loop target; its LUN 0 links the storage object and
+                                    the SCSI midlayer then creates /dev/sdX
+
+The cfgstring names the target and LUN only (:mod:`hba.cfgstring`); it is visible to every
+user in ``/sys/class/uio/*/name`` and must never carry a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from hba.errors import HBAError
+
+log = logging.getLogger(__name__)
+
+SUBTYPE = "iscsi"
+CONFIGFS = Path("/sys/kernel/config")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+# The modules the kernel half needs, in load order, with what each is for.
+MODULES = (
+    ("configfs", "the configuration file system LIO is driven through"),
+    ("target_core_mod", "the LIO SCSI target core"),
+    ("target_core_user", "TCMU, which hands SCSI commands to this daemon"),
+    ("tcm_loop", "the loopback fabric that presents the virtual HBA"),
+)
+
+
+class KernelSetupError(HBAError):
+    """The kernel side cannot be used: a module, configfs, or a competing handler."""
+
+
+class RegistrationError(HBAError):
+    """A configfs operation failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackstoreInfo:
+    """One user backstore of ours as configfs shows it."""
+
+    name: str
+    hba_index: int
+    cfgstring: str          # without the "iscsi/" prefix
+    size: int
+    path: Path
+    loopback_address: str | None = None   # "H:0:T" of the tcm_loop target linking it
+    loopback_wwn: str | None = None
+    lun: int | None = None
+
+    @property
+    def scsi_address(self) -> str | None:
+        """``H:C:T:L`` of the disk, when a tcm_loop LUN links the backstore."""
+        if self.loopback_address is None or self.lun is None:
+            return None
+        return f"{self.loopback_address}:{self.lun}"
+
+
+def _module_loaded(name: str) -> bool:
+    return Path("/sys/module", name).exists()
+
+
+def _modprobe(name: str) -> bool:
+    if shutil.which("modprobe") is None:
+        return False
+    proc = subprocess.run(["modprobe", name], capture_output=True, check=False)
+    return proc.returncode == 0 and _module_loaded(name)
+
+
+def tcmu_runner_pids(proc_root: Path = Path("/proc")) -> list[int]:
+    """PIDs of running tcmu-runner processes (they claim every ``user:*`` device)."""
+    pids: list[int] = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "tcmu-runner":
+            pids.append(int(entry.name))
+    return pids
+
+
+def preflight(configfs: Path = CONFIGFS, *, load_modules: bool = True) -> None:
+    """Check (and where possible fix) what the kernel half needs; raise with every problem.
+
+    Missing modules are loaded with ``modprobe`` when ``load_modules``; configfs is mounted
+    when it is not. What cannot be fixed is explained with the command that fixes it.
+    """
+    problems: list[str] = []
+    for module, purpose in MODULES:
+        if _module_loaded(module) or (load_modules and _modprobe(module)):
+            continue
+        if module == "configfs" and configfs.is_dir():
+            continue  # built into the kernel
+        problems.append(
+            f"kernel module {module} ({purpose}) is not loaded and could not be loaded: run "
+            f"`modprobe {module}`; if that fails, this kernel lacks it (Debian's stock kernel "
+            "has it; ./run demo uses a VM when the host kernel does not)")
+    if not problems and not os.path.ismount(configfs) and not (configfs / "target").is_dir():
+        proc = subprocess.run(["mount", "-t", "configfs", "none", str(configfs)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            problems.append(
+                f"configfs is not mounted at {configfs}: run "
+                f"`mount -t configfs none {configfs}` ({proc.stderr.strip()})")
+    if not problems and not (configfs / "target").is_dir():
+        problems.append(
+            f"{configfs}/target does not exist although target_core_mod is loaded: is configfs "
+            f"mounted at {configfs}?")
+    pids = tcmu_runner_pids()
+    if pids:
+        problems.append(
+            f"tcmu-runner is running (pid {', '.join(map(str, pids))}); it claims every user "
+            "backstore, including ours: stop it with `systemctl stop tcmu-runner` and keep it "
+            "from being started again with `systemctl mask tcmu-runner`")
+    if problems:
+        raise KernelSetupError("the kernel is not ready for iscsi-hba:\n  - "
+                               + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# configfs through rtslib-fb
+
+
+def create_backstore(
+    name: str,
+    cfgstring: str,
+    size: int,
+    *,
+    hw_max_sectors: int | None = None,
+    max_data_area_mb: int | None = None,
+    cmd_time_out: int | None = None,
+    wwn: str | None = None,
+) -> BackstoreInfo:
+    """Create and enable ``user_N/<name>`` with dev_config ``iscsi/<cfgstring>``.
+
+    Its uio device appears as soon as this returns: serve it before :func:`link_loopback`.
+    """
+    if not NAME_RE.match(name):
+        raise RegistrationError(
+            f"backstore name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    from rtslib_fb import RTSLibError, UserBackedStorageObject
+
+    control = "nl_reply_supported=-1"
+    if max_data_area_mb is not None:
+        control += f",max_data_area_mb={max_data_area_mb}"
+    try:
+        so = UserBackedStorageObject(
+            name, config=f"{SUBTYPE}/{cfgstring}", size=size, wwn=wwn,
+            hw_max_sectors=hw_max_sectors, control=control)
+    except RTSLibError as exc:
+        raise RegistrationError(
+            f"could not create TCMU backstore {name}: {exc}") from None
+    path = Path(so.path)
+    # Attributes must be set before the device is exported through a LUN (tcmu-interface.md).
+    if cmd_time_out is not None:
+        _write_attrib(path, "cmd_time_out", str(cmd_time_out))
+    _write_attrib(path, "tmr_notification", "1")
+    return BackstoreInfo(name=name, hba_index=_hba_index(path), cfgstring=cfgstring,
+                         size=size, path=path)
+
+
+def _write_attrib(path: Path, attrib: str, value: str) -> None:
+    f = path / "attrib" / attrib
+    if not f.exists():
+        log.debug("%s has no attribute %s; not set", path, attrib)
+        return
+    try:
+        f.write_text(value)
+    except OSError as exc:
+        log.warning("could not set %s/attrib/%s to %s: %s", path, attrib, value, exc)
+
+
+def _hba_index(path: Path) -> int:
+    # .../core/user_<n>/<name>
+    parent = path.parent.name
+    try:
+        return int(parent.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise RegistrationError(f"unexpected configfs path {path}") from None
+
+
+def link_loopback(name: str) -> BackstoreInfo:
+    """Create a tcm_loop target whose LUN 0 is backstore ``name``; the disk then appears.
+
+    Blocks until the kernel has sent its first commands through the ring (INQUIRY, ...): the
+    ring must already be served from the event loop.
+    """
+    from rtslib_fb import LUN, TPG, FabricModule, RTSLibError, Target, UserBackedStorageObject
+
+    try:
+        so = UserBackedStorageObject(name)
+        target = Target(FabricModule("loopback"))
+        try:
+            tpg = TPG(target, 1)
+            LUN(tpg, 0, so)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                target.delete()
+            raise
+    except RTSLibError as exc:
+        raise RegistrationError(f"could not link backstore {name} to tcm_loop: {exc}") from None
+    info = find_backstore(name)
+    if info is None:  # pragma: no cover - just created
+        raise RegistrationError(f"backstore {name} vanished while linking it")
+    return info
+
+
+def unlink_and_delete(name: str) -> None:
+    """Remove the tcm_loop targets linking backstore ``name``, then the backstore.
+
+    Unlinking makes the kernel send SYNCHRONIZE CACHE through the ring: keep serving it until
+    this returns; the uio device disappears with the backstore.
+    """
+    from rtslib_fb import RTSLibError, UserBackedStorageObject
+
+    try:
+        so = UserBackedStorageObject(name)
+    except RTSLibError:
+        return
+    try:
+        for lun in list(so.attached_luns):
+            target = lun.parent_tpg.parent_target
+            if target.fabric_module.name == "loopback":
+                target.delete()
+            else:
+                lun.delete()
+        so.delete()
+    except RTSLibError as exc:
+        raise RegistrationError(f"could not remove backstore {name}: {exc}") from None
+
+
+def list_backstores(configfs: Path = CONFIGFS) -> list[BackstoreInfo]:
+    """Every user backstore whose dev_config is ``iscsi/...``, with its tcm_loop link."""
+    core = configfs / "target" / "core"
+    links = _loopback_links(configfs)
+    out: list[BackstoreInfo] = []
+    if not core.is_dir():
+        return out
+    for hba in sorted(core.glob("user_*")):
+        for dev in sorted(p for p in hba.iterdir() if p.is_dir()):
+            info = _read_backstore(dev, links)
+            if info is not None:
+                out.append(info)
+    return out
+
+
+def find_backstore(name: str, configfs: Path = CONFIGFS) -> BackstoreInfo | None:
+    for info in list_backstores(configfs):
+        if info.name == name:
+            return info
+    return None
+
+
+def _read_backstore(dev: Path, links: dict[Path, tuple[str, str, int]]
+                    ) -> BackstoreInfo | None:
+    # tcmu_show_configfs_dev_params: "Config: <dev_config> Size: <bytes> MaxDataAreaMB: ..."
+    info_text = _read(dev / "info")
+    m = re.search(r"Config(?:String)?:\s*(\S+)", info_text)
+    config = m.group(1) if m else ""
+    m = re.search(r"Size:\s*(\d+)", info_text)
+    size = int(m.group(1)) if m else 0
+    subtype, slash, cfgstring = config.partition("/")
+    if subtype != SUBTYPE or not slash:
+        return None
+    address = wwn = None
+    lun: int | None = None
+    link = links.get(dev.resolve())
+    if link is not None:
+        address, wwn, lun = link
+    return BackstoreInfo(name=dev.name, hba_index=_hba_index(dev), cfgstring=cfgstring,
+                         size=size, path=dev, loopback_address=address, loopback_wwn=wwn,
+                         lun=lun)
+
+
+def _loopback_links(configfs: Path) -> dict[Path, tuple[str, str, int]]:
+    """Resolved backstore path -> (tcm_loop address "H:0:T", target WWN, LUN)."""
+    links: dict[Path, tuple[str, str, int]] = {}
+    root = configfs / "target" / "loopback"
+    if not root.is_dir():
+        return links
+    for target in root.iterdir():
+        if not target.name.startswith("naa."):
+            continue
+        for tpg in target.glob("tpgt_*"):
+            address = _read(tpg / "address").strip()
+            for lun_dir in tpg.glob("lun/lun_*"):
+                try:
+                    lun = int(lun_dir.name.split("_", 1)[1])
+                except ValueError:
+                    continue
+                for link in lun_dir.iterdir():
+                    if link.is_symlink():
+                        links[link.resolve()] = (address, target.name, lun)
+    return links
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def set_disk_timeout(scsi_address: str, seconds: int, sysfs: Path = Path("/sys")) -> None:
+    """Give the SCSI midlayer a command timeout that outlasts session recovery.
+
+    open-iscsi blocks the SCSI host during recovery; tcm_loop cannot, so commands wait in our
+    queue instead, and the disk's timeout must exceed the replacement timeout or the midlayer
+    would abort and error them first.
+    """
+    path = sysfs / "bus/scsi/devices" / scsi_address / "timeout"
+    try:
+        path.write_text(str(seconds))
+    except OSError as exc:
+        log.warning("could not set the SCSI command timeout of %s to %d s: %s",
+                    scsi_address, seconds, exc)
