@@ -48,7 +48,6 @@ Linux 6.x do with each choice:
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 from initiator.errors import (
@@ -64,26 +63,7 @@ from initiator.errors import (
     SessionFailed,
     TaskAborted,
 )
-
-
-class SenseKey(enum.IntEnum):
-    """SPC-5 sense keys."""
-
-    NO_SENSE = 0x0
-    RECOVERED_ERROR = 0x1
-    NOT_READY = 0x2
-    MEDIUM_ERROR = 0x3
-    HARDWARE_ERROR = 0x4
-    ILLEGAL_REQUEST = 0x5
-    UNIT_ATTENTION = 0x6
-    DATA_PROTECT = 0x7
-    BLANK_CHECK = 0x8
-    VENDOR_SPECIFIC = 0x9
-    COPY_ABORTED = 0xA
-    ABORTED_COMMAND = 0xB
-    VOLUME_OVERFLOW = 0xD
-    MISCOMPARE = 0xE
-    COMPLETED = 0xF
+from initiator.scsi import SenseKey, build_fixed_sense
 
 
 class SenseCode(NamedTuple):
@@ -104,7 +84,7 @@ class SenseCode(NamedTuple):
 
 def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
     """Fixed-format sense data: response code 0x70 (current), additional length 10."""
-    return bytes((0x70, 0, key & 0x0F, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
+    return build_fixed_sense(SenseKey(key & 0x0F), asc, ascq)
 
 
 LU_BECOMING_READY = SenseCode(SenseKey.NOT_READY, 0x04, 0x01,
