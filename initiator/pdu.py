@@ -419,19 +419,25 @@ _LOGIN_REQUEST = struct.Struct(">BBBBI6sHIH2xII16x")
 
 
 @dataclass(slots=True, kw_only=True)
-class LoginRequest(PDU):
-    """Login Request (§11.12). ``data`` is the text of key=value pairs."""
+class _LoginPDU(PDU):
+    """The fields Login Requests and Responses share (§11.12, §11.13); ``data`` is text."""
 
-    OPCODE: ClassVar[Opcode] = Opcode.LOGIN_REQUEST
     transit: bool = False
     cont: bool = False
     csg: Stage = Stage.SECURITY_NEGOTIATION
     nsg: Stage = Stage.SECURITY_NEGOTIATION
     version_max: int = 0
-    version_min: int = 0
     isid: int = 0
     tsih: int = 0
     itt: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class LoginRequest(_LoginPDU):
+    """Login Request (§11.12). ``data`` is the text of key=value pairs."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.LOGIN_REQUEST
+    version_min: int = 0
     cid: int = 0
     cmd_sn: int = 0
     exp_stat_sn: int = 0
@@ -701,19 +707,11 @@ _LOGIN_RESPONSE = struct.Struct(">BBBBI6sHI4xIIIBB10x")
 
 
 @dataclass(slots=True, kw_only=True)
-class LoginResponse(PDU):
+class LoginResponse(_LoginPDU):
     """Login Response (§11.13)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.LOGIN_RESPONSE
-    transit: bool = False
-    cont: bool = False
-    csg: Stage = Stage.SECURITY_NEGOTIATION
-    nsg: Stage = Stage.SECURITY_NEGOTIATION
-    version_max: int = 0
     version_active: int = 0
-    isid: int = 0
-    tsih: int = 0
-    itt: int = 0
     stat_sn: int = 0
     exp_cmd_sn: int = 0
     max_cmd_sn: int = 0
