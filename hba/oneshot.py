@@ -14,15 +14,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from initiator import scsi
-from initiator.chap import ChapAccount, ChapCredentials, Secret
-from initiator.client import Capacity, ScsiClient
+from initiator import scsi, urlconfig
+from initiator.client import Capacity, ScsiClient, unit_attention
 from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
-from initiator.transport import Session, SessionConfig, default_initiator_name
+from initiator.transport import Session, SessionConfig
 from initiator.url import IscsiUrl, parse_url
+from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
 
@@ -41,39 +41,8 @@ class Options:
 
 def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:
     """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests)."""
-    credentials: ChapCredentials | None = None
-    if url.chap_user is not None:
-        if url.chap_secret is None:
-            raise ConfigurationError(
-                f"URL {url} names CHAP user {url.chap_user!r} but no secret: put it in the URL "
-                "as user%secret or in ISCSI_HBA_CHAP_SECRET")
-        target: ChapAccount | None = None
-        if url.target_user is not None:
-            if url.target_secret is None:
-                raise ConfigurationError(
-                    f"URL {url} asks for mutual CHAP as {url.target_user!r} but gives no "
-                    "target_password (or ISCSI_HBA_TARGET_CHAP_SECRET)")
-            target = ChapAccount(url.target_user, Secret(url.target_secret))
-        credentials = ChapCredentials(ChapAccount(url.chap_user, Secret(url.chap_secret)),
-                                      target)
-    return SessionConfig(
-        initiator_name=options.initiator_name or default_initiator_name(),
-        credentials=credentials,
-        header_digest=url.header_digest.offer if url.header_digest else "None",
-        data_digest=url.data_digest.offer if url.data_digest else "None",
-        login_timeout=options.login_timeout,
-        **extra,
-    )
-
-
-def target_url(text: str) -> IscsiUrl:
-    """Parse a URL that must name a target and LUN."""
-    url = parse_url(text)
-    if url.is_discovery or url.target_iqn is None or url.lun is None:
-        raise ConfigurationError(
-            f"URL {url} names no target and LUN; expected "
-            "iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>")
-    return url
+    return urlconfig.session_config(url, initiator_name=options.initiator_name,
+                                    login_timeout=options.login_timeout, **extra)
 
 
 async def with_client(url: IscsiUrl, options: Options,
@@ -289,6 +258,10 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
 
     def done(result: CommandResult | ISCSIError, buf: memoryview) -> None:
         state["in_flight"] -= 1
+        if isinstance(result, CommandResult) and unit_attention(result) and loop.time() < end:
+            # After a reset or a target restart: retried, as the Linux midlayer does.
+            issue(buf)
+            return
         if isinstance(result, ISCSIError) or result.status != 0:
             state["errors"] += 1
             if not first_error:
@@ -337,7 +310,8 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
             "seconds": round(elapsed, 3), "commands": state["done"],
             "errors": state["errors"], "iops": round(iops, 1),
             "mb_per_s": round(iops * settings.block_size / 1e6, 2),
-            "first_error": str(first_error[0]) if first_error else None}
+            "first_error": str(first_error[0]) if first_error else None,
+            "exit_status": 1 if state["errors"] else 0}
 
 
 def _clock(seconds: float) -> str:

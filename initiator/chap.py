@@ -39,7 +39,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn
 
 from initiator.errors import (
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
+    "DEFAULT_OFFER",
     "ChapAccount",
     "ChapAlgorithm",
     "ChapCredentials",
@@ -154,6 +155,10 @@ class ChapCredentials:
 
     initiator: ChapAccount
     target: ChapAccount | None = None
+    # Defined below; a factory defers the lookup.
+    algorithms: tuple[ChapAlgorithm, ...] = field(default_factory=lambda: DEFAULT_OFFER)
+    """The CHAP_A offer, most preferred first (open-iscsi's ``chap_algs``); MD5 alone by
+    default (:data:`DEFAULT_OFFER` says why)."""
 
     def __post_init__(self) -> None:
         # §9.2.1: a secret used to authenticate initiators MUST NOT authenticate targets.
@@ -258,6 +263,13 @@ DEFAULT_ALGORITHMS: Final = (
 """Strongest first, as open-iscsi's iscsid.conf lists them. MD5 stays last: RFC 7143 §12.1.3
 says initiators MUST always offer it, for interoperability."""
 
+DEFAULT_OFFER: Final[tuple[ChapAlgorithm, ...]] = (ChapAlgorithm.MD5,)
+"""What an initiator offers unless configured otherwise: MD5 alone, open-iscsi's default
+(iscsid.conf ``node.session.auth.chap_algs``). Offering the stronger ones by default breaks
+logins to deployed targets: tgt (1.0.85 and earlier) takes CHAP_A=7 for SHA-1 rather than
+SHA-256 and fails the login (open-iscsi issue #192), and Linux before 3.15 refuses any CHAP_A
+list that does not start with 5 (open-iscsi issue #180)."""
+
 
 def chap_hash(algorithm: ChapAlgorithm | int) -> type[ChapHash]:
     """The implementation of ``algorithm``; ``KeyError`` when none is registered."""
@@ -331,8 +343,9 @@ class ChapInitiator:
 
     ``start()`` gives the CHAP_A offer; ``receive(pairs)`` takes the target's CHAP_* keys and
     returns ours; ``done`` becomes True once we have answered (one-way CHAP) or verified the
-    target (mutual CHAP). ``target`` names the target in error messages. ``random_bytes`` is the
-    source of identifiers and challenges (``secrets.token_bytes``; tests inject their own).
+    target (mutual CHAP). ``target`` names the target in error messages. ``algorithms``, when
+    given, replaces the credentials' CHAP_A offer. ``random_bytes`` is the source of
+    identifiers and challenges (``secrets.token_bytes``; tests inject their own).
     """
 
     def __init__(
@@ -340,7 +353,7 @@ class ChapInitiator:
         credentials: ChapCredentials,
         *,
         target: str = "the target",
-        algorithms: Sequence[ChapAlgorithm | int] = DEFAULT_ALGORITHMS,
+        algorithms: Sequence[ChapAlgorithm | int] | None = None,
         encoding: BinaryEncoding = BinaryEncoding.HEX,
         challenge_length: int | None = None,
         random_bytes: RandomBytes = secrets.token_bytes,
@@ -348,7 +361,8 @@ class ChapInitiator:
     ) -> None:
         self._credentials = credentials
         self._target = target
-        self._algorithms = _usable_algorithms(algorithms)
+        self._algorithms = _usable_algorithms(
+            credentials.algorithms if algorithms is None else algorithms)
         self._encoding = encoding
         self._challenge_length = _challenge_length(challenge_length)
         self._random = random_bytes
@@ -361,6 +375,12 @@ class ChapInitiator:
     @property
     def done(self) -> bool:
         return self._state is _State.DONE
+
+    @property
+    def responded(self) -> bool:
+        """Our CHAP_R (and, for mutual CHAP, our challenge) is sent: we have nothing more to
+        say, though mutual CHAP still waits for the target's answer."""
+        return self._state in (_State.RESPONSE_SENT, _State.DONE)
 
     @property
     def algorithm(self) -> ChapAlgorithm | None:

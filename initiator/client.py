@@ -64,7 +64,7 @@ class ScsiClient:
         for _ in range(UNIT_ATTENTION_RETRIES):
             result = await self.session.execute(self.lun, cdb, data_in=data_in,
                                                 data_out=data_out)
-            if not _unit_attention(result):
+            if not unit_attention(result):
                 break
         assert result is not None
         if check:
@@ -147,7 +147,9 @@ class ScsiClient:
         await self.run(scsi.synchronize_cache10())
 
 
-def _unit_attention(result: CommandResult) -> bool:
+def unit_attention(result: CommandResult) -> bool:
+    """The command ended in CHECK CONDITION with UNIT ATTENTION (after a login, a reset, a
+    target restart): the Linux midlayer and libiscsi's tools retry it."""
     if result.status != ScsiStatus.CHECK_CONDITION or not result.sense:
         return False
     try:

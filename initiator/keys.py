@@ -800,6 +800,7 @@ class Negotiator:
         self._awaiting: dict[str, Preference] = {}
         self._optional: dict[str, Preference] = {}
         self._settled: set[str] = set()
+        self._answered: set[str] = set()  # the peer's offers we answered
         self._values: dict[str, Value] = {}
         self._declared: dict[str, Value] = {}
         self._peer_declared: dict[str, list[str]] = {}
@@ -955,6 +956,11 @@ class Negotiator:
                 self._receive_declaration(kd, value, stage)
             elif key in self._awaiting or key in self._optional:
                 self._receive_answer(kd, value)
+            elif key in self._answered and value in _RESERVED:
+                # tgt answers our answer to its own offer (FirstBurstLength=Irrelevant, when
+                # InitialR2T=Yes and ImmediateData=No) with Reject, as if it were an offer.
+                # An answer needs no answer (§6.2); the outcome stands, so this is ignored.
+                self._log.debug("peer answered our answer %s with %s; ignored", key, value)
             elif key in self._settled:
                 raise NegotiationViolation(
                     f"{self._peer()} sent {key}={value!r} after {key} was already negotiated; "
@@ -1149,6 +1155,7 @@ class Negotiator:
                 key=key,
             )
         self._settled.add(key)
+        self._answered.add(key)
         if kd.rule is Rule.OBSOLETE:
             # §13.25: SHOULD answer markers with Reject, MUST answer mark intervals with Reject,
             # MUST NOT answer NotUnderstood.

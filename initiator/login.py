@@ -531,8 +531,11 @@ class LoginMachine:
             if self.stage is Stage.FULL_FEATURE:
                 return self._success(r)
             return self._operational_offer(answers)
-        # Still authenticating: move on once CHAP is done (or was never needed).
-        ready = chap is None or chap.done or (method == "None")
+        # Still authenticating: ask to move on once we have said all we have to say, as
+        # RFC 7143 Appendix B.1, open-iscsi and libiscsi do: for mutual CHAP that is with our
+        # CHAP_R and challenge (the target answers with T=1 and its CHAP_R, checked above
+        # before we leave the stage). tgt refuses a later, empty transit request (0x0200).
+        ready = chap is None or chap.done or chap.responded or method == "None"
         if ready and not answers and not self._transit:
             return self._request([], transit=True, nsg=Stage.OPERATIONAL)
         return self._request(answers, transit=ready, nsg=Stage.OPERATIONAL)

@@ -39,9 +39,14 @@ whose data segment exceeds ``iscsi.bogus_pdu_max_data_len`` (262144), so a sessi
 negotiated a larger MaxRecvDataSegmentLength needs that option raised too.
 
 Digests need no option with tshark 4.0: it detects header and data digests by checking the
-CRC32C after each header and data segment (the old ``iscsi.enable_*_digests`` preferences are
-obsolete and rejected). The digests must be what RFC 7143 specifies, the CRC32C stored least
-significant byte first; a wrongly ordered digest is not recognised and the stream misframes.
+CRC32C after a header and after a data segment (the old ``iscsi.enable_*_digests``
+preferences are obsolete and rejected). The digests must be what RFC 7143 specifies, the
+CRC32C stored least significant byte first; a wrongly ordered digest is not recognised and
+the stream misframes. tshark decides once per connection, on the first PDU after login that it
+sees whole together with the 4 bytes that follow it in one TCP segment. hbactl's commands all
+begin with a small Data-In (READ CAPACITY, INQUIRY), so their captures always dissect; a
+library session whose first data PDU spans segments (a large write right after login) leaves
+tshark unable to tell, and it misframes that capture from there on.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ each CDB to an iSCSI session (see ../shared/docs/tcmu-interface.md).
 - :mod:`tcmu_handler.dispatcher` — the asyncio loop that serves a ring with a
   ``CommandExecutor``.
 - :mod:`tcmu_handler.scsi` — data direction from a CDB, sense data, errors as sense.
+- :mod:`tcmu_handler.executor` — an iSCSI ``Session`` as the dispatcher's ``CommandExecutor``.
+- :mod:`tcmu_handler.serve` — ``python -m tcmu_handler.serve --device NAME URL``: one device,
+  one session, in one process (restart takeover, SIGTERM, readiness through ``NOTIFY_SOCKET``).
 - :mod:`tcmu_handler.simulator` — the kernel side of the ring, for tests and benchmarks (not
   imported here).
 
@@ -14,7 +17,7 @@ Typical daemon use::
 
     info = find_device("disk0")                   # or find_devices() at start-up
     device = takeover(info) if restarting else UioDevice.open(info)
-    dispatcher = Dispatcher(device, session, lun=lun)
+    dispatcher = Dispatcher(device, SessionExecutor(session), lun=lun)
     reason = await dispatcher.run()               # StopReason.REMOVED when the backstore goes
 """
 

@@ -198,19 +198,21 @@ class UioDevice:
         it vanished, :class:`TCMUError` otherwise.
         """
         path = str(info.dev_path)
+        backstore = f"user_{info.name.hba_index}/{info.name.dev_name}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise DeviceBusy(
-                    f"{path} ({info.label}) is already open: another handler owns it "
-                    "(a running iscsi-hba daemon, or tcmu-runner, which claims every user_* "
+                    f"{path} (TCMU backstore {backstore}) is already open: another handler owns "
+                    "it (a running iscsi-hba daemon, or tcmu-runner, which claims every user_* "
                     "backstore: stop it)") from None
             if exc.errno == errno.ENOENT:
                 raise DeviceNotFound(
-                    f"{path} does not exist although sysfs lists {info.label}: is udev/devtmpfs "
-                    "creating /dev/uio* nodes?") from None
-            raise TCMUError(f"cannot open {path} ({info.label}): {exc.strerror}") from None
+                    f"{path} does not exist although sysfs lists it for {backstore}: is "
+                    "udev/devtmpfs creating /dev/uio* nodes?") from None
+            raise TCMUError(
+                f"cannot open {path} (TCMU backstore {backstore}): {exc.strerror}") from None
         try:
             mapping = mmap.mmap(fd, info.map_size, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
@@ -218,7 +220,8 @@ class UioDevice:
             os.close(fd)
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise TCMUError(
-                f"cannot map {info.map_size} bytes of {path} ({info.label}): {reason}; "
+                f"cannot map {info.map_size} bytes of {path} (TCMU backstore {backstore}): "
+                f"{reason}; "
                 "the kernel accepts only the exact size of maps/map0/size") from None
         device = cls(fd, mapping, name=info.label, path=path)
         try:

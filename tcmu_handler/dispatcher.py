@@ -115,6 +115,10 @@ class DispatcherStats:
     """Reader callbacks (uio events)."""
     notifications: int
     """4-byte completion writes to the device."""
+    wraps: int
+    """Times the consume pointer went past the end of the ring back to offset 0."""
+    pads: int
+    """PAD entries skipped (the kernel's filler before a wrap, when an entry did not fit)."""
 
 
 class _Command:
@@ -141,7 +145,7 @@ class Dispatcher:
 
     Use from a running asyncio loop::
 
-        dispatcher = Dispatcher(device, session, lun=0)
+        dispatcher = Dispatcher(device, SessionExecutor(session), lun=0)
         reason = await dispatcher.run()      # until the device is removed or close() is called
 
     or ``dispatcher.start()`` and later ``await dispatcher.close()``.
@@ -193,6 +197,8 @@ class Dispatcher:
         self._lun_resets = 0
         self._wakeups = 0
         self._notifications = 0
+        self._wraps = 0
+        self._pads = 0
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -236,7 +242,8 @@ class Dispatcher:
             in_flight=len(self._inflight), submitted=self._submitted,
             completed=self._completed, failed=self._failed, unknown_op=self._unknown_op,
             tmr_entries=self._tmr_entries, aborts=self._aborts, lun_resets=self._lun_resets,
-            wakeups=self._wakeups, notifications=self._notifications)
+            wakeups=self._wakeups, notifications=self._notifications, wraps=self._wraps,
+            pads=self._pads)
 
     def start(self) -> None:
         """Start serving the ring (from a running loop): watch the fd and scan once now."""
@@ -342,6 +349,7 @@ class Dispatcher:
             consume += length
             if consume == size:
                 consume = 0
+                self._wraps += 1
             # Advance before dispatching: a command the executor completes synchronously must
             # find its slot between cmd_tail and the consume pointer.
             self._consume = consume
@@ -350,7 +358,9 @@ class Dispatcher:
                 start_command(off, length)
             elif op == _TMR:
                 self._start_tmr(off, length)
-            elif op != _PAD:
+            elif op == _PAD:
+                self._pads += 1
+            else:
                 self._warn_once(f"op{op}", "%s: skipping ring entry with unknown opcode %d",
                                 self._name, op)
             if self._state is not running:

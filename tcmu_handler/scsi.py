@@ -65,6 +65,13 @@ from initiator.errors import (
 )
 from initiator.scsi import SenseKey, build_fixed_sense
 
+__all__ = [
+    "COMMANDS_CLEARED", "DATA_PHASE_ERROR", "INTERNAL_FAILURE", "LU_BECOMING_READY",
+    "LU_COMMUNICATION_FAILURE", "LU_COMMUNICATION_TIMEOUT", "LU_MANUAL_INTERVENTION",
+    "NO_SENSE_FROM_TARGET", "PROTOCOL_CRC_ERROR", "TRANSPORT_FAILURE", "SenseCode", "SenseKey",
+    "fixed_sense", "is_data_out", "sense_for_error",
+]
+
 
 class SenseCode(NamedTuple):
     """A sense key with its additional sense code and qualifier, and their SPC name."""

@@ -9,6 +9,10 @@ but no kernel module, so the same helper serves the host integration tests and t
     with Tgtd.start(tmp_path) as tgtd:
         target = tgtd.add_target(size=64 << 20, chap=Chap.one_way())
         ...  # target.portal, target.iqn, target.lun, target.url()
+
+For recovery tests, :meth:`Tgtd.kill` ends tgtd abruptly (SIGKILL: connections reset, nothing
+logged out) and :meth:`Tgtd.restart` brings it back on the same portal with the same targets
+(same tid, IQN, backing file, CHAP accounts and :meth:`Tgtd.set_target_param` parameters).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import contextlib
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +34,10 @@ from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
 # tgt exposes LUN 0 of every target as its own controller (peripheral type 0x0c); the first
 # backing store is LUN 1.
 FIRST_DATA_LUN = 1
+NULL_BS_SIZE = 1 << 40  # tgt's null backing store (bs_null.c) is always 1 TiB
 TGT_IPC_DIR = Path("/var/run/tgtd")
+# tgtd -C accepts 0..32767 (larger values: "out of range").
+MAX_CONTROL_PORT = 32767
 
 
 class TgtdError(Exception):
@@ -41,14 +50,16 @@ class TgtdTarget(TargetInfo):
 
     tid: int = 0
     backing_file: Path | None = None
+    bstype: str = "rdwr"
 
 
 class Tgtd:
     """One tgtd process; use :meth:`start` (a context manager) or :meth:`launch` + :meth:`stop`."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.workdir = workdir
         self.host = host
+        self._fixed_port = port
         self.port = 0
         self.control_port = 0
         self.log_path = workdir / "tgtd.log"
@@ -56,12 +67,18 @@ class Tgtd:
         self._next_tid = 1
         self._targets: dict[int, TgtdTarget] = {}
         self._accounts: dict[str, str] = {}
+        self._params: dict[int, dict[str, str]] = {}
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, workdir: Path, host: str = "127.0.0.1") -> Iterator[Tgtd]:
-        """Start a tgtd, yield it, and stop it (removing its targets and files) afterwards."""
-        tgtd = cls(workdir, host)
+    def start(cls, workdir: Path, host: str = "127.0.0.1",
+              port: int | None = None) -> Iterator[Tgtd]:
+        """Start a tgtd, yield it, and stop it (removing its targets and files) afterwards.
+
+        ``port`` fixes the portal's port (e.g. 3260 on an address of 127/8); by default a free
+        one is picked.
+        """
+        tgtd = cls(workdir, host, port)
         tgtd.launch()
         try:
             yield tgtd
@@ -78,7 +95,7 @@ class Tgtd:
         TGT_IPC_DIR.mkdir(parents=True, exist_ok=True)
         last = ""
         for _ in range(attempts):
-            self.port = free_tcp_port(self.host)
+            self.port = self._fixed_port or free_tcp_port(self.host)
             self.control_port = self._free_control_port()
             with self.log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
@@ -97,11 +114,48 @@ class Tgtd:
     def stop(self) -> None:
         """Remove every target, stop tgtd and delete the backing files."""
         if self._proc is None:
+            # Never started, or killed and not restarted: only the files are left.
+            for target in self._targets.values():
+                if target.backing_file is not None:
+                    target.backing_file.unlink(missing_ok=True)
+            self._targets.clear()
             return
         for tid in list(self._targets):
             with contextlib.suppress(TgtdError):
                 self.remove_target(tid)
         self._terminate()
+        self._remove_ipc_files()
+
+    def kill(self) -> None:
+        """End tgtd with SIGKILL, as a crash would: connections are reset, nothing is logged
+        out. Targets, accounts, parameters and backing files are kept for :meth:`restart`."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        self._remove_ipc_files()
+
+    def restart(self) -> None:
+        """Start tgtd again on the same portal and re-create every target as it was: same tid,
+        IQN, backing file (so the data is still there), CHAP accounts and parameters."""
+        if self.running:
+            raise TgtdError("tgtd is still running; kill() or stop() it first")
+        fixed, self._fixed_port = self._fixed_port, self.port
+        try:
+            self.launch()
+        finally:
+            self._fixed_port = fixed
+        accounts, self._accounts = self._accounts, {}
+        for tid in sorted(self._targets):
+            self._create(self._targets[tid])
+            for name, value in self._params.get(tid, {}).items():
+                self.tgtadm("--op", "update", "--mode", "target", "--tid", str(tid),
+                            "--name", name, "--value", value)
+        for user, password in accounts.items():
+            self._account(user, password)  # accounts bound to no target survive too
+
+    def _remove_ipc_files(self) -> None:
         for sock in TGT_IPC_DIR.glob(f"socket.{self.control_port}*"):
             sock.unlink(missing_ok=True)
 
@@ -117,7 +171,7 @@ class Tgtd:
     def _free_control_port() -> int:
         # tgtd holds socket.N.lock while it runs; a port whose lock file is absent is free.
         for _ in range(100):
-            n = random.randrange(1000, 60000)
+            n = random.randrange(1000, MAX_CONTROL_PORT + 1)
             if not (TGT_IPC_DIR / f"socket.{n}.lock").exists():
                 return n
         raise TgtdError(f"no free tgtd control port under {TGT_IPC_DIR}")
@@ -131,10 +185,17 @@ class Tgtd:
                 ["tgtadm", "-C", str(self.control_port), "--op", "show", "--mode", "system"],
                 capture_output=True, check=False,
             )
-            if probe.returncode == 0:
+            if probe.returncode == 0 and self._portal_listening():
                 return True
             time.sleep(0.1)
         return False
+
+    def _portal_listening(self) -> bool:
+        # tgtd keeps running when it cannot bind its portal (a fixed port in use): check.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            return sock.connect_ex((self.host, self.port)) == 0
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
@@ -178,30 +239,52 @@ class Tgtd:
         chap: Chap | None = None,
         iqn: str | None = None,
         label: str = "tgtd",
+        bstype: str = "rdwr",
     ) -> TgtdTarget:
         """A new target with one LUN (LUN 1) backed by a sparse file of ``size`` bytes.
 
         Any initiator may log in; with ``chap`` it must authenticate (and with mutual
         credentials tgtd authenticates back). CHAP user names are global to a tgtd: reuse one
-        only with the same password.
+        only with the same password. ``bstype="null"`` makes a LUN that stores nothing and
+        reads zeros, always 1 TiB (``size`` is ignored): for benchmarks.
         """
         if not self.running:
             raise TgtdError("tgtd is not running")
         tid = self._next_tid
         self._next_tid += 1
         iqn = iqn or unique_iqn(label)
-        backing = self.workdir / f"tgtd-{self.control_port}-tid{tid}.img"
-        with backing.open("wb") as f:
-            f.truncate(size)
-        self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn)
+        backing: Path | None = None
+        if bstype == "null":
+            size = NULL_BS_SIZE
+        else:
+            backing = self.workdir / f"tgtd-{self.control_port}-tid{tid}.img"
+            with backing.open("wb") as f:
+                f.truncate(size)
         target = TgtdTarget(
             host=self.host, port=self.port, iqn=iqn, lun=FIRST_DATA_LUN, size=size, chap=chap,
-            tid=tid, backing_file=backing,
+            tid=tid, backing_file=backing, bstype=bstype,
         )
         self._targets[tid] = target
+        self._create(target)
+        return target
+
+    def set_target_param(self, target: TgtdTarget | int, name: str, value: str) -> None:
+        """``tgtadm --op update --mode target --name NAME --value VALUE``: the value tgtd
+        negotiates from for logins that start afterwards (MaxBurstLength, FirstBurstLength,
+        InitialR2T, ImmediateData, MaxOutstandingR2T, MaxRecvDataSegmentLength, HeaderDigest,
+        DataDigest ...). Kept for :meth:`restart`."""
+        tid = target if isinstance(target, int) else target.tid
+        self.tgtadm("--op", "update", "--mode", "target", "--tid", str(tid),
+                    "--name", name, "--value", value)
+        self._params.setdefault(tid, {})[name] = value
+
+    def _create(self, target: TgtdTarget) -> None:
+        tid, chap = target.tid, target.chap
+        self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target.iqn)
         self.tgtadm(
             "--op", "new", "--mode", "logicalunit", "--tid", str(tid),
-            "--lun", str(FIRST_DATA_LUN), "-b", str(backing),
+            "--lun", str(FIRST_DATA_LUN), "--bstype", target.bstype,
+            "-b", str(target.backing_file or "null"),
         )
         self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
         if chap is not None:
@@ -215,12 +298,12 @@ class Tgtd:
                     "--op", "bind", "--mode", "account", "--tid", str(tid),
                     "--user", chap.mutual_userid, "--outgoing",
                 )
-        return target
 
     def remove_target(self, target: TgtdTarget | int) -> None:
         """Delete the target (even with sessions logged in) and its backing file."""
         tid = target if isinstance(target, int) else target.tid
         known = self._targets.pop(tid, None)
+        self._params.pop(tid, None)
         try:
             self.tgtadm("--op", "delete", "--mode", "target", "--tid", str(tid), "--force")
         finally:

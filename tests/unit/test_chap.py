@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from initiator.chap import (
     DEFAULT_ALGORITHMS,
+    DEFAULT_OFFER,
     ChapAccount,
     ChapAlgorithm,
     ChapCredentials,
@@ -49,8 +50,10 @@ HASHLIB_NAME = {
 }
 
 
+# The helpers offer every algorithm (the default offer is MD5 alone), so the machinery is
+# exercised with each.
 def one_way(secret: str = INI_SECRET, name: str = "alice") -> ChapCredentials:
-    return ChapCredentials(ChapAccount(name, Secret(secret)))
+    return ChapCredentials(ChapAccount(name, Secret(secret)), algorithms=DEFAULT_ALGORITHMS)
 
 
 def mutual(
@@ -59,7 +62,8 @@ def mutual(
     target_name: str = "disk-array",
 ) -> ChapCredentials:
     return ChapCredentials(
-        ChapAccount("alice", Secret(secret)), ChapAccount(target_name, Secret(target_secret))
+        ChapAccount("alice", Secret(secret)), ChapAccount(target_name, Secret(target_secret)),
+        algorithms=DEFAULT_ALGORITHMS,
     )
 
 
@@ -249,12 +253,20 @@ def test_algorithm_configuration_errors() -> None:
         ChapTarget(one_way(), challenge_length=1025)
 
 
+def test_default_offer_is_md5_alone() -> None:
+    # open-iscsi's default; tgt reads CHAP_A=7 as SHA-1, so offering more breaks logins there.
+    creds = ChapCredentials(ChapAccount("alice", Secret(INI_SECRET)))
+    assert creds.algorithms == DEFAULT_OFFER == (ChapAlgorithm.MD5,)
+    assert ChapInitiator(creds).start() == [("CHAP_A", "5")]
+    assert ChapInitiator(creds, algorithms=[6, 5]).start() == [("CHAP_A", "6,5")]
+
+
 def test_unavailable_algorithms_are_not_offered(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # As under FIPS, where MD5 is refused by the crypto library (open-iscsi skips it too).
     monkeypatch.setattr(Md5Chap, "available", classmethod(lambda cls: False))
-    ini = ChapInitiator(one_way())
+    ini = ChapInitiator(one_way(), algorithms=DEFAULT_ALGORITHMS)
     assert ini.start() == [("CHAP_A", "8,7,6")]
     assert "MD5" in caplog.text
     with pytest.raises(ConfigurationError, match="none of the configured"):

@@ -754,6 +754,20 @@ def test_first_burst_irrelevant_answer_accepted_only_when_true() -> None:
         ini.receive([("FirstBurstLength", "Irrelevant")], Stage.OPERATIONAL)
 
 
+def test_reserved_answer_to_our_answer_is_ignored() -> None:
+    # tgt offers FirstBurstLength although our InitialR2T=Yes, ImmediateData=No made it
+    # irrelevant; we answer Irrelevant and it answers that with Reject. Nothing to negotiate:
+    # the login goes on. A value sent again would still be a renegotiation.
+    ini = offered_initiator(initial_r2t=True, immediate_data=False)
+    got = ini.receive([("InitialR2T", "Yes"), ("ImmediateData", "No"),
+                       ("FirstBurstLength", "16384")], Stage.OPERATIONAL)
+    assert dict(got.answers) == {"FirstBurstLength": "Irrelevant"}
+    assert ini.receive([("FirstBurstLength", "Reject")], Stage.OPERATIONAL).answers == ()
+    assert "FirstBurstLength" in ini.irrelevant
+    with pytest.raises(NegotiationViolation, match="already negotiated"):
+        ini.receive([("FirstBurstLength", "16384")], Stage.OPERATIONAL)
+
+
 def test_answer_twice_is_renegotiation() -> None:
     ini = offered_initiator()
     ini.receive([("MaxBurstLength", "65536")], Stage.OPERATIONAL)

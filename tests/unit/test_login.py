@@ -16,6 +16,7 @@ import pytest
 from initiator import login as L
 from initiator import pdu as P
 from initiator.chap import (
+    DEFAULT_ALGORITHMS,
     ChapAccount,
     ChapAlgorithm,
     ChapCredentials,
@@ -52,8 +53,9 @@ PORTAL = "192.0.2.10:3260"
 
 INITIATOR_ACCOUNT = ChapAccount("ini-user", Secret("initiator-secret-1"))
 TARGET_ACCOUNT = ChapAccount("tgt-user", Secret("target-secret-22"))
-ONE_WAY = ChapCredentials(INITIATOR_ACCOUNT)
-MUTUAL = ChapCredentials(INITIATOR_ACCOUNT, TARGET_ACCOUNT)
+# Offering every algorithm (the default offer is MD5 alone) lets the target pick each.
+ONE_WAY = ChapCredentials(INITIATOR_ACCOUNT, algorithms=DEFAULT_ALGORITHMS)
+MUTUAL = ChapCredentials(INITIATOR_ACCOUNT, TARGET_ACCOUNT, algorithms=DEFAULT_ALGORITHMS)
 
 
 def machine(target_name: str | None = TGT, **kw: object) -> LoginMachine:
@@ -234,8 +236,9 @@ def test_chap_mutual_each_algorithm(algorithm: ChapAlgorithm) -> None:
     assert target.logins[0].chap_algorithm is algorithm
     texts = [dict(decode(r.data)) for r in requests(lb)]
     assert {"CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C"} <= set(texts[2])
-    # We wait for the target's answer before asking to leave the security stage.
-    assert not requests(lb)[2].transit
+    # Our response and challenge ask to leave the security stage (RFC 7143 Appendix B.1);
+    # the target's CHAP_R comes with its transit and is checked before we move on.
+    assert requests(lb)[2].transit
     assert transitions(lb) == [(0, 1), (1, 3)]
     assert success.parameters.auth_method == "CHAP"
 
@@ -244,6 +247,12 @@ def test_chap_algorithm_preference_is_ours_when_target_accepts_all() -> None:
     target = FakeTarget(chap=ONE_WAY)
     succeed(target, machine(credentials=ONE_WAY))
     assert target.logins[0].chap_algorithm is ALGORITHMS[0]
+
+
+def test_default_credentials_offer_md5_alone() -> None:
+    target = FakeTarget(chap=ONE_WAY)
+    succeed(target, machine(credentials=ChapCredentials(INITIATOR_ACCOUNT)))
+    assert target.logins[0].chap_algorithm is ChapAlgorithm.MD5
 
 
 def test_wrong_secret_is_an_authentication_error() -> None:
