@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from initiator.errors import ISCSIError
 
@@ -32,9 +31,11 @@ class ScsiStatus(enum.IntEnum):
     TASK_ABORTED = 0x40
 
 
-@dataclass(frozen=True, slots=True)
-class CommandResult:
+class CommandResult(NamedTuple):
     """The outcome of a command that reached the target and got a status back.
+
+    A NamedTuple rather than a frozen dataclass: one is made per command, and building a
+    tuple costs a fraction of a frozen dataclass's ``__init__``.
 
     ``sense`` is the sense data exactly as the target sent it (fixed or descriptor format),
     empty when there is none. ``residual`` follows RFC 7143 §11.4.5: positive for underflow

@@ -1040,6 +1040,11 @@ def frame_header(
     return out
 
 
+def pack_digest(header: bytes) -> bytes:
+    """The 4-byte CRC32C header digest of a packed header (§7.8)."""
+    return _digest.pack_digest(_digest.crc32c(header))
+
+
 def pack_scsi_command(flags: int, dsl: int, lun: int, itt: int, edtl: int, cmd_sn: int,
                       exp_stat_sn: int, cdb: bytes) -> bytes:
     """The 48-byte BHS of a SCSI Command with a CDB of at most 16 bytes and no AHS (§11.3),
@@ -1158,6 +1163,8 @@ class PDUReader:
         self.header_digest = header_digest
         self.data_digest = data_digest
         self.max_data_segment_length = max_data_segment_length
+        self._sink: DataSink | None = None
+        self._inline: Callable[..., bool] | None = None
         self.sink = sink
         self._buf = bytearray(max(buffer_size, BHS_LEN + 2 * DIGEST_LEN))
         self._view = memoryview(self._buf)
@@ -1177,6 +1184,16 @@ class PDUReader:
         self._remaining = 0
         self._trailer = 0
         self._dsl = 0
+
+    @property
+    def sink(self) -> DataSink | None:
+        """Where Data-In payloads go (see :class:`DataSink`); None to keep them in PDUs."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: DataSink | None) -> None:
+        self._sink = sink
+        self._inline = getattr(sink, "data_in_inline", None)
 
     # -- the BufferedProtocol pair ---------------------------------------------------------
 
@@ -1305,11 +1322,31 @@ class PDUReader:
             deliver(pdu)
 
     def _parse_one(self, out: list[PDU]) -> bool:
-        avail = self._end - self._start
+        start = self._start
+        avail = self._end - start
         if avail < BHS_LEN:
             self._ensure_capacity(BHS_LEN)
             return False
-        bhs = self._view[self._start : self._start + BHS_LEN]
+        buf = self._buf
+        inline = self._inline
+        if inline is not None and buf[start] & 0x3F == Opcode.DATA_IN and not buf[start + 4] \
+                and not self.header_digest and (self.deliver is not None or not out):
+            # Hot path: a whole AHS-less Data-In already buffered goes to the sink's inline
+            # handler with no PDU object and no further checks of other opcodes.
+            f = _DATA_IN.unpack_from(buf, start)
+            dsl = f[4] & 0xFFFFFF
+            total = BHS_LEN + dsl + (-dsl & 3) + (DIGEST_LEN if self.data_digest else 0)
+            if dsl and avail >= total and dsl <= self.max_data_segment_length:
+                data_start = start + BHS_LEN
+                if self.data_digest:
+                    tail = data_start + dsl + (-dsl & 3)
+                    _digest.check(self._view[tail : tail + DIGEST_LEN],
+                                  _digest.crc32c(self._view[data_start:tail]), header=False)
+                if inline(f[1], f[3], f[6], f[12], f[8], f[9], f[10], f[11], f[13],
+                          self._view[data_start : data_start + dsl]):
+                    self._start = start + total
+                    return True
+        bhs = self._view[start : start + BHS_LEN]
         ahs_len = bhs[4] * 4
         dsl = int.from_bytes(bhs[5:8], "big")
         hdr_len = BHS_LEN + ahs_len + (DIGEST_LEN if self.header_digest else 0)
@@ -1335,7 +1372,6 @@ class PDUReader:
         trailer = pad_len(dsl) + (DIGEST_LEN if self.data_digest and dsl else 0)
         if opcode == Opcode.DATA_IN and dsl and self.sink is not None:
             total = hdr_len + dsl + trailer
-            inline = getattr(self.sink, "data_in_inline", None)
             if inline is not None and avail >= total and not ahs_len and (
                     self.deliver is not None or not out):
                 # The whole Data-In is buffered: hand its fields and payload to the sink in one

@@ -102,12 +102,20 @@ class Task:
         attr: P.TaskAttribute = P.TaskAttribute.SIMPLE,
     ) -> None:
         self.lun = lun
-        self.lun_wire = P.lun_to_wire(lun)
+        self.lun_wire = lun << 48 if 0 <= lun <= 0xFFFF else P.lun_to_wire(lun)
         self.cdb = cdb
-        self.data_out: Buffers | None = _byte_views(data_out) if data_out else None
-        self.data_in: Buffers | None = _byte_views(data_in) if data_in else None
-        self.out_len = _total(self.data_out) if self.data_out else 0
-        self.in_len = _total(self.data_in) if self.data_in else 0
+        if data_out:
+            self.data_out: Buffers | None = _byte_views(data_out)
+            self.out_len = _total(self.data_out)
+        else:
+            self.data_out = None
+            self.out_len = 0
+        if data_in:
+            self.data_in: Buffers | None = _byte_views(data_in)
+            self.in_len = _total(self.data_in)
+        else:
+            self.data_in = None
+            self.in_len = 0
         self.on_done: CompletionCallback | None = on_done
         self.attr = attr
         self.itt = P.RESERVED_TAG
@@ -264,7 +272,8 @@ class SessionCore:
             raise LocalProtocolError("the session is logging out; no new commands")
         if task.state is not TaskState.QUEUED:
             raise LocalProtocolError(f"{task!r} was already submitted")
-        if self._queued or not serial.le(self.cmd_sn, self.max_cmd_sn):
+        # CmdSN <= MaxCmdSN in serial arithmetic (§4.2.2.1), inlined: once per command.
+        if self._queued or (self.max_cmd_sn - self.cmd_sn) & 0xFFFFFFFF >= 0x80000000:
             self._queued.append(task)
             return
         self._send_command(task)
@@ -452,9 +461,21 @@ class SessionCore:
             self._window(exp_cmd_sn, max_cmd_sn)
         if flags & 0x01:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
-            self._ack(stat_sn)
+            nxt = (stat_sn + 1) & 0xFFFFFFFF
+            if nxt != self.exp_stat_sn:
+                self._ack(stat_sn)
             residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
-            self._complete(task, CommandResult(status, b"", residual, 0, task.received))
+            # _complete() inlined: this runs once per read.
+            del self._tasks[itt]
+            self.stats_answered += 1
+            if task.unsent_frames:
+                self._detach_frames(task)
+            task.data_in = None
+            task.data_out = None
+            task.state = TaskState.DONE
+            on_done, task.on_done = task.on_done, None
+            if on_done is not None:
+                on_done(CommandResult(status, b"", residual, 0, task.received))
         return True
 
     def close(self, error: ISCSIError) -> None:
@@ -517,11 +538,23 @@ class SessionCore:
     def _send_command(self, task: Task) -> None:
         params = self.params
         task.itt = itt = self._alloc_itt()
-        task.cmd_sn = self.cmd_sn
-        self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
+        task.cmd_sn = cmd_sn = self.cmd_sn
+        self.cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
         task.state = TaskState.ACTIVE
         self._tasks[itt] = task
         self.stats_commands += 1
+        cdb = task.cdb
+        if not task.out_len and len(cdb) <= 16:
+            # Reads and commands without data, the hottest path: one packed header, F set.
+            header = P.pack_scsi_command(
+                (0xC0 if task.in_len else 0x80) | task.attr, 0, task.lun_wire, itt,
+                task.in_len, cmd_sn, self.exp_stat_sn,
+                cdb if len(cdb) == 16 else cdb.ljust(16, b"\0"))
+            if params.header_digest:
+                header += P.pack_digest(header)
+            self._frames.append(_Frame([header], task))
+            task.unsent_frames += 1
+            return
         immediate: Sequence[Buffer] = ()
         unsolicited = 0
         if task.out_len:
@@ -538,7 +571,6 @@ class SessionCore:
                 immediate = _slice(task.data_out, 0, n)
                 task.immediate_sent = n
         data_out_follows = unsolicited > task.immediate_sent
-        cdb = task.cdb
         if len(cdb) <= 16 and not (task.out_len and task.in_len):
             # Hot path: pack the BHS directly (no ScsiCommand object, no AHS).
             flags = (0 if data_out_follows else 0x80) | (0x40 if task.in_len else 0) \
