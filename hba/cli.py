@@ -14,11 +14,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hba import oneshot
+from hba import control
 from hba.errors import HBAError
 from initiator.errors import AuthenticationError, ConfigurationError, ISCSIError
+
+if TYPE_CHECKING:
+    from hba import oneshot
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -28,32 +31,50 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]
 
 
+# hba.oneshot (the whole initiator) is imported by the commands that use it, so that --help
+# and the daemon's clients start fast.
+
+
 def _options(args: argparse.Namespace) -> oneshot.Options:
+    from hba import oneshot
+
     return oneshot.Options(initiator_name=args.initiator_name, login_timeout=args.login_timeout,
                            pcap=args.pcap)
 
 
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     return await oneshot.cmd_discover(args.url, _options(args))
 
 
 async def _inquiry(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     return await oneshot.cmd_inquiry(args.url, _options(args))
 
 
 async def _readcap(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     return await oneshot.cmd_readcap(args.url, _options(args))
 
 
 async def _read(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     return await oneshot.cmd_read(args.url, _options(args), args.lba, args.blocks, args.output)
 
 
 async def _write(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     return await oneshot.cmd_write(args.url, _options(args), args.lba, args.input, args.blocks)
 
 
 async def _perf(args: argparse.Namespace) -> dict[str, Any]:
+    from hba import oneshot
+
     settings = oneshot.PerfSettings(
         block_size=oneshot.parse_size(args.block_size), queue_depth=args.queue_depth,
         seconds=args.seconds, random=args.random, write=args.write)
@@ -120,6 +141,7 @@ def _human(n: int) -> str:
 PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "discover": _print_discover, "inquiry": _print_inquiry, "readcap": _print_readcap,
     "read": _print_transfer, "write": _print_transfer, "perf": _print_perf,
+    **control.PRINTERS,
 }
 
 
@@ -127,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hbactl",
         description="iscsi-hba: a userspace iSCSI initiator that the kernel sees as a SCSI HBA.",
-        epilog="URLs: iscsi://[user[%%secret]@]host[:port]/<target-iqn>/<lun>"
+        epilog="URLs: iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>"
                "[?header_digest=crc32c&data_digest=crc32c&target_user=..&target_password=..]. "
                "Secrets may come from ISCSI_HBA_CHAP_SECRET / ISCSI_HBA_TARGET_CHAP_SECRET "
                "instead of the URL.")
@@ -184,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WRITE instead of READ (destroys the LUN's data)")
     p.set_defaults(handler=_perf)
 
+    control.add_commands(sub)
     return parser
 
 
@@ -219,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(exc: BaseException, status: int) -> int:
     if os.environ.get("HBACTL_TRACEBACK"):
         raise exc
+    status = int(getattr(exc, "exit_status", status))
     message = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")

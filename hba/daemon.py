@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -68,6 +69,14 @@ class AttachError(HBAError):
 
 class DetachError(HBAError):
     """A detach was refused or failed."""
+
+
+class DiskBusyError(DetachError):
+    """The disk is mounted or held (device-mapper, md, swap) and the detach was not forced."""
+
+
+class NoSuchDiskError(DetachError):
+    """No attached LUN goes by the name, device node or link given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +182,7 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
+        self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self.initiator_name = self.options.initiator_name or default_initiator_name()
         self.started = False
 
@@ -209,6 +219,18 @@ class Daemon:
         for warning in config.warnings:
             log.warning("%s", warning)
         return config
+
+    async def reload_config(self) -> None:
+        """Read the configuration file again (SIGHUP, or a cfgstring naming a new entry).
+
+        Disks already attached keep the settings they were attached with. A file that cannot
+        be used leaves the previous configuration in place and raises :class:`ConfigError`.
+        """
+        if self.options.config_path is None:
+            return
+        self.config = await asyncio.to_thread(self._load_config)
+        log.info("read the configuration %s again: %d entries", self.options.config_path,
+                 len(self.config.entries) if self.config is not None else 0)
 
     async def stop(self) -> None:
         """Stop serving. Devices stay in the kernel (their I/O waits) so a restarted daemon
@@ -298,6 +320,11 @@ class Daemon:
                 return entry
         return None
 
+    def resolve_cfgstring(self, text: str, name: str) -> LunSpec:
+        """The LunSpec a TCMU cfgstring (``iscsi/`` prefix optional) stands for, with the
+        credentials the daemon would use; ``name`` is the backstore's name."""
+        return self._spec_from_cfgstring(text, name)
+
     def _spec_from_cfgstring(self, text: str, backstore: str) -> LunSpec:
         ref = cfgstring.decode(text)
         if ref.nickname is not None:
@@ -386,7 +413,11 @@ class Daemon:
             return await self._attach_locked(spec)
 
     async def _attach_locked(self, spec: LunSpec) -> Disk:
-        session = await self._acquire(spec)
+        try:
+            session = await self._acquire(spec)
+        except ISCSIError as exc:
+            raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
+                              f"{spec.portal}) failed: {exc}") from None
         backstore = BACKSTORE_PREFIX + spec.name
         created = False
         disk: Disk | None = None
@@ -436,6 +467,9 @@ class Daemon:
 
     async def _rollback(self, disk: Disk | None, backstore: str, created: bool,
                         session: Session) -> None:
+        if disk is not None:
+            # Our own removal: _watch_dispatcher must not release the session a second time.
+            disk.state = "detaching"
         if created:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(kernel.unlink_and_delete, backstore)
@@ -487,23 +521,33 @@ class Daemon:
             if real == dev.node or what in dev.by_id or what == dev.name:
                 return disk
         known = ", ".join(sorted(self.disks)) or "none"
-        raise DetachError(f"no attached LUN is called {what!r} (attached: {known})")
+        raise NoSuchDiskError(f"no attached LUN is called {what!r} (attached: {known})")
 
     async def detach(self, what: str, *, force: bool = False) -> dict[str, Any]:
         """Orderly detach; refuses while the disk is mounted or held unless ``force``."""
         async with self._lock:
+            # A LUN linked by someone else (targetcli) may have got its disk since we saw it:
+            # without it, the mount check below would let a mounted disk go.
+            await self.refresh_devices()
             disk = self.find(what)
             if disk.device is not None:
                 busy = devices.users(disk.device.name)
                 if busy and not force:
-                    raise DetachError(
+                    raise DiskBusyError(
                         f"{disk.name} ({disk.device.node}) is in use: " + "; ".join(busy)
                         + ". Unmount it first, or detach with --force")
                 await asyncio.to_thread(_flush, disk.device.node)
-            disk.state = "detaching"
-            await asyncio.to_thread(kernel.unlink_and_delete, disk.backstore)
+            previous, disk.state = disk.state, "detaching"
+            try:
+                # Served while the LUN goes (SYNCHRONIZE CACHE); then nothing reaches the ring,
+                # so the dispatcher stops before the backstore (and its uio device) does.
+                await asyncio.to_thread(kernel.unlink_luns, disk.backstore)
+            except BaseException:
+                disk.state = previous
+                raise
             if disk.dispatcher is not None:
                 await disk.dispatcher.close(timeout=30)
+            await asyncio.to_thread(kernel.delete_backstore, disk.backstore)
             if disk.watcher is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await disk.watcher
@@ -534,6 +578,10 @@ class Daemon:
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
         spec = self._spec_from_cfgstring(info.cfgstring, info.name)
+        if spec.name in self.disks:
+            # Two backstores naming the same configuration entry (one made with targetcli):
+            # the second goes by its backstore name rather than replacing the first here.
+            spec = dataclasses.replace(spec, name=info.name)
         uio = await _wait_for_uio(info.name, info.hba_index)
         session = await self._acquire(spec, background=True)
         disk = Disk(spec=spec, backstore=info.name, hba_index=info.hba_index, session=session,
@@ -563,8 +611,10 @@ class Daemon:
         context = pyudev.Context()
         monitor = pyudev.Monitor.from_netlink(context)
         monitor.filter_by("uio")
+        monitor.filter_by("block")   # the disk of a LUN someone else links to a backstore
         monitor.start()
         wake = asyncio.Event()
+        wake.set()  # one pass now: a device made between adopt_existing's scan and monitor.start
 
         def readable() -> None:
             while monitor.poll(timeout=0) is not None:
@@ -579,6 +629,7 @@ class Daemon:
                 await asyncio.sleep(0.2)  # let a creator finish writing the device's control
                 async with self._lock:
                     await self._serve_new_devices()
+                    await self.refresh_devices()
         finally:
             loop.remove_reader(monitor.fileno())
 
@@ -586,13 +637,62 @@ class Daemon:
         for uio in await asyncio.to_thread(find_devices):
             if uio.name.dev_name in self._serving:
                 continue
-            info = kernel.find_backstore(uio.name.dev_name)
+            # The backstore's own directory only, not its tcm_loop link: whoever links a LUN
+            # to this device holds configfs locks until the ring answers the LUN's INQUIRY,
+            # so looking the link up before serving would deadlock (until cmd_time_out).
+            info = await asyncio.to_thread(kernel.read_backstore, uio.name.hba_index,
+                                           uio.name.dev_name)
             if info is None:
                 continue
             try:
                 await self._adopt(info, takeover=False)
             except (HBAError, ISCSIError, TCMUError) as exc:
-                log.error("cannot serve new backstore %s: %s", info.name, exc)
+                message = str(exc)
+                if self._unservable.get(info.name) != message:
+                    log.error("cannot serve new backstore %s: %s", info.name, message)
+                self._unservable[info.name] = message
+            else:
+                self._unservable.pop(info.name, None)
+                # Before a LUN links it (the attribute is fixed once exported): commands
+                # then wait out a session recovery as they do on the disks we attach.
+                await asyncio.to_thread(kernel.set_cmd_time_out, info.path,
+                                        self._scsi_timeout(self.disks_by_backstore(info.name)))
+
+    def disks_by_backstore(self, backstore: str) -> Disk | None:
+        """The disk served from backstore ``backstore``, if any."""
+        for disk in self.disks.values():
+            if disk.backstore == backstore:
+                return disk
+        return None
+
+    @staticmethod
+    def _scsi_timeout(disk: Disk | None) -> int:
+        replacement = disk.spec.session.replacement_timeout if disk is not None else 120.0
+        return int(replacement) + SCSI_TIMEOUT_MARGIN
+
+    async def refresh_devices(self) -> None:
+        """Find the disks of LUNs that someone else (targetcli, rtslib) linked to backstores
+        we serve after we started serving them."""
+        missing = [d for d in self.disks.values() if d.device is None and d.state == "attached"]
+        if not missing:
+            return
+        infos = {info.name: info for info in await asyncio.to_thread(kernel.list_backstores)}
+        for disk in missing:
+            info = infos.get(disk.backstore)
+            if info is None or info.scsi_address is None:
+                continue
+            if disk.scsi_address != info.scsi_address:
+                disk.scsi_address = info.scsi_address
+                await asyncio.to_thread(kernel.set_disk_timeout, info.scsi_address,
+                                        self._scsi_timeout(disk))
+            device = await asyncio.to_thread(devices.find_disk, info.scsi_address)
+            if device is None:
+                continue
+            disk.device = device
+            disk.size = await asyncio.to_thread(devices.size_bytes, device.name) or disk.size
+            log.info("%s: LUN linked to backstore %s -> %s (%s)", disk.name, disk.backstore,
+                     device.node, device.primary_link or "no by-id link")
+            self._event("attach", disk.describe())
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -656,8 +756,6 @@ def _env_credentials() -> ChapCredentials | None:
 
 
 def _replace_credentials(spec: LunSpec, creds: ChapCredentials) -> LunSpec:
-    import dataclasses
-
     return dataclasses.replace(spec, session=dataclasses.replace(spec.session,
                                                                  credentials=creds))
 

@@ -69,6 +69,20 @@ def _ready(name: str) -> BlockDevice | None:
     return BlockDevice(name=name, node=node, by_id=links)
 
 
+def find_disk(scsi_address: str, sysfs: Path = Path("/sys")) -> BlockDevice | None:
+    """The disk at ``scsi_address`` if udev has finished with it, else None (no waiting)."""
+    name = disk_name(scsi_address, sysfs)
+    return _ready(name) if name is not None else None
+
+
+def size_bytes(name: str, sysfs: Path = Path("/sys")) -> int:
+    """Size of block device ``name`` in bytes (0 when unknown); sysfs counts 512-byte units."""
+    try:
+        return int((sysfs / "class/block" / name / "size").read_text()) * 512
+    except (OSError, ValueError):
+        return 0
+
+
 async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
                         sysfs: Path = Path("/sys")) -> BlockDevice:
     """The disk at ``scsi_address`` once udev has finished with it (by-id links included)."""

@@ -179,6 +179,18 @@ def create_backstore(
                          size=size, path=path)
 
 
+def set_cmd_time_out(path: Path, seconds: int) -> bool:
+    """Set ``attrib/cmd_time_out`` of a backstore not exported yet; False when the kernel
+    refuses (a LUN links it already: the value is fixed then) or has no such attribute."""
+    f = path / "attrib" / "cmd_time_out"
+    try:
+        f.write_text(str(seconds))
+    except OSError as exc:
+        log.debug("%s: cmd_time_out stays as it is (%s)", path, exc.strerror)
+        return False
+    return True
+
+
 def _write_attrib(path: Path, attrib: str, value: str) -> None:
     f = path / "attrib" / attrib
     if not f.exists():
@@ -231,6 +243,16 @@ def unlink_and_delete(name: str) -> None:
     Unlinking makes the kernel send SYNCHRONIZE CACHE through the ring: keep serving it until
     this returns; the uio device disappears with the backstore.
     """
+    unlink_luns(name)
+    delete_backstore(name)
+
+
+def unlink_luns(name: str) -> None:
+    """Remove what links backstore ``name``: its tcm_loop targets whole, other fabrics' LUNs.
+
+    The kernel sends SYNCHRONIZE CACHE through the ring meanwhile: keep serving it until this
+    returns. Afterwards no command reaches the ring any more.
+    """
     from rtslib_fb import RTSLibError, UserBackedStorageObject
 
     try:
@@ -244,6 +266,19 @@ def unlink_and_delete(name: str) -> None:
                 target.delete()
             else:
                 lun.delete()
+    except RTSLibError as exc:
+        raise RegistrationError(f"could not unlink backstore {name}: {exc}") from None
+
+
+def delete_backstore(name: str) -> None:
+    """Delete backstore ``name`` (its uio device goes with it); nothing if it is gone."""
+    from rtslib_fb import RTSLibError, UserBackedStorageObject
+
+    try:
+        so = UserBackedStorageObject(name)
+    except RTSLibError:
+        return
+    try:
         so.delete()
     except RTSLibError as exc:
         raise RegistrationError(f"could not remove backstore {name}: {exc}") from None
@@ -262,6 +297,19 @@ def list_backstores(configfs: Path = CONFIGFS) -> list[BackstoreInfo]:
             if info is not None:
                 out.append(info)
     return out
+
+
+def read_backstore(hba_index: int, name: str, configfs: Path = CONFIGFS) -> BackstoreInfo | None:
+    """Backstore ``user_<hba_index>/<name>`` if it is ours, without its tcm_loop link.
+
+    Unlike :func:`find_backstore` this reads the backstore's own directory only, so it does
+    not wait while a LUN is being linked to it (the link holds configfs locks until the
+    kernel's first commands through the ring complete).
+    """
+    dev = configfs / "target" / "core" / f"user_{hba_index}" / name
+    if not dev.is_dir():
+        return None
+    return _read_backstore(dev, {})
 
 
 def find_backstore(name: str, configfs: Path = CONFIGFS) -> BackstoreInfo | None:

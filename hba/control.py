@@ -1,0 +1,528 @@
+"""``hbactl daemon`` and its clients ``hbactl attach / detach / list / status``.
+
+``hbactl daemon`` runs :class:`hba.daemon.Daemon` and :class:`hba.dbus_service.DaemonService`
+in the foreground on one asyncio loop, in this order:
+
+1. read the configuration (so a bad file is reported first, even when a daemon runs);
+2. connect to the system DBus and own ``org.iscsihba.Daemon`` — a second daemon stops here,
+   before it touches any device another one serves;
+3. start the daemon: check the kernel, take over the devices a previous daemon left, attach
+   the entries with ``Enable = on``;
+4. tell systemd ``READY=1`` (``Type=notify``; :func:`sd_notify` speaks the datagram protocol of
+   sd_notify(3) itself), serve until SIGTERM/SIGINT, then ``STOPPING=1`` and stop. SIGHUP
+   reads the configuration again.
+
+Stopping leaves every disk in the kernel (its commands wait) for the next daemon to take over;
+``hbactl detach`` is what removes one.
+
+The client commands call the daemon over the system DBus and print its answer; every failure
+is one sentence. Nothing here imports dbus-next, the daemon or rtslib until a command runs, so
+``hbactl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hba.errors import HBAError
+
+if TYPE_CHECKING:
+    from hba.daemon import Daemon
+    from hba.dbus_service import DaemonService
+
+log = logging.getLogger("iscsi-hba")
+
+DEFAULT_CONFIG = "/etc/iscsi-hba.conf"
+EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus (restarting cannot help)
+
+START_HINT = "start it with `systemctl start iscsi-hba`, or run `hbactl daemon` in the foreground"
+
+# The keys of a disk as ``list``/``status --json`` print them (a missing one is null).
+DISK_FIELDS = ("name", "target", "portal", "lun", "device", "by_id", "size", "block_size",
+               "backstore", "scsi_address", "state", "session", "in_flight", "commands",
+               "reconnects")
+
+
+class ControlError(HBAError):
+    """A client command failed; the message is what ``hbactl`` prints."""
+
+
+class DaemonNotRunning(ControlError):
+    """Nobody owns ``org.iscsihba.Daemon`` on the system bus."""
+
+
+class StartupError(HBAError):
+    """``hbactl daemon`` could not start; ``exit_status`` tells systemd whether to retry."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# --------------------------------------------------------------------------------------------
+# sd_notify(3)
+
+
+def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send ``state`` (``READY=1``, ``STOPPING=1``, ``STATUS=...``; newline-separated) to the
+    service manager's ``$NOTIFY_SOCKET``. False when there is none or it cannot be reached.
+
+    The protocol is one datagram on an AF_UNIX socket: a path, or ``@name`` for the abstract
+    namespace (sd_notify(3)).
+    """
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        log.debug("NOTIFY_SOCKET=%s is not a unix socket; not notifying", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.debug("cannot notify the service manager: %s", exc)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+
+def human_size(n: int) -> str:
+    """``1.5 GiB``: binary units, one decimal."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def normalize_disk(disk: Mapping[str, Any]) -> dict[str, Any]:
+    """A disk as the daemon described it, with every :data:`DISK_FIELDS` key present."""
+    return {**{key: None for key in DISK_FIELDS}, **disk}
+
+
+def disk_state(disk: Mapping[str, Any]) -> str:
+    """What the STATE column shows: the session's state, or the disk's when it is not
+    simply attached (``detaching``, ``ring broken``)."""
+    state = disk.get("state")
+    if state not in (None, "attached"):
+        return str(state)
+    return str(disk.get("session") or "-")
+
+
+def format_table(disks: Sequence[Mapping[str, Any]]) -> str:
+    """The ``hbactl list`` table: name, target, LUN, device, size, session state."""
+    if not disks:
+        return "no LUNs attached"
+    header = ("NAME", "TARGET", "LUN", "DEVICE", "SIZE", "STATE")
+    rows = [header] + [
+        (str(d.get("name") or "-"), str(d.get("target") or "-"), str(d.get("lun", "-")),
+         str(d.get("device") or "-"), human_size(int(d["size"])) if d.get("size") else "-",
+         disk_state(d))
+        for d in disks
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in (2, 4) and row is not header else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """``hbactl status`` as text."""
+    lines = [
+        f"daemon:         pid {status.get('pid', '?')}, iscsi-hba {status.get('version', '?')}, "
+        f"up {_duration(float(status.get('uptime', 0)))}"
+        + ("" if status.get("ready", True) else ", still starting"),
+        f"initiator name: {status.get('initiator_name') or '-'}",
+        f"configuration:  {status.get('config') or '-'}",
+        "targetcli:      user:iscsi "
+        + ("offered (org.kernel.TCMUService1)" if status.get("tcmu_handler")
+           else "not offered (another process owns org.kernel.TCMUService1)"),
+    ]
+    sessions = status.get("sessions") or []
+    lines.append(f"sessions:       {len(sessions) or 'none'}")
+    for s in sessions:
+        luns = int(s.get("luns", 0))
+        lines.append(f"  {s.get('target')} at {s.get('portal')}: {s.get('state')}, {luns} "
+                     f"LUN{'s' if luns != 1 else ''}, {s.get('commands', 0)} commands, "
+                     f"{s.get('reconnects', 0)} reconnects")
+    lines.append("disks:")
+    lines.extend("  " + line for line in format_table(status.get("disks") or []).splitlines())
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------------------------
+# the client side
+
+
+def client_error(name: str, message: str, command: str) -> HBAError:
+    """The exception for a DBus error reply ``name`` to ``hbactl <command>``."""
+    if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                "org.freedesktop.DBus.Error.NameHasNoOwner"):
+        return DaemonNotRunning(f"the iscsi-hba daemon is not running: {START_HINT}")
+    if name == "org.freedesktop.DBus.Error.AccessDenied":
+        return ControlError(
+            f"the system DBus does not let you {command}: only root may attach, detach or "
+            "reload; if you are root, install deploy/dbus/iscsi-hba.conf into "
+            "/etc/dbus-1/system.d/ (deploy/setup does)")
+    if name in ("org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Timeout"):
+        return ControlError(f"the iscsi-hba daemon did not answer {command}; see its log "
+                            "(`journalctl -u iscsi-hba`)")
+    if name in ("org.freedesktop.DBus.Error.UnknownMethod",
+                "org.freedesktop.DBus.Error.UnknownObject",
+                "org.freedesktop.DBus.Error.UnknownInterface"):
+        return ControlError(f"the running iscsi-hba daemon does not know {command}: it is "
+                            "another version than this hbactl; restart it")
+    if name.startswith("org.iscsihba.Error."):
+        return ControlError(message)
+    return ControlError(f"{command} failed: {message} ({name})")
+
+
+async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
+               command: str, timeout: float = 10.0) -> list[Any]:
+    """Call ``member`` of ``org.iscsihba.Daemon1`` on the system bus; the reply's body."""
+    from dbus_next.aio.message_bus import MessageBus
+    from dbus_next.constants import BusType, MessageFlag, MessageType
+    from dbus_next.message import Message
+
+    from hba import dbus_service
+
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 10)
+    except Exception as exc:
+        raise DaemonNotRunning(
+            f"cannot reach the system DBus ({exc or type(exc).__name__}), so the iscsi-hba "
+            f"daemon cannot be running: start dbus-daemon (`systemctl start dbus`), then "
+            f"{START_HINT}") from None
+    try:
+        reply = await asyncio.wait_for(bus.call(Message(
+            destination=dbus_service.BUS_NAME, path=dbus_service.OBJECT_PATH,
+            interface=dbus_service.INTERFACE, member=member, signature=signature,
+            body=list(body), flags=MessageFlag.NO_AUTOSTART)), timeout)
+    except TimeoutError:
+        raise ControlError(
+            f"the iscsi-hba daemon did not finish {command} within {timeout:g} s; it goes on "
+            "in the background: see `hbactl list` and the daemon's log") from None
+    finally:
+        bus.disconnect()  # type: ignore[no-untyped-call]
+    if reply is None:
+        raise ControlError(f"no reply from the iscsi-hba daemon to {command}")
+    if reply.message_type == MessageType.ERROR:
+        text = str(reply.body[0]) if reply.body else ""
+        raise client_error(reply.error_name or "", text, command)
+    return [dbus_service.unwrap(value) for value in reply.body]
+
+
+def _with_env_secrets(what: str) -> str:
+    """``what`` with the CHAP secrets this user's environment holds written into the URL.
+
+    The daemon parses URLs in its own environment; a user who keeps secrets out of the
+    command line (``ISCSI_HBA_CHAP_SECRET``...) expects them to count. The URL goes to the
+    daemon alone, over the system bus, where only root may call Attach.
+    """
+    if not what.lower().startswith("iscsi://"):
+        return what
+    from urllib.parse import quote, urlsplit
+
+    from initiator.errors import ConfigurationError
+    from initiator.url import parse_url
+
+    url = parse_url(what)  # a malformed URL is reported here, as a usage error
+    try:
+        bare = parse_url(what, environ={})
+    except ConfigurationError:
+        bare = None  # incomplete without the environment
+    if url.chap_user is None or url.chap_secret is None or (bare is not None and (
+            url.chap_user, url.chap_secret, url.target_user, url.target_secret) == (
+            bare.chap_user, bare.chap_secret, bare.target_user, bare.target_secret)):
+        return what  # the environment adds nothing
+    parts = urlsplit(what)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = [q for q in parts.query.split("&") if q and not q.startswith("target_password=")]
+    if url.target_user is not None and url.target_secret is not None:
+        if not any(q.startswith("target_user=") for q in query):
+            query.append(f"target_user={quote(url.target_user, safe='')}")
+        query.append(f"target_password={quote(url.target_secret, safe='')}")
+    user = f"{url.chap_user}%{quote(url.chap_secret, safe='')}@"
+    return (f"iscsi://{user}{netloc}{parts.path}" + (f"?{'&'.join(query)}" if query else ""))
+
+
+async def cmd_attach(args: argparse.Namespace) -> dict[str, Any]:
+    (disk,) = await call("Attach", "s", [_with_env_secrets(args.what)], command="attach",
+                         timeout=args.timeout)
+    return normalize_disk(disk)
+
+
+async def cmd_detach(args: argparse.Namespace) -> dict[str, Any]:
+    (disk,) = await call("Detach", "sb", [args.what, bool(args.force)], command="detach",
+                         timeout=args.timeout)
+    return normalize_disk(disk)
+
+
+async def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    (disks,) = await call("List", command="list")
+    return {"disks": [normalize_disk(d) for d in disks]}
+
+
+async def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    (status,) = await call("Status", command="status")
+    status["disks"] = [normalize_disk(d) for d in status.get("disks", [])]
+    status.setdefault("sessions", [])
+    return dict(status)
+
+
+def print_attach(result: dict[str, Any]) -> None:
+    # The device alone, so that `dev=$(hbactl attach disk1)` works.
+    print(result.get("device") or result.get("name"))
+
+
+def print_detach(result: dict[str, Any]) -> None:
+    device = f" ({result['device']})" if result.get("device") else ""
+    print(f"detached {result.get('name')}{device}")
+
+
+def print_list(result: dict[str, Any]) -> None:
+    print(format_table(result["disks"]))
+
+
+def print_status(result: dict[str, Any]) -> None:
+    print(format_status(result))
+
+
+# --------------------------------------------------------------------------------------------
+# the daemon
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (``<6>``), which journald understands."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def configure_daemon_logging(verbose: int, environ: Mapping[str, str] | None = None) -> None:
+    """One line per event at INFO from the daemon's own loggers; ``-v`` adds the protocol's
+    INFO lines, ``-vv`` everything. Under systemd (``$JOURNAL_STREAM``) no timestamps,
+    priorities instead."""
+    env = os.environ if environ is None else environ
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(message)s" if verbose < 2 else "%(name)s: %(message)s"
+    if env.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter(fmt))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {fmt}",
+                                               "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1
+                  else logging.DEBUG)
+    own = logging.DEBUG if verbose >= 2 else logging.INFO
+    for name in ("iscsi-hba", "hba", "tcmu_handler"):
+        logging.getLogger(name).setLevel(own)
+
+
+async def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
+    """``hbactl daemon``: see the module docstring. Returns when stopped."""
+    configure_daemon_logging(max(args.verbose, args.daemon_verbose))
+    return {"exit_status": await run_daemon(args.config, args.initiator_name)}
+
+
+async def run_daemon(config_path: str | None, initiator_name: str | None = None, *,
+                     bus_address: str | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status."""
+    from hba import dbus_service
+    from hba.config import ConfigError, load_config
+    from hba.daemon import Daemon, DaemonOptions
+    from hba.kernel import KernelSetupError
+
+    if config_path is not None and os.path.exists(config_path):
+        try:
+            await asyncio.to_thread(load_config, config_path)
+        except ConfigError as exc:
+            sd_notify(f"STATUS=bad configuration {config_path}")
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+    daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name))
+    try:
+        service = await dbus_service.DaemonService.connect(daemon, address=bus_address)
+    except dbus_service.BusError as exc:
+        sd_notify(f"STATUS={exc}")
+        raise StartupError(str(exc), exc.exit_status) from None
+    try:
+        await service.claim()
+    except dbus_service.BusError as exc:
+        await service.close()
+        sd_notify(f"STATUS={exc}")
+        raise StartupError(str(exc), exc.exit_status) from None
+    daemon.options.on_event = service.publish
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(daemon))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    status = 0
+    try:
+        sd_notify("STATUS=starting: checking the kernel, taking over existing devices")
+        started = await _until_stopped(daemon.start(), stop)
+        if started:
+            service.set_ready()
+            count = len(daemon.disks)
+            log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s",
+                     count, "" if count == 1 else "s", daemon.initiator_name,
+                     config_path or "none")
+            sd_notify(f"READY=1\nSTATUS=serving {count} disk{'' if count == 1 else 's'}")
+            lost = await _wait_stop_or_disconnect(stop, service)
+            if lost:
+                log.error("lost the connection to the system DBus; stopping so that systemd "
+                          "restarts the daemon (the disks are taken over)")
+                status = 1
+    except (KernelSetupError, ConfigError) as exc:
+        sd_notify(f"STATUS={str(exc).splitlines()[0]}")
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+    finally:
+        sd_notify("STOPPING=1")
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        loop.remove_signal_handler(signal.SIGHUP)
+        count = len(daemon.disks)
+        if count:
+            log.info("stopping: %d disk%s stay%s in the kernel for the next daemon to take "
+                     "over", count, "" if count == 1 else "s", "s" if count == 1 else "")
+        await daemon.stop()
+        await service.close()
+    return status
+
+
+async def _until_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run the daemon's start; False when a signal came first (the start is cancelled)."""
+    task: asyncio.Task[None] = asyncio.ensure_future(start)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        task.result()  # raises what the start raised
+        return True
+    log.info("stopping before the start finished")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+async def _wait_stop_or_disconnect(stop: asyncio.Event, service: DaemonService) -> bool:
+    """Wait for a stop signal; True if the bus connection went away instead."""
+    stopper = asyncio.ensure_future(stop.wait())
+    lost = asyncio.ensure_future(service.wait_disconnected())
+    try:
+        await asyncio.wait({stopper, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        lost.cancel()
+    return not stop.is_set()
+
+
+async def _reload(daemon: Daemon) -> None:
+    from hba.config import ConfigError
+
+    try:
+        await daemon.reload_config()
+    except ConfigError as exc:
+        log.error("keeping the previous configuration: %s", exc)
+
+
+# --------------------------------------------------------------------------------------------
+# argparse
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``daemon``, ``attach``, ``detach``, ``list`` and ``status`` on the
+    subparsers of ``hbactl`` (``sub`` is what ``add_subparsers`` returned)."""
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "daemon", help="run the daemon in the foreground (systemd Type=notify)",
+        description="Serve the disks: take over existing ones, attach the configuration's "
+                    "entries with Enable = on, answer hbactl and targetcli over the system "
+                    "DBus. Stops on SIGTERM/SIGINT (the disks stay for the next start); "
+                    "SIGHUP reads the configuration again.")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                   help=f"configuration file (default {DEFAULT_CONFIG}; a missing file means "
+                        "nothing to attach)")
+    p.add_argument("--initiator-name", metavar="IQN",
+                   help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
+    p.add_argument("-v", "--verbose", dest="daemon_verbose", action="count", default=0,
+                   help="also log protocol events (twice: debug)")
+    p.set_defaults(handler=cmd_daemon)
+
+    p = sub.add_parser("attach", parents=[as_json],
+                       help="attach a LUN through the daemon; prints its /dev/sdX once usable")
+    p.add_argument("what", metavar="URL|NAME",
+                   help="iscsi://host[:port]/<target-iqn>/<lun> or a configuration nickname")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop waiting after this long (default 120; the attach goes on)")
+    p.set_defaults(handler=cmd_attach)
+
+    p = sub.add_parser("detach", parents=[as_json],
+                       help="flush and remove a disk, log out when it was the last of a target")
+    p.add_argument("what", metavar="DEV|NAME",
+                   help="name (as hbactl list shows it), /dev/sdX or a /dev/disk/by-id link")
+    p.add_argument("--force", action="store_true",
+                   help="detach even while mounted or held (its users get I/O errors)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop waiting after this long (default 120)")
+    p.set_defaults(handler=cmd_detach)
+
+    p = sub.add_parser("list", parents=[as_json], help="the disks the daemon serves")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("status", parents=[as_json],
+                       help="the daemon, its sessions and its disks")
+    p.set_defaults(handler=cmd_status)
+
+
+PRINTERS = {"attach": print_attach, "detach": print_detach, "list": print_list,
+            "status": print_status}

@@ -1,0 +1,416 @@
+"""The control plane in the VM: ``hbactl daemon`` as a process, the ``hbactl`` clients over the
+system DBus, targetcli through the daemon's ``org.kernel.TCMUService1`` handler.
+
+Checks: an ``Enable = on`` entry of a mode-600 configuration (with a CHAP secret) is attached
+before ``READY=1``; ``hbactl attach URL`` prints a usable ``/dev/sdX``; ``list`` and ``status
+--json`` show both; ``detach`` refuses a mounted disk and works after ``umount`` or with
+``--force``; a configuration others can read, or with a bad line, is refused with ``chmod 600``
+and ``file:line``; a second daemon is refused; a daemon killed with SIGKILL in the middle of a
+``dd`` is restarted, takes the disk over and the ``dd`` completes with the data intact;
+``targetcli /backstores/user:iscsi create`` plus a ``/loopback`` LUN is served by the running
+daemon (the disk answers INQUIRY with the remote identity) and ``CheckConfig`` turns a bad
+cfgstring away with a reason. Every test leaves configfs as it found it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hba import kernel
+from tests.kernel import helpers
+from tests.kernel.tcmu import sha256_of
+from tests.support.targets import Chap
+
+LioFactory = Callable[..., helpers.LioTarget]
+
+# Under TCG every hbactl/targetcli start costs seconds, and mkfs goes through the Python ring.
+pytestmark = pytest.mark.timeout(900)
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+HBACTL = Path(sys.executable).parent / "hbactl"
+MiB = 1 << 20
+POLICY = Path("/etc/dbus-1/system.d/iscsi-hba.conf")
+MKFS = ("mkfs.ext4", "-q", "-F", "-O", "^has_journal")  # no journal to write: quicker under TCG
+
+
+def hbactl(*args: str, check: bool = True, timeout: float = 300.0
+           ) -> subprocess.CompletedProcess[str]:
+    return helpers.run([HBACTL, *args], check=check, timeout=timeout)
+
+
+def hbactl_json(*args: str) -> Any:
+    return json.loads(hbactl(*args, "--json").stdout)
+
+
+def disks() -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = hbactl_json("list")["disks"]
+    return result
+
+
+def leftovers() -> list[str]:
+    """Our backstores and tcm_loop targets still in configfs."""
+    found = [f"backstore user_{b.hba_index}/{b.name}" for b in kernel.list_backstores()]
+    loopback = helpers.CONFIGFS_TARGET / "loopback"
+    if loopback.is_dir():
+        found += [f"loopback {p.name}" for p in loopback.iterdir() if p.name.startswith("naa.")]
+    return found
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def write_config(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def entry(nickname: str, target: helpers.LioTarget, *extra: str) -> str:
+    lines = [f"{nickname} {{", f"    TargetAddress = {target.portal}",
+             f"    TargetName    = {target.iqn}", f"    Lun           = {target.lun}"]
+    if target.chap is not None:
+        lines += [f"    chapIName     = {target.chap.userid}",
+                  f'    chapSecret    = "{target.chap.password}"']
+    lines += [f"    {line}" for line in extra] + ["}", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# the daemon process
+
+
+class DaemonProcess:
+    """``hbactl daemon`` as a subprocess; ready when it sends ``READY=1`` (sd_notify)."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 240.0) -> None:
+        assert not self.running, "the daemon is already running"
+        self.starts += 1
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"hba-daemon-test-{os.getpid()}-{secrets.token_hex(4)}"
+        notify.bind("\0" + name)
+        env = dict(os.environ, NOTIFY_SOCKET="@" + name)
+        try:
+            with self.log_path.open("ab") as log:
+                log.write(f"--- start {self.starts}\n".encode())
+                log.flush()
+                self.proc = subprocess.Popen(
+                    [HBACTL, "daemon", "--config", str(self.config)], cwd=CHECKOUT,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                    start_new_session=True)
+            deadline = time.monotonic() + timeout
+            notify.settimeout(0.25)
+            while time.monotonic() < deadline:
+                try:
+                    message = notify.recv(4096).decode()
+                except TimeoutError:
+                    message = ""
+                if "READY=1" in message.split("\n"):
+                    return
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"hbactl daemon exited with {self.proc.returncode} "
+                                         f"before READY=1:\n{self.log()}")
+            self.kill()
+            raise AssertionError(f"hbactl daemon sent no READY=1 within {timeout:.0f} s:\n"
+                                 f"{self.log()}")
+        finally:
+            notify.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"hbactl daemon ignored SIGTERM for {timeout:.0f} s:\n"
+                                     f"{self.log()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon(lio: helpers.Lio, tmp_path: Path, results_dir: Path) -> Iterator[DaemonProcess]:
+    """A daemon (not started) with an empty configuration; ``daemon.config`` may be rewritten
+    before ``start()``. At the end every disk is detached through it (before the ``lio``
+    targets go) and it is stopped; nothing of ours may be left in configfs."""
+    assert not leftovers(), f"configfs not clean before the test: {leftovers()}"
+    (results_dir / "daemon.log").unlink(missing_ok=True)  # the share outlives the VM
+    proc = DaemonProcess(write_config(tmp_path / "iscsi-hba.conf", ""),
+                         results_dir / "daemon.log")
+    yield proc
+    try:
+        if leftovers() and not proc.running:
+            proc.start()  # takes the disks over, so that they can be detached in order
+        if proc.running:
+            for disk in disks():
+                hbactl("detach", "--force", disk["name"], check=False)
+            status = proc.stop()
+            assert status == 0, f"hbactl daemon exited with {status}:\n{proc.log()}"
+    finally:
+        if proc.proc is not None:
+            proc.kill()
+    assert "Traceback" not in proc.log(), proc.log()
+    assert not leftovers(), f"left in configfs: {leftovers()}"
+
+
+@pytest.fixture(autouse=True)
+def _dbus_policy() -> None:
+    """deploy/setup installs the policy on the host, whose /etc the VM shares; the system bus
+    read it at boot. Without it, say so (a test-only install could hide a broken setup)."""
+    assert POLICY.exists(), (f"{POLICY} is missing: run deploy/setup on the host (it installs "
+                             "deploy/dbus/iscsi-hba.conf), then run the VM again")
+    assert POLICY.read_bytes() == (CHECKOUT / "deploy/dbus/iscsi-hba.conf").read_bytes(), \
+        f"{POLICY} differs from deploy/dbus/iscsi-hba.conf: run deploy/setup on the host"
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_daemon_attach_list_status_detach(daemon: DaemonProcess, lio_target: LioFactory,
+                                          tmp_path: Path) -> None:
+    chap_target = lio_target(64 * MiB, chap=Chap.one_way())
+    url_target = lio_target(32 * MiB)
+    assert chap_target.chap is not None
+    write_config(daemon.config, entry("disk1", chap_target) + entry(
+        "spare", url_target, "Enable = off"))
+    started = time.monotonic()
+    daemon.start()
+    ready_after = time.monotonic() - started
+
+    # The Enable = on entry is attached before READY=1; the other one is not.
+    (disk1,) = disks()
+    assert (disk1["name"], disk1["target"], disk1["lun"], disk1["size"]) == \
+        ("disk1", chap_target.iqn, 0, 64 * MiB)
+    assert disk1["session"] == "logged in" and disk1["state"] == "attached"
+    assert stat.S_ISBLK(os.stat(disk1["device"]).st_mode)
+    assert disk1["by_id"] and os.path.realpath(disk1["by_id"]) == disk1["device"]
+
+    # attach URL: prints the device once usable.
+    started = time.monotonic()
+    out = hbactl("attach", url_target.url()).stdout
+    attach_took = time.monotonic() - started
+    node = out.strip()
+    assert re.fullmatch(r"/dev/sd[a-z]+", node), out
+    assert stat.S_ISBLK(os.stat(node).st_mode)
+    size = int(helpers.run(["blockdev", "--getsize64", node]).stdout)
+    assert size == 32 * MiB
+    (disk2,) = [d for d in disks() if d["device"] == node]
+    assert disk2["target"] == url_target.iqn and disk2["portal"] == url_target.portal
+
+    table = hbactl("list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "TARGET", "LUN", "DEVICE", "SIZE", "STATE"]
+    assert any(line.split()[:4] == ["disk1", chap_target.iqn, "0", disk1["device"]]
+               and "64.0 MiB" in line and line.endswith("logged in") for line in table), table
+    status = hbactl_json("status")
+    assert status["ready"] is True and status["config"] == str(daemon.config)
+    assert status["tcmu_handler"] is True
+    assert sorted(d["name"] for d in status["disks"]) == sorted(["disk1", disk2["name"]])
+    assert sorted(s["target"] for s in status["sessions"]) == \
+        sorted([chap_target.iqn, url_target.iqn])
+    assert chap_target.chap.password not in json.dumps(status)
+
+    # A second daemon is refused, before it touches anything.
+    second = hbactl("daemon", "--config", str(daemon.config), check=False, timeout=120)
+    assert second.returncode == 1 and "already runs" in second.stderr, second
+    assert len(disks()) == 2
+
+    # detach refuses while mounted, works after umount.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    helpers.run([*MKFS, node])
+    helpers.run(["mount", node, mnt])
+    (mnt / "file").write_bytes(os.urandom(MiB))
+    refused = hbactl("detach", disk2["name"], check=False)
+    assert refused.returncode == 1
+    assert f"is mounted on {mnt}" in refused.stderr and "--force" in refused.stderr, refused
+    assert "Traceback" not in refused.stderr
+    helpers.run(["umount", mnt])
+    helpers.run(["fsck.ext4", "-fn", node])
+    out = hbactl("detach", node).stdout
+    assert out.strip() == f"detached {disk2['name']} ({node})"
+    assert not os.path.exists(node)
+
+    # --force detaches a mounted disk (its filesystem then sees I/O errors).
+    helpers.run([*MKFS, disk1["device"]])
+    helpers.run(["mount", disk1["device"], mnt])
+    try:
+        refused = hbactl("detach", "disk1", check=False)
+        assert refused.returncode == 1 and "is mounted on" in refused.stderr
+        detached = hbactl_json("detach", "--force", "disk1")
+        assert detached["state"] == "detached" and detached["name"] == "disk1"
+    finally:
+        helpers.run(["umount", "-l", mnt], check=False)
+    assert disks() == []
+    assert not leftovers()
+
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert chap_target.chap.password not in log
+    for expected in ("attached disk1:", f"attached {disk2['name']}:", "detached disk1",
+                     f"detached {disk2['name']}", f"session {chap_target.iqn}",
+                     "iscsi-hba daemon ready: 1 disk"):
+        assert expected in log, (expected, log)
+    print(f"READY=1 after {ready_after:.1f} s (one attach); hbactl attach took "
+          f"{attach_took:.1f} s")
+
+
+def test_unusable_configurations_are_refused(tmp_path: Path, lio_target: LioFactory) -> None:
+    target = lio_target(16 * MiB, chap=Chap.one_way())
+    readable = write_config(tmp_path / "readable.conf", entry("disk1", target), 0o644)
+    proc = hbactl("daemon", "--config", str(readable), check=False, timeout=120)
+    assert proc.returncode == 78, proc
+    assert f"chmod 600 {readable}" in proc.stderr and "Traceback" not in proc.stderr
+    assert target.chap is not None and target.chap.password not in proc.stderr
+
+    bad = write_config(tmp_path / "bad.conf",
+                       "disk1 {\n    TargetAddress = 127.0.0.1\n    Lun = many\n}\n")
+    proc = hbactl("daemon", "--config", str(bad), check=False, timeout=120)
+    assert proc.returncode == 78, proc
+    assert f"{bad}:3:" in proc.stderr and "Lun" in proc.stderr, proc.stderr
+    assert f"{bad}:1:" in proc.stderr and "TargetName" in proc.stderr, proc.stderr
+
+    # No daemon: the clients say so, and how to start one.
+    for command in (["list"], ["status", "--json"], ["attach", "disk1"], ["detach", "disk1"]):
+        proc = hbactl(*command, check=False)
+        assert proc.returncode == 1, proc
+        assert "not running" in proc.stderr and "systemctl start iscsi-hba" in proc.stderr
+    assert not leftovers()
+
+
+def test_sigkill_restart_takes_the_disk_over(daemon: DaemonProcess, lio_target: LioFactory,
+                                             tmp_path: Path) -> None:
+    target = lio_target(64 * MiB)
+    daemon.start()
+    node = hbactl("attach", target.url()).stdout.strip()
+    size = 32 * MiB
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(size))
+    expected = sha256_of(data, size, direct=False)
+
+    dd = subprocess.Popen(["dd", f"if={data}", f"of={node}", "bs=64k", "oflag=direct",
+                           "conv=notrunc", "status=none"], stderr=subprocess.PIPE)
+    time.sleep(2.0)
+    killed_during_dd = dd.poll() is None
+    daemon.kill()
+    time.sleep(1.0)  # the dd's commands pile up in the ring meanwhile
+    started = time.monotonic()
+    daemon.start()
+    takeover = time.monotonic() - started
+    _, err = dd.communicate(timeout=900)
+    assert dd.returncode == 0, err
+    assert sha256_of(node, size) == expected
+
+    (disk,) = disks()
+    assert disk["device"] == node and disk["session"] == "logged in"
+    remote = tmp_path / "remote"
+    hbactl("read", target.url(), "--lba", "0", "--blocks", str(size // 512), "-o", str(remote))
+    assert sha256_of(remote, size, direct=False) == expected
+    log = daemon.log()
+    assert "took over" in log and "--- start 2" in log
+    print(f"dd still running when killed: {killed_during_dd}; READY=1 {takeover:.1f} s after "
+          "the restart")
+
+
+def targetcli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return helpers.run(["targetcli", *args], check=check, timeout=180)
+
+
+def test_targetcli_backstore_is_served_by_the_daemon(daemon: DaemonProcess,
+                                                     lio_target: LioFactory) -> None:
+    target = lio_target(32 * MiB)
+    daemon.start()
+    targetcli("set", "global", "auto_save_on_exit=false")
+    listing = targetcli("ls", "/backstores").stdout
+    assert "user:iscsi" in listing, listing
+    help_text = targetcli("/backstores/user:iscsi", "help", "create").stdout
+    assert "%3A" in help_text and "nickname" in help_text, help_text
+
+    # CheckConfig turns bad cfgstrings away with a reason targetcli shows.
+    for cfg, reason in (("nonsense/x/y/z", "neither a configuration nickname"),
+                        (f"127.0.0.1%3A{target.port}/{target.iqn}/0",
+                         "refuses ':' in a cfgstring"),
+                        ("nosuchentry", "'nosuchentry' is not the nickname of an entry")):
+        proc = targetcli("/backstores/user:iscsi", "create", "name=bad", "size=1M",
+                         f"cfgstring={cfg}", check=False)
+        output = proc.stdout + proc.stderr
+        assert "cfgstring invalid" in output and reason in output, (cfg, output)
+    assert not leftovers()
+    gdbus = helpers.run(["gdbus", "call", "--system", "--dest", "org.kernel.TCMUService1",
+                         "--object-path", "/org/kernel/TCMUService1/iscsi", "--method",
+                         "org.kernel.TCMUService1.CheckConfig", "iscsi/127.0.0.1%3A1/iqn.x/0"])
+    assert gdbus.stdout.startswith("(false,"), gdbus.stdout
+
+    cfg = f"127.0.0.1%3A{target.port}/{target.iqn.replace(':', '%3A')}/0"
+    created = targetcli("/backstores/user:iscsi", "create", "name=tc1", "size=32M",
+                        f"cfgstring={cfg}")
+    assert "Created user-backed storage object tc1" in created.stdout, created
+    out = targetcli("/loopback", "create").stdout
+    match = re.search(r"naa\.[0-9a-f]+", out)
+    assert match, out
+    naa = match[0]
+    targetcli(f"/loopback/{naa}/luns", "create", "/backstores/user:iscsi/tc1")
+
+    disk = wait_for(lambda: next((d for d in disks() if d["backstore"].endswith("/tc1")
+                                  and d["device"]), None), 60, "the disk of tc1 in hbactl list")
+    node = disk["device"]
+    assert disk["name"] == "tc1" and disk["target"] == target.iqn
+    ident = json.loads(hbactl("inquiry", target.url(), "--json").stdout)
+    inq = helpers.run(["sg_inq", node]).stdout
+    vendor = re.search(r"Vendor identification:\s*(.*)", inq)
+    product = re.search(r"Product identification:\s*(.*)", inq)
+    assert vendor and product, inq
+    assert (vendor[1].strip(), product[1].strip()) == (ident["vendor"], ident["product"])
+    vpd = helpers.run(["sg_inq", "-p", "0x83", node]).stdout
+    assert ident["naa"] is not None and ident["naa"].removeprefix("naa.") in vpd, vpd
+    helpers.run(["dd", f"if={node}", "of=/dev/null", "bs=1M", "count=8", "iflag=direct",
+                 "status=none"])
+    assert int(helpers.run(["blockdev", "--getsize64", node]).stdout) == 32 * MiB
+
+    log = daemon.log()
+    assert "serving tc1: backstore tc1" in log and "CheckConfig" in log, log
+    # hbactl detach removes what targetcli made: the /loopback target, then the backstore.
+    assert hbactl("detach", "tc1").stdout.strip() == f"detached tc1 ({node})"
+    assert not leftovers()
+    assert "tc1" not in targetcli("ls", "/backstores/user:iscsi").stdout
