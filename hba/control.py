@@ -10,7 +10,7 @@ in the foreground on one asyncio loop, in this order:
    the entries with ``Enable = on``;
 4. tell systemd ``READY=1`` (``Type=notify``; :func:`sd_notify` speaks the datagram protocol of
    sd_notify(3) itself), serve until SIGTERM/SIGINT, then ``STOPPING=1`` and stop. SIGHUP
-   reads the configuration again.
+   reads the configuration again and attaches the entries newly enabled in it.
 
 Stopping leaves every disk in the kernel (its commands wait) for the next daemon to take over;
 ``hbactl detach`` is what removes one.
@@ -49,7 +49,7 @@ START_HINT = "start it with `systemctl start iscsi-hba`, or run `hbactl daemon` 
 # The keys of a disk as ``list``/``status --json`` print them (a missing one is null).
 DISK_FIELDS = ("name", "target", "portal", "lun", "device", "by_id", "size", "block_size",
                "backstore", "scsi_address", "state", "session", "in_flight", "commands",
-               "reconnects")
+               "reconnects", "error")
 
 
 class ControlError(HBAError):
@@ -167,6 +167,10 @@ def format_status(status: Mapping[str, Any]) -> str:
                      f"{s.get('reconnects', 0)} reconnects")
     lines.append("disks:")
     lines.extend("  " + line for line in format_table(status.get("disks") or []).splitlines())
+    for d in status.get("disks") or []:
+        if d.get("error"):
+            lines.append(f"  {d.get('name')}: attempt {d.get('attempts', '?')} failed, next in "
+                         f"{float(d.get('retry_in') or 0):.0f} s: {d['error']}")
     return "\n".join(lines)
 
 
@@ -471,6 +475,8 @@ async def _reload(daemon: Daemon) -> None:
         await daemon.reload_config()
     except ConfigError as exc:
         log.error("keeping the previous configuration: %s", exc)
+        return
+    await daemon.attach_enabled()
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,7 +494,9 @@ def add_commands(sub: Any) -> None:
         description="Serve the disks: take over existing ones, attach the configuration's "
                     "entries with Enable = on, answer hbactl and targetcli over the system "
                     "DBus. Stops on SIGTERM/SIGINT (the disks stay for the next start); "
-                    "SIGHUP reads the configuration again.")
+                    "SIGHUP reads the configuration again and attaches the entries newly "
+                    "enabled in it. An entry whose target cannot be reached is tried again "
+                    "in the background until it attaches.")
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                    help=f"configuration file (default {DEFAULT_CONFIG}; a missing file means "
                         "nothing to attach)")

@@ -47,13 +47,20 @@ from hba.config import AuthMethod, Config, ConfigError, TargetEntry, load_config
 from hba.errors import HBAError
 from initiator.chap import ChapAccount, ChapCredentials, Secret
 from initiator.client import ScsiClient
-from initiator.errors import ConfigurationError, ISCSIError
-from initiator.login import Portal
+from initiator.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ISCSIError,
+    LocalProtocolError,
+    NegotiationError,
+)
+from initiator.login import LoginError, Portal, TargetNotFoundError
 from initiator.transport import Session, SessionConfig, SessionState, default_initiator_name
 from initiator.url import IscsiUrl, parse_url
 from tcmu_handler.device import UioDevice, UioInfo, find_device, find_devices
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import TCMUError
+from tcmu_handler.executor import SessionExecutor
 
 log = logging.getLogger("iscsi-hba")
 
@@ -61,10 +68,21 @@ BLKFLSBUF = 0x1261
 BACKSTORE_PREFIX = "hba-"
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
 SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout
+RETRY_FIRST = 5.0         # seconds before an Enable = on entry is tried again ...
+RETRY_MAX = 60.0          # ... doubling up to this
 
 
 class AttachError(HBAError):
-    """An attach could not be done; the message says why and what to check."""
+    """An attach could not be done; the message says why and what to check.
+
+    ``retryable`` says whether the same attach may succeed later without anyone changing
+    anything (the target is down, unreachable or not configured yet), as opposed to a wrong
+    secret, a refused initiator or a local problem.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class DetachError(HBAError):
@@ -154,6 +172,30 @@ class Disk:
 
 
 @dataclass(slots=True)
+class _Retry:
+    """An ``Enable = on`` entry whose attach failed for a reason that may go away: it is tried
+    again in the background, like FreeBSD's iscsid keeps a configured session reconnecting."""
+
+    spec: LunSpec
+    error: str
+    attempts: int = 1
+    next_attempt: float = 0.0   # loop time
+    task: asyncio.Task[None] | None = None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "target": self.spec.target,
+            "portal": str(self.spec.portal),
+            "lun": self.spec.lun,
+            "state": "retrying",
+            "error": self.error,
+            "attempts": self.attempts,
+            "retry_in": round(max(0.0, self.next_attempt - now), 1),
+        }
+
+
+@dataclass(slots=True)
 class _Shared:
     session: Session
     users: int = 0
@@ -183,6 +225,7 @@ class Daemon:
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
+        self._retries: dict[str, _Retry] = {}  # configuration nickname -> its retry
         self.initiator_name = self.options.initiator_name or default_initiator_name()
         self.started = False
 
@@ -198,16 +241,81 @@ class Daemon:
         if self.options.watch_uio:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_uio())
         self.started = True
-        if attach_enabled and self.config is not None:
+        if attach_enabled:
+            await self.attach_enabled()
+
+    async def attach_enabled(self) -> None:
+        """Attach every ``Enable = on`` entry of the configuration that is not attached yet
+        (at start, and after the configuration was read again). An entry that fails for a
+        reason that may go away (the target is down, unreachable or not set up yet) is tried
+        again in the background, 5 s later and then at doubling intervals up to a minute, until
+        it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
+        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once."""
+        wanted = set()
+        if self.config is not None:
             for entry in self.config.enabled():
                 if entry.session_type.value.lower() != "normal":
                     continue
-                if any(d.spec.nickname == entry.nickname for d in self.disks.values()):
+                wanted.add(entry.nickname)
+                if entry.nickname in self._retries or self._attached(entry.nickname):
                     continue
                 try:
                     await self.attach(entry.nickname)
-                except (HBAError, ISCSIError) as exc:
+                except AttachError as exc:
+                    self._failed_at_start(entry.nickname, exc)
+                except HBAError as exc:
                     log.error("could not attach %s: %s", entry.nickname, exc)
+        for nickname in list(self._retries):
+            if nickname not in wanted:
+                log.info("%s is no longer enabled in the configuration: not retrying it",
+                         nickname)
+                self._stop_retrying(nickname)
+
+    def _attached(self, nickname: str) -> bool:
+        return any(d.spec.nickname == nickname for d in self.disks.values())
+
+    def _failed_at_start(self, nickname: str, exc: AttachError) -> None:
+        if not exc.retryable:
+            log.error("could not attach %s: %s", nickname, exc)
+            return
+        spec = self.resolve(nickname)
+        retry = _Retry(spec, str(exc))
+        self._retries[nickname] = retry
+        retry.task = asyncio.get_running_loop().create_task(self._retry(nickname, retry))
+
+    async def _retry(self, nickname: str, retry: _Retry) -> None:
+        loop = asyncio.get_running_loop()
+        delay = RETRY_FIRST
+        while True:
+            retry.next_attempt = loop.time() + delay
+            log.warning("could not attach %s (attempt %d): %s; trying again in %.0f s",
+                        nickname, retry.attempts, retry.error, delay)
+            await asyncio.sleep(delay)
+            if self._attached(nickname):
+                break
+            try:
+                await self.attach(nickname)
+            except AttachError as exc:
+                retry.attempts += 1
+                retry.error = str(exc)
+                if not exc.retryable:
+                    log.error("could not attach %s: %s; not trying again", nickname, exc)
+                    break
+            except HBAError as exc:
+                log.error("could not attach %s: %s; not trying again", nickname, exc)
+                break
+            else:
+                break
+            delay = min(delay * 2, RETRY_MAX)
+        if self._retries.get(nickname) is retry:
+            del self._retries[nickname]
+
+    def _stop_retrying(self, nickname: str) -> _Retry | None:
+        retry = self._retries.pop(nickname, None)
+        if retry is not None and retry.task is not None \
+                and retry.task is not asyncio.current_task():
+            retry.task.cancel()
+        return retry
 
     def _load_config(self) -> Config | None:
         path = self.options.config_path
@@ -235,6 +343,8 @@ class Daemon:
     async def stop(self) -> None:
         """Stop serving. Devices stay in the kernel (their I/O waits) so a restarted daemon
         takes them over; use detach to remove them."""
+        for nickname in list(self._retries):
+            self._stop_retrying(nickname)
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -410,14 +520,18 @@ class Daemon:
                     raise AttachError(
                         f"{spec.target} LUN {spec.lun} at {spec.portal} is already attached "
                         f"as {disk.name}")
-            return await self._attach_locked(spec)
+            attached = await self._attach_locked(spec)
+        if spec.nickname is not None:
+            self._stop_retrying(spec.nickname)  # "attached ..." was logged
+        return attached
 
     async def _attach_locked(self, spec: LunSpec) -> Disk:
         try:
             session = await self._acquire(spec)
         except ISCSIError as exc:
             raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
-                              f"{spec.portal}) failed: {exc}") from None
+                              f"{spec.portal}) failed: {exc}",
+                              retryable=_worth_retrying(exc)) from None
         backstore = BACKSTORE_PREFIX + spec.name
         created = False
         disk: Disk | None = None
@@ -454,7 +568,9 @@ class Daemon:
             await self._rollback(disk, backstore, created, session)
             if isinstance(exc, (HBAError, ISCSIError)):
                 raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
-                                  f"{spec.portal}) failed: {exc}") from None
+                                  f"{spec.portal}) failed: {exc}",
+                                  retryable=isinstance(exc, ISCSIError)
+                                  and _worth_retrying(exc)) from None
             if isinstance(exc, TCMUError):
                 raise AttachError(f"attaching {spec.name} failed: {exc}") from None
             raise
@@ -483,10 +599,11 @@ class Daemon:
         """Start the ring of ``disk`` and watch for its end."""
         if takeover:
             dispatcher = await asyncio.to_thread(
-                Dispatcher.takeover, uio, disk.session, lun=disk.spec.lun)
+                Dispatcher.takeover, uio, SessionExecutor(disk.session), lun=disk.spec.lun)
         else:
             device = await asyncio.to_thread(UioDevice.open, uio)
-            dispatcher = Dispatcher(device, disk.session, lun=disk.spec.lun)
+            # SessionExecutor: a refused ABORT TASK escalates to a LOGICAL UNIT RESET.
+            dispatcher = Dispatcher(device, SessionExecutor(disk.session), lun=disk.spec.lun)
         disk.dispatcher = dispatcher
         dispatcher.start()
         self._serving.add(disk.backstore)
@@ -529,6 +646,14 @@ class Daemon:
             # A LUN linked by someone else (targetcli) may have got its disk since we saw it:
             # without it, the mount check below would let a mounted disk go.
             await self.refresh_devices()
+            if what not in self.disks and what in self._retries:
+                retry = self._stop_retrying(what)
+                assert retry is not None
+                log.info("%s: not trying to attach it any more", what)
+                described = retry.describe(asyncio.get_running_loop().time())
+                described["state"] = "detached"
+                self._event("detach", described)
+                return described
             disk = self.find(what)
             if disk.device is not None:
                 busy = devices.users(disk.device.name)
@@ -697,7 +822,12 @@ class Daemon:
     # -- reporting -------------------------------------------------------------------------
 
     def list(self) -> list[dict[str, Any]]:
-        return [disk.describe() for disk in sorted(self.disks.values(), key=lambda d: d.name)]
+        """Attached disks, and the configuration entries still being retried."""
+        now = asyncio.get_running_loop().time()
+        rows = [disk.describe() for disk in self.disks.values()]
+        rows += [retry.describe(now) for name, retry in self._retries.items()
+                 if name not in self.disks]
+        return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -715,6 +845,17 @@ class Daemon:
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _worth_retrying(exc: ISCSIError) -> bool:
+    """Whether an attach that failed with ``exc`` may succeed later with nothing changed."""
+    if isinstance(exc, (AuthenticationError, ConfigurationError, NegotiationError,
+                        LocalProtocolError)):
+        return False
+    if isinstance(exc, LoginError):
+        # A target that is being set up answers "not found" until its LUNs exist.
+        return exc.retryable or isinstance(exc, TargetNotFoundError)
+    return True
 
 
 def _default_name(target: str, lun: int) -> str:

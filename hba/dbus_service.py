@@ -277,11 +277,12 @@ class ControlInterface(_service.ServiceInterface):
 
     @_method(name="Reload")
     async def reload(self) -> None:
-        """Read the configuration file again."""
+        """Read the configuration file again and attach entries newly enabled in it."""
         try:
             await self._daemon.reload_config()
         except Exception as exc:
             raise dbus_error(exc, "reload the configuration") from None
+        await self._daemon.attach_enabled()
 
     async def _refresh(self) -> None:
         try:

@@ -83,9 +83,15 @@ def size_bytes(name: str, sysfs: Path = Path("/sys")) -> int:
         return 0
 
 
+# How long a disk udev has finished with may still lack /dev/disk/by-id links before we take
+# it as it is: a LUN that reports no serial number and no designator gets none, ever.
+LINK_GRACE = 5.0
+
+
 async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
                         sysfs: Path = Path("/sys")) -> BlockDevice:
-    """The disk at ``scsi_address`` once udev has finished with it (by-id links included)."""
+    """The disk at ``scsi_address`` once udev has finished with it (by-id links included,
+    unless the LUN still has none :data:`LINK_GRACE` seconds after udev made its node)."""
     import pyudev
 
     loop = asyncio.get_running_loop()
@@ -96,14 +102,20 @@ async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
     event = asyncio.Event()
     loop.add_reader(monitor.fileno(), _drain, monitor, event)
     deadline = loop.time() + timeout
+    unlinked_since: float | None = None
     try:
         while True:
             name = disk_name(scsi_address, sysfs)
             if name is not None:
                 device = _ready(name)
                 # udev adds the by-id links of a disk with a WWN a moment after the node.
-                if device is not None and device.by_id:
-                    return device
+                if device is not None:
+                    if device.by_id:
+                        return device
+                    if unlinked_since is None:
+                        unlinked_since = loop.time()
+                    elif loop.time() - unlinked_since >= LINK_GRACE:
+                        return device
             remaining = deadline - loop.time()
             if remaining <= 0:
                 what = f"/dev/{name}" if name else "no block device"

@@ -7,6 +7,8 @@ before ``READY=1``; ``hbactl attach URL`` prints a usable ``/dev/sdX``; ``list``
 ``--force``; a configuration others can read, or with a bad line, is refused with ``chmod 600``
 and ``file:line``; a second daemon is refused; a daemon killed with SIGKILL in the middle of a
 ``dd`` is restarted, takes the disk over and the ``dd`` completes with the data intact;
+an ``Enable = on`` entry whose target comes up only after the start is attached once it does,
+SIGHUP attaches a newly enabled entry and ``detach`` ends its retry;
 ``targetcli /backstores/user:iscsi create`` plus a ``/loopback`` LUN is served by the running
 daemon (the disk answers INQUIRY with the remote identity) and ``CheckConfig`` turns a bad
 cfgstring away with a reason. Every test leaves configfs as it found it.
@@ -33,7 +35,8 @@ import pytest
 from hba import kernel
 from tests.kernel import helpers
 from tests.kernel.tcmu import sha256_of
-from tests.support.targets import Chap
+from tests.support.targets import Chap, free_tcp_port, unique_iqn
+from tests.support.tgtd import FIRST_DATA_LUN, Tgtd
 
 LioFactory = Callable[..., helpers.LioTarget]
 
@@ -351,6 +354,58 @@ def test_sigkill_restart_takes_the_disk_over(daemon: DaemonProcess, lio_target: 
     assert "took over" in log and "--- start 2" in log
     print(f"dd still running when killed: {killed_during_dd}; READY=1 {takeover:.1f} s after "
           "the restart")
+
+
+def test_enabled_entry_waits_for_its_target(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """An ``Enable = on`` entry whose target is not up yet is retried until it attaches; SIGHUP
+    attaches a newly enabled entry; ``detach`` stops a retry."""
+    port = free_tcp_port()
+    iqn = unique_iqn("late")
+    late = "\n".join(["late {", "    TargetAddress = 127.0.0.1:" + str(port),
+                      f"    TargetName = {iqn}", f"    Lun = {FIRST_DATA_LUN}", "}", ""])
+    write_config(daemon.config, late)
+    daemon.start()
+    (row,) = disks()
+    assert (row["name"], row["state"], row["device"]) == ("late", "retrying", None), row
+    assert f"cannot connect to iSCSI portal 127.0.0.1:{port}" in row["error"], row
+    assert hbactl("list").stdout.splitlines()[1].endswith("retrying")
+    assert "cannot connect" in hbactl("status").stdout
+
+    tgtd = Tgtd(tmp_path / "tgtd", port=port)
+    tgtd.launch()
+    try:
+        tgtd.add_target(16 * MiB, iqn=iqn)
+        disk = wait_for(lambda: next((d for d in disks() if d["device"]), None), 120,
+                        "the disk of the late entry")
+        assert disk["name"] == "late" and disk["state"] == "attached"
+        node = disk["device"]
+        data = os.urandom(MiB)
+        (tmp_path / "data").write_bytes(data)
+        helpers.run(["dd", f"if={tmp_path / 'data'}", f"of={node}", "bs=64k", "oflag=direct",
+                     "status=none"])
+        back = subprocess.run(["dd", f"if={node}", "bs=64k", "count=16", "iflag=direct",
+                               "status=none"], capture_output=True, check=True,
+                              timeout=120).stdout
+        assert back == data
+
+        # SIGHUP: a new Enable = on entry, whose target is down, is retried; detach ends it.
+        ghost = "\n".join(["ghost {", f"    TargetAddress = 127.0.0.1:{free_tcp_port()}",
+                           f"    TargetName = {unique_iqn('ghost')}", "}", ""])
+        write_config(daemon.config, late + ghost)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        row = wait_for(lambda: next((d for d in disks() if d["name"] == "ghost"), None), 60,
+                       "the ghost entry in hbactl list")
+        assert row["state"] == "retrying", row
+        assert hbactl("detach", "ghost").stdout.strip() == "detached ghost"
+        assert [d["name"] for d in disks()] == ["late"]
+        assert hbactl("detach", "late").stdout.strip() == f"detached late ({node})"
+    finally:
+        tgtd.stop()
+    log = daemon.log()
+    for expected in ("could not attach late (attempt 1)", "attached late:",
+                     "could not attach ghost (attempt 1)", "detached late"):
+        assert expected in log, (expected, log)
 
 
 def targetcli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

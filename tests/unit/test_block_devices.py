@@ -1,0 +1,49 @@
+"""hba.devices.wait_for_disk: by-id links are waited for, but not forever.
+
+udev is not involved: the sysfs lookup and udev's view of the disk are stubbed, so these
+tests show the waiting rules, not udev (the kernel tier has the real one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hba import devices
+from hba.devices import BlockDevice, DeviceTimeout
+
+LINKED = BlockDevice("sdz", "/dev/sdz", ("/dev/disk/by-id/wwn-0x6001405abc",))
+UNLINKED = BlockDevice("sdz", "/dev/sdz", ())
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> list[BlockDevice | None]:
+    """What udev says of the disk, changed by the test; the SCSI address always has sdz."""
+    state: list[BlockDevice | None] = [None]
+    monkeypatch.setattr(devices, "disk_name", lambda address, sysfs=None: "sdz")
+    monkeypatch.setattr(devices, "_ready", lambda name: state[0])
+    monkeypatch.setattr(devices, "LINK_GRACE", 0.3)
+    return state
+
+
+async def test_links_are_waited_for(disk: list[BlockDevice | None]) -> None:
+    disk[0] = UNLINKED
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, disk.__setitem__, 0, LINKED)
+    assert await devices.wait_for_disk("1:0:1:0", timeout=5) == LINKED
+
+
+async def test_a_disk_without_links_is_taken_after_the_grace(
+        disk: list[BlockDevice | None]) -> None:
+    disk[0] = UNLINKED
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await devices.wait_for_disk("1:0:1:0", timeout=10) == UNLINKED
+    assert loop.time() - started >= 0.3
+
+
+async def test_no_disk_times_out_with_advice(disk: list[BlockDevice | None]) -> None:
+    with pytest.raises(DeviceTimeout, match=r"1:0:1:0 was not ready within 0.2 s \(/dev/sdz "
+                                            r"so far\).*systemd-udevd"):
+        await devices.wait_for_disk("1:0:1:0", timeout=0.2)

@@ -1,0 +1,190 @@
+"""``Enable = on`` entries whose target cannot be reached are tried again in the background.
+
+The daemon runs here without a kernel: preflight and the configfs scan are stubbed, and in most
+tests ``_attach_locked`` (the kernel part of an attach) is replaced by a stand-in that fails
+with queued errors and then "attaches". One test goes through the real attach path against a
+closed port, so the error a person sees in ``hbactl status`` is the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hba import control
+from hba import daemon as daemon_module
+from hba.daemon import AttachError, Daemon, DaemonOptions, Disk, LunSpec, _worth_retrying
+from initiator import errors
+from initiator.login import LoginError, TargetNotFoundError, login_error
+from initiator.transport import Session
+from tests.support.targets import free_tcp_port
+
+INITIATOR = "iqn.2024-01.org.example:unit-host"
+
+
+def entry(nickname: str, port: int, *extra: str) -> str:
+    lines = [f"{nickname} {{", f"    TargetAddress = 127.0.0.1:{port}",
+             f"    TargetName = iqn.2003-01.org.example:{nickname}", "    Lun = 0",
+             "    LoginTimeout = 2", *(f"    {line}" for line in extra), "}", ""]
+    return "\n".join(lines)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+class Flaky(Daemon):
+    """The kernel part of an attach fails with the queued errors, then succeeds."""
+
+    def __init__(self, options: DaemonOptions, failures: list[AttachError]) -> None:
+        super().__init__(options)
+        self.failures = failures
+        self.attempts = 0
+
+    async def _attach_locked(self, spec: LunSpec) -> Disk:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        disk = Disk(spec=spec, backstore="hba-" + spec.name, hba_index=0,
+                    session=Session(spec.portal, spec.target, spec.session), state="attached")
+        self.disks[spec.name] = disk
+        return disk
+
+
+def down(name: str = "disk1") -> AttachError:
+    return AttachError(f"attaching {name} failed: cannot connect", retryable=True)
+
+
+def refused(name: str = "disk1") -> AttachError:
+    return AttachError(f"attaching {name} failed: authentication failed", retryable=False)
+
+
+@pytest.fixture(autouse=True)
+def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hba.kernel.preflight", lambda: None)
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [])
+    monkeypatch.setattr(daemon_module, "RETRY_FIRST", 0.02)
+    monkeypatch.setattr(daemon_module, "RETRY_MAX", 0.05)
+
+
+DaemonFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
+    made: list[Daemon] = []
+
+    async def start(text: str, failures: list[AttachError] | None = None,
+                    real: bool = False) -> Daemon:
+        options = DaemonOptions(config_path=write(tmp_path / "hba.conf", text),
+                                initiator_name=INITIATOR, watch_uio=False)
+        d = Daemon(options) if real else Flaky(options, failures or [])
+        made.append(d)
+        await d.start()
+        return d
+
+    yield start
+    for d in made:
+        await d.stop()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_what_is_worth_retrying() -> None:
+    assert _worth_retrying(errors.ConnectionFailed("refused"))
+    assert _worth_retrying(errors.SessionFailed("gone"))
+    assert _worth_retrying(login_error(3, 0x01, "iqn.x", "h:1"))   # target unavailable
+    assert isinstance(login_error(2, 0x03, "iqn.x", "h:1"), TargetNotFoundError)
+    assert _worth_retrying(login_error(2, 0x03, "iqn.x", "h:1"))   # not set up yet
+    assert not _worth_retrying(login_error(2, 0x01, "iqn.x", "h:1"))  # wrong secret
+    assert not _worth_retrying(login_error(2, 0x02, "iqn.x", "h:1"))  # initiator refused
+    assert not _worth_retrying(LoginError("version", status_class=2, status_detail=0x05))
+    assert not _worth_retrying(errors.AuthenticationError("bad CHAP answer"))
+    assert not _worth_retrying(errors.NegotiationError("no common digest"))
+
+
+async def test_unreachable_target_is_retried_and_listed(make: DaemonFactory) -> None:
+    port = free_tcp_port()
+    d = await make(entry("disk1", port), real=True)
+    (row,) = d.list()
+    assert row["name"] == "disk1" and row["state"] == "retrying"
+    assert row["target"] == "iqn.2003-01.org.example:disk1" and row["lun"] == 0
+    assert f"cannot connect to iSCSI portal 127.0.0.1:{port}" in row["error"], row
+    await until(lambda: d.list()[0]["attempts"] >= 3)
+    assert d.disks == {}
+    text = control.format_status({"disks": [control.normalize_disk(r) for r in d.list()]})
+    assert "retrying" in text and "cannot connect" in text
+
+
+async def test_attaches_once_the_target_answers(make: DaemonFactory,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "iscsi-hba")
+    d = await make(entry("disk1", 3260), [down(), down(), down()])
+    assert [r["state"] for r in d.list()] == ["retrying"]
+    await until(lambda: "disk1" in d.disks)
+    assert d.attempts == 4 and d._retries == {}
+    assert [r["name"] for r in d.list()] == ["disk1"]
+    assert "could not attach disk1 (attempt 3): attaching disk1 failed: cannot connect; " \
+           "trying again in" in caplog.text
+
+
+async def test_a_refusal_is_not_retried(make: DaemonFactory,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    d = await make(entry("disk1", 3260), [refused()])
+    assert d.list() == [] and d._retries == {}
+    assert "could not attach disk1: attaching disk1 failed: authentication" in caplog.text
+
+    d2 = await make(entry("disk2", 3260), [down("disk2"), refused("disk2")])
+    await until(lambda: not d2._retries)
+    assert d2.attempts == 2 and d2.disks == {}
+    assert "not trying again" in caplog.text
+
+
+async def test_detach_stops_retrying(make: DaemonFactory) -> None:
+    d = await make(entry("disk1", 3260), [down()] * 1000)
+    (task,) = [r.task for r in d._retries.values()]
+    assert task is not None
+    described = await d.detach("disk1")
+    assert described["state"] == "detached" and described["name"] == "disk1"
+    await asyncio.sleep(0)
+    assert task.cancelled() or task.done()
+    assert d.list() == [] and d._retries == {}
+
+
+async def test_explicit_attach_ends_the_retry(make: DaemonFactory,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "RETRY_FIRST", 60.0)
+    d = await make(entry("disk1", 3260), [down(), down()])
+    (task,) = [r.task for r in d._retries.values()]
+    assert task is not None
+    with pytest.raises(AttachError, match="cannot connect"):
+        await d.attach("disk1")   # fails: the retry goes on
+    assert not task.done() and d.attempts == 2
+    await d.attach("disk1")       # `hbactl attach disk1` once the target is back
+    await asyncio.sleep(0)
+    assert task.cancelled() and "disk1" in d.disks and not d._retries
+    with pytest.raises(AttachError, match="already attached"):
+        await d.attach("disk1")
+
+
+async def test_reload_attaches_new_entries_and_drops_removed_ones(
+        make: DaemonFactory, tmp_path: Path) -> None:
+    d = await make(entry("disk1", 3260), [down()] * 1000)
+    assert set(d._retries) == {"disk1"}
+    write(tmp_path / "hba.conf", entry("disk1", 3260, "Enable = off") + entry("disk2", 3261))
+    assert isinstance(d, Flaky)
+    d.failures.clear()
+    await d.reload_config()
+    await d.attach_enabled()
+    assert d._retries == {} and set(d.disks) == {"disk2"}
