@@ -361,15 +361,16 @@ def configure_daemon_logging(verbose: int, environ: Mapping[str, str] | None = N
 async def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl daemon``: see the module docstring. Returns when stopped."""
     configure_daemon_logging(max(args.verbose, args.daemon_verbose))
-    return {"exit_status": await run_daemon(args.config, args.initiator_name)}
+    return {"exit_status": await run_daemon(args.config, args.initiator_name,
+                                            pcap_dir=args.daemon_pcap)}
 
 
 async def run_daemon(config_path: str | None, initiator_name: str | None = None, *,
-                     bus_address: str | None = None) -> int:
+                     bus_address: str | None = None, pcap_dir: str | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status."""
     from hba import dbus_service
     from hba.config import ConfigError, load_config
-    from hba.daemon import Daemon, DaemonOptions
+    from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
     from hba.kernel import KernelSetupError
 
     if config_path is not None and os.path.exists(config_path):
@@ -378,7 +379,13 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
             raise StartupError(str(exc), EXIT_CONFIG) from None
-    daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name))
+    if pcap_dir is not None:
+        try:
+            await asyncio.to_thread(prepare_capture_dir, pcap_dir)
+        except HBAError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+    daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
+                                  pcap_dir=pcap_dir))
     try:
         service = await dbus_service.DaemonService.connect(daemon, address=bus_address)
     except dbus_service.BusError as exc:
@@ -502,6 +509,9 @@ def add_commands(sub: Any) -> None:
                         "nothing to attach)")
     p.add_argument("--initiator-name", metavar="IQN",
                    help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
+    p.add_argument("--pcap", dest="daemon_pcap", metavar="DIR",
+                   help="record every session's PDUs into a pcap file in DIR (created mode "
+                        "700), one per session; tshark -r FILE dissects it")
     p.add_argument("-v", "--verbose", dest="daemon_verbose", action="count", default=0,
                    help="also log protocol events (twice: debug)")
     p.set_defaults(handler=cmd_daemon)

@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,7 @@ class DaemonOptions:
     login_timeout: float = 15.0
     queue_depth: int = 32
     watch_uio: bool = True
+    pcap_dir: str | None = None   # record each session's PDUs into a pcap file here
     on_event: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
 
 
@@ -226,6 +228,7 @@ class Daemon:
         self._serving: set[str] = set()     # backstore names with a dispatcher
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self._retries: dict[str, _Retry] = {}  # configuration nickname -> its retry
+        self._pcap_serial = 0
         self.initiator_name = self.options.initiator_name or default_initiator_name()
         self.started = False
 
@@ -235,6 +238,8 @@ class Daemon:
         """Check the kernel, read the configuration, adopt existing devices, attach entries
         with ``Enable = on``. Attach failures of entries are logged, not fatal."""
         await asyncio.to_thread(kernel.preflight)
+        if self.options.pcap_dir is not None:
+            await asyncio.to_thread(prepare_capture_dir, self.options.pcap_dir)
         if self.options.config_path is not None:
             self.config = await asyncio.to_thread(self._load_config)
         await self.adopt_existing()
@@ -460,7 +465,8 @@ class Daemon:
         key = spec.session_key
         shared = self._sessions.get(key)
         if shared is None:
-            session = Session(spec.portal, spec.target, spec.session)
+            session = Session(spec.portal, spec.target, spec.session,
+                              pcap_path=self._pcap_path(spec))
             shared = _Shared(session)
             self._sessions[key] = shared
             session.on_state = lambda state, s=session: self._session_state(s, state)
@@ -482,6 +488,17 @@ class Daemon:
             await asyncio.shield(shared.logged_in)
         shared.users += 1
         return shared.session
+
+    def _pcap_path(self, spec: LunSpec) -> str | None:
+        """Where ``--pcap DIR`` records a new session to ``spec``'s target: one file per
+        session and start (a reconnect adds ``.2.pcap``, ...), named so that ``ls`` sorts it."""
+        if self.options.pcap_dir is None:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self._pcap_serial += 1
+        tail = _default_name(spec.target, spec.lun).rsplit("-", 1)[0]
+        name = f"{stamp}-{self._pcap_serial}-{tail}-{spec.portal.port}.pcap"
+        return os.path.join(self.options.pcap_dir, name)
 
     async def _release(self, session: Session) -> None:
         for key, shared in list(self._sessions.items()):
@@ -918,6 +935,17 @@ async def _wait_for_uio(name: str, hba_index: int, timeout: float = 10.0) -> Uio
         await asyncio.sleep(0.05)
 
 
+def prepare_capture_dir(path: str) -> None:
+    """Create the ``--pcap`` directory, readable by root only: captures hold the data."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise HBAError(f"cannot create the capture directory {path}: {exc.strerror}; give "
+                       "--pcap a directory root can write") from None
+    if not os.path.isdir(path):
+        raise HBAError(f"--pcap {path} is not a directory")
+
+
 def _flush(node: str) -> None:
     """Write back the page cache of a block device (``blockdev --flushbufs``)."""
     try:
@@ -942,4 +970,5 @@ __all__ = [
     "DetachError",
     "Disk",
     "LunSpec",
+    "prepare_capture_dir",
 ]

@@ -42,6 +42,7 @@ from hba.kernel import KernelSetupError
 from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.url import parse_url
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
+from tests.unit.test_pcap import assert_clean, iscsi_opcodes
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 POLICY = CHECKOUT / "deploy" / "dbus" / "iscsi-hba.conf"
@@ -709,3 +710,40 @@ async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
     assert "STOPPING=1" in rest
     with pytest.raises(control.DaemonNotRunning):
         await control.cmd_list(ns())
+
+
+async def test_daemon_pcap_records_each_session(fake_portal: FakeTargetServer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hbactl daemon --pcap DIR``: a session the daemon opens is captured into DIR (the
+    attach then fails in the stubbed kernel, which ends the session and closes the file)."""
+    def no_backstore(*args: Any, **kwargs: Any) -> None:
+        raise KernelSetupError("no configfs here")
+
+    monkeypatch.setattr("hba.kernel.preflight", lambda: None)
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [])
+    monkeypatch.setattr("hba.kernel.create_backstore", no_backstore)
+    captures = tmp_path / "captures"
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False,
+                                  pcap_dir=str(captures)))
+    await daemon.start()
+    try:
+        with pytest.raises(AttachError, match="no configfs here"):
+            await daemon.attach(f"iscsi://127.0.0.1:{fake_portal.port}/{IQN}/0")
+    finally:
+        await daemon.stop()
+    assert captures.stat().st_mode & 0o777 == 0o700
+    (pcap,) = captures.iterdir()
+    assert pcap.name.endswith(f"-disk1-{fake_portal.port}.pcap"), pcap.name
+    # Login (security, operational), READ CAPACITY and Block Limits VPD with their Data-In,
+    # Logout: as tshark dissects them, with nothing malformed.
+    assert iscsi_opcodes(pcap, "-d", f"tcp.port=={fake_portal.port},iscsi") == [
+        "0x03", "0x23", "0x03", "0x23", "0x01", "0x25", "0x01", "0x25", "0x06", "0x26"]
+    assert_clean(pcap, "-d", f"tcp.port=={fake_portal.port},iscsi")
+
+
+async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
+                                                   f"{blocker}/sub"):
+        await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
