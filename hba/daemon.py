@@ -696,7 +696,8 @@ class Daemon:
             self._serving.discard(disk.backstore)
             if disk.device is not None:
                 with contextlib.suppress(devices.DeviceTimeout):
-                    await devices.wait_until_gone(disk.device.name)
+                    await devices.wait_until_gone(disk.device.name,
+                                                  links=disk.device.by_id)
             self.disks.pop(disk.name, None)
             await self._release(disk.session)
             log.info("detached %s (%s LUN %d at %s)", disk.name, disk.spec.target,

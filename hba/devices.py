@@ -136,14 +136,31 @@ def _drain(monitor: Any, event: asyncio.Event) -> None:
     event.set()
 
 
-async def wait_until_gone(name: str, timeout: float = 30.0) -> None:
-    """Wait until ``/dev/<name>`` is gone (after the LUN was unlinked)."""
+async def wait_until_gone(name: str, timeout: float = 30.0, links: tuple[str, ...] = (),
+                          sysfs: Path = Path("/sys")) -> None:
+    """Wait until ``/dev/<name>`` is gone (after the LUN was unlinked), and udev has removed
+    its ``links`` too, so that a detach that returned leaves no dangling by-id link."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while Path("/sys/class/block", name).exists():
+    while (sysfs / "class/block" / name).exists() or _stale(name, links):
         if loop.time() >= deadline:
-            raise DeviceTimeout(f"/dev/{name} still exists {timeout:g} s after its removal")
+            left = _stale(name, links)
+            raise DeviceTimeout(f"/dev/{name} still exists {timeout:g} s after its removal"
+                                if (sysfs / "class/block" / name).exists() else
+                                f"udev has not removed {', '.join(left)} {timeout:g} s after "
+                                f"/dev/{name} went: check that systemd-udevd runs")
         await asyncio.sleep(0.1)
+
+
+def _stale(name: str, links: tuple[str, ...]) -> list[str]:
+    """The links that still lead to (or dangle from) ``/dev/<name>``. A link udev has moved to
+    another disk with the same identity (a second path to the LUN) is not ours to wait for."""
+    stale = []
+    for link in links:
+        if os.path.lexists(link) and (not os.path.exists(link)
+                                      or os.path.realpath(link) == f"/dev/{name}"):
+            stale.append(link)
+    return stale
 
 
 def users(name: str, sysfs: Path = Path("/sys"),

@@ -7,6 +7,7 @@ tests show the waiting rules, not udev (the kernel tier has the real one).
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,23 @@ async def test_no_disk_times_out_with_advice(disk: list[BlockDevice | None]) -> 
     with pytest.raises(DeviceTimeout, match=r"1:0:1:0 was not ready within 0.2 s \(/dev/sdz "
                                             r"so far\).*systemd-udevd"):
         await devices.wait_for_disk("1:0:1:0", timeout=0.2)
+
+
+async def test_gone_waits_for_our_links_only(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    (sysfs / "class/block/sdz").mkdir(parents=True)
+    ours = tmp_path / "wwn-0x6001405abc"
+    ours.symlink_to("/dev/sdz")               # dangling once /dev/sdz is gone
+    moved = tmp_path / "scsi-36001405abc"
+    moved.symlink_to("/dev/null")             # udev gave it to another path of the LUN
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, (sysfs / "class/block/sdz").rmdir)
+    loop.call_later(0.3, ours.unlink)
+    started = loop.time()
+    await devices.wait_until_gone("sdz", timeout=5, links=(str(ours), str(moved)), sysfs=sysfs)
+    assert loop.time() - started >= 0.3
+
+    ours.symlink_to("/dev/sdz")
+    with pytest.raises(DeviceTimeout, match=f"udev has not removed {ours} 0.2 s after "
+                                            r"/dev/sdz went: check that systemd-udevd runs"):
+        await devices.wait_until_gone("sdz", timeout=0.2, links=(str(ours),), sysfs=sysfs)
