@@ -1,4 +1,4 @@
-"""hba.devices.wait_for_disk: by-id links are waited for, but not forever.
+"""hba.devices: by-id links are waited for on attach (but not forever) and on detach.
 
 udev is not involved: the sysfs lookup and udev's view of the disk are stubbed, so these
 tests show the waiting rules, not udev (the kernel tier has the real one).
