@@ -460,6 +460,8 @@ class Session:
         # so the replacement timeout still bounds how long commands wait (a target that
         # breaks right after every login would otherwise have them re-issued forever).
         self._outage_since: float | None = None
+        # Time2Wait of the last Logout Response: how long the next login must wait.
+        self._logout_time2wait: int | None = None
 
     @property
     def label(self) -> str:
@@ -557,6 +559,7 @@ class Session:
         params = login.parameters
         self.parameters = params
         self.tsih = login.tsih
+        self._logout_time2wait = None
         self.target_alias = params.target_alias
         self.target_portal_group_tag = params.target_portal_group_tag
         core = SessionCore(
@@ -716,6 +719,9 @@ class Session:
         elif event.kind is EventKind.LOGOUT_REQUESTED and conn is not None:
             log.warning("%s: target requested logout; logging in again", self.label)
             asyncio.get_running_loop().create_task(self._logout_and_relogin(conn))
+        elif event.kind is EventKind.LOGGED_OUT:
+            # At most 3600 s by the field's range (§11.15.2).
+            self._logout_time2wait = min(event.seconds, 3600)
         elif event.kind is EventKind.RENEGOTIATE:
             asyncio.get_running_loop().create_task(self._renegotiate())
         elif event.kind is EventKind.SCSI_EVENT:
@@ -724,12 +730,14 @@ class Session:
 
     async def _logout_and_relogin(self, conn: Connection) -> None:
         # Async logout request (§11.9.1, AsyncEvent 1): log out within Parameter3 seconds;
-        # the commands not yet complete are re-issued on the next login.
+        # the commands not yet complete are re-issued on the next login, which waits the
+        # Time2Wait of the Logout Response (§11.15.2), noted from its LOGGED_OUT event: the
+        # target may close the connection before this task runs again.
         with contextlib.suppress(ISCSIError, TimeoutError):
             await asyncio.wait_for(self._control(lambda core, cb: core.logout(cb)), 5)
         if self._conn is conn:
             self._connection_failed(conn, ConnectionFailed(
-                f"target {self.label} requested a logout"), time2wait=0)
+                f"target {self.label} requested a logout"))
 
     async def _renegotiate(self) -> None:
         # Async negotiation request (AsyncEvent 4): the only key that may change in Full Feature
@@ -770,6 +778,9 @@ class Session:
                 return
         log.warning("%s: connection failed (%s); recovering", self.label, error)
         params = self.parameters
+        if time2wait is None:
+            time2wait = self._logout_time2wait
+        self._logout_time2wait = None
         wait = time2wait if time2wait is not None else (
             params.default_time2wait if params is not None else 2)
         if self._failed_error is None:

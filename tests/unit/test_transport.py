@@ -495,6 +495,21 @@ async def test_async_logout_request_logs_in_again() -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_relogin_after_a_requested_logout_waits_time2wait() -> None:
+    target = fake(logout_time2wait=1)
+    async with logged_in(target) as (server, session):
+        loop = asyncio.get_running_loop()
+        conn = server.connections[-1]
+        conn.send_async(P.AsyncEvent.LOGOUT_REQUEST, parameter3=5)
+        await server.wait_for(lambda: any(isinstance(p, P.LogoutRequest) for p in conn.received))
+        logged_out = loop.time()
+        await server.wait_for(lambda: len(target.successful_logins()) == 2)
+        assert loop.time() - logged_out >= 0.9
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN)
+        assert (await read(session, 0, 1))[0].ok
+    assert not target.violations(), target.violations()
+
+
 async def test_commands_submitted_while_logging_out_on_request_are_reissued() -> None:
     target = fake(logout_time2wait=0)
     async with logged_in(target) as (server, session):
