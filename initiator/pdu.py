@@ -1049,8 +1049,18 @@ def pack_scsi_command(flags: int, dsl: int, lun: int, itt: int, edtl: int, cmd_s
                       exp_stat_sn: int, cdb: bytes) -> bytes:
     """The 48-byte BHS of a SCSI Command with a CDB of at most 16 bytes and no AHS (§11.3),
     without building a :class:`ScsiCommand`: the per-command hot path."""
-    return _SCSI_COMMAND.pack(Opcode.SCSI_COMMAND, flags, 0, dsl, lun, itt, edtl, cmd_sn,
+    return _SCSI_COMMAND.pack(SCSI_COMMAND_OPCODE, flags, 0, dsl, lun, itt, edtl, cmd_sn,
                               exp_stat_sn, cdb)
+
+
+SCSI_COMMAND_OPCODE = int(Opcode.SCSI_COMMAND)
+
+SCSI_COMMAND_BHS = _SCSI_COMMAND
+"""The ``struct`` behind :func:`pack_scsi_command`, for the one caller that packs a header per
+command and saves the Python call by packing itself (:mod:`initiator.session`). Its fields:
+opcode (:data:`SCSI_COMMAND_OPCODE`), flags, 0, the TotalAHSLength/DataSegmentLength word, LUN,
+ITT, expected data transfer length, CmdSN, ExpStatSN, and the CDB of at most 16 bytes, which
+the struct pads with zeros."""
 
 
 def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
