@@ -616,7 +616,8 @@ class Session:
         if self.state is _LOGGED_IN and not self._closing and self._failed_error is None and \
                 core is not None and conn is not None and not core.logging_out:
             core.submit(task)
-            conn.kick()
+            if not conn._flush_scheduled:  # else this command goes out with the same flush
+                conn.kick()
             return task
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._loop_call(on_done, SessionFailed(f"session to {self.label} is closed"))
