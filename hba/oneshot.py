@@ -256,8 +256,7 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
         bufs = [buf]  # one command at a time uses it: safe to share between commands
 
         def issue() -> None:
-            nonlocal next_lba, in_flight
-            in_flight += 1
+            nonlocal next_lba
             if is_random:
                 lba = rng.randrange(slots) * blocks
             else:
@@ -270,22 +269,26 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
 
         def done(result: CommandResult | ISCSIError) -> None:
             nonlocal in_flight, completed, errors
-            in_flight -= 1
-            if isinstance(result, CommandResult) and result.status == 0:
-                completed += 1
-            elif isinstance(result, CommandResult) and unit_attention(result) and \
-                    clock() < end:
-                # After a reset or a target restart: retried, as the Linux midlayer does.
-                issue()
-                return
+            if isinstance(result, CommandResult):
+                if result.status == 0:
+                    completed += 1
+                elif unit_attention(result) and clock() < end:
+                    # After a reset or a target restart: retried, as the Linux midlayer does.
+                    issue()
+                    return
+                else:
+                    errors += 1
+                    if not first_error:
+                        first_error.append(f"SCSI status 0x{result.status:02x}")
             else:
                 errors += 1
                 if not first_error:
-                    first_error.append(result if isinstance(result, ISCSIError)
-                                       else f"SCSI status 0x{result.status:02x}")
+                    first_error.append(result)
             if clock() < end and not first_error:
-                issue()
-            elif in_flight == 0 and not finished.done():
+                issue()  # this buffer's next command: in_flight stays the same
+                return
+            in_flight -= 1
+            if in_flight == 0 and not finished.done():
                 finished.set_result(None)
 
         return issue
@@ -293,6 +296,7 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
     start = clock()
     wall = time.perf_counter()
     for _ in range(settings.queue_depth):
+        in_flight += 1
         stream(memoryview(bytearray(settings.block_size)))()
     last_time, last_done = start, 0
     try:
