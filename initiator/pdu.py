@@ -1318,8 +1318,9 @@ class PDUReader:
                 if inline is not None and avail >= BHS_LEN and \
                         buf[start] & 0x3F == _OP_DATA_IN and not buf[start + 4] and \
                         (self.deliver is not None or not out):
-                    f = _DATA_IN.unpack_from(buf, start)
-                    dsl = f[4] & 0xFFFFFF
+                    (_, flags, _, status, dsl, _, itt, _, stat_sn, exp_cmd_sn, max_cmd_sn,
+                     data_sn, offset, residual) = _DATA_IN.unpack_from(buf, start)
+                    dsl &= 0xFFFFFF
                     total = BHS_LEN + dsl + (-dsl & 3) + (DIGEST_LEN if data_digest else 0)
                     if dsl and avail >= total and dsl <= max_dsl:
                         data_start = start + BHS_LEN
@@ -1327,8 +1328,8 @@ class PDUReader:
                             tail = data_start + dsl + (-dsl & 3)
                             _digest.check(view[tail : tail + DIGEST_LEN],
                                           _digest.crc32c(view[data_start:tail]), header=False)
-                        if inline(f[1], f[3], f[6], f[12], f[8], f[9], f[10], f[11], f[13],
-                                  view[data_start : data_start + dsl]):
+                        if inline(flags, status, itt, offset, stat_sn, exp_cmd_sn, max_cmd_sn,
+                                  data_sn, residual, view[data_start : data_start + dsl]):
                             self._start = start + total
                             continue
                 if not self._parse_one(out):

@@ -353,15 +353,17 @@ class SessionCore:
     def send_buffers(self, max_buffers: int = 1024) -> list[Buffer]:
         """Up to ``max_buffers`` buffers of queued PDUs, in order, for one ``sendmsg``."""
         out: list[Buffer] = []
+        room = max_buffers
         for frame in self._frames:
-            room = max_buffers - len(out)
             if room <= 0:
                 break
             frame.handed = True
-            if len(frame.bufs) <= room:
-                out.extend(frame.bufs)
+            bufs = frame.bufs
+            if len(bufs) <= room:
+                out += bufs
+                room -= len(bufs)
             else:
-                out.extend(frame.bufs[:room])
+                out += bufs[:room]
                 break
         return out
 
@@ -465,7 +467,8 @@ class SessionCore:
         Does what :meth:`_on_data_in` does for the well-formed common case and declines
         (returns False, so the reader takes the ordinary path and its checks) otherwise.
         """
-        task = self._tasks.get(itt)
+        tasks = self._tasks
+        task = tasks.get(itt)
         if task is None:
             return False
         data_in = task.data_in
@@ -491,7 +494,7 @@ class SessionCore:
                 self._ack(stat_sn)
             residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
             # _complete() inlined: this runs once per read.
-            del self._tasks[itt]
+            del tasks[itt]
             self.stats_answered += 1
             if task.unsent_frames:
                 self._detach_frames(task)
