@@ -85,10 +85,10 @@ class TaskState(enum.Enum):
 
 # Module-level aliases for the per-command paths: a global load instead of a global load plus
 # an attribute lookup on the enum class, several times per command.
-QUEUED = TaskState.QUEUED
-ACTIVE = TaskState.ACTIVE
-DONE = TaskState.DONE
-RESERVED_TAG = P.RESERVED_TAG
+_QUEUED = TaskState.QUEUED
+_ACTIVE = TaskState.ACTIVE
+_DONE = TaskState.DONE
+_RESERVED_TAG = P.RESERVED_TAG
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
@@ -141,9 +141,9 @@ class Task:
             self.in_len = _total(views)
         self.on_done: CompletionCallback | None = on_done
         self.attr = attr
-        self.itt = RESERVED_TAG
+        self.itt = _RESERVED_TAG
         self.cmd_sn = 0
-        self.state = QUEUED
+        self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
         self.data_sn = 0           # next expected Data-In DataSN
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
@@ -293,7 +293,7 @@ class SessionCore:
             raise LocalProtocolError("the connection is closed; commands cannot be submitted")
         if self.logging_out:
             raise LocalProtocolError("the session is logging out; no new commands")
-        if task.state is not QUEUED:
+        if task.state is not _QUEUED:
             raise LocalProtocolError(f"{task!r} was already submitted")
         # CmdSN <= MaxCmdSN in serial arithmetic (§4.2.2.1), inlined: once per command.
         if self._queued or (self.max_cmd_sn - self.cmd_sn) & _MASK >= _HALF:
@@ -500,7 +500,7 @@ class SessionCore:
                 self._detach_frames(task)
             task.data_in = None
             task.data_out = None
-            task.state = DONE
+            task.state = _DONE
             on_done = task.on_done
             if on_done is not None:
                 task.on_done = None
@@ -553,7 +553,7 @@ class SessionCore:
 
     def _alloc_itt(self) -> int:
         itt = self._next_itt
-        while itt in self._tasks or itt in self._controls or itt == RESERVED_TAG:
+        while itt in self._tasks or itt in self._controls or itt == _RESERVED_TAG:
             itt = (itt + 1) & 0xFFFFFFFF
         self._next_itt = (itt + 1) & 0xFFFFFFFF
         return itt
@@ -572,14 +572,14 @@ class SessionCore:
         # _alloc_itt() inlined for the common case: the next tag is free (it is unless 2**32
         # tags wrapped around onto a command or request still outstanding).
         itt = self._next_itt
-        if itt in tasks or itt in self._controls or itt == RESERVED_TAG:
+        if itt in tasks or itt in self._controls or itt == _RESERVED_TAG:
             itt = self._alloc_itt()
         else:
             self._next_itt = (itt + 1) & _MASK
         task.itt = itt
         task.cmd_sn = cmd_sn = self.cmd_sn
         self.cmd_sn = (cmd_sn + 1) & _MASK
-        task.state = ACTIVE
+        task.state = _ACTIVE
         tasks[itt] = task
         self.stats_commands += 1
         cdb = task.cdb
