@@ -372,21 +372,27 @@ class SessionCore:
         frames = self._frames
         while nbytes and frames:
             frame = frames[0]
-            frame.started = True
             bufs = frame.bufs
-            while nbytes and bufs:
-                n = len(bufs[0])
-                if nbytes >= n:
-                    nbytes -= n
-                    bufs.pop(0)
-                else:
-                    bufs[0] = memoryview(bufs[0])[nbytes:]
-                    nbytes = 0
-            if not bufs:
-                frames.popleft()
-                task = frame.task
-                if task is not None:
-                    task.unsent_frames -= 1
+            if len(bufs) == 1 and nbytes >= len(bufs[0]):
+                # A one-buffer frame (a read's header) went out whole: the common case, and
+                # the frame is dropped below, so it need not be marked or trimmed first.
+                nbytes -= len(bufs[0])
+            else:
+                frame.started = True
+                while nbytes and bufs:
+                    n = len(bufs[0])
+                    if nbytes >= n:
+                        nbytes -= n
+                        bufs.pop(0)
+                    else:
+                        bufs[0] = memoryview(bufs[0])[nbytes:]
+                        nbytes = 0
+                if bufs:
+                    break  # partly sent; nbytes is 0
+            frames.popleft()
+            task = frame.task
+            if task is not None:
+                task.unsent_frames -= 1
         # Frames handed out but not reached are back in the queue's hands: a command that
         # completes now drops them instead of sending them from a copy (a Data-Out for a
         # command that already has its status could draw a Reject).
