@@ -1049,8 +1049,18 @@ def pack_scsi_command(flags: int, dsl: int, lun: int, itt: int, edtl: int, cmd_s
                       exp_stat_sn: int, cdb: bytes) -> bytes:
     """The 48-byte BHS of a SCSI Command with a CDB of at most 16 bytes and no AHS (§11.3),
     without building a :class:`ScsiCommand`: the per-command hot path."""
-    return _SCSI_COMMAND.pack(Opcode.SCSI_COMMAND, flags, 0, dsl, lun, itt, edtl, cmd_sn,
+    return _SCSI_COMMAND.pack(SCSI_COMMAND_OPCODE, flags, 0, dsl, lun, itt, edtl, cmd_sn,
                               exp_stat_sn, cdb)
+
+
+SCSI_COMMAND_OPCODE = int(Opcode.SCSI_COMMAND)
+
+SCSI_COMMAND_BHS = _SCSI_COMMAND
+"""The ``struct`` behind :func:`pack_scsi_command`, for the one caller that packs a header per
+command and saves the Python call by packing itself (:mod:`initiator.session`). Its fields:
+opcode (:data:`SCSI_COMMAND_OPCODE`), flags, 0, the TotalAHSLength/DataSegmentLength word, LUN,
+ITT, expected data transfer length, CmdSN, ExpStatSN, and the CDB of at most 16 bytes, which
+the struct pads with zeros."""
 
 
 def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
@@ -1132,10 +1142,16 @@ def _byte_views(views: Sequence[memoryview]) -> list[memoryview]:
     return out
 
 
+_OP_DATA_IN = int(Opcode.DATA_IN)
+
+
 class _State(enum.Enum):
     HEADER = 1
     DIRECT = 2
     TRAILER = 3
+
+
+_HEADER, _DIRECT, _TRAILER = _State.HEADER, _State.DIRECT, _State.TRAILER  # for _parse's loop
 
 
 class PDUReader:
@@ -1284,19 +1300,52 @@ class PDUReader:
             self._state = _State.TRAILER
 
     def _parse(self, out: list[PDU]) -> None:
+        # The Data-In fast path of small reads runs in this loop itself (one Python call per
+        # batch of PDUs, not one per PDU): a whole AHS-less Data-In already in the buffer goes
+        # to the sink's inline handler with no PDU object and no tests of other opcodes. Its
+        # payload length is checked as _parse_one() checks it; anything the handler declines
+        # or this test does not cover takes _parse_one()'s ordinary path and its checks.
+        # Order is kept: only when every earlier PDU of this batch has been delivered.
+        inline = None if self.header_digest else self._inline  # None: no fast path
+        buf, view = self._buf, self._view
+        data_digest = self.data_digest
+        max_dsl = self.max_data_segment_length
         while True:
-            if self._state is _State.DIRECT:
-                self._copy_to_dest()
-                if self._state is _State.DIRECT:
+            state = self._state
+            if state is _HEADER:
+                start = self._start
+                avail = self._end - start
+                if inline is not None and avail >= BHS_LEN and \
+                        buf[start] & 0x3F == _OP_DATA_IN and not buf[start + 4] and \
+                        (self.deliver is not None or not out):
+                    (_, flags, _, status, dsl, _, itt, _, stat_sn, exp_cmd_sn, max_cmd_sn,
+                     data_sn, offset, residual) = _DATA_IN.unpack_from(buf, start)
+                    dsl &= 0xFFFFFF
+                    total = BHS_LEN + dsl + (-dsl & 3) + (DIGEST_LEN if data_digest else 0)
+                    if dsl and avail >= total and dsl <= max_dsl:
+                        data_start = start + BHS_LEN
+                        if data_digest:
+                            tail = data_start + dsl + (-dsl & 3)
+                            _digest.check(view[tail : tail + DIGEST_LEN],
+                                          _digest.crc32c(view[data_start:tail]), header=False)
+                        if inline(flags, status, itt, offset, stat_sn, exp_cmd_sn, max_cmd_sn,
+                                  data_sn, residual, view[data_start : data_start + dsl]):
+                            self._start = start + total
+                            continue
+                if not self._parse_one(out):
                     return
-            if self._state is _State.TRAILER:
+                buf, view = self._buf, self._view
+                continue
+            if state is _DIRECT:
+                self._copy_to_dest()
+                if self._state is _DIRECT:
+                    return
+            if self._state is _TRAILER:
                 if self._end - self._start < self._trailer:
                     self._ensure_capacity(self._trailer)
                     return
                 self._finish_direct(out)
-                continue
-            if not self._parse_one(out):
-                return
+                buf, view = self._buf, self._view
 
     def _finish_direct(self, out: list[PDU]) -> None:
         pdu = self._pending
@@ -1327,25 +1376,7 @@ class PDUReader:
         if avail < BHS_LEN:
             self._ensure_capacity(BHS_LEN)
             return False
-        buf = self._buf
         inline = self._inline
-        if inline is not None and buf[start] & 0x3F == Opcode.DATA_IN and not buf[start + 4] \
-                and not self.header_digest and (self.deliver is not None or not out):
-            # Hot path: a whole AHS-less Data-In already buffered goes to the sink's inline
-            # handler with no PDU object and no further checks of other opcodes.
-            f = _DATA_IN.unpack_from(buf, start)
-            dsl = f[4] & 0xFFFFFF
-            total = BHS_LEN + dsl + (-dsl & 3) + (DIGEST_LEN if self.data_digest else 0)
-            if dsl and avail >= total and dsl <= self.max_data_segment_length:
-                data_start = start + BHS_LEN
-                if self.data_digest:
-                    tail = data_start + dsl + (-dsl & 3)
-                    _digest.check(self._view[tail : tail + DIGEST_LEN],
-                                  _digest.crc32c(self._view[data_start:tail]), header=False)
-                if inline(f[1], f[3], f[6], f[12], f[8], f[9], f[10], f[11], f[13],
-                          self._view[data_start : data_start + dsl]):
-                    self._start = start + total
-                    return True
         bhs = self._view[start : start + BHS_LEN]
         ahs_len = bhs[4] * 4
         dsl = int.from_bytes(bhs[5:8], "big")

@@ -590,8 +590,20 @@ def _needs_16(lba: int, blocks: int) -> bool:
     return lba + max(blocks, 1) - 1 > _U32 or blocks > _U16
 
 
+# read() and write() build a CDB per command (hbactl perf, block devices): the common case,
+# a non-empty range that READ(10)/WRITE(10) can express, is packed right here, without the
+# calls through _needs_16(), read10() and _rw10()'s range checks, which it passes by
+# construction. Anything else takes that general path and its errors.
+_PACK_RW10 = _CDB_READ_WRITE_10.pack
+_READ_10 = int(Opcode.READ_10)
+_WRITE_10 = int(Opcode.WRITE_10)
+_LBA_END_10 = _U32 + 1
+
+
 def read(lba: int, blocks: int, *, fua: bool = False) -> bytes:
     """READ(10) when the range fits its 32-bit LBA and 16-bit length, READ(16) otherwise."""
+    if 0 < blocks <= _U16 and lba >= 0 and lba + blocks <= _LBA_END_10:
+        return _PACK_RW10(_READ_10, _FUA if fua else 0, lba, 0, blocks, 0)
     if _needs_16(lba, blocks):
         return read16(lba, blocks, fua=fua)
     return read10(lba, blocks, fua=fua)
@@ -599,6 +611,8 @@ def read(lba: int, blocks: int, *, fua: bool = False) -> bytes:
 
 def write(lba: int, blocks: int, *, fua: bool = False) -> bytes:
     """WRITE(10) when the range fits its 32-bit LBA and 16-bit length, WRITE(16) otherwise."""
+    if 0 < blocks <= _U16 and lba >= 0 and lba + blocks <= _LBA_END_10:
+        return _PACK_RW10(_WRITE_10, _FUA if fua else 0, lba, 0, blocks, 0)
     if _needs_16(lba, blocks):
         return write16(lba, blocks, fua=fua)
     return write10(lba, blocks, fua=fua)

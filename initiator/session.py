@@ -83,6 +83,19 @@ class TaskState(enum.Enum):
     DONE = 3
 
 
+# Module-level aliases for the per-command paths: a global load instead of a global load plus
+# an attribute lookup on the enum class, several times per command.
+_QUEUED = TaskState.QUEUED
+_ACTIVE = TaskState.ACTIVE
+_DONE = TaskState.DONE
+_RESERVED_TAG = P.RESERVED_TAG
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+_pack_bhs = P.SCSI_COMMAND_BHS.pack
+_OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
+_new_tuple = tuple.__new__
+
+
 class Task:
     """One SCSI command in the session. Its buffers are the caller's; dropped at completion."""
 
@@ -101,26 +114,36 @@ class Task:
         on_done: CompletionCallback,
         attr: P.TaskAttribute = P.TaskAttribute.SIMPLE,
     ) -> None:
+        # One Task is built per command: the common single-view buffer of bytes is checked
+        # and measured inline here instead of through _byte_views()/_total().
         self.lun = lun
         self.lun_wire = lun << 48 if 0 <= lun <= 0xFFFF else P.lun_to_wire(lun)
         self.cdb = cdb
-        if data_out:
-            self.data_out: Buffers | None = _byte_views(data_out)
-            self.out_len = _total(self.data_out)
-        else:
+        self.data_out: Buffers | None
+        self.data_in: Buffers | None
+        if not data_out:
             self.data_out = None
             self.out_len = 0
-        if data_in:
-            self.data_in: Buffers | None = _byte_views(data_in)
-            self.in_len = _total(self.data_in)
+        elif len(data_out) == 1 and data_out[0].format == "B" and data_out[0].ndim == 1:
+            self.data_out = data_out
+            self.out_len = len(data_out[0])
         else:
+            self.data_out = views = _byte_views(data_out)
+            self.out_len = _total(views)
+        if not data_in:
             self.data_in = None
             self.in_len = 0
+        elif len(data_in) == 1 and data_in[0].format == "B" and data_in[0].ndim == 1:
+            self.data_in = data_in
+            self.in_len = len(data_in[0])
+        else:
+            self.data_in = views = _byte_views(data_in)
+            self.in_len = _total(views)
         self.on_done: CompletionCallback | None = on_done
         self.attr = attr
-        self.itt = P.RESERVED_TAG
+        self.itt = _RESERVED_TAG
         self.cmd_sn = 0
-        self.state = TaskState.QUEUED
+        self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
         self.data_sn = 0           # next expected Data-In DataSN
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
@@ -270,10 +293,10 @@ class SessionCore:
             raise LocalProtocolError("the connection is closed; commands cannot be submitted")
         if self.logging_out:
             raise LocalProtocolError("the session is logging out; no new commands")
-        if task.state is not TaskState.QUEUED:
+        if task.state is not _QUEUED:
             raise LocalProtocolError(f"{task!r} was already submitted")
         # CmdSN <= MaxCmdSN in serial arithmetic (§4.2.2.1), inlined: once per command.
-        if self._queued or (self.max_cmd_sn - self.cmd_sn) & 0xFFFFFFFF >= 0x80000000:
+        if self._queued or (self.max_cmd_sn - self.cmd_sn) & _MASK >= _HALF:
             self._queued.append(task)
             return
         self._send_command(task)
@@ -330,15 +353,17 @@ class SessionCore:
     def send_buffers(self, max_buffers: int = 1024) -> list[Buffer]:
         """Up to ``max_buffers`` buffers of queued PDUs, in order, for one ``sendmsg``."""
         out: list[Buffer] = []
+        room = max_buffers
         for frame in self._frames:
-            room = max_buffers - len(out)
             if room <= 0:
                 break
             frame.handed = True
-            if len(frame.bufs) <= room:
-                out.extend(frame.bufs)
+            bufs = frame.bufs
+            if len(bufs) <= room:
+                out += bufs
+                room -= len(bufs)
             else:
-                out.extend(frame.bufs[:room])
+                out += bufs[:room]
                 break
         return out
 
@@ -347,21 +372,27 @@ class SessionCore:
         frames = self._frames
         while nbytes and frames:
             frame = frames[0]
-            frame.started = True
             bufs = frame.bufs
-            while nbytes and bufs:
-                n = len(bufs[0])
-                if nbytes >= n:
-                    nbytes -= n
-                    bufs.pop(0)
-                else:
-                    bufs[0] = memoryview(bufs[0])[nbytes:]
-                    nbytes = 0
-            if not bufs:
-                frames.popleft()
-                task = frame.task
-                if task is not None:
-                    task.unsent_frames -= 1
+            if len(bufs) == 1 and nbytes >= len(bufs[0]):
+                # A one-buffer frame (a read's header) went out whole: the common case, and
+                # the frame is dropped below, so it need not be marked or trimmed first.
+                nbytes -= len(bufs[0])
+            else:
+                frame.started = True
+                while nbytes and bufs:
+                    n = len(bufs[0])
+                    if nbytes >= n:
+                        nbytes -= n
+                        bufs.pop(0)
+                    else:
+                        bufs[0] = memoryview(bufs[0])[nbytes:]
+                        nbytes = 0
+                if bufs:
+                    break  # partly sent; nbytes is 0
+            frames.popleft()
+            task = frame.task
+            if task is not None:
+                task.unsent_frames -= 1
         # Frames handed out but not reached are back in the queue's hands: a command that
         # completes now drops them instead of sending them from a copy (a Data-Out for a
         # command that already has its status could draw a Reject).
@@ -442,7 +473,8 @@ class SessionCore:
         Does what :meth:`_on_data_in` does for the well-formed common case and declines
         (returns False, so the reader takes the ordinary path and its checks) otherwise.
         """
-        task = self._tasks.get(itt)
+        tasks = self._tasks
+        task = tasks.get(itt)
         if task is None:
             return False
         data_in = task.data_in
@@ -461,21 +493,26 @@ class SessionCore:
             self._window(exp_cmd_sn, max_cmd_sn)
         if flags & 0x01:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
-            nxt = (stat_sn + 1) & 0xFFFFFFFF
-            if nxt != self.exp_stat_sn:
+            if stat_sn == self.exp_stat_sn:
+                # The StatSN we expected, as every in-order status is: _ack()'s advance.
+                self.exp_stat_sn = (stat_sn + 1) & _MASK
+            else:
                 self._ack(stat_sn)
             residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
             # _complete() inlined: this runs once per read.
-            del self._tasks[itt]
+            del tasks[itt]
             self.stats_answered += 1
             if task.unsent_frames:
                 self._detach_frames(task)
             task.data_in = None
             task.data_out = None
-            task.state = TaskState.DONE
-            on_done, task.on_done = task.on_done, None
+            task.state = _DONE
+            on_done = task.on_done
             if on_done is not None:
-                on_done(CommandResult(status, b"", residual, 0, task.received))
+                task.on_done = None
+                # CommandResult's generated __new__ is a Python function; building the tuple
+                # directly skips that frame (the fields are in declaration order).
+                on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
         return True
 
     def close(self, error: ISCSIError) -> None:
@@ -522,7 +559,7 @@ class SessionCore:
 
     def _alloc_itt(self) -> int:
         itt = self._next_itt
-        while itt in self._tasks or itt in self._controls or itt == P.RESERVED_TAG:
+        while itt in self._tasks or itt in self._controls or itt == _RESERVED_TAG:
             itt = (itt + 1) & 0xFFFFFFFF
         self._next_itt = (itt + 1) & 0xFFFFFFFF
         return itt
@@ -537,19 +574,27 @@ class SessionCore:
 
     def _send_command(self, task: Task) -> None:
         params = self.params
-        task.itt = itt = self._alloc_itt()
+        tasks = self._tasks
+        # _alloc_itt() inlined for the common case: the next tag is free (it is unless 2**32
+        # tags wrapped around onto a command or request still outstanding).
+        itt = self._next_itt
+        if itt in tasks or itt in self._controls or itt == _RESERVED_TAG:
+            itt = self._alloc_itt()
+        else:
+            self._next_itt = (itt + 1) & _MASK
+        task.itt = itt
         task.cmd_sn = cmd_sn = self.cmd_sn
-        self.cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
-        task.state = TaskState.ACTIVE
-        self._tasks[itt] = task
+        self.cmd_sn = (cmd_sn + 1) & _MASK
+        task.state = _ACTIVE
+        tasks[itt] = task
         self.stats_commands += 1
         cdb = task.cdb
         if not task.out_len and len(cdb) <= 16:
-            # Reads and commands without data, the hottest path: one packed header, F set.
-            header = P.pack_scsi_command(
-                (0xC0 if task.in_len else 0x80) | task.attr, 0, task.lun_wire, itt,
-                task.in_len, cmd_sn, self.exp_stat_sn,
-                cdb if len(cdb) == 16 else cdb.ljust(16, b"\0"))
+            # Reads and commands without data, the hottest path: one header packed straight
+            # with the struct (which pads the CDB to 16 bytes), F set.
+            in_len = task.in_len
+            header = _pack_bhs(_OP_SCSI_COMMAND, (0xC0 if in_len else 0x80) | task.attr, 0, 0,
+                               task.lun_wire, itt, in_len, cmd_sn, self.exp_stat_sn, cdb)
             if params.header_digest:
                 header += P.pack_digest(header)
             self._frames.append(_Frame([header], task))
@@ -652,19 +697,22 @@ class SessionCore:
     # ------------------------------------------------------------------------------------
     # Receiving
 
+    # _ack() and _window() run for nearly every PDU received, so the serial comparisons
+    # (serial.gt(a, b) is 0 < (a - b) mod 2**32 < 2**31) are written out instead of called.
+
     def _ack(self, stat_sn: int) -> None:
-        nxt = (stat_sn + 1) & 0xFFFFFFFF
-        if serial.gt(nxt, self.exp_stat_sn):
+        nxt = (stat_sn + 1) & _MASK
+        if 0 < (nxt - self.exp_stat_sn) & _MASK < _HALF:
             self.exp_stat_sn = nxt
 
     def _window(self, exp_cmd_sn: int, max_cmd_sn: int) -> None:
         # §4.2.2.1: values with MaxCmdSN < ExpCmdSN - 1 are invalid and ignored; stale
         # (smaller) values from out-of-order PDUs must not move the window back.
-        if serial.lt(max_cmd_sn, (exp_cmd_sn - 1) & 0xFFFFFFFF):
+        if 0 < (exp_cmd_sn - 1 - max_cmd_sn) & _MASK < _HALF:
             return
-        if serial.gt(exp_cmd_sn, self.exp_cmd_sn):
+        if 0 < (exp_cmd_sn - self.exp_cmd_sn) & _MASK < _HALF:
             self.exp_cmd_sn = exp_cmd_sn
-        if serial.gt(max_cmd_sn, self.max_cmd_sn):
+        if 0 < (max_cmd_sn - self.max_cmd_sn) & _MASK < _HALF:
             self.max_cmd_sn = max_cmd_sn
             if self._queued:
                 self._drain_queue()

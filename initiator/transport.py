@@ -126,6 +126,9 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+_LOGGED_IN = SessionState.LOGGED_IN  # tested once per command by Session.submit
+
+
 class Connection(asyncio.BufferedProtocol):
     """One TCP connection carrying PDUs. See the module docstring."""
 
@@ -609,17 +612,26 @@ class Session:
         connection; after the replacement timeout it fails at once.
         """
         task = Task(lun, bytes(cdb), data_out, data_in, on_done)
+        core = self._core
+        conn = self._conn
+        # The common case first, in one test: logged in, nothing closing or failed. It takes
+        # the same branch as the checks below would.
+        if self.state is _LOGGED_IN and not self._closing and self._failed_error is None and \
+                core is not None and conn is not None and not core.logging_out:
+            core.submit(task)
+            if not conn._flush_scheduled:  # else this command goes out with the same flush
+                conn.kick()
+            return task
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._loop_call(on_done, SessionFailed(f"session to {self.label} is closed"))
             return task
         if self._failed_error is not None:
             self._loop_call(on_done, self._failed_error)
             return task
-        core = self._core
         if self.state is SessionState.LOGGED_IN and core is not None and \
-                self._conn is not None and not core.logging_out:
+                conn is not None and not core.logging_out:
             core.submit(task)
-            self._conn.kick()
+            conn.kick()
         else:
             self._pending.append(task)
         return task
