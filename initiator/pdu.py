@@ -1166,6 +1166,13 @@ class PDUReader:
 
     # Below this many outstanding payload bytes a direct receive is not worth a syscall.
     DIRECT_THRESHOLD = 2048
+    # A Data-In payload at least this large puts the reader in stream mode (see get_buffer
+    # and direct_buffers): copying it costs more than the read that receiving it in place
+    # takes, even for a caller that has to make one read per PDU.
+    LARGE_PAYLOAD = 32 * 1024
+    # At most this many of a payload's views go into one direct_buffers() list, so that it
+    # stays under IOV_MAX (1024) for socket.recvmsg_into with room for the next header.
+    MAX_DIRECT_VIEWS = 512
 
     def __init__(
         self,
@@ -1188,6 +1195,8 @@ class PDUReader:
         self._end = 0
         self._state = _State.HEADER
         self._direct_out = False
+        # Stream mode: the Data-In being received (or the last one) has a large payload.
+        self._large = False
         self.deliver: Callable[[PDU], None] | None = None
         """When set, each PDU goes to this callable as soon as it is parsed (in wire order)
         instead of into the list :meth:`buffer_updated` returns."""
@@ -1224,9 +1233,55 @@ class PDUReader:
             self._start = self._end = 0
         elif self._end == len(self._buf):
             self._compact()
+        if self._large:
+            # Stream mode: the next PDU is most likely another large Data-In, and a read
+            # past its header would take its payload into this buffer, to be copied. So the
+            # read ends where the next header does (after this payload's small rest, if
+            # any); the payload that follows is then received in place.
+            state = self._state
+            want = BHS_LEN + (DIGEST_LEN if self.header_digest else 0) + self._start \
+                - self._end
+            if state is not _HEADER:
+                want += self._trailer + (self._remaining if state is _DIRECT else 0)
+            if want > 0:
+                self._ensure_capacity(self._end - self._start + want)
+                return self._view[self._end : self._end + want]
         if self._end == len(self._buf):
             self._ensure_capacity(len(self._buf) + 4096)
         return self._view[self._end :]
+
+    def direct_buffers(self) -> list[memoryview] | None:
+        """Receive buffers for ``socket.recvmsg_into`` while a large Data-In payload is due.
+
+        None unless the reader is in stream mode (receiving a Data-In of at least
+        ``LARGE_PAYLOAD`` bytes into the caller's views) with some of that payload to come.
+        Else: the rest of that payload's views, then room in the reader's own buffer for
+        exactly the payload's trailer and the next PDU's header, so that one read finishes
+        this PDU and parses the next header without copying any payload. Follow with
+        :meth:`direct_updated`; a read that fails needs no undoing.
+        """
+        # In DIRECT state nothing is buffered: _copy_to_dest() took it all.
+        if self._state is not _DIRECT or not self._large:
+            return None
+        self._start = self._end = 0
+        index, dest = self._dest_index, self._dest
+        last = index + self.MAX_DIRECT_VIEWS
+        bufs = [dest[index][self._dest_pos :], *dest[index + 1 : last]]
+        if last >= len(dest):  # else the views do not reach the end of the payload
+            bufs.append(self._view[: self._trailer + BHS_LEN
+                                   + (DIGEST_LEN if self.header_digest else 0)])
+        return bufs
+
+    def direct_updated(self, nbytes: int) -> list[PDU]:
+        """Account for ``nbytes`` read into :meth:`direct_buffers`; returns completed PDUs."""
+        out: list[PDU] = []
+        placed = min(nbytes, self._remaining)
+        self._advance_dest(placed)
+        if self._remaining == 0:
+            self._state = _TRAILER
+        self._end += nbytes - placed
+        self._parse(out)
+        return out
 
     def buffer_updated(self, nbytes: int) -> list[PDU]:
         """Account for ``nbytes`` written into the last buffer; returns completed PDUs."""
@@ -1439,6 +1494,7 @@ class PDUReader:
                     self._emit(out, din)
                     return True
                 self._start += hdr_len
+                self._large = dsl >= self.LARGE_PAYLOAD
                 self._pending = din
                 self._dest_all = views
                 self._dest = [v for v in views if len(v)]
@@ -1448,6 +1504,7 @@ class PDUReader:
                 self._state = _State.DIRECT
                 return True
         total = hdr_len + dsl + trailer
+        self._large = False
         if avail < total:
             self._ensure_capacity(total)
             return False

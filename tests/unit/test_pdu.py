@@ -1424,6 +1424,100 @@ def test_sink_get_buffer_hands_out_the_callers_memory() -> None:
     assert not reader.receiving_payload
 
 
+def recvmsg_all(reader: PDUReader, raw: bytes, sizes: Iterable[int]) -> tuple[list[PDU], int]:
+    """Drive the reader as Connection does: direct_buffers/recvmsg_into/direct_updated while
+    it has them, else the BufferedProtocol pair. Returns the PDUs and the number of bytes
+    that were received into the reader's own buffer."""
+    out: list[PDU] = []
+    pos = own = 0
+    size_iter = itertools.cycle(list(sizes) or [1 << 30])
+    while pos < len(raw):
+        bufs = reader.direct_buffers()
+        if bufs is None:
+            buf = reader.get_buffer(-1)
+            assert len(buf) > 0
+            n = min(len(buf), max(1, next(size_iter)), len(raw) - pos)
+            buf[:n] = raw[pos : pos + n]
+            if buf.obj is reader._buf:
+                own += n
+            pos += n
+            out.extend(reader.buffer_updated(n))
+            continue
+        assert all(len(b) for b in bufs)
+        n = min(sum(len(b) for b in bufs), max(1, next(size_iter)), len(raw) - pos)
+        left = n
+        for b in bufs:  # what recvmsg_into does
+            k = min(left, len(b))
+            b[:k] = raw[pos : pos + k]
+            if b.obj is reader._buf:
+                own += k
+            pos += k
+            left -= k
+        out.extend(reader.direct_updated(n))
+    return out, own
+
+
+@pytest.mark.parametrize(("hd", "dd"), DIGESTS, ids=DIGEST_IDS)
+def test_sink_stream_of_large_data_ins_is_received_in_place(hd: bool, dd: bool) -> None:
+    # Large Data-Ins back to back: after the first header, each read takes the rest of one
+    # payload into the caller's views and just the next header (and the trailer) into the
+    # reader, so no payload byte goes through the reader's own buffer.
+    chunk = PDUReader.LARGE_PAYLOAD
+    payload = bytes((i * 7) & 0xFF for i in range(4 * chunk))
+    areas = [bytearray(chunk), bytearray(2 * chunk - 100), bytearray(chunk + 100)]
+    sink = ScatterSink()
+    sink.buffers[0x10] = [memoryview(a) for a in areas]
+    sent: list[PDU] = [NopIn(itt=1, data=b"hello")]
+    sent += [DataIn(itt=0x10, data_sn=sn, buffer_offset=offset, final=sn == 3,
+                    data=payload[offset : offset + chunk])
+             for sn, offset in enumerate(range(0, 4 * chunk, chunk))]
+    sent.append(ScsiResponse(itt=0x10, stat_sn=2))
+    raw = _encode_stream(sent, hd, dd)
+    reader = PDUReader(header_digest=hd, data_digest=dd, sink=sink,
+                       max_data_segment_length=chunk)
+    head = pdu.pdu_length(raw, header_digest=hd, data_digest=dd)  # the NOP-In
+    out, own = recvmsg_all(reader, raw, [head + BHS + 4 * hd, 1 << 30])
+    assert out == [sent[0], *(dataclasses.replace(p, data=b"") for p in sent[1:5]), sent[5]]
+    assert b"".join(areas) == payload
+    assert own == len(raw) - 4 * chunk
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.booleans(), st.lists(st.integers(1, 90_000), min_size=1, max_size=20),
+       st.integers(56, 200_000), st.sampled_from([2000, 32 * 1024, 50_000]),
+       st.lists(st.integers(0, 120_000), min_size=1, max_size=5))
+def test_sink_stream_random_splits(hd: bool, dd: bool, sizes: list[int], buffer_size: int,
+                                   chunk: int, cuts: list[int]) -> None:
+    total = 120_000
+    bounds = [0, *sorted(set(cuts)), total]
+    area_sizes = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+    scenario = _read_scenario(total, chunk, area_sizes)
+    raw = _encode_stream(scenario[3], hd, dd)
+    reader = PDUReader(header_digest=hd, data_digest=dd, sink=scenario[0],
+                       buffer_size=buffer_size, max_data_segment_length=chunk)
+    _check_placed(recvmsg_all(reader, raw, sizes)[0], scenario)
+
+
+def test_sink_stream_mode_ends_with_a_small_pdu() -> None:
+    # After a large Data-In the reader reads only up to the next header; a small PDU there
+    # ends stream mode, and reads fill the buffer again (many small PDUs per read).
+    area = bytearray(PDUReader.LARGE_PAYLOAD)
+    sink = ScatterSink()
+    sink.buffers[4] = [memoryview(area)]
+    raw = pdu.encode(DataIn(itt=4, data=bytes(len(area)), final=True))
+    reader = PDUReader(sink=sink, max_data_segment_length=len(area))
+    assert reader.feed(raw[:BHS]) == []
+    assert reader.direct_buffers() is not None
+    buf = reader.get_buffer(-1)
+    assert buf.obj is area
+    buf[:] = raw[BHS:]
+    assert len(reader.buffer_updated(len(buf))) == 1
+    assert reader.direct_buffers() is None
+    assert len(reader.get_buffer(-1)) == BHS
+    assert reader.feed(pdu.encode(NopIn(itt=1, data=b"x"))) == [NopIn(itt=1, data=b"x")]
+    assert len(reader.get_buffer(-1)) > BHS
+
+
 def test_sink_direct_receive_with_data_digest() -> None:
     area = bytearray(4096)
     sink = ScatterSink()
