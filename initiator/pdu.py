@@ -1118,6 +1118,14 @@ class DataSink(Protocol):
     entirely buffered, the reader then passes its fields and payload view directly; returning
     True means the sink placed the data and processed the PDU (no PDU object is made), False
     that the reader should go the ordinary way.
+
+    And, for a Data-In whose payload is still to come, ``data_in_direct(itt, buffer_offset,
+    length) -> Sequence[memoryview] | None`` (non-empty, flat, writable byte views that take
+    exactly ``length`` bytes, or None to have the reader go the ordinary way) with
+    ``data_in_placed(flags, status, itt, buffer_offset, stat_sn, exp_cmd_sn, max_cmd_sn,
+    data_sn, residual_count, length) -> bool``, called once the payload is in those views:
+    True means the sink processed the PDU, False that the reader should hand it over as a
+    DataIn (with ``placed`` set) after all. Both or neither.
     """
 
     def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
@@ -1125,6 +1133,10 @@ class DataSink(Protocol):
         have the payload delivered in ``pdu.data`` instead. Raise an ``ISCSIError`` to reject
         the PDU (e.g. data outside the command's buffer)."""
         ...
+
+
+def _never(*_: object) -> bool:
+    return False
 
 
 def _byte_views(views: Sequence[memoryview]) -> list[memoryview]:
@@ -1188,6 +1200,8 @@ class PDUReader:
         self.max_data_segment_length = max_data_segment_length
         self._sink: DataSink | None = None
         self._inline: Callable[..., bool] | None = None
+        self._direct: Callable[[int, int, int], Sequence[memoryview] | None] | None = None
+        self._placed: Callable[..., bool] = _never
         self.sink = sink
         self._buf = bytearray(max(buffer_size, BHS_LEN + 2 * DIGEST_LEN))
         self._view = memoryview(self._buf)
@@ -1202,6 +1216,10 @@ class PDUReader:
         instead of into the list :meth:`buffer_updated` returns."""
         # Direct-receive bookkeeping for the Data-In being received.
         self._pending: DataIn | None = None
+        # ... or, on the fast path, its header's fields for the sink's data_in_placed() and
+        # its BHS, from which the DataIn is made only if the sink declines.
+        self._fields: tuple[int, ...] = ()
+        self._bhs = bytearray()
         self._dest: list[memoryview] = []
         self._dest_all: Sequence[memoryview] = ()
         self._dest_index = 0
@@ -1219,6 +1237,8 @@ class PDUReader:
     def sink(self, sink: DataSink | None) -> None:
         self._sink = sink
         self._inline = getattr(sink, "data_in_inline", None)
+        self._direct = getattr(sink, "data_in_direct", None)
+        self._placed = getattr(sink, "data_in_placed", _never)
 
     # -- the BufferedProtocol pair ---------------------------------------------------------
 
@@ -1265,21 +1285,28 @@ class PDUReader:
             return None
         self._start = self._end = 0
         index, dest = self._dest_index, self._dest
+        rest = dest[index][self._dest_pos :] if self._dest_pos else dest[index]
+        room = self._view[: self._trailer + BHS_LEN + (DIGEST_LEN if self.header_digest else 0)]
+        if len(dest) == 1:
+            return [rest, room]  # the common case: one view
         last = index + self.MAX_DIRECT_VIEWS
-        bufs = [dest[index][self._dest_pos :], *dest[index + 1 : last]]
+        bufs = [rest, *dest[index + 1 : last]]
         if last >= len(dest):  # else the views do not reach the end of the payload
-            bufs.append(self._view[: self._trailer + BHS_LEN
-                                   + (DIGEST_LEN if self.header_digest else 0)])
+            bufs.append(room)
         return bufs
 
     def direct_updated(self, nbytes: int) -> list[PDU]:
         """Account for ``nbytes`` read into :meth:`direct_buffers`; returns completed PDUs."""
         out: list[PDU] = []
-        placed = min(nbytes, self._remaining)
-        self._advance_dest(placed)
-        if self._remaining == 0:
+        remaining = self._remaining
+        if nbytes >= remaining:
+            # The payload is in (the views are done with: no need to advance through them);
+            # the rest of the read went into the room after them.
+            self._remaining = 0
             self._state = _TRAILER
-        self._end += nbytes - placed
+            self._end += nbytes - remaining
+        else:
+            self._advance_dest(nbytes)
         self._parse(out)
         return out
 
@@ -1361,7 +1388,11 @@ class PDUReader:
         # payload length is checked as _parse_one() checks it; anything the handler declines
         # or this test does not cover takes _parse_one()'s ordinary path and its checks.
         # Order is kept: only when every earlier PDU of this batch has been delivered.
+        # A Data-In whose payload is yet to come goes the same way to the sink's
+        # data_in_direct(), and on to the DIRECT state with no DataIn object: the per-command
+        # hot path of large reads.
         inline = None if self.header_digest else self._inline  # None: no fast path
+        direct = self._direct
         buf, view = self._buf, self._view
         data_digest = self.data_digest
         max_dsl = self.max_data_segment_length
@@ -1387,11 +1418,30 @@ class PDUReader:
                                   data_sn, residual, view[data_start : data_start + dsl]):
                             self._start = start + total
                             continue
+                    elif dsl and dsl <= max_dsl and direct is not None:
+                        dest = direct(itt, offset, dsl)
+                        if dest is not None:
+                            # _parse_one()'s set-up of the DIRECT state, less what the sink
+                            # has promised (flat writable views of exactly dsl bytes).
+                            self._fields = (flags, status, itt, offset, stat_sn, exp_cmd_sn,
+                                            max_cmd_sn, data_sn, residual)
+                            self._bhs = buf[start : start + BHS_LEN]
+                            self._start = start + BHS_LEN
+                            self._large = dsl >= self.LARGE_PAYLOAD
+                            self._dest_all = self._dest = \
+                                dest if isinstance(dest, list) else list(dest)
+                            self._dest_index = self._dest_pos = 0
+                            self._remaining = self._dsl = dsl
+                            self._trailer = total - BHS_LEN - dsl
+                            self._state = _DIRECT
+                            continue
                 if not self._parse_one(out):
                     return
                 buf, view = self._buf, self._view
                 continue
             if state is _DIRECT:
+                if self._start == self._end:
+                    return  # nothing buffered to move (a payload that is still due is > 0)
                 self._copy_to_dest()
                 if self._state is _DIRECT:
                     return
@@ -1403,19 +1453,25 @@ class PDUReader:
                 buf, view = self._buf, self._view
 
     def _finish_direct(self, out: list[PDU]) -> None:
-        pdu = self._pending
-        assert pdu is not None
         trailer = self._view[self._start : self._start + self._trailer]
         self._start += self._trailer
         if self.data_digest:
             pad = trailer[: len(trailer) - DIGEST_LEN]
             value = _digest.crc32c(pad, _digest.crc32c_of(self._dest_all))
             _digest.check(trailer[len(pad):], value, header=False)
-        pdu.placed = self._dsl
+        pdu = self._pending
         self._pending = None
         self._dest = []
         self._dest_all = ()
-        self._state = _State.HEADER
+        self._state = _HEADER
+        if pdu is None:
+            # The fast path: the sink processes the PDU from its fields (nothing is buffered
+            # before it: see _parse()), or declines and gets a DataIn after all.
+            fields, self._fields = self._fields, ()
+            if self._placed(*fields, self._dsl):
+                return
+            pdu = DataIn._unpack(memoryview(self._bhs), (), b"")
+        pdu.placed = self._dsl
         self._emit(out, pdu)
 
     def _emit(self, out: list[PDU], pdu: PDU) -> None:

@@ -472,6 +472,48 @@ def test_data_in_beyond_the_buffer_is_refused(offset: int, length: int) -> None:
     assert buf == bytearray(4096)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 48, 100, 1000])
+def test_data_in_checks_hold_on_every_path(chunk: int | None) -> None:
+    # Whole in one read (data_in_inline), header first (data_in_direct/data_in_placed) or
+    # through a DataIn object: a Data-In with status but no F bit, or outside the command's
+    # buffer, is refused the same way, and a good one completes the command the same way.
+    h = Harness()
+    buf = bytearray(4096)
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="F bit"):
+        h.deliver(P.DataIn(itt=task.itt, status_present=True, final=False, data=bytes(4096),
+                           **h.numbers()), chunk=chunk)
+    h = Harness()
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="4096"):
+        h.deliver(h.data_in(task, 1, bytes(4096)), chunk=chunk)
+    h = Harness()
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="not an outstanding command"):
+        h.deliver(P.DataIn(itt=task.itt + 1, data=bytes(4096), **h.numbers()), chunk=chunk)
+    h = Harness()
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    source = _pattern(4096, 5)
+    h.deliver(h.data_in(task, 0, source, status=True, underflow=True, residual_count=512),
+              chunk=chunk)
+    result = h.ok(task)
+    assert (result.status, result.residual, result.data_in_length) == (0, 512, 4096)
+    assert buf == source
+    assert h.core.exp_stat_sn == h.stat_sn and not h.core._tasks
+
+
+def test_data_in_into_a_read_only_buffer_is_a_local_error() -> None:
+    h = Harness()
+    task = h.submit(data_in=[memoryview(bytes(4096))])
+    h.sent()
+    with pytest.raises(LocalProtocolError, match="read-only"):
+        h.deliver(h.data_in(task, 0, bytes(4096)), chunk=48)
+
+
 # --------------------------------------------------------------------------------------------
 # Status, sense, residuals
 
