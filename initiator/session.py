@@ -473,8 +473,7 @@ class SessionCore:
         Does what :meth:`_on_data_in` does for the well-formed common case and declines
         (returns False, so the reader takes the ordinary path and its checks) otherwise.
         """
-        tasks = self._tasks
-        task = tasks.get(itt)
+        task = self._tasks.get(itt)
         if task is None:
             return False
         data_in = task.data_in
@@ -486,33 +485,8 @@ class SessionCore:
             data_in[0][offset:end] = payload
         else:
             _scatter(data_in, offset, payload)
-        task.received += n
-        task.data_sn = (data_sn + 1) & 0xFFFFFFFF
-        self.stats_bytes_in += n
-        if exp_cmd_sn != self.exp_cmd_sn or max_cmd_sn != self.max_cmd_sn:
-            self._window(exp_cmd_sn, max_cmd_sn)
-        if flags & 0x01:
-            # Phase collapse: the status comes with the final Data-In (§11.7.4).
-            if stat_sn == self.exp_stat_sn:
-                # The StatSN we expected, as every in-order status is: _ack()'s advance.
-                self.exp_stat_sn = (stat_sn + 1) & _MASK
-            else:
-                self._ack(stat_sn)
-            residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
-            # _complete() inlined: this runs once per read.
-            del tasks[itt]
-            self.stats_answered += 1
-            if task.unsent_frames:
-                self._detach_frames(task)
-            task.data_in = None
-            task.data_out = None
-            task.state = _DONE
-            on_done = task.on_done
-            if on_done is not None:
-                task.on_done = None
-                # CommandResult's generated __new__ is a Python function; building the tuple
-                # directly skips that frame (the fields are in declaration order).
-                on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
+        self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
+                             residual, n)
         return True
 
     def data_in_direct(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
@@ -546,40 +520,46 @@ class SessionCore:
         """:class:`~initiator.pdu.DataSink` hot path of large reads: the ``length`` payload
         bytes of a Data-In are in the views :meth:`data_in_direct` named; process the rest of
         it. False declines (the reader then hands over a DataIn PDU)."""
-        # The same steps as data_in_inline() after its copy (not shared: a call more per
-        # small read is measurable there).
-        tasks = self._tasks
-        task = tasks.get(itt)
+        task = self._tasks.get(itt)
         if task is None or (flags & 0x81) == 0x01:
             return False
+        self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
+                             residual, length)
+        return True
+
+    def _data_in_placed(self, task: Task, flags: int, status: int, itt: int, stat_sn: int,
+                        exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                        length: int) -> None:
+        """The rest of a well-formed Data-In of ``task`` whose ``length`` payload bytes are in
+        place (the fast paths' :meth:`_on_data_in`): counters, window, and with the status
+        (phase collapse, §11.7.4) the StatSN acknowledgement and the completion."""
         task.received += length
         task.data_sn = (data_sn + 1) & 0xFFFFFFFF
         self.stats_bytes_in += length
         if exp_cmd_sn != self.exp_cmd_sn or max_cmd_sn != self.max_cmd_sn:
             self._window(exp_cmd_sn, max_cmd_sn)
-        if flags & 0x01:
-            # Phase collapse: the status comes with the final Data-In (§11.7.4).
-            if stat_sn == self.exp_stat_sn:
-                # The StatSN we expected, as every in-order status is: _ack()'s advance.
-                self.exp_stat_sn = (stat_sn + 1) & _MASK
-            else:
-                self._ack(stat_sn)
-            residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
-            # _complete() inlined: this runs once per read.
-            del tasks[itt]
-            self.stats_answered += 1
-            if task.unsent_frames:
-                self._detach_frames(task)
-            task.data_in = None
-            task.data_out = None
-            task.state = _DONE
-            on_done = task.on_done
-            if on_done is not None:
-                task.on_done = None
-                # CommandResult's generated __new__ is a Python function; building the tuple
-                # directly skips that frame (the fields are in declaration order).
-                on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
-        return True
+        if not flags & 0x01:
+            return
+        if stat_sn == self.exp_stat_sn:
+            # The StatSN we expected, as every in-order status is: _ack()'s advance.
+            self.exp_stat_sn = (stat_sn + 1) & _MASK
+        else:
+            self._ack(stat_sn)
+        residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
+        # _complete() inlined: this runs once per read.
+        del self._tasks[itt]
+        self.stats_answered += 1
+        if task.unsent_frames:
+            self._detach_frames(task)
+        task.data_in = None
+        task.data_out = None
+        task.state = _DONE
+        on_done = task.on_done
+        if on_done is not None:
+            task.on_done = None
+            # CommandResult's generated __new__ is a Python function; building the tuple
+            # directly skips that frame (the fields are in declaration order).
+            on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
 
     def close(self, error: ISCSIError) -> None:
         """The connection is gone: nothing more is sent or received on it.
