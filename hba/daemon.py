@@ -69,8 +69,8 @@ BLKFLSBUF = 0x1261
 BACKSTORE_PREFIX = "hba-"
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
 SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout
-RETRY_FIRST = 5.0         # seconds before an Enable = on entry is tried again ...
-RETRY_MAX = 60.0          # ... doubling up to this
+RETRY_FIRST = 5.0         # seconds before a failed Enable = on entry is tried again,
+RETRY_MAX = 60.0          # doubling after each failure up to this
 
 
 class AttachError(HBAError):

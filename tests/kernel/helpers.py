@@ -17,11 +17,13 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyudev
 
@@ -445,3 +447,42 @@ def logged_in(
         iscsiadm.logout(target)
     if disk.device_node:
         wait_until_gone(disk.device_node)
+
+
+def wait_for_ready(notify: socket.socket, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for ``READY=1`` (systemd's notify protocol) on ``notify`` from ``proc``: True when
+    it came, False after ``timeout`` seconds; raises if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    notify.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            message = notify.recv(4096).decode()
+        except TimeoutError:
+            message = ""
+        if "READY=1" in message.split("\n"):
+            return True
+        if proc.poll() is not None:
+            raise ProcessExited(proc.returncode)
+    return False
+
+
+class ProcessExited(AssertionError):
+    """The process exited before it was ready."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"exited with status {status}")
+        self.status = status
+
+
+def assert_identity(node: str, ident: dict[str, Any]) -> None:
+    """The disk ``node`` answers INQUIRY with the vendor, product and VPD 0x83 NAA identifier
+    that ``hbactl inquiry --json`` read from the remote LUN (``ident``)."""
+    inq = run(["sg_inq", node]).stdout
+    vendor = re.search(r"Vendor identification:\s*(.*)", inq)
+    product = re.search(r"Product identification:\s*(.*)", inq)
+    assert vendor and product, inq
+    assert (vendor[1].strip(), product[1].strip()) == (ident["vendor"], ident["product"])
+    vpd = run(["sg_inq", "-p", "0x83", node]).stdout
+    naa = re.findall(r"\[0x(6[0-9a-f]{31})\]", vpd)
+    assert ident["naa"] is not None and naa, vpd
+    assert ident["naa"] == f"naa.{naa[0]}"

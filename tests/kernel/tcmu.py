@@ -94,19 +94,12 @@ class Handler:
 
     def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            notify.settimeout(0.2)
-            try:
-                message = notify.recv(4096).decode()
-            except TimeoutError:
-                message = ""
-            if "READY=1" in message.split("\n"):
+        try:
+            if helpers.wait_for_ready(notify, self.proc, timeout):
                 return
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"the handler exited with status {self.proc.returncode} before serving:\n"
-                    f"{self.log_tail()}")
+        except helpers.ProcessExited as exc:
+            raise AssertionError(f"the handler exited with status {exc.status} before "
+                                 f"serving:\n{self.log_tail()}") from None
         self.kill()
         raise AssertionError(f"the handler did not get ready within {timeout:.0f} s:\n"
                              f"{self.log_tail()}")

@@ -128,18 +128,12 @@ class DaemonProcess:
                     [HBACTL, "daemon", "--config", str(self.config)], cwd=CHECKOUT,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                     start_new_session=True)
-            deadline = time.monotonic() + timeout
-            notify.settimeout(0.25)
-            while time.monotonic() < deadline:
-                try:
-                    message = notify.recv(4096).decode()
-                except TimeoutError:
-                    message = ""
-                if "READY=1" in message.split("\n"):
+            try:
+                if helpers.wait_for_ready(notify, self.proc, timeout):
                     return
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"hbactl daemon exited with {self.proc.returncode} "
-                                         f"before READY=1:\n{self.log()}")
+            except helpers.ProcessExited as exc:
+                raise AssertionError(f"hbactl daemon exited with {exc.status} before "
+                                     f"READY=1:\n{self.log()}") from None
             self.kill()
             raise AssertionError(f"hbactl daemon sent no READY=1 within {timeout:.0f} s:\n"
                                  f"{self.log()}")
@@ -451,14 +445,7 @@ def test_targetcli_backstore_is_served_by_the_daemon(daemon: DaemonProcess,
                                   and d["device"]), None), 60, "the disk of tc1 in hbactl list")
     node = disk["device"]
     assert disk["name"] == "tc1" and disk["target"] == target.iqn
-    ident = json.loads(hbactl("inquiry", target.url(), "--json").stdout)
-    inq = helpers.run(["sg_inq", node]).stdout
-    vendor = re.search(r"Vendor identification:\s*(.*)", inq)
-    product = re.search(r"Product identification:\s*(.*)", inq)
-    assert vendor and product, inq
-    assert (vendor[1].strip(), product[1].strip()) == (ident["vendor"], ident["product"])
-    vpd = helpers.run(["sg_inq", "-p", "0x83", node]).stdout
-    assert ident["naa"] is not None and ident["naa"].removeprefix("naa.") in vpd, vpd
+    helpers.assert_identity(node, json.loads(hbactl("inquiry", target.url(), "--json").stdout))
     helpers.run(["dd", f"if={node}", "of=/dev/null", "bs=1M", "count=8", "iflag=direct",
                  "status=none"])
     assert int(helpers.run(["blockdev", "--getsize64", node]).stdout) == 32 * MiB

@@ -174,16 +174,7 @@ def test_disk_reports_the_remote_identity(tcmu_disk: TcmuDisk,
                                           remote: helpers.LioTarget) -> None:
     ident = hbactl_json("inquiry", remote.url())
     node = tcmu_disk.node
-    inq = helpers.run(["sg_inq", node]).stdout
-    vendor = re.search(r"Vendor identification:\s*(.*)", inq)
-    product = re.search(r"Product identification:\s*(.*)", inq)
-    assert vendor and product, inq
-    assert (vendor[1].strip(), product[1].strip()) == (ident["vendor"], ident["product"])
-
-    vpd = helpers.run(["sg_inq", "-p", "0x83", node]).stdout
-    naa = re.findall(r"\[0x(6[0-9a-f]{31})\]", vpd)
-    assert ident["naa"] is not None and naa, vpd
-    assert ident["naa"] == f"naa.{naa[0]}"
+    helpers.assert_identity(node, ident)
     # The kernel's own view of the same page, and the size from READ CAPACITY.
     assert (tcmu_disk.sys_block / "device" / "wwid").read_text().strip() == ident["naa"]
     size = int(helpers.run(["blockdev", "--getsize64", node]).stdout)

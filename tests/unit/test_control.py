@@ -303,7 +303,7 @@ def system_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A dbus-daemon with the system bus's default policy and ours; its address is in
     ``DBUS_SYSTEM_BUS_ADDRESS`` (which dbus-next, gdbus and hbactl honour)."""
     if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon is not installed (Debian package dbus)")
+        pytest.fail("dbus-daemon is not installed (Debian package dbus): run deploy/setup")
     workdir = Path(tempfile.mkdtemp(prefix="hba-bus-"))
     workdir.chmod(0o755)  # the unprivileged client of the policy test connects too
     sock = workdir / "socket"
@@ -489,7 +489,7 @@ async def test_policy_lets_everyone_read_and_only_root_change(
     """As ``nobody`` (the loop keeps serving while gdbus runs): List, Status and the handler's
     read side work; Attach, Detach and CheckConfig are refused by the bus itself."""
     if shutil.which("gdbus") is None:
-        pytest.skip("gdbus is not installed (Debian package libglib2.0-bin)")
+        pytest.fail("gdbus is not installed (Debian package libglib2.0-bin): run deploy/setup")
     daemon, handler = dbus_service.BUS_NAME, dbus_service.TCMU_BUS_NAME
     allowed = [
         (daemon, dbus_service.OBJECT_PATH, f"{dbus_service.INTERFACE}.List"),

@@ -384,10 +384,11 @@ def test_tshark_options() -> None:
 # tshark: every PDU dissected as iSCSI, nothing malformed, no expert warning or error
 # ---------------------------------------------------------------------------------------------
 
-needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
 
 def tshark(path: Path, *args: str) -> list[str]:
+    if shutil.which("tshark") is None:
+        pytest.fail("tshark is not installed (Debian package tshark): run deploy/setup")
     result = subprocess.run(
         ["tshark", "-n", "-r", str(path), *args],
         capture_output=True,
@@ -433,7 +434,6 @@ def make_capture(
     return path, rec
 
 
-@needs_tshark
 @pytest.mark.parametrize(
     ("big", "mss", "v6"),
     [
@@ -466,7 +466,6 @@ def test_tshark_dissects_port_3260_as_is(
     assert any("Write(10)" in row for row in info)
 
 
-@needs_tshark
 def test_tshark_other_port_needs_decode_as(tmp_path: Path) -> None:
     path, rec = make_capture(tmp_path, "p.pcap", port=3261)
     # Wireshark's iSCSI heuristic only accepts the target_ports range (3260) and port 860,
@@ -481,13 +480,11 @@ def test_tshark_other_port_needs_decode_as(tmp_path: Path) -> None:
     assert iscsi_opcodes(path, "-o", "iscsi.target_ports:3261") == EXPECTED_OPCODES
 
 
-@needs_tshark
 def test_tshark_port_860_as_is(tmp_path: Path) -> None:
     path, _rec = make_capture(tmp_path, "p860.pcap", port=860, big=8192)
     assert iscsi_opcodes(path) == EXPECTED_OPCODES
 
 
-@needs_tshark
 @pytest.mark.parametrize(
     "digests", [(True, False), (False, True), (True, True)], ids=["header", "data", "both"]
 )
@@ -511,7 +508,6 @@ def test_tshark_detects_digests_without_options(tmp_path: Path, digests: tuple[b
     assert (header_seen, data_seen) == digests
 
 
-@needs_tshark
 def test_tshark_ignores_pdus_over_256k_without_option(tmp_path: Path) -> None:
     path, rec = make_capture(tmp_path, "huge.pcap", big=524288, mss=65495)
     # the 512 KiB Data-Out exceeds iscsi.bogus_pdu_max_data_len and is skipped

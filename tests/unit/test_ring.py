@@ -55,9 +55,9 @@ int main(void) {
 def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc is not installed")
+        pytest.fail("gcc is not installed: run deploy/setup")
     if not HEADER.exists():
-        pytest.skip(f"{HEADER} is missing (apt-get install linux-libc-dev)")
+        pytest.fail(f"{HEADER} is missing (Debian package linux-libc-dev): run deploy/setup")
     d = tmp_path_factory.mktemp("tcmu_h")
     (d / "offsets.c").write_text(C_PROGRAM)
     subprocess.run([gcc, "-o", str(d / "offsets"), str(d / "offsets.c")], check=True,
