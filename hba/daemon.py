@@ -46,8 +46,9 @@ from typing import Any
 from hba import cfgstring, devices, kernel
 from hba.config import AuthMethod, Config, ConfigError, TargetEntry, load_config
 from hba.errors import HBAError
-from initiator.chap import ChapAccount, ChapCredentials, Secret
+from initiator.chap import ChapCredentials
 from initiator.client import ScsiClient
+from initiator.credentials import ENVIRONMENT, ChapFields, ChapSource
 from initiator.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -384,8 +385,7 @@ class Daemon:
     def _spec_from_url(self, url: IscsiUrl, name: str | None = None) -> LunSpec:
         if url.target_iqn is None or url.lun is None:
             raise AttachError(f"URL {url} names no target and LUN")
-        creds = _credentials(url.chap_user, url.chap_secret, url.target_user, url.target_secret,
-                             where=str(url))
+        creds = _build(url.chap, ChapSource.url(repr(url.redacted())))
         entry = self._entry_for(url.target_iqn, url.host, url.port)
         if creds is None and entry is not None:
             creds = _entry_credentials(entry)
@@ -454,7 +454,7 @@ class Daemon:
                        lun=ref.lun)
         spec = self._spec_from_url(url, name=backstore.removeprefix(BACKSTORE_PREFIX))
         if spec.session.credentials is None:
-            env = _env_credentials()
+            env = _build(ChapFields().or_environment(), ENVIRONMENT)
             if env is not None:
                 spec = _replace_credentials(spec, env)
         return spec
@@ -881,37 +881,18 @@ def _default_name(target: str, lun: int) -> str:
     return f"{tail}-{lun}"
 
 
-def _credentials(user: str | None, secret: str | None, target_user: str | None,
-                 target_secret: str | None, *, where: str) -> ChapCredentials | None:
-    if user is None:
-        return None
-    if secret is None:
-        raise AttachError(f"{where} names CHAP user {user!r} but gives no secret")
-    target: ChapAccount | None = None
-    if target_user is not None:
-        if target_secret is None:
-            raise AttachError(f"{where} asks for mutual CHAP but gives no target secret")
-        target = ChapAccount(target_user, Secret(target_secret))
+def _build(fields: ChapFields, source: ChapSource) -> ChapCredentials | None:
     try:
-        return ChapCredentials(ChapAccount(user, Secret(secret)), target)
+        return fields.build(source)
     except ConfigurationError as exc:
-        raise AttachError(f"{where}: {exc}") from None
+        raise AttachError(str(exc)) from None
 
 
 def _entry_credentials(entry: TargetEntry) -> ChapCredentials | None:
     if entry.auth_method is not AuthMethod.CHAP:
         return None
-    return _credentials(entry.chap_name, entry.chap_secret, entry.tgt_chap_name,
-                        entry.tgt_chap_secret, where=f"configuration entry {entry.nickname}")
-
-
-def _env_credentials() -> ChapCredentials | None:
-    user = os.environ.get("ISCSI_HBA_CHAP_NAME")
-    secret = os.environ.get("ISCSI_HBA_CHAP_SECRET")
-    if user is None or secret is None:
-        return None
-    return _credentials(user, secret, os.environ.get("ISCSI_HBA_TARGET_CHAP_NAME"),
-                        os.environ.get("ISCSI_HBA_TARGET_CHAP_SECRET"), where="environment")
+    return _build(ChapFields(entry.chap_name, entry.chap_secret, entry.tgt_chap_name,
+                             entry.tgt_chap_secret), ChapSource.entry(entry.nickname))
 
 
 def _replace_credentials(spec: LunSpec, creds: ChapCredentials) -> LunSpec:

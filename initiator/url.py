@@ -26,21 +26,11 @@ Forms (libiscsi's ``ISCSI_URL_SYNTAX`` / ``ISCSI_PORTAL_URL_SYNTAX``)::
   enum has them but its URL parser does not accept them); ``target_user`` and
   ``target_password`` for mutual CHAP. Unknown options are errors (libiscsi ignores them).
 
-Secrets from the environment, when the URL does not carry them (URL first, then ours, then
-libiscsi's, so a libiscsi user's environment keeps working):
-
-=================  ===============================  ===============================
-field              iscsi-hba                        libiscsi
-=================  ===============================  ===============================
-CHAP user          ``ISCSI_HBA_CHAP_NAME``          ``LIBISCSI_CHAP_USERNAME``
-CHAP secret        ``ISCSI_HBA_CHAP_SECRET``        ``LIBISCSI_CHAP_PASSWORD``
-target user        ``ISCSI_HBA_TARGET_CHAP_NAME``   ``LIBISCSI_CHAP_TARGET_USERNAME``
-target secret      ``ISCSI_HBA_TARGET_CHAP_SECRET`` ``LIBISCSI_CHAP_TARGET_PASSWORD``
-=================  ===============================  ===============================
-
-The names follow the configuration keys chapIName/chapSecret/tgtChapName/tgtChapSecret.
-Secrets on a command line are visible in ``ps``; the environment or the configuration file is
-the place for them.
+Secrets from the environment, when the URL does not carry them: URL first, then ours, then
+libiscsi's, so a libiscsi user's environment keeps working (the names are in
+:mod:`initiator.credentials`, which checks the four CHAP settings for every source). Secrets on
+a command line are visible in ``ps``; the environment or the configuration file is the place for
+them.
 
 No secret ever appears in ``str()``, ``repr()`` or an error message: they render as ``***``.
 """
@@ -49,12 +39,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from initiator.credentials import ChapFields, ChapSource
 from initiator.errors import ConfigurationError
 
 __all__ = [
@@ -83,11 +73,6 @@ NAME_SYNTAX = (
     "iqn.yyyy-mm.<reversed domain>[:<identifier>], eui.<16 hex digits> "
     "or naa.<16 or 32 hex digits> (RFC 7143 §4.2.7)"
 )
-
-ENV_CHAP_NAME = ("ISCSI_HBA_CHAP_NAME", "LIBISCSI_CHAP_USERNAME")
-ENV_CHAP_SECRET = ("ISCSI_HBA_CHAP_SECRET", "LIBISCSI_CHAP_PASSWORD")
-ENV_TARGET_CHAP_NAME = ("ISCSI_HBA_TARGET_CHAP_NAME", "LIBISCSI_CHAP_TARGET_USERNAME")
-ENV_TARGET_CHAP_SECRET = ("ISCSI_HBA_TARGET_CHAP_SECRET", "LIBISCSI_CHAP_TARGET_PASSWORD")
 
 _REDACTED = "***"
 
@@ -152,6 +137,12 @@ class IscsiUrl:
     def portal(self) -> str:
         """``host:port``, with an IPv6 address in brackets: a TargetAddress value."""
         return format_portal(self.host, self.port)
+
+    @property
+    def chap(self) -> ChapFields:
+        """The CHAP settings the URL (and the environment it was parsed in) gave."""
+        return ChapFields(self.chap_user, self.chap_secret, self.target_user,
+                          self.target_secret)
 
     @property
     def mutual_chap(self) -> bool:
@@ -380,14 +371,6 @@ def _decode(part: str, what: str, shown: str) -> str:
         ) from None
 
 
-def _env(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
-    for name in names:
-        value = environ.get(name)
-        if value:
-            return value
-    return None
-
-
 def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUrl:
     """Parse an ``iscsi://`` URL (target or discovery form) into an :class:`IscsiUrl`.
 
@@ -396,7 +379,6 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUr
     :class:`ConfigurationError` naming what is wrong and the expected form, never showing a
     secret.
     """
-    env = os.environ if environ is None else environ
     shown = repr(_scrub(text))
     if not text.lower().startswith(_PREFIX):
         raise ConfigurationError(
@@ -471,29 +453,19 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUr
             raise ConfigurationError(
                 f"URL {shown} has an empty CHAP user name; expected <user>%<secret>@<host>"
             )
-    if chap_user is None:
-        chap_user = _env(env, ENV_CHAP_NAME)
-    if chap_secret is None:
-        chap_secret = _env(env, ENV_CHAP_SECRET)
-
-    target_user = options.get("target_user")
-    target_secret = options.get("target_password")
-    if target_user is None:
-        target_user = _env(env, ENV_TARGET_CHAP_NAME)
-    if target_secret is None:
-        target_secret = _env(env, ENV_TARGET_CHAP_SECRET)
-
-    _check_credentials(shown, chap_user, chap_secret, target_user, target_secret)
+    chap = ChapFields(chap_user, chap_secret, options.get("target_user"),
+                      options.get("target_password")).or_environment(environ)
+    chap.check(ChapSource.url(shown))
 
     return IscsiUrl(
         host=host,
         port=port,
         target_iqn=target,
         lun=lun,
-        chap_user=chap_user,
-        chap_secret=chap_secret,
-        target_user=target_user,
-        target_secret=target_secret,
+        chap_user=chap.user,
+        chap_secret=chap.secret,
+        target_user=chap.target_user,
+        target_secret=chap.target_secret,
         header_digest=_digest(options, "header_digest", shown),
         data_digest=_digest(options, "data_digest", shown),
     )
@@ -556,39 +528,3 @@ def _digest(options: Mapping[str, str], key: str, shown: str) -> DigestPreferenc
         raise ConfigurationError(
             f"{key}={value!r} in URL {shown} is not one of {_DIGEST_CHOICES}"
         ) from None
-
-
-def _check_credentials(
-    shown: str,
-    chap_user: str | None,
-    chap_secret: str | None,
-    target_user: str | None,
-    target_secret: str | None,
-) -> None:
-    if chap_user is not None and chap_secret is None:
-        raise ConfigurationError(
-            f"URL {shown} gives a CHAP user name but no secret; write <user>%<secret>@ in the "
-            "URL or set ISCSI_HBA_CHAP_SECRET (or LIBISCSI_CHAP_PASSWORD)"
-        )
-    if chap_secret is not None and chap_user is None:
-        raise ConfigurationError(
-            f"a CHAP secret is set for URL {shown} but no CHAP user name; write "
-            "<user>%<secret>@ in the URL or set ISCSI_HBA_CHAP_NAME (or LIBISCSI_CHAP_USERNAME)"
-        )
-    if (target_user is None) != (target_secret is None):
-        missing = "target_password" if target_secret is None else "target_user"
-        raise ConfigurationError(
-            f"mutual CHAP for URL {shown} needs both target_user and target_password; "
-            f"{missing} is missing (URL option, or ISCSI_HBA_TARGET_CHAP_NAME / "
-            "ISCSI_HBA_TARGET_CHAP_SECRET)"
-        )
-    if target_user is not None and chap_user is None:
-        raise ConfigurationError(
-            f"mutual CHAP for URL {shown} also needs one-way CHAP: give <user>%<secret>@ "
-            "(the target authenticates itself only after the initiator has)"
-        )
-    if target_secret is not None and target_secret == chap_secret:
-        raise ConfigurationError(
-            f"the target CHAP secret for URL {shown} equals the initiator's CHAP secret; "
-            "RFC 7143 §9.2.1 forbids using one secret in both directions"
-        )

@@ -3,14 +3,15 @@
 
 Shared by the one-shot ``hbactl`` commands and the TCMU handler (``tcmu_handler.serve``), which
 must not depend on ``hba``. Secrets the URL leaves out come from the environment
-(:func:`initiator.url.parse_url`).
+(:func:`initiator.url.parse_url`); the credentials are built and checked by
+:mod:`initiator.credentials`, as the daemon's are.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from initiator.chap import ChapAccount, ChapCredentials, Secret
+from initiator.credentials import ChapSource
 from initiator.errors import ConfigurationError
 from initiator.transport import SessionConfig, default_initiator_name
 from initiator.url import IscsiUrl, parse_url
@@ -25,21 +26,7 @@ def session_config(url: IscsiUrl, *, initiator_name: str | None = None,
     ``extra`` overrides further :class:`SessionConfig` fields (``noop_interval``,
     ``reconnect_forever``, ...).
     """
-    credentials: ChapCredentials | None = None
-    if url.chap_user is not None:
-        if url.chap_secret is None:
-            raise ConfigurationError(
-                f"URL {url} names CHAP user {url.chap_user!r} but no secret: put it in the URL "
-                "as user%secret or in ISCSI_HBA_CHAP_SECRET")
-        target: ChapAccount | None = None
-        if url.target_user is not None:
-            if url.target_secret is None:
-                raise ConfigurationError(
-                    f"URL {url} asks for mutual CHAP as {url.target_user!r} but gives no "
-                    "target_password (or ISCSI_HBA_TARGET_CHAP_SECRET)")
-            target = ChapAccount(url.target_user, Secret(url.target_secret))
-        credentials = ChapCredentials(ChapAccount(url.chap_user, Secret(url.chap_secret)),
-                                      target)
+    credentials = url.chap.build(ChapSource.url(repr(url.redacted())))
     return SessionConfig(
         initiator_name=initiator_name or default_initiator_name(),
         credentials=credentials,
