@@ -26,6 +26,11 @@ died) is taken over — block, reset the ring, reopen, unblock — so its ``/dev
 working; its session logs in in the background while the kernel's commands wait. uio devices
 that appear later with our subtype (made by ``targetcli /backstores/user:iscsi create``) are
 served the same way.
+
+The seams: what a URL, nickname or cfgstring stands for is :mod:`hba.specs` (credentials from
+:mod:`initiator.credentials`); the sessions the LUNs of a target share are :mod:`hba.sessions`;
+a disk's record is :mod:`hba.disks`. This module is the life cycle: attach, detach, adopt,
+serve, the retry of ``Enable = on`` entries, and the tasks that tie those together.
 """
 
 from __future__ import annotations
@@ -34,21 +39,19 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import os
-import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hba import cfgstring, devices, kernel
-from hba.config import AuthMethod, Config, ConfigError, TargetEntry, load_config
-from hba.errors import HBAError
-from initiator.chap import ChapCredentials
+from hba import devices, kernel
+from hba.config import Config, load_config
+from hba.disks import Disk
+from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.sessions import SessionPool
+from hba.specs import BACKSTORE_PREFIX, LunSpec, SpecDefaults, SpecResolver
 from initiator.client import ScsiClient
-from initiator.credentials import ENVIRONMENT, ChapFields, ChapSource
 from initiator.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -56,9 +59,8 @@ from initiator.errors import (
     LocalProtocolError,
     NegotiationError,
 )
-from initiator.login import LoginError, Portal, TargetNotFoundError
-from initiator.transport import Session, SessionConfig, SessionState, default_initiator_name
-from initiator.url import IscsiUrl, parse_url
+from initiator.login import LoginError, TargetNotFoundError
+from initiator.transport import Session, default_initiator_name
 from tcmu_handler.device import UioDevice, UioInfo, find_device, find_devices
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import TCMUError
@@ -67,110 +69,10 @@ from tcmu_handler.executor import SessionExecutor
 log = logging.getLogger("iscsi-hba")
 
 BLKFLSBUF = 0x1261
-BACKSTORE_PREFIX = "hba-"
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
 SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout
 RETRY_FIRST = 5.0         # seconds before a failed Enable = on entry is tried again,
 RETRY_MAX = 60.0          # doubling after each failure up to this
-
-
-class AttachError(HBAError):
-    """An attach could not be done; the message says why and what to check.
-
-    ``retryable`` says whether the same attach may succeed later without anyone changing
-    anything (the target is down, unreachable or not configured yet), as opposed to a wrong
-    secret, a refused initiator or a local problem.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class DetachError(HBAError):
-    """A detach was refused or failed."""
-
-
-class DiskBusyError(DetachError):
-    """The disk is mounted or held (device-mapper, md, swap) and the detach was not forced."""
-
-
-class NoSuchDiskError(DetachError):
-    """No attached LUN goes by the name, device node or link given."""
-
-
-@dataclass(frozen=True, slots=True)
-class LunSpec:
-    """Everything needed to reach one LUN: where, who we are, how to behave."""
-
-    name: str
-    portal: Portal
-    target: str
-    lun: int
-    session: SessionConfig
-    queue_depth: int = 32
-    nickname: str | None = None   # set when the LUN comes from the configuration file
-
-    @property
-    def session_key(self) -> tuple[Any, ...]:
-        creds = self.session.credentials
-        secret = b""
-        if creds is not None:
-            secret = creds.initiator.secret.reveal() + b"\0" + (
-                creds.target.secret.reveal() if creds.target else b"")
-        return (self.portal.host, self.portal.port, self.target,
-                creds.initiator.name if creds else None,
-                hashlib.sha256(secret).hexdigest(), self.session.header_digest,
-                self.session.data_digest)
-
-    def cfgstring(self) -> str:
-        if self.nickname is not None:
-            return cfgstring.TargetRef(nickname=self.nickname).encode()
-        return cfgstring.TargetRef(portal=self.portal, target=self.target,
-                                   lun=self.lun).encode()
-
-
-@dataclass(slots=True)
-class Disk:
-    """One LUN this daemon serves."""
-
-    spec: LunSpec
-    backstore: str
-    hba_index: int
-    session: Session
-    dispatcher: Dispatcher | None = None
-    device: devices.BlockDevice | None = None
-    scsi_address: str | None = None
-    size: int = 0
-    block_size: int = 512
-    adopted: bool = False
-    watcher: asyncio.Task[None] | None = None
-    state: str = "attaching"
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def describe(self) -> dict[str, Any]:
-        """What ``hbactl list`` / ``status`` show."""
-        stats = self.dispatcher.stats if self.dispatcher is not None else None
-        return {
-            "name": self.name,
-            "target": self.spec.target,
-            "portal": str(self.spec.portal),
-            "lun": self.spec.lun,
-            "device": self.device.node if self.device else None,
-            "by_id": self.device.primary_link if self.device else None,
-            "size": self.size,
-            "block_size": self.block_size,
-            "backstore": f"user_{self.hba_index}/{self.backstore}",
-            "scsi_address": self.scsi_address,
-            "state": self.state,
-            "session": self.session.state.value,
-            "in_flight": stats.in_flight if stats else 0,
-            "commands": stats.completed if stats else 0,
-            "reconnects": self.session.reconnects,
-        }
 
 
 @dataclass(slots=True)
@@ -198,13 +100,6 @@ class _Retry:
 
 
 @dataclass(slots=True)
-class _Shared:
-    session: Session
-    users: int = 0
-    logged_in: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
 class DaemonOptions:
     config_path: str | None = None
     initiator_name: str | None = None
@@ -221,17 +116,35 @@ class Daemon:
 
     def __init__(self, options: DaemonOptions | None = None) -> None:
         self.options = options or DaemonOptions()
-        self.config: Config | None = None
+        self.initiator_name = self.options.initiator_name or default_initiator_name()
+        self.specs = SpecResolver(
+            SpecDefaults(initiator_name=self.initiator_name,
+                         login_timeout=self.options.login_timeout,
+                         replacement_timeout=self.options.replacement_timeout,
+                         queue_depth=self.options.queue_depth),
+            self.options.config_path)
+        self.sessions = SessionPool(self._event, pcap_dir=self.options.pcap_dir)
         self.disks: dict[str, Disk] = {}
-        self._sessions: dict[tuple[Any, ...], _Shared] = {}
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self._retries: dict[str, _Retry] = {}  # configuration nickname -> its retry
-        self._pcap_serial = 0
-        self.initiator_name = self.options.initiator_name or default_initiator_name()
         self.started = False
+
+    @property
+    def config(self) -> Config | None:
+        """The configuration as last read (None: no file)."""
+        return self.specs.config
+
+    @config.setter
+    def config(self, config: Config | None) -> None:
+        self.specs.config = config
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        """Report ``kind`` (attach, adopt, detach, session, logout) to ``options.on_event``."""
+        if self.options.on_event is not None:
+            self.options.on_event(kind, data)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -284,7 +197,7 @@ class Daemon:
         if not exc.retryable:
             log.error("could not attach %s: %s", nickname, exc)
             return
-        spec = self.resolve(nickname)
+        spec = self.specs.resolve(nickname)
         retry = _Retry(spec, str(exc))
         self._retries[nickname] = retry
         retry.task = asyncio.get_running_loop().create_task(self._retry(nickname, retry))
@@ -360,171 +273,14 @@ class Daemon:
                 disk.watcher.cancel()
             if disk.dispatcher is not None:
                 await disk.dispatcher.close(timeout=10)
-        for shared in list(self._sessions.values()):
-            await shared.session.logout(timeout=5)
-        self._sessions.clear()
+        await self.sessions.close()
         self.disks.clear()
-
-    # -- resolving what to attach ----------------------------------------------------------
-
-    def resolve(self, what: str) -> LunSpec:
-        """A LunSpec for a configuration nickname or an ``iscsi://`` URL."""
-        if what.lower().startswith("iscsi://"):
-            try:
-                url = parse_url(what)
-            except ConfigurationError as exc:
-                raise AttachError(str(exc)) from None
-            return self._spec_from_url(url)
-        entry = self.config.get(what) if self.config is not None else None
-        if entry is None:
-            where = self.options.config_path or "the configuration"
-            raise AttachError(
-                f"{what!r} is neither an iscsi:// URL nor the nickname of an entry in {where}")
-        return self._spec_from_entry(entry)
-
-    def _spec_from_url(self, url: IscsiUrl, name: str | None = None) -> LunSpec:
-        if url.target_iqn is None or url.lun is None:
-            raise AttachError(f"URL {url} names no target and LUN")
-        creds = _build(url.chap, ChapSource.url(repr(url.redacted())))
-        entry = self._entry_for(url.target_iqn, url.host, url.port)
-        if creds is None and entry is not None:
-            creds = _entry_credentials(entry)
-        session = SessionConfig(
-            initiator_name=self.initiator_name, credentials=creds,
-            header_digest=url.header_digest.offer if url.header_digest else "None",
-            data_digest=url.data_digest.offer if url.data_digest else "None",
-            login_timeout=self.options.login_timeout,
-            replacement_timeout=self.options.replacement_timeout, reconnect_forever=True)
-        return LunSpec(name=name or _default_name(url.target_iqn, url.lun),
-                       portal=Portal(url.host, url.port), target=url.target_iqn, lun=url.lun,
-                       session=session, queue_depth=self.options.queue_depth)
-
-    def _spec_from_entry(self, entry: TargetEntry) -> LunSpec:
-        if entry.target_name is None:
-            raise AttachError(f"{entry.nickname} is a discovery entry; it names no LUN")
-        overrides: dict[str, str] = {}
-        for key, value in (("MaxRecvDataSegmentLength", entry.max_recv_data_segment_length),
-                           ("MaxBurstLength", entry.max_burst_length),
-                           ("FirstBurstLength", entry.first_burst_length),
-                           ("ImmediateData", entry.immediate_data),
-                           ("InitialR2T", entry.initial_r2t)):
-            if value is not None:
-                overrides[key] = ("Yes" if value else "No") if isinstance(value, bool) \
-                    else str(value)
-        session = SessionConfig(
-            initiator_name=entry.initiator_name or self.initiator_name,
-            initiator_alias=entry.initiator_alias,
-            credentials=_entry_credentials(entry),
-            header_digest=entry.header_digest.offer, data_digest=entry.data_digest.offer,
-            negotiation=overrides, login_timeout=float(entry.login_timeout),
-            replacement_timeout=float(entry.replacement_timeout),
-            noop_interval=float(entry.noop_interval), noop_timeout=float(entry.noop_timeout),
-            reconnect_forever=True)
-        return LunSpec(name=entry.nickname, portal=Portal(entry.host, entry.port),
-                       target=entry.target_name, lun=entry.lun, session=session,
-                       queue_depth=entry.queue_depth, nickname=entry.nickname)
-
-    def _entry_for(self, target: str, host: str, port: int) -> TargetEntry | None:
-        if self.config is None:
-            return None
-        for entry in self.config.entries.values():
-            if entry.target_name == target and (entry.host, entry.port) == (host, port):
-                return entry
-        for entry in self.config.entries.values():
-            if entry.target_name == target:
-                return entry
-        return None
-
-    def resolve_cfgstring(self, text: str, name: str) -> LunSpec:
-        """The LunSpec a TCMU cfgstring (``iscsi/`` prefix optional) stands for, with the
-        credentials the daemon would use; ``name`` is the backstore's name."""
-        return self._spec_from_cfgstring(text, name)
-
-    def _spec_from_cfgstring(self, text: str, backstore: str) -> LunSpec:
-        ref = cfgstring.decode(text)
-        if ref.nickname is not None:
-            entry = self.config.get(ref.nickname) if self.config is not None else None
-            if entry is None:
-                raise AttachError(
-                    f"backstore {backstore} names configuration entry {ref.nickname!r}, which "
-                    f"{self.options.config_path or 'the configuration'} does not have")
-            return self._spec_from_entry(entry)
-        assert ref.portal is not None and ref.target is not None
-        url = IscsiUrl(host=ref.portal.host, port=ref.portal.port, target_iqn=ref.target,
-                       lun=ref.lun)
-        spec = self._spec_from_url(url, name=backstore.removeprefix(BACKSTORE_PREFIX))
-        if spec.session.credentials is None:
-            env = _build(ChapFields().or_environment(), ENVIRONMENT)
-            if env is not None:
-                spec = _replace_credentials(spec, env)
-        return spec
-
-    # -- sessions --------------------------------------------------------------------------
-
-    async def _acquire(self, spec: LunSpec, *, background: bool = False) -> Session:
-        key = spec.session_key
-        shared = self._sessions.get(key)
-        if shared is None:
-            session = Session(spec.portal, spec.target, spec.session,
-                              pcap_path=self._pcap_path(spec))
-            shared = _Shared(session)
-            self._sessions[key] = shared
-            session.on_state = lambda state, s=session: self._session_state(s, state)
-            if background:
-                session.start_background_login()
-            else:
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                shared.logged_in = fut
-                try:
-                    await session.login()
-                except BaseException as exc:
-                    del self._sessions[key]
-                    if not fut.done():
-                        fut.set_exception(exc)
-                        fut.exception()  # retrieved: nobody else may be waiting
-                    raise
-                fut.set_result(None)
-        elif shared.logged_in is not None and not shared.logged_in.done():
-            await asyncio.shield(shared.logged_in)
-        shared.users += 1
-        return shared.session
-
-    def _pcap_path(self, spec: LunSpec) -> str | None:
-        """Where ``--pcap DIR`` records a new session to ``spec``'s target: one file per
-        session and start (a reconnect adds ``.2.pcap``, ...), named so that ``ls`` sorts it."""
-        if self.options.pcap_dir is None:
-            return None
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self._pcap_serial += 1
-        tail = _default_name(spec.target, spec.lun).rsplit("-", 1)[0]
-        name = f"{stamp}-{self._pcap_serial}-{tail}-{spec.portal.port}.pcap"
-        return os.path.join(self.options.pcap_dir, name)
-
-    async def _release(self, session: Session) -> None:
-        for key, shared in list(self._sessions.items()):
-            if shared.session is session:
-                shared.users -= 1
-                if shared.users <= 0:
-                    del self._sessions[key]
-                    await session.logout(timeout=10)
-                    self._event("logout", {"target": session.target_name,
-                                           "portal": str(session.portal)})
-                return
-
-    def _session_state(self, session: Session, state: SessionState) -> None:
-        log.info("session %s: %s", session.label, state.value)
-        self._event("session", {"target": session.target_name, "portal": str(session.portal),
-                                "state": state.value})
-
-    def _event(self, kind: str, data: dict[str, Any]) -> None:
-        if self.options.on_event is not None:
-            self.options.on_event(kind, data)
 
     # -- attach ----------------------------------------------------------------------------
 
     async def attach(self, what: str) -> Disk:
         """Attach a LUN named by URL or configuration nickname; returns it once usable."""
-        spec = self.resolve(what)
+        spec = self.specs.resolve(what)
         async with self._lock:
             if spec.name in self.disks:
                 disk = self.disks[spec.name]
@@ -544,7 +300,7 @@ class Daemon:
 
     async def _attach_locked(self, spec: LunSpec) -> Disk:
         try:
-            session = await self._acquire(spec)
+            session = await self.sessions.acquire(spec)
         except ISCSIError as exc:
             raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
                               f"{spec.portal}) failed: {exc}",
@@ -610,7 +366,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await disk.dispatcher.close(timeout=5)
             self._serving.discard(backstore)
-        await self._release(session)
+        await self.sessions.release(session)
 
     async def _serve(self, disk: Disk, uio: UioInfo, *, takeover: bool) -> None:
         """Start the ring of ``disk`` and watch for its end."""
@@ -635,7 +391,7 @@ class Daemon:
             log.warning("%s: its TCMU device was removed; forgetting it", disk.name)
             self.disks.pop(disk.name, None)
             self._event("detach", disk.describe())
-            await self._release(disk.session)
+            await self.sessions.release(disk.session)
         elif reason is StopReason.RING_CORRUPT:
             disk.state = "ring broken"
             log.error("%s: the TCMU ring is inconsistent; restart the daemon to reset it",
@@ -699,7 +455,7 @@ class Daemon:
                     await devices.wait_until_gone(disk.device.name,
                                                   links=disk.device.by_id)
             self.disks.pop(disk.name, None)
-            await self._release(disk.session)
+            await self.sessions.release(disk.session)
             log.info("detached %s (%s LUN %d at %s)", disk.name, disk.spec.target,
                      disk.spec.lun, disk.spec.portal)
             described = disk.describe()
@@ -720,19 +476,19 @@ class Daemon:
                 log.error("cannot serve existing backstore %s: %s", info.name, exc)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
-        spec = self._spec_from_cfgstring(info.cfgstring, info.name)
+        spec = self.specs.from_cfgstring(info.cfgstring, info.name)
         if spec.name in self.disks:
             # Two backstores naming the same configuration entry (one made with targetcli):
             # the second goes by its backstore name rather than replacing the first here.
             spec = dataclasses.replace(spec, name=info.name)
         uio = await _wait_for_uio(info.name, info.hba_index)
-        session = await self._acquire(spec, background=True)
+        session = await self.sessions.acquire(spec, background=True)
         disk = Disk(spec=spec, backstore=info.name, hba_index=info.hba_index, session=session,
                     size=info.size, scsi_address=info.scsi_address, adopted=True)
         try:
             await self._serve(disk, uio, takeover=takeover)
         except BaseException:
-            await self._release(session)
+            await self.sessions.release(session)
             raise
         if disk.scsi_address is not None:
             name = devices.disk_name(disk.scsi_address)
@@ -816,7 +572,8 @@ class Daemon:
     async def refresh_devices(self) -> None:
         """Find the disks of LUNs that someone else (targetcli, rtslib) linked to backstores
         we serve after we started serving them."""
-        missing = [d for d in self.disks.values() if d.device is None and d.state == "attached"]
+        missing = [d for d in self.disks.values()
+                   if d.device is None and d.state == "attached"]
         if not missing:
             return
         infos = {info.name: info for info in await asyncio.to_thread(kernel.list_backstores)}
@@ -852,52 +609,12 @@ class Daemon:
             "initiator_name": self.initiator_name,
             "config": self.options.config_path,
             "disks": self.list(),
-            "sessions": [
-                {"target": s.session.target_name, "portal": str(s.session.portal),
-                 "state": s.session.state.value, "luns": s.users,
-                 "reconnects": s.session.reconnects, **s.session.stats()}
-                for s in self._sessions.values()
-            ],
+            "sessions": self.sessions.describe(),
         }
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _worth_retrying(exc: ISCSIError) -> bool:
-    """Whether an attach that failed with ``exc`` may succeed later with nothing changed."""
-    if isinstance(exc, (AuthenticationError, ConfigurationError, NegotiationError,
-                        LocalProtocolError)):
-        return False
-    if isinstance(exc, LoginError):
-        # A target that is being set up answers "not found" until its LUNs exist.
-        return exc.retryable or isinstance(exc, TargetNotFoundError)
-    return True
-
-
-def _default_name(target: str, lun: int) -> str:
-    tail = re.sub(r"[^A-Za-z0-9_.-]", "-", target.rsplit(":", 1)[-1])[:40].strip("-.") or "lun"
-    return f"{tail}-{lun}"
-
-
-def _build(fields: ChapFields, source: ChapSource) -> ChapCredentials | None:
-    try:
-        return fields.build(source)
-    except ConfigurationError as exc:
-        raise AttachError(str(exc)) from None
-
-
-def _entry_credentials(entry: TargetEntry) -> ChapCredentials | None:
-    if entry.auth_method is not AuthMethod.CHAP:
-        return None
-    return _build(ChapFields(entry.chap_name, entry.chap_secret, entry.tgt_chap_name,
-                             entry.tgt_chap_secret), ChapSource.entry(entry.nickname))
-
-
-def _replace_credentials(spec: LunSpec, creds: ChapCredentials) -> LunSpec:
-    return dataclasses.replace(spec, session=dataclasses.replace(spec.session,
-                                                                 credentials=creds))
 
 
 async def _wait_for_uio(name: str, hba_index: int, timeout: float = 10.0) -> UioInfo:
@@ -944,13 +661,15 @@ def _flush(node: str) -> None:
         os.close(fd)
 
 
-__all__ = [
-    "AttachError",
-    "ConfigError",
-    "Daemon",
-    "DaemonOptions",
-    "DetachError",
-    "Disk",
-    "LunSpec",
-    "prepare_capture_dir",
-]
+def _worth_retrying(exc: ISCSIError) -> bool:
+    """Whether an attach that failed with ``exc`` may succeed later with nothing changed."""
+    if isinstance(exc, (AuthenticationError, ConfigurationError, NegotiationError,
+                        LocalProtocolError)):
+        return False
+    if isinstance(exc, LoginError):
+        # A target that is being set up answers "not found" until its LUNs exist.
+        return exc.retryable or isinstance(exc, TargetNotFoundError)
+    return True
+
+
+__all__ = ["Daemon", "DaemonOptions", "Disk", "prepare_capture_dir"]

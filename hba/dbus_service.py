@@ -48,7 +48,7 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from hba import kernel
-from hba.errors import HBAError
+from hba.errors import AttachError, DetachError, DiskBusyError, HBAError, NoSuchDiskError
 from initiator.errors import ISCSIError
 
 if TYPE_CHECKING:
@@ -197,7 +197,6 @@ def dbus_error(exc: BaseException, doing: str) -> DBusError:
     traceback and reported as ``Failed`` without internals.
     """
     from hba.config import ConfigError
-    from hba.daemon import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 
     if isinstance(exc, DiskBusyError):
         return _error(Errors.IN_USE, str(exc))
@@ -401,7 +400,7 @@ async def check_config(daemon: Daemon, cfg: str, *,
             return False, (f"{ref.nickname!r} is not the nickname of an entry of {where}: add "
                            f"an entry `{ref.nickname} {{ TargetAddress = ...; TargetName = "
                            "...; }` there, or give <host>%3A<port>/<target-iqn>/<lun>")
-    spec = daemon.resolve_cfgstring(text, ref.nickname or "cfgstring")
+    spec = daemon.specs.from_cfgstring(text, ref.nickname or "cfgstring")
     where = f"{spec.target} LUN {spec.lun} at {spec.portal}"
     session = Session(spec.portal, spec.target, dataclasses.replace(
         spec.session, login_timeout=min(spec.session.login_timeout, timeout),

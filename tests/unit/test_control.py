@@ -29,15 +29,8 @@ import pytest
 
 from hba import cli, control, dbus_service
 from hba.config import ConfigError
-from hba.daemon import (
-    AttachError,
-    Daemon,
-    DaemonOptions,
-    DetachError,
-    Disk,
-    DiskBusyError,
-    NoSuchDiskError,
-)
+from hba.daemon import Daemon, DaemonOptions, Disk
+from hba.errors import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 from hba.kernel import KernelSetupError
 from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.url import parse_url

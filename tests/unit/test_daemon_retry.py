@@ -18,7 +18,9 @@ import pytest
 
 from hba import control
 from hba import daemon as daemon_module
-from hba.daemon import AttachError, Daemon, DaemonOptions, Disk, LunSpec, _worth_retrying
+from hba.daemon import Daemon, DaemonOptions, Disk, _worth_retrying
+from hba.errors import AttachError
+from hba.specs import LunSpec
 from initiator import errors
 from initiator.login import LoginError, TargetNotFoundError, login_error
 from initiator.transport import Session
