@@ -33,6 +33,7 @@ import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hba.disks import DiskState
 from hba.errors import HBAError
 
 if TYPE_CHECKING:
@@ -119,9 +120,9 @@ def normalize_disk(disk: Mapping[str, Any]) -> dict[str, Any]:
 
 def disk_state(disk: Mapping[str, Any]) -> str:
     """What the STATE column shows: the session's state, or the disk's when it is not
-    simply attached (``detaching``, ``ring broken``)."""
+    simply attached (``detaching``, ``ring broken``, ``retrying``: :class:`DiskState`)."""
     state = disk.get("state")
-    if state not in (None, "attached"):
+    if state not in (None, DiskState.ATTACHED.value):
         return str(state)
     return str(disk.get("session") or "-")
 

@@ -29,8 +29,9 @@ served the same way.
 
 The seams: what a URL, nickname or cfgstring stands for is :mod:`hba.specs` (credentials from
 :mod:`initiator.credentials`); the sessions the LUNs of a target share are :mod:`hba.sessions`;
-a disk's record is :mod:`hba.disks`. This module is the life cycle: attach, detach, adopt,
-serve, the retry of ``Enable = on`` entries, and the tasks that tie those together.
+a disk's record and its states are :mod:`hba.disks`. This module is the life cycle: attach,
+detach, adopt, serve, the retry of ``Enable = on`` entries, and the tasks that tie those
+together.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
-from hba.disks import Disk
+from hba.disks import Disk, DiskState
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
 from hba.sessions import SessionPool
 from hba.specs import BACKSTORE_PREFIX, LunSpec, SpecDefaults, SpecResolver
@@ -86,13 +87,13 @@ class _Retry:
     next_attempt: float = 0.0   # loop time
     task: asyncio.Task[None] | None = None
 
-    def describe(self, now: float) -> dict[str, Any]:
+    def describe(self, now: float, state: DiskState = DiskState.RETRYING) -> dict[str, Any]:
         return {
             "name": self.spec.name,
             "target": self.spec.target,
             "portal": str(self.spec.portal),
             "lun": self.spec.lun,
-            "state": "retrying",
+            "state": state.value,
             "error": self.error,
             "attempts": self.attempts,
             "retry_in": round(max(0.0, self.next_attempt - now), 1),
@@ -347,7 +348,7 @@ class Daemon:
             if isinstance(exc, TCMUError):
                 raise AttachError(f"attaching {spec.name} failed: {exc}") from None
             raise
-        disk.state = "attached"
+        disk.state = DiskState.ATTACHED
         self.disks[spec.name] = disk
         log.info("attached %s: %s LUN %d at %s -> %s (%s)", spec.name, spec.target, spec.lun,
                  spec.portal, disk.device.node, disk.device.primary_link or "no by-id link")
@@ -358,7 +359,7 @@ class Daemon:
                         session: Session) -> None:
         if disk is not None:
             # Our own removal: _watch_dispatcher must not release the session a second time.
-            disk.state = "detaching"
+            disk.state = DiskState.DETACHING
         if created:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(kernel.unlink_and_delete, backstore)
@@ -386,14 +387,14 @@ class Daemon:
         assert disk.dispatcher is not None
         reason = await disk.dispatcher.run()
         self._serving.discard(disk.backstore)
-        if reason is StopReason.REMOVED and disk.state != "detaching":
+        if reason is StopReason.REMOVED and disk.state is not DiskState.DETACHING:
             # Someone removed the backstore behind our back (targetcli, rtslib): forget it.
             log.warning("%s: its TCMU device was removed; forgetting it", disk.name)
             self.disks.pop(disk.name, None)
             self._event("detach", disk.describe())
             await self.sessions.release(disk.session)
         elif reason is StopReason.RING_CORRUPT:
-            disk.state = "ring broken"
+            disk.state = DiskState.RING_BROKEN
             log.error("%s: the TCMU ring is inconsistent; restart the daemon to reset it",
                       disk.name)
 
@@ -423,8 +424,8 @@ class Daemon:
                 retry = self._stop_retrying(what)
                 assert retry is not None
                 log.info("%s: not trying to attach it any more", what)
-                described = retry.describe(asyncio.get_running_loop().time())
-                described["state"] = "detached"
+                described = retry.describe(asyncio.get_running_loop().time(),
+                                           DiskState.DETACHED)
                 self._event("detach", described)
                 return described
             disk = self.find(what)
@@ -435,7 +436,7 @@ class Daemon:
                         f"{disk.name} ({disk.device.node}) is in use: " + "; ".join(busy)
                         + ". Unmount it first, or detach with --force")
                 await asyncio.to_thread(_flush, disk.device.node)
-            previous, disk.state = disk.state, "detaching"
+            previous, disk.state = disk.state, DiskState.DETACHING
             try:
                 # Served while the LUN goes (SYNCHRONIZE CACHE); then nothing reaches the ring,
                 # so the dispatcher stops before the backstore (and its uio device) does.
@@ -458,8 +459,7 @@ class Daemon:
             await self.sessions.release(disk.session)
             log.info("detached %s (%s LUN %d at %s)", disk.name, disk.spec.target,
                      disk.spec.lun, disk.spec.portal)
-            described = disk.describe()
-            described["state"] = "detached"
+            described = disk.describe(DiskState.DETACHED)
             self._event("detach", described)
             return described
 
@@ -495,7 +495,7 @@ class Daemon:
             if name is not None:
                 with contextlib.suppress(devices.DeviceTimeout):
                     disk.device = await devices.wait_for_disk(disk.scsi_address, timeout=10)
-        disk.state = "attached"
+        disk.state = DiskState.ATTACHED
         self.disks[disk.name] = disk
         log.info("%s %s: backstore %s -> %s", "took over" if takeover else "serving",
                  disk.name, info.name, disk.device.node if disk.device else "no disk yet")
@@ -573,7 +573,7 @@ class Daemon:
         """Find the disks of LUNs that someone else (targetcli, rtslib) linked to backstores
         we serve after we started serving them."""
         missing = [d for d in self.disks.values()
-                   if d.device is None and d.state == "attached"]
+                   if d.device is None and d.state is DiskState.ATTACHED]
         if not missing:
             return
         infos = {info.name: info for info in await asyncio.to_thread(kernel.list_backstores)}
@@ -672,4 +672,4 @@ def _worth_retrying(exc: ISCSIError) -> bool:
     return True
 
 
-__all__ = ["Daemon", "DaemonOptions", "Disk", "prepare_capture_dir"]
+__all__ = ["Daemon", "DaemonOptions", "Disk", "DiskState", "prepare_capture_dir"]

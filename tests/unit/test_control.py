@@ -30,9 +30,13 @@ import pytest
 from hba import cli, control, dbus_service
 from hba.config import ConfigError
 from hba.daemon import Daemon, DaemonOptions, Disk
+from hba.disks import DiskState
 from hba.errors import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 from hba.kernel import KernelSetupError
+from hba.specs import LunSpec
 from initiator.errors import AuthenticationError, ConfigurationError
+from initiator.login import Portal
+from initiator.transport import Session, SessionConfig
 from initiator.url import parse_url
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
 from tests.unit.test_pcap import assert_clean, iscsi_opcodes
@@ -173,6 +177,31 @@ def test_status_text() -> None:
     assert f"{IQN} at 127.0.0.1:3260: logged in, 1 LUN, 12 commands" in text
     assert "user:iscsi offered" in text
     assert "disk1" in text.splitlines()[-1]
+
+
+def test_disk_states_are_plain_strings_on_the_wire() -> None:
+    """``list``/``status --json`` and the DBus dictionaries carry a disk's state as the same
+    strings as before it became an enum; the STATE column shows the session instead of
+    ``attached``."""
+    assert {s.name: s.value for s in DiskState} == {
+        "ATTACHING": "attaching", "ATTACHED": "attached", "DETACHING": "detaching",
+        "DETACHED": "detached", "RING_BROKEN": "ring broken", "RETRYING": "retrying"}
+    spec = LunSpec(name="disk1", portal=Portal("127.0.0.1", 3260), target=IQN, lun=0,
+                   session=SessionConfig(initiator_name=INITIATOR))
+    disk = Disk(spec=spec, backstore="hba-disk1", hba_index=1,
+                session=Session(spec.portal, spec.target, spec.session), size=64 << 20)
+    row = disk.describe()
+    assert row["state"] == "attaching" and type(row["state"]) is str
+    assert disk.describe(DiskState.DETACHED)["state"] == "detached"
+    assert disk.state is DiskState.ATTACHING   # describing the end does not change it
+    disk.state = DiskState.ATTACHED
+    row = disk.describe()
+    assert json.loads(json.dumps(row))["state"] == "attached"
+    assert dbus_service.unwrap(dbus_service.vardict(row))["state"] == "attached"
+    assert set(row) <= set(control.DISK_FIELDS)
+    assert control.disk_state(row) == row["session"]
+    for state in (DiskState.DETACHING, DiskState.RING_BROKEN, DiskState.RETRYING):
+        assert control.disk_state(dict(row, state=state.value)) == state.value
 
 
 def test_normalize_disk_fills_every_field() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from hba import control
 from hba import daemon as daemon_module
-from hba.daemon import Daemon, DaemonOptions, Disk, _worth_retrying
+from hba.daemon import Daemon, DaemonOptions, Disk, DiskState, _worth_retrying
 from hba.errors import AttachError
 from hba.specs import LunSpec
 from initiator import errors
@@ -55,7 +55,8 @@ class Flaky(Daemon):
         if self.failures:
             raise self.failures.pop(0)
         disk = Disk(spec=spec, backstore="hba-" + spec.name, hba_index=0,
-                    session=Session(spec.portal, spec.target, spec.session), state="attached")
+                    session=Session(spec.portal, spec.target, spec.session),
+                    state=DiskState.ATTACHED)
         self.disks[spec.name] = disk
         return disk
 
