@@ -29,9 +29,9 @@ served the same way.
 
 The seams: what a URL, nickname or cfgstring stands for is :mod:`hba.specs` (credentials from
 :mod:`initiator.credentials`); the sessions the LUNs of a target share are :mod:`hba.sessions`;
-a disk's record and its states are :mod:`hba.disks`. This module is the life cycle: attach,
-detach, adopt, serve, the retry of ``Enable = on`` entries, and the tasks that tie those
-together.
+when an ``Enable = on`` entry that failed is tried again is :mod:`hba.retry`; a disk's record
+and its states are :mod:`hba.disks`. This module is the life cycle: attach, detach, adopt,
+serve, and the tasks that tie those together.
 """
 
 from __future__ import annotations
@@ -50,17 +50,11 @@ from hba import devices, kernel
 from hba.config import Config, load_config
 from hba.disks import Disk, DiskState
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.retry import Retry, RetrySchedule, worth_retrying
 from hba.sessions import SessionPool
 from hba.specs import BACKSTORE_PREFIX, LunSpec, SpecDefaults, SpecResolver
 from initiator.client import ScsiClient
-from initiator.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    ISCSIError,
-    LocalProtocolError,
-    NegotiationError,
-)
-from initiator.login import LoginError, TargetNotFoundError
+from initiator.errors import ISCSIError
 from initiator.transport import Session, default_initiator_name
 from tcmu_handler.device import UioDevice, UioInfo, find_device, find_devices
 from tcmu_handler.dispatcher import Dispatcher, StopReason
@@ -72,32 +66,6 @@ log = logging.getLogger("iscsi-hba")
 BLKFLSBUF = 0x1261
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
 SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout
-RETRY_FIRST = 5.0         # seconds before a failed Enable = on entry is tried again,
-RETRY_MAX = 60.0          # doubling after each failure up to this
-
-
-@dataclass(slots=True)
-class _Retry:
-    """An ``Enable = on`` entry whose attach failed for a reason that may go away: it is tried
-    again in the background, like FreeBSD's iscsid keeps a configured session reconnecting."""
-
-    spec: LunSpec
-    error: str
-    attempts: int = 1
-    next_attempt: float = 0.0   # loop time
-    task: asyncio.Task[None] | None = None
-
-    def describe(self, now: float, state: DiskState = DiskState.RETRYING) -> dict[str, Any]:
-        return {
-            "name": self.spec.name,
-            "target": self.spec.target,
-            "portal": str(self.spec.portal),
-            "lun": self.spec.lun,
-            "state": state.value,
-            "error": self.error,
-            "attempts": self.attempts,
-            "retry_in": round(max(0.0, self.next_attempt - now), 1),
-        }
 
 
 @dataclass(slots=True)
@@ -130,7 +98,8 @@ class Daemon:
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
-        self._retries: dict[str, _Retry] = {}  # configuration nickname -> its retry
+        self._retries = RetrySchedule()     # configuration nickname -> its retry
+        self._retry_tasks: dict[str, asyncio.Task[None]] = {}
         self.started = False
 
     @property
@@ -198,44 +167,39 @@ class Daemon:
         if not exc.retryable:
             log.error("could not attach %s: %s", nickname, exc)
             return
-        spec = self.specs.resolve(nickname)
-        retry = _Retry(spec, str(exc))
-        self._retries[nickname] = retry
-        retry.task = asyncio.get_running_loop().create_task(self._retry(nickname, retry))
-
-    async def _retry(self, nickname: str, retry: _Retry) -> None:
         loop = asyncio.get_running_loop()
-        delay = RETRY_FIRST
-        while True:
-            retry.next_attempt = loop.time() + delay
-            log.warning("could not attach %s (attempt %d): %s; trying again in %.0f s",
-                        nickname, retry.attempts, retry.error, delay)
-            await asyncio.sleep(delay)
+        retry = self._retries.start(nickname, self.specs.resolve(nickname), str(exc),
+                                    loop.time())
+        _log_retry(nickname, retry)
+        self._retry_tasks[nickname] = loop.create_task(self._retry(nickname))
+
+    async def _retry(self, nickname: str) -> None:
+        """Attach ``nickname`` whenever its schedule says, until it leaves the schedule."""
+        loop = asyncio.get_running_loop()
+        while (retry := self._retries.get(nickname)) is not None:
+            await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
             if self._attached(nickname):
                 break
             try:
                 await self.attach(nickname)
             except AttachError as exc:
-                retry.attempts += 1
-                retry.error = str(exc)
-                if not exc.retryable:
-                    log.error("could not attach %s: %s; not trying again", nickname, exc)
-                    break
+                if exc.retryable:
+                    retry = self._retries.failed(nickname, str(exc), loop.time())
+                    if retry is not None:
+                        _log_retry(nickname, retry)
+                    continue
+                log.error("could not attach %s: %s; not trying again", nickname, exc)
             except HBAError as exc:
                 log.error("could not attach %s: %s; not trying again", nickname, exc)
-                break
-            else:
-                break
-            delay = min(delay * 2, RETRY_MAX)
-        if self._retries.get(nickname) is retry:
-            del self._retries[nickname]
+            break
+        if self._retry_tasks.get(nickname) is asyncio.current_task():
+            self._stop_retrying(nickname)
 
-    def _stop_retrying(self, nickname: str) -> _Retry | None:
-        retry = self._retries.pop(nickname, None)
-        if retry is not None and retry.task is not None \
-                and retry.task is not asyncio.current_task():
-            retry.task.cancel()
-        return retry
+    def _stop_retrying(self, nickname: str) -> Retry | None:
+        task = self._retry_tasks.pop(nickname, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        return self._retries.remove(nickname)
 
     def _load_config(self) -> Config | None:
         path = self.options.config_path
@@ -305,7 +269,7 @@ class Daemon:
         except ISCSIError as exc:
             raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
                               f"{spec.portal}) failed: {exc}",
-                              retryable=_worth_retrying(exc)) from None
+                              retryable=worth_retrying(exc)) from None
         backstore = BACKSTORE_PREFIX + spec.name
         created = False
         disk: Disk | None = None
@@ -344,7 +308,7 @@ class Daemon:
                 raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
                                   f"{spec.portal}) failed: {exc}",
                                   retryable=isinstance(exc, ISCSIError)
-                                  and _worth_retrying(exc)) from None
+                                  and worth_retrying(exc)) from None
             if isinstance(exc, TCMUError):
                 raise AttachError(f"attaching {spec.name} failed: {exc}") from None
             raise
@@ -661,15 +625,9 @@ def _flush(node: str) -> None:
         os.close(fd)
 
 
-def _worth_retrying(exc: ISCSIError) -> bool:
-    """Whether an attach that failed with ``exc`` may succeed later with nothing changed."""
-    if isinstance(exc, (AuthenticationError, ConfigurationError, NegotiationError,
-                        LocalProtocolError)):
-        return False
-    if isinstance(exc, LoginError):
-        # A target that is being set up answers "not found" until its LUNs exist.
-        return exc.retryable or isinstance(exc, TargetNotFoundError)
-    return True
+def _log_retry(nickname: str, retry: Retry) -> None:
+    log.warning("could not attach %s (attempt %d): %s; trying again in %.0f s",
+                nickname, retry.attempts, retry.error, retry.delay)
 
 
 __all__ = ["Daemon", "DaemonOptions", "Disk", "DiskState", "prepare_capture_dir"]

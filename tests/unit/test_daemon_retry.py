@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 
 from hba import control
-from hba import daemon as daemon_module
-from hba.daemon import Daemon, DaemonOptions, Disk, DiskState, _worth_retrying
+from hba import retry as retry_module
+from hba.daemon import Daemon, DaemonOptions
+from hba.disks import Disk, DiskState
 from hba.errors import AttachError
 from hba.specs import LunSpec
-from initiator import errors
-from initiator.login import LoginError, TargetNotFoundError, login_error
 from initiator.transport import Session
 from tests.support.targets import free_tcp_port
 
@@ -73,8 +72,8 @@ def refused(name: str = "disk1") -> AttachError:
 def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("hba.kernel.preflight", lambda: None)
     monkeypatch.setattr("hba.kernel.list_backstores", lambda: [])
-    monkeypatch.setattr(daemon_module, "RETRY_FIRST", 0.02)
-    monkeypatch.setattr(daemon_module, "RETRY_MAX", 0.05)
+    monkeypatch.setattr(retry_module, "RETRY_FIRST", 0.02)
+    monkeypatch.setattr(retry_module, "RETRY_MAX", 0.05)
 
 
 DaemonFactory = Callable[..., Any]
@@ -102,19 +101,6 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-def test_what_is_worth_retrying() -> None:
-    assert _worth_retrying(errors.ConnectionFailed("refused"))
-    assert _worth_retrying(errors.SessionFailed("gone"))
-    assert _worth_retrying(login_error(3, 0x01, "iqn.x", "h:1"))   # target unavailable
-    assert isinstance(login_error(2, 0x03, "iqn.x", "h:1"), TargetNotFoundError)
-    assert _worth_retrying(login_error(2, 0x03, "iqn.x", "h:1"))   # not set up yet
-    assert not _worth_retrying(login_error(2, 0x01, "iqn.x", "h:1"))  # wrong secret
-    assert not _worth_retrying(login_error(2, 0x02, "iqn.x", "h:1"))  # initiator refused
-    assert not _worth_retrying(LoginError("version", status_class=2, status_detail=0x05))
-    assert not _worth_retrying(errors.AuthenticationError("bad CHAP answer"))
-    assert not _worth_retrying(errors.NegotiationError("no common digest"))
 
 
 async def test_unreachable_target_is_retried_and_listed(make: DaemonFactory) -> None:
@@ -156,8 +142,8 @@ async def test_a_refusal_is_not_retried(make: DaemonFactory,
 
 async def test_detach_stops_retrying(make: DaemonFactory) -> None:
     d = await make(entry("disk1", 3260), [down()] * 1000)
-    (task,) = [r.task for r in d._retries.values()]
-    assert task is not None
+    assert set(d._retries) == {"disk1"}
+    (task,) = d._retry_tasks.values()
     described = await d.detach("disk1")
     assert described["state"] == "detached" and described["name"] == "disk1"
     await asyncio.sleep(0)
@@ -167,10 +153,10 @@ async def test_detach_stops_retrying(make: DaemonFactory) -> None:
 
 async def test_explicit_attach_ends_the_retry(make: DaemonFactory,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon_module, "RETRY_FIRST", 60.0)
+    monkeypatch.setattr(retry_module, "RETRY_FIRST", 60.0)
     d = await make(entry("disk1", 3260), [down(), down()])
-    (task,) = [r.task for r in d._retries.values()]
-    assert task is not None
+    assert set(d._retries) == {"disk1"}
+    (task,) = d._retry_tasks.values()
     with pytest.raises(AttachError, match="cannot connect"):
         await d.attach("disk1")   # fails: the retry goes on
     assert not task.done() and d.attempts == 2
