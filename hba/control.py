@@ -8,9 +8,10 @@ in the foreground on one asyncio loop, in this order:
    before it touches any device another one serves;
 3. start the daemon: check the kernel, take over the devices a previous daemon left, attach
    the entries with ``Enable = on``;
-4. tell systemd ``READY=1`` (``Type=notify``; :func:`sd_notify` speaks the datagram protocol of
-   sd_notify(3) itself), serve until SIGTERM/SIGINT, then ``STOPPING=1`` and stop. SIGHUP
-   reads the configuration again and attaches the entries newly enabled in it.
+4. tell systemd ``READY=1`` (``Type=notify``; :func:`tcmu_handler.sdnotify.sd_notify` speaks
+   the datagram protocol of sd_notify(3) itself), serve until SIGTERM/SIGINT, then
+   ``STOPPING=1`` and stop. SIGHUP reads the configuration again and attaches the entries
+   newly enabled in it.
 
 Stopping leaves every disk in the kernel (its commands wait) for the next daemon to take over;
 ``hbactl detach`` is what removes one.
@@ -28,7 +29,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -67,36 +67,6 @@ class StartupError(HBAError):
     def __init__(self, message: str, exit_status: int = 1) -> None:
         super().__init__(message)
         self.exit_status = exit_status
-
-
-# --------------------------------------------------------------------------------------------
-# sd_notify(3)
-
-
-def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Send ``state`` (``READY=1``, ``STOPPING=1``, ``STATUS=...``; newline-separated) to the
-    service manager's ``$NOTIFY_SOCKET``. False when there is none or it cannot be reached.
-
-    The protocol is one datagram on an AF_UNIX socket: a path, or ``@name`` for the abstract
-    namespace (sd_notify(3)).
-    """
-    env = os.environ if environ is None else environ
-    address = env.get("NOTIFY_SOCKET", "")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    elif not address.startswith("/"):
-        log.debug("NOTIFY_SOCKET=%s is not a unix socket; not notifying", address)
-        return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.debug("cannot notify the service manager: %s", exc)
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +343,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
     from hba.kernel import KernelSetupError
+    from tcmu_handler.sdnotify import sd_notify
 
     if config_path is not None and os.path.exists(config_path):
         try:

@@ -39,7 +39,6 @@ import enum
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +59,7 @@ from tcmu_handler.device import (
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import DeviceNotFound, TCMUError
 from tcmu_handler.executor import SessionExecutor
+from tcmu_handler.sdnotify import sd_notify
 
 log = logging.getLogger("tcmu_handler.serve")
 
@@ -155,20 +155,6 @@ def log_stats(dispatcher: Dispatcher) -> None:
     """SIGUSR1: one line with the dispatcher's counters."""
     counters = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(dispatcher.stats).items())
     log.info("%s: stats %s", dispatcher.device.name, counters)
-
-
-def sd_notify(state: str) -> None:
-    """Send ``state`` to ``$NOTIFY_SOCKET`` (systemd's readiness protocol), if set."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:  # like sd_notify(3): the service works on without its manager
-        log.debug("cannot notify %s: %s", path, exc.strerror or exc)
 
 
 async def _until_stopped(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:

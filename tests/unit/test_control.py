@@ -38,6 +38,7 @@ from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.login import Portal
 from initiator.transport import Session, SessionConfig
 from initiator.url import parse_url
+from tcmu_handler.sdnotify import sd_notify
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
 from tests.unit.test_pcap import assert_clean, iscsi_opcodes
 
@@ -106,7 +107,7 @@ def test_clients_load_no_initiator() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# sd_notify
+# sd_notify (tcmu_handler.sdnotify, shared with the standalone handler)
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
 
 def test_sd_notify_abstract_socket(notify_socket: tuple[socket.socket, str]) -> None:
     sock, address = notify_socket
-    assert control.sd_notify("READY=1\nSTATUS=serving 2 disks", {"NOTIFY_SOCKET": address})
+    assert sd_notify("READY=1\nSTATUS=serving 2 disks", {"NOTIFY_SOCKET": address})
     assert sock.recv(4096) == b"READY=1\nSTATUS=serving 2 disks"
 
 
@@ -129,14 +130,14 @@ def test_sd_notify_path_socket(tmp_path: Path) -> None:
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
-        assert control.sd_notify("STOPPING=1", {"NOTIFY_SOCKET": str(path)})
+        assert sd_notify("STOPPING=1", {"NOTIFY_SOCKET": str(path)})
         assert sock.recv(4096) == b"STOPPING=1"
 
 
 def test_sd_notify_without_a_manager(tmp_path: Path) -> None:
-    assert not control.sd_notify("READY=1", {})
-    assert not control.sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")})
-    assert not control.sd_notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"})
+    assert not sd_notify("READY=1", {})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"})
 
 
 # ------------------------------------------------------------------------------------------
