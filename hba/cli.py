@@ -107,7 +107,7 @@ def _print_inquiry(r: dict[str, Any]) -> None:
 
 
 def _print_readcap(r: dict[str, Any]) -> None:
-    r = dict(r, size=f"{r['size_bytes']} bytes ({_human(r['size_bytes'])})")
+    r = dict(r, size=f"{r['size_bytes']} bytes ({control.human_size(r['size_bytes'])})")
     _print_fields(r, [("blocks", "Blocks"), ("block_size", "Block size"), ("size", "Size"),
                       ("thin_provisioned", "Thin provisioned")])
 
@@ -127,15 +127,6 @@ def _print_perf(r: dict[str, Any]) -> None:
           f"({r['commands']} commands, {r['errors']} errors)")
     if r["first_error"]:
         print(f"first error: {r['first_error']}")
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
 
 
 PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {

@@ -74,7 +74,7 @@ class StartupError(HBAError):
 
 
 def human_size(n: int) -> str:
-    """``1.5 GiB``: binary units, one decimal."""
+    """``1.5 GiB``: binary units, one decimal (``hbactl list``, ``readcap``, CheckConfig)."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if size < 1024 or unit == "PiB":

@@ -363,6 +363,7 @@ async def check_config(daemon: Daemon, cfg: str, *,
     """
     # Here rather than at the top: hbactl's clients import this module for its names only.
     from hba import cfgstring
+    from hba.control import human_size
     from initiator.client import ScsiClient
     from initiator.transport import Session
 
@@ -420,7 +421,7 @@ async def check_config(daemon: Daemon, cfg: str, *,
         except (ISCSIError, OSError) as exc:
             log.debug("CheckConfig: logout from %s: %s", where, exc)
     size = capacity.size_bytes
-    return True, (f"{where} answers: {size} bytes ({size / (1 << 20):.1f} MiB), "
+    return True, (f"{where} answers: {size} bytes ({human_size(size)}), "
                   f"{capacity.blocks} blocks of {capacity.block_size} bytes")
 
 

@@ -149,6 +149,7 @@ def test_human_size() -> None:
     assert control.human_size(1023) == "1023 B"
     assert control.human_size(64 << 20) == "64.0 MiB"
     assert control.human_size(3 << 39) == "1.5 TiB"
+    assert control.human_size(1 << 50) == "1.0 PiB"   # readcap's copy stopped at TiB
 
 
 def test_table() -> None:
