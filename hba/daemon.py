@@ -468,24 +468,9 @@ class Daemon:
 
     async def _watch_uio(self) -> None:
         """Serve uio devices of our subtype that appear later (targetcli, rtslib)."""
-        import pyudev
-
-        loop = asyncio.get_running_loop()
-        context = pyudev.Context()
-        monitor = pyudev.Monitor.from_netlink(context)
-        monitor.filter_by("uio")
-        monitor.filter_by("block")   # the disk of a LUN someone else links to a backstore
-        monitor.start()
-        wake = asyncio.Event()
-        wake.set()  # one pass now: a device made between adopt_existing's scan and monitor.start
-
-        def readable() -> None:
-            while monitor.poll(timeout=0) is not None:
-                pass
-            wake.set()
-
-        loop.add_reader(monitor.fileno(), readable)
-        try:
+        # block: the disk of a LUN someone else links to a backstore we serve
+        with devices.udev_events("uio", "block") as wake:
+            wake.set()  # one pass now: a device made between adopt_existing's scan and now
             while True:
                 await wake.wait()
                 wake.clear()
@@ -493,8 +478,6 @@ class Daemon:
                 async with self._lock:
                     await self._serve_new_devices()
                     await self.refresh_devices()
-        finally:
-            loop.remove_reader(monitor.fileno())
 
     async def _serve_new_devices(self) -> None:
         for uio in await asyncio.to_thread(find_devices):

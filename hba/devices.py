@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,18 +93,10 @@ async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
                         sysfs: Path = Path("/sys")) -> BlockDevice:
     """The disk at ``scsi_address`` once udev has finished with it (by-id links included,
     unless the LUN still has none :data:`LINK_GRACE` seconds after udev made its node)."""
-    import pyudev
-
     loop = asyncio.get_running_loop()
-    context = pyudev.Context()
-    monitor = pyudev.Monitor.from_netlink(context)
-    monitor.filter_by("block")
-    monitor.start()
-    event = asyncio.Event()
-    loop.add_reader(monitor.fileno(), _drain, monitor, event)
     deadline = loop.time() + timeout
     unlinked_since: float | None = None
-    try:
+    with udev_events("block") as event:
         while True:
             name = disk_name(scsi_address, sysfs)
             if name is not None:
@@ -126,14 +119,32 @@ async def wait_for_disk(scsi_address: str, timeout: float = 60.0,
             with contextlib.suppress(TimeoutError):
                 # Events wake us; the short cap covers a udev that misses nothing but is slow.
                 await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+
+
+@contextlib.contextmanager
+def udev_events(*subsystems: str) -> Iterator[asyncio.Event]:
+    """An event that udev sets (on the running loop) whenever it reports a device of one of
+    ``subsystems`` added, changed or removed, while the context lasts; the caller clears it
+    and looks at what changed."""
+    import pyudev
+
+    loop = asyncio.get_running_loop()
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+    for subsystem in subsystems:
+        monitor.filter_by(subsystem)
+    monitor.start()
+    event = asyncio.Event()
+
+    def drain() -> None:
+        while monitor.poll(timeout=0) is not None:
+            pass
+        event.set()
+
+    loop.add_reader(monitor.fileno(), drain)
+    try:
+        yield event
     finally:
         loop.remove_reader(monitor.fileno())
-
-
-def _drain(monitor: Any, event: asyncio.Event) -> None:
-    while monitor.poll(timeout=0) is not None:
-        pass
-    event.set()
 
 
 async def wait_until_gone(name: str, timeout: float = 30.0, links: tuple[str, ...] = (),
