@@ -91,42 +91,43 @@ class Errors:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _with_signature(fn: _F, params: tuple[str, ...], result: str) -> dict[str, Any]:
-    """Swap ``fn``'s annotations for DBus signatures; return the originals to restore."""
+def _signatures(fn: Callable[..., Any], params: tuple[str, ...], result: str) -> dict[str, str]:
+    """DBus signatures as annotations of ``fn``'s parameters (after ``self``) and result."""
     names = list(inspect.signature(fn).parameters)[1:]
     if len(names) != len(params):
         raise TypeError(f"{fn.__name__}: {len(names)} parameters but {len(params)} signatures")
+    return {**dict(zip(names, params, strict=True)), "return": result}
+
+
+def _decorated(fn: Callable[..., Any], signatures: dict[str, str],
+               decorator: Callable[[Any], Any]) -> Any:
+    """``decorator(fn)`` (a dbus-next one, which reads DBus signatures from annotations) with
+    ``signatures`` as ``fn``'s annotations meanwhile; the real ones are put back."""
     saved = dict(fn.__annotations__)
-    fn.__annotations__ = {**dict(zip(names, params, strict=True)), "return": result}
-    return saved
+    fn.__annotations__ = signatures
+    try:
+        return decorator(fn)
+    finally:
+        fn.__annotations__ = saved
 
 
 def _method(*params: str, result: str = "", name: str) -> Callable[[_F], _F]:
     """``@dbus_next.service.method(name)`` with the signature given here."""
 
     def decorate(fn: _F) -> _F:
-        saved = _with_signature(fn, params, result)
-        try:
-            wrapped = cast(Any, _service.method)(name=name)(fn)
-        finally:
-            fn.__annotations__ = saved
-        return cast(_F, wrapped)
+        return cast(_F, _decorated(fn, _signatures(fn, params, result),
+                                   cast(Any, _service.method)(name=name)))
 
     return decorate
 
 
 def _signal(*params: str, name: str) -> Callable[[_F], _F]:
     """``@dbus_next.service.signal(name)``: the method returns the signal's arguments."""
-    signature = "".join(params)
 
     def decorate(fn: _F) -> _F:
-        saved = dict(fn.__annotations__)
-        fn.__annotations__ = {"return": signature}   # dbus-next reads only the return type
-        try:
-            wrapped = cast(Any, _service.signal)(name=name)(fn)
-        finally:
-            fn.__annotations__ = saved
-        return cast(_F, wrapped)
+        # dbus-next reads only the return type of a signal
+        return cast(_F, _decorated(fn, {"return": "".join(params)},
+                                   cast(Any, _service.signal)(name=name)))
 
     return decorate
 
@@ -135,11 +136,8 @@ def _property(signature: str, *, name: str) -> Callable[[Callable[[Any], Any]], 
     """A read-only ``@dbus_next.service.dbus_property`` with the signature given here."""
 
     def decorate(fn: Callable[[Any], Any]) -> Any:
-        saved = _with_signature(fn, (), signature)
-        try:
-            return cast(Any, _service.dbus_property)(access=PropertyAccess.READ, name=name)(fn)
-        finally:
-            fn.__annotations__ = saved
+        return _decorated(fn, _signatures(fn, (), signature), cast(Any, _service.dbus_property)(
+            access=PropertyAccess.READ, name=name))
 
     return decorate
 
