@@ -1,0 +1,207 @@
+"""A target that lies, floods or sends control characters: what the initiator must survive.
+
+Each class of misbehaviour has its own :class:`~tests.support.fake_target.Hostility` switch
+(the ``escape_*``, ``data_in_*``, ``residual_*``, ``r2t_*``, ``nop_*`` and ``chap_*`` fields)
+and is driven through the sans-I/O core over :class:`Loopback`, through
+:class:`~initiator.transport.Session` on a loopback port, or through ``hbactl`` itself. What is
+asserted is the rule of issue 10: a read delivers exactly the target's data or fails with an
+error naming what was wrong; the protocol is enforced (R2Ts, ping answers bounded); strings from
+the target reach a terminal escaped; errors blame the side at fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+
+from hba import cli
+from initiator.keys import NegotiationSettings
+from initiator.printable import PrintableFormatter, printable
+from initiator.transport import Session, SessionConfig
+from tests.support.fake_target import (
+    FakeTarget,
+    FakeTargetServer,
+    Hostility,
+    RamDisk,
+    TargetNode,
+)
+
+INI = "iqn.2024-01.org.example:initiator"
+TGT = "iqn.2003-01.org.example:disk1"
+ISID = 0x80_00_5A_5A_00_00
+# What a hostile target would like a terminal to see: retitle the window, clear the screen,
+# a fake log line, a right-to-left override.
+EVIL = "\x1b]0;owned\x07\x1b[2J\nFAKE LINE\u202e"
+T = TypeVar("T")
+
+
+def config(**kw: Any) -> SessionConfig:
+    base: dict[str, Any] = dict(
+        initiator_name=INI, isid=ISID, login_timeout=2.0, replacement_timeout=2.0,
+        noop_interval=0.0, noop_timeout=1.0, negotiation={"DefaultTime2Wait": "0"})
+    base.update(kw)
+    return SessionConfig(**base)
+
+
+def fake(hostile: Hostility | None = None, **kw: Any) -> FakeTarget:
+    settings = kw.pop("settings", None) or NegotiationSettings.rfc_defaults(default_time2wait=0)
+    nodes = kw.pop("nodes", None) or [TargetNode(TGT, {0: RamDisk(blocks=2048)})]
+    target = FakeTarget(nodes, settings=settings, hostile=hostile, **kw)
+    for node in target.nodes:
+        for disk in node.luns.values():
+            disk.fill_pattern()
+    return target
+
+
+@asynccontextmanager
+async def serve(target: FakeTarget) -> AsyncIterator[FakeTargetServer]:
+    server = FakeTargetServer(target)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def logged_in(target: FakeTarget, **cfg: Any) -> AsyncIterator[
+        tuple[FakeTargetServer, Session]]:
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(**cfg))
+        await within(session.login())
+        try:
+            yield server, session
+        finally:
+            await within(session.close())
+
+
+async def within(aw: Awaitable[T], seconds: float = 10.0) -> T:
+    return await asyncio.wait_for(aw, seconds)
+
+
+async def hbactl(*argv: str) -> int:
+    """``hbactl argv`` in a worker thread (it runs its own event loop) while the fake target
+    serves on this one."""
+    return await within(asyncio.to_thread(
+        cli.main, [argv[0], "--initiator-name", INI, "--login-timeout", "2", *argv[1:]]))
+
+
+def url(server: FakeTargetServer, target: str = TGT) -> str:
+    return f"iscsi://127.0.0.1:{server.port}/{target}/0"
+
+
+def assert_clean(text: str) -> None:
+    """Nothing in ``text`` that a terminal would interpret, only the escaped forms."""
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "FAKE LINE" not in text or "\\nFAKE LINE" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal escapes (item 7)
+
+
+def test_printable_escapes_what_a_terminal_would_interpret() -> None:
+    assert printable(EVIL) == "\\x1b]0;owned\\x07\\x1b[2J\\nFAKE LINE\\u202e"
+    assert printable("LIO-ORG disk1 naa.6001405") == "LIO-ORG disk1 naa.6001405"
+    assert printable("Ünïcödé ok") == "Ünïcödé ok"
+    assert printable("\x00\x7f\x9b\u2028\U000e0001") == "\\x00\\x7f\\x9b\\u2028\\U000e0001"
+    assert printable(None) == "None" and printable(42) == "42"
+
+
+def test_printable_is_idempotent_and_bounded() -> None:
+    once = printable(EVIL)
+    assert printable(once) == once
+    assert printable(f"error: {once}") == f"error: {once}"
+    assert printable("x" * 100, limit=10) == "x" * 10 + "..."
+
+
+def test_log_lines_are_escaped_but_tracebacks_keep_their_lines() -> None:
+    formatter = PrintableFormatter("%(name)s: %(message)s")
+    record = logging.LogRecord("initiator", logging.WARNING, __file__, 1,
+                               "target said %s", (EVIL,), None)
+    line = formatter.format(record)
+    assert_clean(line)
+    assert "\n" not in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("initiator", logging.ERROR, __file__, 1, "failed %s",
+                                   (EVIL,), sys.exc_info())
+    text = formatter.format(record)
+    first, _, trace = text.partition("\n")
+    assert_clean(first)
+    assert "Traceback" in trace
+
+
+async def test_inquiry_strings_reach_the_terminal_escaped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    disk = RamDisk(blocks=64, vendor="\x1b]0;", product="\x07\x1b[2J\nFAKE", revision="\u202e1",
+                   serial="S\x1b[31mN")
+    target = fake(nodes=[TargetNode(TGT, {0: disk})])
+    async with serve(target) as server:
+        assert await hbactl("inquiry", url(server)) == 0
+        out = capsys.readouterr().out
+        assert_clean(out)
+        assert "\\x1b]0;" in out and "\\x07\\x1b[2J\\nFAKE" in out and "S\\x1b[31mN" in out
+        # JSON keeps the target's very strings (json escapes the control characters).
+        assert await hbactl("inquiry", "--json", url(server)) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        result = json.loads(out)
+        assert result["vendor"] == "\x1b]0;" and result["unit_serial"] == "S\x1b[31mN"
+
+
+async def test_discovered_names_and_addresses_are_escaped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    name = "iqn.2003-01.org.example:\x1b[2Jdisk"
+    target = fake(nodes=[TargetNode(name, {0: RamDisk(blocks=64)},
+                                    addresses=("127.0.0.1:3260,1",), alias=EVIL)])
+    async with serve(target) as server:
+        assert await hbactl("discover", f"iscsi://127.0.0.1:{server.port}") == 0
+        out = capsys.readouterr().out
+        assert_clean(out)
+        assert "iqn.2003-01.org.example:\\x1b[2Jdisk" in out
+        assert await hbactl("discover", "--json", f"iscsi://127.0.0.1:{server.port}") == 0
+        assert json.loads(capsys.readouterr().out)["targets"][0]["name"] == name
+
+
+async def test_error_messages_quoting_the_target_are_escaped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake(hostile=Hostility(redirect=(f"127.0.0.1:3260,{EVIL}", False)))
+    async with serve(target) as server:
+        assert await hbactl("readcap", url(server)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hbactl: ") and err.count("\n") == 1 and "redirected" in err
+        assert_clean(err)
+    # A target name quoted raw inside the message, as discovery does.
+    target = fake(nodes=[TargetNode(f"iqn.2003-01.org.example:{EVIL}", {0: RamDisk(blocks=64)},
+                                    addresses=("127.0.0.1:port",))])
+    async with serve(target) as server:
+        assert await hbactl("discover", f"iscsi://127.0.0.1:{server.port}") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "unusable TargetAddress" in err
+        assert_clean(err)
+
+
+def test_daemon_list_and_status_escape_what_the_target_named() -> None:
+    from hba import control
+
+    disk = control.normalize_disk({"name": "disk1", "target": f"iqn.x:{EVIL}", "lun": 0,
+                                   "device": "/dev/sdb", "size": 1 << 20,
+                                   "session": "recovering", "error": f"target said {EVIL}",
+                                   "attempts": 2, "retry_in": 5})
+    table = control.format_table([disk])
+    assert_clean(table)
+    assert len(table.splitlines()) == 2
+    status = control.format_status({"pid": 1, "version": "0", "uptime": 3, "disks": [disk],
+                                    "sessions": [{"target": EVIL, "portal": "127.0.0.1:3260",
+                                                  "state": "logged in", "luns": 1}]})
+    assert_clean(status)
+    assert "target said \\x1b]0;owned" in status
