@@ -13,10 +13,15 @@ from dataclasses import dataclass
 
 from initiator import scsi
 from initiator.command import Buffers, CommandResult, ScsiStatus
-from initiator.errors import ISCSIError
+from initiator.errors import ISCSIError, TransferError
 from initiator.transport import Session
 
 UNIT_ATTENTION_RETRIES = 8
+# The least a command must return to be parsed at all (SPC-5 §6.7.2, §7.7.1; SBC-4 §5.21.2).
+STANDARD_INQUIRY_LENGTH = 36
+VPD_HEADER_LENGTH = 4
+READ_CAPACITY16_LENGTH = 12
+_OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +76,24 @@ class ScsiClient:
             scsi.check_result(cdb, result, where=self.where)
         return result
 
-    async def read_data(self, cdb: bytes, length: int) -> bytes:
-        """Run a command that returns up to ``length`` bytes; return what came back."""
+    async def read_data(self, cdb: bytes, length: int, minimum: int = 1) -> bytes:
+        """Run a command that returns up to ``length`` bytes; return exactly the bytes the
+        target sent (TransferError when fewer than ``minimum``)."""
         buf = bytearray(length)
         result = await self.run(cdb, data_in=[memoryview(buf)])
-        return bytes(buf[: result.data_in_length])
+        n = scsi.check_transfer(cdb, result, length, minimum=minimum, where=self.where)
+        return bytes(buf[:n])
 
     async def test_unit_ready(self) -> None:
         await self.run(scsi.test_unit_ready())
 
     async def inquiry(self) -> scsi.StandardInquiry:
-        return scsi.parse_standard_inquiry(await self.read_data(scsi.inquiry(), 255))
+        return scsi.parse_standard_inquiry(
+            await self.read_data(scsi.inquiry(), 255, STANDARD_INQUIRY_LENGTH))
 
     async def vpd(self, page: int, length: int = 4096) -> bytes:
-        return await self.read_data(scsi.inquiry(page, allocation_length=length), length)
+        return await self.read_data(scsi.inquiry(page, allocation_length=length), length,
+                                    VPD_HEADER_LENGTH)
 
     async def supported_vpd_pages(self) -> tuple[int, ...]:
         try:
@@ -100,11 +109,13 @@ class ScsiClient:
         naa: str | None = None
         wwn: str | None = None
         designators: tuple[str, ...] = ()
+        # The serial and the designators are extras: a LUN whose pages are broken still
+        # answers with its standard INQUIRY data.
         if 0x80 in pages:
-            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+            with contextlib.suppress(*_OPTIONAL_PAGE_ERRORS):
                 serial = scsi.parse_unit_serial_number(await self.vpd(0x80, 255)) or None
         if 0x83 in pages:
-            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+            with contextlib.suppress(*_OPTIONAL_PAGE_ERRORS):
                 ident = scsi.parse_device_identification(await self.vpd(0x83))
                 designators = tuple(d.text for d in ident.designators)
                 found = ident.naa
@@ -118,12 +129,13 @@ class ScsiClient:
     async def capacity(self) -> Capacity:
         """READ CAPACITY(16), or (10) for devices that do not know it."""
         try:
-            rc16 = scsi.parse_read_capacity16(await self.read_data(scsi.read_capacity16(), 32))
+            rc16 = scsi.parse_read_capacity16(
+                await self.read_data(scsi.read_capacity16(), 32, READ_CAPACITY16_LENGTH))
             return Capacity(rc16.blocks, rc16.block_size, rc16.lbpme)
         except scsi.ScsiCommandError as exc:
             if exc.sense_key != scsi.SenseKey.ILLEGAL_REQUEST:
                 raise
-        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8))
+        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8, 8))
         return Capacity(rc10.blocks, rc10.block_size)
 
     async def block_limits(self) -> scsi.BlockLimits | None:
@@ -132,16 +144,24 @@ class ScsiClient:
             return None
         try:
             return scsi.parse_block_limits(await self.vpd(0xB0, 64))
-        except (scsi.ScsiCommandError, scsi.ScsiDataError):
+        except _OPTIONAL_PAGE_ERRORS:
             return None
 
     async def read(self, lba: int, blocks: int, into: memoryview) -> None:
-        """READ ``blocks`` blocks at ``lba`` into ``into`` (exactly blocks * block size bytes)."""
-        await self.run(scsi.read(lba, blocks), data_in=[into])
+        """READ ``blocks`` blocks at ``lba`` into ``into`` (exactly blocks * block size bytes).
+
+        Either every byte of ``into`` is the target's data or TransferError says what is
+        missing: a short read (residual) never passes for a whole one."""
+        cdb = scsi.read(lba, blocks)
+        result = await self.run(cdb, data_in=[into])
+        scsi.check_transfer(cdb, result, into.nbytes, where=self.where)
 
     async def write(self, lba: int, blocks: int, data: memoryview) -> None:
-        """WRITE ``blocks`` blocks at ``lba`` from ``data``."""
-        await self.run(scsi.write(lba, blocks), data_out=[data])
+        """WRITE ``blocks`` blocks at ``lba`` from ``data``; TransferError when the target
+        reports that it took less."""
+        cdb = scsi.write(lba, blocks)
+        result = await self.run(cdb, data_out=[data])
+        scsi.check_transfer(cdb, result, data.nbytes, data_in=False, where=self.where)
 
     async def synchronize_cache(self) -> None:
         await self.run(scsi.synchronize_cache10())

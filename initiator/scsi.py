@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from initiator.command import CommandResult, ScsiStatus
-from initiator.errors import CommandError, RemoteProtocolError
+from initiator.errors import CommandError, RemoteProtocolError, TransferError
 
 __all__ = [
     "AddressMethod",
@@ -65,6 +65,7 @@ __all__ = [
     "asc_text",
     "build_fixed_sense",
     "check_result",
+    "check_transfer",
     "command_name",
     "decode_lun",
     "describe_cdb",
@@ -471,6 +472,69 @@ def check_result(cdb: bytes, result: CommandResult, *, where: str | None = None)
         if key in (SenseKey.RECOVERED_ERROR, SenseKey.COMPLETED):
             return
     raise ScsiCommandError.from_status(cdb, result.status, result.sense, where=where)
+
+
+def check_transfer(cdb: bytes, result: CommandResult, expected: int, *, data_in: bool = True,
+                   minimum: int | None = None, where: str | None = None) -> int:
+    """How many bytes ``cdb`` moved; raise :class:`TransferError` unless it moved them all.
+
+    ``expected`` is the size of the command's buffer. A read must fill it exactly, with no
+    residual either way (RFC 7143 §11.4.5: an underflow leaves bytes that the target never
+    sent, an overflow means the command addressed more data than the buffer holds, and a
+    residual that contradicts the Data-In received means the target's lengths cannot be
+    trusted): a short read never passes for a whole one, whatever the status. With
+    ``minimum`` (commands that return "up to" their allocation length, like INQUIRY) any
+    length from ``minimum`` up is fine: the bytes received are the target's data. With
+    ``data_in=False`` it is a write: any residual means the target took less (or the command
+    addressed more) than was sent.
+    """
+    residual = result.residual
+    prefix = f"{where}: " if where else ""
+    what = describe_cdb(cdb)
+    if not data_in:
+        if not residual:
+            return expected
+        taken = expected - residual if residual > 0 else expected
+        message = (f"{prefix}{what} took only {taken} of the {expected} bytes sent (underflow "
+                   f"residual {residual}): the write is incomplete" if residual > 0 else
+                   f"{prefix}{what} addresses {-residual} bytes more than the {expected} sent "
+                   "(overflow residual): has the LUN's block size changed?")
+        raise TransferError(message, expected=expected, transferred=taken, residual=residual)
+    got = result.data_in_length
+    if minimum is not None:
+        if got >= minimum:
+            return got
+        message = (f"{prefix}{what} returned {got} bytes ({_residual_words(residual)}); at "
+                   f"least {minimum} are needed")
+    elif got == expected and not residual:
+        return got
+    elif got == expected:
+        message = (f"{prefix}{what} returned all {expected} bytes but reported an "
+                   + (f"underflow residual of {residual}, which contradicts that"
+                      if residual > 0 else
+                      f"overflow residual of {-residual}: the command addresses more data "
+                      "than was returned (has the LUN's block size changed?)"))
+    else:
+        if residual > 0 and got + residual == expected:
+            why = f"underflow residual {residual}"
+        elif residual > 0:
+            why = (f"yet an underflow residual of {residual}, which does not add up: the "
+                   "target's lengths are wrong")
+        elif residual < 0:
+            why = f"and an overflow residual of {-residual}"
+        else:
+            why = "and no underflow residual: the target's lengths are wrong"
+        message = (f"{prefix}{what} returned only {got} of {expected} bytes with status "
+                   f"{_status_words(result.status)} ({why}); the read is incomplete")
+    raise TransferError(message, expected=expected, transferred=got, residual=residual)
+
+
+def _residual_words(residual: int) -> str:
+    if residual > 0:
+        return f"underflow residual {residual}"
+    if residual < 0:
+        return f"overflow residual {-residual}"
+    return "no residual"
 
 
 def _status_enum(status: int) -> ScsiStatus | int:

@@ -75,6 +75,9 @@ class TransferParameters:
     max_burst_length: int = 262144
     immediate_data: bool = True
     initial_r2t: bool = True
+    max_outstanding_r2t: int = 1
+    data_pdu_in_order: bool = True
+    data_sequence_in_order: bool = True
 
 
 class TaskState(enum.Enum):
@@ -250,6 +253,12 @@ class SessionCore:
         self.max_cmd_sn = max_cmd_sn
         self.noop_interval = noop_interval
         self.noop_timeout = noop_timeout
+        # With both "in order" keys Yes (the defaults, and what we offer) every Data-In of a
+        # command follows the one before it: offset = bytes so far, DataSN = PDUs so far
+        # (§11.7.5, §13.18, §13.19). Checked, so that data_in_length counts the bytes the
+        # target really placed, contiguously from 0: a target that repeats or skips a range
+        # cannot make a short read look complete.
+        self._in_order = params.data_pdu_in_order and params.data_sequence_in_order
         self._tasks: dict[int, Task] = {}
         self._controls: dict[int, _Control] = {}
         self._queued: deque[Task | _TextSend] = deque()
@@ -470,8 +479,9 @@ class SessionCore:
                        payload: memoryview) -> bool:
         """:class:`~initiator.pdu.DataSink` hot path: a whole Data-In, without a PDU object.
 
-        Does what :meth:`_on_data_in` does for the well-formed common case and declines
-        (returns False, so the reader takes the ordinary path and its checks) otherwise.
+        Does what :meth:`_on_data_in` does for the well-formed common case (in order, inside
+        the buffer) and declines (returns False, so the reader takes the ordinary path and its
+        checks) otherwise.
         """
         task = self._tasks.get(itt)
         if task is None:
@@ -479,7 +489,8 @@ class SessionCore:
         data_in = task.data_in
         n = len(payload)
         end = offset + n
-        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01:
+        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01 or \
+                offset != task.received or data_sn != task.data_sn:
             return False
         if len(data_in) == 1:
             data_in[0][offset:end] = payload
@@ -501,7 +512,7 @@ class SessionCore:
             return None
         data_in = task.data_in
         end = offset + length
-        if data_in is None or end > task.in_len:
+        if data_in is None or end > task.in_len or offset != task.received:
             return None
         if len(data_in) == 1:
             view = data_in[0]
@@ -521,7 +532,7 @@ class SessionCore:
         bytes of a Data-In are in the views :meth:`data_in_direct` named; process the rest of
         it. False declines (the reader then hands over a DataIn PDU)."""
         task = self._tasks.get(itt)
-        if task is None or (flags & 0x81) == 0x01:
+        if task is None or (flags & 0x81) == 0x01 or data_sn != task.data_sn:
             return False
         self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
                              residual, length)
@@ -774,6 +785,13 @@ class SessionCore:
     def _on_data_in(self, pdu: P.DataIn) -> None:
         task = self._task_for(pdu.itt, "Data-In")
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        if self._in_order and (pdu.buffer_offset != task.received
+                               or pdu.data_sn != task.data_sn):
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In for {self._what(task)} at offset "
+                f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, but the next in order is "
+                f"offset {task.received} with DataSN {task.data_sn} (DataPDUInOrder and "
+                "DataSequenceInOrder are Yes: RFC 7143 §11.7.5, §13.18, §13.19)")
         n = pdu.placed
         if not n and pdu.data:
             n = len(pdu.data)

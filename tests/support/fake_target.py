@@ -264,6 +264,20 @@ class Hostility:
     """Bytes sent right after the final Login Response."""
     pdu_hook: PduHook | None = None
     """Sees every Full Feature Phase PDU first; returning True skips the normal handling."""
+    # -- lying about lengths (tests/unit/test_hostile_target.py)
+    data_in_opcodes: frozenset[int] | None = None
+    """The data_in_*, residual_* and overflow_* lies apply to these SCSI opcodes (None: all)."""
+    data_in_withheld: int = 0
+    """Leave the last that many bytes of a command's data out of its Data-In; the status
+    reports them as an underflow residual unless ``residual_claim`` says otherwise."""
+    residual_claim: int | None = None
+    """Report this underflow residual whatever was sent (0: no U bit, as if complete)."""
+    overflow_claim: int = 0
+    """Report an overflow residual of that many bytes."""
+    data_in_repeat_first: bool = False
+    """Send the first Data-In PDU of a command twice (same offset and DataSN)."""
+    data_sn_skip: bool = False
+    """Number a command's Data-In PDUs from 1 instead of 0."""
 
 
 class ConnState(enum.Enum):
@@ -1157,11 +1171,22 @@ class FakeConnection:
         payload = data[:expected] if task.read else b""
         if hostile.data_in_overrun and payload:
             payload += bytes(hostile.data_in_overrun)
+        lie = hostile.data_in_opcodes is None or task.cdb[0] in hostile.data_in_opcodes
+        if lie and hostile.data_in_withheld and task.read:
+            kept = max(0, len(payload) - hostile.data_in_withheld)
+            residual, underflow = expected - kept, kept < expected
+            payload = payload[:kept]
+        if lie and hostile.residual_claim is not None:
+            residual, overflow = hostile.residual_claim, False
+            underflow = residual > 0
+        if lie and hostile.overflow_claim:
+            residual, underflow, overflow = hostile.overflow_claim, False, True
         collapse = self.target.phase_collapse and status == GOOD and bool(payload)
         mxdsl = params.max_xmit_data_segment_length
         mbl = params.max_burst_length
         offset = 0
-        data_sn = 0
+        data_sn = 1 if lie and hostile.data_sn_skip else 0
+        repeat = lie and hostile.data_in_repeat_first
         total = len(payload)
         while offset < total:
             burst_end = min(total, (offset // mbl + 1) * mbl)
@@ -1170,13 +1195,17 @@ class FakeConnection:
             with_status = last and collapse
             fields: _Numbers = self._status_fields(advance=True) if with_status else {
                 "stat_sn": 0, "exp_cmd_sn": self.exp_cmd_sn, "max_cmd_sn": self.max_cmd_sn}
-            self._send(P.DataIn(
+            data_in = P.DataIn(
                 final=offset + n == burst_end, status_present=with_status,
                 status=status if with_status else 0,
                 underflow=with_status and underflow, overflow=with_status and overflow,
                 residual_count=residual if with_status else 0, itt=itt, ttt=RESERVED,
                 data_sn=data_sn, buffer_offset=offset, data=payload[offset : offset + n],
-                **fields))
+                **fields)
+            self._send(data_in)
+            if repeat and not with_status:
+                self._send(data_in)
+            repeat = False
             data_sn += 1
             offset += n
         self.finished.add(task.itt)
@@ -1369,7 +1398,10 @@ def transfer_parameters(params: SessionParameters) -> TransferParameters:
         max_xmit_data_segment_length=params.max_xmit_data_segment_length,
         first_burst_length=params.first_burst_length,
         max_burst_length=params.max_burst_length,
-        immediate_data=params.immediate_data, initial_r2t=params.initial_r2t)
+        immediate_data=params.immediate_data, initial_r2t=params.initial_r2t,
+        max_outstanding_r2t=params.max_outstanding_r2t,
+        data_pdu_in_order=params.data_pdu_in_order,
+        data_sequence_in_order=params.data_sequence_in_order)
 
 
 class Loopback:

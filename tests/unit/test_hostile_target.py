@@ -21,16 +21,25 @@ from typing import Any, TypeVar
 
 import pytest
 
-from hba import cli
+from hba import cli, oneshot
+from initiator import pdu as P
+from initiator import scsi
+from initiator.client import ScsiClient
+from initiator.command import CommandResult
+from initiator.errors import ISCSIError, RemoteProtocolError, TransferError
 from initiator.keys import NegotiationSettings
+from initiator.login import LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
+from initiator.session import SessionCore, Task
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
     FakeTarget,
     FakeTargetServer,
     Hostility,
+    Loopback,
     RamDisk,
     TargetNode,
+    cdb_read10,
 )
 
 INI = "iqn.2024-01.org.example:initiator"
@@ -39,6 +48,9 @@ ISID = 0x80_00_5A_5A_00_00
 # What a hostile target would like a terminal to see: retitle the window, clear the screen,
 # a fake log line, a right-to-left override.
 EVIL = "\x1b]0;owned\x07\x1b[2J\nFAKE LINE\u202e"
+READS = frozenset({0x28, 0x88})      # READ(10), READ(16)
+WRITES = frozenset({0x2A, 0x8A})
+INQUIRY = frozenset({0x12})
 T = TypeVar("T")
 
 
@@ -95,6 +107,23 @@ async def hbactl(*argv: str) -> int:
 
 def url(server: FakeTargetServer, target: str = TGT) -> str:
     return f"iscsi://127.0.0.1:{server.port}/{target}/0"
+
+
+def loopback(target: FakeTarget, **offers: str) -> tuple[Loopback, SessionCore]:
+    """The sans-I/O core logged in to ``target`` in memory, offering ``offers``."""
+    lb = Loopback(target)
+    success = lb.login(LoginMachine(initiator_name=INI, target_name=TGT, isid=ISID,
+                                    overrides=offers))
+    assert isinstance(success, LoginSuccess)
+    return lb, lb.start(success)
+
+
+def submit(core: SessionCore, results: list[CommandResult | ISCSIError], cdb: bytes, *,
+           data_in: bytearray | None = None, data_out: bytes | None = None) -> Task:
+    task = Task(0, cdb, [memoryview(bytearray(data_out))] if data_out is not None else None,
+                [memoryview(data_in)] if data_in is not None else None, results.append)
+    core.submit(task)
+    return task
 
 
 def assert_clean(text: str) -> None:
@@ -205,3 +234,120 @@ def test_daemon_list_and_status_escape_what_the_target_named() -> None:
                                                   "state": "logged in", "luns": 1}]})
     assert_clean(status)
     assert "target said \\x1b]0;owned" in status
+
+
+# --------------------------------------------------------------------------------------------
+# Lying lengths and residuals (item 5): exactly the target's data, or an error naming why
+
+
+@pytest.mark.parametrize(("hostile", "words"), [
+    (Hostility(data_in_withheld=512), "returned only 3584 of 4096 bytes with status GOOD "
+                                      "(underflow residual 512)"),
+    (Hostility(data_in_withheld=512, residual_claim=0), "no underflow residual: the target's "
+                                                        "lengths are wrong"),
+    (Hostility(data_in_withheld=512, residual_claim=100), "underflow residual of 100, which "
+                                                          "does not add up"),
+    (Hostility(data_in_withheld=4096), "returned only 0 of 4096 bytes"),
+    (Hostility(data_in_withheld=4096, residual_claim=0), "returned only 0 of 4096 bytes with "
+                                                         "status GOOD (and no underflow"),
+    (Hostility(residual_claim=512), "returned all 4096 bytes but reported an underflow "
+                                    "residual of 512"),
+    (Hostility(overflow_claim=4096), "overflow residual of 4096"),
+])
+async def test_a_short_or_inconsistent_read_is_an_error(hostile: Hostility, words: str) -> None:
+    hostile.data_in_opcodes = READS
+    async with logged_in(fake(hostile)) as (_, session):
+        client = ScsiClient(session, 0)
+        buf = bytearray(b"\xee" * 4096)
+        with pytest.raises(TransferError, match="READ") as info:
+            await within(client.read(8, 8, memoryview(buf)))
+        assert words in str(info.value) and TGT in str(info.value)
+        # The session is fine: the next honest read works and reads the target's bytes.
+        hostile.data_in_opcodes = frozenset()
+        await within(client.read(8, 8, memoryview(buf)))
+        assert buf[:8] == (8).to_bytes(8, "big")
+
+
+async def test_data_in_that_repeats_a_range_cannot_pass_for_a_whole_read() -> None:
+    # The first PDU again instead of the last one: as many bytes as asked, no residual.
+    target = fake(Hostility(data_in_repeat_first=True, data_in_withheld=1024,
+                            residual_claim=0, data_in_opcodes=READS))
+    lb, core = loopback(target, MaxRecvDataSegmentLength="1024")
+    results: list[CommandResult | ISCSIError] = []
+    submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    with pytest.raises(RemoteProtocolError, match="offset 0 with DataSN 0, but the next in "
+                                                  "order is offset 1024 with DataSN 1"):
+        lb.pump()
+    assert not results
+
+
+async def test_data_in_numbered_wrongly_is_a_protocol_error() -> None:
+    target = fake(Hostility(data_sn_skip=True, data_in_opcodes=READS))
+    lb, core = loopback(target)
+    results: list[CommandResult | ISCSIError] = []
+    submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    with pytest.raises(RemoteProtocolError, match="DataSN 1, but the next in order is offset "
+                                                  "0 with DataSN 0"):
+        lb.pump()
+    assert not results
+
+
+async def test_hbactl_read_of_a_short_read_fails_and_writes_no_wrong_byte(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # 3000 blocks: two chunks of at most 2048 (1 MiB); the second one comes back short, and
+    # the buffer it reuses still holds the first chunk's bytes.
+    target = fake(nodes=[TargetNode(TGT, {0: RamDisk(blocks=4096)})])
+    out = tmp_path / "out.bin"
+    reads = 0
+
+    def second_read_is_short(conn: Any, pdu: P.PDU) -> bool:
+        nonlocal reads
+        if isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS:
+            reads += 1
+            target.hostile.data_in_withheld = 512 if reads == 2 else 0
+        return False
+
+    target.hostile.pdu_hook = second_read_is_short
+    target.hostile.data_in_opcodes = READS
+    async with serve(target) as server:
+        assert await hbactl("read", url(server), "--lba", "0", "--blocks", "3000",
+                            "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "returned only" in err and "underflow residual 512" in err
+    data = out.read_bytes()
+    assert data == bytes(target.disk.data[: len(data)]) and len(data) < 3000 * 512
+
+
+async def test_inquiry_with_no_data_at_all_names_it() -> None:
+    target = fake(Hostility(data_in_withheld=1 << 16, residual_claim=0,
+                            data_in_opcodes=INQUIRY))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(TransferError, match=r"INQUIRY returned 0 bytes \(no residual\); "
+                                                "at least 36 are needed"):
+            await within(ScsiClient(session, 0).identity())
+
+
+async def test_a_write_the_target_took_only_part_of_is_an_error() -> None:
+    target = fake(Hostility(residual_claim=512, data_in_opcodes=WRITES))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(TransferError, match="took only 3584 of the 4096 bytes sent"):
+            await within(ScsiClient(session, 0).write(0, 8, memoryview(bytes(4096))))
+
+
+async def test_perf_does_not_count_short_reads() -> None:
+    target = fake(Hostility(data_in_withheld=512, data_in_opcodes=READS))
+    async with serve(target) as server:
+        with pytest.raises(TransferError, match="underflow residual 512"):
+            await within(oneshot.cmd_perf(
+                url(server), oneshot.Options(initiator_name=INI, login_timeout=2.0),
+                oneshot.PerfSettings(seconds=0.2, queue_depth=2), None))
+
+
+def test_check_transfer_accepts_what_a_command_may_return() -> None:
+    inquiry = scsi.inquiry()
+    # INQUIRY with allocation length 255 returns what it has, with an underflow residual.
+    assert scsi.check_transfer(inquiry, CommandResult(0, residual=219, data_in_length=36), 255,
+                               minimum=36) == 36
+    assert scsi.check_transfer(scsi.read(0, 8), CommandResult(0, data_in_length=4096),
+                               4096) == 4096
+    assert scsi.check_transfer(scsi.write(0, 8), CommandResult(0), 4096, data_in=False) == 4096
