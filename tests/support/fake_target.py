@@ -278,6 +278,16 @@ class Hostility:
     """Send the first Data-In PDU of a command twice (same offset and DataSN)."""
     data_sn_skip: bool = False
     """Number a command's Data-In PDUs from 1 instead of 0."""
+    # -- R2T storms (tests/unit/test_hostile_target.py)
+    r2t_repeat: int = 0
+    """Ask for each R2T's range that many times more, each time with the next R2TSN and a
+    TTT of its own (an R2T storm: megabytes of Data-Out for a 4 KiB write)."""
+    r2t_ignore_max_outstanding: bool = False
+    """Send every R2T of a write at once, whatever MaxOutstandingR2T says."""
+    r2t_sn_offset: int = 0
+    """Add this to every R2TSN."""
+    r2t_length_extra: int = 0
+    """Ask for that many bytes more than MaxBurstLength allows in each R2T."""
 
 
 class ConnState(enum.Enum):
@@ -1041,18 +1051,22 @@ class FakeConnection:
         params = self.params
         assert params is not None
         hostile = self.target.hostile
-        while len(task.r2ts) < params.max_outstanding_r2t and task.next_r2t < task.need:
-            length = min(params.max_burst_length, task.need - task.next_r2t)
+        outstanding = 1 << 30 if hostile.r2t_ignore_max_outstanding \
+            else params.max_outstanding_r2t
+        while len(task.r2ts) < outstanding and task.next_r2t < task.need:
+            length = min(params.max_burst_length + hostile.r2t_length_extra,
+                          task.need - task.next_r2t)
             offset = task.next_r2t
             if hostile.r2t_out_of_range:
                 offset = task.edtl
-            r2t = _R2T(self._alloc_ttt(), offset, length, offset)
-            task.r2ts[r2t.ttt] = r2t
-            self._send(P.R2T(lun=P.lun_to_wire(task.lun), itt=self._reply_itt(task.itt),
-                             ttt=r2t.ttt, r2t_sn=task.r2t_sn, buffer_offset=offset,
-                             desired_data_transfer_length=length,
-                             **self._status_fields(advance=False)))
-            task.r2t_sn += 1
+            for _ in range(1 + hostile.r2t_repeat):
+                r2t = _R2T(self._alloc_ttt(), offset, length, offset)
+                task.r2ts[r2t.ttt] = r2t
+                self._send(P.R2T(lun=P.lun_to_wire(task.lun), itt=self._reply_itt(task.itt),
+                                 ttt=r2t.ttt, r2t_sn=(task.r2t_sn + hostile.r2t_sn_offset) & MASK,
+                                 buffer_offset=offset, desired_data_transfer_length=length,
+                                 **self._status_fields(advance=False)))
+                task.r2t_sn += 1
             task.next_r2t += length
         if not task.r2ts and not task.unsol_open and task.next_r2t >= task.need:
             del self.tasks[task.itt]

@@ -26,11 +26,11 @@ from initiator import pdu as P
 from initiator import scsi
 from initiator.client import ScsiClient
 from initiator.command import CommandResult
-from initiator.errors import ISCSIError, RemoteProtocolError, TransferError
+from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, TransferError
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
-from initiator.session import SessionCore, Task
+from initiator.session import MAX_UNSENT_PING_ANSWERS, EventKind, SessionCore, Task
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
     FakeTarget,
@@ -40,6 +40,7 @@ from tests.support.fake_target import (
     RamDisk,
     TargetNode,
     cdb_read10,
+    cdb_write10,
 )
 
 INI = "iqn.2024-01.org.example:initiator"
@@ -351,3 +352,125 @@ def test_check_transfer_accepts_what_a_command_may_return() -> None:
     assert scsi.check_transfer(scsi.read(0, 8), CommandResult(0, data_in_length=4096),
                                4096) == 4096
     assert scsi.check_transfer(scsi.write(0, 8), CommandResult(0), 4096, data_in=False) == 4096
+
+
+# --------------------------------------------------------------------------------------------
+# R2T storms (item 6): every R2T is held to RFC 7143 §11.8 before it is served
+
+
+def data_out_bytes(target: FakeTarget) -> int:
+    """Data-Out payload bytes the target received, on every connection."""
+    return sum(len(p.data) for c in target.connections for p in c.received
+               if isinstance(p, P.DataOut))
+
+
+def write_4k(target: FakeTarget, size: int = 4096, **offers: str) -> tuple[
+        Loopback, list[CommandResult | ISCSIError]]:
+    lb, core = loopback(target, **offers)
+    results: list[CommandResult | ISCSIError] = []
+    submit(core, results, cdb_write10(0, size // 512), data_out=bytes(size))
+    return lb, results
+
+
+def test_an_r2t_storm_is_refused_after_the_first_r2t() -> None:
+    # 1000 R2Ts for the same 4 KiB: served, that was 4 MB of Data-Out for a 4 KiB write.
+    target = fake(Hostility(r2t_repeat=1000),
+                  settings=NegotiationSettings.rfc_defaults(immediate_data=False))
+    lb, results = write_4k(target)
+    with pytest.raises(RemoteProtocolError, match=r"broke the R2T rules .* bytes 0\.\.4096 "
+                                                  "again, below offset 4096"):
+        lb.pump()
+    assert data_out_bytes(target) <= 4096 and not results
+
+
+@pytest.mark.parametrize(("hostile", "size", "words"), [
+    (Hostility(r2t_ignore_max_outstanding=True), 16384,
+     "an R2T while 1 were outstanding, more than MaxOutstandingR2T=1"),
+    (Hostility(r2t_sn_offset=5), 4096, "R2TSN 5 where 0 was due"),
+    (Hostility(r2t_length_extra=512), 16384, "4608 bytes in one R2T, more than MaxBurstLength "
+                                             "4096"),
+    (Hostility(r2t_out_of_range=True), 4096, "which writes 4096 bytes"),
+])
+def test_r2ts_beyond_the_rules_are_a_protocol_error(hostile: Hostility, size: int,
+                                                    words: str) -> None:
+    target = fake(hostile, settings=NegotiationSettings.rfc_defaults(
+        immediate_data=False, max_burst_length=4096, first_burst_length=4096))
+    lb, results = write_4k(target, size)
+    with pytest.raises(RemoteProtocolError, match="R2T") as info:
+        lb.pump()
+    assert words in str(info.value)
+    assert data_out_bytes(target) <= 4096 and not results
+
+
+def test_several_outstanding_r2ts_when_negotiated_are_all_served() -> None:
+    target = fake(settings=NegotiationSettings.rfc_defaults(
+        immediate_data=False, max_burst_length=4096, first_burst_length=4096,
+        max_outstanding_r2t=4))
+    lb, results = write_4k(target, 65536, MaxOutstandingR2T="4")
+    lb.pump()
+    (result,) = results
+    assert isinstance(result, CommandResult) and result.ok
+    assert data_out_bytes(target) == 65536 and not target.violations()
+    r2ts = [p for p in lb.conn.received if isinstance(p, P.DataOut) and p.final]
+    assert len(r2ts) == 16
+
+
+async def test_a_session_with_an_r2t_storming_target_fails_instead_of_streaming() -> None:
+    target = fake(Hostility(r2t_repeat=2000),
+                  settings=NegotiationSettings.rfc_defaults(immediate_data=False,
+                                                            default_time2wait=0))
+    async with logged_in(target, replacement_timeout=0.5) as (_, session):
+        with pytest.raises(SessionFailed, match="broke the R2T rules"):
+            await within(ScsiClient(session, 0).write(0, 8, memoryview(bytes(4096))))
+    logins = len(target.successful_logins())
+    assert data_out_bytes(target) <= 4096 * logins
+
+
+# --------------------------------------------------------------------------------------------
+# NOP-In and Async Message floods (item 6)
+
+
+def nop_in_pings(n: int, first_ttt: int = 0x100) -> bytes:
+    return b"".join(P.encode(P.NopIn(itt=P.RESERVED_TAG, ttt=first_ttt + i, stat_sn=0x1000,
+                                     exp_cmd_sn=1, max_cmd_sn=64)) for i in range(n))
+
+
+def flood_core() -> tuple[SessionCore, P.PDUReader]:
+    lb, core = loopback(fake())
+    assert lb.reader is not None
+    return core, lb.reader
+
+
+def test_pings_the_target_does_not_read_the_answers_to_are_bounded() -> None:
+    core, reader = flood_core()
+    pdus = reader.feed(nop_in_pings(MAX_UNSENT_PING_ANSWERS + 50))
+    with pytest.raises(RemoteProtocolError, match="without reading our answers"):
+        for pdu in pdus:
+            core.receive_pdu(pdu, 0.0)
+    assert len(core.send_buffers()) == MAX_UNSENT_PING_ANSWERS
+
+
+def test_pings_that_are_read_are_all_answered() -> None:
+    core, reader = flood_core()
+    answered = 0
+    for _ in range(20):
+        for pdu in reader.feed(nop_in_pings(100)):
+            core.receive_pdu(pdu, 0.0)
+        bufs = core.send_buffers()
+        core.sent(sum(len(b) for b in bufs))
+        answered += len(bufs)
+    assert answered == 2000 and not core.wants_to_send
+
+
+def test_a_flood_of_async_requests_is_acted_on_once() -> None:
+    core, reader = flood_core()
+    raw = b"".join(P.encode(P.AsyncMessage(itt=P.RESERVED_TAG, async_event=event, stat_sn=0x1000,
+                                           exp_cmd_sn=1, max_cmd_sn=64))
+                   for event in (P.AsyncEvent.LOGOUT_REQUEST, P.AsyncEvent.NEGOTIATION_REQUEST)
+                   for _ in range(500))
+    for pdu in reader.feed(raw):
+        core.receive_pdu(pdu, 0.0)
+    kinds = []
+    while (event := core.next_event()) is not None:
+        kinds.append(event.kind)
+    assert kinds == [EventKind.LOGOUT_REQUESTED, EventKind.RENEGOTIATE]

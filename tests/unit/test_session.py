@@ -637,7 +637,7 @@ def check_sequence(data_outs: list[P.DataOut], *, start: int, length: int, ttt: 
 
 
 def run_write(c: Combo, size: int, *, max_outstanding: int = 1, seed: int = 0) -> None:
-    h = Harness(c.params())
+    h = Harness(c.params(max_outstanding_r2t=max_outstanding))
     source = _pattern(size, seed or size)
     # The caller's buffer in three views with odd boundaries.
     cut1, cut2 = size // 3, size // 3 + size // 5
