@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from initiator import scsi, urlconfig
-from initiator.client import Capacity, ScsiClient, unit_attention
+from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import ConfigurationError, ISCSIError
@@ -246,7 +246,8 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
     errors = 0
     first_error: list[ISCSIError | str] = []
     end = clock() + settings.seconds
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
     build = scsi.write if settings.write else scsi.read
     is_write, is_random, slots = settings.write, settings.random, span // blocks
     size = settings.block_size
@@ -256,30 +257,42 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
         completion of the one before."""
         bufs = [buf]  # one command at a time uses it: safe to share between commands
         cdb = b""
+        attempts = 1
 
         def issue() -> None:
-            nonlocal next_lba, cdb
+            nonlocal next_lba, cdb, attempts
             if is_random:
                 lba = rng.randrange(slots) * blocks
             else:
                 lba = next_lba
                 next_lba = (lba + blocks) % span
             cdb = build(lba, blocks)
+            attempts = 1
+            send()
+
+        def send() -> None:
             if is_write:
                 submit(lun, cdb, data_out=bufs, on_done=done)
             else:
                 submit(lun, cdb, data_in=bufs, on_done=done)
 
         def done(result: CommandResult | ISCSIError) -> None:
-            nonlocal in_flight, completed, errors
+            nonlocal in_flight, completed, errors, attempts
             if isinstance(result, CommandResult):
                 if result.status == 0 and not result.residual and (
                         is_write or result.data_in_length == size):
                     # GOOD and all the data moved: a short read is no completed command.
                     completed += 1
-                elif unit_attention(result) and clock() < end:
-                    # After a reset or a target restart: retried, as the Linux midlayer does.
-                    issue()
+                elif attempts < COMMAND_ATTEMPTS and \
+                        (retry := scsi.retryable(result)) is not None:
+                    # What the Linux midlayer retries (the UNIT ATTENTION of a new I_T nexus
+                    # after a reinstatement, BUSY, ...) is retried, a bounded number of times,
+                    # also after the end of the run: it is no failed command.
+                    attempts += 1
+                    if retry is scsi.Retry.LATER:
+                        loop.call_later(retry_delay(attempts - 1), send)
+                    else:
+                        send()
                     return
                 else:
                     failure = _failure(cdb, result, size, is_write)

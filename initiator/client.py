@@ -1,14 +1,17 @@
 """A small SCSI client over an iSCSI session: what ``hbactl`` and the daemon ask a LUN.
 
-It builds CDBs with :mod:`initiator.scsi`, runs them with :meth:`Session.execute`, retries the
-UNIT ATTENTION conditions a target reports after login or a reset (as the Linux SCSI midlayer
-and libiscsi's tools do), and turns any other failure into a
+It builds CDBs with :mod:`initiator.scsi`, runs them with :meth:`Session.execute`, retries
+what the Linux SCSI midlayer retries (:func:`initiator.scsi.retryable`: the UNIT ATTENTION a
+target reports after a login, a reset or a session reinstatement, BUSY, ABORTED COMMAND, NOT
+READY "in progress" ...) a bounded number of times, and turns any other failure into a
 :class:`~initiator.scsi.ScsiCommandError` that says what went wrong in words.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 
 from initiator import scsi
@@ -16,7 +19,11 @@ from initiator.command import Buffers, CommandResult, ScsiStatus
 from initiator.errors import ISCSIError, TransferError
 from initiator.transport import Session
 
-UNIT_ATTENTION_RETRIES = 8
+log = logging.getLogger(__name__)
+
+COMMAND_ATTEMPTS = 8
+"""How often a command is sent when it keeps ending in a condition worth retrying: a target
+that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
 # The least a command must return to be parsed at all (SPC-5 §6.7.2, §7.7.1; SBC-4 §5.21.2).
 STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
@@ -64,14 +71,21 @@ class ScsiClient:
 
     async def run(self, cdb: bytes, *, data_in: Buffers | None = None,
                   data_out: Buffers | None = None, check: bool = True) -> CommandResult:
-        """Execute ``cdb``, retrying UNIT ATTENTION; raise ScsiCommandError on failure."""
-        result: CommandResult | None = None
-        for _ in range(UNIT_ATTENTION_RETRIES):
+        """Execute ``cdb``, retrying what the midlayer retries (at most COMMAND_ATTEMPTS
+        times in all); raise ScsiCommandError on failure."""
+        attempt = 1
+        while True:
             result = await self.session.execute(self.lun, cdb, data_in=data_in,
                                                 data_out=data_out)
-            if not unit_attention(result):
+            retry = scsi.retryable(result)
+            if retry is None or attempt >= COMMAND_ATTEMPTS:
                 break
-        assert result is not None
+            log.info("%s: %s ended in %s; retrying %s (attempt %d of %d)", self.where,
+                     scsi.describe_cdb(cdb), _condition(result), retry.value, attempt + 1,
+                     COMMAND_ATTEMPTS)
+            if retry is scsi.Retry.LATER:
+                await asyncio.sleep(retry_delay(attempt))
+            attempt += 1
         if check:
             scsi.check_result(cdb, result, where=self.where)
         return result
@@ -167,12 +181,17 @@ class ScsiClient:
         await self.run(scsi.synchronize_cache10())
 
 
-def unit_attention(result: CommandResult) -> bool:
-    """The command ended in CHECK CONDITION with UNIT ATTENTION (after a login, a reset, a
-    target restart): the Linux midlayer and libiscsi's tools retry it."""
-    if result.status != ScsiStatus.CHECK_CONDITION or not result.sense:
-        return False
-    try:
-        return scsi.parse_sense(result.sense).sense_key == scsi.SenseKey.UNIT_ATTENTION
-    except ISCSIError:
-        return False
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retrying, after ``attempt`` attempts, a command the target asked
+    to come back later (BUSY, TASK SET FULL, NOT READY in progress): 50 ms, doubling, at most
+    1 s."""
+    return min(0.05 * 2.0 ** (attempt - 1), 1.0)
+
+
+def _condition(result: CommandResult) -> str:
+    if result.status == ScsiStatus.CHECK_CONDITION and result.sense:
+        try:
+            return scsi.parse_sense(result.sense).description
+        except ISCSIError:
+            pass
+    return f"status 0x{result.status:02X}"

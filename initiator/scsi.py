@@ -55,6 +55,7 @@ __all__ = [
     "ReadCapacity10",
     "ReadCapacity16",
     "ReportLuns",
+    "Retry",
     "ScsiCommandError",
     "ScsiDataError",
     "Sense",
@@ -93,6 +94,7 @@ __all__ = [
     "read_capacity10",
     "read_capacity16",
     "report_luns",
+    "retryable",
     "synchronize_cache10",
     "synchronize_cache16",
     "test_unit_ready",
@@ -472,6 +474,62 @@ def check_result(cdb: bytes, result: CommandResult, *, where: str | None = None)
         if key in (SenseKey.RECOVERED_ERROR, SenseKey.COMPLETED):
             return
     raise ScsiCommandError.from_status(cdb, result.status, result.sense, where=where)
+
+
+class Retry(enum.Enum):
+    """How the Linux SCSI midlayer retries a command that ended in a given condition."""
+
+    NOW = "at once"
+    LATER = "after a delay"
+
+
+# NOT READY, LOGICAL UNIT NOT READY (04/xx) qualifiers that mean "in progress, try again":
+# scsi_io_completion_action() of Linux 6.x retries them after a delay (04/0A, an ALUA state
+# transition, too).
+_NOT_READY_IN_PROGRESS = frozenset({
+    0x01, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x11, 0x14, 0x1A, 0x1B, 0x1D, 0x24, 0x25})
+# MEDIUM ERROR ASCs that are final (unrecovered read error, address mark not found, recorded
+# entity not found); other medium errors are retried.
+_MEDIUM_ERROR_FINAL = frozenset({0x11, 0x13, 0x14})
+
+
+def retryable(result: CommandResult) -> Retry | None:
+    """Whether, and how, to retry a command that ended with ``result``: as Linux does.
+
+    The midlayer's rules (drivers/scsi/scsi_error.c ``scsi_decide_disposition`` and
+    ``scsi_check_sense``, scsi_lib.c ``scsi_io_completion_action``): BUSY and TASK SET FULL
+    after a delay; TASK ABORTED at once; for CHECK CONDITION, deferred errors, UNIT ATTENTION
+    (a reset, a new I_T nexus after a session reinstatement, changed parameters), ABORTED
+    COMMAND (but not a protection information error, 10/xx, or a command duration limit,
+    2E/01-03) and MEDIUM ERROR other than an unrecovered read at once; NOT READY "in progress"
+    after a delay. Everything else (ILLEGAL REQUEST, DATA PROTECT, HARDWARE ERROR,
+    RESERVATION CONFLICT ...) is final: None.
+    """
+    status = result.status
+    if status in (ScsiStatus.BUSY, ScsiStatus.TASK_SET_FULL):
+        return Retry.LATER
+    if status == ScsiStatus.TASK_ABORTED:
+        return Retry.NOW
+    if status != ScsiStatus.CHECK_CONDITION or not result.sense:
+        return None
+    try:
+        sense = parse_sense(result.sense)
+    except ScsiDataError:
+        return None
+    if sense.deferred:
+        return Retry.NOW
+    key, asc, ascq = sense.sense_key, sense.asc, sense.ascq
+    if key == SenseKey.UNIT_ATTENTION:
+        return Retry.NOW
+    if key == SenseKey.ABORTED_COMMAND:
+        if asc == 0x10 or (asc == 0x2E and 0x01 <= ascq <= 0x03):
+            return None
+        return Retry.NOW
+    if key == SenseKey.NOT_READY:
+        return Retry.LATER if asc == 0x04 and ascq in _NOT_READY_IN_PROGRESS else None
+    if key == SenseKey.MEDIUM_ERROR:
+        return None if asc in _MEDIUM_ERROR_FINAL else Retry.NOW
+    return None
 
 
 def check_transfer(cdb: bytes, result: CommandResult, expected: int, *, data_in: bool = True,

@@ -288,6 +288,15 @@ class Hostility:
     """Add this to every R2TSN."""
     r2t_length_extra: int = 0
     """Ask for that many bytes more than MaxBurstLength allows in each R2T."""
+    # -- conditions the SCSI midlayer retries (tests/unit/test_hostile_target.py)
+    fail_first: int = 0
+    """End that many SCSI commands (of ``fail_opcodes``) with ``fail_status`` first."""
+    fail_status: int = 0x02
+    """CHECK CONDITION (with ``fail_sense``), BUSY (0x08), TASK SET FULL (0x28) ..."""
+    fail_sense: tuple[int, int, int] = (0x6, 0x29, 0x00)
+    """Sense key, ASC, ASCQ: by default UNIT ATTENTION, POWER ON OR RESET OCCURRED."""
+    fail_opcodes: frozenset[int] | None = None
+    """The commands ``fail_first`` applies to (None: all)."""
 
 
 class ConnState(enum.Enum):
@@ -1073,6 +1082,14 @@ class FakeConnection:
             self._execute(task)
 
     def _execute(self, task: _Task) -> None:
+        hostile = self.target.hostile
+        if hostile.fail_first > 0 and (hostile.fail_opcodes is None
+                                       or task.cdb[0] in hostile.fail_opcodes):
+            hostile.fail_first -= 1
+            sense = fixed_sense(*hostile.fail_sense) if hostile.fail_status == CHECK_CONDITION \
+                else b""
+            self._respond(task, hostile.fail_status, sense, b"")
+            return
         if self.target.hostile.withhold:
             task.held = True
             self.held.append(task)

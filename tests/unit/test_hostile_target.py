@@ -24,7 +24,7 @@ import pytest
 from hba import cli, oneshot
 from initiator import pdu as P
 from initiator import scsi
-from initiator.client import ScsiClient
+from initiator.client import COMMAND_ATTEMPTS, ScsiClient
 from initiator.command import CommandResult
 from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, TransferError
 from initiator.keys import NegotiationSettings
@@ -474,3 +474,93 @@ def test_a_flood_of_async_requests_is_acted_on_once() -> None:
     while (event := core.next_event()) is not None:
         kinds.append(event.kind)
     assert kinds == [EventKind.LOGOUT_REQUESTED, EventKind.RENEGOTIATE]
+
+
+# --------------------------------------------------------------------------------------------
+# What the SCSI midlayer retries, our tools retry (item 8)
+
+
+def commands_seen(target: FakeTarget, opcodes: frozenset[int]) -> int:
+    return sum(1 for c in target.connections for p in c.received
+               if isinstance(p, P.ScsiCommand) and p.cdb[0] in opcodes)
+
+
+RETRIED = [
+    (0x02, (0x6, 0x29, 0x00)),   # UNIT ATTENTION, power on or reset: a new I_T nexus
+    (0x02, (0x6, 0x2A, 0x01)),   # UNIT ATTENTION, mode parameters changed
+    (0x02, (0xB, 0x47, 0x05)),   # ABORTED COMMAND, protocol service CRC error
+    (0x02, (0x2, 0x04, 0x01)),   # NOT READY, becoming ready: after a delay
+    (0x02, (0x2, 0x04, 0x0A)),   # NOT READY, ALUA state transition: after a delay
+    (0x02, (0x3, 0x0C, 0x00)),   # MEDIUM ERROR, write error
+    (0x08, (0, 0, 0)),           # BUSY: after a delay
+    (0x28, (0, 0, 0)),           # TASK SET FULL: after a delay
+    (0x40, (0, 0, 0)),           # TASK ABORTED
+]
+FINAL = [
+    (0x02, (0x5, 0x24, 0x00)),   # ILLEGAL REQUEST, invalid field in CDB
+    (0x02, (0x3, 0x11, 0x00)),   # MEDIUM ERROR, unrecovered read error
+    (0x02, (0xB, 0x10, 0x01)),   # ABORTED COMMAND, guard check failed (protection info)
+    (0x02, (0x2, 0x04, 0x02)),   # NOT READY, initializing command required
+    (0x02, (0x7, 0x27, 0x00)),   # DATA PROTECT, write protected
+    (0x02, (0x4, 0x44, 0x00)),   # HARDWARE ERROR, internal target failure
+    (0x18, (0, 0, 0)),           # RESERVATION CONFLICT
+]
+
+
+@pytest.mark.parametrize(("status", "sense"), RETRIED)
+async def test_conditions_the_midlayer_retries_are_retried(
+        status: int, sense: tuple[int, int, int]) -> None:
+    target = fake(Hostility(fail_first=3, fail_status=status, fail_sense=sense,
+                            fail_opcodes=READS))
+    async with logged_in(target) as (_, session):
+        buf = bytearray(4096)
+        await within(ScsiClient(session, 0).read(8, 8, memoryview(buf)))
+        assert buf[:8] == (8).to_bytes(8, "big")
+    assert commands_seen(target, READS) == 4
+
+
+@pytest.mark.parametrize(("status", "sense"), FINAL)
+async def test_final_conditions_are_not_retried(status: int, sense: tuple[int, int, int]) -> None:
+    target = fake(Hostility(fail_first=3, fail_status=status, fail_sense=sense,
+                            fail_opcodes=READS))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(scsi.ScsiCommandError):
+            await within(ScsiClient(session, 0).read(8, 8, memoryview(bytearray(4096))))
+    assert commands_seen(target, READS) == 1
+
+
+async def test_a_target_that_raises_unit_attention_forever_is_not_waited_on_forever() -> None:
+    target = fake(Hostility(fail_first=1 << 20, fail_opcodes=READS))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(scsi.ScsiCommandError, match="UNIT ATTENTION"):
+            await within(ScsiClient(session, 0).read(8, 8, memoryview(bytearray(4096))))
+    assert commands_seen(target, READS) == COMMAND_ATTEMPTS
+
+
+@pytest.mark.parametrize(("status", "sense"), [RETRIED[0], RETRIED[6]])
+async def test_perf_retries_what_the_midlayer_retries(status: int,
+                                                      sense: tuple[int, int, int]) -> None:
+    target = fake(Hostility(fail_first=6, fail_status=status, fail_sense=sense,
+                            fail_opcodes=READS))
+    async with serve(target) as server:
+        result = await within(oneshot.cmd_perf(
+            url(server), oneshot.Options(initiator_name=INI, login_timeout=2.0),
+            oneshot.PerfSettings(seconds=0.3, queue_depth=2), None))
+    assert result["errors"] == 0 and result["commands"] > 0 and result["exit_status"] == 0
+    assert target.hostile.fail_first == 0
+
+
+def test_retryable_reads_sense_as_linux_does() -> None:
+    def result(sense: bytes, status: int = 0x02) -> CommandResult:
+        return CommandResult(status, sense=sense)
+
+    ua_descriptor = bytes((0x72, 0x06, 0x29, 0x00, 0, 0, 0, 0))
+    assert scsi.retryable(result(ua_descriptor)) is scsi.Retry.NOW
+    deferred = bytearray(scsi.build_fixed_sense(scsi.SenseKey.ILLEGAL_REQUEST, 0x24, 0))
+    deferred[0] = 0x71
+    assert scsi.retryable(result(bytes(deferred))) is scsi.Retry.NOW
+    assert scsi.retryable(result(b"")) is None                  # no sense: nothing to go by
+    assert scsi.retryable(result(b"\x70\x00")) is None          # unreadable sense
+    assert scsi.retryable(CommandResult(0)) is None
+    assert scsi.retryable(result(scsi.build_fixed_sense(
+        scsi.SenseKey.ABORTED_COMMAND, 0x2E, 0x02))) is None   # command duration limit
