@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import control
 from hba.errors import HBAError
-from initiator.errors import AuthenticationError, ConfigurationError, ISCSIError
+from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
 
 if TYPE_CHECKING:
@@ -253,9 +253,9 @@ def _fail(exc: BaseException, status: int) -> int:
     message = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    # Every message says what to check itself, and whose fault it is: a CHAP protocol error
+    # of the target is not a wrong secret of ours (initiator.chap).
     print(f"hbactl: {printable(message)}", file=sys.stderr)
-    if isinstance(exc, AuthenticationError) and "check" not in message:
-        print("hbactl: check the CHAP user name and secret for this target", file=sys.stderr)
     return status
 
 

@@ -297,6 +297,12 @@ class Hostility:
     """Sense key, ASC, ASCQ: by default UNIT ATTENTION, POWER ON OR RESET OCCURRED."""
     fail_opcodes: frozenset[int] | None = None
     """The commands ``fail_first`` applies to (None: all)."""
+    # -- CHAP garbage (tests/unit/test_hostile_target.py)
+    chap_replace: dict[str, str] = field(default_factory=dict)
+    """Send these values instead of the real ones for the CHAP keys the target sends
+    (CHAP_A, CHAP_I, CHAP_C; CHAP_N, CHAP_R of the mutual answer)."""
+    chap_drop: tuple[str, ...] = ()
+    """Leave these CHAP keys out of the target's CHAP messages."""
 
 
 class ConnState(enum.Enum):
@@ -718,6 +724,8 @@ class FakeConnection:
             self.record.chap_algorithm = self._chap.algorithm
             if hostile.skip_mutual_response:
                 answers = [(k, v) for k, v in answers if k not in ("CHAP_N", "CHAP_R")]
+            answers = [(k, hostile.chap_replace.get(k, v)) for k, v in answers
+                       if k not in hostile.chap_drop]
         if method is None and req.transit:
             # No AuthMethod negotiated at all: acceptable only when we need none.
             wanted = self._negotiator_auth_methods()

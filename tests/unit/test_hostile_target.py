@@ -24,11 +24,18 @@ import pytest
 from hba import cli, oneshot
 from initiator import pdu as P
 from initiator import scsi
+from initiator.chap import (
+    ChapAccount,
+    ChapCredentials,
+    ChapProtocolError,
+    MutualAuthenticationError,
+    Secret,
+)
 from initiator.client import COMMAND_ATTEMPTS, ScsiClient
 from initiator.command import CommandResult
 from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, TransferError
 from initiator.keys import NegotiationSettings
-from initiator.login import LoginMachine, LoginSuccess
+from initiator.login import LoginAuthenticationError, LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
 from initiator.session import MAX_UNSENT_PING_ANSWERS, EventKind, SessionCore, Task
 from initiator.transport import Session, SessionConfig
@@ -564,3 +571,68 @@ def test_retryable_reads_sense_as_linux_does() -> None:
     assert scsi.retryable(CommandResult(0)) is None
     assert scsi.retryable(result(scsi.build_fixed_sense(
         scsi.SenseKey.ABORTED_COMMAND, 0x2E, 0x02))) is None   # command duration limit
+
+
+# --------------------------------------------------------------------------------------------
+# CHAP errors blame the side at fault (item 9)
+
+INI_ACCOUNT = ChapAccount("ini-user", Secret("initiator-secret-1"))
+TGT_ACCOUNT = ChapAccount("tgt-user", Secret("target-secret-22"))
+ONE_WAY = ChapCredentials(INI_ACCOUNT)
+MUTUAL = ChapCredentials(INI_ACCOUNT, TGT_ACCOUNT)
+
+
+@pytest.mark.parametrize(("mutual", "hostile", "words"), [
+    (False, Hostility(chap_replace={"CHAP_C": "0xZZ"}), "malformed CHAP_C"),
+    (False, Hostility(chap_replace={"CHAP_I": "300"}), "CHAP_I=300"),
+    (False, Hostility(chap_replace={"CHAP_I": "x\x1b[2J"}), "malformed CHAP_I 'x\\x1b[2J'"),
+    (False, Hostility(chap_replace={"CHAP_A": "99"}), "which we did not offer"),
+    (False, Hostility(chap_replace={"CHAP_A": "5,7"}), "must choose one"),
+    (False, Hostility(chap_drop=("CHAP_C",)), "did not send CHAP_C"),
+    (True, Hostility(chap_replace={"CHAP_R": "0x1234"}), "2-byte CHAP_R"),
+    (True, Hostility(chap_drop=("CHAP_R",)), "did not send CHAP_R"),
+    (True, Hostility(skip_mutual_response=True), "did not send CHAP_N, CHAP_R"),
+])
+async def test_chap_garbage_from_the_target_is_its_protocol_error(
+        mutual: bool, hostile: Hostility, words: str) -> None:
+    credentials = MUTUAL if mutual else ONE_WAY
+    target = fake(hostile, chap=credentials)
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(credentials=credentials))
+        with pytest.raises(ChapProtocolError) as info:
+            await within(session.login())
+    message = str(info.value)
+    assert words in message and TGT in message
+    assert "broke the CHAP protocol" in message and "chapSecret" not in message
+    assert_clean(message)
+
+
+async def test_our_wrong_secret_and_the_targets_are_told_apart() -> None:
+    target = fake(chap=MUTUAL)
+    async with serve(target) as server:
+        wrong = ChapCredentials(ChapAccount("ini-user", Secret("not-the-secret-1")), TGT_ACCOUNT)
+        with pytest.raises(LoginAuthenticationError, match="check chapSecret") as ours:
+            await within(Session(server.portal, TGT, config(credentials=wrong)).login())
+        assert not isinstance(ours.value, ChapProtocolError | MutualAuthenticationError)
+        theirs = ChapCredentials(INI_ACCOUNT, ChapAccount("tgt-user", Secret("not-theirs-22")))
+        with pytest.raises(MutualAuthenticationError, match="check tgtChapSecret"):
+            await within(Session(server.portal, TGT, config(credentials=theirs)).login())
+        alias = ChapCredentials(INI_ACCOUNT, ChapAccount("someone-else", TGT_ACCOUNT.secret))
+        with pytest.raises(MutualAuthenticationError, match="check tgtChapName"):
+            await within(Session(server.portal, TGT, config(credentials=alias)).login())
+
+
+async def test_hbactl_blames_the_target_for_its_chap_protocol_errors(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake(Hostility(chap_replace={"CHAP_C": "0xZZ"}), chap=ONE_WAY)
+    async with serve(target) as server:
+        with_secret = url(server).replace("iscsi://", "iscsi://ini-user%initiator-secret-1@")
+        assert await hbactl("readcap", with_secret) == 1
+        err = capsys.readouterr().err
+        assert "broke the CHAP protocol" in err and "malformed CHAP_C" in err
+        assert "user name and secret" not in err and "chapSecret" not in err
+        target.hostile.chap_replace = {}
+        wrong = url(server).replace("iscsi://", "iscsi://ini-user%wrong-secret-123@")
+        assert await hbactl("readcap", wrong) == 1
+        err = capsys.readouterr().err
+        assert "check chapSecret" in err and "broke the CHAP protocol" not in err
