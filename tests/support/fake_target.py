@@ -29,7 +29,11 @@ target does not crash on it), so a test can assert ``not target.violations()``.
 
 :class:`Hostility` makes the target misbehave on purpose: corrupt digests, wrong ITTs, Data-In
 beyond the buffer, R2Ts out of range, bogus StatSN/MaxCmdSN, withheld responses, garbage,
-silence, dropped connections. ``FakeConnection.inject``/``inject_bytes`` send anything at all.
+silence, dropped connections; lying lengths and residuals, repeated or misnumbered Data-In,
+R2T storms, conditions the SCSI midlayer retries, CHAP garbage.
+``FakeConnection.inject``/``inject_bytes`` send anything at all. (Control characters in
+INQUIRY strings, target names and addresses need no switch: :class:`RamDisk` and
+:class:`TargetNode` take any string.)
 
 :class:`Loopback` wires a :class:`~initiator.login.LoginMachine` and a
 :class:`~initiator.session.SessionCore` to a :class:`FakeConnection` in memory, the way
