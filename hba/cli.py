@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from hba import control
 from hba.errors import HBAError
-from initiator.errors import AuthenticationError, ConfigurationError, ISCSIError
+from initiator.errors import ConfigurationError, ISCSIError
+from initiator.printable import PrintableFormatter, printable
 
 if TYPE_CHECKING:
     from hba import oneshot
@@ -82,13 +83,17 @@ async def _perf(args: argparse.Namespace) -> dict[str, Any]:
     return await oneshot.cmd_perf(args.url, _options(args), settings, live)
 
 
+# The printers below show what a target said (names, addresses, INQUIRY strings, error
+# messages quoting it): every such value goes through printable() (initiator/printable.py).
+
+
 def _print_discover(r: dict[str, Any]) -> None:
     if not r["targets"]:
-        print(f"portal {r['portal']} offers no targets to this initiator")
+        print(f"portal {printable(r['portal'])} offers no targets to this initiator")
     for t in r["targets"]:
         for p in t["portals"]:
             tag = f",{p['tpgt']}" if p["tpgt"] is not None else ""
-            print(f"{p['address']}{tag} {t['name']}")
+            print(f"{printable(p['address'])}{tag} {printable(t['name'])}")
 
 
 def _print_fields(r: dict[str, Any], fields: Sequence[tuple[str, str]]) -> None:
@@ -97,7 +102,7 @@ def _print_fields(r: dict[str, Any], fields: Sequence[tuple[str, str]]) -> None:
         value = r.get(key)
         if value is None:
             value = "-"
-        print(f"{label + ':':<{width + 1}} {value}")
+        print(f"{label + ':':<{width + 1}} {printable(value)}")
 
 
 def _print_inquiry(r: dict[str, Any]) -> None:
@@ -118,7 +123,7 @@ def _print_transfer(r: dict[str, Any]) -> None:
     if verb == "read" and where == "-":
         return
     print(f"{verb} {r['blocks']} blocks ({r['bytes']} bytes) at LBA {r['lba']} "
-          f"{'to' if verb == 'read' else 'from'} {where}", file=sys.stderr)
+          f"{'to' if verb == 'read' else 'from'} {printable(where)}", file=sys.stderr)
 
 
 def _print_perf(r: dict[str, Any]) -> None:
@@ -126,7 +131,7 @@ def _print_perf(r: dict[str, Any]) -> None:
           f"{r['iops']:.0f} IOPS, {r['mb_per_s']:.1f} MB/s over {r['seconds']:.1f} s "
           f"({r['commands']} commands, {r['errors']} errors)")
     if r["first_error"]:
-        print(f"first error: {r['first_error']}")
+        print(f"first error: {printable(r['first_error'])}")
 
 
 PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -203,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="hbactl: %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("hbactl: %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,9 +244,9 @@ def _fail(exc: BaseException, status: int) -> int:
     message = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    print(f"hbactl: {message}", file=sys.stderr)
-    if isinstance(exc, AuthenticationError) and "check" not in message:
-        print("hbactl: check the CHAP user name and secret for this target", file=sys.stderr)
+    # Every message says what to check itself, and whose fault it is: a CHAP protocol error
+    # of the target is not a wrong secret of ours (initiator.chap).
+    print(f"hbactl: {printable(message)}", file=sys.stderr)
     return status
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba.disks import DiskState
 from hba.errors import HBAError
+from initiator.printable import PrintableFormatter, printable
 
 if TYPE_CHECKING:
     from hba.daemon import Daemon
@@ -102,10 +103,11 @@ def format_table(disks: Sequence[Mapping[str, Any]]) -> str:
     if not disks:
         return "no LUNs attached"
     header = ("NAME", "TARGET", "LUN", "DEVICE", "SIZE", "STATE")
+    # Target names (and errors quoting a target) come from the wire: escaped for the terminal.
     rows = [header] + [
-        (str(d.get("name") or "-"), str(d.get("target") or "-"), str(d.get("lun", "-")),
-         str(d.get("device") or "-"), human_size(int(d["size"])) if d.get("size") else "-",
-         disk_state(d))
+        (printable(d.get("name") or "-"), printable(d.get("target") or "-"),
+         printable(d.get("lun", "-")), printable(d.get("device") or "-"),
+         human_size(int(d["size"])) if d.get("size") else "-", printable(disk_state(d)))
         for d in disks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -133,15 +135,17 @@ def format_status(status: Mapping[str, Any]) -> str:
     lines.append(f"sessions:       {len(sessions) or 'none'}")
     for s in sessions:
         luns = int(s.get("luns", 0))
-        lines.append(f"  {s.get('target')} at {s.get('portal')}: {s.get('state')}, {luns} "
+        lines.append(f"  {printable(s.get('target'))} at {printable(s.get('portal'))}: "
+                     f"{printable(s.get('state'))}, {luns} "
                      f"LUN{'s' if luns != 1 else ''}, {s.get('commands', 0)} commands, "
                      f"{s.get('reconnects', 0)} reconnects")
     lines.append("disks:")
     lines.extend("  " + line for line in format_table(status.get("disks") or []).splitlines())
     for d in status.get("disks") or []:
         if d.get("error"):
-            lines.append(f"  {d.get('name')}: attempt {d.get('attempts', '?')} failed, next in "
-                         f"{float(d.get('retry_in') or 0):.0f} s: {d['error']}")
+            lines.append(f"  {printable(d.get('name'))}: attempt {d.get('attempts', '?')} "
+                         f"failed, next in {float(d.get('retry_in') or 0):.0f} s: "
+                         f"{printable(d['error'])}")
     return "\n".join(lines)
 
 
@@ -275,12 +279,12 @@ async def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_attach(result: dict[str, Any]) -> None:
     # The device alone, so that `dev=$(hbactl attach disk1)` works.
-    print(result.get("device") or result.get("name"))
+    print(printable(result.get("device") or result.get("name")))
 
 
 def print_detach(result: dict[str, Any]) -> None:
     device = f" ({result['device']})" if result.get("device") else ""
-    print(f"detached {result.get('name')}{device}")
+    print(f"detached {printable(result.get('name'))}{printable(device)}")
 
 
 def print_list(result: dict[str, Any]) -> None:
@@ -295,7 +299,7 @@ def print_status(result: dict[str, Any]) -> None:
 # the daemon
 
 
-class _JournalFormatter(logging.Formatter):
+class _JournalFormatter(PrintableFormatter):
     """Prefix each line with its syslog priority (``<6>``), which journald understands."""
 
     PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -316,8 +320,8 @@ def configure_daemon_logging(verbose: int, environ: Mapping[str, str] | None = N
     if env.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter(fmt))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {fmt}",
-                                               "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(PrintableFormatter(f"%(asctime)s %(levelname)s {fmt}",
+                                                "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

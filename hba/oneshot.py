@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from initiator import scsi, urlconfig
-from initiator.client import Capacity, ScsiClient, unit_attention
+from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import ConfigurationError, ISCSIError
@@ -246,40 +246,62 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
     errors = 0
     first_error: list[ISCSIError | str] = []
     end = clock() + settings.seconds
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
     build = scsi.write if settings.write else scsi.read
     is_write, is_random, slots = settings.write, settings.random, span // blocks
+    size = settings.block_size
 
     def stream(buf: memoryview) -> Callable[[], None]:
         """The issue function of one buffer's chain of commands, each issued from the
         completion of the one before."""
         bufs = [buf]  # one command at a time uses it: safe to share between commands
+        cdb = b""
+        attempts = 1
 
         def issue() -> None:
-            nonlocal next_lba
+            nonlocal next_lba, cdb, attempts
             if is_random:
                 lba = rng.randrange(slots) * blocks
             else:
                 lba = next_lba
                 next_lba = (lba + blocks) % span
+            cdb = build(lba, blocks)
+            attempts = 1
+            send()
+
+        def send() -> None:
             if is_write:
-                submit(lun, build(lba, blocks), data_out=bufs, on_done=done)
+                submit(lun, cdb, data_out=bufs, on_done=done)
             else:
-                submit(lun, build(lba, blocks), data_in=bufs, on_done=done)
+                submit(lun, cdb, data_in=bufs, on_done=done)
 
         def done(result: CommandResult | ISCSIError) -> None:
-            nonlocal in_flight, completed, errors
+            nonlocal in_flight, completed, errors, attempts
             if isinstance(result, CommandResult):
-                if result.status == 0:
+                if result.status == 0 and not result.residual and (
+                        is_write or result.data_in_length == size):
+                    # GOOD and all the data moved: a short read is no completed command.
                     completed += 1
-                elif unit_attention(result) and clock() < end:
-                    # After a reset or a target restart: retried, as the Linux midlayer does.
-                    issue()
+                elif attempts < COMMAND_ATTEMPTS and \
+                        (retry := scsi.retryable(result)) is not None:
+                    # What the Linux midlayer retries (the UNIT ATTENTION of a new I_T nexus
+                    # after a reinstatement, BUSY, ...) is retried, a bounded number of times,
+                    # also after the end of the run: it is no failed command.
+                    attempts += 1
+                    if retry is scsi.Retry.LATER:
+                        loop.call_later(retry_delay(attempts - 1), send)
+                    else:
+                        send()
                     return
                 else:
-                    errors += 1
-                    if not first_error:
-                        first_error.append(f"SCSI status 0x{result.status:02x}")
+                    failure = _failure(cdb, result, size, is_write)
+                    if failure is None:  # RECOVERED ERROR, CONDITION MET: done all the same
+                        completed += 1
+                    else:
+                        errors += 1
+                        if not first_error:
+                            first_error.append(failure)
             else:
                 errors += 1
                 if not first_error:
@@ -332,6 +354,17 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
             "mb_per_s": round(iops * settings.block_size / 1e6, 2),
             "first_error": str(first_error[0]) if first_error else None,
             "exit_status": 1 if errors else 0}
+
+
+def _failure(cdb: bytes, result: CommandResult, size: int, write: bool) -> ISCSIError | None:
+    """Why a perf command that reached the target failed (its status and sense in words, or
+    what its data transfer lacked), or None when it did its work after all."""
+    try:
+        scsi.check_result(cdb, result)
+        scsi.check_transfer(cdb, result, size, data_in=not write)
+    except ISCSIError as exc:
+        return exc
+    return None
 
 
 def _clock(seconds: float) -> str:

@@ -25,7 +25,13 @@ negotiator deferred to them; they return the keys to send. They enforce the rule
 receiver itself would compute (the same secret used in both directions) is refused, secrets for
 the two directions must differ, a mutual CHAP name must match, an algorithm must be one that was
 offered, and every value must be well formed and of the right length. Failures raise
-``AuthenticationError`` subclasses worded for the person who has to fix the configuration.
+``AuthenticationError`` subclasses worded for the person who has to fix something, and they
+name the side at fault: :class:`ChapProtocolError` when the peer broke the protocol (malformed
+or missing keys, a wrong CHAP_I, an algorithm that was not offered, a reflected challenge: no
+secret of ours can fix that), :class:`MutualAuthenticationError` when the target failed to
+prove itself in mutual CHAP (check tgtChapName/tgtChapSecret), and a plain
+``AuthenticationError`` for a configuration with no common ground (no common algorithm). A
+wrong secret of ours shows as the target's status 0x0201 (:meth:`ChapInitiator.login_rejected`).
 
 Secrets live in :class:`Secret`, whose ``repr`` and ``str`` are redacted; they never appear in an
 exception, a repr or a log line. Responses and challenges are not logged either.
@@ -73,6 +79,7 @@ __all__ = [
     "ChapInitiator",
     "ChapProtocolError",
     "ChapTarget",
+    "MutualAuthenticationError",
     "Secret",
     "available_algorithms",
     "chap_hash",
@@ -84,7 +91,14 @@ _log = logging.getLogger(__name__)
 
 
 class ChapProtocolError(AuthenticationError, RemoteProtocolError):
-    """The peer's CHAP keys are malformed or out of sequence (as opposed to a wrong secret)."""
+    """The peer's CHAP keys are malformed or out of sequence (as opposed to a wrong secret):
+    a fault of the peer's CHAP implementation that no name or secret of ours can fix."""
+
+
+class MutualAuthenticationError(AuthenticationError):
+    """Mutual CHAP: the target failed to prove itself (its name or its answer to our challenge
+    is wrong). What to check is the target's credentials (tgtChapName/tgtChapSecret), not
+    ours: the target accepted ours."""
 
 
 # --- secrets and credentials ---------------------------------------------------------------
@@ -424,12 +438,14 @@ class ChapInitiator:
         if self._state is _State.DONE:
             return
         if self._state is _State.RESPONSE_SENT:
-            self._fail(
+            # §12.1.3: a target that cannot answer the challenge must fail the login; leaving
+            # the stage unanswered is a protocol error, most likely for want of configuration.
+            self._fail_protocol(
                 f"target {self._target} left the security stage without answering our mutual "
-                "CHAP challenge: check that mutual CHAP (tgtChapName/tgtChapSecret) is "
-                "configured on the target"
+                "CHAP challenge (is mutual CHAP, tgtChapName/tgtChapSecret, configured on the "
+                "target?)"
             )
-        self._fail(
+        self._fail_protocol(
             f"target {self._target} left the security stage before CHAP completed "
             f"(CHAP was {self._state.value})"
         )
@@ -468,7 +484,7 @@ class ChapInitiator:
             # §12.1.3: a challenge must never be reflected back at its sender. Ours is fresh,
             # so equality means a broken random source or a target that guessed it.
             if hmac.compare_digest(self._challenge, challenge):
-                self._fail(
+                self._fail_protocol(
                     f"target {self._target} sent a CHAP challenge equal to ours (a reflection "
                     "attack, RFC 7143 §12.1.3); refusing to authenticate"
                 )
@@ -495,7 +511,7 @@ class ChapInitiator:
         response = _parse_response(keys["CHAP_R"], hasher, self._where(), self._fail_protocol)
         name = keys["CHAP_N"]
         if name != expected.name:
-            self._fail(
+            self._fail_mutual(
                 f"target {self._target} identified itself as {_show(name)} for mutual CHAP, but "
                 f"tgtChapName is {expected.name!r}: check tgtChapName"
             )
@@ -505,15 +521,17 @@ class ChapInitiator:
             self._identifier, self._credentials.initiator.secret.reveal(), self._challenge
         )
         if hmac.compare_digest(response, own):
-            self._fail(
+            self._fail_mutual(
                 f"target {self._target} answered our mutual CHAP challenge with our own secret "
                 "(chapSecret); RFC 7143 §12.1.3 forbids one secret in both directions: give "
                 "the target its own tgtChapSecret"
             )
         good = hasher.response(self._identifier, expected.secret.reveal(), self._challenge)
         if not hmac.compare_digest(response, good):
-            self._fail(
-                f"target {self._target}'s mutual CHAP response is wrong: check tgtChapSecret"
+            self._fail_mutual(
+                f"target {self._target}'s mutual CHAP response is wrong: check tgtChapSecret, "
+                "the secret the target proves itself with, here and on the target (it accepted "
+                "our own credentials)"
             )
         self._state = _State.DONE
         self._log.debug("CHAP: target %s authenticated as %r", self._target, name)
@@ -531,7 +549,7 @@ class ChapInitiator:
             algorithm = None
         if algorithm is None or algorithm not in self._algorithms:
             offered = ", ".join(f"{int(a)} ({chap_hash(a).label})" for a in self._algorithms)
-            self._fail(
+            self._fail_protocol(
                 f"target {self._target} chose CHAP algorithm {_show(value)}, which we did not "
                 f"offer (we offered {offered})"
             )
@@ -544,9 +562,15 @@ class ChapInitiator:
         self._state = _State.FAILED
         raise AuthenticationError(message)
 
+    def _fail_mutual(self, message: str) -> NoReturn:
+        self._state = _State.FAILED
+        raise MutualAuthenticationError(message)
+
     def _fail_protocol(self, message: str) -> NoReturn:
         self._state = _State.FAILED
-        raise ChapProtocolError(message)
+        raise ChapProtocolError(
+            f"{message}. The target broke the CHAP protocol: no CHAP name or secret of ours "
+            "can fix that; see the target's logs or report it to its vendor")
 
 
 # --- target --------------------------------------------------------------------------------

@@ -1,22 +1,34 @@
 """A small SCSI client over an iSCSI session: what ``hbactl`` and the daemon ask a LUN.
 
-It builds CDBs with :mod:`initiator.scsi`, runs them with :meth:`Session.execute`, retries the
-UNIT ATTENTION conditions a target reports after login or a reset (as the Linux SCSI midlayer
-and libiscsi's tools do), and turns any other failure into a
+It builds CDBs with :mod:`initiator.scsi`, runs them with :meth:`Session.execute`, retries
+what the Linux SCSI midlayer retries (:func:`initiator.scsi.retryable`: the UNIT ATTENTION a
+target reports after a login, a reset or a session reinstatement, BUSY, ABORTED COMMAND, NOT
+READY "in progress" ...) a bounded number of times, and turns any other failure into a
 :class:`~initiator.scsi.ScsiCommandError` that says what went wrong in words.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 
 from initiator import scsi
 from initiator.command import Buffers, CommandResult, ScsiStatus
-from initiator.errors import ISCSIError
+from initiator.errors import ISCSIError, TransferError
 from initiator.transport import Session
 
-UNIT_ATTENTION_RETRIES = 8
+log = logging.getLogger(__name__)
+
+COMMAND_ATTEMPTS = 8
+"""How often a command is sent when it keeps ending in a condition worth retrying: a target
+that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
+# The least a command must return to be parsed at all (SPC-5 §6.7.2, §7.7.1; SBC-4 §5.21.2).
+STANDARD_INQUIRY_LENGTH = 36
+VPD_HEADER_LENGTH = 4
+READ_CAPACITY16_LENGTH = 12
+_OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,32 +71,43 @@ class ScsiClient:
 
     async def run(self, cdb: bytes, *, data_in: Buffers | None = None,
                   data_out: Buffers | None = None, check: bool = True) -> CommandResult:
-        """Execute ``cdb``, retrying UNIT ATTENTION; raise ScsiCommandError on failure."""
-        result: CommandResult | None = None
-        for _ in range(UNIT_ATTENTION_RETRIES):
+        """Execute ``cdb``, retrying what the midlayer retries (at most COMMAND_ATTEMPTS
+        times in all); raise ScsiCommandError on failure."""
+        attempt = 1
+        while True:
             result = await self.session.execute(self.lun, cdb, data_in=data_in,
                                                 data_out=data_out)
-            if not unit_attention(result):
+            retry = scsi.retryable(result)
+            if retry is None or attempt >= COMMAND_ATTEMPTS:
                 break
-        assert result is not None
+            log.info("%s: %s ended in %s; retrying %s (attempt %d of %d)", self.where,
+                     scsi.describe_cdb(cdb), _condition(result), retry.value, attempt + 1,
+                     COMMAND_ATTEMPTS)
+            if retry is scsi.Retry.LATER:
+                await asyncio.sleep(retry_delay(attempt))
+            attempt += 1
         if check:
             scsi.check_result(cdb, result, where=self.where)
         return result
 
-    async def read_data(self, cdb: bytes, length: int) -> bytes:
-        """Run a command that returns up to ``length`` bytes; return what came back."""
+    async def read_data(self, cdb: bytes, length: int, minimum: int = 1) -> bytes:
+        """Run a command that returns up to ``length`` bytes; return exactly the bytes the
+        target sent (TransferError when fewer than ``minimum``)."""
         buf = bytearray(length)
         result = await self.run(cdb, data_in=[memoryview(buf)])
-        return bytes(buf[: result.data_in_length])
+        n = scsi.check_transfer(cdb, result, length, minimum=minimum, where=self.where)
+        return bytes(buf[:n])
 
     async def test_unit_ready(self) -> None:
         await self.run(scsi.test_unit_ready())
 
     async def inquiry(self) -> scsi.StandardInquiry:
-        return scsi.parse_standard_inquiry(await self.read_data(scsi.inquiry(), 255))
+        return scsi.parse_standard_inquiry(
+            await self.read_data(scsi.inquiry(), 255, STANDARD_INQUIRY_LENGTH))
 
     async def vpd(self, page: int, length: int = 4096) -> bytes:
-        return await self.read_data(scsi.inquiry(page, allocation_length=length), length)
+        return await self.read_data(scsi.inquiry(page, allocation_length=length), length,
+                                    VPD_HEADER_LENGTH)
 
     async def supported_vpd_pages(self) -> tuple[int, ...]:
         try:
@@ -100,11 +123,13 @@ class ScsiClient:
         naa: str | None = None
         wwn: str | None = None
         designators: tuple[str, ...] = ()
+        # The serial and the designators are extras: a LUN whose pages are broken still
+        # answers with its standard INQUIRY data.
         if 0x80 in pages:
-            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+            with contextlib.suppress(*_OPTIONAL_PAGE_ERRORS):
                 serial = scsi.parse_unit_serial_number(await self.vpd(0x80, 255)) or None
         if 0x83 in pages:
-            with contextlib.suppress(scsi.ScsiCommandError, scsi.ScsiDataError):
+            with contextlib.suppress(*_OPTIONAL_PAGE_ERRORS):
                 ident = scsi.parse_device_identification(await self.vpd(0x83))
                 designators = tuple(d.text for d in ident.designators)
                 found = ident.naa
@@ -118,12 +143,13 @@ class ScsiClient:
     async def capacity(self) -> Capacity:
         """READ CAPACITY(16), or (10) for devices that do not know it."""
         try:
-            rc16 = scsi.parse_read_capacity16(await self.read_data(scsi.read_capacity16(), 32))
+            rc16 = scsi.parse_read_capacity16(
+                await self.read_data(scsi.read_capacity16(), 32, READ_CAPACITY16_LENGTH))
             return Capacity(rc16.blocks, rc16.block_size, rc16.lbpme)
         except scsi.ScsiCommandError as exc:
             if exc.sense_key != scsi.SenseKey.ILLEGAL_REQUEST:
                 raise
-        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8))
+        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8, 8))
         return Capacity(rc10.blocks, rc10.block_size)
 
     async def block_limits(self) -> scsi.BlockLimits | None:
@@ -132,27 +158,40 @@ class ScsiClient:
             return None
         try:
             return scsi.parse_block_limits(await self.vpd(0xB0, 64))
-        except (scsi.ScsiCommandError, scsi.ScsiDataError):
+        except _OPTIONAL_PAGE_ERRORS:
             return None
 
     async def read(self, lba: int, blocks: int, into: memoryview) -> None:
-        """READ ``blocks`` blocks at ``lba`` into ``into`` (exactly blocks * block size bytes)."""
-        await self.run(scsi.read(lba, blocks), data_in=[into])
+        """READ ``blocks`` blocks at ``lba`` into ``into`` (exactly blocks * block size bytes).
+
+        Either every byte of ``into`` is the target's data or TransferError says what is
+        missing: a short read (residual) never passes for a whole one."""
+        cdb = scsi.read(lba, blocks)
+        result = await self.run(cdb, data_in=[into])
+        scsi.check_transfer(cdb, result, into.nbytes, where=self.where)
 
     async def write(self, lba: int, blocks: int, data: memoryview) -> None:
-        """WRITE ``blocks`` blocks at ``lba`` from ``data``."""
-        await self.run(scsi.write(lba, blocks), data_out=[data])
+        """WRITE ``blocks`` blocks at ``lba`` from ``data``; TransferError when the target
+        reports that it took less."""
+        cdb = scsi.write(lba, blocks)
+        result = await self.run(cdb, data_out=[data])
+        scsi.check_transfer(cdb, result, data.nbytes, data_in=False, where=self.where)
 
     async def synchronize_cache(self) -> None:
         await self.run(scsi.synchronize_cache10())
 
 
-def unit_attention(result: CommandResult) -> bool:
-    """The command ended in CHECK CONDITION with UNIT ATTENTION (after a login, a reset, a
-    target restart): the Linux midlayer and libiscsi's tools retry it."""
-    if result.status != ScsiStatus.CHECK_CONDITION or not result.sense:
-        return False
-    try:
-        return scsi.parse_sense(result.sense).sense_key == scsi.SenseKey.UNIT_ATTENTION
-    except ISCSIError:
-        return False
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retrying, after ``attempt`` attempts, a command the target asked
+    to come back later (BUSY, TASK SET FULL, NOT READY in progress): 50 ms, doubling, at most
+    1 s."""
+    return min(0.05 * 2.0 ** (attempt - 1), 1.0)
+
+
+def _condition(result: CommandResult) -> str:
+    if result.status == ScsiStatus.CHECK_CONDITION and result.sense:
+        try:
+            return scsi.parse_sense(result.sense).description
+        except ISCSIError:
+            pass
+    return f"status 0x{result.status:02X}"

@@ -66,3 +66,15 @@ class TaskAborted(CommandError):
 
 class CommandTimeout(CommandError):
     """The command did not complete in time."""
+
+
+class TransferError(CommandError):
+    """A command completed without moving exactly the data asked for: a short read (residual
+    underflow), an overflow, or Data-In whose length contradicts the residual the target
+    reported (RFC 7143 §11.4.5). Carries the byte counts."""
+
+    def __init__(self, message: str, *, expected: int, transferred: int, residual: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.transferred = transferred
+        self.residual = residual

@@ -508,8 +508,10 @@ class LoginMachine:
         if chap is not None:
             if method is not None and method != "CHAP":
                 raise LoginAuthenticationError(
-                    f"target {self.label} chose AuthMethod={method}, but CHAP credentials are "
-                    "configured: refusing to log in unauthenticated",
+                    f"target {self.label} chose AuthMethod={method!r}, but CHAP credentials are "
+                    "configured: refusing to log in without CHAP (so that no impostor can pose "
+                    "as the target); require CHAP for this initiator on the target, or remove "
+                    "the credentials from the URL or configuration",
                     status_class=2, status_detail=1, target=self.label)
             if method == "CHAP" and not chap.done:
                 if got.deferred or self._chap_started:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from initiator.command import CommandResult, ScsiStatus
-from initiator.errors import CommandError, RemoteProtocolError
+from initiator.errors import CommandError, RemoteProtocolError, TransferError
 
 __all__ = [
     "AddressMethod",
@@ -55,6 +55,7 @@ __all__ = [
     "ReadCapacity10",
     "ReadCapacity16",
     "ReportLuns",
+    "Retry",
     "ScsiCommandError",
     "ScsiDataError",
     "Sense",
@@ -65,6 +66,7 @@ __all__ = [
     "asc_text",
     "build_fixed_sense",
     "check_result",
+    "check_transfer",
     "command_name",
     "decode_lun",
     "describe_cdb",
@@ -92,6 +94,7 @@ __all__ = [
     "read_capacity10",
     "read_capacity16",
     "report_luns",
+    "retryable",
     "synchronize_cache10",
     "synchronize_cache16",
     "test_unit_ready",
@@ -471,6 +474,125 @@ def check_result(cdb: bytes, result: CommandResult, *, where: str | None = None)
         if key in (SenseKey.RECOVERED_ERROR, SenseKey.COMPLETED):
             return
     raise ScsiCommandError.from_status(cdb, result.status, result.sense, where=where)
+
+
+class Retry(enum.Enum):
+    """How the Linux SCSI midlayer retries a command that ended in a given condition."""
+
+    NOW = "at once"
+    LATER = "after a delay"
+
+
+# NOT READY, LOGICAL UNIT NOT READY (04/xx) qualifiers that mean "in progress, try again":
+# scsi_io_completion_action() of Linux 6.x retries them after a delay (04/0A, an ALUA state
+# transition, too).
+_NOT_READY_IN_PROGRESS = frozenset({
+    0x01, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x11, 0x14, 0x1A, 0x1B, 0x1D, 0x24, 0x25})
+# MEDIUM ERROR ASCs that are final (unrecovered read error, address mark not found, recorded
+# entity not found); other medium errors are retried.
+_MEDIUM_ERROR_FINAL = frozenset({0x11, 0x13, 0x14})
+
+
+def retryable(result: CommandResult) -> Retry | None:
+    """Whether, and how, to retry a command that ended with ``result``: as Linux does.
+
+    The midlayer's rules (drivers/scsi/scsi_error.c ``scsi_decide_disposition`` and
+    ``scsi_check_sense``, scsi_lib.c ``scsi_io_completion_action``): BUSY and TASK SET FULL
+    after a delay; TASK ABORTED at once; for CHECK CONDITION, deferred errors, UNIT ATTENTION
+    (a reset, a new I_T nexus after a session reinstatement, changed parameters), ABORTED
+    COMMAND (but not a protection information error, 10/xx, or a command duration limit,
+    2E/01-03) and MEDIUM ERROR other than an unrecovered read at once; NOT READY "in progress"
+    after a delay. Everything else (ILLEGAL REQUEST, DATA PROTECT, HARDWARE ERROR,
+    RESERVATION CONFLICT ...) is final: None.
+    """
+    status = result.status
+    if status in (ScsiStatus.BUSY, ScsiStatus.TASK_SET_FULL):
+        return Retry.LATER
+    if status == ScsiStatus.TASK_ABORTED:
+        return Retry.NOW
+    if status != ScsiStatus.CHECK_CONDITION or not result.sense:
+        return None
+    try:
+        sense = parse_sense(result.sense)
+    except ScsiDataError:
+        return None
+    if sense.deferred:
+        return Retry.NOW
+    key, asc, ascq = sense.sense_key, sense.asc, sense.ascq
+    if key == SenseKey.UNIT_ATTENTION:
+        return Retry.NOW
+    if key == SenseKey.ABORTED_COMMAND:
+        if asc == 0x10 or (asc == 0x2E and 0x01 <= ascq <= 0x03):
+            return None
+        return Retry.NOW
+    if key == SenseKey.NOT_READY:
+        return Retry.LATER if asc == 0x04 and ascq in _NOT_READY_IN_PROGRESS else None
+    if key == SenseKey.MEDIUM_ERROR:
+        return None if asc in _MEDIUM_ERROR_FINAL else Retry.NOW
+    return None
+
+
+def check_transfer(cdb: bytes, result: CommandResult, expected: int, *, data_in: bool = True,
+                   minimum: int | None = None, where: str | None = None) -> int:
+    """How many bytes ``cdb`` moved; raise :class:`TransferError` unless it moved them all.
+
+    ``expected`` is the size of the command's buffer. A read must fill it exactly, with no
+    residual either way (RFC 7143 §11.4.5: an underflow leaves bytes that the target never
+    sent, an overflow means the command addressed more data than the buffer holds, and a
+    residual that contradicts the Data-In received means the target's lengths cannot be
+    trusted): a short read never passes for a whole one, whatever the status. With
+    ``minimum`` (commands that return "up to" their allocation length, like INQUIRY) any
+    length from ``minimum`` up is fine: the bytes received are the target's data. With
+    ``data_in=False`` it is a write: any residual means the target took less (or the command
+    addressed more) than was sent.
+    """
+    residual = result.residual
+    prefix = f"{where}: " if where else ""
+    what = describe_cdb(cdb)
+    if not data_in:
+        if not residual:
+            return expected
+        taken = expected - residual if residual > 0 else expected
+        message = (f"{prefix}{what} took only {taken} of the {expected} bytes sent (underflow "
+                   f"residual {residual}): the write is incomplete" if residual > 0 else
+                   f"{prefix}{what} addresses {-residual} bytes more than the {expected} sent "
+                   "(overflow residual): has the LUN's block size changed?")
+        raise TransferError(message, expected=expected, transferred=taken, residual=residual)
+    got = result.data_in_length
+    if minimum is not None:
+        if got >= minimum:
+            return got
+        message = (f"{prefix}{what} returned {got} bytes ({_residual_words(residual)}); at "
+                   f"least {minimum} are needed")
+    elif got == expected and not residual:
+        return got
+    elif got == expected:
+        message = (f"{prefix}{what} returned all {expected} bytes but reported an "
+                   + (f"underflow residual of {residual}, which contradicts that"
+                      if residual > 0 else
+                      f"overflow residual of {-residual}: the command addresses more data "
+                      "than was returned (has the LUN's block size changed?)"))
+    else:
+        if residual > 0 and got + residual == expected:
+            why = f"underflow residual {residual}"
+        elif residual > 0:
+            why = (f"yet an underflow residual of {residual}, which does not add up: the "
+                   "target's lengths are wrong")
+        elif residual < 0:
+            why = f"and an overflow residual of {-residual}"
+        else:
+            why = "and no underflow residual: the target's lengths are wrong"
+        message = (f"{prefix}{what} returned only {got} of {expected} bytes with status "
+                   f"{_status_words(result.status)} ({why}); the read is incomplete")
+    raise TransferError(message, expected=expected, transferred=got, residual=residual)
+
+
+def _residual_words(residual: int) -> str:
+    if residual > 0:
+        return f"underflow residual {residual}"
+    if residual < 0:
+        return f"overflow residual {-residual}"
+    return "no residual"
 
 
 def _status_enum(status: int) -> ScsiStatus | int:

@@ -32,6 +32,13 @@ InitialR2T=No — and the rest as answers to R2Ts, each R2T answered at once, so
 outstanding R2Ts (MaxOutstandingR2T > 1) is served. No PDU carries more data than the target's
 MaxRecvDataSegmentLength.
 
+Nothing the target sends is trusted to be sane. Data-In must arrive in order (with the
+"in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; each R2T
+is held to the rules of §11.8 (R2TSN, range, MaxBurstLength, no range asked twice, no more than
+MaxOutstandingR2T outstanding) before it is served; answers to the target's pings that it does
+not read are bounded; a flood of Async Messages asks the transport to act once. A breach is a
+:class:`~initiator.errors.RemoteProtocolError`: the connection is dropped.
+
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
 and re-issues the commands that did not complete (see :meth:`SessionCore.take_unfinished`).
@@ -75,6 +82,9 @@ class TransferParameters:
     max_burst_length: int = 262144
     immediate_data: bool = True
     initial_r2t: bool = True
+    max_outstanding_r2t: int = 1
+    data_pdu_in_order: bool = True
+    data_sequence_in_order: bool = True
 
 
 class TaskState(enum.Enum):
@@ -90,6 +100,8 @@ _ACTIVE = TaskState.ACTIVE
 _DONE = TaskState.DONE
 _RESERVED_TAG = P.RESERVED_TAG
 _MASK = 0xFFFFFFFF
+MAX_UNSENT_PING_ANSWERS = 128
+"""Answers to the target's NOP-In pings that may wait in the send queue (see _on_nop_in)."""
 _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
@@ -101,7 +113,7 @@ class Task:
 
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
-        "itt", "lun", "lun_wire", "on_done", "out_len", "received", "reissues", "state",
+        "itt", "lun", "lun_wire", "on_done", "out_len", "r2t", "received", "reissues", "state",
         "unsent_frames", "unsolicited",
     )
 
@@ -145,11 +157,12 @@ class Task:
         self.cmd_sn = 0
         self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
-        self.data_sn = 0           # next expected Data-In DataSN
+        self.data_sn = 0           # next expected Data-In DataSN / R2TSN (one sequence, §11.8)
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
         self.unsolicited = 0       # bytes sent without an R2T
         self.immediate_sent = 0
         self.reissues = 0
+        self.r2t: _R2TState | None = None  # what the target asked for so far (writes)
 
     def reset_for_reissue(self) -> None:
         """Forget per-connection progress so the command can be sent again (ERL 0)."""
@@ -160,6 +173,7 @@ class Task:
         self.unsent_frames = 0
         self.unsolicited = 0
         self.immediate_sent = 0
+        self.r2t = None
         self.reissues += 1
 
     def __repr__(self) -> str:
@@ -167,16 +181,40 @@ class Task:
                 f"out={self.out_len} in={self.in_len} {self.state.name}>")
 
 
+class _Unsent:
+    """Counts frames of one kind still in the send queue, as a Task counts its own: the
+    queue decrements ``unsent_frames`` of whatever a frame's ``task`` is when it goes out."""
+
+    __slots__ = ("unsent_frames",)
+
+    def __init__(self) -> None:
+        self.unsent_frames = 0
+
+
 class _Frame:
     """One PDU waiting in the send queue: its buffers, and the task whose buffers it holds."""
 
     __slots__ = ("bufs", "handed", "started", "task")
 
-    def __init__(self, bufs: list[Buffer], task: Task | None) -> None:
+    def __init__(self, bufs: list[Buffer], task: Task | _Unsent | None) -> None:
         self.bufs = bufs
         self.task = task
         self.started = False   # some of its bytes are on the wire
         self.handed = False    # in the hands of the transport between send_buffers and sent
+
+
+class _R2TState:
+    """What the target has asked one write for so far, to hold its R2Ts to RFC 7143 §11.8."""
+
+    __slots__ = ("next_offset", "requested", "sequences")
+
+    def __init__(self, unsolicited: int) -> None:
+        self.next_offset = unsolicited
+        """With DataSequenceInOrder=Yes, the lowest offset the next R2T may ask for."""
+        self.requested = unsolicited
+        """Bytes sent unsolicited or asked for by R2Ts: never more than the write's length."""
+        self.sequences: list[_Frame] = []
+        """The last Data-Out frame of each R2T answered and not yet sent whole."""
 
 
 class EventKind(enum.Enum):
@@ -250,6 +288,12 @@ class SessionCore:
         self.max_cmd_sn = max_cmd_sn
         self.noop_interval = noop_interval
         self.noop_timeout = noop_timeout
+        # With both "in order" keys Yes (the defaults, and what we offer) every Data-In of a
+        # command follows the one before it: offset = bytes so far, DataSN = PDUs so far
+        # (§11.7.5, §13.18, §13.19). Checked, so that data_in_length counts the bytes the
+        # target really placed, contiguously from 0: a target that repeats or skips a range
+        # cannot make a short read look complete.
+        self._in_order = params.data_pdu_in_order and params.data_sequence_in_order
         self._tasks: dict[int, Task] = {}
         self._controls: dict[int, _Control] = {}
         self._queued: deque[Task | _TextSend] = deque()
@@ -259,6 +303,13 @@ class SessionCore:
         self._last_rx = now
         self._ping_itt: int | None = None
         self._ping_deadline = 0.0
+        # Our answers to the target's pings that are still queued: a target that pings
+        # faster than it reads would otherwise grow the queue without bound.
+        self._ping_answers = _Unsent()
+        # Requests of the target (Async Messages) that the transport acts on once: a flood of
+        # them must not become a flood of logouts or text exchanges.
+        self._logout_requested = False
+        self._renegotiation_requested = False
         self._closed: ISCSIError | None = None
         self.logging_out = False
         self.stats_commands = 0
@@ -470,8 +521,9 @@ class SessionCore:
                        payload: memoryview) -> bool:
         """:class:`~initiator.pdu.DataSink` hot path: a whole Data-In, without a PDU object.
 
-        Does what :meth:`_on_data_in` does for the well-formed common case and declines
-        (returns False, so the reader takes the ordinary path and its checks) otherwise.
+        Does what :meth:`_on_data_in` does for the well-formed common case (in order, inside
+        the buffer) and declines (returns False, so the reader takes the ordinary path and its
+        checks) otherwise.
         """
         task = self._tasks.get(itt)
         if task is None:
@@ -479,7 +531,8 @@ class SessionCore:
         data_in = task.data_in
         n = len(payload)
         end = offset + n
-        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01:
+        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01 or \
+                offset != task.received or data_sn != task.data_sn:
             return False
         if len(data_in) == 1:
             data_in[0][offset:end] = payload
@@ -501,7 +554,7 @@ class SessionCore:
             return None
         data_in = task.data_in
         end = offset + length
-        if data_in is None or end > task.in_len:
+        if data_in is None or end > task.in_len or offset != task.received:
             return None
         if len(data_in) == 1:
             view = data_in[0]
@@ -521,7 +574,7 @@ class SessionCore:
         bytes of a Data-In are in the views :meth:`data_in_direct` named; process the rest of
         it. False declines (the reader then hands over a DataIn PDU)."""
         task = self._tasks.get(itt)
-        if task is None or (flags & 0x81) == 0x01:
+        if task is None or (flags & 0x81) == 0x01 or data_sn != task.data_sn:
             return False
         self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
                              residual, length)
@@ -611,7 +664,7 @@ class SessionCore:
         return itt
 
     def _queue(self, pdu: P.PDU, data: Sequence[Buffer] | None = None,
-               task: Task | None = None) -> None:
+               task: Task | _Unsent | None = None) -> None:
         bufs = P.frame(pdu, data, header_digest=self.params.header_digest,
                        data_digest=self.params.data_digest)
         self._frames.append(_Frame(bufs, task))
@@ -774,6 +827,13 @@ class SessionCore:
     def _on_data_in(self, pdu: P.DataIn) -> None:
         task = self._task_for(pdu.itt, "Data-In")
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        if self._in_order and (pdu.buffer_offset != task.received
+                               or pdu.data_sn != task.data_sn):
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In for {self._what(task)} at offset "
+                f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, but the next in order is "
+                f"offset {task.received} with DataSN {task.data_sn} (DataPDUInOrder and "
+                "DataSequenceInOrder are Yes: RFC 7143 §11.7.5, §13.18, §13.19)")
         n = pdu.placed
         if not n and pdu.data:
             n = len(pdu.data)
@@ -818,14 +878,53 @@ class SessionCore:
     def _on_r2t(self, pdu: P.R2T) -> None:
         task = self._task_for(pdu.itt, "R2T")
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
-        end = pdu.buffer_offset + pdu.desired_data_transfer_length
-        if task.data_out is None or end > task.out_len or pdu.desired_data_transfer_length == 0:
+        offset, length = pdu.buffer_offset, pdu.desired_data_transfer_length
+        end = offset + length
+        if task.data_out is None or end > task.out_len or length == 0:
             raise RemoteProtocolError(
-                f"target {self.target} sent an R2T for bytes {pdu.buffer_offset}..{end} of "
+                f"target {self.target} sent an R2T for bytes {offset}..{end} of "
                 f"{self._what(task)}, which writes {task.out_len} bytes")
         if pdu.ttt == P.RESERVED_TAG:
             raise RemoteProtocolError(f"target {self.target} sent an R2T with TTT 0xffffffff")
-        self._send_data_out(task, pdu.buffer_offset, pdu.desired_data_transfer_length, pdu.ttt)
+        # Each R2T is served at once, so a target that asks beyond the rules would make us
+        # send without bound (an R2T storm: megabytes of Data-Out for a 4 KiB write). The
+        # rules of §11.8, §13.14, §13.17 and §13.19, checked per R2T (not per command): any
+        # breach is the target's protocol error, and at ERL 0 the connection is dropped and
+        # the command re-issued on the next one.
+        params = self.params
+        state = task.r2t
+        if state is None:
+            state = task.r2t = _R2TState(task.unsolicited)
+        problem = None
+        if pdu.r2t_sn != task.data_sn:
+            problem = (f"R2TSN {pdu.r2t_sn} where {task.data_sn} was due (a lost or repeated "
+                       "R2T, §11.8.2)")
+        elif length > params.max_burst_length:
+            problem = (f"{length} bytes in one R2T, more than MaxBurstLength "
+                       f"{params.max_burst_length} (§11.8.4)")
+        elif params.data_sequence_in_order and offset < state.next_offset:
+            problem = (f"bytes {offset}..{end} again, below offset {state.next_offset} that was "
+                       "already sent or asked for (DataSequenceInOrder=Yes, §13.19)")
+        elif state.requested + length > task.out_len:
+            problem = (f"{state.requested + length} bytes in all, more than the "
+                       f"{task.out_len} the command writes")
+        else:
+            # An R2T is outstanding until its last Data-Out has gone out (§13.17); a target
+            # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent.
+            pending = [frame for frame in state.sequences if frame.bufs]
+            if len(pending) >= params.max_outstanding_r2t:
+                problem = (f"an R2T while {len(pending)} were outstanding, more than "
+                           f"MaxOutstandingR2T={params.max_outstanding_r2t} (§13.17)")
+            state.sequences = pending
+        if problem is not None:
+            raise RemoteProtocolError(
+                f"target {self.target} broke the R2T rules for {self._what(task)}: it asked "
+                f"for {problem}; dropping the connection")
+        task.data_sn = (task.data_sn + 1) & _MASK
+        state.next_offset = max(state.next_offset, end)
+        state.requested += length
+        self._send_data_out(task, offset, length, pdu.ttt)
+        state.sequences.append(self._frames[-1])
 
     def _on_nop_in(self, pdu: P.NopIn) -> None:
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
@@ -842,9 +941,16 @@ class SessionCore:
             control.on_done(pdu)
             return
         if pdu.ttt != P.RESERVED_TAG:
-            # The target pings us: answer with its TTT, ITT reserved (§11.18.2).
+            # The target pings us: answer with its TTT, ITT reserved (§11.18.2). Answers it
+            # does not read pile up here; past a bound that is its fault, not a queue to grow.
+            if self._ping_answers.unsent_frames >= MAX_UNSENT_PING_ANSWERS:
+                raise RemoteProtocolError(
+                    f"target {self.target} sent more than {MAX_UNSENT_PING_ANSWERS} NOP-In "
+                    "pings without reading our answers (RFC 7143 §11.19): a ping flood; "
+                    "dropping the connection")
             self._queue(P.NopOut(immediate=True, lun=pdu.lun, itt=P.RESERVED_TAG, ttt=pdu.ttt,
-                                 cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
+                                 cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn),
+                        task=self._ping_answers)
 
     def _on_tmf_response(self, pdu: P.TaskMgmtResponse) -> None:
         self._ack(pdu.stat_sn)
@@ -899,6 +1005,7 @@ class SessionCore:
             self._send_text(pdu.itt, b"", pdu.ttt)
             return
         del self._controls[pdu.itt]
+        self._renegotiation_requested = False
         control.on_done(P.TextResponse(final=True, itt=pdu.itt, ttt=pdu.ttt, stat_sn=pdu.stat_sn,
                                        exp_cmd_sn=pdu.exp_cmd_sn, max_cmd_sn=pdu.max_cmd_sn,
                                        data=bytes(control.text)))
@@ -921,11 +1028,18 @@ class SessionCore:
         if event == P.AsyncEvent.SCSI_ASYNC_EVENT:
             self._events.append(Event(EventKind.SCSI_EVENT, lun=lun, sense=pdu.sense()))
         elif event == P.AsyncEvent.LOGOUT_REQUEST:
-            self._events.append(Event(EventKind.LOGOUT_REQUESTED, seconds=pdu.parameter3))
+            # Once per connection: the transport logs out and in again on the first.
+            if not self._logout_requested:
+                self._logout_requested = True
+                self._events.append(Event(EventKind.LOGOUT_REQUESTED, seconds=pdu.parameter3))
         elif event in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.ALL_CONNECTIONS_DROP):
             self._events.append(Event(EventKind.CONNECTION_DROP, seconds=pdu.parameter2))
         elif event == P.AsyncEvent.NEGOTIATION_REQUEST:
-            self._events.append(Event(EventKind.RENEGOTIATE, seconds=pdu.parameter3))
+            # One at a time: asked again before a text exchange has answered the last one,
+            # the target gets no second exchange.
+            if not self._renegotiation_requested:
+                self._renegotiation_requested = True
+                self._events.append(Event(EventKind.RENEGOTIATE, seconds=pdu.parameter3))
         elif event == P.AsyncEvent.TASK_TERMINATION:
             self._events.append(Event(EventKind.TASKS_TERMINATING))
         else:
@@ -959,6 +1073,8 @@ class SessionCore:
             control = self._controls.pop(itt)
             if itt == self._ping_itt:
                 self._ping_itt = None
+            if isinstance(header, P.TextRequest):
+                self._renegotiation_requested = False
             control.on_done(CommandError(
                 f"target {self.target} rejected our {type(header).__name__}: {reason}"))
             return
@@ -973,6 +1089,7 @@ class SessionCore:
 
     def _detach_frames(self, task: Task) -> None:
         """Take the task's buffers out of the send queue."""
+        task.r2t = None  # its frames too
         if task.unsent_frames:
             for frame in list(self._frames):
                 if frame.task is not task:

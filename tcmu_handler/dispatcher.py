@@ -401,8 +401,7 @@ class Dispatcher:
                 data_out = views
             else:
                 data_in = views
-                if self._use_read_len:
-                    rec.data_in_len = n or sum(n for _, n in iovecs)
+                rec.data_in_len = n or sum(n for _, n in iovecs)
         self._submitted += 1
         try:
             # The completion callback is a partial of the bound method: calling it runs
@@ -457,16 +456,24 @@ class Dispatcher:
                                 scsi.NO_SENSE_FROM_TARGET)
                 sense = scsi.NO_SENSE_FROM_TARGET.fixed()
         if expected:
+            # Only the bytes the target really sent may reach the kernel: the rest of the
+            # data area holds whatever earlier commands left there. (A residual the target
+            # claims without the Data-In to match it is not believed.)
             got = result.data_in_length
-            if 0 < got < expected:
-                read_len = got
-            elif got == 0 and 0 < result.residual < expected:
-                read_len = expected - result.residual
-            if read_len:
+            if 0 < got < expected and self._use_read_len:
                 # tcmu_handle_completion: a short read becomes target_complete_cmd_with_length
                 # (a residual for the initiator); with CHECK CONDITION the data up to read_len
                 # is still returned (SCF_TREAT_READ_AS_NORMAL).
+                read_len = got
                 uflags = _READ_LEN
+            elif got < expected and not status:
+                # GOOD, and no way to tell the kernel how much came: it ignores a read_len of
+                # 0, and without CAP_READ_LEN any read_len. A retryable error rather than
+                # stale bytes passed off as data.
+                self._warn_once("short", "%s: target returned GOOD with %d of %d bytes and no "
+                                "way to report that to the kernel; reporting %s", self._name,
+                                got, expected, scsi.DATA_PHASE_ERROR)
+                status, sense = _CHECK_CONDITION, scsi.DATA_PHASE_ERROR.fixed()
         self._finish(rec, (status, uflags, read_len, sense))
 
     def _complete_error(self, rec: _Command, error: BaseException) -> None:

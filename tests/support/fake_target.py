@@ -29,7 +29,11 @@ target does not crash on it), so a test can assert ``not target.violations()``.
 
 :class:`Hostility` makes the target misbehave on purpose: corrupt digests, wrong ITTs, Data-In
 beyond the buffer, R2Ts out of range, bogus StatSN/MaxCmdSN, withheld responses, garbage,
-silence, dropped connections. ``FakeConnection.inject``/``inject_bytes`` send anything at all.
+silence, dropped connections; lying lengths and residuals, repeated or misnumbered Data-In,
+R2T storms, conditions the SCSI midlayer retries, CHAP garbage.
+``FakeConnection.inject``/``inject_bytes`` send anything at all. (Control characters in
+INQUIRY strings, target names and addresses need no switch: :class:`RamDisk` and
+:class:`TargetNode` take any string.)
 
 :class:`Loopback` wires a :class:`~initiator.login.LoginMachine` and a
 :class:`~initiator.session.SessionCore` to a :class:`FakeConnection` in memory, the way
@@ -264,6 +268,45 @@ class Hostility:
     """Bytes sent right after the final Login Response."""
     pdu_hook: PduHook | None = None
     """Sees every Full Feature Phase PDU first; returning True skips the normal handling."""
+    # -- lying about lengths (tests/unit/test_hostile_target.py)
+    data_in_opcodes: frozenset[int] | None = None
+    """The data_in_*, residual_* and overflow_* lies apply to these SCSI opcodes (None: all)."""
+    data_in_withheld: int = 0
+    """Leave the last that many bytes of a command's data out of its Data-In; the status
+    reports them as an underflow residual unless ``residual_claim`` says otherwise."""
+    residual_claim: int | None = None
+    """Report this underflow residual whatever was sent (0: no U bit, as if complete)."""
+    overflow_claim: int = 0
+    """Report an overflow residual of that many bytes."""
+    data_in_repeat_first: bool = False
+    """Send the first Data-In PDU of a command twice (same offset and DataSN)."""
+    data_sn_skip: bool = False
+    """Number a command's Data-In PDUs from 1 instead of 0."""
+    # -- R2T storms (tests/unit/test_hostile_target.py)
+    r2t_repeat: int = 0
+    """Ask for each R2T's range that many times more, each time with the next R2TSN and a
+    TTT of its own (an R2T storm: megabytes of Data-Out for a 4 KiB write)."""
+    r2t_ignore_max_outstanding: bool = False
+    """Send every R2T of a write at once, whatever MaxOutstandingR2T says."""
+    r2t_sn_offset: int = 0
+    """Add this to every R2TSN."""
+    r2t_length_extra: int = 0
+    """Ask for that many bytes more than MaxBurstLength allows in each R2T."""
+    # -- conditions the SCSI midlayer retries (tests/unit/test_hostile_target.py)
+    fail_first: int = 0
+    """End that many SCSI commands (of ``fail_opcodes``) with ``fail_status`` first."""
+    fail_status: int = 0x02
+    """CHECK CONDITION (with ``fail_sense``), BUSY (0x08), TASK SET FULL (0x28) ..."""
+    fail_sense: tuple[int, int, int] = (0x6, 0x29, 0x00)
+    """Sense key, ASC, ASCQ: by default UNIT ATTENTION, POWER ON OR RESET OCCURRED."""
+    fail_opcodes: frozenset[int] | None = None
+    """The commands ``fail_first`` applies to (None: all)."""
+    # -- CHAP garbage (tests/unit/test_hostile_target.py)
+    chap_replace: dict[str, str] = field(default_factory=dict)
+    """Send these values instead of the real ones for the CHAP keys the target sends
+    (CHAP_A, CHAP_I, CHAP_C; CHAP_N, CHAP_R of the mutual answer)."""
+    chap_drop: tuple[str, ...] = ()
+    """Leave these CHAP keys out of the target's CHAP messages."""
 
 
 class ConnState(enum.Enum):
@@ -685,6 +728,8 @@ class FakeConnection:
             self.record.chap_algorithm = self._chap.algorithm
             if hostile.skip_mutual_response:
                 answers = [(k, v) for k, v in answers if k not in ("CHAP_N", "CHAP_R")]
+            answers = [(k, hostile.chap_replace.get(k, v)) for k, v in answers
+                       if k not in hostile.chap_drop]
         if method is None and req.transit:
             # No AuthMethod negotiated at all: acceptable only when we need none.
             wanted = self._negotiator_auth_methods()
@@ -1027,24 +1072,36 @@ class FakeConnection:
         params = self.params
         assert params is not None
         hostile = self.target.hostile
-        while len(task.r2ts) < params.max_outstanding_r2t and task.next_r2t < task.need:
-            length = min(params.max_burst_length, task.need - task.next_r2t)
+        outstanding = 1 << 30 if hostile.r2t_ignore_max_outstanding \
+            else params.max_outstanding_r2t
+        while len(task.r2ts) < outstanding and task.next_r2t < task.need:
+            length = min(params.max_burst_length + hostile.r2t_length_extra,
+                          task.need - task.next_r2t)
             offset = task.next_r2t
             if hostile.r2t_out_of_range:
                 offset = task.edtl
-            r2t = _R2T(self._alloc_ttt(), offset, length, offset)
-            task.r2ts[r2t.ttt] = r2t
-            self._send(P.R2T(lun=P.lun_to_wire(task.lun), itt=self._reply_itt(task.itt),
-                             ttt=r2t.ttt, r2t_sn=task.r2t_sn, buffer_offset=offset,
-                             desired_data_transfer_length=length,
-                             **self._status_fields(advance=False)))
-            task.r2t_sn += 1
+            for _ in range(1 + hostile.r2t_repeat):
+                r2t = _R2T(self._alloc_ttt(), offset, length, offset)
+                task.r2ts[r2t.ttt] = r2t
+                self._send(P.R2T(lun=P.lun_to_wire(task.lun), itt=self._reply_itt(task.itt),
+                                 ttt=r2t.ttt, r2t_sn=(task.r2t_sn + hostile.r2t_sn_offset) & MASK,
+                                 buffer_offset=offset, desired_data_transfer_length=length,
+                                 **self._status_fields(advance=False)))
+                task.r2t_sn += 1
             task.next_r2t += length
         if not task.r2ts and not task.unsol_open and task.next_r2t >= task.need:
             del self.tasks[task.itt]
             self._execute(task)
 
     def _execute(self, task: _Task) -> None:
+        hostile = self.target.hostile
+        if hostile.fail_first > 0 and (hostile.fail_opcodes is None
+                                       or task.cdb[0] in hostile.fail_opcodes):
+            hostile.fail_first -= 1
+            sense = fixed_sense(*hostile.fail_sense) if hostile.fail_status == CHECK_CONDITION \
+                else b""
+            self._respond(task, hostile.fail_status, sense, b"")
+            return
         if self.target.hostile.withhold:
             task.held = True
             self.held.append(task)
@@ -1157,11 +1214,22 @@ class FakeConnection:
         payload = data[:expected] if task.read else b""
         if hostile.data_in_overrun and payload:
             payload += bytes(hostile.data_in_overrun)
+        lie = hostile.data_in_opcodes is None or task.cdb[0] in hostile.data_in_opcodes
+        if lie and hostile.data_in_withheld and task.read:
+            kept = max(0, len(payload) - hostile.data_in_withheld)
+            residual, underflow = expected - kept, kept < expected
+            payload = payload[:kept]
+        if lie and hostile.residual_claim is not None:
+            residual, overflow = hostile.residual_claim, False
+            underflow = residual > 0
+        if lie and hostile.overflow_claim:
+            residual, underflow, overflow = hostile.overflow_claim, False, True
         collapse = self.target.phase_collapse and status == GOOD and bool(payload)
         mxdsl = params.max_xmit_data_segment_length
         mbl = params.max_burst_length
         offset = 0
-        data_sn = 0
+        data_sn = 1 if lie and hostile.data_sn_skip else 0
+        repeat = lie and hostile.data_in_repeat_first
         total = len(payload)
         while offset < total:
             burst_end = min(total, (offset // mbl + 1) * mbl)
@@ -1170,13 +1238,17 @@ class FakeConnection:
             with_status = last and collapse
             fields: _Numbers = self._status_fields(advance=True) if with_status else {
                 "stat_sn": 0, "exp_cmd_sn": self.exp_cmd_sn, "max_cmd_sn": self.max_cmd_sn}
-            self._send(P.DataIn(
+            data_in = P.DataIn(
                 final=offset + n == burst_end, status_present=with_status,
                 status=status if with_status else 0,
                 underflow=with_status and underflow, overflow=with_status and overflow,
                 residual_count=residual if with_status else 0, itt=itt, ttt=RESERVED,
                 data_sn=data_sn, buffer_offset=offset, data=payload[offset : offset + n],
-                **fields))
+                **fields)
+            self._send(data_in)
+            if repeat and not with_status:
+                self._send(data_in)
+            repeat = False
             data_sn += 1
             offset += n
         self.finished.add(task.itt)
@@ -1369,7 +1441,10 @@ def transfer_parameters(params: SessionParameters) -> TransferParameters:
         max_xmit_data_segment_length=params.max_xmit_data_segment_length,
         first_burst_length=params.first_burst_length,
         max_burst_length=params.max_burst_length,
-        immediate_data=params.immediate_data, initial_r2t=params.initial_r2t)
+        immediate_data=params.immediate_data, initial_r2t=params.initial_r2t,
+        max_outstanding_r2t=params.max_outstanding_r2t,
+        data_pdu_in_order=params.data_pdu_in_order,
+        data_sequence_in_order=params.data_sequence_in_order)
 
 
 class Loopback:

@@ -163,7 +163,8 @@ async def test_bidi(sim: RingSimulator) -> None:
 
 @pytest.mark.parametrize(("result", "read_len", "residual"), [
     (CommandResult(status=0, residual=1000, data_in_length=7192), 7192, 1000),
-    (CommandResult(status=0, residual=1000), 7192, 1000),
+    (CommandResult(status=0, data_in_length=7192), 7192, 1000),  # short, no residual claimed
+    (CommandResult(status=0, residual=2000, data_in_length=7192), 7192, 1000),
     (CommandResult(status=0, data_in_length=8192), 8192, 0),
     (CommandResult(status=0, residual=-512, data_in_length=8192), 8192, 0),
 ])
@@ -191,8 +192,26 @@ async def test_read_len_needs_the_capability_and_a_read() -> None:
     b = sim.submit(xdwriteread10(3), data_out=b"y" * 512, data_in=512, on_complete=cb)
     await until(lambda: len(done) == 3)
     assert (r.uflags, w.uflags, b.uflags) == (0, 0, 0)
-    assert r.read_len == 512 and r.residual == 0
+    # Without READ_LEN a short read cannot be reported: a retryable error, not 100 stale
+    # bytes of the data area passed off as data.
+    assert r.status == 2 and r.sense[:18] == scsi.DATA_PHASE_ERROR.fixed()
     sim.close()
+
+
+@pytest.mark.parametrize("result", [
+    CommandResult(status=0, residual=1000),   # the target claims 7192 bytes, sent none
+    CommandResult(status=0),                  # GOOD with no data at all
+    CommandResult(status=0, residual=8192),   # honest, but read_len 0 means "all" to LIO
+])
+async def test_good_without_data_is_an_error_not_stale_bytes(sim: RingSimulator,
+                                                             result: CommandResult) -> None:
+    target = FakeTarget(plan={1: result})
+    await start(sim, target)
+    done, cb = done_list()
+    c = sim.submit(read10(1), data_in=8192, on_complete=cb)
+    await until(lambda: bool(done))
+    assert c.status == 2 and c.sense[:18] == scsi.DATA_PHASE_ERROR.fixed()
+    assert c.uflags == 0
 
 
 async def test_check_condition_with_partial_data(sim: RingSimulator) -> None:

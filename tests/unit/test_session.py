@@ -95,6 +95,7 @@ class Harness:
         self.results: dict[int, CommandResult | ISCSIError] = {}
         self.order: list[int] = []
         self.hold_max: Callable[[], int] | None = None
+        self.data_sns: dict[int, int] = {}
 
     # -- initiator side ---------------------------------------------------------------------
 
@@ -167,7 +168,11 @@ class Harness:
         return P.ScsiResponse(itt=task.itt, status=status, **{**self.numbers(), **kw})
 
     def data_in(self, task: Task, offset: int, data: bytes, *, status: bool = False,
-                data_sn: int = 0, **kw: Any) -> P.DataIn:
+                data_sn: int | None = None, **kw: Any) -> P.DataIn:
+        if data_sn is None:
+            # Numbered as a target numbers them: 0, 1, 2... per command (§11.7.5).
+            data_sn = self.data_sns.get(task.itt, 0)
+        self.data_sns[task.itt] = data_sn + 1
         numbers = self.numbers(advance=status)
         if not status:
             numbers["stat_sn"] = 0
@@ -419,7 +424,10 @@ def _pattern(n: int, seed: int = 1) -> bytes:
 @pytest.mark.parametrize("chunk", [None, 1, 7, 100, 3000])
 @pytest.mark.parametrize("order", ["in_order", "reversed", "shuffled"])
 def test_data_in_lands_by_offset_in_several_views(chunk: int | None, order: str) -> None:
-    h = Harness()
+    # Out of order only where the target may send it so: DataPDUInOrder=No and
+    # DataSequenceInOrder=No (with both Yes, the core refuses it: test_hostile_target).
+    h = Harness(None if order == "in_order" else TransferParameters(
+        data_pdu_in_order=False, data_sequence_in_order=False))
     parts = [bytearray(n) for n in (100, 1, 2500, 0, 1499, 4096)]
     total = sum(len(p) for p in parts)
     task = h.submit(cdb_read10(0, 16), data_in=views(*parts))
@@ -449,7 +457,8 @@ def test_data_in_into_non_byte_views() -> None:
 
 
 def test_data_in_without_sink_uses_the_copy_path() -> None:
-    h = Harness()
+    # Out of order, as DataPDUInOrder=No allows.
+    h = Harness(TransferParameters(data_pdu_in_order=False, data_sequence_in_order=False))
     buf_a, buf_b = bytearray(10), bytearray(30)
     task = h.submit(data_in=views(buf_a, buf_b))
     h.sent()
@@ -628,7 +637,7 @@ def check_sequence(data_outs: list[P.DataOut], *, start: int, length: int, ttt: 
 
 
 def run_write(c: Combo, size: int, *, max_outstanding: int = 1, seed: int = 0) -> None:
-    h = Harness(c.params())
+    h = Harness(c.params(max_outstanding_r2t=max_outstanding))
     source = _pattern(size, seed or size)
     # The caller's buffer in three views with odd boundaries.
     cut1, cut2 = size // 3, size // 3 + size // 5
