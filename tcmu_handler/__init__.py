@@ -1,7 +1,8 @@
 """The TCMU side: the kernel's command ring, the uio device, and the dispatcher that hands
 each CDB to an iSCSI session (see ../shared/docs/tcmu-interface.md).
 
-- :mod:`tcmu_handler.ring` — the pure ring codec (offsets of ``target_core_user.h``).
+- :mod:`tcmu_handler.ring` — the ring codec (offsets of ``target_core_user.h``) and the
+  userspace slot rule (:class:`~tcmu_handler.ring.CommandRing`), both with no I/O.
 - :mod:`tcmu_handler.device` — uio discovery in sysfs, open + mmap, the event fd, configfs
   actions, restart takeover.
 - :mod:`tcmu_handler.dispatcher` — the asyncio loop that serves a ring with a

@@ -2,30 +2,25 @@
 
 Theory of operation
 -------------------
+The dispatcher is glue between three things: the uio fd, the slot bookkeeping of
+:class:`tcmu_handler.ring.CommandRing` (which entries are consumed, which slot each completion
+takes, where ``cmd_tail`` goes: the out-of-order slot rule lives there, with no I/O), and a
+:class:`~initiator.command.CommandExecutor`; plus task management.
+
 The uio fd is watched with ``loop.add_reader``. On every wake-up (and once right after start,
 because opening the device snapshots the event counter) the dispatcher does the 4-byte read and
-walks the ring from its private *consume* pointer to ``cmd_head``: PAD entries are skipped, TMR
-entries start task management, and each CMD entry becomes one
-``CommandExecutor.submit(lun, cdb, data_out=..., data_in=..., on_done=...)`` whose buffers are
-``memoryview`` slices of the map, exactly one per iovec: Data-In is received straight into the
-data area, Data-Out is sent straight from it. No Task is created per command; ``on_done`` is a
-small per-command object.
+takes entries from the ring up to ``cmd_head``: TMR entries start task management, and each CMD
+entry becomes one ``CommandExecutor.submit(lun, cdb, data_out=..., data_in=..., on_done=...)``
+whose buffers are ``memoryview`` slices of the map, exactly one per iovec: Data-In is received
+straight into the data area, Data-Out is sent straight from it. No Task is created per command;
+``on_done`` is a partial of :meth:`Dispatcher._complete`.
 
-Completion follows the out-of-order rule of ``tcmu_handle_completions`` (``CAP_OOOC``): slots
-are always freed in ring order, so a finished command X takes the *first CMD slot at
-cmd_tail* (skipping PAD/TMR slots there): X's cmd_id and response are written into that slot,
-whichever command the slot was queued for, and ``cmd_tail`` moves past it. ``len_op`` is never
-touched. Invariant: the CMD slots between ``cmd_tail`` and *consume* are exactly as many as the
-commands in flight, so that first CMD slot always exists; when nothing is in flight,
-``cmd_tail`` jumps to *consume* so trailing PAD/TMR slots are released too. Kernels without
-``CAP_OOOC`` get the same slot rule with completions retired strictly in ring order.
-
-The mailbox's ``cmd_tail`` is stored once per batch, as one aligned 32-bit write after the
-response fields (x86 is TSO: the kernel sees the responses before the new tail), and then the
-4-byte ``write()`` tells the kernel to reap: all completions of one loop iteration share one
-write. Before a command is completed every view of its buffers is released, because the kernel
-frees (and may unmap) its data pages as soon as it reaps the slot: touching them later would be
-a SIGBUS.
+Completions arrive in any order and are written into the ring at once; the new ``cmd_tail`` is
+published once per batch (:meth:`~tcmu_handler.ring.CommandRing.done`) and the 4-byte
+``write()`` tells the kernel to reap: all completions of one loop iteration share one write.
+Before a command is completed every view of its buffers is released, because the kernel frees
+(and may unmap) its data pages as soon as it reaps the slot: touching them later would be a
+SIGBUS.
 
 Errors: a command the transport cannot deliver ends with CHECK CONDITION and sense saying why
 (:mod:`tcmu_handler.scsi`). An entry that cannot be served safely (iovecs outside the data area,
@@ -38,38 +33,28 @@ the initiator reports them done; the map is unmapped after the last one.
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from initiator.command import CommandExecutor, CommandHandle, CommandResult, ScsiStatus
 from initiator.errors import ISCSIError
 from tcmu_handler import ring, scsi
 from tcmu_handler.device import CONFIGFS_ROOT, ResetLevel, UioDevice, UioInfo, takeover
 from tcmu_handler.errors import DeviceRemoved, MalformedEntry, RingError, TCMUError
+from tcmu_handler.ring import CmdEntry, TmrEntry
 
 log = logging.getLogger(__name__)
 
-_CMD = int(ring.Opcode.CMD)
-_TMR = int(ring.Opcode.TMR)
-_PAD = int(ring.Opcode.PAD)
-_HEAD = ring.HEAD_WORD
-_TAIL = ring.TAIL_WORD
-_RSP = ring.CMD_RSP
 _CHECK_CONDITION = int(ScsiStatus.CHECK_CONDITION)
 _UNKNOWN_OP = int(ring.UFlag.UNKNOWN_OP)
 _READ_LEN = int(ring.UFlag.READ_LEN)
-_OP_MASK = ring.OP_MASK
-_LEN_MASK = ~ring.OP_MASK
-_HDR_SIZE = ring.ENTRY_HDR_SIZE
-_parse_cmd = ring.parse_cmd
+_TMR = int(ring.Opcode.TMR)
 _is_data_out = scsi.is_data_out
-_GOOD: tuple[int, int, int, bytes | None] = (0, 0, 0, None)
 _ABORTS = frozenset({ring.TmrType.ABORT_TASK, ring.TmrType.ABORT_TASK_SET,
                      ring.TmrType.CLEAR_TASK_SET, ring.TmrType.LUN_RESET_PRO})
 _RESETS = frozenset({ring.TmrType.LUN_RESET, ring.TmrType.TARGET_WARM_RESET,
@@ -125,7 +110,7 @@ class DispatcherStats:
 class _Command:
     """One CMD entry in flight."""
 
-    __slots__ = ("cmd_id", "data_in_len", "finished", "handle", "response", "views")
+    __slots__ = ("cmd_id", "data_in_len", "finished", "handle", "views")
 
     def __init__(self, cmd_id: int) -> None:
         self.cmd_id = cmd_id
@@ -133,7 +118,6 @@ class _Command:
         self.data_in_len = 0  # Data-In bytes of a unidirectional read: READ_LEN applies
         self.handle: CommandHandle | None = None
         self.finished = False
-        self.response: tuple[int, int, int, bytes | None] | None = None
 
 
 class Dispatcher:
@@ -154,25 +138,13 @@ class Dispatcher:
         self._lun = lun
         self._name = device.name
         self._flags = mailbox.flags
-        self._ooo = bool(mailbox.flags & ring.MailboxFlag.OOOC)
         self._use_read_len = bool(mailbox.flags & ring.MailboxFlag.READ_LEN)
-        self._cmdr_off = mailbox.cmdr_off
         self._cmdr_size = mailbox.cmdr_size
-        self._data_start = mailbox.data_off
-        self._data_end = device.size
-        tail = mailbox.cmd_tail
-        if tail >= self._cmdr_size or tail & ring.OP_MASK:
-            raise RingError(f"{self._name}: cmd_tail {tail} is not a slot of the "
-                            f"{self._cmdr_size}-byte ring; take the device over to reset it")
+        self._data_size = device.size - mailbox.data_off
         self._buf = device.view
-        self._words: memoryview | None = self._buf.cast("I")
-        # A previous handler's commands between cmd_tail and cmd_head (no takeover) are served
-        # again from cmd_tail: their request slots are intact, because a slot is only ever
-        # overwritten at cmd_tail, just before cmd_tail moves past it.
-        self._tail = tail
-        self._consume = tail
+        # Serves a previous handler's commands again from cmd_tail when there was no takeover.
+        self._slots = ring.CommandRing.over(self._buf, name=self._name)
         self._inflight: dict[int, _Command] = {}
-        self._order: collections.deque[_Command] = collections.deque()
         self._state = _State.NEW
         self._stop_reason: StopReason | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +152,7 @@ class Dispatcher:
         self._drained: asyncio.Event | None = None
         self._reading = False
         self._in_scan = False
-        self._dirty = False
+        self._unsent = False  # cmd_tail published, the 4-byte write still to be done
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[str] = set()
@@ -193,8 +165,6 @@ class Dispatcher:
         self._lun_resets = 0
         self._wakeups = 0
         self._notifications = 0
-        self._wraps = 0
-        self._pads = 0
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -238,8 +208,8 @@ class Dispatcher:
             in_flight=len(self._inflight), submitted=self._submitted,
             completed=self._completed, failed=self._failed, unknown_op=self._unknown_op,
             tmr_entries=self._tmr_entries, aborts=self._aborts, lun_resets=self._lun_resets,
-            wakeups=self._wakeups, notifications=self._notifications, wraps=self._wraps,
-            pads=self._pads)
+            wakeups=self._wakeups, notifications=self._notifications, wraps=self._slots.wraps,
+            pads=self._slots.pads)
 
     def start(self) -> None:
         """Start serving the ring (from a running loop): watch the fd and scan once now."""
@@ -253,8 +223,7 @@ class Dispatcher:
         loop.add_reader(self._device.fd, self._on_readable)
         self._reading = True
         log.info("%s: serving LUN %d (ring %d bytes, data area %d MiB, kernel offers %s)",
-                 self._name, self._lun, self._cmdr_size,
-                 (self._data_end - self._data_start) >> 20,
+                 self._name, self._lun, self._cmdr_size, self._data_size >> 20,
                  "|".join(f.name or "" for f in ring.MailboxFlag if f in self._flags) or "none")
         # Opening the device snapshot the uio event counter: whatever the kernel queued before
         # (commands sent while no handler was running) raised no event we will ever see.
@@ -320,112 +289,88 @@ class Dispatcher:
             return
         finally:
             self._in_scan = False
-        if self._dirty:
-            self._flush()
+        self._flush()
 
     def _scan(self) -> None:
-        words = self._words
-        assert words is not None
-        size = self._cmdr_size
-        base = self._cmdr_off
-        head = words[_HEAD]
-        if head >= size or head & _OP_MASK:
-            raise RingError(f"{self._name}: cmd_head {head} is not a slot of the {size}-byte "
-                            "ring")
-        consume = self._consume
-        start_command = self._start_command
+        """Take the entries up to cmd_head; submit each command (inline: the hot path)."""
+        slots = self._slots
+        next_command = slots.next_command
+        slots.start()
+        buf = self._buf
+        inflight = self._inflight
+        submit = self._executor.submit
+        complete = self._complete
+        lun = self._lun
         running = _State.RUNNING
-        while consume != head:
-            off = base + consume
-            len_op = words[off >> 2]
-            length = len_op & _LEN_MASK
-            if length < _HDR_SIZE or length > size - consume:
-                raise RingError(f"{self._name}: entry at ring offset {consume} claims {length} "
-                                f"bytes; the ring was rewritten underneath us")
-            consume += length
-            if consume == size:
-                consume = 0
-                self._wraps += 1
-            # Advance before dispatching: a command the executor completes synchronously must
-            # find its slot between cmd_tail and the consume pointer.
-            self._consume = consume
-            op = len_op & _OP_MASK
-            if op == _CMD:
-                start_command(off, length)
-            elif op == _TMR:
-                self._start_tmr(off, length)
-            elif op == _PAD:
-                self._pads += 1
+        while True:
+            try:
+                entry = next_command()
+            except MalformedEntry as exc:
+                self._unservable(exc)
+                continue
+            if isinstance(entry, CmdEntry):
+                cmd_id, _kf, _uf, _len, iov_cnt, iov_bidi_cnt, _dif, _cdb_off, iovecs, cdb = entry
+                if cmd_id in inflight:
+                    self._duplicate(cmd_id)
+                rec = _Command(cmd_id)
+                inflight[cmd_id] = rec
+                data_out: list[memoryview] | None = None
+                data_in: list[memoryview] | None = None
+                if iovecs:
+                    if len(iovecs) == 1:
+                        ((o, n),) = iovecs
+                        views = [buf[o:o + n]]
+                    else:
+                        views = [buf[o:o + n] for o, n in iovecs]
+                        n = 0
+                    rec.views = views
+                    if iov_bidi_cnt:
+                        data_out = views[:iov_cnt]
+                        data_in = views[iov_cnt:]
+                    elif _is_data_out(cdb):
+                        data_out = views
+                    else:
+                        data_in = views
+                        rec.data_in_len = n or sum(n for _, n in iovecs)
+                self._submitted += 1
+                try:
+                    # The completion callback is a partial of the bound method: calling it runs
+                    # _complete() with no Python frame in between (an instance with __call__
+                    # would add one, and a slower call through the type slot).
+                    rec.handle = submit(lun, cdb, data_out=data_out, data_in=data_in,
+                                        on_done=partial(complete, rec))
+                except ISCSIError as exc:
+                    if not rec.finished:
+                        self._complete_error(rec, exc)
+                except Exception as exc:
+                    log.exception("%s: submitting CDB %s failed", self._name, cdb.hex())
+                    if not rec.finished:
+                        self._complete_error(rec, exc)
+            elif entry is None:
+                return
+            elif isinstance(entry, TmrEntry):
+                self._start_tmr(entry)
+            elif entry.opcode == _TMR:
+                log.warning("%s: ignoring TMR entry: %s", self._name, entry.reason)
             else:
-                self._warn_once(f"op{op}", "%s: skipping ring entry with unknown opcode %d",
-                                self._name, op)
+                self._warn_once(f"op{entry.opcode}", "%s: skipping ring entry with unknown "
+                                "opcode %d", self._name, entry.opcode)
             if self._state is not running:
                 return
-        if not self._inflight and self._tail != consume:
-            self._tail = consume
-            self._dirty = True
 
-    def _start_command(self, off: int, length: int) -> None:
-        buf = self._buf
-        try:
-            entry = _parse_cmd(buf, off, length, self._data_start, self._data_end)
-        except MalformedEntry as exc:
-            self._unknown_op += 1
-            log.warning("%s: %s; completing it with UNKNOWN_OP", self._name, exc)
-            # The kernel turns UNKNOWN_OP into CHECK CONDITION itself (tcmu_handle_completion).
-            self._finish(self._register(_Command(exc.cmd_id)),
-                         (_CHECK_CONDITION, _UNKNOWN_OP, 0, None))
-            return
-        cmd_id, _kf, _uf, _len, iov_cnt, iov_bidi_cnt, _dif, _cdb_off, iovecs, cdb = entry
-        rec = _Command(cmd_id)
-        inflight = self._inflight
-        if cmd_id in inflight:
-            self._register(rec)  # raises RingError
-        inflight[cmd_id] = rec
-        if not self._ooo:
-            self._order.append(rec)
-        data_out: list[memoryview] | None = None
-        data_in: list[memoryview] | None = None
-        if iovecs:
-            if len(iovecs) == 1:
-                ((o, n),) = iovecs
-                views = [buf[o:o + n]]
-            else:
-                views = [buf[o:o + n] for o, n in iovecs]
-                n = 0
-            rec.views = views
-            if iov_bidi_cnt:
-                data_out = views[:iov_cnt]
-                data_in = views[iov_cnt:]
-            elif _is_data_out(cdb):
-                data_out = views
-            else:
-                data_in = views
-                rec.data_in_len = n or sum(n for _, n in iovecs)
-        self._submitted += 1
-        try:
-            # The completion callback is a partial of the bound method: calling it runs
-            # _complete() with no Python frame in between (an instance with __call__ would
-            # add one, and a slower call through the type slot).
-            rec.handle = self._executor.submit(self._lun, cdb, data_out=data_out,
-                                               data_in=data_in,
-                                               on_done=partial(self._complete, rec))
-        except ISCSIError as exc:
-            if not rec.finished:
-                self._complete_error(rec, exc)
-        except Exception as exc:
-            log.exception("%s: submitting CDB %s failed", self._name, cdb.hex())
-            if not rec.finished:
-                self._complete_error(rec, exc)
+    def _unservable(self, exc: MalformedEntry) -> None:
+        self._unknown_op += 1
+        log.warning("%s: %s; completing it with UNKNOWN_OP", self._name, exc)
+        if exc.cmd_id in self._inflight:
+            self._duplicate(exc.cmd_id)
+        rec = _Command(exc.cmd_id)
+        self._inflight[exc.cmd_id] = rec
+        # The kernel turns UNKNOWN_OP into CHECK CONDITION itself (tcmu_handle_completion).
+        self._finish(rec, _CHECK_CONDITION, _UNKNOWN_OP)
 
-    def _register(self, rec: _Command) -> _Command:
-        if rec.cmd_id in self._inflight:
-            raise RingError(f"{self._name}: the kernel queued cmd_id {rec.cmd_id} while it is "
-                            "still in flight; the ring was reset underneath us")
-        self._inflight[rec.cmd_id] = rec
-        if not self._ooo:
-            self._order.append(rec)
-        return rec
+    def _duplicate(self, cmd_id: int) -> NoReturn:
+        raise RingError(f"{self._name}: the kernel queued cmd_id {cmd_id} while it is still "
+                        "in flight; the ring was reset underneath us")
 
     # --- completing ----------------------------------------------------------------------------
 
@@ -441,7 +386,7 @@ class Dispatcher:
         status = result.status & 0xFF
         expected = rec.data_in_len
         if not status and (not expected or result.data_in_length == expected):
-            self._finish(rec, _GOOD)
+            self._finish(rec)
             return
         sense: bytes | None = None
         uflags = 0
@@ -474,16 +419,17 @@ class Dispatcher:
                                 "way to report that to the kernel; reporting %s", self._name,
                                 got, expected, scsi.DATA_PHASE_ERROR)
                 status, sense = _CHECK_CONDITION, scsi.DATA_PHASE_ERROR.fixed()
-        self._finish(rec, (status, uflags, read_len, sense))
+        self._finish(rec, status, uflags, read_len, sense)
 
     def _complete_error(self, rec: _Command, error: BaseException) -> None:
         code = scsi.sense_for_error(error)
         self._failed += 1
         log.debug("%s: cmd_id %d failed (%s): reporting %s", self._name, rec.cmd_id, error,
                   code)
-        self._finish(rec, (_CHECK_CONDITION, 0, 0, code.fixed()))
+        self._finish(rec, _CHECK_CONDITION, 0, 0, code.fixed())
 
-    def _finish(self, rec: _Command, response: tuple[int, int, int, bytes | None]) -> None:
+    def _finish(self, rec: _Command, status: int = 0, uflags: int = 0, read_len: int = 0,
+                sense: bytes | None = None) -> None:
         rec.finished = True
         views = rec.views
         if views:
@@ -502,63 +448,16 @@ class Dispatcher:
             self._release_device()
             return
         try:
-            if self._ooo:
-                self._write_slot(rec.cmd_id, response)
-            else:
-                self._retire(rec, response)
+            self._slots.complete(rec.cmd_id, status, uflags, read_len, sense)
         except RingError as exc:
             self._stop(StopReason.RING_CORRUPT, str(exc))
             return
         if not self._inflight:
-            if self._tail != self._consume:
-                self._tail = self._consume
             drained = self._drained
             if drained is not None:
                 drained.set()
-        self._mark_dirty()
-
-    def _retire(self, rec: _Command, response: tuple[int, int, int, bytes | None]) -> None:
-        # No CAP_OOOC: the kernel expects completions in ring order.
-        rec.response = response
-        order = self._order
-        while order and order[0].response is not None:
-            done = order.popleft()
-            assert done.response is not None
-            self._write_slot(done.cmd_id, done.response)
-
-    def _write_slot(self, cmd_id: int, response: tuple[int, int, int, bytes | None]) -> None:
-        """Write ``cmd_id``'s response into the first CMD slot at cmd_tail; advance cmd_tail."""
-        words = self._words
-        assert words is not None
-        base = self._cmdr_off
-        size = self._cmdr_size
-        tail = self._tail
-        while True:
-            off = base + tail
-            len_op = words[off >> 2]
-            length = len_op & ~ring.OP_MASK
-            if len_op & ring.OP_MASK == _CMD:
-                break
-            tail += length
-            if tail >= size:
-                tail = 0
-            if tail == self._consume or length == 0:
-                raise RingError(f"{self._name}: no CMD slot left between cmd_tail and the "
-                                f"last consumed entry for cmd_id {cmd_id}")
-        status, uflags, read_len, sense = response
-        if sense is None:
-            _RSP.pack_into(self._buf, off + ring.HDR_CMD_ID, cmd_id, 0, uflags, status,
-                           read_len)
-        else:
-            ring.write_response(self._buf, off, cmd_id=cmd_id, scsi_status=status,
-                                uflags=uflags, read_len=read_len, sense=sense)
-        tail += length
-        if tail >= size:
-            tail = 0
-        self._tail = tail
-
-    def _mark_dirty(self) -> None:
-        self._dirty = True
+        # Publish on the next loop iteration, once for all the completions until then; a scan
+        # publishes when it ends.
         if not self._in_scan and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -566,36 +465,31 @@ class Dispatcher:
     def _flush(self) -> None:
         """Publish cmd_tail and make the kernel reap: one 4-byte write per batch."""
         self._flush_scheduled = False
-        if not self._dirty or self._state not in (_State.RUNNING, _State.CLOSING):
+        if self._state not in (_State.RUNNING, _State.CLOSING):
             return
-        words = self._words
-        assert words is not None
-        self._dirty = False
-        # One aligned 32-bit store, after the response stores. x86 keeps stores in order; on
-        # weaker CPUs the write() below is the barrier for the reaping it triggers, though
-        # not for the kernel's other readers of cmd_tail (block_dev, the unmap worker).
-        words[_TAIL] = self._tail
+        # CommandRing.done(): one aligned 32-bit store of cmd_tail, after the response stores.
+        # x86 keeps stores in order; on weaker CPUs the write() below is the barrier for the
+        # reaping it triggers, though not for the kernel's other readers of cmd_tail
+        # (block_dev, the unmap worker).
+        if not self._slots.done() and not self._unsent:
+            return
         try:
             written = self._device.notify()
         except DeviceRemoved as exc:
             self._stop(StopReason.REMOVED, str(exc))
             return
         if not written:  # EAGAIN: only a simulated device's socket can be full; try again
-            self._dirty = True
+            self._unsent = True
             if self._loop is not None and not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_later(0.001, self._flush)
             return
+        self._unsent = False
         self._notifications += 1
 
     # --- task management -----------------------------------------------------------------------
 
-    def _start_tmr(self, off: int, length: int) -> None:
-        try:
-            tmr = ring.parse_tmr(self._buf, off, length)
-        except RingError as exc:
-            log.warning("%s: ignoring TMR entry: %s", self._name, exc)
-            return
+    def _start_tmr(self, tmr: TmrEntry) -> None:
         self._tmr_entries += 1
         targets = [rec for cmd_id in tmr.cmd_ids
                    if (rec := self._inflight.get(cmd_id)) is not None and not rec.finished]
@@ -683,9 +577,7 @@ class Dispatcher:
         if self._inflight:
             self._device.close()  # closes the fd; the unmap is deferred (views still exported)
             return
-        if self._words is not None:
-            self._words.release()
-            self._words = None
+        self._slots.release()
         if not self._device.close():
             self._warn_once("unmap", "%s: views of the map outlived their commands; "
                             "unmapping is deferred", self._name)

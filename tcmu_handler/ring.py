@@ -1,4 +1,4 @@
-"""The TCMU shared-memory ring, byte for byte: a pure codec with no mmap, fd or clock.
+"""The TCMU shared-memory ring, byte for byte, and its slot rule: no mmap, fd or clock.
 
 Theory of operation
 -------------------
@@ -20,8 +20,13 @@ standard sizes, no padding). ``memoryview.cast("I")`` on the map reads ``cmd_hea
 and writes ``cmd_tail`` as word 16 in one aligned 32-bit access, which ``struct.pack_into``
 does not promise (it may store byte by byte).
 
-This module only parses and packs. The dispatcher (userspace side) and the simulator (kernel
+The codec only parses and packs. The dispatcher (userspace side) and the simulator (kernel
 side) both use it, so the two sides of the tests can never disagree on a layout.
+
+The userspace half of the ring protocol lives here too, as :class:`CommandRing`: the consume
+pointer, the out-of-order slot rule (a completion takes the first CMD slot at ``cmd_tail``;
+slots are freed strictly in ring order) and the one store of ``cmd_tail`` per batch. Like the
+codec it does no I/O: the dispatcher reads the uio fd and writes the 4-byte notification.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from tcmu_handler.errors import MalformedEntry, RingError
+from tcmu_handler.errors import MalformedEntry, RingError, TCMUError
 
 # --- constants of target_core_user.h -----------------------------------------------------------
 
@@ -159,6 +164,7 @@ CMD_RSP = struct.Struct("=HBBB3xI")
 TMR_HDR = struct.Struct("=IHBBB3xI")
 """Header + tmr_type, (3 pad bytes), cmd_cnt: the first 16 bytes of a TMR entry."""
 IOVEC = struct.Struct("=QQ")
+_CMD_ID = struct.Struct("=H")
 
 assert MAILBOX.size == 16 and CMD_REQ.size == 32 and CMD_RSP.size == 12 and TMR_HDR.size == 16
 
@@ -513,3 +519,276 @@ def read_response(buf: memoryview | bytes | bytearray, off: int) -> Response:
     cmd_id, _kflags, uflags, status, read_len = CMD_RSP.unpack_from(buf, off + HDR_CMD_ID)
     start = off + RSP_SENSE
     return Response(cmd_id, uflags, status, read_len, bytes(buf[start:start + SENSE_BUFFERSIZE]))
+
+
+# --- the userspace side: consuming entries, releasing slots ------------------------------------
+
+_LEN_MASK = ~OP_MASK
+_OP_PAD = int(Opcode.PAD)
+_OP_CMD = int(Opcode.CMD)
+_OP_TMR = int(Opcode.TMR)
+
+
+class SkippedEntry(NamedTuple):
+    """An entry :meth:`CommandRing.next_command` passed over that its caller should hear of:
+    an unknown opcode, or a TMR entry that cannot be parsed. Its slot needs no completion."""
+
+    offset: int
+    """Ring offset of the entry."""
+    opcode: int
+    reason: str
+
+
+class CommandRing:
+    """The userspace side of one command ring: which entries are consumed, how many CMD slots
+    are outstanding, where ``cmd_tail`` goes. No I/O: it reads and writes the memory of the map
+    it is given as a ``memoryview``, never the uio fd, and knows no clock.
+
+    The shape is libtcmu's: :meth:`start` (``tcmulib_processing_start`` without the event
+    read), :meth:`next_command` (``tcmulib_get_next_command``), :meth:`complete`
+    (``tcmulib_command_complete``) and :meth:`done` (``tcmulib_processing_complete`` without
+    the 4-byte write, which the caller does when :meth:`done` returns True)::
+
+        slots.start()
+        while (entry := slots.next_command()) is not None:
+            ...                                   # serve it; later, in any order:
+        slots.complete(cmd_id, status, ...)
+        if slots.done():
+            device.notify()
+
+    The slot rule (``tcmu_handle_completions`` with ``CAP_OOOC``): slots are freed strictly in
+    ring order, whatever order commands finish in. A private *consume* pointer walks from
+    ``cmd_tail`` to ``cmd_head``; each completion takes the *first CMD slot at the tail*,
+    skipping PAD and TMR slots there: the finished command's cmd_id and response go into that
+    slot, whichever command it was queued for, and the tail moves past it. The kernel reads
+    the cmd_id back from the slot, so which slot a command was queued in does not matter, and
+    a cmd_id may come back on the ring as soon as its completion was reaped. ``len_op`` is
+    never touched (the kernel walks the ring by it). Invariant: the CMD slots between the tail
+    and *consume* are exactly as many as the outstanding commands, so that first CMD slot
+    always exists; when nothing is outstanding the tail jumps to *consume*, so trailing PAD
+    and TMR slots are released too.
+
+    The tail is private until :meth:`done` stores it in the mailbox: one aligned 32-bit write
+    per batch, after every response field of the batch (x86 is TSO: the kernel, reaping on the
+    4-byte write that follows, sees the responses before the new tail).
+
+    Kernels without ``CAP_OOOC`` get :class:`InOrderCommandRing`; :meth:`over` picks the class
+    the mailbox asks for. Before the map is closed, :meth:`release` drops the ring's own view.
+    """
+
+    __slots__ = ("_buf", "_consume", "_data_end", "_data_start", "_head", "_name",
+                 "_outstanding", "_pads", "_published", "_size", "_tail", "_words", "_wraps")
+
+    def __init__(self, view: memoryview, *, name: str = "TCMU ring") -> None:
+        mailbox = Mailbox.parse(view)
+        size = mailbox.cmdr_size
+        tail = mailbox.cmd_tail
+        if tail >= size or tail & OP_MASK:
+            raise RingError(f"{name}: cmd_tail {tail} is not a slot of the {size}-byte ring; "
+                            "take the device over to reset it")
+        self._name = name
+        self._buf = view
+        # 32-bit words: cmd_head and cmd_tail are read and written in one aligned access.
+        self._words = view.cast("I")
+        self._size = size
+        self._data_start = mailbox.data_off
+        self._data_end = len(view)
+        # A previous handler's commands between cmd_tail and cmd_head (no takeover) are served
+        # again from cmd_tail: their request slots are intact, because a slot is only ever
+        # overwritten at the tail, just before the tail moves past it.
+        self._tail = tail
+        self._published = tail
+        self._consume = tail
+        self._head = tail
+        self._outstanding = 0
+        self._wraps = 0
+        self._pads = 0
+
+    @classmethod
+    def over(cls, view: memoryview, *, name: str = "TCMU ring") -> CommandRing:
+        """The ring for the map ``view``: out-of-order completion when the kernel offers
+        ``CAP_OOOC``, ring order otherwise."""
+        if Mailbox.parse(view).flags & MailboxFlag.OOOC:
+            return CommandRing(view, name=name)
+        return InOrderCommandRing(view, name=name)
+
+    # --- state, for statistics and tests ------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """CMD slots consumed and not yet answered."""
+        return self._outstanding
+
+    @property
+    def consume(self) -> int:
+        """Ring offset of the next entry :meth:`next_command` looks at."""
+        return self._consume
+
+    @property
+    def tail(self) -> int:
+        """The private ``cmd_tail`` (published by :meth:`done`)."""
+        return self._tail
+
+    @property
+    def wraps(self) -> int:
+        """Times *consume* went past the end of the ring back to offset 0."""
+        return self._wraps
+
+    @property
+    def pads(self) -> int:
+        """PAD entries skipped (the kernel's filler before a wrap)."""
+        return self._pads
+
+    # --- the four steps ---------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Snapshot ``cmd_head`` for the :meth:`next_command` calls that follow; True when
+        there are entries to consume."""
+        head = self._words[HEAD_WORD]
+        if head >= self._size or head & OP_MASK:
+            raise RingError(f"{self._name}: cmd_head {head} is not a slot of the "
+                            f"{self._size}-byte ring")
+        self._head = head
+        return head != self._consume
+
+    def next_command(self) -> CmdEntry | TmrEntry | SkippedEntry | None:
+        """Consume entries up to the ``cmd_head`` of :meth:`start`; return the next CMD or TMR
+        entry (or one passed over, :class:`SkippedEntry`), None at the head.
+
+        A CMD entry is outstanding from here on. One that cannot be served raises
+        :class:`MalformedEntry` and is outstanding all the same: complete it (with
+        ``UNKNOWN_OP``). :class:`RingError` means the ring was rewritten underneath us.
+        """
+        words = self._words
+        consume = self._consume
+        head = self._head
+        size = self._size
+        while consume != head:
+            off = MAILBOX_SIZE + consume
+            len_op = words[off >> 2]
+            length = len_op & _LEN_MASK
+            if length < ENTRY_HDR_SIZE or length > size - consume:
+                raise RingError(f"{self._name}: entry at ring offset {consume} claims {length} "
+                                "bytes; the ring was rewritten underneath us")
+            consume += length
+            if consume == size:
+                consume = 0
+                self._wraps += 1
+            # Advance before returning: a command completed before the next call must find
+            # its slot between the tail and consume.
+            self._consume = consume
+            op = len_op & OP_MASK
+            if op == _OP_CMD:
+                self._outstanding += 1
+                return parse_cmd(self._buf, off, length, self._data_start, self._data_end)
+            if op == _OP_TMR:
+                try:
+                    return parse_tmr(self._buf, off, length)
+                except RingError as exc:
+                    return SkippedEntry(off - MAILBOX_SIZE, op, str(exc))
+            if op != _OP_PAD:
+                return SkippedEntry(off - MAILBOX_SIZE, op, f"unknown opcode {op}")
+            self._pads += 1
+        if not self._outstanding and self._tail != consume:
+            self._tail = consume  # nothing outstanding: release trailing PAD/TMR slots
+        return None
+
+    def complete(self, cmd_id: int, status: int = 0, uflags: int = 0, read_len: int = 0,
+                 sense: bytes | None = None) -> None:
+        """Answer one outstanding command: write ``cmd_id`` and its response into the first
+        CMD slot at the tail and move the tail past it (see the class docstring).
+
+        ``sense`` is written only when given (the kernel reads it for CHECK CONDITION only).
+        """
+        outstanding = self._outstanding - 1
+        if outstanding < 0:
+            raise TCMUError(f"{self._name}: cmd_id {cmd_id} completed with no command "
+                            "outstanding")
+        self._outstanding = outstanding
+        off = MAILBOX_SIZE + self._tail
+        len_op = self._words[off >> 2]
+        if len_op & OP_MASK != _OP_CMD:
+            off, len_op = self._first_cmd_slot(cmd_id)
+        if sense is None:
+            CMD_RSP.pack_into(self._buf, off + HDR_CMD_ID, cmd_id, 0, uflags, status, read_len)
+        else:
+            write_response(self._buf, off, cmd_id=cmd_id, scsi_status=status, uflags=uflags,
+                           read_len=read_len, sense=sense)
+        if outstanding:
+            tail = off - MAILBOX_SIZE + (len_op & _LEN_MASK)
+            self._tail = 0 if tail >= self._size else tail
+        else:
+            self._tail = self._consume  # nothing outstanding: release trailing PAD/TMR slots
+
+    def _first_cmd_slot(self, cmd_id: int) -> tuple[int, int]:
+        """The map offset and ``len_op`` of the first CMD slot at the tail, past PAD and TMR
+        slots (the tail itself does not move)."""
+        words = self._words
+        size = self._size
+        tail = self._tail
+        while True:
+            off = MAILBOX_SIZE + tail
+            len_op = words[off >> 2]
+            if len_op & OP_MASK == _OP_CMD:
+                return off, len_op
+            length = len_op & _LEN_MASK
+            tail += length
+            if tail >= size:
+                tail = 0
+            if tail == self._consume or length == 0:
+                raise RingError(f"{self._name}: no CMD slot left between cmd_tail and the "
+                                f"last consumed entry for cmd_id {cmd_id}")
+
+    def done(self) -> bool:
+        """Publish the tail in the mailbox (one aligned 32-bit store, after the responses);
+        True when it moved, i.e. the kernel must be told to reap (the 4-byte write)."""
+        tail = self._tail
+        # The tail cannot come round to the published value again between two calls: the
+        # kernel never queues past the published tail, so consume stays less than a ring ahead.
+        if tail == self._published:
+            return False
+        self._words[TAIL_WORD] = tail
+        self._published = tail
+        return True
+
+    def release(self) -> None:
+        """Drop the ring's own view of the map (before the map is closed); the ring cannot be
+        used afterwards."""
+        self._words.release()
+
+
+class InOrderCommandRing(CommandRing):
+    """:class:`CommandRing` for kernels without ``CAP_OOOC``: responses are written strictly in
+    ring order. A command completed early is held until every command queued before it is
+    complete; the ring itself says which is next (the cmd_id in the first CMD slot at the tail,
+    not yet overwritten by a response)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, view: memoryview, *, name: str = "TCMU ring") -> None:
+        super().__init__(view, name=name)
+        self._held: dict[int, tuple[int, int, int, bytes | None]] = {}
+
+    @property
+    def held(self) -> int:
+        """Commands completed and waiting for one queued before them."""
+        return len(self._held)
+
+    def complete(self, cmd_id: int, status: int = 0, uflags: int = 0, read_len: int = 0,
+                 sense: bytes | None = None) -> None:
+        held = self._held
+        if cmd_id in held or len(held) >= self._outstanding:
+            raise TCMUError(f"{self._name}: cmd_id {cmd_id} is not outstanding")
+        held[cmd_id] = (status, uflags, read_len, sense)
+        buf = self._buf
+        while self._outstanding:
+            off, _len_op = self._first_cmd_slot(cmd_id)
+            (next_id,) = _CMD_ID.unpack_from(buf, off + HDR_CMD_ID)
+            response = held.pop(next_id, None)
+            if response is None:
+                if len(held) == self._outstanding:
+                    raise RingError(f"{self._name}: the first CMD slot at cmd_tail holds "
+                                    f"cmd_id {next_id}, which no outstanding command has; the "
+                                    "ring was rewritten underneath us")
+                return
+            super().complete(next_id, *response)

@@ -416,6 +416,31 @@ async def test_unservable_entry_gets_unknown_op(sim: RingSimulator,
     assert any("UNKNOWN_OP" in r.message for r in caplog.records)
 
 
+async def test_entries_passed_over_are_logged_and_serving_goes_on(
+        sim: RingSimulator, caplog: pytest.LogCaptureFixture) -> None:
+    dev = sim.open()
+    done, cb = done_list()
+    kv = sim.kernel_view()
+    with sim.plug():
+        c1 = sim.submit(read10(1), data_in=512, on_complete=cb)  # ring offset 0, 128 bytes
+        sim.tmr(ring.TmrType.ABORT_TASK, [c1])  # at 128, 40 bytes
+        c2 = sim.submit(read10(2), data_in=512, on_complete=cb)
+        ring.U32.pack_into(kv, ring.MAILBOX_SIZE + 128 + ring.TMR_CMD_CNT, 9)  # 9 ids, 40 bytes
+    d = Dispatcher(dev, FakeTarget())
+    d.start()
+    await until(lambda: len(done) == 2)
+    assert (c1.status, c2.status) == (0, 0) and d.stop_reason is None
+    assert (d.stats.tmr_entries, d.stats.aborts) == (0, 0)
+    assert any("ignoring TMR entry" in r.message and "lists 9 commands" in r.message
+               for r in caplog.records)
+    with sim.plug():  # an opcode the kernel never writes (the simulated kernel then WARNs)
+        sim.tmr(ring.TmrType.ABORT_TASK, [])
+        ring.U32.pack_into(kv, ring.MAILBOX_SIZE + sim.head - 32, 32 | 5)
+    await until(lambda: any("skipping ring entry with unknown opcode 5" in r.message
+                            for r in caplog.records))
+    assert d.stop_reason is None
+
+
 async def test_corrupt_ring_stops_the_dispatcher(sim: RingSimulator,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     d = await start(sim, FakeTarget())
