@@ -1,5 +1,5 @@
-"""The little SCSI the ring path needs: data direction from a CDB, fixed-format sense, and the
-sense we report when a command could not be delivered.
+"""The little SCSI the ring path needs: data direction from a CDB, and the sense we report when
+a command could not be delivered (its words and bytes come from :mod:`initiator.scsi`).
 
 Data direction
 --------------
@@ -63,55 +63,50 @@ from initiator.errors import (
     SessionFailed,
     TaskAborted,
 )
-from initiator.scsi import SenseKey, build_fixed_sense
+from initiator.scsi import SenseKey, asc_text, build_fixed_sense
 
 __all__ = [
     "COMMANDS_CLEARED", "DATA_PHASE_ERROR", "INTERNAL_FAILURE", "LU_BECOMING_READY",
     "LU_COMMUNICATION_FAILURE", "LU_COMMUNICATION_TIMEOUT", "LU_MANUAL_INTERVENTION",
     "NO_SENSE_FROM_TARGET", "PROTOCOL_CRC_ERROR", "TRANSPORT_FAILURE", "SenseCode", "SenseKey",
-    "fixed_sense", "is_data_out", "sense_for_error",
+    "is_data_out", "sense_for_error",
 ]
 
 
 class SenseCode(NamedTuple):
-    """A sense key with its additional sense code and qualifier, and their SPC name."""
+    """A sense key with its additional sense code and qualifier.
+
+    Their words and their bytes come from :mod:`initiator.scsi`, the one home of sense data:
+    the ASC/ASCQ table and the fixed-format builder.
+    """
 
     key: SenseKey
     asc: int
     ascq: int
-    text: str
+
+    @property
+    def text(self) -> str:
+        """The ASC/ASCQ in words, as SPC names them."""
+        return asc_text(self.asc, self.ascq)
 
     def fixed(self) -> bytes:
         """This code as 18 bytes of fixed-format, current sense (SPC-5 §4.4.3)."""
-        return fixed_sense(self.key, self.asc, self.ascq)
+        return build_fixed_sense(self.key, self.asc, self.ascq)
 
     def __str__(self) -> str:
-        return f"{self.key.name.replace('_', ' ')}, {self.text} ({self.asc:02X}/{self.ascq:02X})"
+        return f"{self.key.words}, {self.text} ({self.asc:02X}/{self.ascq:02X})"
 
 
-def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
-    """Fixed-format sense data: response code 0x70 (current), additional length 10."""
-    return build_fixed_sense(SenseKey(key & 0x0F), asc, ascq)
-
-
-LU_BECOMING_READY = SenseCode(SenseKey.NOT_READY, 0x04, 0x01,
-                              "logical unit is in process of becoming ready")
-LU_COMMUNICATION_FAILURE = SenseCode(SenseKey.NOT_READY, 0x08, 0x00,
-                                     "logical unit communication failure")
-LU_MANUAL_INTERVENTION = SenseCode(SenseKey.NOT_READY, 0x04, 0x03,
-                                   "logical unit not ready, manual intervention required")
-PROTOCOL_CRC_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x47, 0x05,
-                               "protocol service CRC error")
-LU_COMMUNICATION_TIMEOUT = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x01,
-                                     "logical unit communication time-out")
-COMMANDS_CLEARED = SenseCode(SenseKey.ABORTED_COMMAND, 0x2F, 0x02,
-                             "commands cleared by device server")
-DATA_PHASE_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x4B, 0x00, "data phase error")
-TRANSPORT_FAILURE = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x00,
-                              "logical unit communication failure")
-INTERNAL_FAILURE = SenseCode(SenseKey.HARDWARE_ERROR, 0x44, 0x00, "internal target failure")
-NO_SENSE_FROM_TARGET = SenseCode(SenseKey.ABORTED_COMMAND, 0x00, 0x00,
-                                 "no additional sense information")
+LU_BECOMING_READY = SenseCode(SenseKey.NOT_READY, 0x04, 0x01)
+LU_COMMUNICATION_FAILURE = SenseCode(SenseKey.NOT_READY, 0x08, 0x00)
+LU_MANUAL_INTERVENTION = SenseCode(SenseKey.NOT_READY, 0x04, 0x03)
+PROTOCOL_CRC_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x47, 0x05)
+LU_COMMUNICATION_TIMEOUT = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x01)
+COMMANDS_CLEARED = SenseCode(SenseKey.ABORTED_COMMAND, 0x2F, 0x02)
+DATA_PHASE_ERROR = SenseCode(SenseKey.ABORTED_COMMAND, 0x4B, 0x00)
+TRANSPORT_FAILURE = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x00)
+INTERNAL_FAILURE = SenseCode(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+NO_SENSE_FROM_TARGET = SenseCode(SenseKey.ABORTED_COMMAND, 0x00, 0x00)
 
 _ERROR_SENSE: tuple[tuple[type[BaseException], SenseCode], ...] = (
     # Most specific first: the first isinstance() match wins.

@@ -28,6 +28,7 @@ from initiator.errors import (
     SessionFailed,
     TaskAborted,
 )
+from initiator.scsi import SenseKey, build_fixed_sense
 from tcmu_handler import ring, scsi
 from tcmu_handler.device import UioDevice, takeover_with
 from tcmu_handler.dispatcher import Dispatcher, StopReason
@@ -215,7 +216,7 @@ async def test_good_without_data_is_an_error_not_stale_bytes(sim: RingSimulator,
 
 
 async def test_check_condition_with_partial_data(sim: RingSimulator) -> None:
-    sense = scsi.fixed_sense(scsi.SenseKey.MEDIUM_ERROR, 0x11, 0)
+    sense = build_fixed_sense(SenseKey.MEDIUM_ERROR, 0x11, 0)
     target = FakeTarget(plan={1: CommandResult(status=2, sense=sense, residual=4096,
                                                data_in_length=4096)})
     await start(sim, target)
@@ -231,7 +232,7 @@ async def test_check_condition_with_partial_data(sim: RingSimulator) -> None:
 
 async def test_sense_is_written_only_for_check_condition(sim: RingSimulator) -> None:
     desc = bytes([0x72, 0x05, 0x24, 0x00, 0, 0, 0, 0])  # descriptor format, as received
-    bogus = scsi.fixed_sense(scsi.SenseKey.MEDIUM_ERROR, 0x11, 0)
+    bogus = build_fixed_sense(SenseKey.MEDIUM_ERROR, 0x11, 0)
     target = FakeTarget(plan={1: CommandResult(status=2, sense=desc),
                               2: CommandResult(status=0, sense=bogus)})
     await start(sim, target)
@@ -308,11 +309,14 @@ async def test_submit_raising(sim: RingSimulator, caplog: pytest.LogCaptureFixtu
 
 
 def test_sense_codes() -> None:
-    assert scsi.fixed_sense(scsi.SenseKey.NOT_READY, 4, 1) == bytes.fromhex(
-        "700002000000000a00000000040100000000")
+    assert scsi.LU_BECOMING_READY.fixed() == build_fixed_sense(SenseKey.NOT_READY, 4, 1) == (
+        bytes.fromhex("700002000000000a00000000040100000000"))
     assert scsi.sense_for_error(ValueError()) is scsi.INTERNAL_FAILURE
     assert str(scsi.LU_BECOMING_READY) == (
         "NOT READY, logical unit is in process of becoming ready (04/01)")
+    # Their words come from initiator.scsi's ASC table, which must name every one of them.
+    codes = [v for v in vars(scsi).values() if isinstance(v, scsi.SenseCode)]
+    assert len(codes) == 10 and not any(c.text.startswith("ASC 0x") for c in codes)
 
 
 @pytest.mark.parametrize(("cdb", "out"), [

@@ -336,16 +336,6 @@ async def test_perf_does_not_count_short_reads() -> None:
                 oneshot.PerfSettings(seconds=0.2, queue_depth=2), None))
 
 
-def test_check_transfer_accepts_what_a_command_may_return() -> None:
-    inquiry = scsi.inquiry()
-    # INQUIRY with allocation length 255 returns what it has, with an underflow residual.
-    assert scsi.check_transfer(inquiry, CommandResult(0, residual=219, data_in_length=36), 255,
-                               minimum=36) == 36
-    assert scsi.check_transfer(scsi.read(0, 8), CommandResult(0, data_in_length=4096),
-                               4096) == 4096
-    assert scsi.check_transfer(scsi.write(0, 8), CommandResult(0), 4096, data_in=False) == 4096
-
-
 # --------------------------------------------------------------------------------------------
 # R2T storms (item 6): every R2T is held to RFC 7143 §11.8 before it is served
 
@@ -540,22 +530,6 @@ async def test_perf_retries_what_the_midlayer_retries(status: int,
             oneshot.PerfSettings(seconds=0.3, queue_depth=2), None))
     assert result["errors"] == 0 and result["commands"] > 0 and result["exit_status"] == 0
     assert target.hostile.fail_first == 0
-
-
-def test_retryable_reads_sense_as_linux_does() -> None:
-    def result(sense: bytes, status: int = 0x02) -> CommandResult:
-        return CommandResult(status, sense=sense)
-
-    ua_descriptor = bytes((0x72, 0x06, 0x29, 0x00, 0, 0, 0, 0))
-    assert scsi.retryable(result(ua_descriptor)) is scsi.Retry.NOW
-    deferred = bytearray(scsi.build_fixed_sense(scsi.SenseKey.ILLEGAL_REQUEST, 0x24, 0))
-    deferred[0] = 0x71
-    assert scsi.retryable(result(bytes(deferred))) is scsi.Retry.NOW
-    assert scsi.retryable(result(b"")) is None                  # no sense: nothing to go by
-    assert scsi.retryable(result(b"\x70\x00")) is None          # unreadable sense
-    assert scsi.retryable(CommandResult(0)) is None
-    assert scsi.retryable(result(scsi.build_fixed_sense(
-        scsi.SenseKey.ABORTED_COMMAND, 0x2E, 0x02))) is None   # command duration limit
 
 
 # --------------------------------------------------------------------------------------------
