@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyudev
 
@@ -502,6 +502,14 @@ def set_node_settings(iscsiadm: Iscsiadm, target: TargetInfo, settings: dict[str
 # the kernel's log
 
 
+class KernelMessage(NamedTuple):
+    """One record of the kernel's log: when (seconds on CLOCK_MONOTONIC, the clock of
+    ``time.monotonic()``) and what."""
+
+    time: float
+    text: str
+
+
 class KernelLog:
     """The kernel's log from the moment this object is made (``/dev/kmsg``, not ``dmesg``:
     no ring-buffer arithmetic, and records a WARN() splat overwrote are reported, not lost
@@ -509,7 +517,7 @@ class KernelLog:
 
         log = KernelLog()
         ...                                 # something the kernel may complain about
-        lines = log.read()                  # the messages since, one string each
+        messages = log.read()               # KernelMessage(time, text) since, in order
     """
 
     def __init__(self) -> None:
@@ -517,22 +525,24 @@ class KernelLog:
         os.lseek(self._fd, 0, os.SEEK_END)
         self.lost = 0  # how many times records were overwritten before we read them
 
-    def read(self) -> list[str]:
+    def read(self) -> list[KernelMessage]:
         """The messages logged since the last call (or since this object was made)."""
-        lines: list[str] = []
+        messages: list[KernelMessage] = []
         while True:
             try:
                 record = os.read(self._fd, 8192)
             except BlockingIOError:
-                return lines
+                return messages
             except BrokenPipeError:  # EPIPE: the ring buffer wrapped over unread records
                 self.lost += 1
                 continue
             if not record:
-                return lines
-            # "priority,sequence,timestamp,flags;message\n" then " KEY=value" lines.
-            rest = record.decode(errors="replace").partition(";")[2]
-            lines.append(rest.split("\n", 1)[0])
+                return messages
+            # "priority,sequence,microseconds,flags;message\n" then " KEY=value" lines.
+            head, _, rest = record.decode(errors="replace").partition(";")
+            fields = head.split(",")
+            usec = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+            messages.append(KernelMessage(usec / 1e6, rest.split("\n", 1)[0]))
 
     def close(self) -> None:
         if self._fd >= 0:

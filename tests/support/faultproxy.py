@@ -49,8 +49,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
+import math
 import os
 import random
 import select
@@ -59,7 +61,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -394,6 +396,8 @@ def describe_bhs(bhs: Sequence[int] | memoryview | bytes) -> dict[str, Any]:
         out.update(stat_sn=u32(24), exp_cmd_sn=u32(28), max_cmd_sn=u32(32))
         if opcode in (Opcode.DATA_IN, Opcode.R2T):
             out.update(ttt=u32(20), data_sn=u32(36), offset=u32(40))
+        if opcode == Opcode.R2T:
+            out.update(ddtl=u32(44))
         if opcode in (Opcode.SCSI_RESPONSE, Opcode.DATA_IN):
             out.update(status=raw[3])
         if opcode == Opcode.REJECT:
@@ -401,6 +405,144 @@ def describe_bhs(bhs: Sequence[int] | memoryview | bytes) -> dict[str, Any]:
         if opcode == Opcode.LOGIN_RESPONSE:
             out.update(status_class=raw[36], status_detail=raw[37])
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# what a trace says about how an initiator drives the link
+
+
+_STATUS_OPS = frozenset({"scsi-response", "task-mgmt-response", "text-response",
+                         "logout-response", "reject"})
+"""Target PDUs whose StatSN is a status the initiator acknowledges with ExpStatSN (§4.2.2.2);
+a Data-In too when its S bit is set, a NOP-In when it answers a ping."""
+
+
+def _serial(a: int) -> int:
+    """A 32-bit serial-number difference as a signed number (RFC 1982)."""
+    a &= 0xFFFFFFFF
+    return a - (1 << 32) if a >= 1 << 31 else a
+
+
+@dataclass
+class LinkStats:
+    """How an initiator drove its connections, read from a proxy trace
+    (:func:`summarize_trace`)."""
+
+    connections: int = 0
+    login_requests: list[int] = field(default_factory=list)
+    """Login Requests per connection that reached the Full Feature Phase."""
+    login_windows: list[int] = field(default_factory=list)
+    """MaxCmdSN - ExpCmdSN + 1 of each final Login Response (§4.2.2.1: the command window)."""
+    first_command_delays: list[float] = field(default_factory=list)
+    """Seconds from the final Login Response to the first SCSI Command."""
+    commands_before_reply: list[int] = field(default_factory=list)
+    """SCSI Commands sent on each connection before the target's first reply."""
+    beyond_window: int = 0
+    """SCSI Commands sent with a CmdSN past the last MaxCmdSN the target had given."""
+    r2t_delays: list[float] = field(default_factory=list)
+    """Seconds from each R2T to the first Data-Out answering it."""
+    max_writes_waiting: int = 0
+    """The most writes at one time whose data the target was still waiting for."""
+    exp_stat_sn_lags: list[int] = field(default_factory=list)
+    """Per PDU to the target: statuses received but not yet acknowledged in its ExpStatSN."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _LinkTracker:
+    __slots__ = ("commanded", "final", "logins", "max_cmd_sn", "r2ts", "replied",
+                 "sent_before_reply", "status_next", "writes")
+
+    def __init__(self) -> None:
+        self.logins = 0
+        self.commanded = False
+        self.final: float | None = None        # when the final Login Response passed
+        self.max_cmd_sn: int | None = None
+        self.status_next: int | None = None    # the ExpStatSN that acknowledges all so far
+        self.replied = False
+        self.sent_before_reply = 0
+        self.writes: dict[int, int] = {}       # ITT -> bytes the target still awaits
+        self.r2ts: dict[tuple[int, int], float] = {}
+
+
+def summarize_trace(records: Iterable[Mapping[str, Any]]) -> LinkStats:
+    """Read a trace (the records of :meth:`FaultCore.take_trace`, or the JSON lines of
+    ``--trace``, in order) into :class:`LinkStats`."""
+    stats = LinkStats()
+    links: dict[int, _LinkTracker] = {}
+    for r in records:
+        conn = r["conn"]
+        if "event" in r:
+            if r["event"] == "open":
+                links[conn] = _LinkTracker()
+                stats.connections += 1
+            else:
+                links.pop(conn, None)
+            continue
+        link = links.setdefault(conn, _LinkTracker())
+        op, t = r["op"], r["t"]
+        if r["dir"] == Direction.TO_TARGET.value:
+            _outbound(stats, link, op, t, r)
+        else:
+            _inbound(stats, link, op, t, r)
+    return stats
+
+
+def _outbound(stats: LinkStats, link: _LinkTracker, op: str, t: float,
+              r: Mapping[str, Any]) -> None:
+    if op == "login-request":
+        link.logins += 1
+        return
+    if link.final is None:
+        return
+    if link.status_next is not None and "exp_stat_sn" in r:
+        stats.exp_stat_sn_lags.append(max(0, _serial(link.status_next - r["exp_stat_sn"])))
+    if op == "scsi-command":
+        if not link.commanded:
+            link.commanded = True
+            stats.first_command_delays.append(round(t - link.final, 4))
+        if not link.replied:
+            link.sent_before_reply += 1
+        if not r["imm"] and link.max_cmd_sn is not None \
+                and _serial(r["cmd_sn"] - link.max_cmd_sn) > 0:
+            stats.beyond_window += 1
+        if r["flags"] & 0x20 and r["edtl"] > r["dsl"]:  # W: data still to come
+            link.writes[r["itt"]] = r["edtl"] - r["dsl"]
+            waiting = sum(1 for left in link.writes.values() if left > 0)
+            stats.max_writes_waiting = max(stats.max_writes_waiting, waiting)
+    elif op == "data-out":
+        if r["itt"] in link.writes:
+            link.writes[r["itt"]] -= r["dsl"]
+        asked = link.r2ts.pop((r["itt"], r["ttt"]), None)
+        if asked is not None:
+            stats.r2t_delays.append(round(t - asked, 4))
+
+
+def _inbound(stats: LinkStats, link: _LinkTracker, op: str, t: float,
+             r: Mapping[str, Any]) -> None:
+    if op == "login-response":
+        if r["flags"] & 0x80 and r["flags"] & 0x03 == 3 and r["status_class"] == 0:
+            link.final = t
+            link.max_cmd_sn = r["max_cmd_sn"]
+            link.status_next = (r["stat_sn"] + 1) & 0xFFFFFFFF
+            stats.login_requests.append(link.logins)
+            stats.login_windows.append(_serial(r["max_cmd_sn"] - r["exp_cmd_sn"]) + 1)
+        return
+    if link.final is None:
+        return
+    if not link.replied:
+        link.replied = True
+        stats.commands_before_reply.append(link.sent_before_reply)
+    if link.max_cmd_sn is None or _serial(r["max_cmd_sn"] - link.max_cmd_sn) > 0:
+        link.max_cmd_sn = r["max_cmd_sn"]
+    status = op in _STATUS_OPS or (op == "data-in" and r["flags"] & 0x01) \
+        or (op == "nop-in" and r["itt"] != 0xFFFFFFFF)
+    if status:
+        link.status_next = (r["stat_sn"] + 1) & 0xFFFFFFFF
+        link.writes.pop(r["itt"], None)
+    if op == "r2t":
+        link.r2ts[(r["itt"], r["ttt"])] = t
 
 
 # ------------------------------------------------------------------------------------------
@@ -464,11 +606,24 @@ class _Conn:
         self.bytes = dict.fromkeys(Direction, 0)
 
 
-class FaultCore:
-    """The proxy as a state machine driven by ``now`` (see the module docstring)."""
+DEFAULT_FLIP_WAIT = 1.0
+"""Seconds a due flip waits for an eligible PDU before it is given up (see FaultCore)."""
 
-    def __init__(self, schedule: Schedule, *, trace: bool = False) -> None:
+
+class FaultCore:
+    """The proxy as a state machine driven by ``now`` (see the module docstring).
+
+    A flip that comes due lands on the next eligible PDU, if one passes within ``flip_wait``
+    seconds; otherwise it is given up, like a drop while no connection is up: a bit error on an
+    idle link (an initiator waiting out Time2Wait, or logging in) hurts nothing. With
+    ``flip_wait=math.inf`` a flip waits for its PDU however long: every flip due while the
+    link is down then lands on the first eligible PDU after the reconnect.
+    """
+
+    def __init__(self, schedule: Schedule, *, trace: bool = False,
+                 flip_wait: float = DEFAULT_FLIP_WAIT) -> None:
         self.schedule = schedule
+        self.flip_wait = flip_wait
         self.started: float | None = None
         self._next = 0                                     # index of the next fault to arm
         self._records = [Injected(f) for f in schedule.faults]
@@ -613,10 +768,20 @@ class FaultCore:
 
     # -- flips --------------------------------------------------------------------------
 
+    def _expire(self) -> None:
+        """Give up the flips that found no eligible PDU in time."""
+        if self.started is None or self.flip_wait == math.inf:
+            return
+        for record in list(self._armed):
+            if self._now > self.started + record.fault.at + self.flip_wait:
+                self._armed.remove(record)
+                record.detail = f"no eligible PDU within {self.flip_wait:g} s"
+
     def _decide(self, conn_id: int, direction: Direction, bhs: memoryview, hd: bool, dd: bool
                 ) -> tuple[int, int] | None:
         if not self._armed:
             return None
+        self._expire()
         opcode = bhs[0] & 0x3F
         dsl = int.from_bytes(bhs[5:8], "big")
         for record in self._armed:
@@ -671,6 +836,7 @@ class FaultCore:
     def report(self, now: float) -> dict[str, Any]:
         """What was scheduled, what hit, what it hit; connections and bytes."""
         self._now = now
+        self._expire()
         counts: dict[str, dict[str, int]] = {}
         for record in self._records:
             entry = counts.setdefault(record.fault.kind.value,
@@ -681,8 +847,9 @@ class FaultCore:
             entry["hit"] += record.hit
         return {
             "schedule": {"seed": self.schedule.seed, "length": self.schedule.length,
-                         "faults": len(self.schedule.faults)},
+                         "faults": len(self.schedule.faults), "flip_wait": self.flip_wait},
             "started": self.started is not None,
+            "start_clock": self.started,   # the glue's clock (asyncio: CLOCK_MONOTONIC)
             "elapsed": round(now - self.started, 3) if self.started is not None else 0.0,
             "counts": counts,
             "hit": sum(r.hit for r in self._records),
@@ -952,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mean seconds between faults")
     parser.add_argument("--weights", type=_weights, default=None,
                         help="fault kinds and weights, e.g. drop=3,stall=1,flip-immediate=2")
+    parser.add_argument("--flip-wait", type=float, default=DEFAULT_FLIP_WAIT,
+                        help="seconds a due flip waits for an eligible PDU (default "
+                        f"{DEFAULT_FLIP_WAIT:g}; inf: however long)")
     parser.add_argument("--trace", type=Path, default=None,
                         help="write every PDU header and connection event as JSON lines here")
     return parser
@@ -960,7 +1130,11 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     schedule = Schedule.generate(args.seed, args.length, interval=args.interval,
                                  weights=args.weights)
-    core = FaultCore(schedule, trace=args.trace is not None)
+    if not args.flip_wait > 0:
+        print("faultproxy: --flip-wait must be positive (inf: wait however long)",
+              file=sys.stderr)
+        return 2
+    core = FaultCore(schedule, trace=args.trace is not None, flip_wait=args.flip_wait)
     trace_file: IO[str] | None = None
     if args.trace is not None:
         trace_file = args.trace.open("w")
@@ -1034,11 +1208,12 @@ class ProxyProcess:
 
     def __init__(self, target: tuple[str, int], *, seed: int = 1, length: float = 60.0,
                  interval: float = 3.0, weights: Mapping[FaultKind, float] | None = None,
-                 trace: Path | None = None, python: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 flip_wait: float = DEFAULT_FLIP_WAIT, trace: Path | None = None,
+                 python: str | None = None, timeout: float = 30.0) -> None:
         argv = [python or sys.executable, "-m", "tests.support.faultproxy",
                 "--target", f"{target[0]}:{target[1]}", "--seed", str(seed),
-                "--length", str(length), "--interval", str(interval)]
+                "--length", str(length), "--interval", str(interval),
+                "--flip-wait", str(flip_wait)]
         if weights is not None:
             argv += ["--weights", ",".join(f"{k.value}={w:g}" for k, w in weights.items())]
         if trace is not None:

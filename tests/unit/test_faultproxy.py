@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import random
 import socket
 import subprocess
@@ -45,6 +46,7 @@ from tests.support.faultproxy import (
     Schedule,
     describe_bhs,
     parse_weights,
+    summarize_trace,
 )
 
 DIGESTS = b"HeaderDigest=CRC32C\0DataDigest=CRC32C\0"
@@ -152,8 +154,9 @@ def run_through(core: FaultCore, conn: int, direction: Direction, data: bytes,
     return bytes(out)
 
 
-def logged_in_core(faults: list[Fault], text: bytes = DIGESTS) -> tuple[FaultCore, int]:
-    core = FaultCore(Schedule(tuple(faults), 100.0, 1), trace=True)
+def logged_in_core(faults: list[Fault], text: bytes = DIGESTS,
+                   flip_wait: float = 1.0) -> tuple[FaultCore, int]:
+    core = FaultCore(Schedule(tuple(faults), 100.0, 1), trace=True, flip_wait=flip_wait)
     conn = core.open(0.0)
     assert conn is not None
     assert run_through(core, conn, Direction.TO_TARGET, login_request()) == login_request()
@@ -281,7 +284,8 @@ def test_each_flip_inverts_one_bit_the_digest_catches(
 
 
 def test_flip_waits_while_digests_are_off_and_for_the_right_pdu() -> None:
-    core, conn = logged_in_core([flip(FaultKind.FLIP_IMMEDIATE)], text=NO_DIGESTS)
+    core, conn = logged_in_core([flip(FaultKind.FLIP_IMMEDIATE)], text=NO_DIGESTS,
+                                flip_wait=math.inf)
     plain = write_command(1, bytes(512), digests=False)
     assert run_through(core, conn, Direction.TO_TARGET, plain) == plain
     assert core.skipped_no_digest == 1
@@ -296,6 +300,18 @@ def test_flip_waits_while_digests_are_off_and_for_the_right_pdu() -> None:
     digested = write_command(3, bytes(512))
     single_bit_difference(digested, run_through(core, second, Direction.TO_TARGET, digested))
     assert core.report(5.0)["faults"][0]["conns"] == [second]
+
+
+def test_a_flip_with_nothing_to_hit_in_time_is_given_up() -> None:
+    core, conn = logged_in_core([flip(FaultKind.FLIP_DATA_IN)], flip_wait=2.0)
+    report = core.report(2.4)  # due at 0.5: still waiting
+    assert report["flips_waiting"] == 1
+    payload = data_in(1, bytes(64))
+    assert run_through(core, conn, Direction.TO_INITIATOR, payload, now=2.6) == payload
+    report = core.report(2.6)
+    assert report["flips_waiting"] == 0 and report["hit"] == 0
+    assert report["faults"][0]["detail"] == "no eligible PDU within 2 s"
+    assert report["schedule"]["flip_wait"] == 2.0
 
 
 def test_trace_records_every_header_with_its_sequence_numbers() -> None:
@@ -490,3 +506,60 @@ def test_command_line_rejects_bad_arguments() -> None:
                           text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "is not HOST:PORT" in proc.stderr or "unknown fault kind" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# reading a trace: how an initiator drove the link
+
+
+def test_summarize_trace_reads_window_r2t_answers_and_acknowledgements() -> None:
+    core = FaultCore(Schedule((), 100.0), trace=True)
+    core.start(0.0)
+    conn = core.open(0.0)
+    assert conn is not None
+
+    def send(direction: Direction, raw: bytes, now: float) -> None:
+        core.forward(conn, direction, raw, now)
+
+    out, back = Direction.TO_TARGET, Direction.TO_INITIATOR
+    send(out, P.encode(P.LoginRequest(transit=True, nsg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+                                      data=b"AuthMethod=None\0")), 0.1)
+    send(back, login_response(b"AuthMethod=None\0", final=False), 0.2)
+    send(out, login_request(), 0.3)
+    # The target's final Login Response: a window of one command (MaxCmdSN = ExpCmdSN = 10).
+    send(back, P.encode(P.LoginResponse(
+        transit=True, csg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION, nsg=P.Stage.FULL_FEATURE_PHASE,
+        stat_sn=100, exp_cmd_sn=10, max_cmd_sn=10, data=DIGESTS)), 0.4)
+
+    def command(itt: int, cmd_sn: int, edtl: int, immediate: int, exp_stat_sn: int) -> bytes:
+        return P.encode(P.ScsiCommand(
+            write=True, final=True, itt=itt, expected_data_transfer_length=edtl, cmd_sn=cmd_sn,
+            exp_stat_sn=exp_stat_sn, cdb=cdb_write10(0, edtl // 512),
+            data=bytes(immediate)), header_digest=True, data_digest=True)
+
+    send(out, command(1, 10, 8192, 4096, 101), 0.5)
+    send(out, command(2, 11, 4096, 4096, 101), 0.55)  # CmdSN 11 > MaxCmdSN 10
+    send(back, P.encode(P.R2T(itt=1, ttt=7, stat_sn=101, exp_cmd_sn=11, max_cmd_sn=40,
+                              buffer_offset=4096, desired_data_transfer_length=4096),
+                        header_digest=True, data_digest=True), 0.6)
+    send(back, P.encode(P.ScsiResponse(itt=2, stat_sn=101, exp_cmd_sn=12, max_cmd_sn=41),
+                        header_digest=True, data_digest=True), 0.65)
+    send(out, P.encode(P.DataOut(final=True, itt=1, ttt=7, exp_stat_sn=101,
+                                 buffer_offset=4096, data=bytes(4096)),
+                       header_digest=True, data_digest=True), 0.9)
+    send(back, P.encode(P.ScsiResponse(itt=1, stat_sn=102, exp_cmd_sn=12, max_cmd_sn=42),
+                        header_digest=True, data_digest=True), 1.0)
+    send(out, command(3, 12, 4096, 4096, 103), 1.1)
+    core.close(conn, 2.0)
+    stats = summarize_trace(core.take_trace())
+    assert stats.connections == 1
+    assert stats.login_requests == [2] and stats.login_windows == [1]
+    assert stats.first_command_delays == [pytest.approx(0.1)]
+    assert stats.commands_before_reply == [2]
+    assert stats.beyond_window == 1
+    assert stats.r2t_delays == [pytest.approx(0.3)]
+    assert stats.max_writes_waiting == 1
+    # ExpStatSN 101 on the first two commands: nothing to acknowledge yet; then the Data-Out
+    # still says 101 after StatSN 101 came (one behind); the last command is up to date.
+    assert stats.exp_stat_sn_lags == [0, 0, 1, 0]
+    assert stats.to_json()["beyond_window"] == 1
