@@ -606,6 +606,27 @@ class _Conn:
         self.bytes = dict.fromkeys(Direction, 0)
 
 
+@dataclass(slots=True)
+class _Window:
+    """A stall or a refusal: until when, and the fault that set that end."""
+
+    until: float | None = None
+    record: Injected | None = None
+
+    def extend(self, until: float, record: Injected) -> None:
+        if self.until is None or until > self.until:
+            self.until = until
+            self.record = record
+
+    def close_if_over(self, now: float) -> bool:
+        """End the window if it is over; whether it just ended."""
+        if self.until is None or now < self.until:
+            return False
+        self.until = None
+        self.record = None
+        return True
+
+
 DEFAULT_FLIP_WAIT = 1.0
 """Seconds a due flip waits for an eligible PDU before it is given up (see FaultCore)."""
 
@@ -630,10 +651,8 @@ class FaultCore:
         self._armed: list[Injected] = []                   # flips waiting for their PDU
         self._conns: dict[int, _Conn] = {}
         self._serial = 0
-        self._stall_until: float | None = None
-        self._stall_record: Injected | None = None
-        self._refuse_until: float | None = None
-        self._refuse_record: Injected | None = None
+        self._stall = _Window()
+        self._refuse = _Window()
         self._now = 0.0
         self.accepted = 0
         self.refused = 0
@@ -653,11 +672,11 @@ class FaultCore:
 
     @property
     def stalled(self) -> bool:
-        return self._stall_until is not None
+        return self._stall.until is not None
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should run next (None: nothing pending)."""
-        times = [t for t in (self._stall_until, self._refuse_until) if t is not None]
+        times = [t for t in (self._stall.until, self._refuse.until) if t is not None]
         if self.started is not None and self._next < len(self._records):
             times.append(self.started + self._records[self._next].fault.at)
         return min(times) if times else None
@@ -666,13 +685,9 @@ class FaultCore:
         """End stalls and refusal windows that are over, apply the faults that are due."""
         self._now = now
         actions: list[Action] = []
-        if self._stall_until is not None and now >= self._stall_until:
-            self._stall_until = None
-            self._stall_record = None
+        if self._stall.close_if_over(now):
             actions.append(Action(ActionKind.RESUME))
-        if self._refuse_until is not None and now >= self._refuse_until:
-            self._refuse_until = None
-            self._refuse_record = None
+        self._refuse.close_if_over(now)
         if self.started is None:
             return actions
         while self._next < len(self._records):
@@ -693,17 +708,11 @@ class FaultCore:
         record.applied = since
         record.conns = open_conns
         if fault.kind is FaultKind.STALL:
-            until = now + fault.duration
-            if self._stall_until is None or until > self._stall_until:
-                self._stall_until = until
-                self._stall_record = record
+            self._stall.extend(now + fault.duration, record)
             record.detail = f"{fault.duration:.1f} s without forwarding"
             return [Action(ActionKind.PAUSE)]
         if fault.kind is FaultKind.REFUSE:
-            until = now + fault.duration
-            if self._refuse_until is None or until > self._refuse_until:
-                self._refuse_until = until
-                self._refuse_record = record
+            self._refuse.extend(now + fault.duration, record)
             record.detail = f"reset, reconnects refused for {fault.duration:.1f} s"
         else:
             record.detail = "reset"
@@ -719,17 +728,17 @@ class FaultCore:
     def open(self, now: float) -> int | None:
         """A connection was accepted: its id, or None when it must be reset (refusal)."""
         self._now = now
-        if self._refuse_until is not None and now < self._refuse_until:
+        if self._refuse.until is not None and now < self._refuse.until:
             self.refused += 1
-            if self._refuse_record is not None:
-                self._refuse_record.refused += 1
+            if self._refuse.record is not None:
+                self._refuse.record.refused += 1
             return None
         self._serial += 1
         self.accepted += 1
         conn = _Conn(self._serial, now, self)
         self._conns[conn.id] = conn
-        if self._stall_record is not None and conn.id not in self._stall_record.conns:
-            self._stall_record.conns.append(conn.id)
+        if self._stall.record is not None and conn.id not in self._stall.record.conns:
+            self._stall.record.conns.append(conn.id)
         if self.tracing:
             self._trace.append({"t": self._time(now), "conn": conn.id, "event": "open"})
         return conn.id
@@ -937,22 +946,19 @@ class _Pipe:
 
     def shut(self) -> None:
         """One end closed or failed: close the other end too (iSCSI does not half-close)."""
-        if self.closed:
-            return
-        self.closed = True
-        for side in (self.client, self.server):
-            if side.transport is not None:
-                side.transport.close()
-        self.proxy.forget(self)
+        self._end(lambda transport: transport.close())
 
     def reset(self) -> None:
         """Reset both ends (RST, not FIN), as a failing link or middlebox does."""
+        self._end(_reset)
+
+    def _end(self, how: Callable[[asyncio.Transport], None]) -> None:
         if self.closed:
             return
         self.closed = True
         for side in (self.client, self.server):
             if side.transport is not None:
-                _reset(side.transport)
+                how(side.transport)
         self.proxy.forget(self)
 
 
