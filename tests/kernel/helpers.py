@@ -6,6 +6,8 @@ open-iscsi, udev).
 - :class:`Iscsid` and :class:`Iscsiadm`: open-iscsi's daemon and CLI, the reference initiator.
 - :func:`wait_for_block_device`: wait, through real udev events (pyudev), for a disk that udev
   has finished processing (so its ``/dev/disk/by-*`` links exist).
+- :class:`KernelLog`: the kernel's messages from a given moment on (``/dev/kmsg``).
+- :func:`kernel_has_target` / :func:`rerun_in_vm`: for scripts (benchmarks) that need the VM.
 
 The conftest turns these into fixtures; tests may also use them directly.
 """
@@ -19,11 +21,12 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyudev
 
@@ -486,3 +489,88 @@ def assert_identity(node: str, ident: dict[str, Any]) -> None:
     naa = re.findall(r"\[0x(6[0-9a-f]{31})\]", vpd)
     assert ident["naa"] is not None and naa, vpd
     assert ident["naa"] == f"naa.{naa[0]}"
+
+
+def set_node_settings(iscsiadm: Iscsiadm, target: TargetInfo, settings: dict[str, str]) -> None:
+    """Update open-iscsi's node record of ``target`` (create it first with ``add_node``), e.g.
+    ``{"node.conn[0].iscsi.HeaderDigest": "CRC32C"}``; applies at the next login."""
+    for name, value in settings.items():
+        iscsiadm.node(target, "-o", "update", "-n", name, "-v", value)
+
+
+# ------------------------------------------------------------------------------------------
+# the kernel's log
+
+
+class KernelMessage(NamedTuple):
+    """One record of the kernel's log: when (seconds on CLOCK_MONOTONIC, the clock of
+    ``time.monotonic()``) and what."""
+
+    time: float
+    text: str
+
+
+class KernelLog:
+    """The kernel's log from the moment this object is made (``/dev/kmsg``, not ``dmesg``:
+    no ring-buffer arithmetic, and records a WARN() splat overwrote are reported, not lost
+    silently).
+
+        log = KernelLog()
+        ...                                 # something the kernel may complain about
+        messages = log.read()               # KernelMessage(time, text) since, in order
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        os.lseek(self._fd, 0, os.SEEK_END)
+        self.lost = 0  # how many times records were overwritten before we read them
+
+    def read(self) -> list[KernelMessage]:
+        """The messages logged since the last call (or since this object was made)."""
+        messages: list[KernelMessage] = []
+        while True:
+            try:
+                record = os.read(self._fd, 8192)
+            except BlockingIOError:
+                return messages
+            except BrokenPipeError:  # EPIPE: the ring buffer wrapped over unread records
+                self.lost += 1
+                continue
+            if not record:
+                return messages
+            # "priority,sequence,microseconds,flags;message\n" then " KEY=value" lines.
+            head, _, rest = record.decode(errors="replace").partition(";")
+            fields = head.split(",")
+            usec = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+            messages.append(KernelMessage(usec / 1e6, rest.split("\n", 1)[0]))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> KernelLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# scripts (benchmarks) that need the VM
+
+
+def kernel_has_target() -> bool:
+    """True where LIO, TCMU and tcm_loop are loaded (the VM), so the disks can be made here."""
+    return (CONFIGFS_TARGET.is_dir() and Path("/sys/module/target_core_user").is_dir()
+            and Path("/sys/module/tcm_loop").is_dir())
+
+
+def rerun_in_vm(script: Path, argv: Sequence[str]) -> int:
+    """Run ``script argv`` again inside the project's VM (``deploy/vm/run``) with the
+    checkout's virtualenv interpreter; the exit status of the script (or of the harness)."""
+    repo = Path(__file__).resolve().parents[2]
+    venv = repo / ".venv" / "bin" / "python"
+    python = venv if venv.exists() else Path(sys.executable)
+    command = [str(repo / "deploy" / "vm" / "run"), "--", str(python), str(script), *argv]
+    return subprocess.run(command, cwd=repo, check=False).returncode
