@@ -56,6 +56,7 @@ from typing import Any
 
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError
+from initiator.keys import SessionType
 from initiator.url import MAX_LUN, DigestPreference, format_portal, parse_portal
 from initiator.url import validate_iscsi_name as _validate_iscsi_name
 
@@ -98,13 +99,6 @@ class AuthMethod(enum.Enum):
 
     NONE = "None"
     CHAP = "CHAP"
-
-
-class SessionType(enum.Enum):
-    """SessionType of a block: a Normal session to one target, or Discovery on a portal."""
-
-    NORMAL = "Normal"
-    DISCOVERY = "Discovery"
 
 
 _SECRET_FIELDS = frozenset({"chap_secret", "tgt_chap_secret"})

@@ -124,11 +124,13 @@ class TMResponse(enum.IntEnum):
 
 
 class Stage(enum.IntEnum):
-    """Login stages, the CSG and NSG fields (§11.12.3)."""
+    """Login stages as numbered in the CSG and NSG fields (§11.12.3): SecurityNegotiation,
+    LoginOperationalNegotiation, FullFeaturePhase. The one stage type of the package: the
+    negotiation (:mod:`initiator.keys`) and the login machine use it too."""
 
-    SECURITY_NEGOTIATION = 0
-    LOGIN_OPERATIONAL_NEGOTIATION = 1
-    FULL_FEATURE_PHASE = 3
+    SECURITY = 0
+    OPERATIONAL = 1
+    FULL_FEATURE = 3
 
 
 class LogoutReason(enum.IntEnum):
@@ -424,8 +426,8 @@ class _LoginPDU(PDU):
 
     transit: bool = False
     cont: bool = False
-    csg: Stage = Stage.SECURITY_NEGOTIATION
-    nsg: Stage = Stage.SECURITY_NEGOTIATION
+    csg: Stage = Stage.SECURITY
+    nsg: Stage = Stage.SECURITY
     version_max: int = 0
     isid: int = 0
     tsih: int = 0
@@ -468,7 +470,7 @@ def _parse_login_flags(flags: int) -> tuple[bool, bool, Stage, Stage]:
     transit, cont = bool(flags & 0x80), bool(flags & 0x40)
     csg = _enum(Stage, (flags >> 2) & 3, "login CSG")
     # NSG is reserved unless T is set (§11.12.3); treat it as 0 then.
-    nsg = _enum(Stage, flags & 3, "login NSG") if transit else Stage.SECURITY_NEGOTIATION
+    nsg = _enum(Stage, flags & 3, "login NSG") if transit else Stage.SECURITY
     return transit, cont, csg, nsg
 
 

@@ -2,21 +2,21 @@
 
 Theory of operation
 -------------------
-:class:`SessionCore` is the sans-I/O heart of the initiator after login (RFC 7143 §4.2, §7).
+:class:`ConnectionCore` is the sans-I/O heart of the initiator after login (RFC 7143 §4.2, §7).
 It owns the task table, the command window and the outbound queue; it never touches a socket
 or the clock. The transport feeds it:
 
-- :meth:`SessionCore.receive_pdu` with every PDU read from the connection (and, through the
+- :meth:`ConnectionCore.receive_pdu` with every PDU read from the connection (and, through the
   :class:`~initiator.pdu.DataSink` interface, tells the reader where Data-In payloads go, so
   they are received straight into the command's buffers);
-- :meth:`SessionCore.handle_timer` when :meth:`SessionCore.get_timer` says so (``now`` is
+- :meth:`ConnectionCore.handle_timer` when :meth:`ConnectionCore.get_timer` says so (``now`` is
   always passed in);
 
-and drains :meth:`SessionCore.send_buffers` / :meth:`SessionCore.sent` into ``sendmsg``.
+and drains :meth:`ConnectionCore.send_buffers` / :meth:`ConnectionCore.sent` into ``sendmsg``.
 Outbound PDUs are :class:`_Frame` objects whose buffers include the caller's own ``memoryview``s
 of Data-Out: nothing is copied on the way out.
 
-Commands complete through the callback given to :meth:`SessionCore.submit`, called exactly
+Commands complete through the callback given to :meth:`ConnectionCore.submit`, called exactly
 once, after every reference the core holds to the command's buffers has been dropped. Other
 happenings the transport must act on (the target asks us to log out, will drop the connection,
 wants renegotiation, reported a SCSI asynchronous event) become :class:`Event`\\s.
@@ -34,7 +34,7 @@ MaxRecvDataSegmentLength.
 
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
-and re-issues the commands that did not complete (see :meth:`SessionCore.take_unfinished`).
+and re-issues the commands that did not complete (see :meth:`ConnectionCore.take_unfinished`).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class _TextSend:
     ttt: int
 
 
-class SessionCore:
+class ConnectionCore:
     """The sans-I/O Full Feature Phase of one connection. See the module docstring."""
 
     def __init__(

@@ -8,10 +8,10 @@ PDUReader`, which hands out the internal header buffer or, while a Data-In paylo
 received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
 daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
 frames (header bytes plus the caller's own views) go to ``socket.sendmsg`` as one scatter list,
-and when the socket is full the rest waits for writability in the session core's queue.
+and when the socket is full the rest waits for writability in the connection core's queue.
 
 :class:`Session` drives login (:mod:`initiator.login`) over a connection, then runs the Full
-Feature Phase through :class:`~initiator.session.SessionCore`. When the connection fails it
+Feature Phase through :class:`~initiator.session.ConnectionCore`. When the connection fails it
 recovers as open-iscsi does at ErrorRecoveryLevel 0 (RFC 7143 §6.3.5, §7.1.4): after
 DefaultTime2Wait it logs in again with the same ISID and TSIH 0 — session reinstatement — and
 re-issues every command that had not completed, for up to ``replacement_timeout`` seconds;
@@ -56,9 +56,9 @@ from initiator.login import (
     Portal,
 )
 from initiator.session import (
+    ConnectionCore,
     Event,
     EventKind,
-    SessionCore,
     Task,
     TransferParameters,
 )
@@ -138,7 +138,7 @@ class Connection(asyncio.BufferedProtocol):
         self.portal = portal
         self.pcap = pcap
         self.reader = _login_reader()
-        self.core: SessionCore | None = None
+        self.core: ConnectionCore | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
@@ -233,7 +233,7 @@ class Connection(asyncio.BufferedProtocol):
         except ISCSIError as exc:
             self.fail(exc)
 
-    def _read_direct(self, core: SessionCore, now: float) -> None:
+    def _read_direct(self, core: ConnectionCore, now: float) -> None:
         """Go on reading large Data-In payloads straight into their commands' buffers.
 
         asyncio reads into one buffer per loop iteration. For a large read that is either a
@@ -316,7 +316,7 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- full feature phase ----------------------------------------------------------------
 
-    def start_full_feature(self, core: SessionCore) -> None:
+    def start_full_feature(self, core: ConnectionCore) -> None:
         """Hand the connection to ``core``; PDUs received from now on go to it."""
         self.core = core
         self.reader.header_digest = core.params.header_digest
@@ -488,7 +488,7 @@ class Session:
         self.target_alias: str | None = None
         self.target_portal_group_tag: int | None = None
         self._conn: Connection | None = None
-        self._core: SessionCore | None = None
+        self._core: ConnectionCore | None = None
         self._pending: list[Task] = []     # waiting for a connection (recovery)
         self._recovery: asyncio.Task[None] | None = None
         self._failed_error: SessionFailed | None = None
@@ -605,7 +605,7 @@ class Session:
         self._logout_time2wait = None
         self.target_alias = params.target_alias
         self.target_portal_group_tag = params.target_portal_group_tag
-        core = SessionCore(
+        core = ConnectionCore(
             TransferParameters(
                 header_digest=params.header_digest, data_digest=params.data_digest,
                 max_recv_data_segment_length=params.max_recv_data_segment_length,
@@ -717,14 +717,14 @@ class Session:
     async def lun_reset(self, lun: int) -> P.TaskMgmtResponse:
         return await self.task_management(P.TMFunction.LOGICAL_UNIT_RESET, lun)
 
-    async def _tmf(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+    async def _tmf(self, send: Callable[[ConnectionCore, Callable[[Any], None]], None]
                    ) -> P.TaskMgmtResponse:
         response = await self._control(send)
         if not isinstance(response, P.TaskMgmtResponse):
             raise LocalProtocolError("unexpected answer to task management")
         return response
 
-    async def _control(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+    async def _control(self, send: Callable[[ConnectionCore, Callable[[Any], None]], None]
                        ) -> P.PDU:
         core, conn = self._core, self._conn
         if core is None or conn is None or self.state is not SessionState.LOGGED_IN:

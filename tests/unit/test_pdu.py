@@ -110,7 +110,7 @@ def expected_after_decode(p: PDU) -> PDU:
     if isinstance(p, ScsiCommand) and len(p.cdb) < 16:
         p = dataclasses.replace(p, cdb=p.cdb.ljust(16, b"\0"))
     if isinstance(p, LoginRequest | LoginResponse) and not p.transit:
-        p = dataclasses.replace(p, nsg=Stage.SECURITY_NEGOTIATION)
+        p = dataclasses.replace(p, nsg=Stage.SECURITY)
     return p
 
 
@@ -210,8 +210,8 @@ def _vectors() -> list[tuple[PDU, bytes, bytes]]:
     # §11.12 Login Request: T, CSG=1, NSG=3
     data = b"InitiatorName=iqn.2024-01.test:init\0SessionType=Normal\0"
     v.append((
-        LoginRequest(transit=True, cont=False, csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
-                     nsg=Stage.FULL_FEATURE_PHASE, version_max=0x02, version_min=0x01, isid=ISID,
+        LoginRequest(transit=True, cont=False, csg=Stage.OPERATIONAL,
+                     nsg=Stage.FULL_FEATURE, version_max=0x02, version_min=0x01, isid=ISID,
                      tsih=TSIH, itt=ITT, cid=CID, cmd_sn=CMDSN, exp_stat_sn=EXPSTATSN, data=data),
         layout((0, "B", 0x40 | 0x03), (1, "B", 0x80 | (1 << 2) | 3), (2, "B", 0x02),
                (3, "B", 0x01), (5, "3s", u24(len(data))), (8, "6s", ISID.to_bytes(6, "big")),
@@ -296,8 +296,8 @@ def _vectors() -> list[tuple[PDU, bytes, bytes]]:
     # §11.13 Login Response: T, CSG=0, NSG=1, a status class and detail
     data = b"TargetPortalGroupTag=1\0"
     v.append((
-        LoginResponse(transit=True, cont=False, csg=Stage.SECURITY_NEGOTIATION,
-                      nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION, version_max=0x03,
+        LoginResponse(transit=True, cont=False, csg=Stage.SECURITY,
+                      nsg=Stage.OPERATIONAL, version_max=0x03,
                       version_active=0x01, isid=ISID, tsih=TSIH, itt=ITT, stat_sn=STATSN,
                       exp_cmd_sn=EXPCMDSN, max_cmd_sn=MAXCMDSN, status_class=0x02,
                       status_detail=0x05, data=data),
@@ -818,7 +818,7 @@ def test_login_reserved_stage(cls: type[PDU]) -> None:
     # NSG 2 without T is a reserved field and ignored.
     decoded, _ = pdu.decode(layout((0, "B", op), (1, "B", 0x02)))
     assert isinstance(decoded, LoginRequest | LoginResponse)
-    assert decoded.nsg == Stage.SECURITY_NEGOTIATION
+    assert decoded.nsg == Stage.SECURITY
 
 
 @pytest.mark.parametrize(

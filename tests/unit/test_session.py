@@ -1,4 +1,4 @@
-"""SessionCore, the sans-I/O Full Feature Phase (RFC 7143 §4.2, §7, §11).
+"""ConnectionCore, the sans-I/O Full Feature Phase (RFC 7143 §4.2, §7, §11).
 
 The tests play the target by hand (:class:`Harness`): they read what the core queued, decode
 it, and hand back target PDUs through a :class:`~initiator.pdu.PDUReader` whose DataSink is
@@ -32,9 +32,9 @@ from initiator.errors import (
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
 from initiator.session import (
+    ConnectionCore,
     Event,
     EventKind,
-    SessionCore,
     Task,
     TaskState,
     TransferParameters,
@@ -77,13 +77,13 @@ def views(*parts: bytearray) -> list[memoryview]:
 
 
 class Harness:
-    """A SessionCore and a hand-played target."""
+    """A ConnectionCore and a hand-played target."""
 
     def __init__(self, params: TransferParameters | None = None, *, cmd_sn: int = 1,
                  window: int = 32, exp_stat_sn: int = 100, now: float = 0.0,
                  noop_interval: float = 0.0, noop_timeout: float = 5.0) -> None:
         self.params = params or TransferParameters()
-        self.core = SessionCore(
+        self.core = ConnectionCore(
             self.params, cmd_sn=cmd_sn, exp_stat_sn=exp_stat_sn, exp_cmd_sn=cmd_sn,
             max_cmd_sn=(cmd_sn + window - 1) & M, target="iqn.test:t", now=now,
             noop_interval=noop_interval, noop_timeout=noop_timeout)
@@ -749,8 +749,8 @@ def test_partial_sends_produce_the_same_stream(cuts: list[int], max_buffers: int
     params = TransferParameters(header_digest=hd, data_digest=dd, initial_r2t=False,
                                 first_burst_length=6000, max_xmit_data_segment_length=1000)
 
-    def build() -> SessionCore:
-        core = SessionCore(params, cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=99)
+    def build() -> ConnectionCore:
+        core = ConnectionCore(params, cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=99)
         for i in range(3):
             data = bytearray(_pattern(2500 + i * 700, i + 1))
             core.submit(Task(0, WRITE, [memoryview(data)], None, lambda r: None))
@@ -783,7 +783,7 @@ def test_sent_more_than_handed_out() -> None:
 class Guard:
     """An on_done that checks the core let go of the caller's buffer before calling it."""
 
-    def __init__(self, core: SessionCore, buf: bytearray) -> None:
+    def __init__(self, core: ConnectionCore, buf: bytearray) -> None:
         self.core = core
         self.buf = buf
         self.calls: list[CommandResult | ISCSIError] = []
@@ -1477,7 +1477,7 @@ def test_fail_all_on_a_live_core_forgets_the_frames() -> None:
 INI = "iqn.2024-01.org.example:initiator"
 
 
-def logged_in(target: FakeTarget, **machine_kw: Any) -> tuple[Loopback, SessionCore]:
+def logged_in(target: FakeTarget, **machine_kw: Any) -> tuple[Loopback, ConnectionCore]:
     lb = Loopback(target)
     machine = LoginMachine(initiator_name=INI, target_name=target.node.name,
                            isid=0x800000000042, **machine_kw)
@@ -1486,7 +1486,7 @@ def logged_in(target: FakeTarget, **machine_kw: Any) -> tuple[Loopback, SessionC
     return lb, lb.start(success)
 
 
-def submit(core: SessionCore, results: list[Any], cdb: bytes, *,
+def submit(core: ConnectionCore, results: list[Any], cdb: bytes, *,
            data_out: bytes | None = None, data_in: bytearray | None = None,
            lun: int = 0) -> Task:
     task = Task(lun, cdb, [memoryview(bytearray(data_out))] if data_out is not None else None,

@@ -411,7 +411,7 @@ async def test_reconnect_broken_by_pdus_riding_on_the_login_response() -> None:
         fired: list[bool] = []
 
         def hook(req: P.LoginRequest, resp: P.LoginResponse) -> bytes | None:
-            if resp.transit and resp.nsg == P.Stage.FULL_FEATURE_PHASE and not fired:
+            if resp.transit and resp.nsg == P.Stage.FULL_FEATURE and not fired:
                 fired.append(True)
                 bogus = P.ScsiResponse(itt=0x4242, stat_sn=resp.stat_sn + 1,
                                        exp_cmd_sn=resp.exp_cmd_sn, max_cmd_sn=resp.max_cmd_sn)
