@@ -260,6 +260,10 @@ class Hostility:
     """Answer nothing at all in Full Feature Phase (NOP-Outs included)."""
     drop_after_commands: int | None = None
     """Drop the connection, unanswered, when this many SCSI commands have arrived."""
+    drop_connections: int | None = None
+    """How many connections ``drop_after_commands`` drops (None: every one). The target counts
+    them itself: a test that switched the drop off once it saw it would race the initiator's
+    reconnect, which can re-issue the commands before the test's next look."""
     garbage_after_login: bytes = b""
     """Bytes sent right after the final Login Response."""
     pdu_hook: PduHook | None = None
@@ -890,8 +894,11 @@ class FakeConnection:
     def _on_command(self, pdu: P.ScsiCommand) -> None:
         assert self.params is not None
         self.commands_seen += 1
-        limit = self.target.hostile.drop_after_commands
-        if limit is not None and self.commands_seen >= limit:
+        hostile = self.target.hostile
+        limit = hostile.drop_after_commands
+        if limit is not None and self.commands_seen >= limit and hostile.drop_connections != 0:
+            if hostile.drop_connections is not None:
+                hostile.drop_connections -= 1
             self.drop()
             return
         if self.record is not None and self.record.session_type == "Discovery":
