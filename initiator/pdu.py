@@ -1176,6 +1176,11 @@ class PDUReader:
     payload is received straight into those views: :meth:`get_buffer` hands them out.
     ``max_data_segment_length`` is the MaxRecvDataSegmentLength we declared; a larger segment is
     a protocol error, which also bounds the memory a hostile peer can make us allocate.
+
+    ``one_at_a_time`` (the Login Phase) parses at most one PDU per call and leaves the bytes
+    after it unparsed, for :meth:`parse_buffered` to take later: the PDUs that follow the final
+    Login Response belong to the Full Feature Phase, whose digests and segment limit apply to
+    them (RFC 7143 §13.12). A target may send them in the same TCP segment.
     """
 
     # Below this many outstanding payload bytes a direct receive is not worth a syscall.
@@ -1196,8 +1201,10 @@ class PDUReader:
         max_data_segment_length: int = 8192,
         sink: DataSink | None = None,
         buffer_size: int = 256 * 1024,
+        one_at_a_time: bool = False,
     ) -> None:
         self.header_digest = header_digest
+        self.one_at_a_time = one_at_a_time
         self.data_digest = data_digest
         self.max_data_segment_length = max_data_segment_length
         self._sink: DataSink | None = None
@@ -1325,6 +1332,13 @@ class PDUReader:
         self._parse(out)
         return out
 
+    def parse_buffered(self) -> list[PDU]:
+        """Parse the bytes already buffered (after ``one_at_a_time`` held them back, or the
+        digests or limits changed); returns the completed PDUs."""
+        out: list[PDU] = []
+        self._parse(out)
+        return out
+
     def feed(self, data: Buffer) -> list[PDU]:
         """Convenience for tests and non-asyncio callers: push bytes, get PDUs."""
         view = memoryview(data)
@@ -1437,7 +1451,7 @@ class PDUReader:
                             self._trailer = total - BHS_LEN - dsl
                             self._state = _DIRECT
                             continue
-                if not self._parse_one(out):
+                if not self._parse_one(out) or self.one_at_a_time:
                     return
                 buf, view = self._buf, self._view
                 continue

@@ -44,6 +44,7 @@ from initiator.errors import (
     ISCSIError,
     LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     SessionFailed,
     TaskAborted,
 )
@@ -219,10 +220,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             pdus = self.reader.buffer_updated(nbytes)
             if core is None:
-                self._login_pdus.extend(pdus)
-                waiter = self._login_waiter
-                if waiter is not None and not waiter.done() and self._login_pdus:
-                    waiter.set_result(self._login_pdus.pop(0))
+                self._login_received(pdus)
                 return
             core.data_received(now)
             for pdu in pdus:
@@ -286,12 +284,33 @@ class Connection(asyncio.BufferedProtocol):
         """Send a control PDU outside the Full Feature Phase (login)."""
         self._sendmsg_all(P.frame(pdu, header_digest=header_digest, data_digest=data_digest))
 
+    def _login_received(self, pdus: list[P.PDU]) -> None:
+        # The login reader parses one PDU at a time (see _login_reader). Login is strictly
+        # request and response: while the login code has not asked for the next PDU, the
+        # socket is not read, so a target that floods us during login costs no memory.
+        if not pdus:
+            return
+        self._login_pdus.extend(pdus)
+        if self._transport is not None:
+            self._transport.pause_reading()
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._login_pdus.pop(0))
+
     async def next_pdu(self, timeout: float) -> P.PDU:
         """The next PDU received during login."""
         if self.error is not None:
             raise self.error
+        if not self._login_pdus:
+            try:
+                self._login_pdus.extend(self.reader.parse_buffered())
+            except ISCSIError as exc:
+                self.fail(exc)
+                raise
         if self._login_pdus:
             return self._login_pdus.pop(0)
+        if self._transport is not None:
+            self._transport.resume_reading()
         self._login_waiter = self._loop.create_future()
         try:
             return await asyncio.wait_for(asyncio.shield(self._login_waiter), timeout)
@@ -317,20 +336,31 @@ class Connection(asyncio.BufferedProtocol):
     # -- full feature phase ----------------------------------------------------------------
 
     def start_full_feature(self, core: ConnectionCore) -> None:
-        """Hand the connection to ``core``; PDUs received from now on go to it."""
+        """Hand the connection to ``core``; PDUs received from now on go to it.
+
+        Bytes that came after the final Login Response (in the same segment, maybe) are still
+        unparsed in the reader: they are parsed now, with the negotiated digests and limits.
+        """
         self.core = core
-        self.reader.header_digest = core.params.header_digest
-        self.reader.data_digest = core.params.data_digest
-        self.reader.max_data_segment_length = core.params.max_recv_data_segment_length
-        self.reader.sink = core
-        pending, self._login_pdus = self._login_pdus, []
+        reader = self.reader
+        reader.header_digest = core.params.header_digest
+        reader.data_digest = core.params.data_digest
+        reader.max_data_segment_length = core.params.max_recv_data_segment_length
+        reader.sink = core
+        reader.one_at_a_time = False
         now = self._loop.time()
         try:
-            for pdu in pending:
+            if self._login_pdus:
+                raise RemoteProtocolError(
+                    f"target {self.portal} sent a {type(self._login_pdus[0]).__name__} PDU "
+                    "during login, after a Login Response, before our next request")
+            for pdu in reader.parse_buffered():
                 core.receive_pdu(pdu, now)
         except ISCSIError as exc:
             self.fail(exc)
             return
+        if self._transport is not None:
+            self._transport.resume_reading()
         self._arm_timer()
         self._after_core_activity()
 
@@ -460,8 +490,9 @@ class Connection(asyncio.BufferedProtocol):
 
 
 def _login_reader() -> P.PDUReader:
-    """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12)."""
-    return P.PDUReader(max_data_segment_length=8192)
+    """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12),
+    one PDU at a time (what follows the final Login Response is Full Feature Phase)."""
+    return P.PDUReader(max_data_segment_length=8192, one_at_a_time=True)
 
 
 class Session:

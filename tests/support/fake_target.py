@@ -268,6 +268,10 @@ class Hostility:
     """Bytes sent right after the final Login Response."""
     pdu_hook: PduHook | None = None
     """Sees every Full Feature Phase PDU first; returning True skips the normal handling."""
+    # -- recovery and liveness (issue 10: bounds, progress, reinstatement)
+    ping_with_final_login_response: bool = False
+    """Send a NOP-In ping right behind the final Login Response, in the same write, framed
+    with the negotiated digests (legal: Full Feature Phase starts after it, §13.12)."""
 
 
 class ConnState(enum.Enum):
@@ -827,6 +831,8 @@ class FakeConnection:
         garbage = self.target.hostile.garbage_after_login
         if garbage:
             self._out += garbage
+        if self.target.hostile.ping_with_final_login_response:
+            self.send_ping(b"right behind the login")
 
     # -- full feature phase: dispatch -----------------------------------------------------
 

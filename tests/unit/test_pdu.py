@@ -1193,6 +1193,30 @@ def test_reader_get_buffer_is_never_empty() -> None:
         reader.buffer_updated(1)
 
 
+def test_reader_one_at_a_time_leaves_what_follows_the_final_login_response() -> None:
+    # The Login Phase has no digests; what the target sends after the final Login Response
+    # (here in the same segment) is Full Feature Phase, framed with the negotiated digests.
+    final = LoginResponse(transit=True, csg=Stage.OPERATIONAL, nsg=Stage.FULL_FEATURE,
+                          isid=ISID, tsih=7, itt=1, stat_sn=5)
+    ping = NopIn(itt=pdu.RESERVED_TAG, ttt=0x42, stat_sn=6, data=b"ping")
+    raw = pdu.encode(final) + pdu.encode(ping, header_digest=True, data_digest=True)
+    reader = PDUReader(max_data_segment_length=8192, one_at_a_time=True)
+    assert reader.feed(raw) == [final]
+    reader.one_at_a_time = False
+    reader.header_digest = reader.data_digest = True
+    assert reader.parse_buffered() == [ping]
+    assert reader.parse_buffered() == []
+
+
+def test_reader_one_at_a_time_yields_each_pdu_on_demand() -> None:
+    pdus_ = [NopIn(itt=i, stat_sn=i, data=bytes(i)) for i in range(1, 4)]
+    reader = PDUReader(one_at_a_time=True)
+    assert reader.feed(b"".join(pdu.encode(p) for p in pdus_)) == pdus_[:1]
+    assert reader.parse_buffered() == pdus_[1:2]
+    assert reader.parse_buffered() == pdus_[2:]
+    assert reader.parse_buffered() == []
+
+
 # --------------------------------------------------------------------------------------------
 # PDUReader: errors
 

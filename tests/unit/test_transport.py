@@ -220,6 +220,23 @@ async def test_digests_and_large_transfers(collapse: bool) -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_pdu_pipelined_with_the_final_login_response_uses_the_digests() -> None:
+    # The target sends a NOP-In ping in the same write as the final Login Response, framed
+    # with the header digest just negotiated: parsed with the login's settings (no digests)
+    # it would leave every later PDU 4 bytes out of step.
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0, header_digest=("CRC32C",),
+                                                data_digest=("CRC32C",))
+    target = fake(settings=settings, hostile=Hostility(ping_with_final_login_response=True))
+    async with logged_in(target, header_digest="CRC32C", data_digest="CRC32C") as (
+            server, session):
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.ping_answers) == 1)
+        result, buf = await read(session, 2, 4)
+        assert result.ok and buf == target.disk.data[2 * 512 : 6 * 512]
+        assert session.reconnects == 0 and len(target.logins) == 1
+    assert not target.violations(), target.violations()
+
+
 async def test_target_ping_is_answered() -> None:
     target = fake()
     async with logged_in(target) as (server, session):
