@@ -222,7 +222,6 @@ class Connection(asyncio.BufferedProtocol):
             if core is None:
                 self._login_received(pdus)
                 return
-            core.data_received(now)
             for pdu in pdus:
                 core.receive_pdu(pdu, now)
             if self.reader.receiving_payload:

@@ -1447,7 +1447,6 @@ class Loopback:
                 self._to_initiator.clear()
                 step = self.chunk or len(data)
                 for pos in range(0, len(data), step):
-                    core.data_received(now)
                     for pdu in reader.feed(data[pos : pos + step]):
                         core.receive_pdu(pdu, now)
             if not moved:

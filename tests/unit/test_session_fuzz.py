@@ -126,7 +126,6 @@ def feed(live: Live, raw: bytes, sizes: Sequence[int]) -> ISCSIError | None:
             chunk = raw[pos : pos + max(1, size)]
             pos += len(chunk)
             live.now += 0.3
-            core.data_received(live.now)
             for pdu in reader.feed(chunk):
                 core.receive_pdu(pdu, live.now)
                 while core.next_event() is not None:
