@@ -113,9 +113,31 @@ class Portal:
             host, colon, port_text = raw.partition(":")
             if colon:
                 port = _port(port_text, text)
+            if host:
+                _check_host_name(host, text)
         if not host:
             raise ConfigurationError(f"portal {text!r} has no host")
         return cls(host, port, tpgt)
+
+
+def _check_host_name(host: str, where: str) -> None:
+    """Refuse a host name that cannot be looked up at all (the address comes from a target).
+
+    Name resolution encodes the name with IDNA, which fails on an empty label (``a..b``) or
+    one longer than 63 characters; spaces and control characters make no DNS name either.
+    """
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ConfigurationError(
+            f"portal {where!r}: host name {host!r} holds spaces or control characters")
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        reason = str(exc.__cause__ or exc).removeprefix("encoding with 'idna' codec failed ")
+        raise ConfigurationError(
+            f"portal {where!r}: {host!r} is not a valid host name ({reason})") from None
+    if len(encoded) > 253:
+        raise ConfigurationError(
+            f"portal {where!r}: host name is longer than 253 characters")
 
 
 def _port(text: str, where: str) -> int:

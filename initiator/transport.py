@@ -162,22 +162,31 @@ class Connection(asyncio.BufferedProtocol):
     @classmethod
     async def open(cls, portal: Portal, timeout: float, pcap_factory: Callable[
             [tuple[str, int], tuple[str, int]], PcapRecorder] | None = None) -> Connection:
-        """Connect to ``portal`` within ``timeout`` seconds."""
+        """Connect to ``portal`` within ``timeout`` seconds (in all: resolving the name and
+        trying each of its addresses)."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
+            # ValueError: UnicodeError from the IDNA codec (an empty or 64+ character label,
+            # as a target's redirect may hold) and embedded NULs.
             raise ConnectionFailed(
-                f"cannot resolve {portal.host}: {_reason(exc)}; check the target address"
+                f"cannot resolve {portal.host!r}: {_reason(exc)}; check the target address"
             ) from None
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as exc:
+                last = exc
+                continue
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
-            except (OSError, TimeoutError) as exc:
+                await asyncio.wait_for(loop.sock_connect(sock, addr),
+                                       max(0.0, deadline - loop.time()))
+            except (OSError, TimeoutError, ValueError, OverflowError) as exc:
                 sock.close()
                 last = exc
                 continue
@@ -187,7 +196,9 @@ class Connection(asyncio.BufferedProtocol):
                 remote = sock.getpeername()
                 pcap = pcap_factory((local[0], local[1]), (remote[0], remote[1]))
             return await cls._attach(portal, pcap, sock)
-        assert last is not None
+        if last is None:
+            raise ConnectionFailed(f"{portal.host!r} resolves to no address; check the target "
+                                   "address")
         raise ConnectionFailed(
             f"cannot connect to iSCSI portal {portal}: {_reason(last)}; check that the target "
             "is running and reachable, and the address and port") from None
@@ -296,8 +307,9 @@ class Connection(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(self._login_pdus.pop(0))
 
-    async def next_pdu(self, timeout: float) -> P.PDU:
-        """The next PDU received during login."""
+    async def next_pdu(self) -> P.PDU:
+        """The next PDU received during login (the caller bounds the wait: the login's total
+        deadline)."""
         if self.error is not None:
             raise self.error
         if not self._login_pdus:
@@ -312,11 +324,7 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.resume_reading()
         self._login_waiter = self._loop.create_future()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._login_waiter), timeout)
-        except TimeoutError:
-            raise ConnectionFailed(
-                f"target {self.portal} did not answer within {timeout:g} s during login"
-            ) from None
+            return await self._login_waiter
         finally:
             self._login_waiter = None
 
@@ -567,27 +575,47 @@ class Session:
             ConnectionFailed(f"not logged in to {self.label} yet"), 0.0))
 
     async def _connect_and_login(self) -> None:
+        """Connect and log in, following redirects, within ``login_timeout`` in all: name
+        resolution, TCP connects and every exchange of every login count against it (a target
+        that answers at once but never completes the login must not keep us forever)."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.login_timeout
+        deadline = loop.time() + timeout
         portal = self.portal
-        for _ in range(MAX_REDIRECTS + 1):
-            conn = await Connection.open(portal, self.config.login_timeout, self._pcap_factory())
-            try:
-                outcome = await self._run_login(conn)
-            except BaseException:
-                conn.close()
-                raise
-            if isinstance(outcome, LoginRedirect):
-                conn.close()
-                log.info("%s: redirected %s to %s", self.label,
-                         "permanently" if outcome.permanent else "temporarily", outcome.portal)
-                portal = outcome.portal
-                if outcome.permanent:
-                    self.portal = portal
-                continue
-            self._start_full_feature(conn, outcome)
-            return
-        raise ConnectionFailed(
-            f"target {self.target_name} redirected the login more than {MAX_REDIRECTS} times; "
-            "check the target's portal configuration")
+        exchanges = [0]
+        redirects = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    conn = await Connection.open(portal, max(0.0, deadline - loop.time()),
+                                                 self._pcap_factory())
+                    try:
+                        outcome = await self._run_login(conn, exchanges)
+                    except BaseException:
+                        conn.close()
+                        raise
+                    if isinstance(outcome, LoginSuccess):
+                        self._start_full_feature(conn, outcome)
+                        return
+                    conn.close()
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise ConnectionFailed(
+                            f"target {self.target_name or self.label} redirected the login more "
+                            f"than {MAX_REDIRECTS} times; check the target's portal "
+                            "configuration")
+                    log.info("%s: redirected %s to %s", self.label,
+                             "permanently" if outcome.permanent else "temporarily",
+                             outcome.portal)
+                    portal = outcome.portal
+                    if outcome.permanent:
+                        self.portal = portal
+        except TimeoutError:
+            where = f" and {redirects} redirect(s)" if redirects else ""
+            raise ConnectionFailed(
+                f"login to {self.target_name or 'discovery'} at {portal} did not complete "
+                f"within the login timeout of {timeout:g} s ({exchanges[0]} login exchange(s)"
+                f"{where}); check that the target is up and its portal reachable") from None
 
     def _pcap_factory(self) -> Callable[[tuple[str, int], tuple[str, int]], PcapRecorder] | None:
         if self.pcap_path is None:
@@ -603,7 +631,8 @@ class Session:
             return PcapRecorder(path, local=local, remote=remote)
         return factory
 
-    async def _run_login(self, conn: Connection) -> LoginSuccess | LoginRedirect:
+    async def _run_login(self, conn: Connection, exchanges: list[int]
+                         ) -> LoginSuccess | LoginRedirect:
         machine = LoginMachine(
             initiator_name=self.config.initiator_name,
             initiator_alias=self.config.initiator_alias,
@@ -616,12 +645,11 @@ class Session:
             overrides=self.config.negotiation,
             portal=conn.portal,
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.login_timeout
         request = machine.start()
         while True:
             conn.send_pdu(request)
-            response = await conn.next_pdu(max(0.1, deadline - loop.time()))
+            response = await conn.next_pdu()
+            exchanges[0] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):
                 request = result

@@ -412,10 +412,22 @@ def test_redirect_without_address_is_an_error() -> None:
         run(target, machine())
 
 
-def test_redirect_to_a_malformed_address_is_an_error() -> None:
-    target = FakeTarget(hostile=Hostility(redirect=("[fe80::1", True)))
-    with pytest.raises(LoginError, match="not a portal address"):
+@pytest.mark.parametrize(("address", "why"), [
+    ("[fe80::1", "closing"),
+    ("a..b:3260", "not a valid host name"),          # IDNA: empty label
+    ("x" * 70 + ".example", "not a valid host name"),  # IDNA: label over 63 characters
+    (".", "not a valid host name"),
+    ("bad host", "spaces or control characters"),
+    ("\x1b]0;x\x07:3260", "spaces or control characters"),
+    (".".join(["h" * 60] * 5), "longer than 253"),
+])
+def test_redirect_to_a_malformed_address_is_an_error(address: str, why: str) -> None:
+    # A name that name resolution cannot even encode must fail here, with the address in the
+    # message, not as a UnicodeError out of getaddrinfo later.
+    target = FakeTarget(hostile=Hostility(redirect=(address, True)))
+    with pytest.raises(LoginError, match="not a portal address") as info:
         run(target, machine())
+    assert why in str(info.value)
 
 
 @pytest.mark.parametrize("status", sorted(LOGIN_STATUS), ids=lambda s: f"{s[0]:02x}{s[1]:02x}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -26,9 +27,9 @@ from initiator.errors import (
     TaskAborted,
 )
 from initiator.keys import NegotiationSettings
-from initiator.login import LoginAuthenticationError, Portal, TargetNotFoundError
+from initiator.login import LoginAuthenticationError, LoginError, Portal, TargetNotFoundError
 from initiator.session import EventKind
-from initiator.transport import Session, SessionConfig, SessionState
+from initiator.transport import Connection, Session, SessionConfig, SessionState
 from tests.support.fake_target import (
     FakeTarget,
     FakeTargetServer,
@@ -329,8 +330,58 @@ async def test_target_that_never_answers_the_login() -> None:
     target = fake(hostile=Hostility(login_hook=lambda req, resp: b""))
     async with serve(target) as server:
         session = Session(server.portal, TGT, config(login_timeout=0.2))
-        with pytest.raises(ConnectionFailed, match="did not answer"):
+        with pytest.raises(ConnectionFailed, match=r"did not complete within the login "
+                                                   r"timeout of 0\.2 s \(0 login exchange"):
             await within(session.login())
+
+
+async def test_login_flood_is_bounded_by_the_total_login_timeout() -> None:
+    # Every Login Response comes at once and never moves the login on (T=0 forever): each
+    # exchange is quick, so only a bound over all of them ends it, at the time it names.
+    target = fake(hostile=Hostility(hold_transit=1 << 60))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(login_timeout=0.4))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ConnectionFailed, match=r"within the login timeout of 0\.4 s") as info:
+            await within(session.login())
+        elapsed = loop.time() - start
+        assert 0.4 <= elapsed < 2.0, elapsed
+        exchanges = re.search(r"\((\d+) login exchange", str(info.value))
+        assert exchanges is not None and int(exchanges.group(1)) > 10
+        assert state(session) is SessionState.CLOSED
+
+
+async def test_login_timeout_covers_redirects_too() -> None:
+    # The front redirects to a target that accepts the connection and never answers: the
+    # whole login, redirect included, ends at the login timeout, not one timeout per portal.
+    silent = fake(hostile=Hostility(login_hook=lambda req, resp: b""))
+    async with serve(silent) as destination:
+        front = fake(hostile=Hostility(redirect=(f"127.0.0.1:{destination.port}", False)))
+        async with serve(front) as server:
+            session = Session(server.portal, TGT, config(login_timeout=0.4))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(ConnectionFailed, match=r"0\.4 s \(1 login exchange\(s\) and "
+                                                       r"1 redirect"):
+                await within(session.login())
+            assert loop.time() - start < 1.5
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 70 + ".example", "x\0y"])
+async def test_a_host_name_resolution_cannot_encode_is_a_connection_error(host: str) -> None:
+    with pytest.raises(ConnectionFailed, match="cannot resolve"):
+        await within(Connection.open(Portal(host, 3260), 1.0))
+
+
+async def test_redirect_to_garbage_fails_the_login_clearly() -> None:
+    target = fake(hostile=Hostility(redirect=("a..b", False)))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config())
+        with pytest.raises(LoginError, match=r"redirected the login to 'a\.\.b', which is not "
+                                             "a portal address"):
+            await within(session.login())
+        assert state(session) is SessionState.CLOSED
 
 
 @pytest.mark.parametrize("permanent", [False, True])
