@@ -115,9 +115,12 @@ class Task:
 
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
-        "itt", "lun", "lun_wire", "on_done", "out_len", "received", "reissues", "state",
-        "unsent_frames", "unsolicited",
+        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "received", "reissues",
+        "state", "unsent_frames", "unsolicited",
     )
+    lost_at: float
+    """When the command was first lost with a connection (set by the transport then: never
+    on the per-command path)."""
 
     def __init__(
         self,
