@@ -21,6 +21,7 @@ from initiator import pdu as P
 from initiator.chap import ChapAccount, ChapCredentials, Secret
 from initiator.command import CommandResult
 from initiator.errors import (
+    CommandTimeout,
     ConnectionFailed,
     ISCSIError,
     SessionFailed,
@@ -673,3 +674,290 @@ async def test_logout_with_a_command_that_never_completes() -> None:
         assert state(session) is SessionState.CLOSED
         with pytest.raises(SessionFailed, match="closed"):
             await within(future)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile targets: every wait has a bound, every failure one clear error (issue 10). Each test
+# sets short timeouts and checks that the failure comes within them.
+
+
+async def elapsed_while(aw: Awaitable[T]) -> tuple[float, T]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    result = await within(aw)
+    return loop.time() - start, result
+
+
+async def failure(aw: Awaitable[Any]) -> tuple[float, BaseException]:
+    """How long ``aw`` took to fail, and with what."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        await within(aw)
+    except ISCSIError as exc:
+        return loop.time() - start, exc
+    raise AssertionError("expected a failure")
+
+
+async def test_command_the_target_never_answers_is_aborted_at_its_deadline() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.3) as (server, session):
+        took, error = await failure(read(session, 1, 1))
+        assert isinstance(error, CommandTimeout), error
+        assert "command timeout of 0.3 s" in str(error) and TGT in str(error)
+        assert 0.3 <= took < 1.5, took
+        conn = server.connections[-1]
+        aborts = [p for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
+        assert [p.function for p in aborts] == [P.TMFunction.ABORT_TASK]
+        # The session goes on: the abort ended the command, not the connection.
+        target.hostile.withhold = False
+        assert (await read(session, 2, 1))[0].ok
+        assert session.reconnects == 0
+    assert not target.violations(), target.violations()
+
+
+async def test_target_ignoring_task_management_gets_a_new_connection() -> None:
+    # ABORT TASK unanswered, then LOGICAL UNIT RESET unanswered: the connection is dropped,
+    # the session reinstated, the stuck command fails (not re-issued) and others go on.
+    target = fake(hostile=Hostility(withhold=True))
+
+    def ignore_tmfs(conn: Any, pdu: P.PDU) -> bool:
+        return isinstance(pdu, P.TaskMgmtRequest) and conn.index == 0
+
+    target.hostile.pdu_hook = ignore_tmfs
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.2) as (server, session):
+        took, error = await failure(read(session, 1, 1))
+        assert isinstance(error, CommandTimeout) and 0.7 <= took < 2.5, (took, error)
+        functions = [p.function for p in server.connections[0].received
+                     if isinstance(p, P.TaskMgmtRequest)]
+        assert functions == [P.TMFunction.ABORT_TASK, P.TMFunction.LOGICAL_UNIT_RESET]
+        target.hostile.withhold = False
+        assert (await read(session, 2, 1))[0].ok
+        assert session.reconnects == 1 and len(target.successful_logins()) == 2
+        assert not [p for p in server.connections[1].received
+                    if isinstance(p, P.ScsiCommand) and p.cdb[:6] == cdb_read10(1, 1)[:6]]
+
+
+async def test_target_answering_pings_but_breaking_after_every_command_is_given_up() -> None:
+    # The livelock of issue 10 item 3: each connection answers the NOP ping, then drops as
+    # soon as a command arrives. The outage clock is not reset by pongs: the command fails
+    # at the replacement timeout, after a bounded number of reconnects.
+    target = fake(hostile=Hostility(drop_after_commands=1))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(
+            replacement_timeout=1.0, noop_interval=0.05, noop_timeout=0.5))
+        await within(session.login())
+        await within(session.ping())
+        took, error = await failure(read(session, 0, 1))
+        assert isinstance(error, SessionFailed) and "replacement timeout of 1 s" in str(error)
+        assert took < 2.5, took
+        assert 2 <= len(target.successful_logins()) <= 4, len(target.successful_logins())
+        assert state(session) is SessionState.FAILED
+        await within(session.close())
+
+
+async def test_byte_trickle_does_not_keep_a_dead_connection_alive() -> None:
+    # After login the target answers nothing and sends one byte every 20 ms, never a whole
+    # PDU: the keepalive ping goes unanswered with no progress, and the connection dies.
+    target = fake()
+    async with logged_in(target, noop_interval=0.1, noop_timeout=0.2) as (server, session):
+        conn = server.connections[-1]
+        target.hostile.silent = True
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            while not stop.is_set() and not conn.dropped:
+                conn.inject_bytes(b"\x00")
+                await asyncio.sleep(0.02)
+
+        dripping = asyncio.ensure_future(trickle())
+        try:
+            took, _ = await elapsed_while(server.wait_for(
+                lambda: state(session) is SessionState.RECOVERING, 3.0))
+        finally:
+            stop.set()
+            await dripping
+        assert took < 1.5, took
+        target.hostile.silent = False
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 3.0)
+        assert (await read(session, 0, 1))[0].ok
+
+
+async def test_storm_of_target_pings_is_no_sign_of_life() -> None:
+    # The target answers nothing of ours but pings us all the time (we answer each): its
+    # own NOP-Ins are no progress on our commands, so our keepalive still declares it dead.
+    target = fake()
+    async with logged_in(target, noop_interval=0.1, noop_timeout=0.2) as (server, session):
+        conn = server.connections[-1]
+
+        def only_pings(c: Any, pdu: P.PDU) -> bool:
+            return not (isinstance(pdu, P.NopOut) and pdu.ttt != P.RESERVED_TAG)
+
+        target.hostile.pdu_hook = only_pings
+        stop = asyncio.Event()
+
+        async def storm() -> None:
+            while not stop.is_set() and not conn.dropped:
+                conn.send_ping()
+                await asyncio.sleep(0.005)
+
+        storming = asyncio.ensure_future(storm())
+        try:
+            took, _ = await elapsed_while(server.wait_for(
+                lambda: state(session) is SessionState.RECOVERING, 3.0))
+        finally:
+            stop.set()
+            await storming
+        assert took < 1.5 and len(conn.ping_answers) > 10, (took, len(conn.ping_answers))
+
+
+async def test_command_window_that_never_opens_is_bounded() -> None:
+    # Every login grants a closed window (MaxCmdSN = ExpCmdSN - 1) and nothing opens it:
+    # the command waits command_timeout per connection, and fails at the replacement timeout.
+    target = fake(cmd_window=0)
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(command_timeout=0.2,
+                                                     replacement_timeout=0.8))
+        await within(session.login())
+        took, error = await failure(read(session, 0, 1))
+        assert isinstance(error, SessionFailed) and "replacement timeout" in str(error)
+        assert took < 2.0, took
+        assert not any(isinstance(p, P.ScsiCommand) for c in server.connections
+                       for p in c.received), "a command was sent outside the window"
+        await within(session.close())
+
+
+async def test_shrinking_window_leaves_no_command_waiting_forever() -> None:
+    # The target announces a smaller MaxCmdSN (ignored, RFC 7143 §4.2.2.1) and then drops
+    # the commands beyond it silently: their deadline ends them.
+    target = fake(cmd_window=8)
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.3) as (server, session):
+        conn = server.connections[-1]
+        conn.set_window(1)
+
+        def drop_commands(c: Any, pdu: P.PDU) -> bool:
+            return isinstance(pdu, P.ScsiCommand)
+
+        target.hostile.pdu_hook = drop_commands
+        results = await within(asyncio.gather(*(read(session, i, 1) for i in range(3)),
+                                              return_exceptions=True), 5.0)
+        assert all(isinstance(r, CommandTimeout) for r in results), results
+        assert session.reconnects == 0
+
+
+@pytest.mark.parametrize("via", ["async", "logout"])
+async def test_time2wait_of_an_hour_is_capped_by_the_replacement_timeout(via: str) -> None:
+    target = fake(logout_time2wait=3600)
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.6))
+        await within(session.login())
+        conn = server.connections[-1]
+        target.hostile.withhold = True
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(conn.held) == 1)
+        if via == "async":
+            conn.send_async(P.AsyncEvent.CONNECTION_DROP, parameter2=3600)
+        else:
+            conn.send_async(P.AsyncEvent.LOGOUT_REQUEST, parameter3=5)
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed) and "Time2Wait" in str(error), error
+        assert took < 2.0, took
+        assert len(target.logins) == 1      # no login before the target's Time2Wait
+        await within(session.close())
+
+
+async def test_redirect_to_garbage_on_reconnect_fails_the_session_clearly() -> None:
+    # Issue 10 item 1: on a reconnect, a redirect to a host name that cannot be encoded
+    # killed the recovery task and the session stayed "recovering" with commands pending.
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.8))
+        await within(session.login())
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        target.hostile.redirect = ("a..b", False)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed), error
+        assert "not a portal address" in str(error) and "a..b" in str(error)
+        assert took < 2.0 and state(session) is SessionState.FAILED
+        await within(session.close())
+
+
+async def test_redirect_loop_on_reconnect_is_bounded() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.8))
+        await within(session.login())
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        target.hostile.redirect = (f"127.0.0.1:{server.port}", False)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed) and "redirected the login more than" in \
+            str(error), error
+        assert took < 2.0
+        await within(session.close())
+
+
+class _Boom(BaseException):
+    """Not an Exception: what no except clause of the recovery expects."""
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("resolver exploded"), _Boom("boom")])
+async def test_recovery_never_dies_silently(monkeypatch: pytest.MonkeyPatch,
+                                            exc: BaseException) -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(replacement_timeout=0.6))
+        await within(session.login())
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+
+        async def explode() -> None:
+            raise exc
+
+        monkeypatch.setattr(session, "_connect_and_login", explode)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed), error
+        assert type(exc).__name__ in str(error) and str(exc) in str(error)
+        assert took < 2.0 and state(session) is SessionState.FAILED
+        await within(session.close())
+
+
+async def test_text_request_never_answered_is_bounded() -> None:
+    target = fake()
+    async with logged_in(target, command_timeout=0.3) as (_, session):
+        target.hostile.silent = True
+        took, error = await failure(session.text(b"SendTargets=All\0"))
+        assert isinstance(error, CommandTimeout) and "Text Request" in str(error)
+        assert took < 1.5
+
+
+async def test_logout_the_target_never_answers_is_bounded() -> None:
+    target = fake()
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(logout_timeout=0.3))
+        await within(session.login())
+        target.hostile.silent = True
+        took, _ = await elapsed_while(session.logout())
+        assert took < 1.5 and state(session) is SessionState.CLOSED
+
+
+async def test_kernel_abort_escalates_like_a_deadline() -> None:
+    # Session.abort (what the daemon's SessionExecutor uses for the kernel's ABORT TASK):
+    # a refused abort goes on to LUN RESET; the call returns once the command is ended.
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target, tmf_timeout=0.5) as (server, session):
+        results: list[CommandResult | ISCSIError] = []
+        task = session.submit(0, cdb_read10(0, 1), data_in=[memoryview(bytearray(512))],
+                              on_done=results.append)
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.held) == 1)
+        conn.tmf_responses[P.TMFunction.ABORT_TASK] = P.TMResponse.REJECTED
+        await within(session.abort(task))
+        assert len(results) == 1 and isinstance(results[0], TaskAborted)
+        functions = [p.function for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
+        assert functions == [P.TMFunction.ABORT_TASK, P.TMFunction.LOGICAL_UNIT_RESET]
+        assert session.reconnects == 0
