@@ -40,7 +40,8 @@ def _options(args: argparse.Namespace) -> oneshot.Options:
 
     return oneshot.Options(
         initiator_name=args.initiator_name, login_timeout=args.login_timeout, pcap=args.pcap,
-        command_timeout=args.command_timeout, replacement_timeout=args.replacement_timeout,
+        command_timeout=args.command_timeout, tmf_timeout=args.task_management_timeout,
+        replacement_timeout=args.replacement_timeout,
         noop_interval=args.noop_interval, noop_timeout=args.noop_timeout,
         logout_timeout=args.logout_timeout)
 
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="abort a command the target has not completed after this long: "
                              "ABORT TASK, then LUN RESET, then a new connection (default 30; "
                              "0: no deadline)")
+    common.add_argument("--task-management-timeout", type=float, metavar="SECONDS",
+                        help="give each ABORT TASK or LUN RESET this long (default 15)")
     common.add_argument("--replacement-timeout", type=float, metavar="SECONDS",
                         help="after a lost connection, fail the commands when the session has "
                              "not worked again for this long (default 120)")

@@ -39,6 +39,7 @@ class Options:
     login_timeout: float = 15.0
     pcap: str | None = None
     command_timeout: float | None = None
+    tmf_timeout: float | None = None
     replacement_timeout: float | None = None
     noop_interval: float | None = None
     noop_timeout: float | None = None
@@ -47,23 +48,29 @@ class Options:
     def timeouts(self) -> dict[str, float]:
         """The bounds set, as SessionConfig fields; checked (ConfigurationError)."""
         out: dict[str, float] = {}
-        for name, zero in _TIMEOUTS:
-            value = self.login_timeout if name == "login_timeout" else getattr(self, name)
+        for name, option, zero in _TIMEOUTS:
+            value = getattr(self, name)
             if value is None:
                 continue
             if not (0 <= value < float("inf")) or (value == 0 and not zero):
                 raise ConfigurationError(
-                    f"--{name.replace('_', '-')} {value:g}: expected a number of seconds"
+                    f"{option} {value:g}: expected a number of seconds"
                     + (", 0 or more" if zero else " above 0"))
             out[name] = value
         return out
 
 
-# The bounds hbactl sets, and whether 0 is allowed (disables the command deadline and the
-# NOP pings; gives up at once on a lost connection).
-_TIMEOUTS = (("login_timeout", False), ("command_timeout", True),
-             ("replacement_timeout", True), ("noop_interval", True), ("noop_timeout", False),
-             ("logout_timeout", False))
+# The bounds hbactl sets: SessionConfig field, option, whether 0 is allowed (it disables the
+# command deadline and the NOP pings, and gives up at once on a lost connection).
+_TIMEOUTS = (
+    ("login_timeout", "--login-timeout", False),
+    ("command_timeout", "--command-timeout", True),
+    ("tmf_timeout", "--task-management-timeout", False),
+    ("replacement_timeout", "--replacement-timeout", True),
+    ("noop_interval", "--noop-interval", True),
+    ("noop_timeout", "--noop-timeout", False),
+    ("logout_timeout", "--logout-timeout", False),
+)
 
 
 def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:

@@ -21,6 +21,7 @@ from hba import cli, oneshot
 from initiator import pdu as P
 from initiator.errors import CommandTimeout, ISCSIError
 from initiator.keys import NegotiationSettings
+from initiator.url import parse_url
 from tests.support.fake_target import FakeTarget, FakeTargetServer, Hostility, RamDisk, TargetNode
 
 INI = "iqn.2024-01.org.example:initiator"
@@ -70,13 +71,28 @@ async def test_perf_in_flight_wait_is_bounded_even_without_a_command_deadline() 
         assert loop.time() - start < 5.0
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("command_timeout", -1.0), ("noop_timeout", 0.0), ("logout_timeout", float("nan")),
-    ("replacement_timeout", float("inf")),
+@pytest.mark.parametrize(("name", "option", "value"), [
+    ("command_timeout", "--command-timeout", -1.0), ("noop_timeout", "--noop-timeout", 0.0),
+    ("logout_timeout", "--logout-timeout", float("nan")),
+    ("replacement_timeout", "--replacement-timeout", float("inf")),
+    ("tmf_timeout", "--task-management-timeout", 0.0),
 ])
-def test_bad_bounds_are_refused(name: str, value: float) -> None:
-    with pytest.raises(ISCSIError, match=f"--{name.replace('_', '-')}"):
+def test_bad_bounds_are_refused(name: str, option: str, value: float) -> None:
+    with pytest.raises(ISCSIError, match=f"{option} "):
         options(**{name: value}).timeouts()
+
+
+def test_hbactl_options_reach_the_session_config() -> None:
+    args = cli.build_parser().parse_args([
+        "inquiry", "iscsi://h/iqn.2003-01.org.example:d/0", "--command-timeout", "0",
+        "--task-management-timeout", "2", "--replacement-timeout", "9", "--noop-interval",
+        "0", "--noop-timeout", "3", "--logout-timeout", "4", "--login-timeout", "5"])
+    config = oneshot.session_config(parse_url(args.url), cli._options(args))
+    assert (config.command_timeout, config.tmf_timeout, config.replacement_timeout,
+            config.noop_interval, config.noop_timeout, config.logout_timeout,
+            config.login_timeout) == (0, 2, 9, 0, 3, 4, 5)
+    defaults = oneshot.session_config(parse_url(args.url), oneshot.Options())
+    assert (defaults.command_timeout, defaults.replacement_timeout) == (30, 120)
 
 
 def test_login_timeout_must_be_positive() -> None:
