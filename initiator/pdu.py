@@ -1412,6 +1412,7 @@ class PDUReader:
         buf, view = self._buf, self._view
         data_digest = self.data_digest
         max_dsl = self.max_data_segment_length
+        single = self.one_at_a_time
         while True:
             state = self._state
             if state is _HEADER:
@@ -1451,7 +1452,7 @@ class PDUReader:
                             self._trailer = total - BHS_LEN - dsl
                             self._state = _DIRECT
                             continue
-                if not self._parse_one(out) or self.one_at_a_time:
+                if not self._parse_one(out) or single:
                     return
                 buf, view = self._buf, self._view
                 continue
