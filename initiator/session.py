@@ -32,9 +32,15 @@ InitialR2T=No — and the rest as answers to R2Ts, each R2T answered at once, so
 outstanding R2Ts (MaxOutstandingR2T > 1) is served. No PDU carries more data than the target's
 MaxRecvDataSegmentLength.
 
+Bounds (see "Timers" below): liveness is progress on what we asked, judged by the keepalive
+ping; a command outstanding for ``command_timeout`` is ended by :meth:`ConnectionCore.abort`'s
+escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up); requests carry
+their own deadline.
+
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
-and re-issues the commands that did not complete (see :meth:`ConnectionCore.take_unfinished`).
+and re-issues the commands that did not complete (see :meth:`ConnectionCore.take_unfinished`;
+when and for how long is :mod:`initiator.recovery`'s policy).
 """
 
 from __future__ import annotations
