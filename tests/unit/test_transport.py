@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -699,6 +699,22 @@ async def failure(aw: Awaitable[Any]) -> tuple[float, BaseException]:
     raise AssertionError("expected a failure")
 
 
+@asynccontextmanager
+async def one_read_held(target: FakeTarget, **cfg: Any) -> AsyncIterator[
+        tuple[FakeTargetServer, Session, asyncio.Future[tuple[CommandResult, bytearray]]]]:
+    """A logged-in session with one READ in flight that the target holds unanswered."""
+    target.hostile.withhold = True
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(**cfg))
+        await within(session.login())
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        try:
+            yield server, session, pending
+        finally:
+            await within(session.close())
+
+
 async def test_command_the_target_never_answers_is_aborted_at_its_deadline() -> None:
     target = fake(hostile=Hostility(withhold=True))
     async with logged_in(target, command_timeout=0.3, tmf_timeout=0.3) as (server, session):
@@ -756,6 +772,27 @@ async def test_target_answering_pings_but_breaking_after_every_command_is_given_
         await within(session.close())
 
 
+async def time_to_recovering(server: FakeTargetServer, session: Session,
+                             emit: Callable[[], object], period: float) -> float:
+    """Call ``emit`` (the target sending something) every ``period`` seconds until the
+    session gives its connection up; returns how long that took."""
+    done = asyncio.Event()
+
+    async def keep_emitting() -> None:
+        while not done.is_set() and state(session) is SessionState.LOGGED_IN:
+            emit()
+            await asyncio.sleep(period)
+
+    emitting = asyncio.ensure_future(keep_emitting())
+    try:
+        took, _ = await elapsed_while(server.wait_for(
+            lambda: state(session) is SessionState.RECOVERING, 3.0))
+    finally:
+        done.set()
+        await emitting
+    return took
+
+
 async def test_byte_trickle_does_not_keep_a_dead_connection_alive() -> None:
     # After login the target answers nothing and sends one byte every 20 ms, never a whole
     # PDU: the keepalive ping goes unanswered with no progress, and the connection dies.
@@ -763,20 +800,8 @@ async def test_byte_trickle_does_not_keep_a_dead_connection_alive() -> None:
     async with logged_in(target, noop_interval=0.1, noop_timeout=0.2) as (server, session):
         conn = server.connections[-1]
         target.hostile.silent = True
-        stop = asyncio.Event()
-
-        async def trickle() -> None:
-            while not stop.is_set() and not conn.dropped:
-                conn.inject_bytes(b"\x00")
-                await asyncio.sleep(0.02)
-
-        dripping = asyncio.ensure_future(trickle())
-        try:
-            took, _ = await elapsed_while(server.wait_for(
-                lambda: state(session) is SessionState.RECOVERING, 3.0))
-        finally:
-            stop.set()
-            await dripping
+        took = await time_to_recovering(server, session, lambda: conn.inject_bytes(b"\x00"),
+                                        0.02)
         assert took < 1.5, took
         target.hostile.silent = False
         await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 3.0)
@@ -794,20 +819,7 @@ async def test_storm_of_target_pings_is_no_sign_of_life() -> None:
             return not (isinstance(pdu, P.NopOut) and pdu.ttt != P.RESERVED_TAG)
 
         target.hostile.pdu_hook = only_pings
-        stop = asyncio.Event()
-
-        async def storm() -> None:
-            while not stop.is_set() and not conn.dropped:
-                conn.send_ping()
-                await asyncio.sleep(0.005)
-
-        storming = asyncio.ensure_future(storm())
-        try:
-            took, _ = await elapsed_while(server.wait_for(
-                lambda: state(session) is SessionState.RECOVERING, 3.0))
-        finally:
-            stop.set()
-            await storming
+        took = await time_to_recovering(server, session, conn.send_ping, 0.005)
         assert took < 1.5 and len(conn.ping_answers) > 10, (took, len(conn.ping_answers))
 
 
@@ -848,13 +860,8 @@ async def test_shrinking_window_leaves_no_command_waiting_forever() -> None:
 @pytest.mark.parametrize("via", ["async", "logout"])
 async def test_time2wait_of_an_hour_is_capped_by_the_replacement_timeout(via: str) -> None:
     target = fake(logout_time2wait=3600)
-    async with serve(target) as server:
-        session = Session(server.portal, TGT, config(replacement_timeout=0.6))
-        await within(session.login())
+    async with one_read_held(target, replacement_timeout=0.6) as (server, _, pending):
         conn = server.connections[-1]
-        target.hostile.withhold = True
-        pending = asyncio.ensure_future(read(session, 0, 1))
-        await server.wait_for(lambda: len(conn.held) == 1)
         if via == "async":
             conn.send_async(P.AsyncEvent.CONNECTION_DROP, parameter2=3600)
         else:
@@ -863,41 +870,30 @@ async def test_time2wait_of_an_hour_is_capped_by_the_replacement_timeout(via: st
         assert isinstance(error, SessionFailed) and "Time2Wait" in str(error), error
         assert took < 2.0, took
         assert len(target.logins) == 1      # no login before the target's Time2Wait
-        await within(session.close())
 
 
 async def test_redirect_to_garbage_on_reconnect_fails_the_session_clearly() -> None:
     # Issue 10 item 1: on a reconnect, a redirect to a host name that cannot be encoded
     # killed the recovery task and the session stayed "recovering" with commands pending.
-    target = fake(hostile=Hostility(withhold=True))
-    async with serve(target) as server:
-        session = Session(server.portal, TGT, config(replacement_timeout=0.8))
-        await within(session.login())
-        pending = asyncio.ensure_future(read(session, 0, 1))
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.8) as (server, session, pending):
         target.hostile.redirect = ("a..b", False)
         server.drop()
         took, error = await failure(pending)
         assert isinstance(error, SessionFailed), error
         assert "not a portal address" in str(error) and "a..b" in str(error)
         assert took < 2.0 and state(session) is SessionState.FAILED
-        await within(session.close())
 
 
 async def test_redirect_loop_on_reconnect_is_bounded() -> None:
-    target = fake(hostile=Hostility(withhold=True))
-    async with serve(target) as server:
-        session = Session(server.portal, TGT, config(replacement_timeout=0.8))
-        await within(session.login())
-        pending = asyncio.ensure_future(read(session, 0, 1))
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.8) as (server, _, pending):
         target.hostile.redirect = (f"127.0.0.1:{server.port}", False)
         server.drop()
         took, error = await failure(pending)
         assert isinstance(error, SessionFailed) and "redirected the login more than" in \
             str(error), error
         assert took < 2.0
-        await within(session.close())
 
 
 class _Boom(BaseException):
@@ -907,12 +903,8 @@ class _Boom(BaseException):
 @pytest.mark.parametrize("exc", [RuntimeError("resolver exploded"), _Boom("boom")])
 async def test_recovery_never_dies_silently(monkeypatch: pytest.MonkeyPatch,
                                             exc: BaseException) -> None:
-    target = fake(hostile=Hostility(withhold=True))
-    async with serve(target) as server:
-        session = Session(server.portal, TGT, config(replacement_timeout=0.6))
-        await within(session.login())
-        pending = asyncio.ensure_future(read(session, 0, 1))
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.6) as (server, session, pending):
 
         async def explode() -> None:
             raise exc
@@ -923,7 +915,6 @@ async def test_recovery_never_dies_silently(monkeypatch: pytest.MonkeyPatch,
         assert isinstance(error, SessionFailed), error
         assert type(exc).__name__ in str(error) and str(exc) in str(error)
         assert took < 2.0 and state(session) is SessionState.FAILED
-        await within(session.close())
 
 
 async def test_text_request_never_answered_is_bounded() -> None:
