@@ -296,6 +296,7 @@ class ConnectionCore:
         self._ping_itt: int | None = None
         self._ping_deadline = 0.0
         self._ping_sent = now
+        self._ping_mark = (0, 0)
         # Per-command deadlines: (time, next CmdSN) taken at each check; a command whose CmdSN
         # is below that of a checkpoint older than command_timeout has been outstanding longer.
         self._checkpoints: deque[tuple[float, int]] = deque()
@@ -416,6 +417,7 @@ class ConnectionCore:
             self._ping_itt = itt
             self._ping_deadline = now + self.noop_timeout
             self._ping_sent = now
+            self._ping_mark = (self.stats_answered, self.stats_bytes_in)
         self._queue(P.NopOut(immediate=True, itt=itt, ttt=P.RESERVED_TAG, cmd_sn=self.cmd_sn,
                              exp_stat_sn=self.exp_stat_sn, data=data))
 
@@ -524,8 +526,9 @@ class ConnectionCore:
             when = min(when, self._ping_deadline)
         elif self.noop_interval > 0:
             when = min(when, self._last_progress + self.noop_interval)
-        for control in self._controls.values():
-            if control.deadline is not None and not control.expired:
+        for itt, control in self._controls.items():
+            # The keepalive's own ping is judged by _keepalive, against _ping_deadline.
+            if control.deadline is not None and not control.expired and itt != self._ping_itt:
                 when = min(when, control.deadline)
         return None if when == _NEVER else when
 
@@ -541,7 +544,7 @@ class ConnectionCore:
             # Progress since the last run. Unless receive_pdu() noted when (an answer after
             # that run), it was a fast path's, at a time unknown: say now.
             self._progress_mark = mark
-            if self._last_progress < self._checked_at:
+            if self._last_progress <= self._checked_at:
                 self._last_progress = now
         self._checked_at = now
         self._expire_controls(now)
@@ -554,7 +557,8 @@ class ConnectionCore:
         if self._ping_itt is not None:
             if now < self._ping_deadline:
                 return
-            if self._last_progress <= self._ping_sent:
+            mark = (self.stats_answered, self.stats_bytes_in)
+            if self._last_progress <= self._ping_sent and mark == self._ping_mark:
                 raise RemoteProtocolError(
                     f"target {self.target} did not answer a NOP-Out ping within "
                     f"{self.noop_timeout:g} s and made no progress on our commands meanwhile: "
@@ -563,6 +567,7 @@ class ConnectionCore:
             # behind a long read, say): alive but busy. This is how we avoid open-iscsi's NOP
             # timeouts under load; a target that stops progressing fails the next round.
             self._ping_sent = now
+            self._ping_mark = mark
             self._ping_deadline = now + self.noop_timeout
             return
         if self.noop_interval > 0 and now >= self._last_progress + self.noop_interval:

@@ -1189,6 +1189,24 @@ def test_answers_are_progress_and_postpone_the_ping() -> None:
     assert [type(p) for p in h.sent()] == [P.NopOut]
 
 
+def test_busy_target_keeps_the_keepalive_waiting_without_spinning() -> None:
+    # The ping's answer is stuck behind a long read that progresses: the keepalive extends
+    # its wait, and the timer it asks for is always in the future (no busy loop).
+    h = Harness(noop_interval=1.0, noop_timeout=1.0)
+    task = h.submit(data_in=views(bytearray(1 << 20)))
+    h.sent()
+    run_timers(h, 1.0)
+    assert [type(p) for p in h.sent()] == [P.NopOut]
+    for i in range(20):
+        now = 1.0 + 0.25 * (i + 1)
+        h.deliver(h.data_in(task, i * 1000, bytes(1000), data_sn=i), now=now)
+        run_timers(h, now)
+        timer = h.core.get_timer()
+        assert timer is not None and timer > now
+    with pytest.raises(RemoteProtocolError, match="no progress"):
+        run_timers(h, 10.0)
+
+
 def test_command_deadline_aborts_the_command() -> None:
     h = Harness(command_timeout=8.0, tmf_timeout=2.0)
     task = h.submit(data_in=views(bytearray(4096)))
