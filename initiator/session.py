@@ -244,6 +244,35 @@ class _Control:
     """``on_done`` had its timeout; a late answer is accepted and ignored."""
 
 
+@dataclass(slots=True)
+class _Liveness:
+    """The keepalive's state (see ConnectionCore's timers)."""
+
+    checked_at: float
+    """When the timer last ran."""
+    mark: tuple[int, int] = (0, 0)
+    """The Data-In fast paths' counters then (stats_answered, stats_bytes_in): they run
+    without a clock, so their progress shows as a change of these."""
+    ping_itt: int | None = None
+    """The keepalive's ping in flight."""
+    ping_deadline: float = 0.0
+    ping_sent: float = 0.0
+    ping_mark: tuple[int, int] = (0, 0)
+    """The counters when the ping was sent (or its wait last extended)."""
+
+
+@dataclass(slots=True)
+class _Deadlines:
+    """The per-command deadline's state (see ConnectionCore's timers)."""
+
+    next_check: float
+    checkpoints: deque[tuple[float, int]] = field(default_factory=deque)
+    """(time, next CmdSN) at each check: a command whose CmdSN is below that of a checkpoint
+    older than command_timeout has been outstanding longer."""
+    stall: tuple[int, float] | None = None
+    """(commands sent, since when) while the window holds requests back."""
+
+
 @dataclass(frozen=True, slots=True)
 class _TextSend:
     """A Text Request waiting for the command window, in line with the commands."""
@@ -288,20 +317,11 @@ class ConnectionCore:
         self._next_itt = 1
         self._events: deque[Event] = deque()
         # Liveness (see handle_timer): when the target last made progress on something of
-        # ours, and the counters that reveal the progress of the Data-In fast paths, which
-        # run without a clock.
+        # ours (receive_pdu notes it), and the keepalive's bookkeeping.
         self._last_progress = now
-        self._progress_mark = (0, 0)
-        self._checked_at = now
-        self._ping_itt: int | None = None
-        self._ping_deadline = 0.0
-        self._ping_sent = now
-        self._ping_mark = (0, 0)
-        # Per-command deadlines: (time, next CmdSN) taken at each check; a command whose CmdSN
-        # is below that of a checkpoint older than command_timeout has been outstanding longer.
-        self._checkpoints: deque[tuple[float, int]] = deque()
-        self._next_check = now + command_timeout / _CHECKS if command_timeout > 0 else _NEVER
-        self._stall: tuple[int, float] | None = None
+        self._live = _Liveness(checked_at=now, ping_sent=now)
+        self._deadlines = _Deadlines(
+            next_check=now + command_timeout / _CHECKS if command_timeout > 0 else _NEVER)
         # Commands being ended by abort()'s escalation, with the error they end with.
         self._expired: dict[Task, ISCSIError] = {}
         self._closed: ISCSIError | None = None
@@ -413,11 +433,11 @@ class ConnectionCore:
         itt = self._alloc_itt()
         self._controls[itt] = _Control(P.Opcode.NOP_OUT, on_done or _ignore,
                                        deadline=now + self.noop_timeout)
-        if self._ping_itt is None:
-            self._ping_itt = itt
-            self._ping_deadline = now + self.noop_timeout
-            self._ping_sent = now
-            self._ping_mark = (self.stats_answered, self.stats_bytes_in)
+        if self._live.ping_itt is None:
+            self._live.ping_itt = itt
+            self._live.ping_deadline = now + self.noop_timeout
+            self._live.ping_sent = now
+            self._live.ping_mark = (self.stats_answered, self.stats_bytes_in)
         self._queue(P.NopOut(immediate=True, itt=itt, ttt=P.RESERVED_TAG, cmd_sn=self.cmd_sn,
                              exp_stat_sn=self.exp_stat_sn, data=data))
 
@@ -521,14 +541,14 @@ class ConnectionCore:
         """When :meth:`handle_timer` must next run, or None."""
         if self._closed is not None:
             return None
-        when = self._next_check
-        if self._ping_itt is not None:
-            when = min(when, self._ping_deadline)
+        when = self._deadlines.next_check
+        if self._live.ping_itt is not None:
+            when = min(when, self._live.ping_deadline)
         elif self.noop_interval > 0:
             when = min(when, self._last_progress + self.noop_interval)
         for itt, control in self._controls.items():
-            # The keepalive's own ping is judged by _keepalive, against _ping_deadline.
-            if control.deadline is not None and not control.expired and itt != self._ping_itt:
+            # The keepalive's own ping is judged by _keepalive, against ping_deadline.
+            if control.deadline is not None and not control.expired and itt != self._live.ping_itt:
                 when = min(when, control.deadline)
         return None if when == _NEVER else when
 
@@ -540,25 +560,25 @@ class ConnectionCore:
         if self._closed is not None:
             return
         mark = (self.stats_answered, self.stats_bytes_in)
-        if mark != self._progress_mark:
+        if mark != self._live.mark:
             # Progress since the last run. Unless receive_pdu() noted when (an answer after
             # that run), it was a fast path's, at a time unknown: say now.
-            self._progress_mark = mark
-            if self._last_progress <= self._checked_at:
+            self._live.mark = mark
+            if self._last_progress <= self._live.checked_at:
                 self._last_progress = now
-        self._checked_at = now
+        self._live.checked_at = now
         self._expire_controls(now)
         self._keepalive(now)
-        if self.command_timeout > 0 and now >= self._next_check:
-            self._next_check = now + self.command_timeout / _CHECKS
+        if self.command_timeout > 0 and now >= self._deadlines.next_check:
+            self._deadlines.next_check = now + self.command_timeout / _CHECKS
             self._check_commands(now)
 
     def _keepalive(self, now: float) -> None:
-        if self._ping_itt is not None:
-            if now < self._ping_deadline:
+        if self._live.ping_itt is not None:
+            if now < self._live.ping_deadline:
                 return
             mark = (self.stats_answered, self.stats_bytes_in)
-            if self._last_progress <= self._ping_sent and mark == self._ping_mark:
+            if self._last_progress <= self._live.ping_sent and mark == self._live.ping_mark:
                 raise RemoteProtocolError(
                     f"target {self.target} did not answer a NOP-Out ping within "
                     f"{self.noop_timeout:g} s and made no progress on our commands meanwhile: "
@@ -566,9 +586,9 @@ class ConnectionCore:
             # The target progresses on our commands but the answer is not in yet (stuck
             # behind a long read, say): alive but busy. This is how we avoid open-iscsi's NOP
             # timeouts under load; a target that stops progressing fails the next round.
-            self._ping_sent = now
-            self._ping_mark = mark
-            self._ping_deadline = now + self.noop_timeout
+            self._live.ping_sent = now
+            self._live.ping_mark = mark
+            self._live.ping_deadline = now + self.noop_timeout
             return
         if self.noop_interval > 0 and now >= self._last_progress + self.noop_interval:
             self.ping(now)
@@ -576,7 +596,7 @@ class ConnectionCore:
     def _expire_controls(self, now: float) -> None:
         expired = [(itt, c) for itt, c in self._controls.items()
                    if c.deadline is not None and not c.expired and now >= c.deadline
-                   and itt != self._ping_itt]
+                   and itt != self._live.ping_itt]
         for itt, control in expired:
             control.expired = True
             what = _REQUEST_NAMES.get(control.kind, control.kind.name)
@@ -587,7 +607,7 @@ class ConnectionCore:
 
     def _check_commands(self, now: float) -> None:
         timeout = self.command_timeout
-        checkpoints = self._checkpoints
+        checkpoints = self._deadlines.checkpoints
         if not checkpoints or checkpoints[-1][1] != self.cmd_sn:
             checkpoints.append((now, self.cmd_sn))
         horizon = now - timeout
@@ -608,10 +628,10 @@ class ConnectionCore:
                     f"{self._what(task)} did not complete within the command timeout of "
                     f"{timeout:g} s in target {self.target}; it was aborted"))
         if not self._queued:
-            self._stall = None
-        elif self._stall is None or self._stall[0] != self.stats_commands:
-            self._stall = (self.stats_commands, now)
-        elif now - self._stall[1] >= timeout:
+            self._deadlines.stall = None
+        elif self._deadlines.stall is None or self._deadlines.stall[0] != self.stats_commands:
+            self._deadlines.stall = (self.stats_commands, now)
+        elif now - self._deadlines.stall[1] >= timeout:
             raise ConnectionFailed(
                 f"target {self.target} kept its command window closed for {timeout:g} s "
                 f"(CmdSN {self.cmd_sn}, MaxCmdSN {self.max_cmd_sn}) with "
@@ -1052,8 +1072,8 @@ class ConnectionCore:
             if control is None or control.kind is not P.Opcode.NOP_OUT:
                 raise RemoteProtocolError(
                     f"target {self.target} answered a NOP-Out 0x{pdu.itt:08x} we never sent")
-            if pdu.itt == self._ping_itt:
-                self._ping_itt = None
+            if pdu.itt == self._live.ping_itt:
+                self._live.ping_itt = None
             if not control.expired:
                 control.on_done(pdu)
             return
@@ -1179,8 +1199,8 @@ class ConnectionCore:
         if isinstance(header, (P.NopOut, P.TaskMgmtRequest, P.TextRequest)) and \
                 itt in self._controls:
             control = self._controls.pop(itt)
-            if itt == self._ping_itt:
-                self._ping_itt = None
+            if itt == self._live.ping_itt:
+                self._live.ping_itt = None
             if not control.expired:
                 control.on_done(CommandError(
                     f"target {self.target} rejected our {type(header).__name__}: {reason}"))
