@@ -761,12 +761,12 @@ async def test_target_answering_pings_but_breaking_after_every_command_is_given_
     target = fake(hostile=Hostility(drop_after_commands=1))
     async with serve(target) as server:
         session = Session(server.portal, TGT, config(
-            replacement_timeout=1.0, noop_interval=0.05, noop_timeout=0.5))
+            replacement_timeout=0.6, noop_interval=0.05, noop_timeout=0.5))
         await within(session.login())
         await within(session.ping())
         took, error = await failure(read(session, 0, 1))
-        assert isinstance(error, SessionFailed) and "replacement timeout of 1 s" in str(error)
-        assert took < 2.5, took
+        assert isinstance(error, SessionFailed) and "replacement timeout of 0.6 s" in str(error)
+        assert took < 2.0, took
         assert 2 <= len(target.successful_logins()) <= 4, len(target.successful_logins())
         assert state(session) is SessionState.FAILED
         await within(session.close())
@@ -828,8 +828,8 @@ async def test_command_window_that_never_opens_is_bounded() -> None:
     # the command waits command_timeout per connection, and fails at the replacement timeout.
     target = fake(cmd_window=0)
     async with serve(target) as server:
-        session = Session(server.portal, TGT, config(command_timeout=0.2,
-                                                     replacement_timeout=0.8))
+        session = Session(server.portal, TGT, config(command_timeout=0.15,
+                                                     replacement_timeout=0.5))
         await within(session.login())
         took, error = await failure(read(session, 0, 1))
         assert isinstance(error, SessionFailed) and "replacement timeout" in str(error)
@@ -860,7 +860,7 @@ async def test_shrinking_window_leaves_no_command_waiting_forever() -> None:
 @pytest.mark.parametrize("via", ["async", "logout"])
 async def test_time2wait_of_an_hour_is_capped_by_the_replacement_timeout(via: str) -> None:
     target = fake(logout_time2wait=3600)
-    async with one_read_held(target, replacement_timeout=0.6) as (server, _, pending):
+    async with one_read_held(target, replacement_timeout=0.4) as (server, _, pending):
         conn = server.connections[-1]
         if via == "async":
             conn.send_async(P.AsyncEvent.CONNECTION_DROP, parameter2=3600)
@@ -876,7 +876,7 @@ async def test_redirect_to_garbage_on_reconnect_fails_the_session_clearly() -> N
     # Issue 10 item 1: on a reconnect, a redirect to a host name that cannot be encoded
     # killed the recovery task and the session stayed "recovering" with commands pending.
     target = fake()
-    async with one_read_held(target, replacement_timeout=0.8) as (server, session, pending):
+    async with one_read_held(target, replacement_timeout=0.5) as (server, session, pending):
         target.hostile.redirect = ("a..b", False)
         server.drop()
         took, error = await failure(pending)
@@ -887,7 +887,7 @@ async def test_redirect_to_garbage_on_reconnect_fails_the_session_clearly() -> N
 
 async def test_redirect_loop_on_reconnect_is_bounded() -> None:
     target = fake()
-    async with one_read_held(target, replacement_timeout=0.8) as (server, _, pending):
+    async with one_read_held(target, replacement_timeout=0.5) as (server, _, pending):
         target.hostile.redirect = (f"127.0.0.1:{server.port}", False)
         server.drop()
         took, error = await failure(pending)
@@ -904,7 +904,7 @@ class _Boom(BaseException):
 async def test_recovery_never_dies_silently(monkeypatch: pytest.MonkeyPatch,
                                             exc: BaseException) -> None:
     target = fake()
-    async with one_read_held(target, replacement_timeout=0.6) as (server, session, pending):
+    async with one_read_held(target, replacement_timeout=0.4) as (server, session, pending):
 
         async def explode() -> None:
             raise exc
