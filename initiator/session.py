@@ -263,14 +263,19 @@ class _Liveness:
 
 @dataclass(slots=True)
 class _Deadlines:
-    """The per-command deadline's state (see ConnectionCore's timers)."""
+    """The per-command deadline's settings and state, and abort()'s (see ConnectionCore's
+    timers). Apart from the core so that it keeps few attributes (see its __init__)."""
 
+    command_timeout: float
+    tmf_timeout: float
     next_check: float
     checkpoints: deque[tuple[float, int]] = field(default_factory=deque)
     """(time, next CmdSN) at each check: a command whose CmdSN is below that of a checkpoint
     older than command_timeout has been outstanding longer."""
     stall: tuple[int, float] | None = None
     """(commands sent, since when) while the window holds requests back."""
+    expired: dict[Task, ISCSIError] = field(default_factory=dict)
+    """Commands being ended by abort()'s escalation, with the error they end with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +313,6 @@ class ConnectionCore:
         self.max_cmd_sn = max_cmd_sn
         self.noop_interval = noop_interval
         self.noop_timeout = noop_timeout
-        self.command_timeout = command_timeout
-        self.tmf_timeout = tmf_timeout
         self._tasks: dict[int, Task] = {}
         self._controls: dict[int, _Control] = {}
         self._queued: deque[Task | _TextSend] = deque()
@@ -317,13 +320,14 @@ class ConnectionCore:
         self._next_itt = 1
         self._events: deque[Event] = deque()
         # Liveness (see handle_timer): when the target last made progress on something of
-        # ours (receive_pdu notes it), and the keepalive's bookkeeping.
+        # ours (receive_pdu notes it), and the keepalive's bookkeeping. Timer state lives in
+        # small objects: CPython specialises attribute access on an instance dict of at most
+        # 30 keys, and past that every self.x of the per-command path is slower.
         self._last_progress = now
         self._live = _Liveness(checked_at=now, ping_sent=now)
         self._deadlines = _Deadlines(
+            command_timeout, tmf_timeout,
             next_check=now + command_timeout / _CHECKS if command_timeout > 0 else _NEVER)
-        # Commands being ended by abort()'s escalation, with the error they end with.
-        self._expired: dict[Task, ISCSIError] = {}
         self._closed: ISCSIError | None = None
         self.logging_out = False
         self.stats_commands = 0
@@ -344,6 +348,16 @@ class ConnectionCore:
             P.AsyncMessage: self._on_async,  # type: ignore[dict-item]
             P.Reject: self._on_reject,  # type: ignore[dict-item]
         }
+
+    @property
+    def command_timeout(self) -> float:
+        """Seconds a command may be outstanding before abort() ends it (0: no deadline)."""
+        return self._deadlines.command_timeout
+
+    @property
+    def tmf_timeout(self) -> float:
+        """Seconds each step of abort()'s escalation may take."""
+        return self._deadlines.tmf_timeout
 
     # ------------------------------------------------------------------------------------
     # Submitting work
@@ -405,7 +419,7 @@ class ConnectionCore:
         dropped). Used by the per-command deadline and for aborts the kernel asks for.
         """
         done = on_done or _nothing
-        if task.state is _DONE or task.on_done is None or task in self._expired:
+        if task.state is _DONE or task.on_done is None or task in self._deadlines.expired:
             done()
             return
         if task.state is _QUEUED:
@@ -414,8 +428,8 @@ class ConnectionCore:
                 self._complete_error(task, error)
             done()
             return
-        self._expired[task] = error
-        self._escalate(task, P.TMFunction.ABORT_TASK, now + self.tmf_timeout, done)
+        self._deadlines.expired[task] = error
+        self._escalate(task, P.TMFunction.ABORT_TASK, now + self._deadlines.tmf_timeout, done)
 
     def text_request(self, text: bytes, on_done: ControlCallback, *,
                      deadline: float | None = None) -> None:
@@ -569,8 +583,8 @@ class ConnectionCore:
         self._live.checked_at = now
         self._expire_controls(now)
         self._keepalive(now)
-        if self.command_timeout > 0 and now >= self._deadlines.next_check:
-            self._deadlines.next_check = now + self.command_timeout / _CHECKS
+        if self._deadlines.command_timeout > 0 and now >= self._deadlines.next_check:
+            self._deadlines.next_check = now + self._deadlines.command_timeout / _CHECKS
             self._check_commands(now)
 
     def _keepalive(self, now: float) -> None:
@@ -606,7 +620,7 @@ class ConnectionCore:
                 f"target {self.target} did not answer our {what} (ITT 0x{itt:08x}) in time"))
 
     def _check_commands(self, now: float) -> None:
-        timeout = self.command_timeout
+        timeout = self._deadlines.command_timeout
         checkpoints = self._deadlines.checkpoints
         if not checkpoints or checkpoints[-1][1] != self.cmd_sn:
             checkpoints.append((now, self.cmd_sn))
@@ -619,7 +633,7 @@ class ConnectionCore:
             for task in self._tasks.values():  # in CmdSN order: the oldest first
                 if not 0 < (before - task.cmd_sn) & _MASK < _HALF:
                     break
-                if task not in self._expired:
+                if task not in self._deadlines.expired:
                     overdue.append(task)
             for task in overdue:
                 log.warning("%s: %s did not complete within %g s; aborting it", self.target,
@@ -645,7 +659,7 @@ class ConnectionCore:
                 # Aborted, reset, completed on its own meanwhile, or the connection is gone
                 # (take_unfinished ends the task with its error).
                 if task.state is _DONE:
-                    self._expired.pop(task, None)
+                    self._deadlines.expired.pop(task, None)
                 done()
                 return
             why = _tmf_outcome(result)
@@ -653,7 +667,7 @@ class ConnectionCore:
                 log.warning("%s: ABORT TASK for %s failed (%s); resetting LUN %d", self.target,
                             self._what(task), why, task.lun)
                 self._escalate(task, P.TMFunction.LOGICAL_UNIT_RESET,
-                               deadline + self.tmf_timeout, done)
+                               deadline + self._deadlines.tmf_timeout, done)
                 return
             done()
             raise ConnectionFailed(
@@ -822,7 +836,7 @@ class ConnectionCore:
         unfinished: list[Task] = []
         for task in tasks:
             self._detach_frames(task)
-            error = self._expired.pop(task, None) if self._expired else None
+            error = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
             if error is not None:
                 self._complete_error(task, error)
                 continue
@@ -1246,10 +1260,10 @@ class ConnectionCore:
             on_done(result)
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
-        if self._expired:
+        if self._deadlines.expired:
             # abort() is ending it (per-command deadline, the kernel's abort): its error wins
             # over the TMF's generic "aborted".
-            error = self._expired.pop(task, error)
+            error = self._deadlines.expired.pop(task, error)
         self._release(task)
         on_done, task.on_done = task.on_done, None
         if on_done is not None:
