@@ -39,8 +39,12 @@ Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]
 def _options(args: argparse.Namespace) -> oneshot.Options:
     from hba import oneshot
 
-    return oneshot.Options(initiator_name=args.initiator_name, login_timeout=args.login_timeout,
-                           pcap=args.pcap)
+    return oneshot.Options(
+        initiator_name=args.initiator_name, login_timeout=args.login_timeout, pcap=args.pcap,
+        command_timeout=args.command_timeout, tmf_timeout=args.task_management_timeout,
+        replacement_timeout=args.replacement_timeout,
+        noop_interval=args.noop_interval, noop_timeout=args.noop_timeout,
+        logout_timeout=args.logout_timeout)
 
 
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,7 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--initiator-name", metavar="IQN",
                         help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
     common.add_argument("--login-timeout", type=float, default=15.0, metavar="SECONDS",
-                        help="give up a login after this long (default 15)")
+                        help="give up a login after this long, all exchanges and redirects "
+                             "included (default 15)")
+    common.add_argument("--command-timeout", type=float, metavar="SECONDS",
+                        help="abort a command the target has not completed after this long: "
+                             "ABORT TASK, then LUN RESET, then a new connection (default 30; "
+                             "0: no deadline)")
+    common.add_argument("--task-management-timeout", type=float, metavar="SECONDS",
+                        help="give each ABORT TASK or LUN RESET this long (default 15)")
+    common.add_argument("--replacement-timeout", type=float, metavar="SECONDS",
+                        help="after a lost connection, fail the commands when the session has "
+                             "not worked again for this long (default 120)")
+    common.add_argument("--noop-interval", type=float, metavar="SECONDS",
+                        help="ping the target after this long without progress (default 5; "
+                             "0: no pings)")
+    common.add_argument("--noop-timeout", type=float, metavar="SECONDS",
+                        help="a ping unanswered this long, with no progress meanwhile, means "
+                             "the connection is dead (default 5)")
+    common.add_argument("--logout-timeout", type=float, metavar="SECONDS",
+                        help="give up an orderly logout after this long (default 10)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("discover", parents=[common],

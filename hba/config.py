@@ -31,7 +31,8 @@ a secret shorter than 12 bytes draws a warning (RFC 7143 §9.2.1: 96 bits, and M
 targets refuse less).
 
 This project's keys: Lun (0), QueueDepth (32), ReplacementTimeout (120 s), LoginTimeout (15 s),
-NoopInterval (5 s, 0 disables), NoopTimeout (5 s; FreeBSD's PingTimeout is an alias), and the
+NoopInterval (5 s, 0 disables), NoopTimeout (5 s; FreeBSD's PingTimeout is an alias),
+CommandTimeout (30 s, 0 disables), TaskManagementTimeout (15 s), LogoutTimeout (10 s), and the
 negotiation overrides MaxRecvDataSegmentLength, MaxBurstLength, FirstBurstLength (512 ..
 16777215), ImmediateData, InitialR2T (Yes/No).
 
@@ -56,6 +57,7 @@ from typing import Any
 
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError
+from initiator.keys import SessionType
 from initiator.url import MAX_LUN, DigestPreference, format_portal, parse_portal
 from initiator.url import validate_iscsi_name as _validate_iscsi_name
 
@@ -100,13 +102,6 @@ class AuthMethod(enum.Enum):
     CHAP = "CHAP"
 
 
-class SessionType(enum.Enum):
-    """SessionType of a block: a Normal session to one target, or Discovery on a portal."""
-
-    NORMAL = "Normal"
-    DISCOVERY = "Discovery"
-
-
 _SECRET_FIELDS = frozenset({"chap_secret", "tgt_chap_secret"})
 
 
@@ -141,6 +136,9 @@ class TargetEntry:
     login_timeout: int = 15
     noop_interval: int = 5
     noop_timeout: int = 5
+    command_timeout: int = 30
+    tmf_timeout: int = 15
+    logout_timeout: int = 10
     max_recv_data_segment_length: int | None = None
     max_burst_length: int | None = None
     first_burst_length: int | None = None
@@ -375,6 +373,10 @@ _KEYS: tuple[_Key, ...] = (
     _Key("LoginTimeout", "login_timeout", _integer(1, 3600, " seconds")),
     _Key("NoopInterval", "noop_interval", _integer(0, 3600, " seconds (0 disables NOPs)")),
     _Key("NoopTimeout", "noop_timeout", _integer(1, 3600, " seconds")),
+    _Key("CommandTimeout", "command_timeout",
+         _integer(0, 86_400, " seconds (0: no deadline)")),
+    _Key("TaskManagementTimeout", "tmf_timeout", _integer(1, 3600, " seconds")),
+    _Key("LogoutTimeout", "logout_timeout", _integer(1, 3600, " seconds")),
     _Key("MaxRecvDataSegmentLength", "max_recv_data_segment_length", _SEGMENT),
     _Key("MaxBurstLength", "max_burst_length", _SEGMENT),
     _Key("FirstBurstLength", "first_burst_length", _SEGMENT),

@@ -32,17 +32,51 @@ MAX_TRANSFER = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """What every command shares: how to log in and where to record the wire."""
+    """What every command shares: how to log in, the bounds of every wait (None: the
+    :class:`SessionConfig` default), and where to record the wire."""
 
     initiator_name: str | None = None
     login_timeout: float = 15.0
     pcap: str | None = None
+    command_timeout: float | None = None
+    tmf_timeout: float | None = None
+    replacement_timeout: float | None = None
+    noop_interval: float | None = None
+    noop_timeout: float | None = None
+    logout_timeout: float | None = None
+
+    def timeouts(self) -> dict[str, float]:
+        """The bounds set, as SessionConfig fields; checked (ConfigurationError)."""
+        out: dict[str, float] = {}
+        for name, option, zero in _TIMEOUTS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (0 <= value < float("inf")) or (value == 0 and not zero):
+                raise ConfigurationError(
+                    f"{option} {value:g}: expected a number of seconds"
+                    + (", 0 or more" if zero else " above 0"))
+            out[name] = value
+        return out
+
+
+# The bounds hbactl sets: SessionConfig field, option, whether 0 is allowed (it disables the
+# command deadline and the NOP pings, and gives up at once on a lost connection).
+_TIMEOUTS = (
+    ("login_timeout", "--login-timeout", False),
+    ("command_timeout", "--command-timeout", True),
+    ("tmf_timeout", "--task-management-timeout", False),
+    ("replacement_timeout", "--replacement-timeout", True),
+    ("noop_interval", "--noop-interval", True),
+    ("noop_timeout", "--noop-timeout", False),
+    ("logout_timeout", "--logout-timeout", False),
+)
 
 
 def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:
     """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests)."""
     return urlconfig.session_config(url, initiator_name=options.initiator_name,
-                                    login_timeout=options.login_timeout, **extra)
+                                    **{**options.timeouts(), **extra})
 
 
 async def with_client(url: IscsiUrl, options: Options,
@@ -227,7 +261,9 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
                 "byte request")
         return await _perf_loop(client, settings, blocks, span, live)
 
-    return await with_client(url, options, work, noop_interval=0.0)
+    # NOP pings stay on: the keepalive counts progress on our commands, so it sends none
+    # while they complete, and it finds a dead connection when they stop.
+    return await with_client(url, options, work)
 
 
 async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, span: int,
@@ -321,10 +357,23 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
         in_flight += 1
         stream(memoryview(bytearray(settings.block_size)))()
     last_time, last_done = start, 0
+    # The commands in flight when the run ends each finish within the session's bounds (the
+    # command deadline and its escalation, or the replacement timeout if the connection is
+    # lost); past the sum of those, waiting longer would only hide a bug.
+    config = session.config
+    drain = config.replacement_timeout + (
+        config.command_timeout + 2 * config.tmf_timeout if config.command_timeout > 0 else 0)
     try:
         while not finished.done():
             await asyncio.wait([finished], timeout=1.0)
             now = clock()
+            if now > end + drain and not finished.done():
+                stuck = in_flight
+                await session.close()
+                raise ISCSIError(
+                    f"{stuck} command(s) to {session.label} were still in flight "
+                    f"{now - end:.0f} s after the run ended, beyond every bound of the "
+                    "session; it was closed")
             if live is not None and now - last_time >= 0.5:
                 cur = (completed - last_done) / (now - last_time)
                 avg = completed / max(now - start, 1e-9)

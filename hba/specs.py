@@ -150,7 +150,8 @@ class SpecResolver:
             negotiation=overrides, login_timeout=float(entry.login_timeout),
             replacement_timeout=float(entry.replacement_timeout),
             noop_interval=float(entry.noop_interval), noop_timeout=float(entry.noop_timeout),
-            reconnect_forever=True)
+            command_timeout=float(entry.command_timeout), tmf_timeout=float(entry.tmf_timeout),
+            logout_timeout=float(entry.logout_timeout), reconnect_forever=True)
         return LunSpec(name=entry.nickname, portal=Portal(entry.host, entry.port),
                        target=entry.target_name, lun=entry.lun, session=session,
                        queue_depth=entry.queue_depth, nickname=entry.nickname)

@@ -53,6 +53,7 @@ from initiator.errors import (
     NegotiationError,
     RemoteProtocolError,
 )
+from initiator.pdu import Stage
 from initiator.text import (
     MAX_NUMERICAL_VALUE,
     Answer,
@@ -97,7 +98,6 @@ __all__ = [
     "Scope",
     "SessionParameters",
     "SessionType",
-    "Stage",
     "Use",
     "key_def",
 ]
@@ -160,14 +160,6 @@ class Role(enum.Enum):
     @property
     def peer(self) -> Role:
         return Role.TARGET if self is Role.INITIATOR else Role.INITIATOR
-
-
-class Stage(enum.IntEnum):
-    """Login stages, numbered as in the CSG/NSG fields of Login PDUs (§11.12.3)."""
-
-    SECURITY = 0
-    OPERATIONAL = 1
-    FULL_FEATURE = 3
 
 
 class SessionType(enum.StrEnum):

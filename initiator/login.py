@@ -51,8 +51,8 @@ from initiator.keys import (
     Role,
     SessionParameters,
     SessionType,
-    Stage,
 )
+from initiator.pdu import Stage
 from initiator.text import Pair, TextAssembler, TextSplitter, encode
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,31 @@ class Portal:
             host, colon, port_text = raw.partition(":")
             if colon:
                 port = _port(port_text, text)
+            if host:
+                _check_host_name(host, text)
         if not host:
             raise ConfigurationError(f"portal {text!r} has no host")
         return cls(host, port, tpgt)
+
+
+def _check_host_name(host: str, where: str) -> None:
+    """Refuse a host name that cannot be looked up at all (the address comes from a target).
+
+    Name resolution encodes the name with IDNA, which fails on an empty label (``a..b``) or
+    one longer than 63 characters; spaces and control characters make no DNS name either.
+    """
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ConfigurationError(
+            f"portal {where!r}: host name {host!r} holds spaces or control characters")
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        reason = str(exc.__cause__ or exc).removeprefix("encoding with 'idna' codec failed ")
+        raise ConfigurationError(
+            f"portal {where!r}: {host!r} is not a valid host name ({reason})") from None
+    if len(encoded) > 253:
+        raise ConfigurationError(
+            f"portal {where!r}: host name is longer than 253 characters")
 
 
 def _port(text: str, where: str) -> int:
@@ -409,14 +431,14 @@ class LoginMachine:
         # The T bit may only be set on the last piece of a text (§11.12.2).
         transit = self._transit and not piece.more
         return P.LoginRequest(
-            transit=transit, cont=piece.more, csg=P.Stage(self.stage), nsg=P.Stage(self._nsg),
+            transit=transit, cont=piece.more, csg=self.stage, nsg=self._nsg,
             version_max=0, version_min=0, isid=self.isid, tsih=self.tsih, itt=self.itt,
             cid=self.cid, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn, data=piece.data)
 
     def _empty_request(self) -> P.LoginRequest:
         """Ask for the rest of a text the target split with the C bit (§6.5)."""
         return P.LoginRequest(
-            transit=False, cont=False, csg=P.Stage(self.stage), nsg=P.Stage(self.stage),
+            transit=False, cont=False, csg=self.stage, nsg=self.stage,
             isid=self.isid, tsih=self.tsih, itt=self.itt, cid=self.cid, cmd_sn=self.cmd_sn,
             exp_stat_sn=self.exp_stat_sn)
 
@@ -452,12 +474,12 @@ class LoginMachine:
             raise LoginError(
                 f"target {self.label} selected iSCSI version {r.version_active}; only version "
                 "0 (RFC 7143) exists", status_class=2, status_detail=5, target=self.label)
-        if r.status_class == StatusClass.SUCCESS and int(r.csg) != int(self.stage):
+        if r.status_class == StatusClass.SUCCESS and r.csg != self.stage:
             raise RemoteProtocolError(
                 f"target {self.label} answered in login stage {r.csg.name} while we are in "
-                f"{Stage(self.stage).name}")
+                f"{self.stage.name}")
         if r.status_class == StatusClass.SUCCESS and r.transit and (
-                not self._transit or int(r.nsg) > self._nsg or r.nsg <= r.csg):
+                not self._transit or r.nsg > self._nsg or r.nsg <= r.csg):
             raise RemoteProtocolError(
                 f"target {self.label} moved the login to stage {r.nsg.name}, which we did not "
                 "ask for (RFC 7143 §6.3)")
@@ -529,7 +551,7 @@ class LoginMachine:
         if r.transit:
             if chap is not None:
                 chap.check_complete()
-            self.stage = Stage(r.nsg)
+            self.stage = r.nsg
             if self.stage is Stage.FULL_FEATURE:
                 return self._success(r)
             return self._operational_offer(answers)
@@ -555,7 +577,7 @@ class LoginMachine:
             raise RemoteProtocolError(
                 f"target {self.label} sent {', '.join(k for k, _ in got.deferred)} in the "
                 "operational stage")
-        if r.transit and int(r.nsg) == Stage.FULL_FEATURE:
+        if r.transit and r.nsg is Stage.FULL_FEATURE:
             if got.answers:
                 raise RemoteProtocolError(
                     f"target {self.label} ended the login while offering "

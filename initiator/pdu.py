@@ -124,11 +124,13 @@ class TMResponse(enum.IntEnum):
 
 
 class Stage(enum.IntEnum):
-    """Login stages, the CSG and NSG fields (§11.12.3)."""
+    """Login stages as numbered in the CSG and NSG fields (§11.12.3): SecurityNegotiation,
+    LoginOperationalNegotiation, FullFeaturePhase. The one stage type of the package: the
+    negotiation (:mod:`initiator.keys`) and the login machine use it too."""
 
-    SECURITY_NEGOTIATION = 0
-    LOGIN_OPERATIONAL_NEGOTIATION = 1
-    FULL_FEATURE_PHASE = 3
+    SECURITY = 0
+    OPERATIONAL = 1
+    FULL_FEATURE = 3
 
 
 class LogoutReason(enum.IntEnum):
@@ -424,8 +426,8 @@ class _LoginPDU(PDU):
 
     transit: bool = False
     cont: bool = False
-    csg: Stage = Stage.SECURITY_NEGOTIATION
-    nsg: Stage = Stage.SECURITY_NEGOTIATION
+    csg: Stage = Stage.SECURITY
+    nsg: Stage = Stage.SECURITY
     version_max: int = 0
     isid: int = 0
     tsih: int = 0
@@ -468,7 +470,7 @@ def _parse_login_flags(flags: int) -> tuple[bool, bool, Stage, Stage]:
     transit, cont = bool(flags & 0x80), bool(flags & 0x40)
     csg = _enum(Stage, (flags >> 2) & 3, "login CSG")
     # NSG is reserved unless T is set (§11.12.3); treat it as 0 then.
-    nsg = _enum(Stage, flags & 3, "login NSG") if transit else Stage.SECURITY_NEGOTIATION
+    nsg = _enum(Stage, flags & 3, "login NSG") if transit else Stage.SECURITY
     return transit, cont, csg, nsg
 
 
@@ -1174,6 +1176,11 @@ class PDUReader:
     payload is received straight into those views: :meth:`get_buffer` hands them out.
     ``max_data_segment_length`` is the MaxRecvDataSegmentLength we declared; a larger segment is
     a protocol error, which also bounds the memory a hostile peer can make us allocate.
+
+    ``one_at_a_time`` (the Login Phase) parses at most one PDU per call and leaves the bytes
+    after it unparsed, for :meth:`parse_buffered` to take later: the PDUs that follow the final
+    Login Response belong to the Full Feature Phase, whose digests and segment limit apply to
+    them (RFC 7143 §13.12). A target may send them in the same TCP segment.
     """
 
     # Below this many outstanding payload bytes a direct receive is not worth a syscall.
@@ -1194,8 +1201,10 @@ class PDUReader:
         max_data_segment_length: int = 8192,
         sink: DataSink | None = None,
         buffer_size: int = 256 * 1024,
+        one_at_a_time: bool = False,
     ) -> None:
         self.header_digest = header_digest
+        self.one_at_a_time = one_at_a_time
         self.data_digest = data_digest
         self.max_data_segment_length = max_data_segment_length
         self._sink: DataSink | None = None
@@ -1323,6 +1332,13 @@ class PDUReader:
         self._parse(out)
         return out
 
+    def parse_buffered(self) -> list[PDU]:
+        """Parse the bytes already buffered (after ``one_at_a_time`` held them back, or the
+        digests or limits changed); returns the completed PDUs."""
+        out: list[PDU] = []
+        self._parse(out)
+        return out
+
     def feed(self, data: Buffer) -> list[PDU]:
         """Convenience for tests and non-asyncio callers: push bytes, get PDUs."""
         view = memoryview(data)
@@ -1396,6 +1412,7 @@ class PDUReader:
         buf, view = self._buf, self._view
         data_digest = self.data_digest
         max_dsl = self.max_data_segment_length
+        single = self.one_at_a_time
         while True:
             state = self._state
             if state is _HEADER:
@@ -1435,7 +1452,7 @@ class PDUReader:
                             self._trailer = total - BHS_LEN - dsl
                             self._state = _DIRECT
                             continue
-                if not self._parse_one(out):
+                if not self._parse_one(out) or single:
                     return
                 buf, view = self._buf, self._view
                 continue

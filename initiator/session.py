@@ -2,21 +2,21 @@
 
 Theory of operation
 -------------------
-:class:`SessionCore` is the sans-I/O heart of the initiator after login (RFC 7143 §4.2, §7).
+:class:`ConnectionCore` is the sans-I/O heart of the initiator after login (RFC 7143 §4.2, §7).
 It owns the task table, the command window and the outbound queue; it never touches a socket
 or the clock. The transport feeds it:
 
-- :meth:`SessionCore.receive_pdu` with every PDU read from the connection (and, through the
+- :meth:`ConnectionCore.receive_pdu` with every PDU read from the connection (and, through the
   :class:`~initiator.pdu.DataSink` interface, tells the reader where Data-In payloads go, so
   they are received straight into the command's buffers);
-- :meth:`SessionCore.handle_timer` when :meth:`SessionCore.get_timer` says so (``now`` is
+- :meth:`ConnectionCore.handle_timer` when :meth:`ConnectionCore.get_timer` says so (``now`` is
   always passed in);
 
-and drains :meth:`SessionCore.send_buffers` / :meth:`SessionCore.sent` into ``sendmsg``.
+and drains :meth:`ConnectionCore.send_buffers` / :meth:`ConnectionCore.sent` into ``sendmsg``.
 Outbound PDUs are :class:`_Frame` objects whose buffers include the caller's own ``memoryview``s
 of Data-Out: nothing is copied on the way out.
 
-Commands complete through the callback given to :meth:`SessionCore.submit`, called exactly
+Commands complete through the callback given to :meth:`ConnectionCore.submit`, called exactly
 once, after every reference the core holds to the command's buffers has been dropped. Other
 happenings the transport must act on (the target asks us to log out, will drop the connection,
 wants renegotiation, reported a SCSI asynchronous event) become :class:`Event`\\s.
@@ -39,15 +39,22 @@ MaxOutstandingR2T outstanding) before it is served; answers to the target's ping
 not read are bounded; a flood of Async Messages asks the transport to act once. A breach is a
 :class:`~initiator.errors.RemoteProtocolError`: the connection is dropped.
 
+Bounds (see "Timers" below): liveness is progress on what we asked, judged by the keepalive
+ping; a command outstanding for ``command_timeout`` is ended by :meth:`ConnectionCore.abort`'s
+escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up); requests carry
+their own deadline.
+
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
-and re-issues the commands that did not complete (see :meth:`SessionCore.take_unfinished`).
+and re-issues the commands that did not complete (see :meth:`ConnectionCore.take_unfinished`;
+when and for how long is :mod:`initiator.recovery`'s policy).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +64,8 @@ from initiator import serial
 from initiator.command import Buffers, CommandResult, CompletionCallback, ScsiStatus
 from initiator.errors import (
     CommandError,
+    CommandTimeout,
+    ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -106,6 +115,17 @@ _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
 _new_tuple = tuple.__new__
+_NEVER = math.inf
+_CHECKS = 8
+"""Command deadline checks per command_timeout (see ConnectionCore.handle_timer)."""
+# The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
+_ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
+                      P.LogoutResponse})
+_REQUEST_NAMES = {
+    P.Opcode.NOP_OUT: "NOP-Out ping", P.Opcode.TEXT_REQUEST: "Text Request",
+    P.Opcode.LOGOUT_REQUEST: "Logout Request",
+    P.Opcode.TASK_MGMT_REQUEST: "task management request",
+}
 
 
 class Task:
@@ -113,9 +133,12 @@ class Task:
 
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
-        "itt", "lun", "lun_wire", "on_done", "out_len", "r2t", "received", "reissues", "state",
-        "unsent_frames", "unsolicited",
+        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "received",
+        "reissues", "state", "unsent_frames", "unsolicited",
     )
+    lost_at: float
+    """When the command was first lost with a connection (set by the transport then: never
+    on the per-command path)."""
 
     def __init__(
         self,
@@ -253,6 +276,44 @@ class _Control:
     function: P.TMFunction | None = None
     cmd_sn: int = 0
     """The CmdSN the request carried (a TMF affects only commands sent before it)."""
+    deadline: float | None = None
+    """When ``on_done`` gets a :class:`CommandTimeout` if no answer came (None: no bound)."""
+    expired: bool = False
+    """``on_done`` had its timeout; a late answer is accepted and ignored."""
+
+
+@dataclass(slots=True)
+class _Liveness:
+    """The keepalive's state (see ConnectionCore's timers)."""
+
+    checked_at: float
+    """When the timer last ran."""
+    mark: tuple[int, int] = (0, 0)
+    """The Data-In fast paths' counters then (stats_answered, stats_bytes_in): they run
+    without a clock, so their progress shows as a change of these."""
+    ping_itt: int | None = None
+    """The keepalive's ping in flight."""
+    ping_deadline: float = 0.0
+    ping_sent: float = 0.0
+    ping_mark: tuple[int, int] = (0, 0)
+    """The counters when the ping was sent (or its wait last extended)."""
+
+
+@dataclass(slots=True)
+class _Deadlines:
+    """The per-command deadline's settings and state, and abort()'s (see ConnectionCore's
+    timers). Apart from the core so that it keeps few attributes (see its __init__)."""
+
+    command_timeout: float
+    tmf_timeout: float
+    next_check: float
+    checkpoints: deque[tuple[float, int]] = field(default_factory=deque)
+    """(time, next CmdSN) at each check: a command whose CmdSN is below that of a checkpoint
+    older than command_timeout has been outstanding longer."""
+    stall: tuple[int, float] | None = None
+    """(commands sent, since when) while the window holds requests back."""
+    expired: dict[Task, ISCSIError] = field(default_factory=dict)
+    """Commands being ended by abort()'s escalation, with the error they end with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +325,7 @@ class _TextSend:
     ttt: int
 
 
-class SessionCore:
+class ConnectionCore:
     """The sans-I/O Full Feature Phase of one connection. See the module docstring."""
 
     def __init__(
@@ -279,6 +340,8 @@ class SessionCore:
         now: float = 0.0,
         noop_interval: float = 5.0,
         noop_timeout: float = 5.0,
+        command_timeout: float = 0.0,
+        tmf_timeout: float = 15.0,
     ) -> None:
         self.params = params
         self.target = target
@@ -300,9 +363,15 @@ class SessionCore:
         self._frames: deque[_Frame] = deque()
         self._next_itt = 1
         self._events: deque[Event] = deque()
-        self._last_rx = now
-        self._ping_itt: int | None = None
-        self._ping_deadline = 0.0
+        # Liveness (see handle_timer): when the target last made progress on something of
+        # ours (receive_pdu notes it), and the keepalive's bookkeeping. Timer state lives in
+        # small objects: CPython specialises attribute access on an instance dict of at most
+        # 30 keys, and past that every self.x of the per-command path is slower.
+        self._last_progress = now
+        self._live = _Liveness(checked_at=now, ping_sent=now)
+        self._deadlines = _Deadlines(
+            command_timeout, tmf_timeout,
+            next_check=now + command_timeout / _CHECKS if command_timeout > 0 else _NEVER)
         # Our answers to the target's pings that are still queued: a target that pings
         # faster than it reads would otherwise grow the queue without bound.
         self._ping_answers = _Unsent()
@@ -314,8 +383,9 @@ class SessionCore:
         self.logging_out = False
         self.stats_commands = 0
         self.stats_answered = 0
-        """Commands that got their status and pings that got their answer on this connection:
-        the transport's evidence that a reconnect really re-established the session."""
+        """Commands that got their status on this connection: the transport's evidence that
+        a reconnect really re-established the session (pings do not count: a target can
+        answer them and fail every command)."""
         self.stats_bytes_in = 0
         self.stats_bytes_out = 0
         self._handlers: dict[type[P.PDU], Callable[[P.PDU], None]] = {
@@ -329,6 +399,16 @@ class SessionCore:
             P.AsyncMessage: self._on_async,  # type: ignore[dict-item]
             P.Reject: self._on_reject,  # type: ignore[dict-item]
         }
+
+    @property
+    def command_timeout(self) -> float:
+        """Seconds a command may be outstanding before abort() ends it (0: no deadline)."""
+        return self._deadlines.command_timeout
+
+    @property
+    def tmf_timeout(self) -> float:
+        """Seconds each step of abort()'s escalation may take."""
+        return self._deadlines.tmf_timeout
 
     # ------------------------------------------------------------------------------------
     # Submitting work
@@ -352,8 +432,10 @@ class SessionCore:
             return
         self._send_command(task)
 
-    def abort_task(self, task: Task, on_done: ControlCallback) -> None:
-        """ABORT TASK for ``task`` (§11.5.1). ``on_done`` gets the TaskMgmtResponse.
+    def abort_task(self, task: Task, on_done: ControlCallback, *,
+                   deadline: float | None = None) -> None:
+        """ABORT TASK for ``task`` (§11.5.1). ``on_done`` gets the TaskMgmtResponse, or a
+        :class:`CommandTimeout` when none came by ``deadline``.
 
         A command still waiting for the window was never seen by the target: it completes
         at once with :class:`TaskAborted` and ``on_done`` gets a synthetic COMPLETE response.
@@ -364,37 +446,73 @@ class SessionCore:
                 task, TaskAborted(f"{self._what(task)} aborted before it was sent"))
             on_done(P.TaskMgmtResponse(response=P.TMResponse.COMPLETE))
             return
-        self._task_mgmt(P.TMFunction.ABORT_TASK, task.lun, on_done, ref_task=task)
+        self._task_mgmt(P.TMFunction.ABORT_TASK, task.lun, on_done, ref_task=task,
+                        deadline=deadline)
 
-    def task_management(self, function: P.TMFunction, lun: int, on_done: ControlCallback) -> None:
+    def task_management(self, function: P.TMFunction, lun: int, on_done: ControlCallback, *,
+                        deadline: float | None = None) -> None:
         """ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET or TARGET WARM/COLD RESET."""
         if function in (P.TMFunction.ABORT_TASK, P.TMFunction.TASK_REASSIGN):
             raise LocalProtocolError(f"{function.name} needs a task; use abort_task")
-        self._task_mgmt(function, lun, on_done)
+        self._task_mgmt(function, lun, on_done, deadline=deadline)
 
-    def text_request(self, text: bytes, on_done: ControlCallback) -> None:
+    def abort(self, task: Task, now: float, error: ISCSIError,
+              on_done: Callable[[], None] | None = None) -> None:
+        """End ``task`` at the target whatever it takes, escalating as open-iscsi and the
+        SCSI error handler do: ABORT TASK; if the target refuses it or does not answer within
+        ``tmf_timeout``, LOGICAL UNIT RESET of the task's LUN; if that fails too, the
+        connection is given up (:class:`ConnectionFailed` is raised, from
+        :meth:`handle_timer` or :meth:`receive_pdu`) and the session reinstated.
+
+        The task completes with ``error`` (unless its own status comes first) and is not
+        re-issued on the next connection: :meth:`take_unfinished` completes it. ``on_done``
+        runs once the task is out of the target's hands (aborted, reset, or the connection
+        dropped). Used by the per-command deadline and for aborts the kernel asks for.
+        """
+        done = on_done or _nothing
+        if task.state is _DONE or task.on_done is None or task in self._deadlines.expired:
+            done()
+            return
+        if task.state is _QUEUED:
+            if task in self._queued:
+                self._queued.remove(task)
+                self._complete_error(task, error)
+            done()
+            return
+        self._deadlines.expired[task] = error
+        self._escalate(task, P.TMFunction.ABORT_TASK, now + self._deadlines.tmf_timeout, done)
+
+    def text_request(self, text: bytes, on_done: ControlCallback, *,
+                     deadline: float | None = None) -> None:
         """Send a Text Request (e.g. ``SendTargets=All``); ``on_done`` gets a TextResponse
-        whose ``data`` is the whole answer, reassembled across continuation PDUs (§11.10.2)."""
+        whose ``data`` is the whole answer, reassembled across continuation PDUs (§11.10.2),
+        or a :class:`CommandTimeout` when it is not complete by ``deadline``."""
         itt = self._alloc_itt()
-        self._controls[itt] = _Control(P.Opcode.TEXT_REQUEST, on_done)
+        self._controls[itt] = _Control(P.Opcode.TEXT_REQUEST, on_done, deadline=deadline)
         self._send_text(itt, text, P.RESERVED_TAG)
 
     def ping(self, now: float, on_done: ControlCallback | None = None, data: bytes = b"") -> None:
-        """Send a NOP-Out ping (§11.18); the NOP-In answer goes to ``on_done``."""
+        """Send a NOP-Out ping (§11.18); the NOP-In answer goes to ``on_done``, or a
+        :class:`CommandTimeout` after ``noop_timeout`` (the keepalive ping itself is judged
+        by :meth:`handle_timer`, which may drop the connection instead)."""
         itt = self._alloc_itt()
-        self._controls[itt] = _Control(P.Opcode.NOP_OUT, on_done or _ignore)
-        if self._ping_itt is None:
-            self._ping_itt = itt
-            self._ping_deadline = now + self.noop_timeout
+        self._controls[itt] = _Control(P.Opcode.NOP_OUT, on_done or _ignore,
+                                       deadline=now + self.noop_timeout)
+        if self._live.ping_itt is None:
+            self._live.ping_itt = itt
+            self._live.ping_deadline = now + self.noop_timeout
+            self._live.ping_sent = now
+            self._live.ping_mark = (self.stats_answered, self.stats_bytes_in)
         self._queue(P.NopOut(immediate=True, itt=itt, ttt=P.RESERVED_TAG, cmd_sn=self.cmd_sn,
                              exp_stat_sn=self.exp_stat_sn, data=data))
 
     def logout(self, on_done: ControlCallback,
-               reason: P.LogoutReason = P.LogoutReason.CLOSE_SESSION) -> None:
+               reason: P.LogoutReason = P.LogoutReason.CLOSE_SESSION, *,
+               deadline: float | None = None) -> None:
         """Send a Logout Request (§11.14). New commands are refused from now on."""
         self.logging_out = True
         itt = self._alloc_itt()
-        self._controls[itt] = _Control(P.Opcode.LOGOUT_REQUEST, on_done)
+        self._controls[itt] = _Control(P.Opcode.LOGOUT_REQUEST, on_done, deadline=deadline)
         self._queue(P.LogoutRequest(immediate=True, reason=reason, itt=itt, cid=0,
                                     cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
 
@@ -461,47 +579,169 @@ class SessionCore:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def data_received(self, now: float) -> None:
-        """Bytes arrived (maybe only part of a PDU): the connection is alive."""
-        self._last_rx = now
+    # -- Timers ---------------------------------------------------------------------------
+    #
+    # Liveness means the target makes progress on what we asked: data or status for our
+    # commands, R2Ts, answers to our requests and pings. Bytes alone do not count (a target
+    # trickling a byte a second would keep a dead connection alive), nor do PDUs it sends on
+    # its own (NOP-In pings, Async Messages). receive_pdu() notes the time of every answer; the
+    # Data-In fast paths run without a clock, so each timer run compares their counters with
+    # the last run's. Three bounds come from that:
+    #
+    # - keepalive: after noop_interval without progress a NOP-Out ping goes out; unanswered
+    #   after noop_timeout with no progress meanwhile, the connection is dead (an answer
+    #   stuck behind a long read is no failure: that read progresses);
+    # - per command: a command outstanding for command_timeout is ended by abort()'s
+    #   escalation. No timer per command: every check records (now, next CmdSN), and the
+    #   commands (in the task table in CmdSN order) whose CmdSN is below that of a record
+    #   older than command_timeout are overdue. A check runs every command_timeout / _CHECKS,
+    #   so a command is caught at most 1 / _CHECKS late (plus the loop's delay);
+    # - the command window: commands held back by a window that does not open for
+    #   command_timeout (MaxCmdSN never moving) end the connection; they were never seen by
+    #   the target, and the next login grants a new window.
+    #
+    # Requests (task management, text, logout, pings) carry their own deadline.
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next run, or None."""
         if self._closed is not None:
             return None
-        if self._ping_itt is not None:
-            return self._ping_deadline
-        if self.noop_interval <= 0:
-            return None
-        return self._last_rx + self.noop_interval
+        when = self._deadlines.next_check
+        if self._live.ping_itt is not None:
+            when = min(when, self._live.ping_deadline)
+        elif self.noop_interval > 0:
+            when = min(when, self._last_progress + self.noop_interval)
+        for itt, control in self._controls.items():
+            # The keepalive's own ping is judged by _keepalive, against ping_deadline.
+            if control.deadline is not None and not control.expired and itt != self._live.ping_itt:
+                when = min(when, control.deadline)
+        return None if when == _NEVER else when
 
     def handle_timer(self, now: float) -> None:
-        """Send a keepalive NOP-Out when the line was idle; fail when it went unanswered."""
+        """Run the keepalive, the command deadlines and the request deadlines (see above).
+
+        Raises a ProtocolError or :class:`ConnectionFailed` when the connection must be given
+        up (the transport then recovers the session)."""
         if self._closed is not None:
             return
-        if self._ping_itt is not None:
-            if now >= self._ping_deadline and self._last_rx < self._ping_deadline - \
-                    self.noop_timeout:
+        mark = (self.stats_answered, self.stats_bytes_in)
+        if mark != self._live.mark:
+            # Progress since the last run. Unless receive_pdu() noted when (an answer after
+            # that run), it was a fast path's, at a time unknown: say now.
+            self._live.mark = mark
+            if self._last_progress <= self._live.checked_at:
+                self._last_progress = now
+        self._live.checked_at = now
+        self._expire_controls(now)
+        self._keepalive(now)
+        if self._deadlines.command_timeout > 0 and now >= self._deadlines.next_check:
+            self._deadlines.next_check = now + self._deadlines.command_timeout / _CHECKS
+            self._check_commands(now)
+
+    def _keepalive(self, now: float) -> None:
+        if self._live.ping_itt is not None:
+            if now < self._live.ping_deadline:
+                return
+            mark = (self.stats_answered, self.stats_bytes_in)
+            if self._last_progress <= self._live.ping_sent and mark == self._live.ping_mark:
                 raise RemoteProtocolError(
                     f"target {self.target} did not answer a NOP-Out ping within "
-                    f"{self.noop_timeout:g} s: the connection is considered dead")
-            if now >= self._ping_deadline:
-                # Data kept arriving: the target is alive but busy. Keep waiting (this is
-                # how we avoid open-iscsi's NOP timeouts under load).
-                self._ping_deadline = now + self.noop_timeout
+                    f"{self.noop_timeout:g} s and made no progress on our commands meanwhile: "
+                    "the connection is considered dead")
+            # The target progresses on our commands but the answer is not in yet (stuck
+            # behind a long read, say): alive but busy. This is how we avoid open-iscsi's NOP
+            # timeouts under load; a target that stops progressing fails the next round.
+            self._live.ping_sent = now
+            self._live.ping_mark = mark
+            self._live.ping_deadline = now + self.noop_timeout
             return
-        if self.noop_interval > 0 and now >= self._last_rx + self.noop_interval:
+        if self.noop_interval > 0 and now >= self._last_progress + self.noop_interval:
             self.ping(now)
+
+    def _expire_controls(self, now: float) -> None:
+        expired = [(itt, c) for itt, c in self._controls.items()
+                   if c.deadline is not None and not c.expired and now >= c.deadline
+                   and itt != self._live.ping_itt]
+        for itt, control in expired:
+            control.expired = True
+            what = _REQUEST_NAMES.get(control.kind, control.kind.name)
+            if control.function is not None:
+                what = control.function.name.replace("_", " ")
+            control.on_done(CommandTimeout(
+                f"target {self.target} did not answer our {what} (ITT 0x{itt:08x}) in time"))
+
+    def _check_commands(self, now: float) -> None:
+        timeout = self._deadlines.command_timeout
+        checkpoints = self._deadlines.checkpoints
+        if not checkpoints or checkpoints[-1][1] != self.cmd_sn:
+            checkpoints.append((now, self.cmd_sn))
+        horizon = now - timeout
+        while len(checkpoints) > 1 and checkpoints[1][0] <= horizon:
+            checkpoints.popleft()
+        if self._tasks and checkpoints[0][0] <= horizon:
+            before = checkpoints[0][1]
+            overdue: list[Task] = []
+            for task in self._tasks.values():  # in CmdSN order: the oldest first
+                if not 0 < (before - task.cmd_sn) & _MASK < _HALF:
+                    break
+                if task not in self._deadlines.expired:
+                    overdue.append(task)
+            for task in overdue:
+                log.warning("%s: %s did not complete within %g s; aborting it", self.target,
+                            self._what(task), timeout)
+                self.abort(task, now, CommandTimeout(
+                    f"{self._what(task)} did not complete within the command timeout of "
+                    f"{timeout:g} s in target {self.target}; it was aborted"))
+        if not self._queued:
+            self._deadlines.stall = None
+        elif self._deadlines.stall is None or self._deadlines.stall[0] != self.stats_commands:
+            self._deadlines.stall = (self.stats_commands, now)
+        elif now - self._deadlines.stall[1] >= timeout:
+            raise ConnectionFailed(
+                f"target {self.target} kept its command window closed for {timeout:g} s "
+                f"(CmdSN {self.cmd_sn}, MaxCmdSN {self.max_cmd_sn}) with "
+                f"{len(self._queued)} request(s) waiting: reconnecting")
+
+    def _escalate(self, task: Task, function: P.TMFunction, deadline: float,
+                  done: Callable[[], None]) -> None:
+        """One step of :meth:`abort`: ``function`` (ABORT TASK, then LOGICAL UNIT RESET)."""
+        def answered(result: P.PDU | ISCSIError) -> None:
+            if task.state is _DONE or self._closed is not None:
+                # Aborted, reset, completed on its own meanwhile, or the connection is gone
+                # (take_unfinished ends the task with its error).
+                if task.state is _DONE:
+                    self._deadlines.expired.pop(task, None)
+                done()
+                return
+            why = _tmf_outcome(result)
+            if function is P.TMFunction.ABORT_TASK:
+                log.warning("%s: ABORT TASK for %s failed (%s); resetting LUN %d", self.target,
+                            self._what(task), why, task.lun)
+                self._escalate(task, P.TMFunction.LOGICAL_UNIT_RESET,
+                               deadline + self._deadlines.tmf_timeout, done)
+                return
+            done()
+            raise ConnectionFailed(
+                f"target {self.target} could not end {self._what(task)}: ABORT TASK and "
+                f"LOGICAL UNIT RESET of LUN {task.lun} failed ({why}); dropping the connection "
+                "to reinstate the session")
+
+        self._task_mgmt(function, task.lun, answered,
+                        ref_task=task if function is P.TMFunction.ABORT_TASK else None,
+                        deadline=deadline)
 
     def receive_pdu(self, pdu: P.PDU, now: float) -> None:
         """Process one PDU from the target. Raises a ProtocolError when the connection must
         be dropped (the transport then recovers the session)."""
-        self._last_rx = now
-        handler = self._handlers.get(type(pdu))
+        cls = type(pdu)
+        handler = self._handlers.get(cls)
         if handler is None:
             raise RemoteProtocolError(
-                f"target {self.target} sent a {type(pdu).__name__} PDU, which a target never "
+                f"target {self.target} sent a {cls.__name__} PDU, which a target never "
                 "sends in Full Feature Phase")
+        if cls in _ANSWERS or (isinstance(pdu, P.NopIn) and pdu.itt != _RESERVED_TAG):
+            # An answer to something of ours (the handler checks that it is): progress.
+            self._last_progress = now
         handler(pdu)
 
     def data_in_buffers(self, pdu: P.DataIn, length: int) -> Sequence[memoryview] | None:
@@ -628,12 +868,15 @@ class SessionCore:
             task.unsent_frames = 0
         controls, self._controls = self._controls, {}
         for control in controls.values():
-            control.on_done(error)
+            if not control.expired:
+                control.on_done(error)
 
     def take_unfinished(self) -> list[Task]:
         """Every command that has not completed, in submission order, reset for re-issue.
 
         On a live connection (``fail_all``) the send queue lets go of their buffers too.
+        Commands that :meth:`abort` was ending are not re-issued: they complete now with the
+        error they were being ended with (call this after the reader let go of their buffers).
         """
         # Sent commands have CmdSNs just below the next one to allocate; counting back from
         # it orders them in serial arithmetic, whether or not ExpCmdSN has passed them (the
@@ -643,10 +886,16 @@ class SessionCore:
         tasks.extend(t for t in self._queued if isinstance(t, Task))
         self._tasks.clear()
         self._queued.clear()
+        unfinished: list[Task] = []
         for task in tasks:
             self._detach_frames(task)
+            error = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
+            if error is not None:
+                self._complete_error(task, error)
+                continue
             task.reset_for_reissue()
-        return tasks
+            unfinished.append(task)
+        return unfinished
 
     def fail_all(self, error: ISCSIError) -> None:
         """Complete every command with ``error`` (session replacement timed out, etc.)."""
@@ -774,10 +1023,11 @@ class SessionCore:
         self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
 
     def _task_mgmt(self, function: P.TMFunction, lun: int, on_done: ControlCallback,
-                   ref_task: Task | None = None) -> None:
+                   ref_task: Task | None = None, deadline: float | None = None) -> None:
         itt = self._alloc_itt()
         self._controls[itt] = _Control(P.Opcode.TASK_MGMT_REQUEST, on_done, ref_task=ref_task,
-                                       lun=lun, function=function, cmd_sn=self.cmd_sn)
+                                       lun=lun, function=function, cmd_sn=self.cmd_sn,
+                                       deadline=deadline)
         self._queue(P.TaskMgmtRequest(
             immediate=True, function=function, lun=P.lun_to_wire(lun), itt=itt,
             referenced_task_tag=ref_task.itt if ref_task else P.RESERVED_TAG,
@@ -935,10 +1185,10 @@ class SessionCore:
             if control is None or control.kind is not P.Opcode.NOP_OUT:
                 raise RemoteProtocolError(
                     f"target {self.target} answered a NOP-Out 0x{pdu.itt:08x} we never sent")
-            if pdu.itt == self._ping_itt:
-                self._ping_itt = None
-            self.stats_answered += 1
-            control.on_done(pdu)
+            if pdu.itt == self._live.ping_itt:
+                self._live.ping_itt = None
+            if not control.expired:
+                control.on_done(pdu)
             return
         if pdu.ttt != P.RESERVED_TAG:
             # The target pings us: answer with its TTT, ITT reserved (§11.18.2). Answers it
@@ -975,7 +1225,8 @@ class SessionCore:
                 self._terminate(lambda t: t.lun == control.lun, control.cmd_sn, why)
             elif function in (P.TMFunction.TARGET_WARM_RESET, P.TMFunction.TARGET_COLD_RESET):
                 self._terminate(lambda t: True, control.cmd_sn, why)
-        control.on_done(pdu)
+        if not control.expired:
+            control.on_done(pdu)
 
     def _terminate(self, match: Callable[[Task], bool], before: int, why: str) -> None:
         # Only commands sent before the TMF (CmdSN below the one it carried) are affected:
@@ -993,6 +1244,10 @@ class SessionCore:
             raise RemoteProtocolError(
                 f"target {self.target} sent a Text Response for 0x{pdu.itt:08x}, which is not "
                 "a text request of ours")
+        if control.expired:
+            # We gave up on it (its deadline passed): drop the rest of the exchange.
+            del self._controls[pdu.itt]
+            return
         control.text += pdu.data
         if len(control.text) > 16 * 1024 * 1024:
             raise RemoteProtocolError(
@@ -1018,7 +1273,8 @@ class SessionCore:
             raise RemoteProtocolError(
                 f"target {self.target} sent a Logout Response 0x{pdu.itt:08x} we never asked for")
         self._events.append(Event(EventKind.LOGGED_OUT, seconds=pdu.time2wait))
-        control.on_done(pdu)
+        if not control.expired:
+            control.on_done(pdu)
 
     def _on_async(self, pdu: P.AsyncMessage) -> None:
         self._ack(pdu.stat_sn)
@@ -1071,12 +1327,13 @@ class SessionCore:
         if isinstance(header, (P.NopOut, P.TaskMgmtRequest, P.TextRequest)) and \
                 itt in self._controls:
             control = self._controls.pop(itt)
-            if itt == self._ping_itt:
-                self._ping_itt = None
+            if itt == self._live.ping_itt:
+                self._live.ping_itt = None
             if isinstance(header, P.TextRequest):
                 self._renegotiation_requested = False
-            control.on_done(CommandError(
-                f"target {self.target} rejected our {type(header).__name__}: {reason}"))
+            if not control.expired:
+                control.on_done(CommandError(
+                    f"target {self.target} rejected our {type(header).__name__}: {reason}"))
             return
         # A rejected Data-Out, SNACK or an unidentifiable PDU: at ERL 0 the only recovery is a
         # new connection, on which the affected commands are re-issued.
@@ -1120,6 +1377,10 @@ class SessionCore:
             on_done(result)
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
+        if self._deadlines.expired:
+            # abort() is ending it (per-command deadline, the kernel's abort): its error wins
+            # over the TMF's generic "aborted".
+            error = self._deadlines.expired.pop(task, error)
         self._release(task)
         on_done, task.on_done = task.on_done, None
         if on_done is not None:
@@ -1131,6 +1392,21 @@ class SessionCore:
 
 def _ignore(_: P.PDU | ISCSIError) -> None:
     return None
+
+
+def _nothing() -> None:
+    return None
+
+
+def _tmf_outcome(result: P.PDU | ISCSIError) -> str:
+    """How a task management request ended, in words, for a log line or an error."""
+    if isinstance(result, P.TaskMgmtResponse):
+        try:
+            return "the target answered " + P.TMResponse(result.response).name.replace(
+                "_", " ").lower()
+        except ValueError:
+            return f"the target answered response {result.response}"
+    return str(result)
 
 
 def _total(views: Buffers) -> int:

@@ -8,16 +8,17 @@ PDUReader`, which hands out the internal header buffer or, while a Data-In paylo
 received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
 daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
 frames (header bytes plus the caller's own views) go to ``socket.sendmsg`` as one scatter list,
-and when the socket is full the rest waits for writability in the session core's queue.
+and when the socket is full the rest waits for writability in the connection core's queue.
 
 :class:`Session` drives login (:mod:`initiator.login`) over a connection, then runs the Full
-Feature Phase through :class:`~initiator.session.SessionCore`. When the connection fails it
-recovers as open-iscsi does at ErrorRecoveryLevel 0 (RFC 7143 §6.3.5, §7.1.4): after
-DefaultTime2Wait it logs in again with the same ISID and TSIH 0 — session reinstatement — and
-re-issues every command that had not completed, for up to ``replacement_timeout`` seconds;
-after that those commands fail with :class:`~initiator.errors.SessionFailed`. The timeout
-counts from the first loss: a reconnect that logs in but breaks again before answering a
-command or a ping does not restart it.
+Feature Phase through :class:`~initiator.session.ConnectionCore`. When the connection fails it
+recovers as open-iscsi does at ErrorRecoveryLevel 0 (RFC 7143 §6.3.5, §7.1.4): it logs in
+again with the same ISID and TSIH 0 — session reinstatement — and re-issues every command that
+had not completed. When to try and when to give up (Time2Wait, backoff, the replacement
+timeout and its outage clock) is :class:`~initiator.recovery.RecoveryPolicy`'s decision; this
+module runs its timer and the login attempts it asks for. Every wait has a bound, named in
+:class:`SessionConfig`; every failure, whatever raised it, ends as one error for the commands
+(:class:`~initiator.errors.SessionFailed` once recovery gives up).
 
 No asyncio Task is created per command: :meth:`Session.submit` takes a callback, and
 :meth:`Session.execute` only adds one Future.
@@ -33,7 +34,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from initiator.errors import (
     ISCSIError,
     LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     SessionFailed,
     TaskAborted,
 )
@@ -55,10 +57,11 @@ from initiator.login import (
     LoginSuccess,
     Portal,
 )
+from initiator.recovery import Action, RecoveryPolicy
 from initiator.session import (
+    ConnectionCore,
     Event,
     EventKind,
-    SessionCore,
     Task,
     TransferParameters,
 )
@@ -110,9 +113,24 @@ class SessionConfig:
     """Overrides of our operational offers, by key name (e.g. ``{"MaxBurstLength": "65536"}``)."""
     isid: int = field(default_factory=random_isid)
     login_timeout: float = 15.0
+    """Seconds a login may take in all: name resolution, connecting, every exchange and every
+    redirect."""
     replacement_timeout: float = 120.0
+    """Seconds commands wait for the session to work again after a connection is lost (the
+    outage clock: see :mod:`initiator.recovery`); then they fail."""
     noop_interval: float = 5.0
+    """Seconds without progress from the target before a NOP-Out ping (0: no pings)."""
     noop_timeout: float = 5.0
+    """Seconds a ping may go unanswered, with no progress meanwhile, before the connection is
+    considered dead."""
+    command_timeout: float = 30.0
+    """Seconds a command may be outstanding at the target (the SCSI layer's timeout); then it
+    is aborted: ABORT TASK, LOGICAL UNIT RESET, a new connection (0: no deadline). Text
+    requests and a command window that stays closed are held to it too."""
+    tmf_timeout: float = 15.0
+    """Seconds each task management request (ABORT TASK, LOGICAL UNIT RESET) may take."""
+    logout_timeout: float = 10.0
+    """Seconds a logout may take, waiting for outstanding commands included."""
     reconnect_forever: bool = False
     """Keep trying to reconnect after the replacement timeout (the daemon); one-shot commands
     give up then."""
@@ -138,7 +156,7 @@ class Connection(asyncio.BufferedProtocol):
         self.portal = portal
         self.pcap = pcap
         self.reader = _login_reader()
-        self.core: SessionCore | None = None
+        self.core: ConnectionCore | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
@@ -161,22 +179,31 @@ class Connection(asyncio.BufferedProtocol):
     @classmethod
     async def open(cls, portal: Portal, timeout: float, pcap_factory: Callable[
             [tuple[str, int], tuple[str, int]], PcapRecorder] | None = None) -> Connection:
-        """Connect to ``portal`` within ``timeout`` seconds."""
+        """Connect to ``portal`` within ``timeout`` seconds (in all: resolving the name and
+        trying each of its addresses)."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
+            # ValueError: UnicodeError from the IDNA codec (an empty or 64+ character label,
+            # as a target's redirect may hold) and embedded NULs.
             raise ConnectionFailed(
-                f"cannot resolve {portal.host}: {_reason(exc)}; check the target address"
+                f"cannot resolve {portal.host!r}: {_reason(exc)}; check the target address"
             ) from None
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as exc:
+                last = exc
+                continue
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
-            except (OSError, TimeoutError) as exc:
+                await asyncio.wait_for(loop.sock_connect(sock, addr),
+                                       max(0.0, deadline - loop.time()))
+            except (OSError, TimeoutError, ValueError, OverflowError) as exc:
                 sock.close()
                 last = exc
                 continue
@@ -186,7 +213,9 @@ class Connection(asyncio.BufferedProtocol):
                 remote = sock.getpeername()
                 pcap = pcap_factory((local[0], local[1]), (remote[0], remote[1]))
             return await cls._attach(portal, pcap, sock)
-        assert last is not None
+        if last is None:
+            raise ConnectionFailed(f"{portal.host!r} resolves to no address; check the target "
+                                   "address")
         raise ConnectionFailed(
             f"cannot connect to iSCSI portal {portal}: {_reason(last)}; check that the target "
             "is running and reachable, and the address and port") from None
@@ -219,12 +248,8 @@ class Connection(asyncio.BufferedProtocol):
         try:
             pdus = self.reader.buffer_updated(nbytes)
             if core is None:
-                self._login_pdus.extend(pdus)
-                waiter = self._login_waiter
-                if waiter is not None and not waiter.done() and self._login_pdus:
-                    waiter.set_result(self._login_pdus.pop(0))
+                self._login_received(pdus)
                 return
-            core.data_received(now)
             for pdu in pdus:
                 core.receive_pdu(pdu, now)
             if self.reader.receiving_payload:
@@ -233,7 +258,7 @@ class Connection(asyncio.BufferedProtocol):
         except ISCSIError as exc:
             self.fail(exc)
 
-    def _read_direct(self, core: SessionCore, now: float) -> None:
+    def _read_direct(self, core: ConnectionCore, now: float) -> None:
         """Go on reading large Data-In payloads straight into their commands' buffers.
 
         asyncio reads into one buffer per loop iteration. For a large read that is either a
@@ -286,19 +311,37 @@ class Connection(asyncio.BufferedProtocol):
         """Send a control PDU outside the Full Feature Phase (login)."""
         self._sendmsg_all(P.frame(pdu, header_digest=header_digest, data_digest=data_digest))
 
-    async def next_pdu(self, timeout: float) -> P.PDU:
-        """The next PDU received during login."""
+    def _login_received(self, pdus: list[P.PDU]) -> None:
+        # The login reader parses one PDU at a time (see _login_reader). Login is strictly
+        # request and response: while the login code has not asked for the next PDU, the
+        # socket is not read, so a target that floods us during login costs no memory.
+        if not pdus:
+            return
+        self._login_pdus.extend(pdus)
+        if self._transport is not None:
+            self._transport.pause_reading()
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._login_pdus.pop(0))
+
+    async def next_pdu(self) -> P.PDU:
+        """The next PDU received during login (the caller bounds the wait: the login's total
+        deadline)."""
         if self.error is not None:
             raise self.error
+        if not self._login_pdus:
+            try:
+                self._login_pdus.extend(self.reader.parse_buffered())
+            except ISCSIError as exc:
+                self.fail(exc)
+                raise
         if self._login_pdus:
             return self._login_pdus.pop(0)
+        if self._transport is not None:
+            self._transport.resume_reading()
         self._login_waiter = self._loop.create_future()
         try:
-            return await asyncio.wait_for(asyncio.shield(self._login_waiter), timeout)
-        except TimeoutError:
-            raise ConnectionFailed(
-                f"target {self.portal} did not answer within {timeout:g} s during login"
-            ) from None
+            return await self._login_waiter
         finally:
             self._login_waiter = None
 
@@ -316,22 +359,33 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- full feature phase ----------------------------------------------------------------
 
-    def start_full_feature(self, core: SessionCore) -> None:
-        """Hand the connection to ``core``; PDUs received from now on go to it."""
+    def start_full_feature(self, core: ConnectionCore) -> None:
+        """Hand the connection to ``core``; PDUs received from now on go to it.
+
+        Bytes that came after the final Login Response (in the same segment, maybe) are still
+        unparsed in the reader: they are parsed now, with the negotiated digests and limits.
+        """
         self.core = core
-        self.reader.header_digest = core.params.header_digest
-        self.reader.data_digest = core.params.data_digest
-        self.reader.max_data_segment_length = core.params.max_recv_data_segment_length
-        self.reader.sink = core
-        pending, self._login_pdus = self._login_pdus, []
+        reader = self.reader
+        reader.header_digest = core.params.header_digest
+        reader.data_digest = core.params.data_digest
+        reader.max_data_segment_length = core.params.max_recv_data_segment_length
+        reader.sink = core
+        reader.one_at_a_time = False
         now = self._loop.time()
         try:
-            for pdu in pending:
+            if self._login_pdus:
+                raise RemoteProtocolError(
+                    f"target {self.portal} sent a {type(self._login_pdus[0]).__name__} PDU "
+                    "during login, after a Login Response, before our next request")
+            for pdu in reader.parse_buffered():
                 core.receive_pdu(pdu, now)
         except ISCSIError as exc:
             self.fail(exc)
             return
-        self._arm_timer()
+        if self._transport is not None:
+            self._transport.resume_reading()
+        self.arm_timer()
         self._after_core_activity()
 
     def kick(self) -> None:
@@ -394,7 +448,8 @@ class Connection(asyncio.BufferedProtocol):
     def _on_writable(self) -> None:
         self._flush()
 
-    def _arm_timer(self) -> None:
+    def arm_timer(self) -> None:
+        """(Re)start the timer at the core's next deadline (after a request was queued)."""
         core = self.core
         if core is None or self.error is not None:
             return
@@ -416,7 +471,7 @@ class Connection(asyncio.BufferedProtocol):
             self.fail(exc)
             return
         self._after_core_activity()
-        self._arm_timer()
+        self.arm_timer()
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -460,12 +515,17 @@ class Connection(asyncio.BufferedProtocol):
 
 
 def _login_reader() -> P.PDUReader:
-    """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12)."""
-    return P.PDUReader(max_data_segment_length=8192)
+    """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12),
+    one PDU at a time (what follows the final Login Response is Full Feature Phase)."""
+    return P.PDUReader(max_data_segment_length=8192, one_at_a_time=True)
 
 
 class Session:
-    """An iSCSI session to one target: login, commands, recovery, logout."""
+    """An iSCSI session to one target: login, commands, recovery, logout.
+
+    The asyncio side of it: the protocol is the connection core's, the recovery policy
+    :class:`~initiator.recovery.RecoveryPolicy`'s (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -488,9 +548,13 @@ class Session:
         self.target_alias: str | None = None
         self.target_portal_group_tag: int | None = None
         self._conn: Connection | None = None
-        self._core: SessionCore | None = None
+        self._core: ConnectionCore | None = None
         self._pending: list[Task] = []     # waiting for a connection (recovery)
-        self._recovery: asyncio.Task[None] | None = None
+        self._policy = RecoveryPolicy(self.config.replacement_timeout,
+                                      reconnect_forever=self.config.reconnect_forever)
+        self._policy_timer: asyncio.TimerHandle | None = None
+        self._attempt: asyncio.Task[None] | None = None   # a recovery login under way
+        self._background: set[asyncio.Task[None]] = set()
         self._failed_error: SessionFailed | None = None
         self._closing = False
         self._pcap_count = 0
@@ -498,13 +562,6 @@ class Session:
         self.on_event: Callable[[Event], None] | None = None
         self.on_state: Callable[[SessionState], None] | None = None
         self.reconnects = 0
-        # The outage being recovered from: when the first connection of it was lost. A
-        # reconnect that logs in but fails again before answering anything does not end it,
-        # so the replacement timeout still bounds how long commands wait (a target that
-        # breaks right after every login would otherwise have them re-issued forever).
-        self._outage_since: float | None = None
-        # Time2Wait of the last Logout Response: how long the next login must wait.
-        self._logout_time2wait: int | None = None
 
     @property
     def label(self) -> str:
@@ -530,34 +587,53 @@ class Session:
         """
         if self.state is not SessionState.NEW:
             raise LocalProtocolError(f"session to {self.label} was already started")
-        loop = asyncio.get_running_loop()
-        self._outage_since = loop.time()
+        self._policy.start(asyncio.get_running_loop().time(),
+                           f"not logged in to {self.label} yet")
         self._set_state(SessionState.RECOVERING)
-        self._recovery = loop.create_task(self._recover(
-            ConnectionFailed(f"not logged in to {self.label} yet"), 0.0))
+        self._arm_policy()
 
     async def _connect_and_login(self) -> None:
+        """Connect and log in, following redirects, within ``login_timeout`` in all: name
+        resolution, TCP connects and every exchange of every login count against it (a target
+        that answers at once but never completes the login must not keep us forever)."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.login_timeout
+        deadline = loop.time() + timeout
         portal = self.portal
-        for _ in range(MAX_REDIRECTS + 1):
-            conn = await Connection.open(portal, self.config.login_timeout, self._pcap_factory())
-            try:
-                outcome = await self._run_login(conn)
-            except BaseException:
-                conn.close()
-                raise
-            if isinstance(outcome, LoginRedirect):
-                conn.close()
-                log.info("%s: redirected %s to %s", self.label,
-                         "permanently" if outcome.permanent else "temporarily", outcome.portal)
-                portal = outcome.portal
-                if outcome.permanent:
-                    self.portal = portal
-                continue
-            self._start_full_feature(conn, outcome)
-            return
-        raise ConnectionFailed(
-            f"target {self.target_name} redirected the login more than {MAX_REDIRECTS} times; "
-            "check the target's portal configuration")
+        exchanges = [0]
+        redirects = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    conn = await Connection.open(portal, max(0.0, deadline - loop.time()),
+                                                 self._pcap_factory())
+                    try:
+                        outcome = await self._run_login(conn, exchanges)
+                    except BaseException:
+                        conn.close()
+                        raise
+                    if isinstance(outcome, LoginSuccess):
+                        self._start_full_feature(conn, outcome)
+                        return
+                    conn.close()
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise ConnectionFailed(
+                            f"target {self.target_name or self.label} redirected the login more "
+                            f"than {MAX_REDIRECTS} times; check the target's portal "
+                            "configuration")
+                    log.info("%s: redirected %s to %s", self.label,
+                             "permanently" if outcome.permanent else "temporarily",
+                             outcome.portal)
+                    portal = outcome.portal
+                    if outcome.permanent:
+                        self.portal = portal
+        except TimeoutError:
+            where = f" and {redirects} redirect(s)" if redirects else ""
+            raise ConnectionFailed(
+                f"login to {self.target_name or 'discovery'} at {portal} did not complete "
+                f"within the login timeout of {timeout:g} s ({exchanges[0]} login exchange(s)"
+                f"{where}); check that the target is up and its portal reachable") from None
 
     def _pcap_factory(self) -> Callable[[tuple[str, int], tuple[str, int]], PcapRecorder] | None:
         if self.pcap_path is None:
@@ -573,7 +649,8 @@ class Session:
             return PcapRecorder(path, local=local, remote=remote)
         return factory
 
-    async def _run_login(self, conn: Connection) -> LoginSuccess | LoginRedirect:
+    async def _run_login(self, conn: Connection, exchanges: list[int]
+                         ) -> LoginSuccess | LoginRedirect:
         machine = LoginMachine(
             initiator_name=self.config.initiator_name,
             initiator_alias=self.config.initiator_alias,
@@ -586,12 +663,11 @@ class Session:
             overrides=self.config.negotiation,
             portal=conn.portal,
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.login_timeout
         request = machine.start()
         while True:
             conn.send_pdu(request)
-            response = await conn.next_pdu(max(0.1, deadline - loop.time()))
+            response = await conn.next_pdu()
+            exchanges[0] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):
                 request = result
@@ -602,10 +678,10 @@ class Session:
         params = login.parameters
         self.parameters = params
         self.tsih = login.tsih
-        self._logout_time2wait = None
+        self._policy.default_time2wait = float(params.default_time2wait)
         self.target_alias = params.target_alias
         self.target_portal_group_tag = params.target_portal_group_tag
-        core = SessionCore(
+        core = ConnectionCore(
             TransferParameters(
                 header_digest=params.header_digest, data_digest=params.data_digest,
                 max_recv_data_segment_length=params.max_recv_data_segment_length,
@@ -619,7 +695,8 @@ class Session:
             cmd_sn=login.cmd_sn, exp_stat_sn=login.exp_stat_sn, exp_cmd_sn=login.exp_cmd_sn,
             max_cmd_sn=login.max_cmd_sn, target=self.label,
             now=asyncio.get_running_loop().time(),
-            noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout)
+            noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout,
+            command_timeout=self.config.command_timeout, tmf_timeout=self.config.tmf_timeout)
         conn.on_failure = lambda err: self._connection_failed(conn, err)
         conn.on_event = self._core_event
         self._conn = conn
@@ -632,11 +709,13 @@ class Session:
         self._failed_error = None
         self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
+        self._policy.logged_in(asyncio.get_running_loop().time(), waiting=bool(pending))
         for task in pending:
             core.submit(task)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
         conn.kick()
+        self._arm_policy()   # with commands waiting, the outage goes on until one completes
 
     # -- commands --------------------------------------------------------------------------
 
@@ -711,23 +790,59 @@ class Session:
                 on_done, task.on_done = task.on_done, None
                 on_done(TaskAborted(f"command 0x{task.cdb[0]:02x} aborted before it was sent"))
             return P.TaskMgmtResponse(response=P.TMResponse.COMPLETE)
-        return await self._tmf(lambda core, cb: core.abort_task(task, cb))
+        return await self._tmf(lambda core, cb: core.abort_task(
+            task, cb, deadline=self._deadline(self.config.tmf_timeout)))
+
+    async def abort(self, task: CommandHandle) -> None:
+        """End a command whatever it takes, and return once the target has let go of it.
+
+        ABORT TASK, then LOGICAL UNIT RESET if the target refuses it or does not answer
+        within ``tmf_timeout``, then a new connection (the escalation of
+        :meth:`ConnectionCore.abort <initiator.session.ConnectionCore.abort>`, which the
+        per-command deadline uses too). The command's ``on_done`` runs with
+        :class:`TaskAborted`, or with its own result if that came first; it is not re-issued.
+        """
+        if not isinstance(task, Task):
+            raise LocalProtocolError(f"{task!r} is not a command of this session")
+        error = TaskAborted(f"command 0x{task.cdb[0]:02x} (LUN {task.lun}) to {self.label} "
+                            "was aborted")
+        if task in self._pending:
+            self._pending.remove(task)
+            if task.on_done is not None:
+                on_done, task.on_done = task.on_done, None
+                on_done(error)
+            return
+        core, conn = self._core, self._conn
+        if core is None or conn is None or task.on_done is None:
+            return   # completed, or failed with its connection
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def out_of_the_targets_hands() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        core.abort(task, loop.time(), error, out_of_the_targets_hands)
+        conn.kick()
+        conn.arm_timer()
+        await ended
 
     async def task_management(self, function: P.TMFunction, lun: int) -> P.TaskMgmtResponse:
         """ABORT TASK SET, LOGICAL UNIT RESET, TARGET WARM RESET, ..."""
-        return await self._tmf(lambda core, cb: core.task_management(function, lun, cb))
+        return await self._tmf(lambda core, cb: core.task_management(
+            function, lun, cb, deadline=self._deadline(self.config.tmf_timeout)))
 
     async def lun_reset(self, lun: int) -> P.TaskMgmtResponse:
         return await self.task_management(P.TMFunction.LOGICAL_UNIT_RESET, lun)
 
-    async def _tmf(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+    async def _tmf(self, send: Callable[[ConnectionCore, Callable[[Any], None]], None]
                    ) -> P.TaskMgmtResponse:
         response = await self._control(send)
         if not isinstance(response, P.TaskMgmtResponse):
             raise LocalProtocolError("unexpected answer to task management")
         return response
 
-    async def _control(self, send: Callable[[SessionCore, Callable[[Any], None]], None]
+    async def _control(self, send: Callable[[ConnectionCore, Callable[[Any], None]], None]
                        ) -> P.PDU:
         core, conn = self._core, self._conn
         if core is None or conn is None or self.state is not SessionState.LOGGED_IN:
@@ -744,11 +859,17 @@ class Session:
 
         send(core, done)
         conn.kick()
+        conn.arm_timer()   # the request's deadline
         return await fut
 
+    def _deadline(self, timeout: float) -> float | None:
+        return asyncio.get_running_loop().time() + timeout if timeout > 0 else None
+
     async def text(self, text: bytes) -> bytes:
-        """One text exchange in Full Feature Phase; returns the whole answer."""
-        response = await self._control(lambda core, cb: core.text_request(text, cb))
+        """One text exchange in Full Feature Phase; returns the whole answer. Bounded by
+        ``command_timeout``."""
+        response = await self._control(lambda core, cb: core.text_request(
+            text, cb, deadline=self._deadline(self.config.command_timeout)))
         return bytes(response.data)
 
     async def ping(self, data: bytes = b"") -> float:
@@ -773,23 +894,30 @@ class Session:
                 f"target {self.label} asked to drop the connection"), time2wait=event.seconds)
         elif event.kind is EventKind.LOGOUT_REQUESTED and conn is not None:
             log.warning("%s: target requested logout; logging in again", self.label)
-            asyncio.get_running_loop().create_task(self._logout_and_relogin(conn))
+            self._spawn(self._logout_and_relogin(conn))
         elif event.kind is EventKind.LOGGED_OUT:
-            # At most 3600 s by the field's range (§11.15.2).
-            self._logout_time2wait = min(event.seconds, 3600)
+            # At most 3600 s by the field's range (§11.15.2); the policy caps it further.
+            self._policy.logged_out(float(min(event.seconds, 3600)))
         elif event.kind is EventKind.RENEGOTIATE:
-            asyncio.get_running_loop().create_task(self._renegotiate())
+            self._spawn(self._renegotiate())
         elif event.kind is EventKind.SCSI_EVENT:
             log.info("%s: SCSI asynchronous event on LUN %d, sense %s", self.label, event.lun,
                      event.sense.hex())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task of the session, kept referenced, never failing silently."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
 
     async def _logout_and_relogin(self, conn: Connection) -> None:
         # Async logout request (§11.9.1, AsyncEvent 1): log out within Parameter3 seconds;
         # the commands not yet complete are re-issued on the next login, which waits the
         # Time2Wait of the Logout Response (§11.15.2), noted from its LOGGED_OUT event: the
         # target may close the connection before this task runs again.
-        with contextlib.suppress(ISCSIError, TimeoutError):
-            await asyncio.wait_for(self._control(lambda core, cb: core.logout(cb)), 5)
+        with contextlib.suppress(ISCSIError):
+            await self._control(lambda core, cb: core.logout(
+                cb, deadline=self._deadline(self.config.logout_timeout)))
         if self._conn is conn:
             self._connection_failed(conn, ConnectionFailed(
                 f"target {self.label} requested a logout"))
@@ -810,78 +938,147 @@ class Session:
             return
         conn.on_failure = None
         if conn.error is None:
-            conn.fail(error)
+            conn.fail(error)   # first: the reader lets go of the commands' buffers
         core = self._core
         self._conn = None
         self._core = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
+        worked = False
         if core is not None:
-            unfinished = core.take_unfinished()
-            if core.stats_answered or not (unfinished or self._pending):
-                # That connection worked (or nothing waits on the session): a new outage.
-                self._outage_since = None
-            self._pending = unfinished + self._pending
+            worked = core.stats_answered > 0
+            self._pending = self._still_due(core.take_unfinished(), now) + self._pending
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._fail_pending(SessionFailed(f"session to {self.label} closed"))
             return
-        if self._outage_since is None:
-            self._outage_since = now
-        elif now >= self._outage_since + self.config.replacement_timeout:
-            self._give_up(error, None)
-            if not self.config.reconnect_forever:
-                return
+        if self._failed_error is not None and not self._pending and \
+                not self.config.reconnect_forever:
+            return   # given up: nothing more to recover
         log.warning("%s: connection failed (%s); recovering", self.label, error)
-        params = self.parameters
-        if time2wait is None:
-            time2wait = self._logout_time2wait
-        self._logout_time2wait = None
-        wait = time2wait if time2wait is not None else (
-            params.default_time2wait if params is not None else 2)
+        self._policy.connection_lost(now, str(error), worked=worked, waiting=bool(self._pending),
+                                     time2wait=time2wait)
         if self._failed_error is None:
             self._set_state(SessionState.RECOVERING)
-        self._recovery = loop.create_task(self._recover(error, float(wait)))
+        else:
+            self._fail_pending(self._failed_error)
+        self._arm_policy()
 
-    def _give_up(self, cause: ISCSIError, last: BaseException | None) -> None:
-        """The replacement timeout has passed: fail what waits, and whatever comes next."""
-        if self._failed_error is not None:
+    def _still_due(self, tasks: list[Task], now: float) -> list[Task]:
+        """The commands of a lost connection that are to be re-issued: not those lost with
+        connection after connection for longer than the replacement timeout (one that breaks
+        every connection it is sent on would be retried forever while others complete)."""
+        due: list[Task] = []
+        for task in tasks:
+            if task.reissues == 1:
+                task.lost_at = now
+            elif self._policy.command_expired(task.lost_at, now):
+                if task.on_done is not None:
+                    on_done, task.on_done = task.on_done, None
+                    task.data_in = task.data_out = None
+                    on_done(SessionFailed(
+                        f"command 0x{task.cdb[0]:02x} (LUN {task.lun}) to {self.label} was "
+                        f"lost with {task.reissues} connections in a row over "
+                        f"{now - task.lost_at:.0f} s, beyond the replacement timeout of "
+                        f"{self.config.replacement_timeout:g} s"))
+                continue
+            due.append(task)
+        return due
+
+    # The policy's timer and the attempts it asks for.
+
+    def _arm_policy(self) -> None:
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+            self._policy_timer = None
+        when = self._policy.get_timer()
+        if when is not None and not self._closing:
+            self._policy_timer = asyncio.get_running_loop().call_at(when, self._on_policy_timer)
+
+    def _on_policy_timer(self) -> None:
+        self._policy_timer = None
+        if self._closing:
             return
-        attempt = f"; last attempt: {last}" if last is not None else \
-            "; every reconnect failed again at once"
-        self._failed_error = SessionFailed(
-            f"session to {self.label} could not be re-established within the replacement "
-            f"timeout of {self.config.replacement_timeout:g} s (connection lost: {cause}"
-            f"{attempt})")
-        self._set_state(SessionState.FAILED)
-        self._fail_pending(self._failed_error)
-
-    async def _recover(self, cause: ISCSIError, time2wait: float) -> None:
         loop = asyncio.get_running_loop()
-        since = self._outage_since if self._outage_since is not None else loop.time()
-        deadline = since + self.config.replacement_timeout
-        wait = time2wait
-        attempt = 0
-        while True:
-            await asyncio.sleep(wait)
+        now = loop.time()
+        core = self._core
+        if core is not None and core.stats_answered:
+            self._policy.working(now)
+        action = self._policy.handle_timer(now)
+        if action is Action.GIVE_UP:
+            self._give_up()
+        elif action is Action.CONNECT:
+            self._attempt = loop.create_task(self._attempt_login())
+            self._attempt.add_done_callback(self._attempt_done)
+        self._arm_policy()
+
+    async def _attempt_login(self) -> None:
+        try:
+            await self._connect_and_login()
+        except Exception as exc:
+            # Whatever failed (a typed error, or anything else from name resolution, a
+            # socket or a bug) is one failed attempt, retried as the policy says.
             if self._closing:
                 return
-            attempt += 1
-            try:
-                await self._connect_and_login()
-            except (ISCSIError, OSError) as exc:
-                log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, exc)
-                if loop.time() >= deadline and self._failed_error is None:
-                    self._give_up(cause, exc)
-                    if not self.config.reconnect_forever:
-                        return
-                wait = min(max(1.0, wait * 2), 30.0, max(0.5, deadline - loop.time())
-                           if loop.time() < deadline else 30.0)
-                continue
-            if self.state is not SessionState.LOGGED_IN:
-                return  # the new connection failed at once; another recovery took over
-            self.reconnects += 1
-            log.info("%s: session reinstated after %d attempt(s)", self.label, attempt)
+            reason = str(exc) if isinstance(exc, ISCSIError) else \
+                f"{type(exc).__name__}: {exc}"
+            log.info("%s: reconnect attempt %d failed: %s", self.label, self._policy.attempts,
+                     reason)
+            self._policy.attempt_failed(asyncio.get_running_loop().time(), reason)
+            self._arm_policy()
             return
+        if self._conn is not None and self.state is SessionState.LOGGED_IN:
+            self.reconnects += 1
+            log.info("%s: session reinstated after %d attempt(s)", self.label,
+                     self._policy.attempts)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        if self._attempt is task:
+            self._attempt = None
+        if not task.cancelled() and task.exception() is not None and not self._closing:
+            exc = task.exception()
+            self._policy.attempt_failed(asyncio.get_running_loop().time(),
+                                        f"{type(exc).__name__}: {exc}")
+        self._background_done(task)
+        self._arm_policy()
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """A task of the session ended: one that died of an exception must not leave the
+        session recovering forever, or anything silently undone. Its error becomes the
+        session's."""
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or self._closing:
+            return
+        error = SessionFailed(f"recovery of the session to {self.label} failed: "
+                              f"{type(exc).__name__}: {exc}")
+        log.error("%s", error)
+        self._fail_session(error)
+
+    def _give_up(self) -> None:
+        """The replacement timeout has passed without a working session: fail what waits."""
+        error = SessionFailed(self._policy.give_up_message(self.label))
+        log.warning("%s", error)
+        self._fail_session(error)
+
+    def _fail_session(self, error: SessionFailed) -> None:
+        self._failed_error = error
+        self._set_state(SessionState.FAILED)
+        self._fail_pending(error)
+        conn = self._conn
+        if conn is not None:
+            # Logged in again, but the target completed no command since: drop the connection
+            # and fail its commands too.
+            self._connection_failed(conn, error)
+            self._fail_pending(error)
+        if not self.config.reconnect_forever:
+            self._policy.stop()
+            attempt, self._attempt = self._attempt, None
+            if attempt is not None:
+                attempt.cancel()
+            if self._policy_timer is not None:
+                self._policy_timer.cancel()
+                self._policy_timer = None
 
     def _fail_pending(self, error: ISCSIError) -> None:
         pending, self._pending = self._pending, []
@@ -904,15 +1101,16 @@ class Session:
 
     # -- logout ----------------------------------------------------------------------------
 
-    async def logout(self, timeout: float = 10.0) -> None:
-        """Orderly logout (RFC 7143 §11.14): wait for outstanding commands, log out, close."""
+    async def logout(self, timeout: float | None = None) -> None:
+        """Orderly logout (RFC 7143 §11.14): wait for outstanding commands, log out, close;
+        within ``timeout`` (default ``logout_timeout``) in all."""
         if self.state in (SessionState.CLOSED,):
             return
+        if timeout is None:
+            timeout = self.config.logout_timeout
         self._closing = True
+        self._stop_recovery()
         core, conn = self._core, self._conn
-        if self._recovery is not None:
-            self._recovery.cancel()
-            self._recovery = None
         if core is not None and conn is not None and self.state is SessionState.LOGGED_IN:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -927,19 +1125,20 @@ class Session:
                         fut.set_exception(result)
 
             try:
-                core.logout(done)
+                if conn.error is not None:
+                    raise conn.error
+                core.logout(done, deadline=max(deadline, loop.time() + 0.1))
                 conn.kick()
-                await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
-            except (ISCSIError, TimeoutError) as exc:
+                conn.arm_timer()
+                await fut
+            except ISCSIError as exc:
                 log.info("%s: logout did not complete cleanly: %s", self.label, exc)
         await self.close()
 
     async def close(self) -> None:
         """Drop the connection without logging out; fail whatever is outstanding."""
         self._closing = True
-        if self._recovery is not None:
-            self._recovery.cancel()
-            self._recovery = None
+        self._stop_recovery()
         conn, core = self._conn, self._core
         self._conn = None
         self._core = None
@@ -954,6 +1153,17 @@ class Session:
                 await asyncio.wait_for(asyncio.shield(conn.closed), 2)
         self._fail_pending(SessionFailed(f"session to {self.label} was closed"))
         self._set_state(SessionState.CLOSED)
+
+    def _stop_recovery(self) -> None:
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+            self._policy_timer = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+            self._attempt = None
+        for task in list(self._background):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     # -- introspection -----------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ INQUIRY strings, target names and addresses need no switch: :class:`RamDisk` and
 :class:`TargetNode` take any string.)
 
 :class:`Loopback` wires a :class:`~initiator.login.LoginMachine` and a
-:class:`~initiator.session.SessionCore` to a :class:`FakeConnection` in memory, the way
+:class:`~initiator.session.ConnectionCore` to a :class:`FakeConnection` in memory, the way
 :mod:`initiator.transport` does over TCP, for deterministic sans-I/O tests.
 """
 
@@ -61,10 +61,10 @@ from initiator.keys import (
     Role,
     SessionParameters,
     SessionType,
-    Stage,
 )
 from initiator.login import LoginMachine, LoginRedirect, LoginSuccess, Portal
-from initiator.session import SessionCore, TransferParameters
+from initiator.pdu import Stage
+from initiator.session import ConnectionCore, TransferParameters
 from initiator.text import Pair, TextAssembler, TextSplitter, encode
 
 MASK = 0xFFFFFFFF
@@ -264,6 +264,10 @@ class Hostility:
     """Answer nothing at all in Full Feature Phase (NOP-Outs included)."""
     drop_after_commands: int | None = None
     """Drop the connection, unanswered, when this many SCSI commands have arrived."""
+    drop_connections: int | None = None
+    """How many connections ``drop_after_commands`` drops (None: every one). The target counts
+    them itself: a test that switched the drop off once it saw it would race the initiator's
+    reconnect, which can re-issue the commands before the test's next look."""
     garbage_after_login: bytes = b""
     """Bytes sent right after the final Login Response."""
     pdu_hook: PduHook | None = None
@@ -307,6 +311,10 @@ class Hostility:
     (CHAP_A, CHAP_I, CHAP_C; CHAP_N, CHAP_R of the mutual answer)."""
     chap_drop: tuple[str, ...] = ()
     """Leave these CHAP keys out of the target's CHAP messages."""
+    # -- recovery and liveness (issue 10: bounds, progress, reinstatement)
+    ping_with_final_login_response: bool = False
+    """Send a NOP-In ping right behind the final Login Response, in the same write, framed
+    with the negotiated digests (legal: Full Feature Phase starts after it, §13.12)."""
 
 
 class ConnState(enum.Enum):
@@ -617,7 +625,7 @@ class FakeConnection:
                 self._violation(str(exc))
                 self._login_reject(req, (2, 0))
                 return
-            self._login_respond(req, transit=False, nsg=Stage(int(req.csg)), data=b"",
+            self._login_respond(req, transit=False, nsg=req.csg, data=b"",
                                 cont=False, final=False)
             return
         if self._login_out is not None and not self._login_out.done:
@@ -631,7 +639,7 @@ class FakeConnection:
             self._violation(f"malformed login text: {exc}")
             self._login_reject(req, (2, 0))
             return
-        stage = Stage(int(req.csg))
+        stage = req.csg
         if stage is not self._stage:
             if stage is Stage.OPERATIONAL and self._stage is Stage.SECURITY and \
                     self._negotiator is None:
@@ -739,7 +747,7 @@ class FakeConnection:
         auth_done = (method == "None"
                      or (method == "CHAP" and self._chap is not None and self._chap.done))
         transit = req.transit and auth_done
-        nsg = Stage(int(req.nsg)) if transit else Stage.SECURITY
+        nsg = req.nsg if transit else Stage.SECURITY
         self._login_text(req, answers, transit=transit, nsg=nsg)
 
     def _negotiator_auth_methods(self) -> tuple[str, ...]:
@@ -808,7 +816,7 @@ class FakeConnection:
             self.record.parameters = params
         csg = self._stage
         response = P.LoginResponse(
-            transit=transit, cont=cont, csg=P.Stage(int(csg)), nsg=P.Stage(int(nsg)),
+            transit=transit, cont=cont, csg=csg, nsg=nsg,
             version_max=0, version_active=hostile.version_active,
             isid=req.isid ^ hostile.login_isid_xor,
             tsih=0 if hostile.zero_tsih else tsih, itt=req.itt ^ hostile.login_itt_xor,
@@ -825,7 +833,7 @@ class FakeConnection:
         if self.record is not None:
             self.record.status = status
         response = P.LoginResponse(
-            csg=P.Stage(int(self._stage)), version_max=0, version_active=0,
+            csg=self._stage, version_max=0, version_active=0,
             isid=req.isid if req else 0, itt=req.itt if req else 0, stat_sn=self._stat(),
             exp_cmd_sn=self.exp_cmd_sn, max_cmd_sn=self.exp_cmd_sn,
             status_class=status[0], status_detail=status[1], data=data)
@@ -868,6 +876,8 @@ class FakeConnection:
         garbage = self.target.hostile.garbage_after_login
         if garbage:
             self._out += garbage
+        if self.target.hostile.ping_with_final_login_response:
+            self.send_ping(b"right behind the login")
 
     # -- full feature phase: dispatch -----------------------------------------------------
 
@@ -935,8 +945,11 @@ class FakeConnection:
     def _on_command(self, pdu: P.ScsiCommand) -> None:
         assert self.params is not None
         self.commands_seen += 1
-        limit = self.target.hostile.drop_after_commands
-        if limit is not None and self.commands_seen >= limit:
+        hostile = self.target.hostile
+        limit = hostile.drop_after_commands
+        if limit is not None and self.commands_seen >= limit and hostile.drop_connections != 0:
+            if hostile.drop_connections is not None:
+                hostile.drop_connections -= 1
             self.drop()
             return
         if self.record is not None and self.record.session_type == "Discovery":
@@ -1434,7 +1447,7 @@ class FakeConnection:
 
 
 def transfer_parameters(params: SessionParameters) -> TransferParameters:
-    """What :mod:`initiator.transport` gives the session core after login."""
+    """What :mod:`initiator.transport` gives the connection core after login."""
     return TransferParameters(
         header_digest=params.header_digest, data_digest=params.data_digest,
         max_recv_data_segment_length=params.max_recv_data_segment_length,
@@ -1448,12 +1461,12 @@ def transfer_parameters(params: SessionParameters) -> TransferParameters:
 
 
 class Loopback:
-    """A LoginMachine and then a SessionCore talking to one :class:`FakeConnection`."""
+    """A LoginMachine and then a ConnectionCore talking to one :class:`FakeConnection`."""
 
     def __init__(self, target: FakeTarget) -> None:
         self.target = target
         self.conn = target.connect()
-        self.core: SessionCore | None = None
+        self.core: ConnectionCore | None = None
         self.reader: P.PDUReader | None = None
         self._to_initiator = bytearray()
         self.chunk: int | None = None
@@ -1476,10 +1489,10 @@ class Loopback:
         raise RuntimeError("the login did not end after 1000 exchanges")
 
     def start(self, login: LoginSuccess, *, now: float = 0.0, noop_interval: float = 0.0,
-              noop_timeout: float = 5.0) -> SessionCore:
-        """The session core for a successful login, as the transport builds it."""
+              noop_timeout: float = 5.0) -> ConnectionCore:
+        """The connection core for a successful login, as the transport builds it."""
         params = login.parameters
-        core = SessionCore(
+        core = ConnectionCore(
             transfer_parameters(params), cmd_sn=login.cmd_sn, exp_stat_sn=login.exp_stat_sn,
             exp_cmd_sn=login.exp_cmd_sn, max_cmd_sn=login.max_cmd_sn, target="fake",
             now=now, noop_interval=noop_interval, noop_timeout=noop_timeout)
@@ -1509,7 +1522,6 @@ class Loopback:
                 self._to_initiator.clear()
                 step = self.chunk or len(data)
                 for pos in range(0, len(data), step):
-                    core.data_received(now)
                     for pdu in reader.feed(data[pos : pos + step]):
                         core.receive_pdu(pdu, now)
             if not moved:

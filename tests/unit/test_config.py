@@ -89,6 +89,7 @@ def test_defaults() -> None:
     assert (entry.lun, entry.queue_depth) == (0, 32)
     assert (entry.replacement_timeout, entry.login_timeout) == (120, 15)
     assert (entry.noop_interval, entry.noop_timeout) == (5, 5)
+    assert (entry.command_timeout, entry.tmf_timeout, entry.logout_timeout) == (30, 15, 10)
     assert entry.max_recv_data_segment_length is None
     assert entry.immediate_data is None and entry.initial_r2t is None
     assert entry.initiator_name is None and not entry.mutual_chap
@@ -119,6 +120,9 @@ def test_every_key() -> None:
         LoginTimeout = 30
         NoopInterval = 0
         PingTimeout = 10
+        CommandTimeout = 0
+        TaskManagementTimeout = 7
+        LogoutTimeout = 3
         MaxRecvDataSegmentLength = 262144
         MaxBurstLength = 16776192
         FirstBurstLength = 65536
@@ -143,6 +147,7 @@ def test_every_key() -> None:
     assert e.lun == 300 and e.queue_depth == 128
     assert e.replacement_timeout == 0 and e.login_timeout == 30
     assert e.noop_interval == 0 and e.noop_timeout == 10
+    assert (e.command_timeout, e.tmf_timeout, e.logout_timeout) == (0, 7, 3)
     assert e.max_recv_data_segment_length == 262144
     assert e.max_burst_length == 16776192 and e.first_burst_length == 65536
     assert e.immediate_data is True and e.initial_r2t is False

@@ -177,3 +177,18 @@ async def test_reload_attaches_new_entries_and_drops_removed_ones(
     await d.reload_config()
     await d.attach_enabled()
     assert d._retries == {} and set(d.disks) == {"disk2"}
+
+
+def test_an_entry_sets_every_bound_of_its_session(tmp_path: Path) -> None:
+    # Not a retry: what a configuration entry's timeouts become in the session it attaches.
+    text = entry("bounds", 3260, "CommandTimeout = 0", "TaskManagementTimeout = 7",
+                 "LogoutTimeout = 3", "NoopInterval = 4", "NoopTimeout = 9",
+                 "ReplacementTimeout = 60")
+    d = Daemon(DaemonOptions(config_path=write(tmp_path / "hba.conf", text),
+                             initiator_name=INITIATOR, watch_uio=False))
+    d.config = d._load_config()
+    config = d.specs.resolve("bounds").session
+    assert (config.login_timeout, config.replacement_timeout, config.command_timeout,
+            config.tmf_timeout, config.logout_timeout, config.noop_interval,
+            config.noop_timeout) == (2, 60, 0, 7, 3, 4, 9)
+    assert config.reconnect_forever

@@ -104,14 +104,14 @@ def test_weights_choose_the_kinds_and_keep_the_times() -> None:
 
 def login_response(text: bytes, *, final: bool = True) -> bytes:
     return P.encode(P.LoginResponse(
-        transit=final, csg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION,
-        nsg=P.Stage.FULL_FEATURE_PHASE if final else P.Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+        transit=final, csg=P.Stage.OPERATIONAL,
+        nsg=P.Stage.FULL_FEATURE if final else P.Stage.OPERATIONAL,
         isid=1, tsih=5, stat_sn=1, exp_cmd_sn=1, max_cmd_sn=32, data=text))
 
 
 def login_request(text: bytes = b"HeaderDigest=CRC32C\0") -> bytes:
     return P.encode(P.LoginRequest(
-        transit=True, csg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION, nsg=P.Stage.FULL_FEATURE_PHASE,
+        transit=True, csg=P.Stage.OPERATIONAL, nsg=P.Stage.FULL_FEATURE,
         isid=1, cmd_sn=1, data=text))
 
 
@@ -212,7 +212,7 @@ def test_framer_without_digests_and_a_failed_login() -> None:
     ins.feed(memoryview(login_response(NO_DIGESTS)))
     assert link.ffp and not link.header_digest and not link.data_digest
     failed = LinkState()
-    refused = P.encode(P.LoginResponse(transit=True, nsg=P.Stage.FULL_FEATURE_PHASE,
+    refused = P.encode(P.LoginResponse(transit=True, nsg=P.Stage.FULL_FEATURE,
                                        status_class=2, status_detail=1))
     PduFramer(Direction.TO_INITIATOR, failed).feed(memoryview(refused))
     assert not failed.ffp
@@ -522,13 +522,13 @@ def test_summarize_trace_reads_window_r2t_answers_and_acknowledgements() -> None
         core.forward(conn, direction, raw, now)
 
     out, back = Direction.TO_TARGET, Direction.TO_INITIATOR
-    send(out, P.encode(P.LoginRequest(transit=True, nsg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION,
+    send(out, P.encode(P.LoginRequest(transit=True, nsg=P.Stage.OPERATIONAL,
                                       data=b"AuthMethod=None\0")), 0.1)
     send(back, login_response(b"AuthMethod=None\0", final=False), 0.2)
     send(out, login_request(), 0.3)
     # The target's final Login Response: a window of one command (MaxCmdSN = ExpCmdSN = 10).
     send(back, P.encode(P.LoginResponse(
-        transit=True, csg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION, nsg=P.Stage.FULL_FEATURE_PHASE,
+        transit=True, csg=P.Stage.OPERATIONAL, nsg=P.Stage.FULL_FEATURE,
         stat_sn=100, exp_cmd_sn=10, max_cmd_sn=10, data=DIGESTS)), 0.4)
 
     def command(itt: int, cmd_sn: int, edtl: int, immediate: int, exp_stat_sn: int) -> bytes:

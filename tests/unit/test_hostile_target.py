@@ -39,7 +39,7 @@ from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, Tra
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
-from initiator.session import MAX_UNSENT_PING_ANSWERS, EventKind, SessionCore, Task
+from initiator.session import MAX_UNSENT_PING_ANSWERS, ConnectionCore, EventKind, Task
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
     FakeTarget,
@@ -110,7 +110,7 @@ def url(server: FakeTargetServer, target: str = TGT) -> str:
     return f"iscsi://127.0.0.1:{server.port}/{target}/0"
 
 
-def loopback(target: FakeTarget, **offers: str) -> tuple[Loopback, SessionCore]:
+def loopback(target: FakeTarget, **offers: str) -> tuple[Loopback, ConnectionCore]:
     """The sans-I/O core logged in to ``target`` in memory, offering ``offers``."""
     lb = Loopback(target)
     success = lb.login(LoginMachine(initiator_name=INI, target_name=TGT, isid=ISID,
@@ -119,7 +119,7 @@ def loopback(target: FakeTarget, **offers: str) -> tuple[Loopback, SessionCore]:
     return lb, lb.start(success)
 
 
-def submit(core: SessionCore, results: list[CommandResult | ISCSIError], cdb: bytes, *,
+def submit(core: ConnectionCore, results: list[CommandResult | ISCSIError], cdb: bytes, *,
            data_in: bytearray | None = None, data_out: bytes | None = None) -> Task:
     task = Task(0, cdb, [memoryview(bytearray(data_out))] if data_out is not None else None,
                 [memoryview(data_in)] if data_in is not None else None, results.append)
@@ -417,7 +417,7 @@ def nop_in_pings(n: int, first_ttt: int = 0x100) -> bytes:
                                      exp_cmd_sn=1, max_cmd_sn=64)) for i in range(n))
 
 
-def flood_core() -> tuple[SessionCore, P.PDUReader]:
+def flood_core() -> tuple[ConnectionCore, P.PDUReader]:
     lb, core = loopback(fake())
     assert lb.reader is not None
     return core, lb.reader

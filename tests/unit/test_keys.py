@@ -33,10 +33,10 @@ from initiator.keys import (
     Scope,
     SessionParameters,
     SessionType,
-    Stage,
     Use,
     key_def,
 )
+from initiator.pdu import Stage
 from initiator.text import Pair, TextAssembler, decode, encode, split_text
 
 INI = "iqn.2024-01.org.example:initiator"

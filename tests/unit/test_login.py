@@ -160,8 +160,8 @@ def test_security_straight_to_full_feature_is_refused() -> None:
     # We always ask for NSG=Operational in the security stage, so a target may not jump to
     # Full Feature Phase from there (§6.3: it may not go beyond the stage we asked for).
     def jump(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
-        if resp.transit and resp.csg == P.Stage.SECURITY_NEGOTIATION:
-            return dataclasses.replace(resp, nsg=P.Stage.FULL_FEATURE_PHASE, tsih=7)
+        if resp.transit and resp.csg == P.Stage.SECURITY:
+            return dataclasses.replace(resp, nsg=P.Stage.FULL_FEATURE, tsih=7)
         return None
 
     target = FakeTarget(hostile=Hostility(login_hook=jump))
@@ -319,7 +319,7 @@ def test_target_leaving_security_stage_before_mutual_answer_fails() -> None:
     def leave(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
         if "CHAP_C" in dict(decode(req.data)):
             return dataclasses.replace(resp, transit=True, data=b"",
-                                       nsg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION)
+                                       nsg=P.Stage.OPERATIONAL)
         return None
 
     target = FakeTarget(chap=MUTUAL, hostile=Hostility(login_hook=leave))
@@ -412,10 +412,22 @@ def test_redirect_without_address_is_an_error() -> None:
         run(target, machine())
 
 
-def test_redirect_to_a_malformed_address_is_an_error() -> None:
-    target = FakeTarget(hostile=Hostility(redirect=("[fe80::1", True)))
-    with pytest.raises(LoginError, match="not a portal address"):
+@pytest.mark.parametrize(("address", "why"), [
+    ("[fe80::1", "closing"),
+    ("a..b:3260", "not a valid host name"),          # IDNA: empty label
+    ("x" * 70 + ".example", "not a valid host name"),  # IDNA: label over 63 characters
+    (".", "not a valid host name"),
+    ("bad host", "spaces or control characters"),
+    ("\x1b]0;x\x07:3260", "spaces or control characters"),
+    (".".join(["h" * 60] * 5), "longer than 253"),
+])
+def test_redirect_to_a_malformed_address_is_an_error(address: str, why: str) -> None:
+    # A name that name resolution cannot even encode must fail here, with the address in the
+    # message, not as a UnicodeError out of getaddrinfo later.
+    target = FakeTarget(hostile=Hostility(redirect=(address, True)))
+    with pytest.raises(LoginError, match="not a portal address") as info:
         run(target, machine())
+    assert why in str(info.value)
 
 
 @pytest.mark.parametrize("status", sorted(LOGIN_STATUS), ids=lambda s: f"{s[0]:02x}{s[1]:02x}")
@@ -505,7 +517,7 @@ def _rewrite(**changes: object) -> Callable[[P.LoginRequest, P.LoginResponse],
     (Hostility(login_isid_xor=1 << 20), RemoteProtocolError, "not ours"),
     (Hostility(version_active=1), LoginError, "version 1"),
     (Hostility(zero_tsih=True), RemoteProtocolError, "TSIH"),
-    (Hostility(login_hook=_rewrite(csg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION)),
+    (Hostility(login_hook=_rewrite(csg=P.Stage.OPERATIONAL)),
      RemoteProtocolError, "stage"),
     (Hostility(login_hook=_rewrite(data=b"AuthMethod=None")), PDUFormatError, "NUL"),
     (Hostility(login_hook=_rewrite(data=b"AuthMethod=None\0AuthMethod=None\0")),
@@ -527,8 +539,8 @@ def test_version_mismatch_carries_status() -> None:
 
 def test_transit_back_to_an_earlier_stage_is_refused() -> None:
     def back(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
-        if resp.transit and resp.csg == P.Stage.LOGIN_OPERATIONAL_NEGOTIATION:
-            return dataclasses.replace(resp, nsg=P.Stage.SECURITY_NEGOTIATION)
+        if resp.transit and resp.csg == P.Stage.OPERATIONAL:
+            return dataclasses.replace(resp, nsg=P.Stage.SECURITY)
         return None
 
     with pytest.raises(RemoteProtocolError):
@@ -539,7 +551,7 @@ def test_transit_we_did_not_ask_for_is_refused() -> None:
     # With credentials our first request has T=0; a target answering T=1 skips CHAP.
     def force(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
         return dataclasses.replace(resp, transit=True,
-                                   nsg=P.Stage.LOGIN_OPERATIONAL_NEGOTIATION)
+                                   nsg=P.Stage.OPERATIONAL)
 
     target = FakeTarget(chap=ONE_WAY, hostile=Hostility(login_hook=force))
     with pytest.raises(RemoteProtocolError, match="did not ask for"):
@@ -549,7 +561,7 @@ def test_transit_we_did_not_ask_for_is_refused() -> None:
 def test_target_ending_login_with_unanswered_offer() -> None:
     # The target transits to Full Feature Phase while offering a key we must answer.
     def offer(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
-        if resp.transit and resp.nsg == P.Stage.FULL_FEATURE_PHASE:
+        if resp.transit and resp.nsg == P.Stage.FULL_FEATURE:
             return dataclasses.replace(resp, data=bytes(resp.data) + encode(
                 [("MaxOutstandingR2T", "4")]))
         return None
@@ -560,7 +572,7 @@ def test_target_ending_login_with_unanswered_offer() -> None:
 
 def test_target_ending_login_without_answering_our_offers() -> None:
     def drop_answers(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
-        if resp.csg == P.Stage.LOGIN_OPERATIONAL_NEGOTIATION:
+        if resp.csg == P.Stage.OPERATIONAL:
             return dataclasses.replace(resp, data=b"")
         return None
 

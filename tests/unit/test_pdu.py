@@ -110,7 +110,7 @@ def expected_after_decode(p: PDU) -> PDU:
     if isinstance(p, ScsiCommand) and len(p.cdb) < 16:
         p = dataclasses.replace(p, cdb=p.cdb.ljust(16, b"\0"))
     if isinstance(p, LoginRequest | LoginResponse) and not p.transit:
-        p = dataclasses.replace(p, nsg=Stage.SECURITY_NEGOTIATION)
+        p = dataclasses.replace(p, nsg=Stage.SECURITY)
     return p
 
 
@@ -210,8 +210,8 @@ def _vectors() -> list[tuple[PDU, bytes, bytes]]:
     # §11.12 Login Request: T, CSG=1, NSG=3
     data = b"InitiatorName=iqn.2024-01.test:init\0SessionType=Normal\0"
     v.append((
-        LoginRequest(transit=True, cont=False, csg=Stage.LOGIN_OPERATIONAL_NEGOTIATION,
-                     nsg=Stage.FULL_FEATURE_PHASE, version_max=0x02, version_min=0x01, isid=ISID,
+        LoginRequest(transit=True, cont=False, csg=Stage.OPERATIONAL,
+                     nsg=Stage.FULL_FEATURE, version_max=0x02, version_min=0x01, isid=ISID,
                      tsih=TSIH, itt=ITT, cid=CID, cmd_sn=CMDSN, exp_stat_sn=EXPSTATSN, data=data),
         layout((0, "B", 0x40 | 0x03), (1, "B", 0x80 | (1 << 2) | 3), (2, "B", 0x02),
                (3, "B", 0x01), (5, "3s", u24(len(data))), (8, "6s", ISID.to_bytes(6, "big")),
@@ -296,8 +296,8 @@ def _vectors() -> list[tuple[PDU, bytes, bytes]]:
     # §11.13 Login Response: T, CSG=0, NSG=1, a status class and detail
     data = b"TargetPortalGroupTag=1\0"
     v.append((
-        LoginResponse(transit=True, cont=False, csg=Stage.SECURITY_NEGOTIATION,
-                      nsg=Stage.LOGIN_OPERATIONAL_NEGOTIATION, version_max=0x03,
+        LoginResponse(transit=True, cont=False, csg=Stage.SECURITY,
+                      nsg=Stage.OPERATIONAL, version_max=0x03,
                       version_active=0x01, isid=ISID, tsih=TSIH, itt=ITT, stat_sn=STATSN,
                       exp_cmd_sn=EXPCMDSN, max_cmd_sn=MAXCMDSN, status_class=0x02,
                       status_detail=0x05, data=data),
@@ -818,7 +818,7 @@ def test_login_reserved_stage(cls: type[PDU]) -> None:
     # NSG 2 without T is a reserved field and ignored.
     decoded, _ = pdu.decode(layout((0, "B", op), (1, "B", 0x02)))
     assert isinstance(decoded, LoginRequest | LoginResponse)
-    assert decoded.nsg == Stage.SECURITY_NEGOTIATION
+    assert decoded.nsg == Stage.SECURITY
 
 
 @pytest.mark.parametrize(
@@ -1191,6 +1191,30 @@ def test_reader_get_buffer_is_never_empty() -> None:
         assert len(buf) > 0
         buf[0] = raw[i]
         reader.buffer_updated(1)
+
+
+def test_reader_one_at_a_time_leaves_what_follows_the_final_login_response() -> None:
+    # The Login Phase has no digests; what the target sends after the final Login Response
+    # (here in the same segment) is Full Feature Phase, framed with the negotiated digests.
+    final = LoginResponse(transit=True, csg=Stage.OPERATIONAL, nsg=Stage.FULL_FEATURE,
+                          isid=ISID, tsih=7, itt=1, stat_sn=5)
+    ping = NopIn(itt=pdu.RESERVED_TAG, ttt=0x42, stat_sn=6, data=b"ping")
+    raw = pdu.encode(final) + pdu.encode(ping, header_digest=True, data_digest=True)
+    reader = PDUReader(max_data_segment_length=8192, one_at_a_time=True)
+    assert reader.feed(raw) == [final]
+    reader.one_at_a_time = False
+    reader.header_digest = reader.data_digest = True
+    assert reader.parse_buffered() == [ping]
+    assert reader.parse_buffered() == []
+
+
+def test_reader_one_at_a_time_yields_each_pdu_on_demand() -> None:
+    pdus_ = [NopIn(itt=i, stat_sn=i, data=bytes(i)) for i in range(1, 4)]
+    reader = PDUReader(one_at_a_time=True)
+    assert reader.feed(b"".join(pdu.encode(p) for p in pdus_)) == pdus_[:1]
+    assert reader.parse_buffered() == pdus_[1:2]
+    assert reader.parse_buffered() == pdus_[2:]
+    assert reader.parse_buffered() == []
 
 
 # --------------------------------------------------------------------------------------------

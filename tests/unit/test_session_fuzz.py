@@ -1,7 +1,7 @@
 """Hostile input for the initiator's state machines: only ``ISCSIError`` may ever escape.
 
 Arbitrary bytes, arbitrary target PDUs aimed at the tags and offsets of live commands, and
-valid exchanges with bytes flipped are fed to a logged-in :class:`SessionCore` through a
+valid exchanges with bytes flipped are fed to a logged-in :class:`ConnectionCore` through a
 :class:`PDUReader` (as the transport does) and to :class:`LoginMachine`. Anything else escaping
 (``IndexError``, ``KeyError``, ``AssertionError``, ``ValueError`` ...) would be a crash of the
 connection instead of an orderly drop. Over TCP, a :class:`Session` facing a target that sends
@@ -27,7 +27,7 @@ from initiator.command import CommandResult
 from initiator.errors import ISCSIError
 from initiator.keys import KEYS, NegotiationSettings
 from initiator.login import LoginMachine, LoginRedirect, LoginSuccess
-from initiator.session import SessionCore, Task, TransferParameters
+from initiator.session import ConnectionCore, Task, TransferParameters
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
     FakeTarget,
@@ -55,7 +55,7 @@ TGT = "iqn.2003-01.org.example:disk1"
 
 @dataclass
 class Live:
-    core: SessionCore
+    core: ConnectionCore
     reader: P.PDUReader
     buffers: list[bytearray] = field(default_factory=list)
     done: dict[int, int] = field(default_factory=dict)
@@ -83,7 +83,7 @@ def live_core(hd: bool = False, dd: bool = False) -> Live:
                                 max_recv_data_segment_length=8192,
                                 max_xmit_data_segment_length=4096, first_burst_length=4096,
                                 initial_r2t=False, immediate_data=True)
-    core = SessionCore(params, cmd_sn=10, exp_stat_sn=100, exp_cmd_sn=10, max_cmd_sn=13,
+    core = ConnectionCore(params, cmd_sn=10, exp_stat_sn=100, exp_cmd_sn=10, max_cmd_sn=13,
                        target="fuzz", noop_interval=1.0, noop_timeout=1.0)
     live = Live(core, P.PDUReader(header_digest=hd, data_digest=dd,
                                   max_data_segment_length=8192, sink=core))
@@ -126,7 +126,6 @@ def feed(live: Live, raw: bytes, sizes: Sequence[int]) -> ISCSIError | None:
             chunk = raw[pos : pos + max(1, size)]
             pos += len(chunk)
             live.now += 0.3
-            core.data_received(live.now)
             for pdu in reader.feed(chunk):
                 core.receive_pdu(pdu, live.now)
                 while core.next_event() is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -20,15 +21,16 @@ from initiator import pdu as P
 from initiator.chap import ChapAccount, ChapCredentials, Secret
 from initiator.command import CommandResult
 from initiator.errors import (
+    CommandTimeout,
     ConnectionFailed,
     ISCSIError,
     SessionFailed,
     TaskAborted,
 )
 from initiator.keys import NegotiationSettings
-from initiator.login import LoginAuthenticationError, Portal, TargetNotFoundError
+from initiator.login import LoginAuthenticationError, LoginError, Portal, TargetNotFoundError
 from initiator.session import EventKind
-from initiator.transport import Session, SessionConfig, SessionState
+from initiator.transport import Connection, Session, SessionConfig, SessionState
 from tests.support.fake_target import (
     FakeTarget,
     FakeTargetServer,
@@ -220,6 +222,23 @@ async def test_digests_and_large_transfers(collapse: bool) -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_pdu_pipelined_with_the_final_login_response_uses_the_digests() -> None:
+    # The target sends a NOP-In ping in the same write as the final Login Response, framed
+    # with the header digest just negotiated: parsed with the login's settings (no digests)
+    # it would leave every later PDU 4 bytes out of step.
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0, header_digest=("CRC32C",),
+                                                data_digest=("CRC32C",))
+    target = fake(settings=settings, hostile=Hostility(ping_with_final_login_response=True))
+    async with logged_in(target, header_digest="CRC32C", data_digest="CRC32C") as (
+            server, session):
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.ping_answers) == 1)
+        result, buf = await read(session, 2, 4)
+        assert result.ok and buf == target.disk.data[2 * 512 : 6 * 512]
+        assert session.reconnects == 0 and len(target.logins) == 1
+    assert not target.violations(), target.violations()
+
+
 async def test_target_ping_is_answered() -> None:
     target = fake()
     async with logged_in(target) as (server, session):
@@ -312,8 +331,58 @@ async def test_target_that_never_answers_the_login() -> None:
     target = fake(hostile=Hostility(login_hook=lambda req, resp: b""))
     async with serve(target) as server:
         session = Session(server.portal, TGT, config(login_timeout=0.2))
-        with pytest.raises(ConnectionFailed, match="did not answer"):
+        with pytest.raises(ConnectionFailed, match=r"did not complete within the login "
+                                                   r"timeout of 0\.2 s \(0 login exchange"):
             await within(session.login())
+
+
+async def test_login_flood_is_bounded_by_the_total_login_timeout() -> None:
+    # Every Login Response comes at once and never moves the login on (T=0 forever): each
+    # exchange is quick, so only a bound over all of them ends it, at the time it names.
+    target = fake(hostile=Hostility(hold_transit=1 << 60))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(login_timeout=0.4))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ConnectionFailed, match=r"within the login timeout of 0\.4 s") as info:
+            await within(session.login())
+        elapsed = loop.time() - start
+        assert 0.4 <= elapsed < 2.0, elapsed
+        exchanges = re.search(r"\((\d+) login exchange", str(info.value))
+        assert exchanges is not None and int(exchanges.group(1)) > 10
+        assert state(session) is SessionState.CLOSED
+
+
+async def test_login_timeout_covers_redirects_too() -> None:
+    # The front redirects to a target that accepts the connection and never answers: the
+    # whole login, redirect included, ends at the login timeout, not one timeout per portal.
+    silent = fake(hostile=Hostility(login_hook=lambda req, resp: b""))
+    async with serve(silent) as destination:
+        front = fake(hostile=Hostility(redirect=(f"127.0.0.1:{destination.port}", False)))
+        async with serve(front) as server:
+            session = Session(server.portal, TGT, config(login_timeout=0.4))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(ConnectionFailed, match=r"0\.4 s \(1 login exchange\(s\) and "
+                                                       r"1 redirect"):
+                await within(session.login())
+            assert loop.time() - start < 1.5
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 70 + ".example", "x\0y"])
+async def test_a_host_name_resolution_cannot_encode_is_a_connection_error(host: str) -> None:
+    with pytest.raises(ConnectionFailed, match="cannot resolve"):
+        await within(Connection.open(Portal(host, 3260), 1.0))
+
+
+async def test_redirect_to_garbage_fails_the_login_clearly() -> None:
+    target = fake(hostile=Hostility(redirect=("a..b", False)))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config())
+        with pytest.raises(LoginError, match=r"redirected the login to 'a\.\.b', which is not "
+                                             "a portal address"):
+            await within(session.login())
+        assert state(session) is SessionState.CLOSED
 
 
 @pytest.mark.parametrize("permanent", [False, True])
@@ -377,12 +446,14 @@ async def test_recovery_after_a_dropped_connection() -> None:
 
 
 async def test_connection_dropped_by_the_target_mid_command() -> None:
-    target = fake(hostile=Hostility(drop_after_commands=3))
+    # The target drops only the first connection: the reconnect re-issues the commands at
+    # once, and a test that switched the drop off after seeing it could be too late (it was,
+    # under load: two reconnects).
+    target = fake(hostile=Hostility(drop_after_commands=3, drop_connections=1))
     async with logged_in(target) as (server, session):
         first = asyncio.gather(*(read(session, i, 1) for i in range(5)))
-        await server.wait_for(lambda: server.connections[0].dropped)
-        target.hostile.drop_after_commands = None
         results = await within(first)
+        assert server.connections[0].dropped
         assert all(r.ok for r, _ in results)
         assert session.reconnects == 1
 
@@ -411,7 +482,7 @@ async def test_reconnect_broken_by_pdus_riding_on_the_login_response() -> None:
         fired: list[bool] = []
 
         def hook(req: P.LoginRequest, resp: P.LoginResponse) -> bytes | None:
-            if resp.transit and resp.nsg == P.Stage.FULL_FEATURE_PHASE and not fired:
+            if resp.transit and resp.nsg == P.Stage.FULL_FEATURE and not fired:
                 fired.append(True)
                 bogus = P.ScsiResponse(itt=0x4242, stat_sn=resp.stat_sn + 1,
                                        exp_cmd_sn=resp.exp_cmd_sn, max_cmd_sn=resp.max_cmd_sn)
@@ -603,3 +674,281 @@ async def test_logout_with_a_command_that_never_completes() -> None:
         assert state(session) is SessionState.CLOSED
         with pytest.raises(SessionFailed, match="closed"):
             await within(future)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile targets: every wait has a bound, every failure one clear error (issue 10). Each test
+# sets short timeouts and checks that the failure comes within them.
+
+
+async def elapsed_while(aw: Awaitable[T]) -> tuple[float, T]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    result = await within(aw)
+    return loop.time() - start, result
+
+
+async def failure(aw: Awaitable[Any]) -> tuple[float, BaseException]:
+    """How long ``aw`` took to fail, and with what."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        await within(aw)
+    except ISCSIError as exc:
+        return loop.time() - start, exc
+    raise AssertionError("expected a failure")
+
+
+@asynccontextmanager
+async def one_read_held(target: FakeTarget, **cfg: Any) -> AsyncIterator[
+        tuple[FakeTargetServer, Session, asyncio.Future[tuple[CommandResult, bytearray]]]]:
+    """A logged-in session with one READ in flight that the target holds unanswered."""
+    target.hostile.withhold = True
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(**cfg))
+        await within(session.login())
+        pending = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        try:
+            yield server, session, pending
+        finally:
+            await within(session.close())
+
+
+async def test_command_the_target_never_answers_is_aborted_at_its_deadline() -> None:
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.3) as (server, session):
+        took, error = await failure(read(session, 1, 1))
+        assert isinstance(error, CommandTimeout), error
+        assert "command timeout of 0.3 s" in str(error) and TGT in str(error)
+        assert 0.3 <= took < 1.5, took
+        conn = server.connections[-1]
+        aborts = [p for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
+        assert [p.function for p in aborts] == [P.TMFunction.ABORT_TASK]
+        # The session goes on: the abort ended the command, not the connection.
+        target.hostile.withhold = False
+        assert (await read(session, 2, 1))[0].ok
+        assert session.reconnects == 0
+    assert not target.violations(), target.violations()
+
+
+async def test_target_ignoring_task_management_gets_a_new_connection() -> None:
+    # ABORT TASK unanswered, then LOGICAL UNIT RESET unanswered: the connection is dropped,
+    # the session reinstated, the stuck command fails (not re-issued) and others go on.
+    target = fake(hostile=Hostility(withhold=True))
+
+    def ignore_tmfs(conn: Any, pdu: P.PDU) -> bool:
+        return isinstance(pdu, P.TaskMgmtRequest) and conn.index == 0
+
+    target.hostile.pdu_hook = ignore_tmfs
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.2) as (server, session):
+        took, error = await failure(read(session, 1, 1))
+        assert isinstance(error, CommandTimeout) and 0.7 <= took < 2.5, (took, error)
+        functions = [p.function for p in server.connections[0].received
+                     if isinstance(p, P.TaskMgmtRequest)]
+        assert functions == [P.TMFunction.ABORT_TASK, P.TMFunction.LOGICAL_UNIT_RESET]
+        target.hostile.withhold = False
+        assert (await read(session, 2, 1))[0].ok
+        assert session.reconnects == 1 and len(target.successful_logins()) == 2
+        assert not [p for p in server.connections[1].received
+                    if isinstance(p, P.ScsiCommand) and p.cdb[:6] == cdb_read10(1, 1)[:6]]
+
+
+async def test_target_answering_pings_but_breaking_after_every_command_is_given_up() -> None:
+    # The livelock of issue 10 item 3: each connection answers the NOP ping, then drops as
+    # soon as a command arrives. The outage clock is not reset by pongs: the command fails
+    # at the replacement timeout, after a bounded number of reconnects.
+    target = fake(hostile=Hostility(drop_after_commands=1))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(
+            replacement_timeout=0.6, noop_interval=0.05, noop_timeout=0.5))
+        await within(session.login())
+        await within(session.ping())
+        took, error = await failure(read(session, 0, 1))
+        assert isinstance(error, SessionFailed) and "replacement timeout of 0.6 s" in str(error)
+        assert took < 2.0, took
+        assert 2 <= len(target.successful_logins()) <= 4, len(target.successful_logins())
+        assert state(session) is SessionState.FAILED
+        await within(session.close())
+
+
+async def time_to_recovering(server: FakeTargetServer, session: Session,
+                             emit: Callable[[], object], period: float) -> float:
+    """Call ``emit`` (the target sending something) every ``period`` seconds until the
+    session gives its connection up; returns how long that took."""
+    done = asyncio.Event()
+
+    async def keep_emitting() -> None:
+        while not done.is_set() and state(session) is SessionState.LOGGED_IN:
+            emit()
+            await asyncio.sleep(period)
+
+    emitting = asyncio.ensure_future(keep_emitting())
+    try:
+        took, _ = await elapsed_while(server.wait_for(
+            lambda: state(session) is SessionState.RECOVERING, 3.0))
+    finally:
+        done.set()
+        await emitting
+    return took
+
+
+async def test_byte_trickle_does_not_keep_a_dead_connection_alive() -> None:
+    # After login the target answers nothing and sends one byte every 20 ms, never a whole
+    # PDU: the keepalive ping goes unanswered with no progress, and the connection dies.
+    target = fake()
+    async with logged_in(target, noop_interval=0.1, noop_timeout=0.2) as (server, session):
+        conn = server.connections[-1]
+        target.hostile.silent = True
+        took = await time_to_recovering(server, session, lambda: conn.inject_bytes(b"\x00"),
+                                        0.02)
+        assert took < 1.5, took
+        target.hostile.silent = False
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 3.0)
+        assert (await read(session, 0, 1))[0].ok
+
+
+async def test_storm_of_target_pings_is_no_sign_of_life() -> None:
+    # The target answers nothing of ours but pings us all the time (we answer each): its
+    # own NOP-Ins are no progress on our commands, so our keepalive still declares it dead.
+    target = fake()
+    async with logged_in(target, noop_interval=0.1, noop_timeout=0.2) as (server, session):
+        conn = server.connections[-1]
+
+        def only_pings(c: Any, pdu: P.PDU) -> bool:
+            return not (isinstance(pdu, P.NopOut) and pdu.ttt != P.RESERVED_TAG)
+
+        target.hostile.pdu_hook = only_pings
+        took = await time_to_recovering(server, session, conn.send_ping, 0.005)
+        assert took < 1.5 and len(conn.ping_answers) > 10, (took, len(conn.ping_answers))
+
+
+async def test_command_window_that_never_opens_is_bounded() -> None:
+    # Every login grants a closed window (MaxCmdSN = ExpCmdSN - 1) and nothing opens it:
+    # the command waits command_timeout per connection, and fails at the replacement timeout.
+    target = fake(cmd_window=0)
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(command_timeout=0.15,
+                                                     replacement_timeout=0.5))
+        await within(session.login())
+        took, error = await failure(read(session, 0, 1))
+        assert isinstance(error, SessionFailed) and "replacement timeout" in str(error)
+        assert took < 2.0, took
+        assert not any(isinstance(p, P.ScsiCommand) for c in server.connections
+                       for p in c.received), "a command was sent outside the window"
+        await within(session.close())
+
+
+async def test_shrinking_window_leaves_no_command_waiting_forever() -> None:
+    # The target announces a smaller MaxCmdSN (ignored, RFC 7143 §4.2.2.1) and then drops
+    # the commands beyond it silently: their deadline ends them.
+    target = fake(cmd_window=8)
+    async with logged_in(target, command_timeout=0.3, tmf_timeout=0.3) as (server, session):
+        conn = server.connections[-1]
+        conn.set_window(1)
+
+        def drop_commands(c: Any, pdu: P.PDU) -> bool:
+            return isinstance(pdu, P.ScsiCommand)
+
+        target.hostile.pdu_hook = drop_commands
+        results = await within(asyncio.gather(*(read(session, i, 1) for i in range(3)),
+                                              return_exceptions=True), 5.0)
+        assert all(isinstance(r, CommandTimeout) for r in results), results
+        assert session.reconnects == 0
+
+
+@pytest.mark.parametrize("via", ["async", "logout"])
+async def test_time2wait_of_an_hour_is_capped_by_the_replacement_timeout(via: str) -> None:
+    target = fake(logout_time2wait=3600)
+    async with one_read_held(target, replacement_timeout=0.4) as (server, _, pending):
+        conn = server.connections[-1]
+        if via == "async":
+            conn.send_async(P.AsyncEvent.CONNECTION_DROP, parameter2=3600)
+        else:
+            conn.send_async(P.AsyncEvent.LOGOUT_REQUEST, parameter3=5)
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed) and "Time2Wait" in str(error), error
+        assert took < 2.0, took
+        assert len(target.logins) == 1      # no login before the target's Time2Wait
+
+
+async def test_redirect_to_garbage_on_reconnect_fails_the_session_clearly() -> None:
+    # Issue 10 item 1: on a reconnect, a redirect to a host name that cannot be encoded
+    # killed the recovery task and the session stayed "recovering" with commands pending.
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.5) as (server, session, pending):
+        target.hostile.redirect = ("a..b", False)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed), error
+        assert "not a portal address" in str(error) and "a..b" in str(error)
+        assert took < 2.0 and state(session) is SessionState.FAILED
+
+
+async def test_redirect_loop_on_reconnect_is_bounded() -> None:
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.5) as (server, _, pending):
+        target.hostile.redirect = (f"127.0.0.1:{server.port}", False)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed) and "redirected the login more than" in \
+            str(error), error
+        assert took < 2.0
+
+
+class _Boom(BaseException):
+    """Not an Exception: what no except clause of the recovery expects."""
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("resolver exploded"), _Boom("boom")])
+async def test_recovery_never_dies_silently(monkeypatch: pytest.MonkeyPatch,
+                                            exc: BaseException) -> None:
+    target = fake()
+    async with one_read_held(target, replacement_timeout=0.4) as (server, session, pending):
+
+        async def explode() -> None:
+            raise exc
+
+        monkeypatch.setattr(session, "_connect_and_login", explode)
+        server.drop()
+        took, error = await failure(pending)
+        assert isinstance(error, SessionFailed), error
+        assert type(exc).__name__ in str(error) and str(exc) in str(error)
+        assert took < 2.0 and state(session) is SessionState.FAILED
+
+
+async def test_text_request_never_answered_is_bounded() -> None:
+    target = fake()
+    async with logged_in(target, command_timeout=0.3) as (_, session):
+        target.hostile.silent = True
+        took, error = await failure(session.text(b"SendTargets=All\0"))
+        assert isinstance(error, CommandTimeout) and "Text Request" in str(error)
+        assert took < 1.5
+
+
+async def test_logout_the_target_never_answers_is_bounded() -> None:
+    target = fake()
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(logout_timeout=0.3))
+        await within(session.login())
+        target.hostile.silent = True
+        took, _ = await elapsed_while(session.logout())
+        assert took < 1.5 and state(session) is SessionState.CLOSED
+
+
+async def test_kernel_abort_escalates_like_a_deadline() -> None:
+    # Session.abort (what the daemon's SessionExecutor uses for the kernel's ABORT TASK):
+    # a refused abort goes on to LUN RESET; the call returns once the command is ended.
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target, tmf_timeout=0.5) as (server, session):
+        results: list[CommandResult | ISCSIError] = []
+        task = session.submit(0, cdb_read10(0, 1), data_in=[memoryview(bytearray(512))],
+                              on_done=results.append)
+        conn = server.connections[-1]
+        await server.wait_for(lambda: len(conn.held) == 1)
+        conn.tmf_responses[P.TMFunction.ABORT_TASK] = P.TMResponse.REJECTED
+        await within(session.abort(task))
+        assert len(results) == 1 and isinstance(results[0], TaskAborted)
+        functions = [p.function for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
+        assert functions == [P.TMFunction.ABORT_TASK, P.TMFunction.LOGICAL_UNIT_RESET]
+        assert session.reconnects == 0

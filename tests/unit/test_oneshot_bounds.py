@@ -1,0 +1,156 @@
+"""The one-shot ``hbactl`` commands against hostile targets: bounded, one clear error.
+
+``hbactl perf`` against a target that never answers must end within the bounds it was given
+(it used to run with NOP pings off and wait for in-flight commands with no deadline), and
+``hbactl`` must turn a target's garbage into one ``hbactl: ...`` line, never a traceback. The
+fake target runs on a real loopback port; for the command line, in a thread of its own, since
+``hbactl`` runs its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from hba import cli, oneshot
+from initiator import pdu as P
+from initiator.errors import CommandTimeout, ISCSIError
+from initiator.keys import NegotiationSettings
+from initiator.url import parse_url
+from tests.support.fake_target import FakeTarget, FakeTargetServer, Hostility, RamDisk, TargetNode
+
+INI = "iqn.2024-01.org.example:initiator"
+TGT = "iqn.2003-01.org.example:disk1"
+
+
+def fake(**kw: Any) -> FakeTarget:
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0)
+    return FakeTarget([TargetNode(TGT, {0: RamDisk(blocks=4096)})], settings=settings, **kw)
+
+
+def options(**kw: Any) -> oneshot.Options:
+    return oneshot.Options(initiator_name=INI, **kw)
+
+
+def swallow_reads(conn: Any, pdu: P.PDU) -> bool:
+    """A pdu_hook: READs vanish (never answered); everything else is served."""
+    return isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in (0x28, 0x88)
+
+
+async def perf_failure(**bounds: float) -> tuple[float, BaseException]:
+    """Run ``hbactl perf`` (4 in flight, 0.2 s) against a target that swallows its READs;
+    return how long it took to fail, and with what."""
+    target = fake(hostile=Hostility(pdu_hook=swallow_reads))
+    async with FakeTargetServer(target) as server:
+        url = f"iscsi://127.0.0.1:{server.port}/{TGT}/0"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(oneshot.cmd_perf(
+                url, options(logout_timeout=0.3, **bounds),
+                oneshot.PerfSettings(queue_depth=4, seconds=0.2), None), 10.0)
+        except ISCSIError as exc:
+            return loop.time() - start, exc
+    raise AssertionError("hbactl perf did not fail")
+
+
+async def test_perf_against_a_target_that_never_answers_ends_at_the_command_deadline(
+        ) -> None:
+    took, error = await perf_failure(command_timeout=0.3)
+    assert isinstance(error, CommandTimeout) and "command timeout of 0.3 s" in str(error)
+    assert took < 4.0
+
+
+async def test_perf_in_flight_wait_is_bounded_even_without_a_command_deadline() -> None:
+    # Command deadlines off, the target answers pings but never a READ: the wait for the
+    # commands in flight at the end still ends (replacement_timeout past the run's end).
+    took, error = await perf_failure(command_timeout=0, replacement_timeout=0.3)
+    assert re.search(r"4 command\(s\) .* still in flight", str(error)), error
+    assert took < 5.0
+
+
+@pytest.mark.parametrize(("name", "option", "value"), [
+    ("command_timeout", "--command-timeout", -1.0), ("noop_timeout", "--noop-timeout", 0.0),
+    ("logout_timeout", "--logout-timeout", float("nan")),
+    ("replacement_timeout", "--replacement-timeout", float("inf")),
+    ("tmf_timeout", "--task-management-timeout", 0.0),
+])
+def test_bad_bounds_are_refused(name: str, option: str, value: float) -> None:
+    with pytest.raises(ISCSIError, match=f"{option} "):
+        options(**{name: value}).timeouts()
+
+
+def test_hbactl_options_reach_the_session_config() -> None:
+    args = cli.build_parser().parse_args([
+        "inquiry", "iscsi://h/iqn.2003-01.org.example:d/0", "--command-timeout", "0",
+        "--task-management-timeout", "2", "--replacement-timeout", "9", "--noop-interval",
+        "0", "--noop-timeout", "3", "--logout-timeout", "4", "--login-timeout", "5"])
+    config = oneshot.session_config(parse_url(args.url), cli._options(args))
+    assert (config.command_timeout, config.tmf_timeout, config.replacement_timeout,
+            config.noop_interval, config.noop_timeout, config.logout_timeout,
+            config.login_timeout) == (0, 2, 9, 0, 3, 4, 5)
+    defaults = oneshot.session_config(parse_url(args.url), oneshot.Options())
+    assert (defaults.command_timeout, defaults.replacement_timeout) == (30, 120)
+
+
+def test_login_timeout_must_be_positive() -> None:
+    with pytest.raises(ISCSIError, match="--login-timeout 0"):
+        options(login_timeout=0.0).timeouts()
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@contextmanager
+def target_in_a_thread(target: FakeTarget) -> Iterator[int]:
+    """Serve ``target`` from a thread with its own loop; yields the port."""
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+    port: list[int] = []
+
+    async def serve() -> None:
+        async with FakeTargetServer(target) as server:
+            port.append(server.port)
+            stop.append(asyncio.Event())
+            ready.set()
+            await stop[0].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10.0)
+    try:
+        yield port[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10.0)
+        loop.close()
+
+
+@pytest.mark.parametrize("address", ["a..b", "x" * 70 + ".example:3260"])
+def test_hbactl_redirect_to_garbage_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                address: str) -> None:
+    target = fake(hostile=Hostility(redirect=(address, False)))
+    with target_in_a_thread(target) as port:
+        status = cli.main(["inquiry", f"iscsi://127.0.0.1:{port}/{TGT}/0",
+                           "--initiator-name", INI, "--login-timeout", "5"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.count("\n") == 1 and err.startswith("hbactl: "), err
+    assert "not a portal address" in err and "Traceback" not in err
+
+
+def test_hbactl_login_flood_names_the_login_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake(hostile=Hostility(hold_transit=1 << 60))
+    with target_in_a_thread(target) as port:
+        status = cli.main(["readcap", f"iscsi://127.0.0.1:{port}/{TGT}/0",
+                           "--initiator-name", INI, "--login-timeout", "0.3"])
+    err = capsys.readouterr().err
+    assert status == 1 and "within the login timeout of 0.3 s" in err, err
+    assert err.count("\n") == 1
