@@ -11,8 +11,6 @@ each CDB to an iSCSI session (see ../shared/docs/tcmu-interface.md).
 - :mod:`tcmu_handler.executor` — an iSCSI ``Session`` as the dispatcher's ``CommandExecutor``.
 - :mod:`tcmu_handler.serve` — ``python -m tcmu_handler.serve --device NAME URL``: one device,
   one session, in one process (restart takeover, SIGTERM, readiness through ``NOTIFY_SOCKET``).
-- :mod:`tcmu_handler.simulator` — the kernel side of the ring, for tests and benchmarks (not
-  imported here).
 
 Typical daemon use::
 

@@ -45,7 +45,3 @@ class DeviceRemoved(TCMUError):
 
 class ConfigfsError(TCMUError):
     """A configfs attribute or action of the TCMU device could not be read or written."""
-
-
-class SimulatorError(TCMUError):
-    """Misuse of the kernel-side ring simulator (test support), e.g. submitting after removal."""

@@ -15,7 +15,7 @@ from initiator.command import Buffers, CommandHandle, CommandResult, CompletionC
 from initiator.errors import ISCSIError, TaskAborted
 from tcmu_handler import ring
 from tcmu_handler.device import UioDevice
-from tcmu_handler.simulator import CommandState, RingSimulator, SimCommand
+from tests.support.ring_simulator import CommandState, RingSimulator, SimCommand
 
 # --- CDBs ------------------------------------------------------------------------------------
 # The LBA field carries a per-command tag so the fake target knows which command it serves.

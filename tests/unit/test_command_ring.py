@@ -24,7 +24,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tcmu_handler import ring
 from tcmu_handler.errors import MalformedEntry, RingError, TCMUError
 from tcmu_handler.ring import CmdEntry, CommandRing, InOrderCommandRing, SkippedEntry, TmrEntry
-from tcmu_handler.simulator import ALL_CAPS, PAGE_SIZE, CommandState, RingSimulator, SimCommand
+from tests.support.ring_simulator import (
+    ALL_CAPS,
+    PAGE_SIZE,
+    CommandState,
+    RingSimulator,
+    SimCommand,
+)
 from tests.unit.tcmu_helpers import read10
 
 MB = ring.MAILBOX_SIZE

@@ -33,7 +33,13 @@ from tcmu_handler import ring, scsi
 from tcmu_handler.device import UioDevice, takeover_with
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import DeviceRemoved, RingError, TCMUError
-from tcmu_handler.simulator import ALL_CAPS, PAGE_SIZE, CommandState, RingSimulator, SimCommand
+from tests.support.ring_simulator import (
+    ALL_CAPS,
+    PAGE_SIZE,
+    CommandState,
+    RingSimulator,
+    SimCommand,
+)
 from tests.unit.tcmu_helpers import (
     FakeTarget,
     Workload,

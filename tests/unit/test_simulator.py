@@ -14,8 +14,14 @@ import pytest
 
 from initiator.command import ScsiStatus
 from tcmu_handler import ring
-from tcmu_handler.errors import DeviceBusy, DeviceRemoved, SimulatorError
-from tcmu_handler.simulator import PAGE_SIZE, CommandState, RingSimulator, SimCommand
+from tcmu_handler.errors import DeviceBusy, DeviceRemoved
+from tests.support.ring_simulator import (
+    PAGE_SIZE,
+    CommandState,
+    RingSimulator,
+    SimCommand,
+    SimulatorError,
+)
 from tests.unit.tcmu_helpers import InOrderHandler, read10, write10, xdwriteread10
 
 RING = 4096 - ring.MAILBOX_SIZE  # the smallest ring: 3968 bytes

@@ -1,5 +1,5 @@
-"""The kernel side of a TCMU ring, in Python: test support for running the real dispatcher
-without a kernel.
+"""The kernel side of a TCMU ring, in Python: a test double for running the real dispatcher
+without a kernel (tests and ``bench/ring``; it does not ship in the package).
 
 Theory of operation
 -------------------
@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterator, Sequence
 from initiator.command import ScsiStatus
 from tcmu_handler import ring
 from tcmu_handler.device import UioDevice
-from tcmu_handler.errors import DeviceBusy, SimulatorError
+from tcmu_handler.errors import DeviceBusy, TCMUError
 
 PAGE_SIZE = mmap.PAGESIZE
 CMDR_SIZE_DEF = 8 * 1024 * 1024 - ring.MAILBOX_SIZE
@@ -87,6 +87,10 @@ _UNKNOWN_OP = int(ring.UFlag.UNKNOWN_OP)
 _READ_LEN = int(ring.UFlag.READ_LEN)
 _KEEP_BUF = int(ring.UFlag.KEEP_BUF)
 _CHECK_CONDITION = int(ScsiStatus.CHECK_CONDITION)
+
+
+class SimulatorError(TCMUError):
+    """Misuse of the simulator, e.g. submitting after removal."""
 
 
 class Direction(enum.Enum):
