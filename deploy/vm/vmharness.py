@@ -362,8 +362,9 @@ def ensure_initrd(cache: Path, kver: str, kdir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".initrd.", dir=out_dir) as tmp_s:
         tmp = Path(tmp_s)
         root = tmp / "root"
-        # etc/target: target_core_mod looks for it when it loads (db_root) and warns if absent.
-        for d in ("bin", "dev", "etc/target", "proc", "sys", "run", "tmp", "lower", "upper"):
+        # No etc/target: target_core_mod then starts with the db_root a stock host gives it
+        # (/var/target, "db_root: cannot open: /etc/target"), and the product must cope.
+        for d in ("bin", "dev", "proc", "sys", "run", "tmp", "lower", "upper"):
             (root / d).mkdir(parents=True)
         (root / "newroot").mkdir()
         os.mknod(root / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
