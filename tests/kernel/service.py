@@ -1,4 +1,5 @@
-"""``hbactl daemon`` started the way systemd starts ``deploy/iscsi-hba.service``.
+"""``hbactl daemon`` started the way systemd starts ``deploy/iscsi-hba.service``, and a quick
+check that a disk it serves keeps data (:func:`round_trip`).
 
 :func:`exec_start` reads the unit's ``ExecStart=`` command line; :class:`ServiceProcess` runs a
 command line as systemd runs a ``Type=notify`` system service without ``User=``: working
@@ -90,3 +91,16 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def round_trip(node: str, workdir: Path, size: int = 1 << 20) -> None:
+    """Write ``size`` random bytes to the start of disk ``node`` and read them back, both with
+    O_DIRECT, so the data crosses the ring and the target both ways."""
+    data = os.urandom(size)
+    (workdir / "round-trip").write_bytes(data)
+    helpers.run(["dd", f"if={workdir / 'round-trip'}", f"of={node}", "bs=64k", "oflag=direct",
+                 "status=none"])
+    back = subprocess.run(["dd", f"if={node}", "bs=64k", f"count={size // 65536}",
+                           "iflag=direct", "status=none"], capture_output=True, check=True,
+                          timeout=120).stdout
+    assert back == data, f"{node}: read back differs from what was written"

@@ -13,7 +13,6 @@ again.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -24,7 +23,7 @@ import pytest
 
 from hba import kernel
 from tests.kernel import helpers
-from tests.kernel.service import ServiceProcess
+from tests.kernel.service import ServiceProcess, round_trip
 from tests.kernel.tcmu import HBACTL
 from tests.support.tgtd import Tgtd
 
@@ -75,12 +74,7 @@ def test_attach_without_etc_target(host_as_it_comes: None, tgtd: Tgtd, tmp_path:
         assert attach.returncode == 0, f"{attach.stderr}\n{daemon.log()}"
         node = attach.stdout.strip()
         assert re.fullmatch(r"/dev/sd[a-z]+", node), attach.stdout
-        data = os.urandom(MiB)
-        (tmp_path / "data").write_bytes(data)
-        helpers.run(["dd", f"if={tmp_path / 'data'}", f"of={node}", "bs=64k", "oflag=direct",
-                     "status=none"])
-        back = helpers.run(["cmp", "-n", str(MiB), str(tmp_path / "data"), node], check=False)
-        assert back.returncode == 0, back.stdout + back.stderr
+        round_trip(node, tmp_path)
         helpers.run([HBACTL, "detach", node])
     finally:
         status = daemon.stop()
