@@ -72,7 +72,9 @@ EXIT_TIMEOUT = 124
 EXIT_HARNESS = 125
 
 DEFAULT_TIMEOUT = 3600.0
-DEFAULT_IDLE_TIMEOUT = 1200.0
+# Longer than any kernel test's own pytest timeout (900 s, test_install.py's 1200 s), so a stuck
+# test is reported by pytest first and the VM is stopped only when pytest cannot stop it.
+DEFAULT_IDLE_TIMEOUT = 1500.0
 # A quiet machine boots in 30-60 s under TCG; a busy one (load 4-8 on 2 cores) 4 times that.
 DEFAULT_BOOT_TIMEOUT = 600.0
 DEFAULT_MEMORY_MB = 3072

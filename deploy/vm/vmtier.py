@@ -9,7 +9,7 @@ Now each ``tests/kernel/test_*.py`` module runs in a VM of its own (``vmharness.
 - a module's failure, hang or kernel trouble (a stuck configfs, a leaked disk, an unloaded
   module) stays in its VM; the next module starts from a fresh boot;
 - each boot has its own limits — ``HBA_VM_TIMEOUT`` for the run (default 3600 s) and
-  ``HBA_VM_IDLE_TIMEOUT`` for silence (default 1200 s, longer than any test's own pytest
+  ``HBA_VM_IDLE_TIMEOUT`` for silence (default 1500 s, longer than any test's own pytest
   timeout) — so a machine several times slower makes the tier longer, not red: the limits
   catch hangs, not slowness;
 - each module's boot and run times are printed as it ends, and again in a summary that names,
@@ -48,7 +48,10 @@ from vmharness import EXIT_HARNESS, EXIT_TIMEOUT, HarnessError, Outcome
 REPO = vmharness.REPO
 KERNEL_TESTS = REPO / "tests" / "kernel"
 PYTEST_NO_TESTS = 5
-PYTEST_OPTIONS = ("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+# --durations: the tests that took over a minute, to see which come near their own time limit
+# on a slow machine.
+PYTEST_OPTIONS = ("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+                  "--durations=10", "--durations-min=60")
 WHEELHOUSE = REPO / ".cache" / "wheelhouse"
 NEEDS_WHEELHOUSE = frozenset({"test_install.py"})
 

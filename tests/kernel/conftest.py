@@ -37,6 +37,11 @@ from tests.kernel import helpers
 from tests.support.tgtd import Tgtd
 
 KERNEL_DIR = Path(__file__).resolve().parent
+# Each kernel test's own time limit, unless it sets one: everything runs under TCG here, and the
+# tier must pass on a machine 2-4 times slower than a quiet one (a test that takes 3 minutes
+# there must not be cut off). deploy/vm/tier's idle limit (HBA_VM_IDLE_TIMEOUT) is longer still,
+# so pytest names a stuck test before the VM is stopped.
+KERNEL_TEST_TIMEOUT = 900
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,6 +49,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if KERNEL_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.kernel)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(KERNEL_TEST_TIMEOUT))
 
 
 @pytest.fixture(autouse=True, scope="session")

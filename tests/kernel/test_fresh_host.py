@@ -27,8 +27,6 @@ from tests.kernel.service import ServiceProcess, round_trip
 from tests.kernel.tcmu import HBACTL
 from tests.support.tgtd import Tgtd
 
-pytestmark = pytest.mark.timeout(900)
-
 DBROOT_FILE = helpers.CONFIGFS_TARGET / "dbroot"
 # LIO's modules, users first: each can go only once nothing uses it.
 TARGET_MODULES = ("tcm_loop", "target_core_user", "target_core_file", "target_core_iblock",

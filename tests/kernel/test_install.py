@@ -26,8 +26,9 @@ import pytest
 from tests.kernel.service import SYSTEMD_PATH, ServiceProcess, exec_start, round_trip
 from tests.support.tgtd import Tgtd
 
-# pip under TCG: a virtualenv, a wheel build and a dozen wheels take minutes.
-pytestmark = pytest.mark.timeout(1800)
+# pip under TCG: a virtualenv, a wheel build and a dozen wheels take minutes (6 on a busy
+# machine).
+pytestmark = pytest.mark.timeout(1200)
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 PREFIX = Path("/opt/iscsi-hba")
