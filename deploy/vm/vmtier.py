@@ -152,6 +152,10 @@ def summary(results: list[ModuleResult], seconds: float) -> int:
             line += f"  {r.why}"
         print(line, flush=True)
     statuses = [r.outcome.status for r in results]
+    passed = sum(s == 0 for s in statuses)
+    failed = sum(s not in (0, PYTEST_NO_TESTS) for s in statuses)
+    # A closing line CI reads as a test runner's ("N passed, N failed"), counting modules.
+    print(f"modules: {passed} passed, {failed} failed", flush=True)
     if all(s == PYTEST_NO_TESTS for s in statuses):
         print("    no module ran a test: check the arguments", flush=True)
         return 1

@@ -233,6 +233,7 @@ def test_tier_runs_each_module_in_its_own_vm(tmp_path: Path) -> None:
     assert re.search(r"test_vm_tier_fails\.py +FAILED .*tests failed \(pytest exit status 1",
                      summary), summary
     assert re.search(r"test_vm_tier_passes\.py +passed", summary), summary
+    assert summary.rstrip().endswith("modules: 1 passed, 1 failed"), summary
     # Each module's VM logs are kept apart.
     for module in ("test_vm_tier_passes", "test_vm_tier_fails"):
         assert (tmp_path / "results" / "vm" / module / "dmesg.txt").exists()
