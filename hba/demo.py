@@ -19,13 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -34,6 +31,7 @@ from typing import Any, TypeVar
 from hba import kernel
 from hba.daemon import Daemon, DaemonOptions, Disk
 from hba.errors import HBAError
+from hba.tgtd import TgtdError, TgtdProcess
 from initiator.errors import ISCSIError
 
 log = logging.getLogger("iscsi-hba.demo")
@@ -46,62 +44,24 @@ class DemoError(HBAError):
     """A step of the demo failed."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def embedded_target(workdir: Path, size: int) -> Iterator[str]:
-    """tgtd on a free loopback port with one sparse-file LUN; yields the LUN's URL."""
-    for tool in ("tgtd", "tgtadm"):
-        if shutil.which(tool) is None:
-            raise DemoError(f"{tool} is missing (Debian package tgt): run deploy/setup")
+    """A private tgtd (:mod:`hba.tgtd`) with one sparse-file LUN; yields the LUN's URL."""
     backing = workdir / "demo-lun.img"
     with backing.open("wb") as f:
         f.truncate(size)
-    port = _free_port()
-    control = 2000 + port % 50000
-    log_file = (workdir / "tgtd.log").open("wb")
-    proc = subprocess.Popen(
-        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-        stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def tgtadm(*args: str) -> None:
-        argv = ["tgtadm", "-C", str(control), "--lld", "iscsi", *args]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise DemoError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
-
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            probe = subprocess.run(["tgtadm", "-C", str(control), "--op", "show", "--mode",
-                                    "system"], capture_output=True, check=False)
-            if probe.returncode == 0:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise DemoError(f"tgtd did not start; see {workdir / 'tgtd.log'}")
-            time.sleep(0.1)
-        tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", DEMO_IQN)
-        tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-               "-b", str(backing))
-        tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        yield f"iscsi://127.0.0.1:{port}/{DEMO_IQN}/1"
+        with TgtdProcess(workdir) as tgtd:
+            tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", DEMO_IQN)
+            tgtd.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                        "-b", str(backing))
+            tgtd.tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+            try:
+                yield f"iscsi://{tgtd.portal}/{DEMO_IQN}/1"
+            finally:
+                with contextlib.suppress(TgtdError):
+                    tgtd.tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force")
     finally:
-        with contextlib.suppress(Exception):
-            tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force")
-        with contextlib.suppress(Exception):
-            subprocess.run(["tgtadm", "-C", str(control), "--op", "delete", "--mode",
-                            "system"], capture_output=True, check=False, timeout=10)
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log_file.close()
         backing.unlink(missing_ok=True)
 
 

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 SUBTYPE = "iscsi"
 CONFIGFS = Path("/sys/kernel/config")
+# rtslib-fb's database root. Each new storage object makes rtslib (RTSRoot) write it into the
+# kernel's target/dbroot when the kernel has another (target_core_mod starts with /var/target
+# unless /etc/target exists when it loads), and the kernel accepts only an existing directory:
+# on a host where nothing created /etc/target, rtslib refuses with "Cannot set dbroot to
+# /etc/target". The kernel keeps persistent-reservation (APTPL) and ALUA state there.
+DBROOT = Path("/etc/target")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # The modules the kernel half needs, in load order, with what each is for.
@@ -158,6 +164,7 @@ def create_backstore(
     if not NAME_RE.match(name):
         raise RegistrationError(
             f"backstore name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    ensure_dbroot()
     from rtslib_fb import RTSLibError, UserBackedStorageObject
 
     control = "nl_reply_supported=-1"
@@ -189,6 +196,37 @@ def set_cmd_time_out(path: Path, seconds: int) -> bool:
         log.debug("%s: cmd_time_out stays as it is (%s)", path, exc.strerror)
         return False
     return True
+
+
+def ensure_dbroot(path: Path = DBROOT, configfs: Path = CONFIGFS) -> None:
+    """Make ``path`` (rtslib-fb's database root) exist — root's, mode 755, as the targetcli
+    packages ship it — and point the kernel's dbroot at it while no backstore exists yet.
+
+    rtslib does the latter itself only after creating a backstore, when the kernel no longer
+    accepts a change ("db_root: cannot be changed because it's in use"): it would then warn on
+    every new backstore, and keep the persistent-reservation state under a missing directory.
+    """
+    if not path.is_dir():
+        try:
+            path.mkdir(mode=0o755)
+            path.chmod(0o755)  # whatever the umask
+            log.info("created %s (LIO's database directory, which rtslib-fb needs)", path)
+        except FileExistsError:
+            if not path.is_dir():
+                raise RegistrationError(
+                    f"{path} exists but is not a directory; LIO keeps its database there: "
+                    "move it away") from None
+        except OSError as exc:
+            raise RegistrationError(
+                f"cannot create {path}, LIO's database directory, which rtslib-fb needs: "
+                f"{exc.strerror}; create it with `mkdir -m 755 {path}`") from None
+    dbroot = configfs / "target" / "dbroot"
+    if _read(dbroot).strip() in ("", str(path)):
+        return
+    try:
+        dbroot.write_text(f"{path}\n")
+    except OSError as exc:  # backstores exist (EINVAL): the kernel keeps its own
+        log.debug("the kernel's dbroot stays %s: %s", _read(dbroot).strip(), exc.strerror)
 
 
 def _write_attrib(path: Path, attrib: str, value: str) -> None:

@@ -19,9 +19,19 @@ kernel tier runs inside QEMU (TCG) on a stock Debian kernel (see ``../shared/doc
    directory mounted at the same path inside (``HBA_VM_RESULTS``). The command's stdout and stderr
    come back live on two virtio-serial ports; the serial console (kernel warnings and the init
    scripts' progress) goes to a log file shown when something fails.
+3. *Paths the guest hides.* The guest mounts its own tmpfs on ``/tmp`` and ``/run``. A checkout
+   (or current directory, or command) under them — people clone into ``/tmp`` — is listed in
+   the control directory's ``binds``; stage 1 binds the overlay's view of each over the fresh
+   tmpfs at the same path, so it is seen, and written, like every other host path.
+4. *Time.* Two limits, both per run: the whole run (``HBA_VM_TIMEOUT``) and silence
+   (``HBA_VM_IDLE_TIMEOUT``: the command printed nothing for that long — a hang, not a slow
+   machine, since a test run prints as it goes). When one is reached the host asks the guest
+   to stop (the ``stop`` file in the control directory, polled by stage 2), which kills the
+   command, saves the kernel log and powers off; QEMU is killed only if that does not happen
+   within a margin. The guest also enforces the whole-run limit by itself.
 
-Exit status: the command's own, 124 when it exceeded the time limit, 125 when the harness itself
-failed (with a message saying what failed).
+Exit status: the command's own, 124 when it was stopped for time (overall or idle), 125 when the
+harness itself failed (with a message saying what failed).
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ from typing import BinaryIO
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
+# Initramfs images kept per kernel in the cache (the most recently used ones).
+KEEP_INITRDS = 6
+
 # Part of the initramfs hash, with the bytes of init, guest-init, modules, this file and busybox.
 INITRD_FORMAT = "3"
 
@@ -58,8 +71,12 @@ PR_SET_PDEATHSIG = 1
 EXIT_TIMEOUT = 124
 EXIT_HARNESS = 125
 
-DEFAULT_TIMEOUT = 1500.0
-DEFAULT_BOOT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 3600.0
+# Longer than any kernel test's own pytest timeout (900 s, test_install.py's 1200 s), so a stuck
+# test is reported by pytest first and the VM is stopped only when pytest cannot stop it.
+DEFAULT_IDLE_TIMEOUT = 1500.0
+# A quiet machine boots in 30-60 s under TCG; a busy one (load 4-8 on 2 cores) 4 times that.
+DEFAULT_BOOT_TIMEOUT = 600.0
 DEFAULT_MEMORY_MB = 3072
 DEFAULT_CPUS = 2
 # Seconds between the guest's own time limit for the command and the host's hard kill of QEMU:
@@ -83,8 +100,10 @@ KERNEL_CMDLINE = (
     "8250.nr_uarts=1 random.trust_cpu=on"
 )
 
-# Paths the guest replaces with its own filesystems: a current directory there cannot be reached.
-GUEST_PRIVATE = ("/tmp", "/run", "/proc", "/sys", "/dev")
+# Where the guest mounts fresh tmpfs: host paths below them are bound back in (see binds()).
+GUEST_TMPFS = ("/tmp", "/run")
+# The guest's own kernel filesystems: host paths there cannot be shown in the VM at all.
+GUEST_KERNEL = ("/proc", "/sys", "/dev")
 
 
 def guest_margin(timeout: float) -> float:
@@ -354,6 +373,7 @@ def ensure_initrd(cache: Path, kver: str, kdir: Path) -> Path:
     out_dir = cache / "initrd"
     target = out_dir / f"{kver}-{digest}.cpio"
     if target.exists():
+        os.utime(target)  # recently used: kept by the pruning below
         return target
     log(f"building the initramfs for {kver} ({target.name})")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,8 +382,9 @@ def ensure_initrd(cache: Path, kver: str, kdir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".initrd.", dir=out_dir) as tmp_s:
         tmp = Path(tmp_s)
         root = tmp / "root"
-        # etc/target: target_core_mod looks for it when it loads (db_root) and warns if absent.
-        for d in ("bin", "dev", "etc/target", "proc", "sys", "run", "tmp", "lower", "upper"):
+        # No etc/target: target_core_mod then starts with the db_root a stock host gives it
+        # (/var/target, "db_root: cannot open: /etc/target"), and the product must cope.
+        for d in ("bin", "dev", "proc", "sys", "run", "tmp", "lower", "upper"):
             (root / d).mkdir(parents=True)
         (root / "newroot").mkdir()
         os.mknod(root / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
@@ -393,7 +414,10 @@ def ensure_initrd(cache: Path, kver: str, kdir: Path) -> Path:
         partial = tmp / "initrd.cpio"
         partial.write_bytes(cpio.stdout)
         partial.rename(target)
-    for old in out_dir.glob(f"{kver}-*.cpio"):
+    # Keep a few images: a shared cache (HBA_VM_CACHE) serves checkouts whose harness differs,
+    # and each would otherwise delete the others' image and rebuild its own on every run.
+    images = sorted(out_dir.glob(f"{kver}-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[KEEP_INITRDS:]:
         if old != target:
             old.unlink(missing_ok=True)
     return target
@@ -435,9 +459,12 @@ class RunOptions:
     results: Path
     timeout: float
     boot_timeout: float
+    idle_timeout: float
     memory_mb: int
     cpus: int
     verbose: bool
+    binds: list[str] = field(default_factory=list)
+    logs_name: str = ""  # the logs go to results/vm/<logs_name>
 
 
 @dataclass
@@ -445,6 +472,41 @@ class Outcome:
     status: int
     reason: str = ""  # empty when the command ran to completion
     logs: dict[str, Path] = field(default_factory=dict)
+    boot_seconds: float | None = None  # QEMU start to the command's start
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def binds(paths: Sequence[str]) -> list[str]:
+    """The host directories the guest must bind over its own tmpfs for ``paths`` to be seen.
+
+    ``paths`` are the host paths the command needs (current directory, checkout, absolute
+    arguments); of those under ``/tmp`` or ``/run``, each directory (or a file's directory) is
+    bound, minus those inside another. ``/tmp`` or ``/run`` itself cannot be: the guest needs
+    its own. Raises HarnessError for a path the guest cannot show (``/proc``, ``/sys``,
+    ``/dev``, a name with a newline).
+    """
+    wanted: set[str] = set()
+    for raw in paths:
+        path = os.path.normpath(os.path.abspath(raw))
+        if any(_under(path, root) for root in GUEST_KERNEL):
+            raise HarnessError(
+                f"{path} cannot be seen inside the VM (the guest has its own "
+                f"{', '.join(GUEST_KERNEL)}): run from another directory")
+        if not any(_under(path, root) for root in GUEST_TMPFS):
+            continue
+        if "\n" in path:
+            raise HarnessError(f"{path!r}: a path with a newline cannot be shared with the VM")
+        if not os.path.isdir(path):
+            path = os.path.dirname(path)
+        if path in GUEST_TMPFS:
+            raise HarnessError(
+                f"{path} itself cannot be shared with the VM (the guest mounts its own {path}): "
+                f"run from a directory below it, e.g. {path}/work")
+        wanted.add(path)
+    return sorted(p for p in wanted if not any(_under(p, q) and p != q for q in wanted))
 
 
 def guest_environment(extra: Sequence[str], results: Path) -> dict[str, str]:
@@ -548,10 +610,12 @@ def run_in_vm(prep: Prepared, opts: RunOptions) -> Outcome:
             f"HBA_VM_DEADLINE={deadline_in_guest}\n"
         )
         (ctl / "cmd.sh").write_text(command_script(opts))
+        # One path a line (binds() refused newlines); read by stage 1 with `read -r`.
+        (ctl / "binds").write_text("".join(f"{p}\n" for p in opts.binds))
         for name in ("console", "stdout", "stderr"):
             for suffix in (".in", ".out"):
                 os.mkfifo(fifos / f"{name}{suffix}")
-        logs_dir = opts.results / "vm"
+        logs_dir = opts.results / "vm" / opts.logs_name
         logs_dir.mkdir(parents=True, exist_ok=True)
         logs = {
             "console": logs_dir / "console.log",
@@ -566,7 +630,9 @@ def run_in_vm(prep: Prepared, opts: RunOptions) -> Outcome:
         if (ctl / "dmesg.txt").exists():
             shutil.copyfile(ctl / "dmesg.txt", logs["dmesg"])
         if not outcome.reason:
+            boot_seconds = outcome.boot_seconds
             outcome = _read_status(ctl, opts)
+            outcome.boot_seconds = boot_seconds
         outcome.logs = logs
         return outcome
 
@@ -579,9 +645,12 @@ def _supervise(
     qemu_log: BinaryIO,
     console_log: BinaryIO,
 ) -> Outcome:
-    """Run QEMU, relay its output FIFOs, enforce the boot and overall time limits."""
+    """Run QEMU, relay its output FIFOs, enforce the boot, idle and overall time limits."""
+    start = time.monotonic()
+    last_output = start
 
     def relay(name: str, data: bytes) -> None:
+        nonlocal last_output
         if name == "stdout":
             _write_all(1, data)
         elif name == "stderr":
@@ -591,8 +660,9 @@ def _supervise(
             console_log.flush()
             if opts.verbose:
                 _write_all(2, data)
+            return
+        last_output = time.monotonic()
 
-    start = time.monotonic()
     # Open the read ends before QEMU starts; QEMU opens both FIFO ends O_RDWR, so nothing blocks.
     readers = {
         name: os.open(fifos / f"{name}.out", os.O_RDONLY | os.O_NONBLOCK)
@@ -610,7 +680,9 @@ def _supervise(
     sel = selectors.DefaultSelector()
     for name, fd in readers.items():
         sel.register(fd, selectors.EVENT_READ, name)
-    booted = False
+    margin = guest_margin(opts.timeout)
+    booted_at: float | None = None
+    stop_sent_at: float | None = None
     reason = ""
     try:
         while proc.poll() is None:
@@ -621,19 +693,31 @@ def _supervise(
                         relay(key.data, data)
                     else:
                         sel.unregister(key.fd)
-            elapsed = time.monotonic() - start
-            booted = booted or (ctl / "booted").exists()
-            if not booted and elapsed > opts.boot_timeout:
+            now = time.monotonic()
+            if booted_at is None and (ctl / "booted").exists():
+                booted_at = last_output = now
+            if booted_at is None and now - start > opts.boot_timeout:
                 reason = (
                     f"boot timeout: the VM did not start the command within "
                     f"{opts.boot_timeout:.0f} s (HBA_VM_BOOT_TIMEOUT)"
                 )
                 break
-            if elapsed > opts.timeout:
-                reason = (
-                    f"timeout: the VM was still running after {opts.timeout:.0f} s "
-                    f"(HBA_VM_TIMEOUT); QEMU killed"
-                )
+            if stop_sent_at is None:
+                why = ""
+                if now - start > opts.timeout - margin:
+                    why = (f"time limit: the run took more than {opts.timeout - margin:.0f} s "
+                           f"(HBA_VM_TIMEOUT={opts.timeout:.0f} s, less {margin:.0f} s kept "
+                           "for shutting down)")
+                elif booted_at is not None and now - last_output > opts.idle_timeout:
+                    why = (f"hang: the command printed nothing for {opts.idle_timeout:.0f} s "
+                           "(HBA_VM_IDLE_TIMEOUT)")
+                if why:
+                    log(f"{why}: stopping the command")
+                    _write_atomic(ctl / "stop", why + "\n")
+                    stop_sent_at = now
+            elif now - stop_sent_at > margin:
+                reason = (f"timeout: {(ctl / 'stop').read_text().strip()}; the VM did not stop "
+                          f"within {margin:.0f} s after that, QEMU killed")
                 break
     finally:
         # Also on KeyboardInterrupt/SystemExit: never leave a VM behind.
@@ -647,10 +731,17 @@ def _supervise(
         sel.close()
         for fd in readers.values():
             os.close(fd)
+    boot_seconds = None if booted_at is None else booted_at - start
     if reason:
         status = EXIT_TIMEOUT if reason.startswith("timeout") else EXIT_HARNESS
-        return Outcome(status=status, reason=reason)
-    return Outcome(status=EXIT_HARNESS)
+        return Outcome(status=status, reason=reason, boot_seconds=boot_seconds)
+    return Outcome(status=EXIT_HARNESS, boot_seconds=boot_seconds)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.rename(path)
 
 
 def _die_with_parent() -> None:
@@ -670,6 +761,13 @@ class Interrupted(BaseException):
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
+
+
+def handle_stop_signals() -> None:
+    """A CI runner stopping us with SIGTERM/SIGHUP must not leave QEMU running: turn the signal
+    into an exception (Interrupted) so the cleanup in _supervise runs."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -699,11 +797,12 @@ def _read_status(ctl: Path, opts: RunOptions) -> Outcome:
     except ValueError:
         return Outcome(EXIT_HARNESS, f"unreadable exit status {status.read_text()!r}")
     if (ctl / "timed-out").exists():
-        return Outcome(
-            EXIT_TIMEOUT,
-            f"timeout: the command ran out of time inside the VM (HBA_VM_TIMEOUT={opts.timeout:.0f}"
-            f" s, less {guest_margin(opts.timeout):.0f} s kept for shutting down) and was killed",
-        )
+        stop = ctl / "stop"
+        why = stop.read_text().strip() if stop.exists() else (
+            f"time limit: the command ran out of time inside the VM (HBA_VM_TIMEOUT="
+            f"{opts.timeout:.0f} s, less {guest_margin(opts.timeout):.0f} s kept for shutting "
+            "down)")
+        return Outcome(EXIT_TIMEOUT, f"timeout: {why}; the command was killed")
     return Outcome(code)
 
 
@@ -757,10 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also stream the serial console (boot and init messages) to stderr",
     )
     opts_ns = parser.parse_args(opt_args)
-    # A CI runner stopping us with SIGTERM/SIGHUP must not leave QEMU running: turn the signal
-    # into an exception so the cleanup in _supervise runs.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+    handle_stop_signals()
     if not command and not opts_ns.prepare:
         parser.error("no command: deploy/vm/run -- CMD [ARGS...]")
     try:
@@ -787,33 +883,44 @@ def _env_number(name: str, default: float) -> float:
 
 
 def _main(ns: argparse.Namespace, command: list[str]) -> int:
-    if os.geteuid() != 0:
-        raise HarnessError("run as root (the VM reads the host's / through a 9p passthrough share)")
-    cache = Path(os.environ.get("HBA_VM_CACHE") or REPO / ".cache" / "vm")
-    prep = prepare(cache)
+    prep = prepare(cache_dir())
     if ns.prepare:
         print(f"kernel  {prep.kver}\nimage   {prep.kernel}\nmodules {prep.modules}\n"
               f"initrd  {prep.initrd}")
         return 0
-    cwd = os.getcwd()
-    if any(cwd == p or cwd.startswith(p + "/") for p in GUEST_PRIVATE):
-        raise HarnessError(
-            f"the current directory {cwd} is not visible inside the VM (the guest mounts its own "
-            f"{', '.join(GUEST_PRIVATE)}): run from another directory"
-        )
-    results = Path(os.environ.get("HBA_VM_RESULTS") or cache / "results").resolve()
-    results.mkdir(parents=True, exist_ok=True)
-    opts = RunOptions(
-        command=command,
-        env=guest_environment(ns.env, results),
-        cwd=cwd,
-        results=results,
-        timeout=_env_number("HBA_VM_TIMEOUT", DEFAULT_TIMEOUT),
-        boot_timeout=_env_number("HBA_VM_BOOT_TIMEOUT", DEFAULT_BOOT_TIMEOUT),
-        memory_mb=int(_env_number("HBA_VM_MEMORY_MB", DEFAULT_MEMORY_MB)),
-        cpus=int(_env_number("HBA_VM_CPUS", DEFAULT_CPUS)),
-        verbose=ns.verbose,
-    )
+    opts = run_options(prep, command, ns.env, verbose=ns.verbose)
     outcome = run_in_vm(prep, opts)
     report(outcome)
     return outcome.status
+
+
+def cache_dir() -> Path:
+    """Where kernels and initramfs images are kept (``HBA_VM_CACHE``); checks we are root."""
+    if os.geteuid() != 0:
+        raise HarnessError("run as root (the VM reads the host's / through a 9p passthrough share)")
+    return Path(os.environ.get("HBA_VM_CACHE") or REPO / ".cache" / "vm")
+
+
+def run_options(
+    prep: Prepared, command: list[str], env_args: Sequence[str] = (), *,
+    verbose: bool = False, timeout: float | None = None,
+) -> RunOptions:
+    """The run's options from the environment (``HBA_VM_*``), for ``command`` in this directory."""
+    cwd = os.getcwd()
+    needed = [cwd, str(REPO), str(prep.modules)]
+    needed += [arg for arg in command if arg.startswith("/") and os.path.exists(arg)]
+    results = Path(os.environ.get("HBA_VM_RESULTS") or cache_dir() / "results").resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    return RunOptions(
+        command=command,
+        env=guest_environment(env_args, results),
+        cwd=cwd,
+        results=results,
+        timeout=timeout or _env_number("HBA_VM_TIMEOUT", DEFAULT_TIMEOUT),
+        boot_timeout=_env_number("HBA_VM_BOOT_TIMEOUT", DEFAULT_BOOT_TIMEOUT),
+        idle_timeout=_env_number("HBA_VM_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+        memory_mb=int(_env_number("HBA_VM_MEMORY_MB", DEFAULT_MEMORY_MB)),
+        cpus=int(_env_number("HBA_VM_CPUS", DEFAULT_CPUS)),
+        verbose=verbose,
+        binds=binds(needed),
+    )

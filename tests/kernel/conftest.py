@@ -1,8 +1,13 @@
 """Kernel tier: tests that need real configfs/LIO/TCMU/open-iscsi, run inside the VM.
 
-Run them with ``deploy/vm/run -- .venv/bin/pytest tests/kernel`` (one VM boot for the whole
-run). Outside the VM every test here fails (it does not skip: a green run that tested nothing
-would hide a broken CI).
+Run them with ``deploy/vm/tier`` (each module in a VM boot of its own, as ``./run test`` does),
+or one module or test with ``deploy/vm/run -- .venv/bin/pytest tests/kernel/test_x.py -k y``.
+Outside the VM every test here fails (it does not skip: a green run that tested nothing would
+hide a broken CI).
+
+The VM boots like a stock host: no /etc/target when the host has none (see test_fresh_host.py).
+The tests' own rtslib-fb calls (LIO targets, the TCMU helpers) need it as the daemon does, so a
+session fixture creates it the daemon's way (:func:`hba.kernel.ensure_dbroot`).
 
 Fixtures:
 
@@ -27,10 +32,16 @@ from typing import Any
 
 import pytest
 
+from hba import kernel
 from tests.kernel import helpers
 from tests.support.tgtd import Tgtd
 
 KERNEL_DIR = Path(__file__).resolve().parent
+# Each kernel test's own time limit, unless it sets one: everything runs under TCG here, and the
+# tier must pass on a machine 2-4 times slower than a quiet one (a test that takes 3 minutes
+# there must not be cut off). deploy/vm/tier's idle limit (HBA_VM_IDLE_TIMEOUT) is longer still,
+# so pytest names a stuck test before the VM is stopped.
+KERNEL_TEST_TIMEOUT = 900
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,6 +49,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if KERNEL_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.kernel)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(KERNEL_TEST_TIMEOUT))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,6 +61,11 @@ def _require_vm() -> None:
             f"`{helpers.VM_HINT}` from the checkout",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _lio_dbroot(_require_vm: None) -> None:
+    kernel.ensure_dbroot()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import pyudev
 
+from hba import kernel
 from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
 
 CONFIGFS_TARGET = Path("/sys/kernel/config/target")
@@ -124,6 +125,9 @@ class Lio:
         """
         import rtslib_fb as rts
 
+        # The VM boots like a stock host, without /etc/target: rtslib needs it here as the
+        # daemon does (benchmarks use this outside pytest, without the conftest's fixture).
+        kernel.ensure_dbroot()
         if backstore not in BACKSTORES:
             raise ValueError(f"backstore must be one of {BACKSTORES}, not {backstore!r}")
         self._serial += 1

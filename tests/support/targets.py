@@ -10,9 +10,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-import socket
 from dataclasses import dataclass
 from urllib.parse import urlencode
+
+from hba.tgtd import free_tcp_port
+
+__all__ = ["Chap", "TargetInfo", "free_tcp_port", "unique_iqn"]
 
 # Characters that need no escaping in a libiscsi URL's user%password part or query.
 _URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
@@ -100,15 +103,6 @@ def _url_host(host: str) -> str:
     except ValueError:
         pass
     return host
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on at the moment (the kernel's choice for an ephemeral bind)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unique_iqn(label: str, authority: str = "2003-01.org.example") -> str:

@@ -1,10 +1,11 @@
 """A private tgtd (the Linux SCSI target framework daemon) for tests, on the host or in the VM.
 
-Each :class:`Tgtd` has its own management channel (``tgtd -C N``: socket ``/run/tgtd/socket.N``)
-and its own iSCSI portal on a free loopback port, so it never meets the packaged service, another
-test's tgtd or another engineer's. Targets are backed by sparse files in the given work
-directory. tgtd is pure userspace: it needs root (it binds the management socket under /run)
-but no kernel module, so the same helper serves the host integration tests and the kernel tests.
+The process itself — its own management channel (``tgtd -C N``) and iSCSI portal on a free
+loopback port, so it never meets the packaged service, another test's tgtd or another engineer's
+— is :class:`hba.tgtd.TgtdProcess`, shared with ``./run demo``. This module adds the targets:
+backed by sparse files in the given work directory, with CHAP accounts and parameters. tgtd is
+pure userspace: it needs root (it binds the management socket under /run) but no kernel module,
+so the same helper serves the host integration tests and the kernel tests.
 
     with Tgtd.start(tmp_path) as tgtd:
         target = tgtd.add_target(size=64 << 20, chap=Chap.one_way())
@@ -19,29 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
+from hba.tgtd import TgtdError, TgtdProcess
+from tests.support.targets import Chap, TargetInfo, unique_iqn
+
+__all__ = ["FIRST_DATA_LUN", "NULL_BS_SIZE", "Tgtd", "TgtdError", "TgtdTarget", "tgtd_available"]
 
 # tgt exposes LUN 0 of every target as its own controller (peripheral type 0x0c); the first
 # backing store is LUN 1.
 FIRST_DATA_LUN = 1
 NULL_BS_SIZE = 1 << 40  # tgt's null backing store (bs_null.c) is always 1 TiB
-TGT_IPC_DIR = Path("/var/run/tgtd")
-# tgtd -C accepts 0..32767 (larger values: "out of range").
-MAX_CONTROL_PORT = 32767
-
-
-class TgtdError(Exception):
-    """tgtd would not start, or a tgtadm command failed (the message names which and why)."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +51,7 @@ class Tgtd:
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.workdir = workdir
         self.host = host
-        self._fixed_port = port
-        self.port = 0
-        self.control_port = 0
-        self.log_path = workdir / "tgtd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.process = TgtdProcess(workdir, host, port)
         self._next_tid = 1
         self._targets: dict[int, TgtdTarget] = {}
         self._accounts: dict[str, str] = {}
@@ -87,65 +75,56 @@ class Tgtd:
 
     # -- process ---------------------------------------------------------------------------
 
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def control_port(self) -> int:
+        return self.process.control_port
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
     def launch(self, attempts: int = 5) -> None:
         """Start tgtd on a free portal port and an unused control port; wait until it answers."""
-        if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
-            raise TgtdError("tgtd/tgtadm not found (Debian package tgt): run deploy/setup")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        TGT_IPC_DIR.mkdir(parents=True, exist_ok=True)
-        last = ""
-        for _ in range(attempts):
-            self.port = self._fixed_port or free_tcp_port(self.host)
-            self.control_port = self._free_control_port()
-            with self.log_path.open("ab") as log:
-                self._proc = subprocess.Popen(
-                    [
-                        "tgtd", "-f", "-C", str(self.control_port),
-                        "--iscsi", f"portal={self._portal_arg()}",
-                    ],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                )
-            if self._wait_ready(timeout=30.0):
-                return
-            last = self._log_tail()
-            self._terminate()
-        raise TgtdError(f"tgtd did not start after {attempts} attempts; its log says:\n{last}")
+        self.process.launch(attempts)
 
     def stop(self) -> None:
         """Remove every target, stop tgtd and delete the backing files."""
-        if self._proc is None:
+        if not self.running:
             # Never started, or killed and not restarted: only the files are left.
             for target in self._targets.values():
                 if target.backing_file is not None:
                     target.backing_file.unlink(missing_ok=True)
             self._targets.clear()
+            self.process.stop()
             return
         for tid in list(self._targets):
             with contextlib.suppress(TgtdError):
                 self.remove_target(tid)
-        self._terminate()
-        self._remove_ipc_files()
+        self.process.stop()
 
     def kill(self) -> None:
         """End tgtd with SIGKILL, as a crash would: connections are reset, nothing is logged
         out. Targets, accounts, parameters and backing files are kept for :meth:`restart`."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        self._remove_ipc_files()
+        self.process.kill()
 
     def restart(self) -> None:
         """Start tgtd again on the same portal and re-create every target as it was: same tid,
         IQN, backing file (so the data is still there), CHAP accounts and parameters."""
         if self.running:
             raise TgtdError("tgtd is still running; kill() or stop() it first")
-        fixed, self._fixed_port = self._fixed_port, self.port
+        fixed, self.process.fixed_port = self.process.fixed_port, self.port
         try:
             self.launch()
         finally:
-            self._fixed_port = fixed
+            self.process.fixed_port = fixed
         accounts, self._accounts = self._accounts, {}
         for tid in sorted(self._targets):
             self._create(self._targets[tid])
@@ -155,82 +134,11 @@ class Tgtd:
         for user, password in accounts.items():
             self._account(user, password)  # accounts bound to no target survive too
 
-    def _remove_ipc_files(self) -> None:
-        for sock in TGT_IPC_DIR.glob(f"socket.{self.control_port}*"):
-            sock.unlink(missing_ok=True)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _portal_arg(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @staticmethod
-    def _free_control_port() -> int:
-        # tgtd holds socket.N.lock while it runs; a port whose lock file is absent is free.
-        for _ in range(100):
-            n = random.randrange(1000, MAX_CONTROL_PORT + 1)
-            if not (TGT_IPC_DIR / f"socket.{n}.lock").exists():
-                return n
-        raise TgtdError(f"no free tgtd control port under {TGT_IPC_DIR}")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                return False
-            probe = subprocess.run(
-                ["tgtadm", "-C", str(self.control_port), "--op", "show", "--mode", "system"],
-                capture_output=True, check=False,
-            )
-            if probe.returncode == 0 and self._portal_listening():
-                return True
-            time.sleep(0.1)
-        return False
-
-    def _portal_listening(self) -> bool:
-        # tgtd keeps running when it cannot bind its portal (a fixed port in use): check.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            return sock.connect_ex((self.host, self.port)) == 0
-
-    def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # tgtd ignores SIGTERM; it exits when asked over its management channel.
-            subprocess.run(
-                ["tgtadm", "-C", str(self.control_port), "--op", "delete", "--mode", "system"],
-                capture_output=True, check=False,
-            )
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
     # -- management ------------------------------------------------------------------------
 
     def tgtadm(self, *args: str) -> str:
         """Run ``tgtadm -C <control port> --lld iscsi ARGS``; raise TgtdError on failure."""
-        argv = ["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise TgtdError(
-                f"`{' '.join(argv)}` failed ({proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()}"
-            )
-        return proc.stdout
+        return self.process.tgtadm(*args)
 
     def add_target(
         self,
