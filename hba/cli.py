@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hba import control
+from hba import control, top
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_perf)
 
     control.add_commands(sub)
+    top.add_command(sub)
     return parser
 
 
