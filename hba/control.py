@@ -313,13 +313,19 @@ class _JournalFormatter(PrintableFormatter):
 
 def configure_daemon_logging(verbose: int, environ: Mapping[str, str] | None = None) -> None:
     """One line per event at INFO from the daemon's own loggers; ``-v`` adds the protocol's
-    INFO lines, ``-vv`` everything. Under systemd (``$JOURNAL_STREAM``) no timestamps,
-    priorities instead."""
+    INFO lines, ``-vv`` everything. Under systemd (``$JOURNAL_STREAM``) journal entries with
+    fields (:mod:`hba.journal`; standard error, prefixed with priorities, when the journal's
+    socket is missing or full)."""
+    from hba import journal
+
     env = os.environ if environ is None else environ
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     fmt = "%(message)s" if verbose < 2 else "%(name)s: %(message)s"
     if env.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter(fmt))
+        if journal.under_journal(env):
+            handler = journal.JournalHandler("iscsi-hba", fallback=handler)
+            handler.setFormatter(PrintableFormatter(fmt))
     else:
         handler.setFormatter(PrintableFormatter(f"%(asctime)s %(levelname)s {fmt}",
                                                 "%Y-%m-%d %H:%M:%S"))
