@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hba import control
+from hba import control, top
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
@@ -82,7 +82,7 @@ async def _perf(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = oneshot.PerfSettings(
         block_size=oneshot.parse_size(args.block_size), queue_depth=args.queue_depth,
-        seconds=args.seconds, random=args.random, write=args.write)
+        seconds=args.seconds, random=args.random, write=args.write, histogram=args.histogram)
     live = None if args.json else sys.stdout
     return await oneshot.cmd_perf(args.url, _options(args), settings, live)
 
@@ -134,6 +134,12 @@ def _print_perf(r: dict[str, Any]) -> None:
     print(f"\n{r['pattern']}, {r['block_size']}-byte blocks, queue depth {r['queue_depth']}: "
           f"{r['iops']:.0f} IOPS, {r['mb_per_s']:.1f} MB/s over {r['seconds']:.1f} s "
           f"({r['commands']} commands, {r['errors']} errors)")
+    latency = r.get("latency") or {}
+    if latency.get("mean_ms") is not None:
+        print(f"latency: mean {latency['mean_ms']:.3f} ms, p50 {latency['p50_ms']:.3f} ms, "
+              f"p99 {latency['p99_ms']:.3f} ms, p99.9 {latency['p999_ms']:.3f} ms")
+    if r.get("histogram"):
+        print(f"latency distribution drawn in {printable(r['histogram'])}")
     if r["first_error"]:
         print(f"first error: {printable(r['first_error'])}")
 
@@ -222,9 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", action="store_true", help="random LBAs instead of sequential")
     p.add_argument("--write", action="store_true",
                    help="WRITE instead of READ (destroys the LUN's data)")
+    p.add_argument("--histogram", metavar="FILE.svg",
+                   help="draw the latency distribution into this SVG file (needs matplotlib: "
+                        "pip install 'iscsi-hba[plot]')")
     p.set_defaults(handler=_perf)
 
     control.add_commands(sub)
+    top.add_command(sub)
     return parser
 
 

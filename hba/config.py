@@ -30,6 +30,10 @@ silently); a mutual-CHAP secret equal to the initiator's secret is refused (RFC 
 a secret shorter than 12 bytes draws a warning (RFC 7143 §9.2.1: 96 bits, and Microsoft-style
 targets refuse less).
 
+Outside the blocks, one key of the daemon itself: ``Metrics = 127.0.0.1:9433`` serves Prometheus
+metrics there (``hbactl daemon --metrics`` wins over it; a bare port means the loopback
+address; read at start only).
+
 This project's keys: Lun (0), QueueDepth (32), ReplacementTimeout (120 s), LoginTimeout (15 s),
 NoopInterval (5 s, 0 disables), NoopTimeout (5 s; FreeBSD's PingTimeout is an alias),
 CommandTimeout (30 s, 0 disables), TaskManagementTimeout (15 s), LogoutTimeout (10 s), and the
@@ -176,6 +180,8 @@ class Config:
     path: str
     entries: dict[str, TargetEntry]
     warnings: tuple[str, ...] = ()
+    metrics: str | None = None
+    """``Metrics``, the daemon's Prometheus listen address (outside any block), checked."""
 
     def get(self, nickname: str) -> TargetEntry | None:
         """The block with this nickname, compared case-insensitively as FreeBSD does."""
@@ -290,6 +296,16 @@ def _iscsi_name(text: str) -> str:
         return _validate_iscsi_name(text, what="the name")
     except ConfigurationError as exc:
         raise _BadValue(str(exc).replace(f"the name {text!r} is", "is", 1)) from None
+
+
+def _listen_address(text: str) -> str:
+    from hba.metrics import parse_listen_address
+
+    try:
+        parse_listen_address(text)
+    except ConfigurationError as exc:
+        raise _BadValue(f"is not usable: {exc}") from None
+    return text
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -412,6 +428,10 @@ _BY_NAME = {key.name.lower(): key for key in _KEYS}
 _ALL_NAMES = [key.name for key in _KEYS] + list(_ALIASES)
 
 
+# Keys of the daemon itself, set outside any block.
+_DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address)}
+
+
 def _lookup(word: str) -> _Key | None:
     lowered = word.lower()
     lowered = _ALIASES.get(lowered, lowered).lower()
@@ -443,6 +463,9 @@ class _Parser:
         self.previous_secret = False
         self.tokens = _tokenize(text, self.error)
         self.pos = 0
+        self.daemon: dict[str, Any] = {}
+        """The daemon's own keys (outside the blocks), by field."""
+        self._daemon_lines: dict[str, int] = {}
 
     def error(self, line: int, message: str) -> None:
         self.errors.append((line, f"{self.path}:{line}: {message}"))
@@ -471,6 +494,10 @@ class _Parser:
                 self.pos += 1
                 continue
             brace = self.peek(1)
+            if brace is not None and brace.kind == _Kind.EQUALS and \
+                    tok.text.lower() in _DAEMON_KEYS:
+                self.daemon_key(tok, _DAEMON_KEYS[tok.text.lower()])
+                continue
             if brace is None or brace.kind != _Kind.LBRACE:
                 if brace is not None and brace.kind == _Kind.EQUALS:
                     self.error(
@@ -483,6 +510,32 @@ class _Parser:
                 continue
             self.pos += 2
             yield self.block(tok)
+
+    def daemon_key(self, tok: _Token, key: _Key) -> None:
+        """``key = value`` outside a block: a setting of the daemon itself."""
+        value = self.peek(2)
+        self.pos += 2
+        if value is None or not value.is_value or value.line != tok.line:
+            self.error(tok.line, f"{key.name} has no value after '='")
+            return
+        self.pos += 1
+        if key.name in self._daemon_lines:
+            self.error(tok.line, f"{key.name} is set twice (also on line "
+                                 f"{self._daemon_lines[key.name]})")
+            return
+        self._daemon_lines[key.name] = tok.line
+        try:
+            self.daemon[str(key.field)] = key.parse(value.text)
+        except _BadValue as exc:
+            self.error(tok.line, f"{key.name} {value.text!r} {exc}")
+        after = self.peek()
+        if after is not None and after.line == tok.line:
+            if after.kind == _Kind.SEMICOLON:
+                self.pos += 1
+            else:
+                self.error(tok.line, "unexpected text after a value; quote values that "
+                                     "contain spaces")
+                self.skip_line(tok.line)
 
     def block(self, name: _Token) -> _Block:
         block = _Block(nickname=name.text, line=name.line)
@@ -682,7 +735,8 @@ def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:
         entry = _finish(block, parser)
         if entry is not None:
             entries[block.nickname] = entry
-    config = Config(path=path, entries=entries, warnings=tuple(parser.warnings))
+    config = Config(path=path, entries=entries, warnings=tuple(parser.warnings),
+                    metrics=parser.daemon.get("metrics"))
     # In line order: the lexer reports unclosed quotes before the parser reaches those lines.
     errors = [message for _line, message in sorted(parser.errors, key=lambda e: e[0])]
     return config, errors, parser.saw_secret

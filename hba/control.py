@@ -40,6 +40,7 @@ from initiator.printable import PrintableFormatter, printable
 if TYPE_CHECKING:
     from hba.daemon import Daemon
     from hba.dbus_service import DaemonService
+    from hba.metrics import MetricsServer
 
 log = logging.getLogger("iscsi-hba")
 
@@ -312,13 +313,19 @@ class _JournalFormatter(PrintableFormatter):
 
 def configure_daemon_logging(verbose: int, environ: Mapping[str, str] | None = None) -> None:
     """One line per event at INFO from the daemon's own loggers; ``-v`` adds the protocol's
-    INFO lines, ``-vv`` everything. Under systemd (``$JOURNAL_STREAM``) no timestamps,
-    priorities instead."""
+    INFO lines, ``-vv`` everything. Under systemd (``$JOURNAL_STREAM``) journal entries with
+    fields (:mod:`hba.journal`; standard error, prefixed with priorities, when the journal's
+    socket is missing or full)."""
+    from hba import journal
+
     env = os.environ if environ is None else environ
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     fmt = "%(message)s" if verbose < 2 else "%(name)s: %(message)s"
     if env.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter(fmt))
+        if journal.under_journal(env):
+            handler = journal.JournalHandler("iscsi-hba", fallback=handler)
+            handler.setFormatter(PrintableFormatter(fmt))
     else:
         handler.setFormatter(PrintableFormatter(f"%(asctime)s %(levelname)s {fmt}",
                                                 "%Y-%m-%d %H:%M:%S"))
@@ -337,12 +344,14 @@ async def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl daemon``: see the module docstring. Returns when stopped."""
     configure_daemon_logging(max(args.verbose, args.daemon_verbose))
     return {"exit_status": await run_daemon(args.config, args.initiator_name,
-                                            pcap_dir=args.daemon_pcap)}
+                                            pcap_dir=args.daemon_pcap, metrics=args.metrics)}
 
 
 async def run_daemon(config_path: str | None, initiator_name: str | None = None, *,
-                     bus_address: str | None = None, pcap_dir: str | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status."""
+                     bus_address: str | None = None, pcap_dir: str | None = None,
+                     metrics: str | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status.
+    ``metrics``: serve Prometheus metrics there (else the configuration's ``Metrics``)."""
     from hba import dbus_service
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
@@ -351,7 +360,8 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
 
     if config_path is not None and os.path.exists(config_path):
         try:
-            await asyncio.to_thread(load_config, config_path)
+            config = await asyncio.to_thread(load_config, config_path)
+            metrics = metrics or config.metrics
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
             raise StartupError(str(exc), EXIT_CONFIG) from None
@@ -374,6 +384,9 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         sd_notify(f"STATUS={exc}")
         raise StartupError(str(exc), exc.exit_status) from None
     daemon.options.on_event = service.publish
+    exporter = None
+    if metrics is not None:
+        exporter = await _serve_metrics(daemon, metrics, service)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -417,8 +430,26 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             log.info("stopping: %d disk%s stay%s in the kernel for the next daemon to take "
                      "over", count, "" if count == 1 else "s", "s" if count == 1 else "")
         await daemon.stop()
+        if exporter is not None:
+            await exporter.stop()
         await service.close()
     return status
+
+
+async def _serve_metrics(daemon: Daemon, address: str, service: DaemonService) -> MetricsServer:
+    """Start the Prometheus endpoint (after the bus name is ours: a second daemon must not
+    take the port first), or raise :class:`StartupError`."""
+    from hba.metrics import MetricsServer
+    from initiator.errors import ConfigurationError
+
+    try:
+        exporter = MetricsServer(daemon, address)
+        exporter.start()
+    except (ConfigurationError, HBAError) as exc:
+        await service.close()
+        raise StartupError(str(exc), EXIT_CONFIG if isinstance(exc, ConfigurationError)
+                           else 1) from None
+    return exporter
 
 
 async def _until_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
@@ -485,6 +516,9 @@ def add_commands(sub: Any) -> None:
                         "nothing to attach)")
     p.add_argument("--initiator-name", metavar="IQN",
                    help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on this address (a bare port: 127.0.0.1; "
+                        "default: the configuration's Metrics key, else none)")
     p.add_argument("--pcap", dest="daemon_pcap", metavar="DIR",
                    help="record every session's PDUs into a pcap file in DIR (created mode "
                         "700), one per session; tshark -r FILE dissects it")

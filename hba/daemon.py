@@ -50,6 +50,7 @@ from hba import devices, kernel
 from hba.config import Config, load_config
 from hba.disks import Disk, DiskState
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
 from hba.sessions import SessionPool
 from hba.specs import BACKSTORE_PREFIX, LunSpec, SpecDefaults, SpecResolver
@@ -100,6 +101,8 @@ class Daemon:
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
+        self.session_events = SessionEvents(log)
         self.started = False
 
     @property
@@ -112,7 +115,15 @@ class Daemon:
         self.specs.config = config
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
-        """Report ``kind`` (attach, adopt, detach, session, logout) to ``options.on_event``."""
+        """Report ``kind`` (attach, adopt, detach, session, logout) to ``options.on_event``;
+        log session events (hba.journal)."""
+        if kind == "session":
+            target, portal = str(data.get("target")), str(data.get("portal"))
+            specs = [d.spec for d in self.disks.values()] + self._attaching
+            self.session_events.state_changed(
+                target, portal, str(data.get("state")), cause=str(data.get("cause") or ""),
+                disks=sorted({s.name for s in specs
+                              if s.target == target and str(s.portal) == portal}))
         if self.options.on_event is not None:
             self.options.on_event(kind, data)
 
@@ -258,7 +269,11 @@ class Daemon:
                     raise AttachError(
                         f"{spec.target} LUN {spec.lun} at {spec.portal} is already attached "
                         f"as {disk.name}")
-            attached = await self._attach_locked(spec)
+            self._attaching.append(spec)
+            try:
+                attached = await self._attach_locked(spec)
+            finally:
+                self._attaching.remove(spec)
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)  # "attached ..." was logged
         return attached

@@ -6,7 +6,7 @@ One connection to the system bus (dbus-next, on the daemon's own asyncio loop) o
 
 ``org.iscsihba.Daemon``
     object ``/org/iscsihba/Daemon``, interface ``org.iscsihba.Daemon1``: what ``hbactl
-    attach/detach/list/status`` call (:class:`ControlInterface`). Results are ``a{sv}``
+    attach/detach/list/status/top`` call (:class:`ControlInterface`). Results are ``a{sv}``
     dictionaries (keys with no value are left out); failures are DBus errors named
     ``org.iscsihba.Error.<Kind>`` whose message is the sentence ``hbactl`` prints. Signals
     ``DiskAttached``, ``DiskDetached`` and ``SessionStateChanged`` follow the daemon's events.
@@ -271,6 +271,14 @@ class ControlInterface(_service.ServiceInterface):
                       uptime=round(time.monotonic() - self._started, 1),
                       tcmu_handler=self.tcmu_handler)
         return vardict(status)
+
+    @_method(result="a{sv}", name="Metrics")
+    async def metrics(self) -> dict[str, Variant]:
+        """What every disk and session counted so far (:func:`hba.metrics.sample`): what
+        ``hbactl top`` shows, as rates between two calls."""
+        from hba.metrics import sample
+
+        return vardict(sample(self._daemon))
 
     @_method(name="Reload")
     async def reload(self) -> None:

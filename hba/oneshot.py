@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+from hba import plot
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
+from initiator.stats import Histogram, quantile
 from initiator.transport import Session, SessionConfig
 from initiator.url import IscsiUrl, parse_url
 from initiator.urlconfig import target_url
@@ -233,6 +235,8 @@ class PerfSettings:
     seconds: float = 10.0
     random: bool = False
     write: bool = False
+    histogram: str | None = None
+    """Draw the latency distribution into this SVG file (:mod:`hba.plot`)."""
 
 
 async def cmd_perf(text: str, options: Options, settings: PerfSettings,
@@ -246,6 +250,8 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
         raise ConfigurationError("--queue-depth must be at least 1")
     if settings.seconds <= 0:
         raise ConfigurationError("--seconds must be positive")
+    if settings.histogram is not None:
+        plot.require()  # before the run, not after it
 
     async def work(client: ScsiClient) -> Result:
         cap = await client.capacity()
@@ -263,7 +269,45 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
 
     # NOP pings stay on: the keepalive counts progress on our commands, so it sends none
     # while they complete, and it finds a dead connection when they stop.
-    return await with_client(url, options, work)
+    result = await with_client(url, options, work)
+    if settings.histogram is not None:
+        latency = histogram_from(result["latency"])
+        await asyncio.to_thread(
+            plot.latency_svg, settings.histogram, [plot.Series("hbactl perf", latency)],
+            f"hbactl perf: {result['pattern']}, {settings.block_size}-byte blocks, queue "
+            f"depth {settings.queue_depth}",
+            f"{url.target_iqn} LUN {url.lun}: {result['iops']:.0f} IOPS, "
+            f"{result['mb_per_s']:.1f} MB/s over {result['seconds']:.1f} s "
+            f"({result['commands']} commands)")
+        result["histogram"] = settings.histogram
+    return result
+
+
+def latency_summary(h: Histogram) -> dict[str, Any]:
+    """A perf run's latency for its result: mean and percentiles in ms, and the non-empty
+    buckets as ``[upper bound in s, count]`` pairs (:func:`histogram_from` reads them back)."""
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1e3, 4)
+
+    return {
+        "mean_ms": ms(h.sum / h.count) if h.count else None,
+        "p50_ms": ms(quantile(0.5, h.bounds, h.counts)),
+        "p99_ms": ms(quantile(0.99, h.bounds, h.counts)),
+        "p999_ms": ms(quantile(0.999, h.bounds, h.counts)),
+        "buckets": [[h.bounds[i] if i < len(h.bounds) else None, n]
+                    for i, n in enumerate(h.counts) if n],
+        "sum_s": h.sum,
+    }
+
+
+def histogram_from(summary: dict[str, Any]) -> Histogram:
+    """The histogram of a :func:`latency_summary` (with :func:`hba.plot.fine_buckets`)."""
+    h = Histogram(plot.fine_buckets())
+    for bound, n in summary["buckets"]:
+        h.observe(float("inf") if bound is None else float(bound), int(n))
+    h.sum = float(summary["sum_s"])
+    return h
 
 
 async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, span: int,
@@ -287,6 +331,8 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
     build = scsi.write if settings.write else scsi.read
     is_write, is_random, slots = settings.write, settings.random, span // blocks
     size = settings.block_size
+    latency = Histogram(plot.fine_buckets())
+    observe = latency.observe
 
     def stream(buf: memoryview) -> Callable[[], None]:
         """The issue function of one buffer's chain of commands, each issued from the
@@ -294,6 +340,7 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
         bufs = [buf]  # one command at a time uses it: safe to share between commands
         cdb = b""
         attempts = 1
+        sent = 0.0
 
         def issue() -> None:
             nonlocal next_lba, cdb, attempts
@@ -307,6 +354,8 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
             send()
 
         def send() -> None:
+            nonlocal sent
+            sent = clock()
             if is_write:
                 submit(lun, cdb, data_out=bufs, on_done=done)
             else:
@@ -314,11 +363,13 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
 
         def done(result: CommandResult | ISCSIError) -> None:
             nonlocal in_flight, completed, errors, attempts
+            now = clock()
             if isinstance(result, CommandResult):
                 if result.status == 0 and not result.residual and (
                         is_write or result.data_in_length == size):
                     # GOOD and all the data moved: a short read is no completed command.
                     completed += 1
+                    observe(now - sent)
                 elif attempts < COMMAND_ATTEMPTS and \
                         (retry := scsi.retryable(result)) is not None:
                     # What the Linux midlayer retries (the UNIT ATTENTION of a new I_T nexus
@@ -342,7 +393,7 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
                 errors += 1
                 if not first_error:
                     first_error.append(result)
-            if clock() < end and not first_error:
+            if now < end and not first_error:
                 issue()  # this buffer's next command: in_flight stays the same
                 return
             in_flight -= 1
@@ -402,6 +453,7 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
             "errors": errors, "iops": round(iops, 1),
             "mb_per_s": round(iops * settings.block_size / 1e6, 2),
             "first_error": str(first_error[0]) if first_error else None,
+            "latency": latency_summary(latency),
             "exit_status": 1 if errors else 0}
 
 

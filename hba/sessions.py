@@ -10,9 +10,9 @@ holds one reference, and :meth:`SessionPool.release` logs out with the last one.
 LUN (a restart) must not wait for its target: its session logs in in the background while the
 kernel's commands queue.
 
-Every state change of a session is logged and reported as a ``session`` event (DBus signal
-``SessionStateChanged``). With ``--pcap DIR`` each session records its PDUs into a file of its
-own there.
+Every state change of a session is reported as a ``session`` event (logged by the daemon,
+:mod:`hba.journal`, and the DBus signal ``SessionStateChanged``). With ``--pcap DIR`` each
+session records its PDUs into a file of its own there.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class SessionPool:
         return os.path.join(self._pcap_dir, name)
 
     def _session_state(self, session: Session, state: SessionState) -> None:
-        log.info("session %s: %s", session.label, state.value)
+        # Logged (with journal fields) by the daemon's hba.journal.SessionEvents.
         self._on_event("session", {"target": session.target_name,
-                                   "portal": str(session.portal), "state": state.value})
+                                   "portal": str(session.portal), "state": state.value,
+                                   "cause": session.counters.last_error})

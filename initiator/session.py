@@ -71,6 +71,7 @@ from initiator.errors import (
     RemoteProtocolError,
     TaskAborted,
 )
+from initiator.stats import SessionStats
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ class _Control:
     """When ``on_done`` gets a :class:`CommandTimeout` if no answer came (None: no bound)."""
     expired: bool = False
     """``on_done`` had its timeout; a late answer is accepted and ignored."""
+    sent: float = 0.0
+    """When a NOP-Out ping was queued (its round trip is measured from then)."""
 
 
 @dataclass(slots=True)
@@ -342,8 +345,12 @@ class ConnectionCore:
         noop_timeout: float = 5.0,
         command_timeout: float = 0.0,
         tmf_timeout: float = 15.0,
+        counters: SessionStats | None = None,
     ) -> None:
         self.params = params
+        # What an operator watches (initiator.stats): the session's, so that it counts across
+        # connections; incremented off the per-command path only.
+        self.counters = counters if counters is not None else SessionStats()
         self.target = target
         self.cmd_sn = cmd_sn
         self.exp_stat_sn = exp_stat_sn
@@ -428,6 +435,8 @@ class ConnectionCore:
             raise LocalProtocolError(f"{task!r} was already submitted")
         # CmdSN <= MaxCmdSN in serial arithmetic (§4.2.2.1), inlined: once per command.
         if self._queued or (self.max_cmd_sn - self.cmd_sn) & _MASK >= _HALF:
+            if not self._queued:
+                self.counters.window_closed += 1
             self._queued.append(task)
             return
         self._send_command(task)
@@ -497,7 +506,7 @@ class ConnectionCore:
         by :meth:`handle_timer`, which may drop the connection instead)."""
         itt = self._alloc_itt()
         self._controls[itt] = _Control(P.Opcode.NOP_OUT, on_done or _ignore,
-                                       deadline=now + self.noop_timeout)
+                                       deadline=now + self.noop_timeout, sent=now)
         if self._live.ping_itt is None:
             self._live.ping_itt = itt
             self._live.ping_deadline = now + self.noop_timeout
@@ -1013,6 +1022,8 @@ class ConnectionCore:
         # wait for the command window like commands (§4.2.2.1: a target silently drops a
         # CmdSN outside [ExpCmdSN, MaxCmdSN], and every later command would wait behind it).
         if self._queued or not serial.le(self.cmd_sn, self.max_cmd_sn):
+            if not self._queued:
+                self.counters.window_closed += 1
             self._queued.append(_TextSend(itt, text, ttt))
             return
         self._emit_text(itt, text, ttt)
@@ -1187,6 +1198,8 @@ class ConnectionCore:
                     f"target {self.target} answered a NOP-Out 0x{pdu.itt:08x} we never sent")
             if pdu.itt == self._live.ping_itt:
                 self._live.ping_itt = None
+            # receive_pdu() noted the time of this answer as the last progress.
+            self.counters.nop_rtt.observe(max(0.0, self._last_progress - control.sent))
             if not control.expired:
                 control.on_done(pdu)
             return

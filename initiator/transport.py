@@ -65,6 +65,7 @@ from initiator.session import (
     Task,
     TransferParameters,
 )
+from initiator.stats import SessionStats
 
 if TYPE_CHECKING:
     from initiator.keys import SessionParameters
@@ -562,6 +563,9 @@ class Session:
         self.on_event: Callable[[Event], None] | None = None
         self.on_state: Callable[[SessionState], None] | None = None
         self.reconnects = 0
+        self.counters = SessionStats()
+        """Counters for an operator (:mod:`initiator.stats`); ``reconnects`` counts the
+        reinstatements."""
 
     @property
     def label(self) -> str:
@@ -574,7 +578,9 @@ class Session:
         self._set_state(SessionState.LOGGING_IN)
         try:
             await self._connect_and_login()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.counters.login_failed(exc)
             self._set_state(SessionState.CLOSED)
             raise
 
@@ -696,7 +702,8 @@ class Session:
             max_cmd_sn=login.max_cmd_sn, target=self.label,
             now=asyncio.get_running_loop().time(),
             noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout,
-            command_timeout=self.config.command_timeout, tmf_timeout=self.config.tmf_timeout)
+            command_timeout=self.config.command_timeout, tmf_timeout=self.config.tmf_timeout,
+            counters=self.counters)
         conn.on_failure = lambda err: self._connection_failed(conn, err)
         conn.on_event = self._core_event
         self._conn = conn
@@ -953,6 +960,7 @@ class Session:
         if self._failed_error is not None and not self._pending and \
                 not self.config.reconnect_forever:
             return   # given up: nothing more to recover
+        self.counters.connection_lost(error)
         log.warning("%s: connection failed (%s); recovering", self.label, error)
         self._policy.connection_lost(now, str(error), worked=worked, waiting=bool(self._pending),
                                      time2wait=time2wait)
@@ -1020,6 +1028,7 @@ class Session:
                 return
             reason = str(exc) if isinstance(exc, ISCSIError) else \
                 f"{type(exc).__name__}: {exc}"
+            self.counters.login_failed(exc)
             log.info("%s: reconnect attempt %d failed: %s", self.label, self._policy.attempts,
                      reason)
             self._policy.attempt_failed(asyncio.get_running_loop().time(), reason)
@@ -1058,6 +1067,7 @@ class Session:
     def _give_up(self) -> None:
         """The replacement timeout has passed without a working session: fail what waits."""
         error = SessionFailed(self._policy.give_up_message(self.label))
+        self.counters.give_ups += 1
         log.warning("%s", error)
         self._fail_session(error)
 
@@ -1171,6 +1181,13 @@ class Session:
     def in_flight(self) -> int:
         core = self._core
         return (core.in_flight if core is not None else 0) + len(self._pending)
+
+    @property
+    def command_window(self) -> tuple[int, int, int] | None:
+        """(CmdSN, ExpCmdSN, MaxCmdSN) of the current connection (§4.2.2.1), None without one:
+        the next CmdSN to send and the target's window."""
+        core = self._core
+        return None if core is None else (core.cmd_sn, core.exp_cmd_sn, core.max_cmd_sn)
 
     def stats(self) -> dict[str, int]:
         core = self._core

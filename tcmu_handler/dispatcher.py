@@ -28,6 +28,11 @@ a CDB outside the entry, DIF iovecs) is completed with ``TCMU_UFLAG_UNKNOWN_OP``
 device goes away (POLLERR, EIO, ENODEV) the dispatcher logs one line and stops; commands still
 in flight are aborted at the target, and their buffers are released, never written back, when
 the initiator reports them done; the map is unmapped after the last one.
+
+What the commands did (operations, bytes, latency from ring entry to ring completion, statuses)
+is counted into :attr:`Dispatcher.metrics` (:mod:`tcmu_handler.stats`): one clock reading per
+scan and one per flush; per command, a class and a count in the arrival it shares with the
+commands of its scan.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,6 +54,7 @@ from tcmu_handler import ring, scsi
 from tcmu_handler.device import CONFIGFS_ROOT, ResetLevel, UioDevice, UioInfo, takeover
 from tcmu_handler.errors import DeviceRemoved, MalformedEntry, RingError, TCMUError
 from tcmu_handler.ring import CmdEntry, TmrEntry
+from tcmu_handler.stats import DATA_OUT, NO_DATA, OPERATION_BASE, Arrival, RingStats
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,10 @@ _UNKNOWN_OP = int(ring.UFlag.UNKNOWN_OP)
 _READ_LEN = int(ring.UFlag.READ_LEN)
 _TMR = int(ring.Opcode.TMR)
 _is_data_out = scsi.is_data_out
+_length = itemgetter(1)
+_OPERATION_BASE = OPERATION_BASE
+_INVALID_OPCODE_SENSE = scsi.SenseCode(scsi.SenseKey.ILLEGAL_REQUEST, 0x20, 0x00).fixed()
+"""What the kernel reports for an UNKNOWN_OP completion (tcmu_handle_completion)."""
 _ABORTS = frozenset({ring.TmrType.ABORT_TASK, ring.TmrType.ABORT_TASK_SET,
                      ring.TmrType.CLEAR_TASK_SET, ring.TmrType.LUN_RESET_PRO})
 _RESETS = frozenset({ring.TmrType.LUN_RESET, ring.TmrType.TARGET_WARM_RESET,
@@ -110,7 +122,10 @@ class DispatcherStats:
 class _Command:
     """One CMD entry in flight."""
 
-    __slots__ = ("cmd_id", "data_in_len", "finished", "handle", "views")
+    __slots__ = ("arrival", "cmd_id", "data_in_len", "finished", "handle", "nbytes", "views")
+
+    arrival: Arrival
+    """The commands of its class its scan took (tcmu_handler.stats): set by the scan."""
 
     def __init__(self, cmd_id: int) -> None:
         self.cmd_id = cmd_id
@@ -118,6 +133,7 @@ class _Command:
         self.data_in_len = 0  # Data-In bytes of a unidirectional read: READ_LEN applies
         self.handle: CommandHandle | None = None
         self.finished = False
+        self.nbytes = 0       # bytes of its buffers
 
 
 class Dispatcher:
@@ -131,7 +147,8 @@ class Dispatcher:
     or ``dispatcher.start()`` and later ``await dispatcher.close()``.
     """
 
-    def __init__(self, device: UioDevice, executor: CommandExecutor, *, lun: int = 0) -> None:
+    def __init__(self, device: UioDevice, executor: CommandExecutor, *, lun: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         mailbox = device.mailbox()
         self._device = device
         self._executor = executor
@@ -165,6 +182,10 @@ class Dispatcher:
         self._lun_resets = 0
         self._wakeups = 0
         self._notifications = 0
+        self._clock = clock
+        self.metrics = RingStats()
+        """What the commands did (:mod:`tcmu_handler.stats`); read it from the loop."""
+        self._written: list[Arrival] = []  # with completions in the ring, not yet recorded
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -302,6 +323,9 @@ class Dispatcher:
         complete = self._complete
         lun = self._lun
         running = _State.RUNNING
+        now = self._clock()
+        arrivals: list[Arrival | None] = [None] * 9
+        base_of = _OPERATION_BASE
         while True:
             try:
                 entry = next_command()
@@ -322,16 +346,26 @@ class Dispatcher:
                         views = [buf[o:o + n]]
                     else:
                         views = [buf[o:o + n] for o, n in iovecs]
-                        n = 0
+                        n = sum(map(_length, iovecs))
                     rec.views = views
+                    rec.nbytes = n
                     if iov_bidi_cnt:
                         data_out = views[:iov_cnt]
                         data_in = views[iov_cnt:]
+                        cls = base_of[cdb[0]] + DATA_OUT
                     elif _is_data_out(cdb):
                         data_out = views
+                        cls = base_of[cdb[0]] + DATA_OUT
                     else:
                         data_in = views
-                        rec.data_in_len = n or sum(n for _, n in iovecs)
+                        rec.data_in_len = n
+                        cls = base_of[cdb[0]]
+                else:
+                    cls = base_of[cdb[0]] + NO_DATA
+                arrival = arrivals[cls]
+                if arrival is None:
+                    arrival = arrivals[cls] = Arrival(now, cls)
+                rec.arrival = arrival
                 self._submitted += 1
                 try:
                     # The completion callback is a partial of the bound method: calling it runs
@@ -364,6 +398,7 @@ class Dispatcher:
         if exc.cmd_id in self._inflight:
             self._duplicate(exc.cmd_id)
         rec = _Command(exc.cmd_id)
+        rec.arrival = Arrival(self._clock(), 8)  # other, no data: it is not a command for us
         self._inflight[exc.cmd_id] = rec
         # The kernel turns UNKNOWN_OP into CHECK CONDITION itself (tcmu_handle_completion).
         self._finish(rec, _CHECK_CONDITION, _UNKNOWN_OP)
@@ -452,6 +487,20 @@ class Dispatcher:
         except RingError as exc:
             self._stop(StopReason.RING_CORRUPT, str(exc))
             return
+        arrival = rec.arrival
+        if status or uflags:
+            # The bytes moved: the Data-In the kernel takes (READ_LEN), else none.
+            arrival.nbytes += read_len
+            if status:
+                self.metrics.status(status, _INVALID_OPCODE_SENSE if uflags & _UNKNOWN_OP
+                                    else sense)
+        else:
+            arrival.nbytes += rec.nbytes
+        if arrival.done:
+            arrival.done += 1
+        else:
+            arrival.done = 1
+            self._written.append(arrival)
         if not self._inflight:
             drained = self._drained
             if drained is not None:
@@ -467,6 +516,10 @@ class Dispatcher:
         self._flush_scheduled = False
         if self._state not in (_State.RUNNING, _State.CLOSING):
             return
+        arrivals = self._written
+        if arrivals:
+            self._written = []
+            self.metrics.record(arrivals, self._clock())
         # CommandRing.done(): one aligned 32-bit store of cmd_tail, after the response stores.
         # x86 keeps stores in order; on weaker CPUs the write() below is the barrier for the
         # reaping it triggers, though not for the kernel's other readers of cmd_tail

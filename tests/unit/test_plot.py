@@ -1,0 +1,48 @@
+"""Latency pictures (hba.plot) and the latency of a ``hbactl perf`` run (hba.oneshot)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from hba import plot
+from hba.errors import HBAError
+from hba.oneshot import histogram_from, latency_summary
+from initiator.stats import Histogram
+
+
+def test_perf_latency_summary_round_trips() -> None:
+    h = Histogram(plot.fine_buckets())
+    for value, n in ((0.0004, 900), (0.002, 99), (0.5, 1), (1000.0, 1)):
+        h.observe(value, n)
+    summary = latency_summary(h)
+    back = histogram_from(json.loads(json.dumps(summary)))
+    assert back.counts == h.counts and back.count == h.count
+    assert back.sum == pytest.approx(h.sum)
+    assert summary["p50_ms"] == pytest.approx(0.4, rel=0.13)
+    assert 0.4 < summary["p99_ms"] <= 2.0 * 1.13
+
+
+def test_latency_picture(tmp_path: Path) -> None:
+    ours, theirs = Histogram(plot.fine_buckets()), Histogram(plot.fine_buckets())
+    for i in range(1000):
+        ours.observe(0.0003 + i * 1e-7)
+        theirs.observe(0.0006 + i * 3e-7)
+    path = tmp_path / "latency.svg"
+    series = [plot.Series("iscsi-hba", ours), plot.Series("open-iscsi", theirs),
+              plot.Series("libiscsi", mean=0.0005, note="from IOPS")]
+    plot.latency_svg(str(path), series, "a title", "a subtitle")
+    text = path.read_text()
+    root = ET.fromstring(text)
+    assert root.tag.endswith("svg")
+    assert "a title" in text and "iscsi-hba: mean" in text and "libiscsi: mean 0.5 ms" in text
+    again = tmp_path / "again.svg"
+    plot.latency_svg(str(again), series, "a title", "a subtitle")
+    assert again.read_text() == text  # no date, stable ids: the same data, the same file
+    with pytest.raises(HBAError, match="nothing to draw"):
+        plot.latency_svg(str(tmp_path / "empty.svg"), [plot.Series("x", Histogram())], "t")
+    with pytest.raises(HBAError, match="cannot write"):
+        plot.latency_svg(str(tmp_path / "no" / "dir.svg"), series, "t")
