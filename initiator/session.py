@@ -7,7 +7,7 @@ It owns the task table, the command window and the outbound queue; it never touc
 or the clock. The transport feeds it:
 
 - :meth:`ConnectionCore.receive_pdu` with every PDU read from the connection (and, through the
-  :class:`~initiator.pdu.DataSink` interface, tells the reader where Data-In payloads go, so
+  :class:`~initiator.reader.DataSink` interface, tells the reader where Data-In payloads go, so
   they are received straight into the command's buffers);
 - :meth:`ConnectionCore.handle_timer` when :meth:`ConnectionCore.get_timer` says so (``now`` is
   always passed in);
@@ -745,7 +745,7 @@ class ConnectionCore:
         handler(pdu)
 
     def data_in_buffers(self, pdu: P.DataIn, length: int) -> Sequence[memoryview] | None:
-        """:class:`~initiator.pdu.DataSink`: where the payload of ``pdu`` goes."""
+        """:class:`~initiator.reader.DataSink`: where the payload of ``pdu`` goes."""
         task = self._tasks.get(pdu.itt)
         if task is None or task.data_in is None:
             return None  # decoded into pdu.data; _on_data_in reports the error
@@ -759,7 +759,7 @@ class ConnectionCore:
     def data_in_inline(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
                        exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
                        payload: memoryview) -> bool:
-        """:class:`~initiator.pdu.DataSink` hot path: a whole Data-In, without a PDU object.
+        """:class:`~initiator.reader.DataSink` hot path: a whole Data-In, without a PDU object.
 
         Does what :meth:`_on_data_in` does for the well-formed common case (in order, inside
         the buffer) and declines (returns False, so the reader takes the ordinary path and its
@@ -783,7 +783,7 @@ class ConnectionCore:
         return True
 
     def data_in_direct(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
-        """:class:`~initiator.pdu.DataSink` hot path of large reads: where the payload of a
+        """:class:`~initiator.reader.DataSink` hot path of large reads: where the payload of a
         Data-In goes, from its header fields (no PDU object), as flat writable byte views.
 
         None declines: the reader then takes the ordinary way (:meth:`data_in_buffers`), which
@@ -810,7 +810,7 @@ class ConnectionCore:
     def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
                        exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
                        length: int) -> bool:
-        """:class:`~initiator.pdu.DataSink` hot path of large reads: the ``length`` payload
+        """:class:`~initiator.reader.DataSink` hot path of large reads: the ``length`` payload
         bytes of a Data-In are in the views :meth:`data_in_direct` named; process the rest of
         it. False declines (the reader then hands over a DataIn PDU)."""
         task = self._tasks.get(itt)

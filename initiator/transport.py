@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`Connection` is an ``asyncio.BufferedProtocol``: asyncio asks it for a buffer, receives
-into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.pdu.
+into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.reader.
 PDUReader`, which hands out the internal header buffer or, while a Data-In payload is being
 received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
 daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
@@ -57,6 +57,7 @@ from initiator.login import (
     LoginSuccess,
     Portal,
 )
+from initiator.reader import PDUReader
 from initiator.recovery import Action, RecoveryPolicy
 from initiator.session import (
     ConnectionCore,
@@ -514,10 +515,10 @@ class Connection(asyncio.BufferedProtocol):
         self.fail(ConnectionFailed(f"connection to {self.portal} closed"))
 
 
-def _login_reader() -> P.PDUReader:
+def _login_reader() -> PDUReader:
     """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12),
     one PDU at a time (what follows the final Login Response is Full Feature Phase)."""
-    return P.PDUReader(max_data_segment_length=8192, one_at_a_time=True)
+    return PDUReader(max_data_segment_length=8192, one_at_a_time=True)
 
 
 class Session:

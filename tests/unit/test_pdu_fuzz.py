@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from initiator import pdu
 from initiator.errors import CommandError, ISCSIError
-from initiator.pdu import PDU, PDU_CLASSES, DataIn, PDUReader
+from initiator.pdu import PDU, PDU_CLASSES, DataIn
+from initiator.reader import PDUReader
 from tests.unit.test_pdu import any_pdu, expected_after_decode
 
 BHS = 48
