@@ -838,21 +838,8 @@ class ConnectionCore:
             self.exp_stat_sn = (stat_sn + 1) & _MASK
         else:
             self._ack(stat_sn)
-        residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
-        # _complete() inlined: this runs once per read.
-        del self._tasks[itt]
-        self.stats_answered += 1
-        if task.unsent_frames:
-            self._detach_frames(task)
-        task.data_in = None
-        task.data_out = None
-        task.state = _DONE
-        on_done = task.on_done
-        if on_done is not None:
-            task.on_done = None
-            # CommandResult's generated __new__ is a Python function; building the tuple
-            # directly skips that frame (the fields are in declaration order).
-            on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
+        self._complete(task, status, b"", residual if flags & 0x02 else (
+            -residual if flags & 0x04 else 0), 0)
 
     def close(self, error: ISCSIError) -> None:
         """The connection is gone: nothing more is sent or received on it.
@@ -1104,8 +1091,7 @@ class ConnectionCore:
             self._ack(pdu.stat_sn)
             residual = pdu.residual_count if pdu.underflow else (
                 -pdu.residual_count if pdu.overflow else 0)
-            self._complete(task, CommandResult(status=pdu.status, residual=residual,
-                                               data_in_length=task.received))
+            self._complete(task, pdu.status, b"", residual, 0)
 
     def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
         task = self._task_for(pdu.itt, "SCSI Response")
@@ -1121,9 +1107,7 @@ class ConnectionCore:
         bidi_residual = pdu.bidi_residual_count if pdu.bidi_underflow else (
             -pdu.bidi_residual_count if pdu.bidi_overflow else 0)
         sense = pdu.sense() if pdu.status == ScsiStatus.CHECK_CONDITION else b""
-        self._complete(task, CommandResult(
-            status=pdu.status, sense=sense, residual=residual, bidi_residual=bidi_residual,
-            data_in_length=task.received))
+        self._complete(task, pdu.status, sense, residual, bidi_residual)
 
     def _on_r2t(self, pdu: P.R2T) -> None:
         task = self._task_for(pdu.itt, "R2T")
@@ -1363,18 +1347,31 @@ class ConnectionCore:
 
     def _release(self, task: Task) -> None:
         """Drop every reference to the task's buffers before anyone learns it completed."""
-        self._detach_frames(task)
+        if task.unsent_frames or task.r2t is not None:
+            self._detach_frames(task)
         task.data_in = None
         task.data_out = None
-        task.state = TaskState.DONE
+        task.state = _DONE
 
-    def _complete(self, task: Task, result: CommandResult) -> None:
+    def _complete(self, task: Task, status: int, sense: bytes, residual: int,
+                  bidi_residual: int) -> None:
+        """The command got its status, by whichever route (a SCSI Response, a Data-In with
+        status as a PDU or from its header's fields): the result goes to ``on_done``, once."""
         del self._tasks[task.itt]
         self.stats_answered += 1
-        self._release(task)
-        on_done, task.on_done = task.on_done, None
+        # _release(), inlined: this runs once per command.
+        if task.unsent_frames or task.r2t is not None:
+            self._detach_frames(task)
+        task.data_in = None
+        task.data_out = None
+        task.state = _DONE
+        on_done = task.on_done
         if on_done is not None:
-            on_done(result)
+            task.on_done = None
+            # CommandResult's generated __new__ is a Python function; building the tuple
+            # directly skips that frame (the fields are in declaration order).
+            on_done(_new_tuple(CommandResult, (status, sense, residual, bidi_residual,
+                                               task.received)))
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
         if self._deadlines.expired:
