@@ -2,22 +2,48 @@
 
 Theory of operation
 -------------------
-Decoding is incremental and sans-I/O: :class:`PDUReader` exposes the ``get_buffer`` /
-``buffer_updated`` pair of ``asyncio.BufferedProtocol``. A Data-In's payload can be received
-straight into the buffers of the command it belongs to: the reader asks its :class:`DataSink`
-where the bytes of that Data-In go and hands out those views as receive buffers.
+:class:`PDUReader` is sans-I/O: it exposes the ``get_buffer`` / ``buffer_updated`` pair of
+``asyncio.BufferedProtocol`` (and, for ``socket.recvmsg_into``, :meth:`PDUReader.
+direct_buffers` / :meth:`PDUReader.direct_updated`), parses what arrived and returns the PDUs,
+in wire order. Headers and control PDUs are received into the reader's own buffer.
+
+A Data-In's payload can instead go straight into the buffers of the command it belongs to. The
+reader's :class:`DataSink` (the connection core) names them from the header's fields, and the
+payload takes one of three routes:
+
+- **inline copy**: the whole PDU is already in the reader's buffer (small reads, several PDUs
+  per read): the payload is copied into the sink's views;
+- **direct receive**: the payload is still to come: the sink's views become the receive
+  buffers, so the payload is never copied (large reads). A read past the header would take
+  the next payload into the reader's buffer, so after a large payload the reader reads only up
+  to the next header ("stream mode": see :meth:`PDUReader.get_buffer`);
+- **generic**: everything else, including a Data-In whose sink declines it (an unknown task,
+  data outside the command's buffer), becomes a PDU object with its payload in ``data``, for
+  the code that handles it to check and report.
+
+On the first two routes the sink then processes the Data-In from its header's fields
+(:meth:`DataSink.data_in_placed`), with no PDU object; if it declines, the reader hands over a
+:class:`~initiator.pdu.DataIn` with ``placed`` set instead. Either way the data digest has
+been checked first (before the copy on the inline route; once the payload has landed on the
+direct route, where the command's buffer holds bad bytes until the connection fails).
+
+Order: a PDU processed by the sink must not overtake a PDU the reader has parsed and not yet
+returned (a SCSI Response that completes a command, then a Data-In for it in the same read,
+would otherwise write into a buffer its owner has been given back). So a batch that returns
+PDUs stops before the next Data-In for the sink, with :attr:`PDUReader.held` set: the caller
+processes the PDUs, then calls :meth:`PDUReader.parse_buffered`.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Sequence
 from typing import Protocol
 
 from initiator import digest as _digest
 from initiator.errors import LocalProtocolError, PDUFormatError
 from initiator.pdu import (
-    _DATA_IN,
     BHS_LEN,
     DIGEST_LEN,
     PDU,
@@ -32,50 +58,70 @@ from initiator.pdu import (
 
 
 class DataSink(Protocol):
-    """Tells the reader where the payload of a Data-In goes (zero-copy receive).
+    """Where Data-In payloads go, and what processes a Data-In once its payload has landed.
 
-    A sink may also have ``data_in_inline(flags, status, itt, buffer_offset, stat_sn,
-    exp_cmd_sn, max_cmd_sn, data_sn, residual_count, payload) -> bool``: for a Data-In that is
-    entirely buffered, the reader then passes its fields and payload view directly; returning
-    True means the sink placed the data and processed the PDU (no PDU object is made), False
-    that the reader should go the ordinary way.
-
-    And, for a Data-In whose payload is still to come, ``data_in_direct(itt, buffer_offset,
-    length) -> Sequence[memoryview] | None`` (non-empty, flat, writable byte views that take
-    exactly ``length`` bytes, or None to have the reader go the ordinary way) with
-    ``data_in_placed(flags, status, itt, buffer_offset, stat_sn, exp_cmd_sn, max_cmd_sn,
-    data_sn, residual_count, length) -> bool``, called once the payload is in those views:
-    True means the sink processed the PDU, False that the reader should hand it over as a
-    DataIn (with ``placed`` set) after all. Both or neither.
+    Both methods take the fields of the Data-In's header as ints (RFC 7143 §11.7): ``flags`` is
+    byte 1 (F, A, O, U, S bits), ``residual`` the Residual Count as sent. The reader calls them
+    on the per-command path of reads, so they take no PDU object.
     """
 
-    def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
-        """Views that together take exactly ``length`` bytes of ``pdu``'s payload, or None to
-        have the payload delivered in ``pdu.data`` instead. Raise an ``ISCSIError`` to reject
-        the PDU (e.g. data outside the command's buffer)."""
+    def data_in_buffers(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
+        """The views that together take the ``length`` payload bytes at ``offset`` of task
+        ``itt``'s data, or None to decline (the reader then hands over a DataIn with the payload
+        in ``data``, and whoever processes it reports what is wrong). Views that are not flat
+        byte views are cast; a read-only or non-contiguous view, or views of another total
+        length, are a :class:`~initiator.errors.LocalProtocolError`."""
+        ...
+
+    def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
+                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                       length: int) -> bool:
+        """The ``length`` payload bytes are in the views :meth:`data_in_buffers` named (and
+        passed the data digest): process the rest of the Data-In. False declines: the reader
+        then hands over a DataIn with ``placed`` = ``length`` instead."""
         ...
 
 
-def _never(*_: object) -> bool:
-    return False
+def _landing(views: Sequence[memoryview], length: int) -> list[memoryview]:
+    """``views`` as non-empty flat writable byte views taking exactly ``length`` bytes.
 
-
-def _byte_views(views: Sequence[memoryview]) -> list[memoryview]:
-    """``views`` as flat views of unsigned bytes, so that lengths and slices count bytes.
-
-    A cast view still exports the caller's memory: nothing is copied.
+    A cast view still exports the caller's memory: nothing is copied. (The common case, one
+    such view already, is tested in PDUReader._parse without calling this.)
     """
     out: list[memoryview] = []
+    total = 0
     for view in views:
         if view.readonly or not view.c_contiguous:
             raise LocalProtocolError(
                 "DataSink returned a read-only or non-contiguous view; Data-In cannot land in it"
             )
-        out.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+        flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        if len(flat):
+            out.append(flat)
+            total += len(flat)
+    if total != length:
+        raise LocalProtocolError(
+            f"DataSink returned buffers of {total} bytes for a {length}-byte Data-In payload")
     return out
 
 
+def _copy(payload: memoryview, views: list[memoryview]) -> None:
+    """Copy ``payload`` into ``views`` (flat byte views that take exactly its bytes)."""
+    pos = 0
+    for view in views:
+        n = len(view)
+        view[:] = payload[pos : pos + n]
+        pos += n
+
+
 _OP_DATA_IN = int(Opcode.DATA_IN)
+# The fields of a Data-In BHS (RFC 7143 §11.7) that the routes use: flags, status, the
+# TotalAHSLength/DataSegmentLength word, ITT, StatSN, ExpCmdSN, MaxCmdSN, DataSN, Buffer
+# Offset, Residual Count.
+_DATA_IN_FIELDS = struct.Struct(">xBxBI8xI4xIIIIII").unpack_from
+_Fields = tuple[int, int, int, int, int, int, int, int, int]
+"""A Data-In header's fields for DataSink.data_in_placed(), less the length."""
+_NO_FIELDS: _Fields = (0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 class _State(enum.Enum):
@@ -90,11 +136,9 @@ _HEADER, _DIRECT, _TRAILER = _State.HEADER, _State.DIRECT, _State.TRAILER  # for
 class PDUReader:
     """Incremental PDU decoder with the ``asyncio.BufferedProtocol`` buffer interface.
 
-    Bytes go into an internal buffer, from which headers and control PDUs are parsed. Once a
-    Data-In header is parsed and its :class:`DataSink` names destination views, the rest of its
-    payload is received straight into those views: :meth:`get_buffer` hands them out.
-    ``max_data_segment_length`` is the MaxRecvDataSegmentLength we declared; a larger segment is
-    a protocol error, which also bounds the memory a hostile peer can make us allocate.
+    See the module docstring for the routes a Data-In's payload takes. ``max_data_segment_
+    length`` is the MaxRecvDataSegmentLength we declared; a larger segment is a protocol error,
+    which also bounds the memory a hostile peer can make us allocate.
 
     ``one_at_a_time`` (the Login Phase) parses at most one PDU per call and leaves the bytes
     after it unparsed, for :meth:`parse_buffered` to take later: the PDUs that follow the final
@@ -126,11 +170,11 @@ class PDUReader:
         self.one_at_a_time = one_at_a_time
         self.data_digest = data_digest
         self.max_data_segment_length = max_data_segment_length
-        self._sink: DataSink | None = None
-        self._inline: Callable[..., bool] | None = None
-        self._direct: Callable[[int, int, int], Sequence[memoryview] | None] | None = None
-        self._placed: Callable[..., bool] = _never
         self.sink = sink
+        """Where Data-In payloads go (see :class:`DataSink`); None to keep them in PDUs."""
+        self.held = False
+        """The last call stopped before a Data-In for the sink, so that the PDUs it returned
+        are processed first: call :meth:`parse_buffered` once they are."""
         self._buf = bytearray(max(buffer_size, BHS_LEN + 2 * DIGEST_LEN))
         self._view = memoryview(self._buf)
         self._start = 0
@@ -139,34 +183,17 @@ class PDUReader:
         self._direct_out = False
         # Stream mode: the Data-In being received (or the last one) has a large payload.
         self._large = False
-        self.deliver: Callable[[PDU], None] | None = None
-        """When set, each PDU goes to this callable as soon as it is parsed (in wire order)
-        instead of into the list :meth:`buffer_updated` returns."""
-        # Direct-receive bookkeeping for the Data-In being received.
-        self._pending: DataIn | None = None
-        # ... or, on the fast path, its header's fields for the sink's data_in_placed() and
-        # its BHS, from which the DataIn is made only if the sink declines.
-        self._fields: tuple[int, ...] = ()
+        # The Data-In whose payload is being received (direct route): its header's fields
+        # for the sink's data_in_placed(), its BHS (a DataIn is made of it only if the sink
+        # declines), the views the payload goes to and how far it has come.
+        self._fields = _NO_FIELDS
         self._bhs = bytearray()
-        self._dest: list[memoryview] = []
-        self._dest_all: Sequence[memoryview] = ()
+        self._dest: Sequence[memoryview] = ()
         self._dest_index = 0
         self._dest_pos = 0
         self._remaining = 0
         self._trailer = 0
         self._dsl = 0
-
-    @property
-    def sink(self) -> DataSink | None:
-        """Where Data-In payloads go (see :class:`DataSink`); None to keep them in PDUs."""
-        return self._sink
-
-    @sink.setter
-    def sink(self, sink: DataSink | None) -> None:
-        self._sink = sink
-        self._inline = getattr(sink, "data_in_inline", None)
-        self._direct = getattr(sink, "data_in_direct", None)
-        self._placed = getattr(sink, "data_in_placed", _never)
 
     # -- the BufferedProtocol pair ---------------------------------------------------------
 
@@ -235,31 +262,30 @@ class PDUReader:
             self._end += nbytes - remaining
         else:
             self._advance_dest(nbytes)
-        self._parse(out)
+        self._parse(out, True)
         return out
 
     def buffer_updated(self, nbytes: int) -> list[PDU]:
         """Account for ``nbytes`` written into the last buffer; returns completed PDUs."""
         out: list[PDU] = []
-        if self._direct_out:
-            self._direct_out = False
-            self._advance_dest(nbytes)
-            if self._remaining == 0:
-                self._state = _State.TRAILER
-        else:
-            self._end += nbytes
-        self._parse(out)
+        self._received(nbytes)
+        self._parse(out, True)
         return out
 
     def parse_buffered(self) -> list[PDU]:
-        """Parse the bytes already buffered (after ``one_at_a_time`` held them back, or the
-        digests or limits changed); returns the completed PDUs."""
+        """Parse the bytes already buffered (after ``one_at_a_time`` or :attr:`held` held them
+        back, or the digests or limits changed); returns the completed PDUs."""
         out: list[PDU] = []
-        self._parse(out)
+        self._parse(out, True)
         return out
 
     def feed(self, data: Buffer) -> list[PDU]:
-        """Convenience for tests and non-asyncio callers: push bytes, get PDUs."""
+        """Convenience for tests and non-asyncio callers: push bytes, get every PDU in them.
+
+        Nothing is held back: the caller processes the PDUs only afterwards, so the sink
+        processes only the Data-Ins that come before every other PDU; the later ones are placed
+        and handed over as DataIns with ``placed`` set, in order.
+        """
         view = memoryview(data)
         out: list[PDU] = []
         while view:
@@ -267,7 +293,8 @@ class PDUReader:
             n = min(len(dest), len(view))
             dest[:n] = view[:n]
             view = view[n:]
-            out.extend(self.buffer_updated(n))
+            self._received(n)
+            self._parse(out, False)
         return out
 
     @property
@@ -276,6 +303,16 @@ class PDUReader:
         return self._state is not _State.HEADER
 
     # -- internals -------------------------------------------------------------------------
+
+    def _received(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written into the buffer get_buffer() handed out."""
+        if self._direct_out:
+            self._direct_out = False
+            self._advance_dest(nbytes)
+            if self._remaining == 0:
+                self._state = _TRAILER
+        else:
+            self._end += nbytes
 
     def _compact(self) -> None:
         n = self._end - self._start
@@ -316,64 +353,88 @@ class PDUReader:
         if self._remaining == 0:
             self._state = _State.TRAILER
 
-    def _parse(self, out: list[PDU]) -> None:
-        # The Data-In fast path of small reads runs in this loop itself (one Python call per
-        # batch of PDUs, not one per PDU): a whole AHS-less Data-In already in the buffer goes
-        # to the sink's inline handler with no PDU object and no tests of other opcodes. Its
-        # payload length is checked as _parse_one() checks it; anything the handler declines
-        # or this test does not cover takes _parse_one()'s ordinary path and its checks.
-        # Order is kept: only when every earlier PDU of this batch has been delivered.
-        # A Data-In whose payload is yet to come goes the same way to the sink's
-        # data_in_direct(), and on to the DIRECT state with no DataIn object: the per-command
-        # hot path of large reads.
-        inline = None if self.header_digest else self._inline  # None: no fast path
-        direct = self._direct
-        buf, view = self._buf, self._view
+    def _parse(self, out: list[PDU], hold: bool) -> None:
+        # The inline-copy and direct routes run in this loop itself, one Python call per batch
+        # of PDUs rather than one per PDU: they are the per-command path of reads. Whatever
+        # they do not take (not a Data-In, an AHS, no payload, a payload over the limit, a
+        # sink that declines) is _parse_one()'s, with all its checks.
+        # Order (see the module docstring): the sink processes a Data-In only when nothing
+        # is in `out`; with `hold`, a Data-In for the sink after PDUs in `out` waits.
+        self.held = False
+        sink = self.sink
+        buf, view, filled = self._buf, self._view, self._end
+        header_digest = self.header_digest
+        hdr_len = BHS_LEN + DIGEST_LEN if header_digest else BHS_LEN
         data_digest = self.data_digest
+        dd_len = DIGEST_LEN if data_digest else 0
         max_dsl = self.max_data_segment_length
-        single = self.one_at_a_time
         while True:
             state = self._state
             if state is _HEADER:
                 start = self._start
-                avail = self._end - start
-                if inline is not None and avail >= BHS_LEN and \
-                        buf[start] & 0x3F == _OP_DATA_IN and not buf[start + 4] and \
-                        (self.deliver is not None or not out):
-                    (_, flags, _, status, dsl, _, itt, _, stat_sn, exp_cmd_sn, max_cmd_sn,
-                     data_sn, offset, residual) = _DATA_IN.unpack_from(buf, start)
-                    dsl &= 0xFFFFFF
-                    total = BHS_LEN + dsl + (-dsl & 3) + (DIGEST_LEN if data_digest else 0)
-                    if dsl and avail >= total and dsl <= max_dsl:
-                        data_start = start + BHS_LEN
-                        if data_digest:
-                            tail = data_start + dsl + (-dsl & 3)
-                            _digest.check(view[tail : tail + DIGEST_LEN],
-                                          _digest.crc32c(view[data_start:tail]), header=False)
-                        if inline(flags, status, itt, offset, stat_sn, exp_cmd_sn, max_cmd_sn,
-                                  data_sn, residual, view[data_start : data_start + dsl]):
-                            self._start = start + total
-                            continue
-                    elif dsl and dsl <= max_dsl and direct is not None:
-                        dest = direct(itt, offset, dsl)
+                if sink is not None and filled - start >= hdr_len and \
+                        buf[start] & 0x3F == _OP_DATA_IN:
+                    if header_digest:
+                        # First: the fields of a corrupted header are noise (§7.8).
+                        _digest.check(view[start + BHS_LEN : start + hdr_len],
+                                      _digest.crc32c(view[start : start + BHS_LEN]),
+                                      header=True)
+                    (flags, status, dsl, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, offset,
+                     residual) = _DATA_IN_FIELDS(buf, start)
+                    # dsl is the TotalAHSLength/DataSegmentLength word: an AHS makes it larger
+                    # than any limit (the AHS is _parse_one()'s).
+                    if 0 < dsl <= max_dsl:
+                        if out and hold:
+                            self.held = True
+                            return
+                        dest = sink.data_in_buffers(itt, offset, dsl)
                         if dest is not None:
-                            # _parse_one()'s set-up of the DIRECT state, less what the sink
-                            # has promised (flat writable views of exactly dsl bytes).
+                            data_start = start + hdr_len
+                            trailer = (-dsl & 3) + dd_len
+                            end = data_start + dsl + trailer
+                            if end <= filled:
+                                # The inline-copy route.
+                                if data_digest:
+                                    tail = end - DIGEST_LEN
+                                    _digest.check(view[tail:end],
+                                                  _digest.crc32c(view[data_start:tail]),
+                                                  header=False)
+                                payload = view[data_start : data_start + dsl]
+                                if len(dest) == 1 and (part := dest[0]).c_contiguous:
+                                    try:
+                                        part[:] = payload
+                                    except (TypeError, ValueError, NotImplementedError):
+                                        # Read-only, or of other items, shape or size: the
+                                        # checks (cheaper to make only when it fails).
+                                        _copy(payload, _landing(dest, dsl))
+                                else:
+                                    _copy(payload, _landing(dest, dsl))
+                                self._start = end
+                                if out or not sink.data_in_placed(
+                                        flags, status, itt, offset, stat_sn, exp_cmd_sn,
+                                        max_cmd_sn, data_sn, residual, dsl):
+                                    self._placed_pdu(out, view[start : start + BHS_LEN], dsl)
+                                continue
+                            # The direct route: the DIRECT state, with the payload's views
+                            # (checked first: socket.recv_into takes nothing else).
+                            if len(dest) != 1 or len(part := dest[0]) != dsl or \
+                                    part.format != "B" or part.ndim != 1 or \
+                                    part.readonly or not part.c_contiguous:
+                                dest = _landing(dest, dsl)
                             self._fields = (flags, status, itt, offset, stat_sn, exp_cmd_sn,
                                             max_cmd_sn, data_sn, residual)
                             self._bhs = buf[start : start + BHS_LEN]
-                            self._start = start + BHS_LEN
+                            self._start = data_start
                             self._large = dsl >= self.LARGE_PAYLOAD
-                            self._dest_all = self._dest = \
-                                dest if isinstance(dest, list) else list(dest)
+                            self._dest = dest
                             self._dest_index = self._dest_pos = 0
                             self._remaining = self._dsl = dsl
-                            self._trailer = total - BHS_LEN - dsl
+                            self._trailer = trailer
                             self._state = _DIRECT
                             continue
-                if not self._parse_one(out) or single:
+                if not self._parse_one(out) or self.one_at_a_time:
                     return
-                buf, view = self._buf, self._view
+                buf, view, filled = self._buf, self._view, self._end
                 continue
             if state is _DIRECT:
                 if self._start == self._end:
@@ -386,44 +447,37 @@ class PDUReader:
                     self._ensure_capacity(self._trailer)
                     return
                 self._finish_direct(out)
-                buf, view = self._buf, self._view
+                buf, view, filled = self._buf, self._view, self._end
 
     def _finish_direct(self, out: list[PDU]) -> None:
         trailer = self._view[self._start : self._start + self._trailer]
         self._start += self._trailer
         if self.data_digest:
             pad = trailer[: len(trailer) - DIGEST_LEN]
-            value = _digest.crc32c(pad, _digest.crc32c_of(self._dest_all))
+            value = _digest.crc32c(pad, _digest.crc32c_of(self._dest))
             _digest.check(trailer[len(pad):], value, header=False)
-        pdu = self._pending
-        self._pending = None
-        self._dest = []
-        self._dest_all = ()
+        self._dest = ()
         self._state = _HEADER
-        if pdu is None:
-            # The fast path: the sink processes the PDU from its fields (nothing is buffered
-            # before it: see _parse()), or declines and gets a DataIn after all.
-            fields, self._fields = self._fields, ()
-            if self._placed(*fields, self._dsl):
-                return
-            pdu = DataIn._unpack(memoryview(self._bhs), (), b"")
-        pdu.placed = self._dsl
-        self._emit(out, pdu)
+        fields, self._fields = self._fields, _NO_FIELDS
+        sink = self.sink
+        if out or sink is None or not sink.data_in_placed(*fields, self._dsl):
+            self._placed_pdu(out, memoryview(self._bhs), self._dsl)
 
-    def _emit(self, out: list[PDU], pdu: PDU) -> None:
-        deliver = self.deliver
-        if deliver is None:
-            out.append(pdu)
-        else:
-            deliver(pdu)
+    @staticmethod
+    def _placed_pdu(out: list[PDU], bhs: memoryview, placed: int) -> None:
+        """Hand over a Data-In whose payload is in place and that the sink declined."""
+        pdu = DataIn._unpack(bhs, (), b"")
+        pdu.placed = placed
+        out.append(pdu)
 
     def _parse_one(self, out: list[PDU]) -> bool:
+        """The generic route: one PDU, with its payload in ``data``. False: more bytes are
+        needed."""
         start = self._start
         avail = self._end - start
         if avail < BHS_LEN:
             self._ensure_capacity(BHS_LEN)
             return False
-        inline = self._inline
         bhs = self._view[start : start + BHS_LEN]
         ahs_len = bhs[4] * 4
         dsl = int.from_bytes(bhs[5:8], "big")
@@ -434,9 +488,9 @@ class PDUReader:
         if self.header_digest:
             # Checked first: when the header is corrupted its opcode and lengths are noise, and
             # the caller must see a digest error, not a format error (§7.8).
-            end = self._start + BHS_LEN + ahs_len
+            end = start + BHS_LEN + ahs_len
             _digest.check(self._view[end : end + DIGEST_LEN],
-                          _digest.crc32c(self._view[self._start : end]), header=True)
+                          _digest.crc32c(self._view[start:end]), header=True)
         opcode = bhs[0] & 0x3F
         if opcode not in PDU_CLASSES:
             raise PDUFormatError(f"unknown PDU opcode 0x{opcode:02x}")
@@ -445,70 +499,23 @@ class PDUReader:
                 f"{PDU_CLASSES[opcode].__name__} PDU has a {dsl}-byte data segment, more than "
                 f"the MaxRecvDataSegmentLength of {self.max_data_segment_length} we declared"
             )
-        ahs = _parse_ahs(self._view[self._start + BHS_LEN : self._start + BHS_LEN + ahs_len]) \
+        ahs = _parse_ahs(self._view[start + BHS_LEN : start + BHS_LEN + ahs_len]) \
             if ahs_len else ()
         trailer = pad_len(dsl) + (DIGEST_LEN if self.data_digest and dsl else 0)
-        if opcode == Opcode.DATA_IN and dsl and self.sink is not None:
-            total = hdr_len + dsl + trailer
-            if inline is not None and avail >= total and not ahs_len and (
-                    self.deliver is not None or not out):
-                # The whole Data-In is buffered: hand its fields and payload to the sink in one
-                # call, with no PDU object (the per-command hot path of small reads). Order is
-                # kept: only when every earlier PDU of this batch has been delivered.
-                data_start = self._start + hdr_len
-                if self.data_digest:
-                    tail = data_start + dsl + pad_len(dsl)
-                    value = _digest.crc32c(self._view[data_start:tail])
-                    _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
-                f = _DATA_IN.unpack_from(self._buf, self._start)
-                if inline(f[1], f[3], f[6], f[12], f[8], f[9], f[10], f[11], f[13],
-                          self._view[data_start : data_start + dsl]):
-                    self._start += total
-                    return True
-            din = DataIn._unpack(bhs, ahs, b"")
-            dest = self.sink.data_in_buffers(din, dsl)
-            if dest is not None:
-                views = _byte_views(dest)
-                if sum(len(v) for v in views) != dsl:
-                    raise LocalProtocolError("DataSink returned buffers of the wrong size")
-                if avail >= total and len(views) == 1:
-                    # The whole PDU is already buffered (the common case for small reads):
-                    # one copy into the caller's view, no state changes.
-                    data_start = self._start + hdr_len
-                    payload = self._view[data_start : data_start + dsl]
-                    if self.data_digest:
-                        tail = data_start + dsl + pad_len(dsl)
-                        value = _digest.crc32c(self._view[data_start:tail])
-                        _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
-                    views[0][:] = payload
-                    self._start += total
-                    din.placed = dsl
-                    self._emit(out, din)
-                    return True
-                self._start += hdr_len
-                self._large = dsl >= self.LARGE_PAYLOAD
-                self._pending = din
-                self._dest_all = views
-                self._dest = [v for v in views if len(v)]
-                self._dest_index = self._dest_pos = 0
-                self._remaining = self._dsl = dsl
-                self._trailer = trailer
-                self._state = _State.DIRECT
-                return True
         total = hdr_len + dsl + trailer
         self._large = False
         if avail < total:
             self._ensure_capacity(total)
             return False
-        data_start = self._start + hdr_len
+        data_start = start + hdr_len
         data = bytes(self._view[data_start : data_start + dsl])
         if self.data_digest and dsl:
-            value = _digest.crc32c(self._view[data_start : data_start + dsl + pad_len(dsl)])
             tail = data_start + dsl + pad_len(dsl)
-            _digest.check(self._view[tail : tail + DIGEST_LEN], value, header=False)
+            _digest.check(self._view[tail : tail + DIGEST_LEN],
+                          _digest.crc32c(self._view[data_start:tail]), header=False)
         pdu = decode_bhs(bhs, ahs, data)
         self._start += total
-        self._emit(out, pdu)
+        out.append(pdu)
         return True
 
 

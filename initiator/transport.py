@@ -251,8 +251,8 @@ class Connection(asyncio.BufferedProtocol):
             if core is None:
                 self._login_received(pdus)
                 return
-            for pdu in pdus:
-                core.receive_pdu(pdu, now)
+            if pdus:
+                self._receive(core, pdus, now)
             if self.reader.receiving_payload:
                 self._read_direct(core, now)
             self._after_core_activity()
@@ -292,8 +292,20 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if self.pcap is not None:
                 self.pcap.received(b"".join(_first_bytes(bufs, nbytes)))
-            for pdu in reader.direct_updated(nbytes):
+            pdus = reader.direct_updated(nbytes)
+            if pdus:
+                self._receive(core, pdus, now)
+
+    def _receive(self, core: ConnectionCore, pdus: list[P.PDU], now: float) -> None:
+        """Hand the reader's PDUs to the core, then what the reader held back until they were
+        (see PDUReader.held), and so on."""
+        reader = self.reader
+        while True:
+            for pdu in pdus:
                 core.receive_pdu(pdu, now)
+            if not reader.held:
+                return
+            pdus = reader.parse_buffered()
 
     def eof_received(self) -> bool | None:
         self.fail(ConnectionFailed(f"target {self.portal} closed the connection"))
@@ -379,8 +391,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise RemoteProtocolError(
                     f"target {self.portal} sent a {type(self._login_pdus[0]).__name__} PDU "
                     "during login, after a Login Response, before our next request")
-            for pdu in reader.parse_buffered():
-                core.receive_pdu(pdu, now)
+            self._receive(core, reader.parse_buffered(), now)
         except ISCSIError as exc:
             self.fail(exc)
             return

@@ -64,6 +64,8 @@ def recv_into_all(reader: PDUReader, raw: bytes, sizes: Iterable[int]) -> list[P
         buf[:n] = raw[pos : pos + n]
         pos += n
         out.extend(reader.buffer_updated(n))
+        while reader.held:  # as Connection does, once it processed what came
+            out.extend(reader.parse_buffered())
     return out
 
 
@@ -284,19 +286,32 @@ def _subviews(views: Sequence[memoryview], offset: int, length: int) -> list[mem
     return out
 
 
-class ScatterSink:
+class Declines:
+    """A DataSink that declines to process placed Data-Ins: the reader hands them over as
+    DataIn PDUs with ``placed`` set, for the tests to look at."""
+
+    def data_in_buffers(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
+        return None
+
+    def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
+                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                       length: int) -> bool:
+        return False
+
+
+class ScatterSink(Declines):
     """Commands by ITT, each with a scatter/gather list of caller buffers."""
 
     def __init__(self) -> None:
         self.buffers: dict[int, list[memoryview]] = {}
         self.calls: list[tuple[int, int, int]] = []
 
-    def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
-        self.calls.append((pdu.itt, pdu.buffer_offset, length))
-        views = self.buffers.get(pdu.itt)
+    def data_in_buffers(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
+        self.calls.append((itt, offset, length))
+        views = self.buffers.get(itt)
         if views is None:
             return None
-        return _subviews(views, pdu.buffer_offset, length)
+        return _subviews(views, offset, length)
 
 
 Scenario = tuple[ScatterSink, list[bytearray], bytes, list[PDU], list[PDU], list[int]]
@@ -432,6 +447,8 @@ def recvmsg_all(reader: PDUReader, raw: bytes, sizes: Iterable[int]) -> tuple[li
                 own += n
             pos += n
             out.extend(reader.buffer_updated(n))
+            while reader.held:
+                out.extend(reader.parse_buffered())
             continue
         assert all(len(b) for b in bufs)
         n = min(sum(len(b) for b in bufs), max(1, next(size_iter)), len(raw) - pos)
@@ -444,6 +461,8 @@ def recvmsg_all(reader: PDUReader, raw: bytes, sizes: Iterable[int]) -> tuple[li
             pos += k
             left -= k
         out.extend(reader.direct_updated(n))
+        while reader.held:
+            out.extend(reader.parse_buffered())
     return out, own
 
 
@@ -540,6 +559,80 @@ def test_sink_payload_sizes_and_padding(n: int) -> None:
     assert area == payload
 
 
+class Processes(ScatterSink):
+    """A sink that processes the Data-Ins it placed, recording their fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processed: list[tuple[int, ...]] = []
+
+    def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
+                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                       length: int) -> bool:
+        self.processed.append((flags, status, itt, offset, stat_sn, exp_cmd_sn, max_cmd_sn,
+                               data_sn, residual, length))
+        return True
+
+
+@pytest.mark.parametrize(("hd", "dd"), DIGESTS, ids=DIGEST_IDS)
+@pytest.mark.parametrize("sizes", [[1 << 20], [BHS + 4, 1 << 20], [7]],
+                         ids=["inline", "direct", "bytewise"])
+def test_sink_processes_from_the_header_fields(hd: bool, dd: bool, sizes: list[int]) -> None:
+    # Whichever route the payload takes, the sink gets the header's fields as ints and the
+    # reader makes no PDU of a Data-In the sink processed.
+    area = bytearray(5000)
+    sink = Processes()
+    sink.buffers[7] = [memoryview(area)]
+    payload = bytes(i * 3 & 0xFF for i in range(5000))
+    din = DataIn(itt=7, final=True, status_present=True, underflow=True, status=2,
+                 buffer_offset=0, stat_sn=0x11223344, exp_cmd_sn=0x55667788,
+                 max_cmd_sn=0x99AABBCC, data_sn=3, residual_count=123, data=payload)
+    reader = PDUReader(header_digest=hd, data_digest=dd, sink=sink)
+    raw = pdu.encode(din, header_digest=hd, data_digest=dd) + \
+        pdu.encode(NopIn(itt=1), header_digest=hd, data_digest=dd)
+    assert recv_into_all(reader, raw, sizes) == [NopIn(itt=1)]
+    assert sink.processed == [(0x80 | 0x02 | 0x01, 2, 7, 0, 0x11223344, 0x55667788,
+                               0x99AABBCC, 3, 123, 5000)]
+    assert area == payload
+
+
+def test_sink_waits_for_the_pdus_returned_before() -> None:
+    # A SCSI Response that completes a command, then a Data-In in the same read: the reader
+    # returns the response and holds the Data-In back (it might be for that command, whose
+    # buffer the caller gets back with the response) until the caller has processed it.
+    area = bytearray(100)
+    sink = Processes()
+    sink.buffers[5] = [memoryview(area)]
+    raw = pdu.encode(ScsiResponse(itt=9, stat_sn=1)) + \
+        pdu.encode(DataIn(itt=5, final=True, data=bytes(range(100))))
+    reader = PDUReader(sink=sink)
+    buf = reader.get_buffer(-1)
+    buf[: len(raw)] = raw
+    assert reader.buffer_updated(len(raw)) == [ScsiResponse(itt=9, stat_sn=1)]
+    held = reader.held
+    assert held and sink.calls == [] and area == bytes(100)
+    assert reader.parse_buffered() == []
+    assert reader.held is False
+    assert sink.calls == [(5, 0, 100)] and len(sink.processed) == 1
+    assert area == bytes(range(100))
+
+
+def test_feed_keeps_the_order_of_processing() -> None:
+    # feed() returns every PDU at once: a Data-In after another PDU is placed but handed over
+    # (placed set), not processed by the sink ahead of that PDU; one before any is processed.
+    sink = Processes()
+    first, second = bytearray(10), bytearray(10)
+    sink.buffers[1] = [memoryview(first)]
+    sink.buffers[2] = [memoryview(second)]
+    raw = pdu.encode(DataIn(itt=1, data=b"a" * 10)) + pdu.encode(NopIn(itt=3)) + \
+        pdu.encode(DataIn(itt=2, data=b"b" * 10))
+    out = PDUReader(sink=sink).feed(raw)
+    assert out == [NopIn(itt=3), DataIn(itt=2)]
+    assert isinstance(out[1], DataIn) and out[1].placed == 10
+    assert [p[2] for p in sink.processed] == [1]
+    assert first == b"a" * 10 and second == b"b" * 10
+
+
 def test_sink_declines_then_data_is_in_pdu() -> None:
     sink = ScatterSink()  # knows no task: returns None
     p = DataIn(itt=4, data=bytes(5000))
@@ -560,8 +653,9 @@ def test_sink_only_asked_about_data_in() -> None:
 
 
 def test_sink_wrong_size_is_a_local_error() -> None:
-    class Short:
-        def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
+    class Short(Declines):
+        def data_in_buffers(self, itt: int, offset: int,
+                            length: int) -> Sequence[memoryview] | None:
             return [memoryview(bytearray(length - 1))]
 
     with pytest.raises(LocalProtocolError):
@@ -569,8 +663,9 @@ def test_sink_wrong_size_is_a_local_error() -> None:
 
 
 def test_sink_error_propagates() -> None:
-    class Refuse:
-        def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
+    class Refuse(Declines):
+        def data_in_buffers(self, itt: int, offset: int,
+                            length: int) -> Sequence[memoryview] | None:
             raise PDUFormatError("Data-In beyond the command's buffer")
 
     with pytest.raises(PDUFormatError, match="beyond"):
@@ -584,8 +679,9 @@ def test_sink_views_of_wider_items() -> None:
     sink.buffers[4] = [memoryview(words)]
     payload = bytes(i * 7 & 0xFF for i in range(4000))
 
-    class Words:
-        def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
+    class Words(Declines):
+        def data_in_buffers(self, itt: int, offset: int,
+                            length: int) -> Sequence[memoryview] | None:
             return [memoryview(words)]
 
     reader = PDUReader(sink=Words(), data_digest=True)
@@ -603,8 +699,9 @@ def test_sink_views_of_wider_items() -> None:
     ],
 )
 def test_sink_unusable_view_is_a_local_error(view: memoryview) -> None:
-    class Bad:
-        def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
+    class Bad(Declines):
+        def data_in_buffers(self, itt: int, offset: int,
+                            length: int) -> Sequence[memoryview] | None:
             return [view]
 
     with pytest.raises(LocalProtocolError):
@@ -615,8 +712,9 @@ def test_sink_two_dimensional_view() -> None:
     area = bytearray(24)
     grid = memoryview(area).cast("B", shape=[4, 6])
 
-    class Grid:
-        def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
+    class Grid(Declines):
+        def data_in_buffers(self, itt: int, offset: int,
+                            length: int) -> Sequence[memoryview] | None:
             return [grid]
 
     payload = bytes(range(1, 25))

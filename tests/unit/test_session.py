@@ -487,7 +487,7 @@ def test_data_in_beyond_the_buffer_is_refused(offset: int, length: int) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 1, 48, 100, 1000])
 def test_data_in_checks_hold_on_every_path(chunk: int | None) -> None:
-    # Whole in one read (data_in_inline), header first (data_in_direct/data_in_placed) or
+    # Whole in one read (the inline-copy route), header first (the direct route) or
     # through a DataIn object: a Data-In with status but no F bit, or outside the command's
     # buffer, is refused the same way, and a good one completes the command the same way.
     h = Harness()
@@ -519,12 +519,15 @@ def test_data_in_checks_hold_on_every_path(chunk: int | None) -> None:
     assert h.core.exp_stat_sn == h.stat_sn and not h.core._tasks
 
 
-def test_data_in_into_a_read_only_buffer_is_a_local_error() -> None:
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_data_in_into_a_read_only_buffer_is_a_local_error(chunk: int | None) -> None:
+    # Both routes into the caller's buffer: the inline copy (the whole PDU in one read) and
+    # the direct receive (the header first).
     h = Harness()
     task = h.submit(data_in=[memoryview(bytes(4096))])
     h.sent()
     with pytest.raises(LocalProtocolError, match="read-only"):
-        h.deliver(h.data_in(task, 0, bytes(4096)), chunk=48)
+        h.deliver(h.data_in(task, 0, bytes(4096)), chunk=chunk)
 
 
 # --------------------------------------------------------------------------------------------
