@@ -7,7 +7,7 @@ It owns the task table, the command window and the outbound queue; it never touc
 or the clock. The transport feeds it:
 
 - :meth:`ConnectionCore.receive_pdu` with every PDU read from the connection (and, through the
-  :class:`~initiator.pdu.DataSink` interface, tells the reader where Data-In payloads go, so
+  :class:`~initiator.reader.DataSink` interface, tells the reader where Data-In payloads go, so
   they are received straight into the command's buffers);
 - :meth:`ConnectionCore.handle_timer` when :meth:`ConnectionCore.get_timer` says so (``now`` is
   always passed in);
@@ -117,6 +117,7 @@ _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
 _new_tuple = tuple.__new__
 _NEVER = math.inf
+_F, _O, _U, _S = 0x80, 0x04, 0x02, 0x01  # Data-In flags (byte 1, RFC 7143 §11.7.1)
 _CHECKS = 8
 """Command deadline checks per command_timeout (see ConnectionCore.handle_timer)."""
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
@@ -753,115 +754,47 @@ class ConnectionCore:
             self._last_progress = now
         handler(pdu)
 
-    def data_in_buffers(self, pdu: P.DataIn, length: int) -> Sequence[memoryview] | None:
-        """:class:`~initiator.pdu.DataSink`: where the payload of ``pdu`` goes."""
-        task = self._tasks.get(pdu.itt)
-        if task is None or task.data_in is None:
-            return None  # decoded into pdu.data; _on_data_in reports the error
-        end = pdu.buffer_offset + length
-        if end > task.in_len:
-            raise RemoteProtocolError(
-                f"target {self.target} sent Data-In bytes {pdu.buffer_offset}..{end} for "
-                f"{self._what(task)}, which expects only {task.in_len} bytes")
-        return _slice(task.data_in, pdu.buffer_offset, length)
-
-    def data_in_inline(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
-                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
-                       payload: memoryview) -> bool:
-        """:class:`~initiator.pdu.DataSink` hot path: a whole Data-In, without a PDU object.
-
-        Does what :meth:`_on_data_in` does for the well-formed common case (in order, inside
-        the buffer) and declines (returns False, so the reader takes the ordinary path and its
-        checks) otherwise.
-        """
-        task = self._tasks.get(itt)
-        if task is None:
-            return False
-        data_in = task.data_in
-        n = len(payload)
-        end = offset + n
-        if data_in is None or end > task.in_len or (flags & 0x81) == 0x01 or \
-                offset != task.received or data_sn != task.data_sn:
-            return False
-        if len(data_in) == 1:
-            data_in[0][offset:end] = payload
-        else:
-            _scatter(data_in, offset, payload)
-        self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
-                             residual, n)
-        return True
-
-    def data_in_direct(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
-        """:class:`~initiator.pdu.DataSink` hot path of large reads: where the payload of a
-        Data-In goes, from its header fields (no PDU object), as flat writable byte views.
-
-        None declines: the reader then takes the ordinary way (:meth:`data_in_buffers`), which
-        reports what is wrong (unknown task, data outside the buffer, a read-only buffer).
-        """
+    def data_in_buffers(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
+        """:class:`~initiator.reader.DataSink`: where the ``length`` payload bytes at ``offset``
+        of task ``itt``'s Data-In go. None (an unknown task, a command without Data-In, data
+        outside its buffer) has the reader hand over a DataIn: :meth:`_on_data_in` then says
+        what is wrong."""
         task = self._tasks.get(itt)
         if task is None:
             return None
+        if length == task.in_len and not offset:
+            return task.data_in  # all of it: a read in one Data-In, the common case
         data_in = task.data_in
-        end = offset + length
-        if data_in is None or end > task.in_len or offset != task.received:
+        if data_in is None or offset + length > task.in_len:
             return None
-        if len(data_in) == 1:
-            view = data_in[0]
-            if view.readonly or not view.c_contiguous:
-                return None
-            return [view[offset:end]]
-        views = _slice(data_in, offset, length)
-        for view in views:
-            if view.readonly or not view.c_contiguous:
-                return None
-        return views
+        return _slice(data_in, offset, length)
 
     def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
                        exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
                        length: int) -> bool:
-        """:class:`~initiator.pdu.DataSink` hot path of large reads: the ``length`` payload
-        bytes of a Data-In are in the views :meth:`data_in_direct` named; process the rest of
-        it. False declines (the reader then hands over a DataIn PDU)."""
+        """:class:`~initiator.reader.DataSink`: the payload of a Data-In is in the command's
+        buffer; process the rest of it, from its header's fields (the per-command path of
+        reads). What is not the well-formed common case (in order, the F bit with the
+        status) is declined: it comes back as a DataIn, for :meth:`_on_data_in`'s checks."""
         task = self._tasks.get(itt)
-        if task is None or (flags & 0x81) == 0x01 or data_sn != task.data_sn:
+        if task is None or (flags & 0x81) == 0x01 or (self._in_order and (
+                offset != task.received or data_sn != task.data_sn)):
             return False
-        self._data_in_placed(task, flags, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn,
-                             residual, length)
-        return True
-
-    def _data_in_placed(self, task: Task, flags: int, status: int, itt: int, stat_sn: int,
-                        exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
-                        length: int) -> None:
-        """The rest of a well-formed Data-In of ``task`` whose ``length`` payload bytes are in
-        place (the fast paths' :meth:`_on_data_in`): counters, window, and with the status
-        (phase collapse, §11.7.4) the StatSN acknowledgement and the completion."""
         task.received += length
-        task.data_sn = (data_sn + 1) & 0xFFFFFFFF
+        task.data_sn = (data_sn + 1) & _MASK
         self.stats_bytes_in += length
         if exp_cmd_sn != self.exp_cmd_sn or max_cmd_sn != self.max_cmd_sn:
             self._window(exp_cmd_sn, max_cmd_sn)
-        if not flags & 0x01:
-            return
-        if stat_sn == self.exp_stat_sn:
-            # The StatSN we expected, as every in-order status is: _ack()'s advance.
-            self.exp_stat_sn = (stat_sn + 1) & _MASK
-        else:
-            self._ack(stat_sn)
-        residual = residual if flags & 0x02 else (-residual if flags & 0x04 else 0)
-        # _complete() inlined: this runs once per read.
-        del self._tasks[itt]
-        self.stats_answered += 1
-        if task.unsent_frames:
-            self._detach_frames(task)
-        task.data_in = None
-        task.data_out = None
-        task.state = _DONE
-        on_done = task.on_done
-        if on_done is not None:
-            task.on_done = None
-            # CommandResult's generated __new__ is a Python function; building the tuple
-            # directly skips that frame (the fields are in declaration order).
-            on_done(_new_tuple(CommandResult, (status, b"", residual, 0, task.received)))
+        if flags & 0x01:
+            # The status (phase collapse, §11.7.4).
+            if stat_sn == self.exp_stat_sn:
+                # The StatSN we expected, as every in-order status is: _ack()'s advance.
+                self.exp_stat_sn = (stat_sn + 1) & _MASK
+            else:
+                self._ack(stat_sn)
+            self._complete(task, status, b"", residual if flags & 0x02 else (
+                -residual if flags & 0x04 else 0), 0)
+        return True
 
     def close(self, error: ISCSIError) -> None:
         """The connection is gone: nothing more is sent or received on it.
@@ -1087,7 +1020,12 @@ class ConnectionCore:
 
     def _on_data_in(self, pdu: P.DataIn) -> None:
         task = self._task_for(pdu.itt, "Data-In")
-        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        n = pdu.placed or len(pdu.data)
+        if not pdu.placed and n and (task.data_in is None
+                                     or pdu.buffer_offset + n > task.in_len):
+            raise RemoteProtocolError(
+                f"target {self.target} sent {n} bytes of Data-In at offset "
+                f"{pdu.buffer_offset} for {self._what(task)}, which reads {task.in_len} bytes")
         if self._in_order and (pdu.buffer_offset != task.received
                                or pdu.data_sn != task.data_sn):
             raise RemoteProtocolError(
@@ -1095,28 +1033,19 @@ class ConnectionCore:
                 f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, but the next in order is "
                 f"offset {task.received} with DataSN {task.data_sn} (DataPDUInOrder and "
                 "DataSequenceInOrder are Yes: RFC 7143 §11.7.5, §13.18, §13.19)")
-        n = pdu.placed
-        if not n and pdu.data:
-            n = len(pdu.data)
-            if task.data_in is None or pdu.buffer_offset + n > task.in_len:
-                raise RemoteProtocolError(
-                    f"target {self.target} sent {n} bytes of Data-In at offset "
-                    f"{pdu.buffer_offset} for {self._what(task)}, which reads "
-                    f"{task.in_len} bytes")
-            _scatter(task.data_in, pdu.buffer_offset, pdu.data)
-        task.received += n
-        task.data_sn = (pdu.data_sn + 1) & 0xFFFFFFFF
-        self.stats_bytes_in += n
-        if pdu.status_present:
+        if pdu.status_present and not pdu.final:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
-            if not pdu.final:
-                raise RemoteProtocolError(
-                    f"target {self.target} sent a Data-In with status but without the F bit")
-            self._ack(pdu.stat_sn)
-            residual = pdu.residual_count if pdu.underflow else (
-                -pdu.residual_count if pdu.overflow else 0)
-            self._complete(task, CommandResult(status=pdu.status, residual=residual,
-                                               data_in_length=task.received))
+            raise RemoteProtocolError(
+                f"target {self.target} sent a Data-In with status but without the F bit")
+        if not pdu.placed and n:
+            assert task.data_in is not None  # checked above
+            _scatter(task.data_in, pdu.buffer_offset, pdu.data)
+        # Checked: the rest is data_in_placed()'s, from the header's fields as the reader
+        # would pass them (byte 1: F, O, U and S bits).
+        self.data_in_placed(
+            _F * pdu.final | _O * pdu.overflow | _U * pdu.underflow | _S * pdu.status_present,
+            pdu.status, pdu.itt, pdu.buffer_offset, pdu.stat_sn, pdu.exp_cmd_sn,
+            pdu.max_cmd_sn, pdu.data_sn, pdu.residual_count, n)
 
     def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
         task = self._task_for(pdu.itt, "SCSI Response")
@@ -1132,9 +1061,7 @@ class ConnectionCore:
         bidi_residual = pdu.bidi_residual_count if pdu.bidi_underflow else (
             -pdu.bidi_residual_count if pdu.bidi_overflow else 0)
         sense = pdu.sense() if pdu.status == ScsiStatus.CHECK_CONDITION else b""
-        self._complete(task, CommandResult(
-            status=pdu.status, sense=sense, residual=residual, bidi_residual=bidi_residual,
-            data_in_length=task.received))
+        self._complete(task, pdu.status, sense, residual, bidi_residual)
 
     def _on_r2t(self, pdu: P.R2T) -> None:
         task = self._task_for(pdu.itt, "R2T")
@@ -1376,18 +1303,31 @@ class ConnectionCore:
 
     def _release(self, task: Task) -> None:
         """Drop every reference to the task's buffers before anyone learns it completed."""
-        self._detach_frames(task)
+        if task.unsent_frames or task.r2t is not None:
+            self._detach_frames(task)
         task.data_in = None
         task.data_out = None
-        task.state = TaskState.DONE
+        task.state = _DONE
 
-    def _complete(self, task: Task, result: CommandResult) -> None:
+    def _complete(self, task: Task, status: int, sense: bytes, residual: int,
+                  bidi_residual: int) -> None:
+        """The command got its status, by whichever route (a SCSI Response, a Data-In with
+        status as a PDU or from its header's fields): the result goes to ``on_done``, once."""
         del self._tasks[task.itt]
         self.stats_answered += 1
-        self._release(task)
-        on_done, task.on_done = task.on_done, None
+        # _release(), inlined: this runs once per command.
+        if task.unsent_frames or task.r2t is not None:
+            self._detach_frames(task)
+        task.data_in = None
+        task.data_out = None
+        task.state = _DONE
+        on_done = task.on_done
         if on_done is not None:
-            on_done(result)
+            task.on_done = None
+            # CommandResult's generated __new__ is a Python function; building the tuple
+            # directly skips that frame (the fields are in declaration order).
+            on_done(_new_tuple(CommandResult, (status, sense, residual, bidi_residual,
+                                               task.received)))
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
         if self._deadlines.expired:

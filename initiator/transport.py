@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`Connection` is an ``asyncio.BufferedProtocol``: asyncio asks it for a buffer, receives
-into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.pdu.
+into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.reader.
 PDUReader`, which hands out the internal header buffer or, while a Data-In payload is being
 received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
 daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
@@ -57,6 +57,7 @@ from initiator.login import (
     LoginSuccess,
     Portal,
 )
+from initiator.reader import PDUReader
 from initiator.recovery import Action, RecoveryPolicy
 from initiator.session import (
     ConnectionCore,
@@ -251,8 +252,8 @@ class Connection(asyncio.BufferedProtocol):
             if core is None:
                 self._login_received(pdus)
                 return
-            for pdu in pdus:
-                core.receive_pdu(pdu, now)
+            if pdus:
+                self._receive(core, pdus, now)
             if self.reader.receiving_payload:
                 self._read_direct(core, now)
             self._after_core_activity()
@@ -292,8 +293,20 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if self.pcap is not None:
                 self.pcap.received(b"".join(_first_bytes(bufs, nbytes)))
-            for pdu in reader.direct_updated(nbytes):
+            pdus = reader.direct_updated(nbytes)
+            if pdus:
+                self._receive(core, pdus, now)
+
+    def _receive(self, core: ConnectionCore, pdus: list[P.PDU], now: float) -> None:
+        """Hand the reader's PDUs to the core, then what the reader held back until they were
+        (see PDUReader.held), and so on."""
+        reader = self.reader
+        while True:
+            for pdu in pdus:
                 core.receive_pdu(pdu, now)
+            if not reader.held:
+                return
+            pdus = reader.parse_buffered()
 
     def eof_received(self) -> bool | None:
         self.fail(ConnectionFailed(f"target {self.portal} closed the connection"))
@@ -379,8 +392,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise RemoteProtocolError(
                     f"target {self.portal} sent a {type(self._login_pdus[0]).__name__} PDU "
                     "during login, after a Login Response, before our next request")
-            for pdu in reader.parse_buffered():
-                core.receive_pdu(pdu, now)
+            self._receive(core, reader.parse_buffered(), now)
         except ISCSIError as exc:
             self.fail(exc)
             return
@@ -515,10 +527,10 @@ class Connection(asyncio.BufferedProtocol):
         self.fail(ConnectionFailed(f"connection to {self.portal} closed"))
 
 
-def _login_reader() -> P.PDUReader:
+def _login_reader() -> PDUReader:
     """A reader with the limits of the Login Phase: 8192-byte segments, no digests (§13.12),
     one PDU at a time (what follows the final Login Response is Full Feature Phase)."""
-    return P.PDUReader(max_data_segment_length=8192, one_at_a_time=True)
+    return PDUReader(max_data_segment_length=8192, one_at_a_time=True)
 
 
 class Session:

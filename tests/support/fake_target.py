@@ -64,6 +64,7 @@ from initiator.keys import (
 )
 from initiator.login import LoginMachine, LoginRedirect, LoginSuccess, Portal
 from initiator.pdu import Stage
+from initiator.reader import PDUReader
 from initiator.session import ConnectionCore, TransferParameters
 from initiator.text import Pair, TextAssembler, TextSplitter, encode
 
@@ -482,7 +483,7 @@ class FakeConnection:
         self.text_out: dict[int, tuple[int, TextSplitter]] = {}
         self._next_ttt = 0x100
         self._out = bytearray()
-        self._reader = P.PDUReader(max_data_segment_length=8192)
+        self._reader = PDUReader(max_data_segment_length=8192)
         self._hd = False
         self._dd = False
         # login state
@@ -1467,7 +1468,7 @@ class Loopback:
         self.target = target
         self.conn = target.connect()
         self.core: ConnectionCore | None = None
-        self.reader: P.PDUReader | None = None
+        self.reader: PDUReader | None = None
         self._to_initiator = bytearray()
         self.chunk: int | None = None
         """Deliver bytes to the initiator in pieces of this size (None: all at once)."""
@@ -1497,10 +1498,10 @@ class Loopback:
             exp_cmd_sn=login.exp_cmd_sn, max_cmd_sn=login.max_cmd_sn, target="fake",
             now=now, noop_interval=noop_interval, noop_timeout=noop_timeout)
         self.core = core
-        self.reader = P.PDUReader(header_digest=params.header_digest,
-                                  data_digest=params.data_digest,
-                                  max_data_segment_length=params.max_recv_data_segment_length,
-                                  sink=core)
+        self.reader = PDUReader(header_digest=params.header_digest,
+                                data_digest=params.data_digest,
+                                max_data_segment_length=params.max_recv_data_segment_length,
+                                sink=core)
         return core
 
     def pump(self, now: float = 0.0, *, rounds: int = 10000) -> None:

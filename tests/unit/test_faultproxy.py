@@ -21,6 +21,7 @@ from initiator import pdu as P
 from initiator.errors import DigestError
 from initiator.keys import NegotiationSettings
 from initiator.login import Portal
+from initiator.reader import PDUReader
 from initiator.transport import Session, SessionConfig, SessionState
 from tests.support.fake_target import (
     FakeTarget,
@@ -168,8 +169,8 @@ def logged_in_core(faults: list[Fault], text: bytes = DIGESTS,
 
 
 def decode_all(raw: bytes, digests: bool = True) -> list[P.PDU]:
-    reader = P.PDUReader(header_digest=digests, data_digest=digests,
-                         max_data_segment_length=P.MAX_DATA_SEGMENT_LENGTH)
+    reader = PDUReader(header_digest=digests, data_digest=digests,
+                       max_data_segment_length=P.MAX_DATA_SEGMENT_LENGTH)
     return reader.feed(raw)
 
 

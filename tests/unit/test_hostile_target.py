@@ -39,6 +39,7 @@ from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, Tra
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
+from initiator.reader import PDUReader
 from initiator.session import MAX_UNSENT_PING_ANSWERS, ConnectionCore, EventKind, Task
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
@@ -417,7 +418,7 @@ def nop_in_pings(n: int, first_ttt: int = 0x100) -> bytes:
                                      exp_cmd_sn=1, max_cmd_sn=64)) for i in range(n))
 
 
-def flood_core() -> tuple[ConnectionCore, P.PDUReader]:
+def flood_core() -> tuple[ConnectionCore, PDUReader]:
     lb, core = loopback(fake())
     assert lb.reader is not None
     return core, lb.reader

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from initiator import pdu
 from initiator.errors import CommandError, ISCSIError
-from initiator.pdu import PDU, PDU_CLASSES, DataIn, PDUReader
+from initiator.pdu import PDU, PDU_CLASSES, DataIn
+from initiator.reader import PDUReader
 from tests.unit.test_pdu import any_pdu, expected_after_decode
 
 BHS = 48
@@ -39,18 +40,23 @@ class FuzzSink:
     def __init__(self) -> None:
         self.placed: list[bytearray] = []
 
-    def data_in_buffers(self, pdu: DataIn, length: int) -> Sequence[memoryview] | None:
-        mode = pdu.itt % 4
+    def data_in_buffers(self, itt: int, offset: int, length: int) -> Sequence[memoryview] | None:
+        mode = itt % 4
         if mode == 0:
             return None
         if mode == 1:
-            raise CommandError(f"Data-In for unknown task 0x{pdu.itt:08x}")
+            raise CommandError(f"Data-In for unknown task 0x{itt:08x}")
         area = bytearray(length)
         self.placed.append(area)
         view = memoryview(area)
-        cut1, cut2 = length // 3, length // 3 + (pdu.buffer_offset % (length + 1)) // 2
+        cut1, cut2 = length // 3, length // 3 + (offset % (length + 1)) // 2
         cut2 = min(max(cut1, cut2), length)
         return [view[:cut1], view[cut1:cut2], view[cut2:]]
+
+    def data_in_placed(self, flags: int, status: int, itt: int, offset: int, stat_sn: int,
+                       exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, residual: int,
+                       length: int) -> bool:
+        return False  # the reader hands over the DataIn, with placed set
 
 
 def drive(reader: PDUReader, raw: bytes, sizes: Sequence[int]) -> list[PDU]:
@@ -68,6 +74,8 @@ def drive(reader: PDUReader, raw: bytes, sizes: Sequence[int]) -> list[PDU]:
             buf[:n] = raw[pos : pos + n]
             pos += n
             out.extend(reader.buffer_updated(n))
+            while reader.held:  # as the transport does, once it processed what came
+                out.extend(reader.parse_buffered())
             # A hostile DataSegmentLength / TotalAHSLength cannot make the buffer grow past
             # one maximal PDU.
             assert len(reader._buf) <= max(limit, INITIAL)

@@ -1,7 +1,7 @@
 """ConnectionCore, the sans-I/O Full Feature Phase (RFC 7143 §4.2, §7, §11).
 
 The tests play the target by hand (:class:`Harness`): they read what the core queued, decode
-it, and hand back target PDUs through a :class:`~initiator.pdu.PDUReader` whose DataSink is
+it, and hand back target PDUs through a :class:`~initiator.reader.PDUReader` whose DataSink is
 the core, as the transport does. Time is the ``now`` argument; nothing sleeps. The end of the
 file runs the same core against the in-memory fake target for whole read/write exchanges.
 """
@@ -33,6 +33,7 @@ from initiator.errors import (
 )
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
+from initiator.reader import PDUReader
 from initiator.session import (
     ConnectionCore,
     Event,
@@ -92,10 +93,10 @@ class Harness:
             noop_interval=noop_interval, noop_timeout=noop_timeout,
             command_timeout=command_timeout, tmf_timeout=tmf_timeout)
         self.stat_sn = exp_stat_sn
-        self.reader = P.PDUReader(header_digest=self.params.header_digest,
-                                  data_digest=self.params.data_digest,
-                                  max_data_segment_length=self.params.max_recv_data_segment_length,
-                                  sink=self.core)
+        self.reader = PDUReader(header_digest=self.params.header_digest,
+                                data_digest=self.params.data_digest,
+                                max_data_segment_length=self.params.max_recv_data_segment_length,
+                                sink=self.core)
         self.results: dict[int, CommandResult | ISCSIError] = {}
         self.order: list[int] = []
         self.hold_max: Callable[[], int] | None = None
@@ -138,9 +139,9 @@ class Harness:
         return bytes(out)
 
     def sent(self) -> list[P.PDU]:
-        reader = P.PDUReader(header_digest=self.params.header_digest,
-                             data_digest=self.params.data_digest,
-                             max_data_segment_length=1 << 24)
+        reader = PDUReader(header_digest=self.params.header_digest,
+                           data_digest=self.params.data_digest,
+                           max_data_segment_length=1 << 24)
         return reader.feed(self.wire())
 
     # -- target side --------------------------------------------------------------------------
@@ -486,7 +487,7 @@ def test_data_in_beyond_the_buffer_is_refused(offset: int, length: int) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 1, 48, 100, 1000])
 def test_data_in_checks_hold_on_every_path(chunk: int | None) -> None:
-    # Whole in one read (data_in_inline), header first (data_in_direct/data_in_placed) or
+    # Whole in one read (the inline-copy route), header first (the direct route) or
     # through a DataIn object: a Data-In with status but no F bit, or outside the command's
     # buffer, is refused the same way, and a good one completes the command the same way.
     h = Harness()
@@ -518,12 +519,15 @@ def test_data_in_checks_hold_on_every_path(chunk: int | None) -> None:
     assert h.core.exp_stat_sn == h.stat_sn and not h.core._tasks
 
 
-def test_data_in_into_a_read_only_buffer_is_a_local_error() -> None:
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_data_in_into_a_read_only_buffer_is_a_local_error(chunk: int | None) -> None:
+    # Both routes into the caller's buffer: the inline copy (the whole PDU in one read) and
+    # the direct receive (the header first).
     h = Harness()
     task = h.submit(data_in=[memoryview(bytes(4096))])
     h.sent()
     with pytest.raises(LocalProtocolError, match="read-only"):
-        h.deliver(h.data_in(task, 0, bytes(4096)), chunk=48)
+        h.deliver(h.data_in(task, 0, bytes(4096)), chunk=chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,8 +883,8 @@ def test_on_done_runs_after_every_buffer_reference_is_gone(how: str, progress: s
     # buffer.
     rest = h.wire()
     stream = prefix + rest
-    reader = P.PDUReader(header_digest=digests, data_digest=digests,
-                         max_data_segment_length=1 << 24)
+    reader = PDUReader(header_digest=digests, data_digest=digests,
+                       max_data_segment_length=1 << 24)
     pdus = reader.feed(stream)
     assert not reader.receiving_payload
     for p in pdus:
@@ -904,7 +908,7 @@ def test_early_status_drops_the_data_out_not_yet_on_the_wire() -> None:
     h.core.sent(n)
     del bufs
     h.deliver(h.response(task, status=CHECK_CONDITION))
-    pdus = P.PDUReader(max_data_segment_length=1 << 20).feed(prefix + h.wire())
+    pdus = PDUReader(max_data_segment_length=1 << 20).feed(prefix + h.wire())
     assert [type(p) for p in pdus] == [P.ScsiCommand, P.DataOut]
 
 
@@ -918,7 +922,7 @@ def test_completion_between_send_buffers_and_sent_keeps_the_framing() -> None:
     h.deliver(h.response(task))      # before the transport reported what it sent
     h.core.sent(len(raw))
     assert not h.core.wants_to_send
-    assert len(P.PDUReader(max_data_segment_length=1 << 20).feed(raw)) == 6
+    assert len(PDUReader(max_data_segment_length=1 << 20).feed(raw)) == 6
 
 
 def test_read_buffers_released_before_on_done() -> None:

@@ -27,6 +27,7 @@ from initiator.command import CommandResult
 from initiator.errors import ISCSIError
 from initiator.keys import KEYS, NegotiationSettings
 from initiator.login import LoginMachine, LoginRedirect, LoginSuccess
+from initiator.reader import PDUReader
 from initiator.session import ConnectionCore, Task, TransferParameters
 from initiator.transport import Session, SessionConfig
 from tests.support.fake_target import (
@@ -56,7 +57,7 @@ TGT = "iqn.2003-01.org.example:disk1"
 @dataclass
 class Live:
     core: ConnectionCore
-    reader: P.PDUReader
+    reader: PDUReader
     buffers: list[bytearray] = field(default_factory=list)
     done: dict[int, int] = field(default_factory=dict)
     now: float = 0.0
@@ -85,8 +86,8 @@ def live_core(hd: bool = False, dd: bool = False) -> Live:
                                 initial_r2t=False, immediate_data=True)
     core = ConnectionCore(params, cmd_sn=10, exp_stat_sn=100, exp_cmd_sn=10, max_cmd_sn=13,
                        target="fuzz", noop_interval=1.0, noop_timeout=1.0)
-    live = Live(core, P.PDUReader(header_digest=hd, data_digest=dd,
-                                  max_data_segment_length=8192, sink=core))
+    live = Live(core, PDUReader(header_digest=hd, data_digest=dd,
+                                max_data_segment_length=8192, sink=core))
     for i, (cdb, out, inn) in enumerate([
             (cdb_read10(0, 8), None, [1000, 3096]),     # ITT 1: read into two views
             (cdb_read10(8, 1), None, [512]),            # ITT 2
@@ -282,7 +283,7 @@ def test_login_machine_with_arbitrary_bytes(raw: bytes, kind: int) -> None:
     machine = _machine(kind)
     machine.start()
     try:
-        for pdu in P.PDUReader(max_data_segment_length=8192).feed(raw):
+        for pdu in PDUReader(max_data_segment_length=8192).feed(raw):
             outcome = machine.receive(pdu)
             if not isinstance(outcome, P.LoginRequest):
                 return
