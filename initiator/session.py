@@ -121,6 +121,10 @@ _CHECKS = 8
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
 _ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
                       P.LogoutResponse})
+_RESENDABLE = frozenset({
+    P.RejectReason.DATA_DIGEST_ERROR, P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+    P.RejectReason.LONG_OPERATION_REJECT, P.RejectReason.WAITING_FOR_LOGOUT})
+"""Reject reasons after which "the original PDU can be re-sent" (RFC 7143 §11.17.1)."""
 _REQUEST_NAMES = {
     P.Opcode.NOP_OUT: "NOP-Out ping", P.Opcode.TEXT_REQUEST: "Text Request",
     P.Opcode.LOGOUT_REQUEST: "Logout Request",
@@ -1312,15 +1316,23 @@ class ConnectionCore:
         itt = getattr(header, "itt", None) if header is not None else None
         if isinstance(header, P.ScsiCommand) and itt in self._tasks:
             task = self._tasks[itt]
-            if pdu.reason in (P.RejectReason.IMMEDIATE_COMMAND_REJECT,
-                              P.RejectReason.LONG_OPERATION_REJECT,
-                              P.RejectReason.WAITING_FOR_LOGOUT):
-                # The target is short of resources: the command was not executed. Sending it
-                # again later is safe (§11.17.1); ERL 0 does that on the next connection.
+            if pdu.reason in _RESENDABLE:
+                # The target discarded the command without executing it, and "the original
+                # PDU can be re-sent" (§11.17.1): for a data digest error in its immediate
+                # data (§7.8) that is the only recovery, and the command must run. At ERL 0
+                # sending it again means a new connection (§7.1.4: LIO closes this one
+                # itself); the task stays in the table and is re-issued after the
+                # reinstatement. Failing it instead would spend one of the SCSI layer's
+                # retries and, on a target that keeps the connection, leave a CmdSN gap.
                 raise RemoteProtocolError(
                     f"target {self.target} rejected {self._what(task)} ({reason}); "
-                    "reconnecting to retry it")
+                    "reconnecting to send it again")
+            # Sending it again would be rejected again: the command fails. Its CmdSN was
+            # not received (§7.3): the gap holds back every later command until it is
+            # plugged, which an ABORT TASK naming it does (§11.5.1, RefCmdSN); its answer
+            # concerns nobody.
             del self._tasks[itt]
+            self._task_mgmt(P.TMFunction.ABORT_TASK, task.lun, _ignore, ref_task=task)
             self._complete_error(task, CommandError(
                 f"target {self.target} rejected {self._what(task)}: {reason}"))
             return

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from initiator import pdu as P
+from initiator import serial
 from initiator.command import CommandResult, ScsiStatus
 from initiator.errors import (
     CommandError,
@@ -1601,28 +1602,59 @@ def test_control_pdus_leave_tasks_alone(state: str, kind: str) -> None:
     assert (task.state, h.result(task), task.itt) == before
 
 
-def test_reject_of_a_command_fails_that_command() -> None:
+@pytest.mark.parametrize("reason", [P.RejectReason.PROTOCOL_ERROR,
+                                    P.RejectReason.COMMAND_NOT_SUPPORTED,
+                                    P.RejectReason.TASK_IN_PROGRESS,
+                                    P.RejectReason.INVALID_PDU_FIELD, 0x55])
+def test_reject_of_a_command_fails_that_command_and_plugs_its_cmd_sn(reason: int) -> None:
+    # The PDU cannot be sent again (§11.17.1): the command fails. Its CmdSN was not received
+    # (§7.3), and the gap would hold back every later command: an ABORT TASK naming it plugs
+    # it (§11.5.1), and its answer changes nothing.
     h = Harness()
     a, b = h.submit(), h.submit()
     (cmd_a, _) = h.sent()
+    h.deliver(P.Reject(reason=reason, data=_header(cmd_a), **h.numbers()))
+    error = h.result(a)
+    assert isinstance(error, CommandError) and "rejected" in str(error)
+    assert b.state is TaskState.ACTIVE
+    (tmf,) = h.sent()
+    assert isinstance(tmf, P.TaskMgmtRequest) and tmf.immediate
+    assert tmf.function is P.TMFunction.ABORT_TASK
+    assert (tmf.referenced_task_tag, tmf.ref_cmd_sn) == (cmd_a.itt, cmd_a.cmd_sn)
+    assert serial.gt(tmf.cmd_sn, cmd_a.cmd_sn)
+    h.deliver(P.TaskMgmtResponse(response=P.TMResponse.TASK_DOES_NOT_EXIST, itt=tmf.itt,
+                                 **h.numbers()))
+    assert b.state is TaskState.ACTIVE and h.result(a) is error
+
+
+def test_reject_of_a_command_names_the_reason() -> None:
+    h = Harness()
+    h.submit()
+    a = h.submit()
+    (_, cmd_a) = h.sent()
     h.deliver(P.Reject(reason=P.RejectReason.INVALID_PDU_FIELD, data=_header(cmd_a),
                        **h.numbers()))
-    error = h.result(a)
-    assert isinstance(error, CommandError) and "invalid pdu field" in str(error)
-    assert b.state is TaskState.ACTIVE
+    assert "invalid pdu field" in str(h.result(a))
 
 
-@pytest.mark.parametrize("reason", [P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+@pytest.mark.parametrize("reason", [P.RejectReason.DATA_DIGEST_ERROR,
+                                    P.RejectReason.IMMEDIATE_COMMAND_REJECT,
                                     P.RejectReason.LONG_OPERATION_REJECT,
                                     P.RejectReason.WAITING_FOR_LOGOUT])
-def test_reject_for_lack_of_resources_reconnects(reason: P.RejectReason) -> None:
+def test_reject_of_a_command_that_may_be_sent_again_reconnects(reason: P.RejectReason
+                                                               ) -> None:
+    # "The original PDU can be re-sent" (§11.17.1): for a data digest error in the immediate
+    # data (§7.8) or the target's lack of resources. At ERL 0 that is on a new connection:
+    # the command is not failed (which would spend one of the SCSI layer's retries) and
+    # stays to be re-issued after the reinstatement.
     h = Harness()
-    a = h.submit()
-    (cmd,) = h.sent()
+    a = h.submit(WRITE, data_out=[memoryview(bytearray(4096))])
+    b = h.submit()
+    (cmd, _) = h.sent()
     with pytest.raises(RemoteProtocolError, match="reconnecting"):
         h.deliver(P.Reject(reason=reason, data=_header(cmd), **h.numbers()))
-    assert h.result(a) is None   # re-issued on the next connection
-    assert a in h.core.take_unfinished()
+    assert h.result(a) is None and h.result(b) is None
+    assert h.core.take_unfinished() == [a, b]
 
 
 @pytest.mark.parametrize("kind", ["ping", "tmf", "text"])

@@ -553,6 +553,34 @@ async def test_target_failing_right_after_every_login_ends_in_session_failed() -
         await within(session.close())
 
 
+@pytest.mark.parametrize("keeps_connection", [False, True])
+async def test_data_digest_reject_of_a_write_sends_it_again_on_a_new_connection(
+        keeps_connection: bool) -> None:
+    # A bit flipped in a write's immediate data: the target rejects the command with
+    # DATA_DIGEST_ERROR and discards it (RFC 7143 §7.8); LIO closes the connection too. The
+    # write is not failed back to the caller: the session is reinstated and the write sent
+    # again, and it lands exactly once with the right data.
+    target = fake()
+    async with logged_in(target) as (_server, session):
+        rejected: list[int] = []
+
+        def reject_first_write(conn: Any, pdu: P.PDU) -> bool:
+            if isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] == 0x2A and not rejected:
+                rejected.append(pdu.itt)
+                conn.send_reject(P.RejectReason.DATA_DIGEST_ERROR, P.encode(pdu)[:48])
+                if not keeps_connection:
+                    conn.drop()
+                return True
+            return False
+
+        target.hostile.pdu_hook = reject_first_write
+        data = pattern(4096, 17)
+        result = await write(session, 64, data)
+        assert result.ok and rejected
+        assert target.disk.data[64 * 512 : 72 * 512] == data
+        assert session.reconnects == 1 and state(session) is SessionState.LOGGED_IN
+
+
 async def test_async_logout_request_logs_in_again() -> None:
     target = fake(logout_time2wait=0)
     async with logged_in(target) as (server, session):
