@@ -233,15 +233,17 @@ class _Frame:
 class _R2TState:
     """What the target has asked one write for so far, to hold its R2Ts to RFC 7143 §11.8."""
 
-    __slots__ = ("next_offset", "requested", "sequences")
+    __slots__ = ("next_offset", "queued", "requested", "sequences")
 
     def __init__(self, unsolicited: int) -> None:
         self.next_offset = unsolicited
         """With DataSequenceInOrder=Yes, the lowest offset the next R2T may ask for."""
         self.requested = unsolicited
         """Bytes sent unsolicited or asked for by R2Ts: never more than the write's length."""
-        self.sequences: list[_Frame] = []
-        """The last Data-Out frame of each R2T answered and not yet sent whole."""
+        self.queued = 0
+        """Data-Out frames queued to answer R2Ts so far."""
+        self.sequences: list[int] = []
+        """For each R2T answered and not yet sent whole: ``queued`` after its last frame."""
 
 
 class EventKind(enum.Enum):
@@ -1164,8 +1166,11 @@ class ConnectionCore:
                        f"{task.out_len} the command writes")
         else:
             # An R2T is outstanding until its last Data-Out has gone out (§13.17); a target
-            # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent.
-            pending = [frame for frame in state.sequences if frame.bufs]
+            # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent. A task's
+            # frames leave the queue in order and the answers to R2Ts are its last ones: of
+            # those, all but the task's unsent frames are out.
+            out = state.queued - min(task.unsent_frames, state.queued)
+            pending = [end for end in state.sequences if end > out]
             if len(pending) >= params.max_outstanding_r2t:
                 problem = (f"an R2T while {len(pending)} were outstanding, more than "
                            f"MaxOutstandingR2T={params.max_outstanding_r2t} (§13.17)")
@@ -1177,8 +1182,10 @@ class ConnectionCore:
         task.data_sn = (task.data_sn + 1) & _MASK
         state.next_offset = max(state.next_offset, end)
         state.requested += length
+        unsent = task.unsent_frames
         self._send_data_out(task, offset, length, pdu.ttt)
-        state.sequences.append(self._frames[-1])
+        state.queued += task.unsent_frames - unsent
+        state.sequences.append(state.queued)
 
     def _on_nop_in(self, pdu: P.NopIn) -> None:
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)

@@ -740,6 +740,33 @@ def test_r2t_with_reserved_ttt_is_refused() -> None:
                         desired_data_transfer_length=512, **h.window()))
 
 
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_r2t_answer_sent_in_pieces_is_no_longer_outstanding(pieces: int) -> None:
+    # With MaxOutstandingR2T=1 the target asks for the next burst once the last Data-Out of
+    # the previous one is in. Sent in several sendmsg calls (a full socket), the frame's last
+    # piece may be a single buffer (the data digest): once that is out, the R2T must not count
+    # as outstanding (it did, and tgtd's next R2T dropped the connection).
+    h = Harness(TransferParameters(immediate_data=False, data_digest=True,
+                                   max_burst_length=2048, max_xmit_data_segment_length=2048))
+    task = h.submit(WRITE, data_out=views(bytearray(4096)))
+    h.wire()
+    h.deliver(P.R2T(itt=task.itt, ttt=1, r2t_sn=0, buffer_offset=0,
+                    desired_data_transfer_length=2048, **h.window()))
+    bufs = h.core.send_buffers()
+    total = sum(len(b) for b in bufs)
+    assert len(bufs) == 3   # header, data, digest
+    splits = {1: [total], 2: [total - 4, 4], 3: [48, 2048, 4]}[pieces]
+    assert sum(splits) == total
+    for n in splits:
+        h.core.send_buffers()
+        h.core.sent(n)
+    assert not h.core.wants_to_send
+    h.deliver(P.R2T(itt=task.itt, ttt=2, r2t_sn=1, buffer_offset=2048,
+                    desired_data_transfer_length=2048, **h.window()))
+    (data_out,) = h.sent()
+    assert isinstance(data_out, P.DataOut) and data_out.buffer_offset == 2048
+
+
 def test_data_out_is_sent_from_the_callers_views() -> None:
     h = Harness(TransferParameters(immediate_data=False, initial_r2t=False,
                                    first_burst_length=8192))
