@@ -697,15 +697,22 @@ class Session:
             now=asyncio.get_running_loop().time(),
             noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout,
             command_timeout=self.config.command_timeout, tmf_timeout=self.config.tmf_timeout)
-        conn.on_failure = lambda err: self._connection_failed(conn, err)
+        first = self.state is SessionState.LOGGING_IN
+        if not first:
+            conn.on_failure = lambda err: self._connection_failed(conn, err)
         conn.on_event = self._core_event
         self._conn = conn
         self._core = core
         conn.start_full_feature(core)
         if conn.error is not None:
-            # PDUs that came with the last Login Response broke the connection at once;
-            # _connection_failed has taken the pending commands and started recovering.
+            # PDUs that came with the last Login Response broke the connection at once. A
+            # first login fails with that error; a reconnect's _connection_failed has taken
+            # the pending commands and goes on recovering.
+            if first:
+                self._conn = self._core = None
+                raise conn.error
             return
+        conn.on_failure = lambda err: self._connection_failed(conn, err)
         self._failed_error = None
         self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []

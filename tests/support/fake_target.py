@@ -231,7 +231,8 @@ class Hostility:
     # -- login
     login_status: tuple[int, int] | None = None
     """Answer with this status class/detail (in stage ``login_status_stage``)."""
-    login_status_stage: int = 0
+    login_status_stage: int | None = None
+    """The stage (CSG) whose request gets ``login_status`` (None: the first request)."""
     redirect: tuple[str, bool] | None = None
     """(TargetAddress, permanent): redirect every login."""
     force_auth_method: str | None = None
@@ -614,9 +615,14 @@ class FakeConnection:
         if req.version_min > 0:
             self._login_reject(req, (2, 0x05))
             return
-        if hostile.login_status is not None and int(req.csg) == hostile.login_status_stage:
+        if hostile.login_status is not None and (
+                int(req.csg) == hostile.login_status_stage
+                or (hostile.login_status_stage is None and self._negotiator is None)):
             self._login_reject(req, hostile.login_status)
             return
+        if req.csg is Stage.OPERATIONAL and self._stage is Stage.SECURITY and \
+                self._negotiator is None:
+            self._stage = Stage.OPERATIONAL  # no security stage at all (§6.3)
         if req.cont:
             # A piece of a longer text: acknowledge it with an empty response (§6.5).
             try:
@@ -641,17 +647,20 @@ class FakeConnection:
             return
         stage = req.csg
         if stage is not self._stage:
-            if stage is Stage.OPERATIONAL and self._stage is Stage.SECURITY and \
-                    self._negotiator is None:
-                self._stage = Stage.OPERATIONAL  # no security stage at all (§6.3)
-            else:
-                self._violation(f"login request in stage {stage.name} while in "
-                                f"{self._stage.name}")
-                self._login_reject(req, (2, 0x0B))
-                return
+            self._violation(f"login request in stage {stage.name} while in {self._stage.name}")
+            self._login_reject(req, (2, 0x0B))
+            return
         if self._negotiator is None and not self._start_negotiation(req, pairs):
             return
-        assert self._negotiator is not None
+        assert self._negotiator is not None and self.record is not None
+        if stage is Stage.OPERATIONAL and self.record.auth_method is None:
+            # The login skipped the security stage: fine unless we require authentication
+            # (LIO and tgtd answer 0201 then).
+            if "None" not in self._negotiator_auth_methods():
+                self._violation("the initiator skipped authentication")
+                self._login_reject(req, (2, 0x01))
+                return
+            self.record.auth_method = "None"
         try:
             if stage is Stage.SECURITY:
                 self._security(req, pairs)
