@@ -438,6 +438,38 @@ class ConnectionCore:
             return
         self._send_command(task)
 
+    def submit_backlog(self, tasks: Sequence[Task], now: float) -> None:
+        """Queue the commands a new connection starts with (those re-issued after a
+        reinstatement), in order.
+
+        When they are more than the command window the login announced, an immediate NOP-Out
+        ping (§11.18: CmdSN not advanced) goes first and the commands wait for its answer,
+        which carries the window the target really has: LIO announces a window of one
+        command in the final Login Response and opens it to its queue depth only after
+        (docs/faults.md). Sending one command alone, then the rest a round trip later, would
+        put the whole backlog behind whatever happens to that one. A target whose window
+        is small for real costs the ping's round trip; one that does not answer it is dead
+        (the keepalive judges the ping).
+        """
+        window = (self.max_cmd_sn - self.cmd_sn + 1) & _MASK
+        if window >= _HALF:
+            window = 0
+        if len(tasks) <= window or self._closed is not None:
+            for task in tasks:
+                self.submit(task)
+            return
+        for task in tasks:
+            if task.state is not _QUEUED:
+                raise LocalProtocolError(f"{task!r} was already submitted")
+        # In _queued, the commands (and whatever is submitted meanwhile) wait in line.
+        self._queued.extend(tasks)
+        self.ping(now, self._window_learned)
+
+    def _window_learned(self, _: P.PDU | ISCSIError) -> None:
+        # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
+        if self._closed is None:
+            self._drain_queue()
+
     def abort_task(self, task: Task, on_done: ControlCallback, *,
                    deadline: float | None = None) -> None:
         """ABORT TASK for ``task`` (§11.5.1). ``on_done`` gets the TaskMgmtResponse, or a
@@ -878,7 +910,8 @@ class ConnectionCore:
                 control.on_done(error)
 
     def take_unfinished(self) -> list[Task]:
-        """Every command that has not completed, in submission order, reset for re-issue.
+        """Every command that has not completed, in submission order, reset for re-issue;
+        but when no command completed on this connection, the first goes last.
 
         On a live connection (``fail_all``) the send queue lets go of their buffers too.
         Commands that :meth:`abort` was ending are not re-issued: they complete now with the
@@ -890,6 +923,12 @@ class ConnectionCore:
         nxt = self.cmd_sn
         tasks = sorted(self._tasks.values(), key=lambda t: (t.cmd_sn - nxt) & 0xFFFFFFFF)
         tasks.extend(t for t in self._queued if isinstance(t, Task))
+        if not self.stats_answered and len(tasks) > 1:
+            # Whatever broke this connection, it completed nothing: the command that led may
+            # be what breaks it (a "poison" command, or a flipped bit in its immediate data
+            # that the target cannot recover from at ERL 0). It must not lead every
+            # re-issue, or one command stops them all; SIMPLE tasks carry no order (SAM-5).
+            tasks.append(tasks.pop(0))
         self._tasks.clear()
         self._queued.clear()
         unfinished: list[Task] = []

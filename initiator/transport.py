@@ -716,9 +716,9 @@ class Session:
         self._failed_error = None
         self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
-        self._policy.logged_in(asyncio.get_running_loop().time(), waiting=bool(pending))
-        for task in pending:
-            core.submit(task)
+        now = asyncio.get_running_loop().time()
+        self._policy.logged_in(now, waiting=bool(pending))
+        core.submit_backlog(pending, now)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
         conn.kick()

@@ -340,6 +340,7 @@ class FakeTarget:
         auth_methods: tuple[str, ...] | None = None,
         portal_group_tag: int = 1,
         cmd_window: int = 32,
+        login_window: int | None = None,
         phase_collapse: bool = True,
         login_chunk: int | None = None,
         text_chunk: int | None = None,
@@ -359,6 +360,9 @@ class FakeTarget:
         self.auth_methods = auth_methods
         self.portal_group_tag = portal_group_tag
         self.cmd_window = cmd_window
+        self.login_window = login_window
+        """The window the Login Responses announce, when it is not ``cmd_window`` (LIO
+        announces one command and opens the window to its queue depth only after)."""
         self.phase_collapse = phase_collapse
         self.login_chunk = login_chunk
         self.text_chunk = text_chunk
@@ -830,7 +834,8 @@ class FakeConnection:
             isid=req.isid ^ hostile.login_isid_xor,
             tsih=0 if hostile.zero_tsih else tsih, itt=req.itt ^ hostile.login_itt_xor,
             stat_sn=self._stat(), exp_cmd_sn=self.exp_cmd_sn,
-            max_cmd_sn=(self.exp_cmd_sn - 1 + self.window) & MASK, data=data)
+            max_cmd_sn=(self.exp_cmd_sn - 1 + (self.target.login_window or self.window)) & MASK,
+            data=data)
         self._emit_login(req, response)
         if transit:
             self._stage = nsg

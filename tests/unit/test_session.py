@@ -1645,6 +1645,7 @@ def test_reject_of_a_command_fails_that_command_and_plugs_its_cmd_sn(reason: int
     assert isinstance(error, CommandError) and "rejected" in str(error)
     assert b.state is TaskState.ACTIVE
     (tmf,) = h.sent()
+    assert isinstance(cmd_a, P.ScsiCommand)
     assert isinstance(tmf, P.TaskMgmtRequest) and tmf.immediate
     assert tmf.function is P.TMFunction.ABORT_TASK
     assert (tmf.referenced_task_tag, tmf.ref_cmd_sn) == (cmd_a.itt, cmd_a.cmd_sn)
@@ -1681,7 +1682,7 @@ def test_reject_of_a_command_that_may_be_sent_again_reconnects(reason: P.RejectR
     with pytest.raises(RemoteProtocolError, match="reconnecting"):
         h.deliver(P.Reject(reason=reason, data=_header(cmd), **h.numbers()))
     assert h.result(a) is None and h.result(b) is None
-    assert h.core.take_unfinished() == [a, b]
+    assert set(h.core.take_unfinished()) == {a, b}
 
 
 @pytest.mark.parametrize("kind", ["ping", "tmf", "text"])
@@ -1756,6 +1757,72 @@ def test_take_unfinished_keeps_submission_order(start: int) -> None:
         assert t.reissues == 1 and t.received == 0
     assert h.core.in_flight == 0
     assert h.result(tasks[0]) is None
+
+
+def test_take_unfinished_puts_the_leader_last_when_nothing_completed() -> None:
+    # A connection that completed nothing may have been broken by the command that led (a
+    # poison command, a flipped bit in its immediate data): it must not lead every re-issue.
+    h = Harness()
+    tasks = [h.submit() for _ in range(4)]
+    h.sent()
+    h.core.close(CommandError("connection lost"))
+    assert h.core.take_unfinished() == [*tasks[1:], tasks[0]]
+    h2 = Harness(window=1)
+    (only,) = [h2.submit()]
+    h2.core.close(CommandError("connection lost"))
+    assert h2.core.take_unfinished() == [only]
+
+
+def _backlog(n: int) -> list[Task]:
+    return [Task(0, READ, None, [memoryview(bytearray(4096))], lambda r: None)
+            for _ in range(n)]
+
+
+def test_backlog_beyond_the_login_window_waits_for_a_ping_answer() -> None:
+    # LIO announces a window of one command at login and opens it only after: the re-issued
+    # commands wait for an immediate NOP-Out's answer, which carries the real window, and
+    # then go out together instead of one alone and the rest a round trip later.
+    h = Harness(cmd_sn=40, window=1)
+    tasks = _backlog(5)
+    h.core.submit_backlog(tasks, 0.0)
+    (ping,) = h.sent()
+    assert isinstance(ping, P.NopOut) and ping.immediate and ping.cmd_sn == 40
+    assert ping.itt != P.RESERVED_TAG and all(t.state is TaskState.QUEUED for t in tasks)
+    later = h.submit()   # the kernel's next command waits in line behind them
+    assert h.sent() == []
+    h.deliver(P.NopIn(itt=ping.itt, **h.numbers(max_cmd_sn=40 + 63)))
+    cmds = [c for c in h.sent() if isinstance(c, P.ScsiCommand)]
+    assert [c.cmd_sn for c in cmds] == list(range(40, 46))
+    assert [c.itt for c in cmds] == [t.itt for t in [*tasks, later]]
+
+
+def test_backlog_behind_a_window_that_stays_small_goes_out_as_it_allows() -> None:
+    h = Harness(cmd_sn=7, window=2)
+    tasks = _backlog(3)
+    h.core.submit_backlog(tasks, 0.0)
+    (ping,) = h.sent()
+    assert isinstance(ping, P.NopOut)
+    h.deliver(P.NopIn(itt=ping.itt, **h.numbers(advance=False)))   # the window stays 2
+    cmds = [c for c in h.sent() if isinstance(c, P.ScsiCommand)]
+    assert [c.cmd_sn for c in cmds] == [7, 8] and tasks[2].state is TaskState.QUEUED
+    h.deliver(h.response(tasks[0], max_cmd_sn=9))
+    assert [c.cmd_sn for c in h.sent() if isinstance(c, P.ScsiCommand)] == [9]
+
+
+def test_backlog_within_the_login_window_goes_out_at_once() -> None:
+    h = Harness(window=8)
+    tasks = _backlog(8)
+    h.core.submit_backlog(tasks, 0.0)
+    assert [type(p) for p in h.sent()] == [P.ScsiCommand] * 8
+
+
+def test_backlog_ping_the_target_never_answers_ends_the_connection() -> None:
+    h = Harness(window=1, noop_timeout=5.0)
+    h.core.submit_backlog(_backlog(3), 10.0)
+    h.sent()
+    h.core.handle_timer(14.9)
+    with pytest.raises(RemoteProtocolError, match="NOP-Out"):
+        h.core.handle_timer(15.0)
 
 
 def test_reissued_tasks_run_again_on_a_new_core() -> None:

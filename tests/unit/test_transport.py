@@ -445,6 +445,26 @@ async def test_recovery_after_a_dropped_connection() -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_reissue_asks_for_the_real_window_first() -> None:
+    # Like LIO, the target announces a window of one command in the Login Response. The
+    # re-issued commands wait for an immediate NOP-Out's answer, which shows the real window,
+    # and then go out together; none is sent outside the window.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target) as (server, session):
+        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(6)]
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        target.hostile.withhold = False
+        server.drop()
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r, _ in results)
+        assert session.reconnects == 1
+        second = server.connections[-1]
+        ffp = [p for p in second.received if not isinstance(p, P.LoginRequest)]
+        assert isinstance(ffp[0], P.NopOut) and ffp[0].immediate
+        assert [type(p) for p in ffp[1:7]] == [P.ScsiCommand] * 6
+    assert not target.violations(), target.violations()
+
+
 async def test_connection_dropped_by_the_target_mid_command() -> None:
     # The target drops only the first connection: the reconnect re-issues the commands at
     # once, and a test that switched the drop off after seeing it could be too late (it was,
