@@ -29,8 +29,10 @@ Waits before an attempt:
   wire, but never beyond the replacement deadline (the attempt is then made at the deadline,
   which gives up first unless attempts go on forever);
 - after a failed attempt, or a reconnect that did not work, a backoff doubling from 1 s to
-  ``max_backoff`` (30 s), again capped by the deadline. It starts over once a connection
-  worked (a command completed on it, or it stayed up ``max_backoff`` seconds).
+  ``max_backoff`` (:data:`MAX_BACKOFF`, 5 s: open-iscsi tries again every few seconds, and
+  a path whose target is back must not wait long to return), again capped by the deadline.
+  It starts over once a connection worked (a command completed on it, or it stayed up
+  ``max_backoff`` seconds).
 
 A command lost with several connections in a row is re-issued only within
 ``replacement_timeout`` of its first loss (:meth:`RecoveryPolicy.command_expired`), so a
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Action", "Phase", "RecoveryPolicy"]
+__all__ = ["MAX_BACKOFF", "Action", "Phase", "RecoveryPolicy"]
 
 
 class Action(enum.Enum):
@@ -62,13 +64,15 @@ class Phase(enum.Enum):
 
 
 _MIN_BACKOFF = 1.0
+MAX_BACKOFF = 5.0
+"""The default longest wait between reconnect attempts, in seconds."""
 
 
 class RecoveryPolicy:
     """The reinstatement policy of one session (see the module docstring)."""
 
     def __init__(self, replacement_timeout: float, *, reconnect_forever: bool = False,
-                 default_time2wait: float = 2.0, max_backoff: float = 30.0) -> None:
+                 default_time2wait: float = 2.0, max_backoff: float = MAX_BACKOFF) -> None:
         self.replacement_timeout = replacement_timeout
         self.reconnect_forever = reconnect_forever
         self.default_time2wait = default_time2wait
@@ -204,6 +208,9 @@ class RecoveryPolicy:
         """Why the session failed, for the error every waiting command gets."""
         if self.phase is Phase.LOGGED_IN and self._reconnected:
             last = "; it logged in again, but the target completed no command since"
+        elif self.phase is Phase.CONNECTING:
+            last = "; a login attempt was still under way" + (
+                f", the one before failed: {self.last_error}" if self.last_error else "")
         elif self.last_error:
             last = f"; last attempt: {self.last_error}"
         elif self.attempts:

@@ -57,7 +57,7 @@ from initiator.login import (
     LoginSuccess,
     Portal,
 )
-from initiator.recovery import Action, RecoveryPolicy
+from initiator.recovery import MAX_BACKOFF, Action, RecoveryPolicy
 from initiator.session import (
     ConnectionCore,
     Event,
@@ -134,6 +134,10 @@ class SessionConfig:
     reconnect_forever: bool = False
     """Keep trying to reconnect after the replacement timeout (the daemon); one-shot commands
     give up then."""
+    max_reconnect_interval: float = MAX_BACKOFF
+    """Seconds between reconnect attempts at most: after a failed attempt, or a reconnect
+    that completed no command, the wait doubles from 1 s up to this (the target's Time2Wait
+    is waited in any case)."""
 
 
 class SessionState(enum.Enum):
@@ -551,7 +555,8 @@ class Session:
         self._core: ConnectionCore | None = None
         self._pending: list[Task] = []     # waiting for a connection (recovery)
         self._policy = RecoveryPolicy(self.config.replacement_timeout,
-                                      reconnect_forever=self.config.reconnect_forever)
+                                      reconnect_forever=self.config.reconnect_forever,
+                                      max_backoff=self.config.max_reconnect_interval)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._attempt: asyncio.Task[None] | None = None   # a recovery login under way
         self._background: set[asyncio.Task[None]] = set()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from initiator.recovery import Action, Phase, RecoveryPolicy
+from initiator.recovery import MAX_BACKOFF, Action, Phase, RecoveryPolicy
 
 React = Callable[[float, Action], None]
 
@@ -105,6 +105,17 @@ def test_backoff_doubles_up_to_the_maximum_and_gives_up_on_time() -> None:
     assert "last attempt: connection refused" in policy.give_up_message("t")
 
 
+def test_by_default_attempts_come_every_few_seconds() -> None:
+    # A long outage must not stretch the wait: a target (or a multipath path) that is back
+    # is found within seconds, as open-iscsi retries every few seconds.
+    policy = RecoveryPolicy(120.0, default_time2wait=2.0)
+    assert policy.max_backoff == MAX_BACKOFF == 5.0
+    lost(policy, 0.0)
+    connects = [t for t, a in run(policy, 60.0, failing(policy)) if a is Action.CONNECT]
+    assert connects[:5] == [2.0, 3.0, 5.0, 9.0, 14.0]
+    assert all(b - a == 5.0 for a, b in itertools.pairwise(connects[3:]))
+
+
 def test_the_last_wait_is_cut_at_the_deadline() -> None:
     policy = RecoveryPolicy(10.0, default_time2wait=0.0)
     lost(policy, 0.0)
@@ -114,15 +125,18 @@ def test_the_last_wait_is_cut_at_the_deadline() -> None:
 
 
 def test_gives_up_at_the_deadline_while_an_attempt_is_under_way() -> None:
+    # A portal that drops our SYNs keeps an attempt running for the whole login timeout:
+    # the deadline does not wait for it to end.
     policy = RecoveryPolicy(3.0, default_time2wait=0.0)
     lost(policy, 0.0)
     assert run(policy, 100.0) == [(0.0, Action.CONNECT), (3.0, Action.GIVE_UP)]
+    assert "a login attempt was still under way" in policy.give_up_message("t")
 
 
 def test_a_reconnect_that_completes_no_command_does_not_end_the_outage() -> None:
     # The livelock of issue 10: the target logs in, answers the NOP ping, and breaks the
     # connection after each command. 22 reconnects in 200 s, never giving up, before.
-    policy = RecoveryPolicy(200.0, default_time2wait=0.0)
+    policy = RecoveryPolicy(200.0, default_time2wait=0.0, max_backoff=30.0)
     lost(policy, 0.0)
     reconnects: list[float] = []
 
@@ -160,7 +174,7 @@ def test_logged_in_but_nothing_answered_by_the_deadline() -> None:
 
 
 def test_a_connection_that_worked_starts_a_new_outage_and_resets_the_backoff() -> None:
-    policy = RecoveryPolicy(100.0, default_time2wait=0.0)
+    policy = RecoveryPolicy(100.0, default_time2wait=0.0, max_backoff=30.0)
     lost(policy, 0.0)
     run(policy, 14.0, failing(policy))               # attempts at 0, 1, 3, 7 failed
     assert policy.attempts == 4

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import pytest
@@ -546,6 +547,42 @@ async def test_replacement_timeout_fails_the_commands() -> None:
         with pytest.raises(SessionFailed, match="replacement timeout"):
             await within(read(session, 0, 1))
         await within(session.close())
+
+
+@contextmanager
+def dropped_portal(port: int) -> Iterator[None]:
+    """127.0.0.1:``port`` answers no SYN, as behind a firewall that drops: a listener with a
+    backlog of 0 whose one slot is taken (Linux drops SYNs to a full accept queue)."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(0)
+        filler.connect(("127.0.0.1", port))
+        yield
+
+
+@pytest.mark.parametrize("forever", [False, True], ids=["one-shot", "daemon"])
+async def test_give_up_at_the_deadline_while_a_login_attempt_hangs(forever: bool) -> None:
+    # The portal drops our SYNs: a login attempt would run its whole login timeout (30 s
+    # here). The replacement deadline (0.5 s) must fail the commands when it comes, not when
+    # the attempt ends; the daemon's attempt goes on.
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(
+            replacement_timeout=0.5, login_timeout=30.0, reconnect_forever=forever))
+        await within(session.login())
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        await server.stop()
+        with dropped_portal(server.port):
+            with pytest.raises(SessionFailed, match=r"replacement timeout of 0\.5 s") as info:
+                await within(future, 10.0)
+            assert "a login attempt was still under way" in str(info.value)
+            assert state(session) is SessionState.FAILED
+            assert (session._attempt is not None) == forever
+            with pytest.raises(SessionFailed, match="replacement timeout"):
+                await within(read(session, 0, 1))
+            await within(session.close())
 
 
 async def test_target_failing_right_after_every_login_ends_in_session_failed() -> None:
