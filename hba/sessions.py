@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hba.specs import LunSpec, default_name
+from initiator.printable import printable
 from initiator.transport import Session, SessionState
 
 log = logging.getLogger("iscsi-hba")
@@ -133,6 +134,12 @@ class SessionPool:
         return os.path.join(self._pcap_dir, name)
 
     def _session_state(self, session: Session, state: SessionState) -> None:
-        log.info("session %s: %s", session.label, state.value)
+        failure = session.failure if state is SessionState.FAILED else None
+        if failure is not None:
+            # Its disks' I/O fails now: say why, where the operator looks (names and
+            # addresses from the target escaped).
+            log.warning("session %s: failed: %s", printable(session.label), printable(failure))
+        else:
+            log.info("session %s: %s", session.label, state.value)
         self._on_event("session", {"target": session.target_name,
                                    "portal": str(session.portal), "state": state.value})

@@ -1070,7 +1070,9 @@ class Session:
     def _give_up(self) -> None:
         """The replacement timeout has passed without a working session: fail what waits."""
         error = SessionFailed(self._policy.give_up_message(self.label))
-        log.warning("%s", error)
+        # Every waiting command gets the error, and the state change (FAILED) carries it to
+        # whoever watches (the daemon logs it as a warning): here it is detail.
+        log.info("%s", error)
         self._fail_session(error)
 
     def _fail_session(self, error: SessionFailed) -> None:
@@ -1178,6 +1180,11 @@ class Session:
                 task.cancel()
 
     # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def failure(self) -> SessionFailed | None:
+        """Why the session is FAILED (the error its waiting commands got), else None."""
+        return self._failed_error
 
     @property
     def in_flight(self) -> int:
