@@ -33,6 +33,8 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from initiator.printable import printable
+
 __all__ = ["JOURNAL_SOCKET", "JournalHandler", "SessionEvents", "encode", "under_journal"]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -177,7 +179,9 @@ class SessionEvents:
 
     def event(self, kind: str, target: str, portal: str, disks: Sequence[str], what: str,
               level: int = logging.INFO) -> None:
-        self.log.log(level, "session %s at %s: %s", target, portal, what,
+        # The cause may quote a target's words (a reject reason, a redirect): escaped.
+        self.log.log(level, "session %s at %s: %s", printable(target), printable(portal),
+                     printable(what),
                      extra={"journal": self._fields(kind, target, portal, disks)})
 
     @staticmethod

@@ -9,16 +9,19 @@ connection states S4 "in login"):
 ====================  =======================================  ==============================
 stage (CSG)           we send                                   we move on when
 ====================  =======================================  ==============================
-SecurityNegotiation   InitiatorName, TargetName or               AuthMethod=None was chosen,
-                      SessionType=Discovery, AuthMethod          or CHAP completed (the target
-                      (CHAP only when credentials are given,     answered our CHAP_R, and for
-                      so a target cannot skip authentication)    mutual CHAP its CHAP_R checked)
-                      then CHAP_A, then CHAP_N/CHAP_R (+ our
+SecurityNegotiation   InitiatorName, TargetName or               CHAP completed (the target
+(only with CHAP       SessionType=Discovery, AuthMethod=CHAP     answered our CHAP_R, and for
+credentials)          (alone: a target cannot skip it), then     mutual CHAP its CHAP_R checked)
+                      CHAP_A, then CHAP_N/CHAP_R (+ our
                       challenge for mutual CHAP)
-LoginOperational      every operational key (:mod:`keys`)       nothing is outstanding and the
-                                                                target sets T with NSG=FFP
+LoginOperational      every operational key (:mod:`keys`); the  nothing is outstanding and the
+                      first request also the declarations       target sets T with NSG=FFP
+                      when there was no security stage
 FullFeaturePhase      —                                          —
 ====================  =======================================  ==============================
+
+Without CHAP credentials the login starts in the operational stage (§6.3), as open-iscsi
+does: there is nothing to authenticate, and a reinstatement saves a round trip.
 
 A response with the C bit set is only part of the target's text: we send an empty request to
 fetch the rest (§6.5, §11.12.2). A status class other than 0 ends the login: class 1 is a
@@ -409,14 +412,20 @@ class LoginMachine:
     # -- building requests -----------------------------------------------------------------
 
     def start(self) -> P.LoginRequest:
-        """The first Login Request: the security stage's keys."""
+        """The first Login Request: with CHAP the security stage's keys; without, the
+        operational stage's, with the declarations (InitiatorName, TargetName, ...)."""
         if self._started:
             raise RemoteProtocolError("login already started")
         self._started = True
+        if self.chap is None:
+            # Nothing to authenticate: skip the security stage (RFC 7143 §6.3: the login may
+            # start in the operational stage), as open-iscsi does. That is one round trip
+            # less per login, which a session reinstatement pays while commands wait. A
+            # target that requires authentication refuses it (status 0201).
+            self.stage = self._nsg = Stage.OPERATIONAL
+            return self._operational_offer([])
         pairs = self.negotiator.offer(Stage.SECURITY)
-        # Without CHAP there is nothing to authenticate: ask to move on at once.
-        ready = self.chap is None
-        return self._request(pairs, transit=ready, nsg=Stage.OPERATIONAL)
+        return self._request(pairs, transit=False, nsg=Stage.OPERATIONAL)
 
     def _request(self, pairs: list[Pair], *, transit: bool, nsg: Stage) -> P.LoginRequest:
         self._transit = transit
@@ -512,7 +521,9 @@ class LoginMachine:
                     f"a portal address: {exc}", status_class=r.status_class,
                     status_detail=r.status_detail, target=self.label) from None
             return LoginRedirect(portal, permanent=r.status_detail == 2)
-        if (r.status_class, r.status_detail) == (2, 1) and self.chap is not None:
+        if (r.status_class, r.status_detail) == (2, 1) and self.chap is not None and \
+                self.chap.responded:
+            # Only once our CHAP response is out can it be what the target refused.
             try:
                 self.chap.login_rejected()
             except AuthenticationError as exc:

@@ -27,10 +27,14 @@ Waits before an attempt:
 - after a lost connection, the target's Time2Wait (RFC 7143 §11.9.1 Async Message Parameter2,
   §11.15.2 Logout Response, else the negotiated DefaultTime2Wait, §13.15); up to 3600 s on the
   wire, but never beyond the replacement deadline (the attempt is then made at the deadline,
-  which gives up first unless attempts go on forever);
-- after a failed attempt, or a reconnect that did not work, a backoff doubling from 1 s to
-  ``max_backoff`` (30 s), again capped by the deadline. It starts over once a connection
-  worked (a command completed on it, or it stayed up ``max_backoff`` seconds).
+  which gives up first unless attempts go on forever). After a connection on which no command
+  completed (made during the outage), at least 1 s: a target that breaks every connection at
+  once is not hammered. It took a login, though: the next one is likely to work, and on a
+  faulty link every second waited is a second without I/O (open-iscsi waits Time2Wait alone);
+- after a failed attempt, a backoff doubling from 1 s to ``max_backoff`` (:data:`MAX_BACKOFF`,
+  5 s: open-iscsi tries again every few seconds, and a path whose target is back must not
+  wait long to return), again capped by the deadline. It starts over with every login that
+  succeeds.
 
 A command lost with several connections in a row is re-issued only within
 ``replacement_timeout`` of its first loss (:meth:`RecoveryPolicy.command_expired`), so a
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Action", "Phase", "RecoveryPolicy"]
+__all__ = ["MAX_BACKOFF", "Action", "Phase", "RecoveryPolicy"]
 
 
 class Action(enum.Enum):
@@ -62,13 +66,15 @@ class Phase(enum.Enum):
 
 
 _MIN_BACKOFF = 1.0
+MAX_BACKOFF = 5.0
+"""The default longest wait between reconnect attempts, in seconds."""
 
 
 class RecoveryPolicy:
     """The reinstatement policy of one session (see the module docstring)."""
 
     def __init__(self, replacement_timeout: float, *, reconnect_forever: bool = False,
-                 default_time2wait: float = 2.0, max_backoff: float = 30.0) -> None:
+                 default_time2wait: float = 2.0, max_backoff: float = MAX_BACKOFF) -> None:
         self.replacement_timeout = replacement_timeout
         self.reconnect_forever = reconnect_forever
         self.default_time2wait = default_time2wait
@@ -83,13 +89,14 @@ class RecoveryPolicy:
         """Nothing more to do: gave up without ``reconnect_forever``, or :meth:`stop`."""
         self.next_attempt = 0.0
         self.attempts = 0
-        """Attempts since a connection last worked (the backoff's exponent)."""
+        """Attempts since the last login that succeeded (the backoff's exponent)."""
+        self.logins = 0
+        """Logins that succeeded during the current outage."""
         self.cause = ""
         """Why the connection that started this outage was lost."""
         self.last_error = ""
         """Why the last attempt failed ("" when it logged in)."""
         self._time2wait: float | None = None
-        self._connected_at = 0.0
         self._reconnected = False
 
     # -- what the transport reports --------------------------------------------------------
@@ -117,15 +124,17 @@ class RecoveryPolicy:
         (Async Message); else a Logout Response's, else DefaultTime2Wait."""
         if self.stopped:
             return
+        # A connection made during an outage that completed nothing: the outage goes on.
+        broke = not worked and self.phase is Phase.LOGGED_IN and self.outage_since is not None
         if worked or not waiting:
             self.outage_since = None
-        if worked or (self.phase is Phase.LOGGED_IN
-                      and now - self._connected_at >= self.max_backoff):
+        if worked:
             self.attempts = 0
         if self.outage_since is None:
             self.outage_since = now
             self.cause = cause
             self.gave_up = False
+            self.logins = 0
         if time2wait is None:
             time2wait = self._time2wait
         if time2wait is None:
@@ -133,8 +142,8 @@ class RecoveryPolicy:
         self._time2wait = None
         self.phase = Phase.WAITING
         # Time2Wait is what the target needs before it takes a new login; after a reconnect
-        # that did not work the backoff applies too.
-        self._schedule(now, max(time2wait, self._backoff()))
+        # that completed nothing, a second at least (see the module docstring).
+        self._schedule(now, max(time2wait, self._backoff(), _MIN_BACKOFF if broke else 0.0))
 
     def attempt_failed(self, now: float, error: str) -> None:
         """The login attempt that CONNECT started failed."""
@@ -145,8 +154,10 @@ class RecoveryPolicy:
     def logged_in(self, now: float, *, waiting: bool) -> None:
         """A login succeeded; ``waiting``: commands wait for it (re-issued or new)."""
         self.phase = Phase.LOGGED_IN
-        self._connected_at = now
+        self.attempts = 0
         self._reconnected = self.outage_since is not None
+        if self._reconnected:
+            self.logins += 1
         self.gave_up = False
         self.last_error = ""
         if not waiting:
@@ -204,8 +215,14 @@ class RecoveryPolicy:
         """Why the session failed, for the error every waiting command gets."""
         if self.phase is Phase.LOGGED_IN and self._reconnected:
             last = "; it logged in again, but the target completed no command since"
+        elif self.phase is Phase.CONNECTING:
+            last = "; a login attempt was still under way" + (
+                f", the one before failed: {self.last_error}" if self.last_error else "")
         elif self.last_error:
             last = f"; last attempt: {self.last_error}"
+        elif self.logins:
+            last = (f"; it logged in again {self.logins} time(s), but every connection broke "
+                    "before a command completed")
         elif self.attempts:
             last = "; every reconnect failed again at once"
         else:

@@ -123,6 +123,10 @@ _CHECKS = 8
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
 _ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
                       P.LogoutResponse})
+_RESENDABLE = frozenset({
+    P.RejectReason.DATA_DIGEST_ERROR, P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+    P.RejectReason.LONG_OPERATION_REJECT, P.RejectReason.WAITING_FOR_LOGOUT})
+"""Reject reasons after which "the original PDU can be re-sent" (RFC 7143 §11.17.1)."""
 _REQUEST_NAMES = {
     P.Opcode.NOP_OUT: "NOP-Out ping", P.Opcode.TEXT_REQUEST: "Text Request",
     P.Opcode.LOGOUT_REQUEST: "Logout Request",
@@ -231,15 +235,17 @@ class _Frame:
 class _R2TState:
     """What the target has asked one write for so far, to hold its R2Ts to RFC 7143 §11.8."""
 
-    __slots__ = ("next_offset", "requested", "sequences")
+    __slots__ = ("next_offset", "queued", "requested", "sequences")
 
     def __init__(self, unsolicited: int) -> None:
         self.next_offset = unsolicited
         """With DataSequenceInOrder=Yes, the lowest offset the next R2T may ask for."""
         self.requested = unsolicited
         """Bytes sent unsolicited or asked for by R2Ts: never more than the write's length."""
-        self.sequences: list[_Frame] = []
-        """The last Data-Out frame of each R2T answered and not yet sent whole."""
+        self.queued = 0
+        """Data-Out frames queued to answer R2Ts so far."""
+        self.sequences: list[int] = []
+        """For each R2T answered and not yet sent whole: ``queued`` after its last frame."""
 
 
 class EventKind(enum.Enum):
@@ -441,6 +447,38 @@ class ConnectionCore:
             self._queued.append(task)
             return
         self._send_command(task)
+
+    def submit_backlog(self, tasks: Sequence[Task], now: float) -> None:
+        """Queue the commands a new connection starts with (those re-issued after a
+        reinstatement), in order.
+
+        When they are more than the command window the login announced, an immediate NOP-Out
+        ping (§11.18: CmdSN not advanced) goes first and the commands wait for its answer,
+        which carries the window the target really has: LIO announces a window of one
+        command in the final Login Response and opens it to its queue depth only after
+        (docs/faults.md). Sending one command alone, then the rest a round trip later, would
+        put the whole backlog behind whatever happens to that one. A target whose window
+        is small for real costs the ping's round trip; one that does not answer it is dead
+        (the keepalive judges the ping).
+        """
+        window = (self.max_cmd_sn - self.cmd_sn + 1) & _MASK
+        if window >= _HALF:
+            window = 0
+        if len(tasks) <= window or self._closed is not None:
+            for task in tasks:
+                self.submit(task)
+            return
+        for task in tasks:
+            if task.state is not _QUEUED:
+                raise LocalProtocolError(f"{task!r} was already submitted")
+        # In _queued, the commands (and whatever is submitted meanwhile) wait in line.
+        self._queued.extend(tasks)
+        self.ping(now, self._window_learned)
+
+    def _window_learned(self, _: P.PDU | ISCSIError) -> None:
+        # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
+        if self._closed is None:
+            self._drain_queue()
 
     def abort_task(self, task: Task, on_done: ControlCallback, *,
                    deadline: float | None = None) -> None:
@@ -814,7 +852,8 @@ class ConnectionCore:
                 control.on_done(error)
 
     def take_unfinished(self) -> list[Task]:
-        """Every command that has not completed, in submission order, reset for re-issue.
+        """Every command that has not completed, in submission order, reset for re-issue;
+        but when no command completed on this connection, the first goes last.
 
         On a live connection (``fail_all``) the send queue lets go of their buffers too.
         Commands that :meth:`abort` was ending are not re-issued: they complete now with the
@@ -826,6 +865,12 @@ class ConnectionCore:
         nxt = self.cmd_sn
         tasks = sorted(self._tasks.values(), key=lambda t: (t.cmd_sn - nxt) & 0xFFFFFFFF)
         tasks.extend(t for t in self._queued if isinstance(t, Task))
+        if not self.stats_answered and len(tasks) > 1:
+            # Whatever broke this connection, it completed nothing: the command that led may
+            # be what breaks it (a "poison" command, or a flipped bit in its immediate data
+            # that the target cannot recover from at ERL 0). It must not lead every
+            # re-issue, or one command stops them all; SIMPLE tasks carry no order (SAM-5).
+            tasks.append(tasks.pop(0))
         self._tasks.clear()
         self._queued.clear()
         unfinished: list[Task] = []
@@ -1098,8 +1143,11 @@ class ConnectionCore:
                        f"{task.out_len} the command writes")
         else:
             # An R2T is outstanding until its last Data-Out has gone out (§13.17); a target
-            # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent.
-            pending = [frame for frame in state.sequences if frame.bufs]
+            # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent. A task's
+            # frames leave the queue in order and the answers to R2Ts are its last ones: of
+            # those, all but the task's unsent frames are out.
+            out = state.queued - min(task.unsent_frames, state.queued)
+            pending = [end for end in state.sequences if end > out]
             if len(pending) >= params.max_outstanding_r2t:
                 problem = (f"an R2T while {len(pending)} were outstanding, more than "
                            f"MaxOutstandingR2T={params.max_outstanding_r2t} (§13.17)")
@@ -1111,8 +1159,10 @@ class ConnectionCore:
         task.data_sn = (task.data_sn + 1) & _MASK
         state.next_offset = max(state.next_offset, end)
         state.requested += length
+        unsent = task.unsent_frames
         self._send_data_out(task, offset, length, pdu.ttt)
-        state.sequences.append(self._frames[-1])
+        state.queued += task.unsent_frames - unsent
+        state.sequences.append(state.queued)
 
     def _on_nop_in(self, pdu: P.NopIn) -> None:
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
@@ -1252,15 +1302,23 @@ class ConnectionCore:
         itt = getattr(header, "itt", None) if header is not None else None
         if isinstance(header, P.ScsiCommand) and itt in self._tasks:
             task = self._tasks[itt]
-            if pdu.reason in (P.RejectReason.IMMEDIATE_COMMAND_REJECT,
-                              P.RejectReason.LONG_OPERATION_REJECT,
-                              P.RejectReason.WAITING_FOR_LOGOUT):
-                # The target is short of resources: the command was not executed. Sending it
-                # again later is safe (§11.17.1); ERL 0 does that on the next connection.
+            if pdu.reason in _RESENDABLE:
+                # The target discarded the command without executing it, and "the original
+                # PDU can be re-sent" (§11.17.1): for a data digest error in its immediate
+                # data (§7.8) that is the only recovery, and the command must run. At ERL 0
+                # sending it again means a new connection (§7.1.4: LIO closes this one
+                # itself); the task stays in the table and is re-issued after the
+                # reinstatement. Failing it instead would spend one of the SCSI layer's
+                # retries and, on a target that keeps the connection, leave a CmdSN gap.
                 raise RemoteProtocolError(
                     f"target {self.target} rejected {self._what(task)} ({reason}); "
-                    "reconnecting to retry it")
+                    "reconnecting to send it again")
+            # Sending it again would be rejected again: the command fails. Its CmdSN was
+            # not received (§7.3): the gap holds back every later command until it is
+            # plugged, which an ABORT TASK naming it does (§11.5.1, RefCmdSN); its answer
+            # concerns nobody.
             del self._tasks[itt]
+            self._task_mgmt(P.TMFunction.ABORT_TASK, task.lun, _ignore, ref_task=task)
             self._complete_error(task, CommandError(
                 f"target {self.target} rejected {self._what(task)}: {reason}"))
             return

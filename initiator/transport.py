@@ -58,7 +58,7 @@ from initiator.login import (
     Portal,
 )
 from initiator.reader import PDUReader
-from initiator.recovery import Action, RecoveryPolicy
+from initiator.recovery import MAX_BACKOFF, Action, RecoveryPolicy
 from initiator.session import (
     ConnectionCore,
     Event,
@@ -136,6 +136,10 @@ class SessionConfig:
     reconnect_forever: bool = False
     """Keep trying to reconnect after the replacement timeout (the daemon); one-shot commands
     give up then."""
+    max_reconnect_interval: float = MAX_BACKOFF
+    """Seconds between reconnect attempts at most: after a failed attempt, or a reconnect
+    that completed no command, the wait doubles from 1 s up to this (the target's Time2Wait
+    is waited in any case)."""
 
 
 class SessionState(enum.Enum):
@@ -564,7 +568,8 @@ class Session:
         self._core: ConnectionCore | None = None
         self._pending: list[Task] = []     # waiting for a connection (recovery)
         self._policy = RecoveryPolicy(self.config.replacement_timeout,
-                                      reconnect_forever=self.config.reconnect_forever)
+                                      reconnect_forever=self.config.reconnect_forever,
+                                      max_backoff=self.config.max_reconnect_interval)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._attempt: asyncio.Task[None] | None = None   # a recovery login under way
         self._background: set[asyncio.Task[None]] = set()
@@ -716,21 +721,28 @@ class Session:
             noop_interval=self.config.noop_interval, noop_timeout=self.config.noop_timeout,
             command_timeout=self.config.command_timeout, tmf_timeout=self.config.tmf_timeout,
             counters=self.counters)
-        conn.on_failure = lambda err: self._connection_failed(conn, err)
+        first = self.state is SessionState.LOGGING_IN
+        if not first:
+            conn.on_failure = lambda err: self._connection_failed(conn, err)
         conn.on_event = self._core_event
         self._conn = conn
         self._core = core
         conn.start_full_feature(core)
         if conn.error is not None:
-            # PDUs that came with the last Login Response broke the connection at once;
-            # _connection_failed has taken the pending commands and started recovering.
+            # PDUs that came with the last Login Response broke the connection at once. A
+            # first login fails with that error; a reconnect's _connection_failed has taken
+            # the pending commands and goes on recovering.
+            if first:
+                self._conn = self._core = None
+                raise conn.error
             return
+        conn.on_failure = lambda err: self._connection_failed(conn, err)
         self._failed_error = None
         self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
-        self._policy.logged_in(asyncio.get_running_loop().time(), waiting=bool(pending))
-        for task in pending:
-            core.submit(task)
+        now = asyncio.get_running_loop().time()
+        self._policy.logged_in(now, waiting=bool(pending))
+        core.submit_backlog(pending, now)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
         conn.kick()
@@ -1080,7 +1092,9 @@ class Session:
         """The replacement timeout has passed without a working session: fail what waits."""
         error = SessionFailed(self._policy.give_up_message(self.label))
         self.counters.give_ups += 1
-        log.warning("%s", error)
+        # Every waiting command gets the error, and the state change (FAILED) carries it to
+        # whoever watches (the daemon's journal logs it as an error): here it is detail.
+        log.info("%s", error)
         self._fail_session(error)
 
     def _fail_session(self, error: SessionFailed) -> None:
@@ -1188,6 +1202,11 @@ class Session:
                 task.cancel()
 
     # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def failure(self) -> SessionFailed | None:
+        """Why the session is FAILED (the error its waiting commands got), else None."""
+        return self._failed_error
 
     @property
     def in_flight(self) -> int:

@@ -232,7 +232,8 @@ class Hostility:
     # -- login
     login_status: tuple[int, int] | None = None
     """Answer with this status class/detail (in stage ``login_status_stage``)."""
-    login_status_stage: int = 0
+    login_status_stage: int | None = None
+    """The stage (CSG) whose request gets ``login_status`` (None: the first request)."""
     redirect: tuple[str, bool] | None = None
     """(TargetAddress, permanent): redirect every login."""
     force_auth_method: str | None = None
@@ -340,6 +341,7 @@ class FakeTarget:
         auth_methods: tuple[str, ...] | None = None,
         portal_group_tag: int = 1,
         cmd_window: int = 32,
+        login_window: int | None = None,
         phase_collapse: bool = True,
         login_chunk: int | None = None,
         text_chunk: int | None = None,
@@ -359,6 +361,9 @@ class FakeTarget:
         self.auth_methods = auth_methods
         self.portal_group_tag = portal_group_tag
         self.cmd_window = cmd_window
+        self.login_window = login_window
+        """The window the Login Responses announce, when it is not ``cmd_window`` (LIO
+        announces one command and opens the window to its queue depth only after)."""
         self.phase_collapse = phase_collapse
         self.login_chunk = login_chunk
         self.text_chunk = text_chunk
@@ -615,9 +620,14 @@ class FakeConnection:
         if req.version_min > 0:
             self._login_reject(req, (2, 0x05))
             return
-        if hostile.login_status is not None and int(req.csg) == hostile.login_status_stage:
+        if hostile.login_status is not None and (
+                int(req.csg) == hostile.login_status_stage
+                or (hostile.login_status_stage is None and self._negotiator is None)):
             self._login_reject(req, hostile.login_status)
             return
+        if req.csg is Stage.OPERATIONAL and self._stage is Stage.SECURITY and \
+                self._negotiator is None:
+            self._stage = Stage.OPERATIONAL  # no security stage at all (§6.3)
         if req.cont:
             # A piece of a longer text: acknowledge it with an empty response (§6.5).
             try:
@@ -642,17 +652,20 @@ class FakeConnection:
             return
         stage = req.csg
         if stage is not self._stage:
-            if stage is Stage.OPERATIONAL and self._stage is Stage.SECURITY and \
-                    self._negotiator is None:
-                self._stage = Stage.OPERATIONAL  # no security stage at all (§6.3)
-            else:
-                self._violation(f"login request in stage {stage.name} while in "
-                                f"{self._stage.name}")
-                self._login_reject(req, (2, 0x0B))
-                return
+            self._violation(f"login request in stage {stage.name} while in {self._stage.name}")
+            self._login_reject(req, (2, 0x0B))
+            return
         if self._negotiator is None and not self._start_negotiation(req, pairs):
             return
-        assert self._negotiator is not None
+        assert self._negotiator is not None and self.record is not None
+        if stage is Stage.OPERATIONAL and self.record.auth_method is None:
+            # The login skipped the security stage: fine unless we require authentication
+            # (LIO and tgtd answer 0201 then).
+            if "None" not in self._negotiator_auth_methods():
+                self._violation("the initiator skipped authentication")
+                self._login_reject(req, (2, 0x01))
+                return
+            self.record.auth_method = "None"
         try:
             if stage is Stage.SECURITY:
                 self._security(req, pairs)
@@ -822,7 +835,8 @@ class FakeConnection:
             isid=req.isid ^ hostile.login_isid_xor,
             tsih=0 if hostile.zero_tsih else tsih, itt=req.itt ^ hostile.login_itt_xor,
             stat_sn=self._stat(), exp_cmd_sn=self.exp_cmd_sn,
-            max_cmd_sn=(self.exp_cmd_sn - 1 + self.window) & MASK, data=data)
+            max_cmd_sn=(self.exp_cmd_sn - 1 + (self.target.login_window or self.window)) & MASK,
+            data=data)
         self._emit_login(req, response)
         if transit:
             self._stage = nsg

@@ -758,10 +758,10 @@ async def test_daemon_pcap_records_each_session(fake_portal: FakeTargetServer, t
     assert captures.stat().st_mode & 0o777 == 0o700
     (pcap,) = captures.iterdir()
     assert pcap.name.endswith(f"-disk1-{fake_portal.port}.pcap"), pcap.name
-    # Login (security, operational), READ CAPACITY and Block Limits VPD with their Data-In,
-    # Logout: as tshark dissects them, with nothing malformed.
+    # Login (operational stage only: no CHAP), READ CAPACITY and Block Limits VPD with their
+    # Data-In, Logout: as tshark dissects them, with nothing malformed.
     assert iscsi_opcodes(pcap, "-d", f"tcp.port=={fake_portal.port},iscsi") == [
-        "0x03", "0x23", "0x03", "0x23", "0x01", "0x25", "0x01", "0x25", "0x06", "0x26"]
+        "0x03", "0x23", "0x01", "0x25", "0x01", "0x25", "0x06", "0x26"]
     assert_clean(pcap, "-d", f"tcp.port=={fake_portal.port},iscsi")
 
 

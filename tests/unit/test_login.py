@@ -103,14 +103,18 @@ class Recorder:
 # Stage transitions
 
 
-def test_auth_none_goes_security_operational_full_feature() -> None:
+def test_without_chap_the_login_starts_in_the_operational_stage() -> None:
+    # Nothing to authenticate: no security stage (RFC 7143 §6.3), as open-iscsi does; one
+    # round trip in all, the declarations with the operational keys.
     target = FakeTarget()
     success, lb = succeed(target, machine())
-    assert transitions(lb) == [(0, 1), (1, 3)]
+    assert transitions(lb) == [(1, 3)]
     reqs = requests(lb)
+    assert len(reqs) == 1 and reqs[0].csg is P.Stage.OPERATIONAL
     first = dict(decode(reqs[0].data))
     assert first["InitiatorName"] == INI and first["TargetName"] == TGT
-    assert first["AuthMethod"] == "None" and first["SessionType"] == "Normal"
+    assert first["SessionType"] == "Normal" and "AuthMethod" not in first
+    assert first["HeaderDigest"] == "None" and "MaxRecvDataSegmentLength" in first
     assert all(r.isid == ISID and r.tsih == 0 and r.itt == 0 for r in reqs)
     assert success.tsih == target.logins[0].tsih != 0
     assert success.parameters.auth_method == "None"
@@ -120,7 +124,8 @@ def test_auth_none_goes_security_operational_full_feature() -> None:
 
 
 def test_login_numbers_carry_into_full_feature_phase() -> None:
-    target = FakeTarget(initial_stat_sn=0xFFFFFFFE, cmd_window=7)
+    target = FakeTarget(initial_stat_sn=0xFFFFFFFE, cmd_window=7,
+                        hostile=Hostility(hold_transit=1))
     m = LoginMachine(initiator_name=INI, target_name=TGT, isid=ISID, cmd_sn=0xFFFFFFFF, itt=5)
     success, lb = succeed(target, m)
     # Login requests are immediate and do not consume CmdSN (§11.12).
@@ -164,9 +169,9 @@ def test_security_straight_to_full_feature_is_refused() -> None:
             return dataclasses.replace(resp, nsg=P.Stage.FULL_FEATURE, tsih=7)
         return None
 
-    target = FakeTarget(hostile=Hostility(login_hook=jump))
+    target = FakeTarget(chap=ONE_WAY, hostile=Hostility(login_hook=jump))
     with pytest.raises(RemoteProtocolError, match="did not ask for"):
-        run(target, machine())
+        run(target, machine(credentials=ONE_WAY))
 
 
 def test_start_twice_is_refused() -> None:
@@ -458,9 +463,12 @@ FAILURES = sorted(k for k in LOGIN_STATUS if k[0] >= 2)
 @pytest.mark.parametrize("stage", [0, 1], ids=["security", "operational"])
 @pytest.mark.parametrize("status", FAILURES, ids=lambda s: f"{s[0]:02x}{s[1]:02x}")
 def test_every_failure_status_maps_to_a_typed_error(status: tuple[int, int], stage: int) -> None:
-    target = FakeTarget(hostile=Hostility(login_status=status, login_status_stage=stage))
+    # A security stage only with CHAP (without, the login starts in the operational stage).
+    chap = ONE_WAY if stage == 0 else None
+    target = FakeTarget(chap=chap, hostile=Hostility(login_status=status,
+                                                     login_status_stage=stage))
     with pytest.raises(LoginError) as info:
-        run(target, machine())
+        run(target, machine(credentials=chap))
     err = info.value
     assert type(err) is EXPECTED_CLASS.get(status, LoginError)
     assert (err.status_class, err.status_detail) == status
@@ -517,13 +525,13 @@ def _rewrite(**changes: object) -> Callable[[P.LoginRequest, P.LoginResponse],
     (Hostility(login_isid_xor=1 << 20), RemoteProtocolError, "not ours"),
     (Hostility(version_active=1), LoginError, "version 1"),
     (Hostility(zero_tsih=True), RemoteProtocolError, "TSIH"),
-    (Hostility(login_hook=_rewrite(csg=P.Stage.OPERATIONAL)),
+    (Hostility(login_hook=_rewrite(csg=P.Stage.SECURITY)),
      RemoteProtocolError, "stage"),
     (Hostility(login_hook=_rewrite(data=b"AuthMethod=None")), PDUFormatError, "NUL"),
     (Hostility(login_hook=_rewrite(data=b"AuthMethod=None\0AuthMethod=None\0")),
      PDUFormatError, "more than once"),
     (Hostility(login_hook=_rewrite(data=b"\xff\xfe=1\0")), PDUFormatError, "ASCII"),
-    (Hostility(login_hook=_rewrite(data=b"MaxBurstLength=512\0")), NegotiationError,
+    (Hostility(login_hook=_rewrite(data=b"MaxBurstLength=256\0")), NegotiationError,
      "MaxBurstLength"),
 ])
 def test_malformed_responses(hostile: Hostility, error: type[Exception], match: str) -> None:

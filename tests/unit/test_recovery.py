@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from initiator.recovery import Action, Phase, RecoveryPolicy
+from initiator.recovery import MAX_BACKOFF, Action, Phase, RecoveryPolicy
 
 React = Callable[[float, Action], None]
 
@@ -105,6 +105,17 @@ def test_backoff_doubles_up_to_the_maximum_and_gives_up_on_time() -> None:
     assert "last attempt: connection refused" in policy.give_up_message("t")
 
 
+def test_by_default_attempts_come_every_few_seconds() -> None:
+    # A long outage must not stretch the wait: a target (or a multipath path) that is back
+    # is found within seconds, as open-iscsi retries every few seconds.
+    policy = RecoveryPolicy(120.0, default_time2wait=2.0)
+    assert policy.max_backoff == MAX_BACKOFF == 5.0
+    lost(policy, 0.0)
+    connects = [t for t, a in run(policy, 60.0, failing(policy)) if a is Action.CONNECT]
+    assert connects[:5] == [2.0, 3.0, 5.0, 9.0, 14.0]
+    assert all(b - a == 5.0 for a, b in itertools.pairwise(connects[3:]))
+
+
 def test_the_last_wait_is_cut_at_the_deadline() -> None:
     policy = RecoveryPolicy(10.0, default_time2wait=0.0)
     lost(policy, 0.0)
@@ -114,9 +125,12 @@ def test_the_last_wait_is_cut_at_the_deadline() -> None:
 
 
 def test_gives_up_at_the_deadline_while_an_attempt_is_under_way() -> None:
+    # A portal that drops our SYNs keeps an attempt running for the whole login timeout:
+    # the deadline does not wait for it to end.
     policy = RecoveryPolicy(3.0, default_time2wait=0.0)
     lost(policy, 0.0)
     assert run(policy, 100.0) == [(0.0, Action.CONNECT), (3.0, Action.GIVE_UP)]
+    assert "a login attempt was still under way" in policy.give_up_message("t")
 
 
 def test_a_reconnect_that_completes_no_command_does_not_end_the_outage() -> None:
@@ -134,8 +148,31 @@ def test_a_reconnect_that_completes_no_command_does_not_end_the_outage() -> None
 
     actions = run(policy, 1000.0, react)
     assert actions[-1] == (200.0, Action.GIVE_UP)
-    assert len(reconnects) <= 11, reconnects           # backoff: 0, 1, 2, 4, ... 30 s
-    assert "every reconnect failed again at once" in policy.give_up_message("t")
+    # Each login worked, so no backoff grows; but a connection that completed nothing is
+    # followed by a second's wait at least, even with a Time2Wait of 0: no hammering.
+    assert reconnects[0] == 0.0
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(reconnects)), reconnects
+    assert policy.logins == len(reconnects)
+    assert f"logged in again {len(reconnects)} time(s), but every connection broke" in \
+        policy.give_up_message("t")
+
+
+def test_a_reconnect_that_breaks_waits_time2wait_without_backoff() -> None:
+    # A faulty link: every reconnect logs in and is broken by the next fault before a command
+    # completes. The next attempt waits the target's Time2Wait, not a growing backoff: on
+    # such a link every second waited is a second without I/O (open-iscsi waits Time2Wait).
+    policy = RecoveryPolicy(120.0, default_time2wait=2.0)
+    lost(policy, 0.0)
+    connects: list[float] = []
+
+    def react(now: float, action: Action) -> None:
+        if action is Action.CONNECT:
+            connects.append(now)
+            policy.logged_in(now + 0.1, waiting=True)
+            lost(policy, now + 0.5)
+
+    run(policy, 20.0, react)
+    assert connects == [2.0 + 2.5 * i for i in range(len(connects))] and len(connects) == 8
 
 
 def test_a_command_completing_ends_the_outage() -> None:
@@ -160,7 +197,7 @@ def test_logged_in_but_nothing_answered_by_the_deadline() -> None:
 
 
 def test_a_connection_that_worked_starts_a_new_outage_and_resets_the_backoff() -> None:
-    policy = RecoveryPolicy(100.0, default_time2wait=0.0)
+    policy = RecoveryPolicy(100.0, default_time2wait=0.0, max_backoff=30.0)
     lost(policy, 0.0)
     run(policy, 14.0, failing(policy))               # attempts at 0, 1, 3, 7 failed
     assert policy.attempts == 4
@@ -181,14 +218,18 @@ def test_a_connection_lost_with_nothing_waiting_starts_a_new_outage() -> None:
     assert policy.deadline == 18.0
 
 
-def test_a_long_lived_connection_resets_the_backoff() -> None:
+def test_a_login_resets_the_backoff() -> None:
+    # The backoff is for a portal that does not take logins; once one worked, the next
+    # connection lost (idle here) is followed by its Time2Wait alone.
     policy = RecoveryPolicy(1000.0, default_time2wait=0.0, max_backoff=30.0)
     lost(policy, 0.0)
     run(policy, 14.0, failing(policy))
+    assert policy.attempts == 4
     assert policy.handle_timer(15.0) is Action.CONNECT
     policy.logged_in(15.0, waiting=False)
-    lost(policy, 15.0 + 30.0)                        # idle, up for max_backoff
-    assert policy.attempts == 0 and policy.get_timer() == 45.0
+    assert policy.attempts == 0
+    lost(policy, 15.5)
+    assert policy.get_timer() == 15.5
 
 
 def test_a_daemon_keeps_trying_after_giving_up() -> None:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from initiator import pdu as P
+from initiator import serial
 from initiator.command import CommandResult, ScsiStatus
 from initiator.errors import (
     CommandError,
@@ -741,6 +742,33 @@ def test_r2t_with_reserved_ttt_is_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="TTT"):
         h.deliver(P.R2T(itt=task.itt, ttt=P.RESERVED_TAG, buffer_offset=0,
                         desired_data_transfer_length=512, **h.window()))
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_r2t_answer_sent_in_pieces_is_no_longer_outstanding(pieces: int) -> None:
+    # With MaxOutstandingR2T=1 the target asks for the next burst once the last Data-Out of
+    # the previous one is in. Sent in several sendmsg calls (a full socket), the frame's last
+    # piece may be a single buffer (the data digest): once that is out, the R2T must not count
+    # as outstanding (it did, and tgtd's next R2T dropped the connection).
+    h = Harness(TransferParameters(immediate_data=False, data_digest=True,
+                                   max_burst_length=2048, max_xmit_data_segment_length=2048))
+    task = h.submit(WRITE, data_out=views(bytearray(4096)))
+    h.wire()
+    h.deliver(P.R2T(itt=task.itt, ttt=1, r2t_sn=0, buffer_offset=0,
+                    desired_data_transfer_length=2048, **h.window()))
+    bufs = h.core.send_buffers()
+    total = sum(len(b) for b in bufs)
+    assert len(bufs) == 3   # header, data, digest
+    splits = {1: [total], 2: [total - 4, 4], 3: [48, 2048, 4]}[pieces]
+    assert sum(splits) == total
+    for n in splits:
+        h.core.send_buffers()
+        h.core.sent(n)
+    assert not h.core.wants_to_send
+    h.deliver(P.R2T(itt=task.itt, ttt=2, r2t_sn=1, buffer_offset=2048,
+                    desired_data_transfer_length=2048, **h.window()))
+    (data_out,) = h.sent()
+    assert isinstance(data_out, P.DataOut) and data_out.buffer_offset == 2048
 
 
 def test_data_out_is_sent_from_the_callers_views() -> None:
@@ -1605,28 +1633,60 @@ def test_control_pdus_leave_tasks_alone(state: str, kind: str) -> None:
     assert (task.state, h.result(task), task.itt) == before
 
 
-def test_reject_of_a_command_fails_that_command() -> None:
+@pytest.mark.parametrize("reason", [P.RejectReason.PROTOCOL_ERROR,
+                                    P.RejectReason.COMMAND_NOT_SUPPORTED,
+                                    P.RejectReason.TASK_IN_PROGRESS,
+                                    P.RejectReason.INVALID_PDU_FIELD, 0x55])
+def test_reject_of_a_command_fails_that_command_and_plugs_its_cmd_sn(reason: int) -> None:
+    # The PDU cannot be sent again (§11.17.1): the command fails. Its CmdSN was not received
+    # (§7.3), and the gap would hold back every later command: an ABORT TASK naming it plugs
+    # it (§11.5.1), and its answer changes nothing.
     h = Harness()
     a, b = h.submit(), h.submit()
     (cmd_a, _) = h.sent()
+    h.deliver(P.Reject(reason=reason, data=_header(cmd_a), **h.numbers()))
+    error = h.result(a)
+    assert isinstance(error, CommandError) and "rejected" in str(error)
+    assert b.state is TaskState.ACTIVE
+    (tmf,) = h.sent()
+    assert isinstance(cmd_a, P.ScsiCommand)
+    assert isinstance(tmf, P.TaskMgmtRequest) and tmf.immediate
+    assert tmf.function is P.TMFunction.ABORT_TASK
+    assert (tmf.referenced_task_tag, tmf.ref_cmd_sn) == (cmd_a.itt, cmd_a.cmd_sn)
+    assert serial.gt(tmf.cmd_sn, cmd_a.cmd_sn)
+    h.deliver(P.TaskMgmtResponse(response=P.TMResponse.TASK_DOES_NOT_EXIST, itt=tmf.itt,
+                                 **h.numbers()))
+    assert b.state is TaskState.ACTIVE and h.result(a) is error
+
+
+def test_reject_of_a_command_names_the_reason() -> None:
+    h = Harness()
+    h.submit()
+    a = h.submit()
+    (_, cmd_a) = h.sent()
     h.deliver(P.Reject(reason=P.RejectReason.INVALID_PDU_FIELD, data=_header(cmd_a),
                        **h.numbers()))
-    error = h.result(a)
-    assert isinstance(error, CommandError) and "invalid pdu field" in str(error)
-    assert b.state is TaskState.ACTIVE
+    assert "invalid pdu field" in str(h.result(a))
 
 
-@pytest.mark.parametrize("reason", [P.RejectReason.IMMEDIATE_COMMAND_REJECT,
+@pytest.mark.parametrize("reason", [P.RejectReason.DATA_DIGEST_ERROR,
+                                    P.RejectReason.IMMEDIATE_COMMAND_REJECT,
                                     P.RejectReason.LONG_OPERATION_REJECT,
                                     P.RejectReason.WAITING_FOR_LOGOUT])
-def test_reject_for_lack_of_resources_reconnects(reason: P.RejectReason) -> None:
+def test_reject_of_a_command_that_may_be_sent_again_reconnects(reason: P.RejectReason
+                                                               ) -> None:
+    # "The original PDU can be re-sent" (§11.17.1): for a data digest error in the immediate
+    # data (§7.8) or the target's lack of resources. At ERL 0 that is on a new connection:
+    # the command is not failed (which would spend one of the SCSI layer's retries) and
+    # stays to be re-issued after the reinstatement.
     h = Harness()
-    a = h.submit()
-    (cmd,) = h.sent()
+    a = h.submit(WRITE, data_out=[memoryview(bytearray(4096))])
+    b = h.submit()
+    (cmd, _) = h.sent()
     with pytest.raises(RemoteProtocolError, match="reconnecting"):
         h.deliver(P.Reject(reason=reason, data=_header(cmd), **h.numbers()))
-    assert h.result(a) is None   # re-issued on the next connection
-    assert a in h.core.take_unfinished()
+    assert h.result(a) is None and h.result(b) is None
+    assert set(h.core.take_unfinished()) == {a, b}
 
 
 @pytest.mark.parametrize("kind", ["ping", "tmf", "text"])
@@ -1701,6 +1761,72 @@ def test_take_unfinished_keeps_submission_order(start: int) -> None:
         assert t.reissues == 1 and t.received == 0
     assert h.core.in_flight == 0
     assert h.result(tasks[0]) is None
+
+
+def test_take_unfinished_puts_the_leader_last_when_nothing_completed() -> None:
+    # A connection that completed nothing may have been broken by the command that led (a
+    # poison command, a flipped bit in its immediate data): it must not lead every re-issue.
+    h = Harness()
+    tasks = [h.submit() for _ in range(4)]
+    h.sent()
+    h.core.close(CommandError("connection lost"))
+    assert h.core.take_unfinished() == [*tasks[1:], tasks[0]]
+    h2 = Harness(window=1)
+    (only,) = [h2.submit()]
+    h2.core.close(CommandError("connection lost"))
+    assert h2.core.take_unfinished() == [only]
+
+
+def _backlog(n: int) -> list[Task]:
+    return [Task(0, READ, None, [memoryview(bytearray(4096))], lambda r: None)
+            for _ in range(n)]
+
+
+def test_backlog_beyond_the_login_window_waits_for_a_ping_answer() -> None:
+    # LIO announces a window of one command at login and opens it only after: the re-issued
+    # commands wait for an immediate NOP-Out's answer, which carries the real window, and
+    # then go out together instead of one alone and the rest a round trip later.
+    h = Harness(cmd_sn=40, window=1)
+    tasks = _backlog(5)
+    h.core.submit_backlog(tasks, 0.0)
+    (ping,) = h.sent()
+    assert isinstance(ping, P.NopOut) and ping.immediate and ping.cmd_sn == 40
+    assert ping.itt != P.RESERVED_TAG and all(t.state is TaskState.QUEUED for t in tasks)
+    later = h.submit()   # the kernel's next command waits in line behind them
+    assert h.sent() == []
+    h.deliver(P.NopIn(itt=ping.itt, **h.numbers(max_cmd_sn=40 + 63)))
+    cmds = [c for c in h.sent() if isinstance(c, P.ScsiCommand)]
+    assert [c.cmd_sn for c in cmds] == list(range(40, 46))
+    assert [c.itt for c in cmds] == [t.itt for t in [*tasks, later]]
+
+
+def test_backlog_behind_a_window_that_stays_small_goes_out_as_it_allows() -> None:
+    h = Harness(cmd_sn=7, window=2)
+    tasks = _backlog(3)
+    h.core.submit_backlog(tasks, 0.0)
+    (ping,) = h.sent()
+    assert isinstance(ping, P.NopOut)
+    h.deliver(P.NopIn(itt=ping.itt, **h.numbers(advance=False)))   # the window stays 2
+    cmds = [c for c in h.sent() if isinstance(c, P.ScsiCommand)]
+    assert [c.cmd_sn for c in cmds] == [7, 8] and tasks[2].state is TaskState.QUEUED
+    h.deliver(h.response(tasks[0], max_cmd_sn=9))
+    assert [c.cmd_sn for c in h.sent() if isinstance(c, P.ScsiCommand)] == [9]
+
+
+def test_backlog_within_the_login_window_goes_out_at_once() -> None:
+    h = Harness(window=8)
+    tasks = _backlog(8)
+    h.core.submit_backlog(tasks, 0.0)
+    assert [type(p) for p in h.sent()] == [P.ScsiCommand] * 8
+
+
+def test_backlog_ping_the_target_never_answers_ends_the_connection() -> None:
+    h = Harness(window=1, noop_timeout=5.0)
+    h.core.submit_backlog(_backlog(3), 10.0)
+    h.sent()
+    h.core.handle_timer(14.9)
+    with pytest.raises(RemoteProtocolError, match="NOP-Out"):
+        h.core.handle_timer(15.0)
 
 
 def test_reissued_tasks_run_again_on_a_new_core() -> None:

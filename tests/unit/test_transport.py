@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import pytest
@@ -445,6 +446,26 @@ async def test_recovery_after_a_dropped_connection() -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_reissue_asks_for_the_real_window_first() -> None:
+    # Like LIO, the target announces a window of one command in the Login Response. The
+    # re-issued commands wait for an immediate NOP-Out's answer, which shows the real window,
+    # and then go out together; none is sent outside the window.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target) as (server, session):
+        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(6)]
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        target.hostile.withhold = False
+        server.drop()
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r, _ in results)
+        assert session.reconnects == 1
+        second = server.connections[-1]
+        ffp = [p for p in second.received if not isinstance(p, P.LoginRequest)]
+        assert isinstance(ffp[0], P.NopOut) and ffp[0].immediate
+        assert [type(p) for p in ffp[1:7]] == [P.ScsiCommand] * 6
+    assert not target.violations(), target.violations()
+
+
 async def test_connection_dropped_by_the_target_mid_command() -> None:
     # The target drops only the first connection: the reconnect re-issues the commands at
     # once, and a test that switched the drop off after seeing it could be too late (it was,
@@ -528,6 +549,42 @@ async def test_replacement_timeout_fails_the_commands() -> None:
         await within(session.close())
 
 
+@contextmanager
+def dropped_portal(port: int) -> Iterator[None]:
+    """127.0.0.1:``port`` answers no SYN, as behind a firewall that drops: a listener with a
+    backlog of 0 whose one slot is taken (Linux drops SYNs to a full accept queue)."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(0)
+        filler.connect(("127.0.0.1", port))
+        yield
+
+
+@pytest.mark.parametrize("forever", [False, True], ids=["one-shot", "daemon"])
+async def test_give_up_at_the_deadline_while_a_login_attempt_hangs(forever: bool) -> None:
+    # The portal drops our SYNs: a login attempt would run its whole login timeout (30 s
+    # here). The replacement deadline (0.5 s) must fail the commands when it comes, not when
+    # the attempt ends; the daemon's attempt goes on.
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(
+            replacement_timeout=0.5, login_timeout=30.0, reconnect_forever=forever))
+        await within(session.login())
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        await server.stop()
+        with dropped_portal(server.port):
+            with pytest.raises(SessionFailed, match=r"replacement timeout of 0\.5 s") as info:
+                await within(future, 10.0)
+            assert "a login attempt was still under way" in str(info.value)
+            assert state(session) is SessionState.FAILED
+            assert (session._attempt is not None) == forever
+            with pytest.raises(SessionFailed, match="replacement timeout"):
+                await within(read(session, 0, 1))
+            await within(session.close())
+
+
 async def test_target_failing_right_after_every_login_ends_in_session_failed() -> None:
     # Each reconnect logs in fine and then breaks at once: the commands must still fail
     # when the replacement timeout has passed, not be re-issued forever.
@@ -551,6 +608,34 @@ async def test_target_failing_right_after_every_login_ends_in_session_failed() -
             await within(future, 5.0)
         assert len(target.successful_logins()) >= 2
         await within(session.close())
+
+
+@pytest.mark.parametrize("keeps_connection", [False, True])
+async def test_data_digest_reject_of_a_write_sends_it_again_on_a_new_connection(
+        keeps_connection: bool) -> None:
+    # A bit flipped in a write's immediate data: the target rejects the command with
+    # DATA_DIGEST_ERROR and discards it (RFC 7143 §7.8); LIO closes the connection too. The
+    # write is not failed back to the caller: the session is reinstated and the write sent
+    # again, and it lands exactly once with the right data.
+    target = fake()
+    async with logged_in(target) as (_server, session):
+        rejected: list[int] = []
+
+        def reject_first_write(conn: Any, pdu: P.PDU) -> bool:
+            if isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] == 0x2A and not rejected:
+                rejected.append(pdu.itt)
+                conn.send_reject(P.RejectReason.DATA_DIGEST_ERROR, P.encode(pdu)[:48])
+                if not keeps_connection:
+                    conn.drop()
+                return True
+            return False
+
+        target.hostile.pdu_hook = reject_first_write
+        data = pattern(4096, 17)
+        result = await write(session, 64, data)
+        assert result.ok and rejected
+        assert target.disk.data[64 * 512 : 72 * 512] == data
+        assert session.reconnects == 1 and state(session) is SessionState.LOGGED_IN
 
 
 async def test_async_logout_request_logs_in_again() -> None:
