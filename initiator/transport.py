@@ -134,6 +134,9 @@ class SessionConfig:
     reconnect_forever: bool = False
     """Keep trying to reconnect after the replacement timeout (the daemon); one-shot commands
     give up then."""
+    max_backoff: float = 30.0
+    """Longest wait between two reconnect attempts (the backoff doubles from 1 s up to it);
+    the daemon's multipath paths use less, so that a path is back soon after its target."""
 
 
 class SessionState(enum.Enum):
@@ -551,7 +554,8 @@ class Session:
         self._core: ConnectionCore | None = None
         self._pending: list[Task] = []     # waiting for a connection (recovery)
         self._policy = RecoveryPolicy(self.config.replacement_timeout,
-                                      reconnect_forever=self.config.reconnect_forever)
+                                      reconnect_forever=self.config.reconnect_forever,
+                                      max_backoff=self.config.max_backoff)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._attempt: asyncio.Task[None] | None = None   # a recovery login under way
         self._background: set[asyncio.Task[None]] = set()
@@ -566,6 +570,12 @@ class Session:
     @property
     def label(self) -> str:
         return f"{self.target_name or 'discovery'} at {self.portal}"
+
+    @property
+    def recovery(self) -> RecoveryPolicy:
+        """The recovery policy's state, to read (since when the session is down and why,
+        the last attempt's error, the attempts): what ``hbactl status`` shows of a path."""
+        return self._policy
 
     # -- login -----------------------------------------------------------------------------
 
