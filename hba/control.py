@@ -233,9 +233,9 @@ def _with_env_secrets(what: str) -> str:
     from initiator.errors import ConfigurationError
     from initiator.url import parse_url
 
-    url = parse_url(what)  # a malformed URL is reported here, as a usage error
+    url = parse_url(what, several_portals=True)  # a malformed URL: a usage error, here
     try:
-        bare = parse_url(what, environ={})
+        bare = parse_url(what, environ={}, several_portals=True)
     except ConfigurationError:
         bare = None  # incomplete without the environment
     if url.chap_user is None or url.chap_secret is None or (bare is not None and (
