@@ -344,7 +344,7 @@ def _read_backstore(dev: Path, links: dict[Path, tuple[str, str, int]]
     info_text = _read(dev / "info")
     m = re.search(r"Config(?:String)?:\s*(\S+)", info_text)
     config = m.group(1) if m else ""
-    m = re.search(r"Size:\s*(\d+)", info_text)
+    m = re.search(r"\bSize:\s*(\d+)", info_text)   # not the core's "SectorSize: 512"
     size = int(m.group(1)) if m else 0
     subtype, slash, cfgstring = config.partition("/")
     if subtype != SUBTYPE or not slash:
