@@ -5,7 +5,8 @@ The kernel shows ``dev_config`` to everyone (``/sys/class/uio/uioN/name``), and 
 string is either
 
 - the nickname of an entry of ``/etc/iscsi-hba.conf`` (``disk1``): the entry says where the
-  target is and holds its credentials; or
+  target is and holds its credentials; with ``@<host>%3A<port>`` after it (``db@192.0.2.11%3A3260``)
+  the path of a multipath entry through that portal; or
 - ``<host>%3A<port>/<target-iqn>/<lun>``: the path part of an ``iscsi://`` URL, percent-encoded
   so that ``:`` (and ``,`` and ``%``) become ``%3A``, ``%2C``, ``%25``. Credentials for such a
   device come from a configuration entry with the same target and portal, or the environment.
@@ -45,7 +46,9 @@ class TargetRef:
 
     def encode(self) -> str:
         if self.nickname is not None:
-            return self.nickname
+            if self.portal is None:
+                return self.nickname
+            return f"{self.nickname}@{quote(str(self.portal), safe=_SAFE.replace('@', ''))}"
         assert self.portal is not None and self.target is not None
         text = quote(f"{self.portal}/{self.target}/{self.lun}", safe=_SAFE)
         if len(text) > MAX_LENGTH:
@@ -56,7 +59,7 @@ class TargetRef:
 
     def __str__(self) -> str:
         if self.nickname is not None:
-            return self.nickname
+            return self.nickname if self.portal is None else f"{self.nickname} at {self.portal}"
         return f"{self.target} LUN {self.lun} at {self.portal}"
 
 
@@ -67,11 +70,17 @@ def decode(cfgstring: str) -> TargetRef:
         text = text[len("iscsi/"):]
     if _NICKNAME.match(text):
         return TargetRef(nickname=text)
+    nickname, at, portal_text = text.partition("@")
+    if at and _NICKNAME.match(nickname):
+        try:
+            return TargetRef(nickname=nickname, portal=Portal.parse(unquote(portal_text)))
+        except ConfigurationError as exc:
+            raise CfgStringError(f"cfgstring {cfgstring!r}: {exc}") from None
     parts = unquote(text).split("/")
     if len(parts) != 3:
         raise CfgStringError(
-            f"cfgstring {cfgstring!r} is neither a configuration nickname nor "
-            "<host>%3A<port>/<target-iqn>/<lun>")
+            f"cfgstring {cfgstring!r} is neither a configuration nickname (optionally "
+            "@<host>%3A<port>) nor <host>%3A<port>/<target-iqn>/<lun>")
     portal_text, target, lun_text = parts
     try:
         portal = Portal.parse(portal_text)

@@ -34,7 +34,16 @@ Outside the blocks, one key of the daemon itself: ``Metrics = 127.0.0.1:9433`` s
 metrics there (``hbactl daemon --metrics`` wins over it; a bare port means the loopback
 address; read at start only).
 
-This project's keys: Lun (0), QueueDepth (32), ReplacementTimeout (120 s), LoginTimeout (15 s),
+Multipath: TargetAddress takes a list (``TargetAddress = 192.0.2.10, 192.0.2.11:3261`` quoted,
+or one word without spaces ``192.0.2.10,192.0.2.11``), one path per portal, and
+``DiscoverPortals = on`` adds every portal the target lists in SendTargets. Such an entry is a
+multipath entry: its ReplacementTimeout (the time after which a down path fails its I/O, so
+that dm-multipath moves it to another path) defaults to 5 s, like multipathd's
+``fast_io_fail_tmo``, instead of 120 s. (Two entries naming the same target and LUN are two
+disks, each with one path and the single-path timeout, as in FreeBSD.)
+
+This project's keys: Lun (0), QueueDepth (32), ReplacementTimeout (120 s; 5 s for multipath
+entries), LoginTimeout (15 s),
 NoopInterval (5 s, 0 disables), NoopTimeout (5 s; FreeBSD's PingTimeout is an alias),
 CommandTimeout (30 s, 0 disables), TaskManagementTimeout (15 s), LogoutTimeout (10 s), and the
 negotiation overrides MaxRecvDataSegmentLength, MaxBurstLength, FirstBurstLength (512 ..
@@ -78,6 +87,10 @@ __all__ = [
 
 DEFAULT_PATH = "/etc/iscsi-hba.conf"
 
+MULTIPATH_REPLACEMENT_TIMEOUT = 5
+"""ReplacementTimeout of a multipath entry that does not set one: multipathd's default
+``fast_io_fail_tmo``, which it writes into open-iscsi's sessions but cannot into ours."""
+
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
 
@@ -115,12 +128,16 @@ class TargetEntry:
 
     ``initiator_name`` is None when the block does not set one (the daemon's default applies).
     The negotiation overrides are None when not set (the session's defaults apply).
+    ``host``/``port`` are the first TargetAddress, ``more_addresses`` the others (one
+    multipath path each).
     """
 
     nickname: str
     line: int
     host: str
     port: int
+    more_addresses: tuple[tuple[str, int], ...] = ()
+    discover_portals: bool = False
     target_name: str | None = None
     session_type: SessionType = SessionType.NORMAL
     initiator_name: str | None = None
@@ -153,6 +170,16 @@ class TargetEntry:
     def portal(self) -> str:
         """``host:port`` with an IPv6 address in brackets."""
         return format_portal(self.host, self.port)
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every TargetAddress as ``(host, port)``, the first one first."""
+        return ((self.host, self.port), *self.more_addresses)
+
+    @property
+    def multipath(self) -> bool:
+        """Several paths: more than one address, or every portal SendTargets lists."""
+        return bool(self.more_addresses) or self.discover_portals
 
     @property
     def mutual_chap(self) -> bool:
@@ -315,6 +342,20 @@ def _address(text: str) -> tuple[str, int]:
         raise _BadValue(f"is not usable: {exc}") from None
 
 
+def _addresses(text: str) -> tuple[tuple[str, int], ...]:
+    """One address, or several separated by ',' (one multipath path each)."""
+    addresses: list[tuple[str, int]] = []
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part:
+            raise _BadValue("has an empty address between commas; expected host[:port], ...")
+        address = _address(part)
+        if address in addresses:
+            raise _BadValue(f"names {format_portal(*address)} twice")
+        addresses.append(address)
+    return tuple(addresses)
+
+
 def _ip_address(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip("[]")))
@@ -356,7 +397,7 @@ class _Key:
 
 
 _KEYS: tuple[_Key, ...] = (
-    _Key("TargetAddress", "address", _address),
+    _Key("TargetAddress", "address", _addresses),
     _Key("TargetName", "target_name", _iscsi_name),
     _Key("InitiatorName", "initiator_name", _iscsi_name),
     _Key("InitiatorAddress", "initiator_address", _ip_address),
@@ -381,6 +422,7 @@ _KEYS: tuple[_Key, ...] = (
         ),
     ),
     _Key("Enable", "enable", _choice(_ON_OFF, "on or off")),
+    _Key("DiscoverPortals", "discover_portals", _choice(_ON_OFF, "on or off")),
     _Key("Protocol", None, _protocol),
     _Key("Offload", None, _text, note="hardware offload does not apply to iscsi-hba"),
     _Key("Lun", "lun", _integer(0, MAX_LUN, " (the LUN as lsscsi and libiscsi number it)")),
@@ -657,6 +699,9 @@ def _finish(block: _Block, parser: _Parser) -> TargetEntry | None:
             err(f"{where} is a discovery session and cannot have a TargetName", "TargetName")
         if "Lun" in block.lines:
             err(f"{where} is a discovery session and cannot have a Lun", "Lun")
+        if "DiscoverPortals" in block.lines:
+            err(f"{where} is a discovery session; DiscoverPortals is for entries with a "
+                "TargetName", "DiscoverPortals")
     if "address" not in v and "TargetAddress" not in block.lines:
         err(f"{where} has no TargetAddress; add TargetAddress = host[:port]")
 
@@ -713,9 +758,12 @@ def _finish(block: _Block, parser: _Parser) -> TargetEntry | None:
         return None
     if session_type == SessionType.NORMAL and "target_name" not in v:
         return None
-    host, port = v.pop("address")
+    (host, port), *more = v.pop("address")
     v["auth_method"] = auth
-    return TargetEntry(nickname=block.nickname, line=block.line, host=host, port=port, **v)
+    if (more or v.get("discover_portals")) and "replacement_timeout" not in v:
+        v["replacement_timeout"] = MULTIPATH_REPLACEMENT_TIMEOUT
+    return TargetEntry(nickname=block.nickname, line=block.line, host=host, port=port,
+                       more_addresses=tuple(more), **v)
 
 
 def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,10 +50,13 @@ EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus (restarting c
 
 START_HINT = "start it with `systemctl start iscsi-hba`, or run `hbactl daemon` in the foreground"
 
-# The keys of a disk as ``list``/``status --json`` print them (a missing one is null).
+# The keys of a disk as ``list``/``status --json`` print them (a missing one is null). The
+# single-path keys (device, backstore, scsi_address, session) describe its first path with a
+# disk; ``paths`` has a row per path (hba.disks.DiskPath.describe), ``holder`` is the
+# multipath device over them, ``hint`` why there is none yet.
 DISK_FIELDS = ("name", "target", "portal", "lun", "device", "by_id", "size", "block_size",
                "backstore", "scsi_address", "state", "session", "in_flight", "commands",
-               "reconnects", "error")
+               "reconnects", "error", "multipath", "paths", "paths_up", "holder", "hint")
 
 
 class ControlError(HBAError):
@@ -87,37 +91,72 @@ def human_size(n: int) -> str:
 
 def normalize_disk(disk: Mapping[str, Any]) -> dict[str, Any]:
     """A disk as the daemon described it, with every :data:`DISK_FIELDS` key present."""
-    return {**{key: None for key in DISK_FIELDS}, **disk}
+    return {**{key: None for key in DISK_FIELDS}, "paths": [], **disk}
 
 
 def disk_state(disk: Mapping[str, Any]) -> str:
     """What the STATE column shows: the session's state, or the disk's when it is not
-    simply attached (``detaching``, ``ring broken``, ``retrying``: :class:`DiskState`)."""
+    simply attached (``detaching``, ``ring broken``, ``retrying``: :class:`DiskState`);
+    ``degraded`` for a multipath disk with some of its paths down."""
     state = disk.get("state")
     if state not in (None, DiskState.ATTACHED.value):
         return str(state)
+    paths = disk.get("paths") or []
+    up = sum(1 for p in paths if p.get("state") == "up")
+    if disk.get("multipath") and 0 < up < len(paths):
+        return "degraded"
     return str(disk.get("session") or "-")
 
 
 def format_table(disks: Sequence[Mapping[str, Any]]) -> str:
-    """The ``hbactl list`` table: name, target, LUN, device, size, session state."""
+    """The ``hbactl list`` table: name, target, LUN, device (the multipath device over the
+    paths, when there is one), paths up (with multipath disks), size, state."""
     if not disks:
         return "no LUNs attached"
-    header = ("NAME", "TARGET", "LUN", "DEVICE", "SIZE", "STATE")
+    multipath = any(d.get("multipath") for d in disks)
+    header = ("NAME", "TARGET", "LUN", "DEVICE", *(("PATHS",) if multipath else ()), "SIZE",
+              "STATE")
     # Target names (and errors quoting a target) come from the wire: escaped for the terminal.
     rows = [header] + [
         (printable(d.get("name") or "-"), printable(d.get("target") or "-"),
-         printable(d.get("lun", "-")), printable(d.get("device") or "-"),
+         printable(d.get("lun", "-")), printable(d.get("holder") or d.get("device") or "-"),
+         *((f"{d.get('paths_up') or 0}/{len(d.get('paths') or [])}",) if multipath else ()),
          human_size(int(d["size"])) if d.get("size") else "-", printable(disk_state(d)))
         for d in disks
     ]
+    right = {header.index(column) for column in ("LUN", "PATHS", "SIZE") if column in header}
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for row in rows:
-        cells = [cell.rjust(w) if i in (2, 4) and row is not header else cell.ljust(w)
+        cells = [cell.rjust(w) if i in right and row is not header else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def format_paths(disk: Mapping[str, Any]) -> list[str]:
+    """``hbactl status``'s lines for the paths of a disk: every path of a multipath disk, the
+    path of a plain one when it is not up; with why a path is down, and the ALUA state."""
+    paths = disk.get("paths") or []
+    if not disk.get("multipath") and all(p.get("state") == "up" for p in paths):
+        return []
+    name = printable(disk.get("name"))
+    lines = []
+    for p in paths:
+        state, why = printable(p.get("state")), ""
+        if p.get("state") != "up":
+            since = p.get("since")
+            if since:
+                state += time.strftime(" since %H:%M:%S", time.localtime(float(since)))
+            if p.get("error"):
+                why = f": {printable(p['error'])}"
+        parts = [printable(p.get("portal")), printable(p.get("device") or "no disk yet"), state]
+        if p.get("alua"):
+            parts.append(f"ALUA {printable(p['alua'])}")
+        lines.append(f"  {name} path {p.get('path')}: {', '.join(parts)}{why}")
+    if disk.get("hint"):
+        lines.append(f"  {name}: {printable(disk['hint'])}")
+    return lines
 
 
 def format_status(status: Mapping[str, Any]) -> str:
@@ -136,12 +175,15 @@ def format_status(status: Mapping[str, Any]) -> str:
     lines.append(f"sessions:       {len(sessions) or 'none'}")
     for s in sessions:
         luns = int(s.get("luns", 0))
+        isid = f", ISID {printable(s['isid'])}" if s.get("isid") else ""
         lines.append(f"  {printable(s.get('target'))} at {printable(s.get('portal'))}: "
                      f"{printable(s.get('state'))}, {luns} "
                      f"LUN{'s' if luns != 1 else ''}, {s.get('commands', 0)} commands, "
-                     f"{s.get('reconnects', 0)} reconnects")
+                     f"{s.get('reconnects', 0)} reconnects{isid}")
     lines.append("disks:")
     lines.extend("  " + line for line in format_table(status.get("disks") or []).splitlines())
+    for d in status.get("disks") or []:
+        lines.extend(format_paths(d))
     for d in status.get("disks") or []:
         if d.get("error"):
             lines.append(f"  {printable(d.get('name'))}: attempt {d.get('attempts', '?')} "
@@ -234,9 +276,9 @@ def _with_env_secrets(what: str) -> str:
     from initiator.errors import ConfigurationError
     from initiator.url import parse_url
 
-    url = parse_url(what)  # a malformed URL is reported here, as a usage error
+    url = parse_url(what, several_portals=True)  # a malformed URL: a usage error, here
     try:
-        bare = parse_url(what, environ={})
+        bare = parse_url(what, environ={}, several_portals=True)
     except ConfigurationError:
         bare = None  # incomplete without the environment
     if url.chap_user is None or url.chap_secret is None or (bare is not None and (

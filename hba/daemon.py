@@ -3,29 +3,51 @@
 Theory of operation
 -------------------
 One asyncio loop owns everything: the iSCSI sessions (:class:`initiator.transport.Session`,
-shared by the LUNs of one target), one :class:`tcmu_handler.dispatcher.Dispatcher` per TCMU
-device, and the configfs objects that make each LUN a disk. configfs writes block (linking a
-LUN makes the kernel send INQUIRY through the very ring we serve), so they run in worker
-threads (:mod:`hba.kernel`) while the loop keeps serving rings.
+shared by the LUNs of one target at one portal), one
+:class:`tcmu_handler.dispatcher.Dispatcher` per TCMU device, and the configfs objects that
+make each LUN a disk. configfs writes block (linking a LUN makes the kernel send INQUIRY
+through the very ring we serve), so they run in worker threads (:mod:`hba.kernel`) while the
+loop keeps serving rings.
 
-Attaching a LUN (:meth:`Daemon.attach`):
+Attaching a LUN (:meth:`Daemon.attach`) makes one *path* per portal it is reached through
+(:class:`hba.disks.DiskPath`; one for a plain LUN, several for a multipath URL or entry, plus
+what SendTargets lists with ``DiscoverPortals``). Every path logs in at once; then, for each
+path that did:
 
-1. log in (or reuse the target's session) and ask the LUN its capacity and block limits;
+1. log in (or reuse the target's session at that portal) and ask the LUN its capacity and
+   block limits (a path whose LUN differs in size from the first's is refused);
 2. create the TCMU user backstore (dev_config ``iscsi/<cfgstring>``, never a secret);
 3. open its uio device and start serving the ring — before anything can reach it;
 4. link it to a new tcm_loop target, which makes the SCSI midlayer probe it;
 5. raise the disk's SCSI timeout above the replacement timeout, and wait for udev to finish
    with ``/dev/sdX`` and its ``/dev/disk/by-id`` links.
 
-Detaching reverses it: refuse while mounted or held (unless forced), flush, unlink the LUN
-(the kernel sends SYNCHRONIZE CACHE through the ring), delete the backstore (the uio device
-goes, the dispatcher stops), log out when the session's last LUN is gone.
+The attach succeeds when one path did. The paths whose portal did not answer log in in the
+background (their sessions retry as recovery does) and get steps 1-5 once they are logged in.
+dm-multipath (multipathd) assembles the ``/dev/sdX`` of the paths into one device: they report
+the same VPD 0x83 identifiers, each with its own remote target port (ALUA passes through).
+
+Paths fail and come back on their own, driven by their sessions' states
+(:meth:`Daemon._path_changed`, one log line per change): a lost connection holds the path's
+I/O up to the replacement timeout (5 s for multipath), then its ring answers NOT READY 08/00
+— a path error that dm-multipath moves to another path (:class:`tcmu_handler.scsi.PathPolicy`)
+— until the session logs in again and multipathd's checker reinstates the path. The timeouts
+are ordered replacement < TCMU ``cmd_time_out`` < SCSI timeout (:func:`cmd_time_out`,
+:func:`scsi_timeout`), so that even a daemon that stopped answering degrades into path errors
+(TCMU's own NOT READY 08/00) before the SCSI error handler resets and offlines the disk.
+
+Detaching reverses it for every path: refuse while mounted or held (unless forced), flush,
+unlink the LUN (the kernel sends SYNCHRONIZE CACHE through the ring), delete the backstore
+(the uio device goes, the dispatcher stops), log out when the session's last LUN is gone.
 
 Restart safety: at start, every ``iscsi/`` backstore already in configfs (a previous daemon
 died) is taken over — block, reset the ring, reopen, unblock — so its ``/dev/sdX`` keeps
-working; its session logs in in the background while the kernel's commands wait. uio devices
-that appear later with our subtype (made by ``targetcli /backstores/user:iscsi create``) are
-served the same way.
+working; its session logs in in the background while the kernel's commands wait. The
+backstores of one multipath disk (their cfgstrings name the portal, their names the path
+number) become its paths again, and their sessions log in with the same derived ISIDs
+(:mod:`hba.sessions`), so the target keeps their persistent reservations. uio devices that
+appear later with our subtype (made by ``targetcli /backstores/user:iscsi create``) are served
+the same way.
 
 The seams: what a URL, nickname or cfgstring stands for is :mod:`hba.specs` (credentials from
 :mod:`initiator.credentials`); the sessions the LUNs of a target share are :mod:`hba.sessions`;
@@ -42,21 +64,23 @@ import dataclasses
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
-from hba.disks import Disk, DiskState
+from hba.disks import Disk, DiskPath, DiskState, PathState
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
 from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
 from hba.sessions import SessionPool
-from hba.specs import BACKSTORE_PREFIX, LunSpec, SpecDefaults, SpecResolver
+from hba.specs import LunSpec, PathSpec, SpecDefaults, SpecResolver, same_portal
 from initiator.client import ScsiClient
+from initiator.discovery import discover
 from initiator.errors import ISCSIError
-from initiator.transport import Session, default_initiator_name
+from initiator.transport import Session, SessionState, default_initiator_name
 from tcmu_handler.device import UioDevice, UioInfo, find_device, find_devices
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import TCMUError
@@ -66,7 +90,19 @@ log = logging.getLogger("iscsi-hba")
 
 BLKFLSBUF = 0x1261
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
-SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout
+SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout: the disk's SCSI timeout
+RING_TIMEOUT_MARGIN = 10  # and TCMU's cmd_time_out, between the two (module docstring)
+
+
+def cmd_time_out(spec: LunSpec) -> int:
+    """TCMU's ``cmd_time_out`` for the backstores of ``spec``: after the replacement timeout
+    (until which the session may hold a command), before the SCSI timeout."""
+    return int(spec.session.replacement_timeout) + RING_TIMEOUT_MARGIN
+
+
+def scsi_timeout(spec: LunSpec) -> int:
+    """The SCSI command timeout of the disks of ``spec``: after everything else."""
+    return int(spec.session.replacement_timeout) + SCSI_TIMEOUT_MARGIN
 
 
 @dataclass(slots=True)
@@ -93,8 +129,11 @@ class Daemon:
                          replacement_timeout=self.options.replacement_timeout,
                          queue_depth=self.options.queue_depth),
             self.options.config_path)
-        self.sessions = SessionPool(self._event, pcap_dir=self.options.pcap_dir)
+        self.sessions = SessionPool(self._event, pcap_dir=self.options.pcap_dir,
+                                    on_state=self._session_changed)
         self.disks: dict[str, Disk] = {}
+        self._tasks: set[asyncio.Task[None]] = set()   # _spawn's
+        self._stopping = False
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
@@ -115,17 +154,30 @@ class Daemon:
         self.specs.config = config
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
-        """Report ``kind`` (attach, adopt, detach, session, logout) to ``options.on_event``;
-        log session events (hba.journal)."""
+        """Report ``kind`` (attach, adopt, detach, session, path, logout) to
+        ``options.on_event``; log session events (hba.journal)."""
         if kind == "session":
             target, portal = str(data.get("target")), str(data.get("portal"))
             specs = [d.spec for d in self.disks.values()] + self._attaching
             self.session_events.state_changed(
                 target, portal, str(data.get("state")), cause=str(data.get("cause") or ""),
-                disks=sorted({s.name for s in specs
-                              if s.target == target and str(s.portal) == portal}))
+                disks=sorted({s.name for s in specs if s.target == target
+                              and any(str(p) == portal for p in s.portals)}))
         if self.options.on_event is not None:
             self.options.on_event(kind, data)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task of the daemon, kept referenced; its failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background task failed: %s", task.exception(),
+                          exc_info=task.exception())
+
+        task.add_done_callback(done)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -150,14 +202,19 @@ class Daemon:
         reason that may go away (the target is down, unreachable or not set up yet) is tried
         again in the background, 5 s later and then at doubling intervals up to a minute, until
         it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
-        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once."""
+        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once.
+        An attached multipath entry gets a path for each address (or SendTargets portal) it
+        has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
         if self.config is not None:
             for entry in self.config.enabled():
                 if entry.session_type.value.lower() != "normal":
                     continue
                 wanted.add(entry.nickname)
-                if entry.nickname in self._retries or self._attached(entry.nickname):
+                disk = self._attached(entry.nickname)
+                if disk is not None and disk.spec.multipath:
+                    self._spawn(self._add_missing_paths(disk))
+                if entry.nickname in self._retries or disk is not None:
                     continue
                 try:
                     await self.attach(entry.nickname)
@@ -171,8 +228,8 @@ class Daemon:
                          nickname)
                 self._stop_retrying(nickname)
 
-    def _attached(self, nickname: str) -> bool:
-        return any(d.spec.nickname == nickname for d in self.disks.values())
+    def _attached(self, nickname: str) -> Disk | None:
+        return next((d for d in self.disks.values() if d.spec.nickname == nickname), None)
 
     def _failed_at_start(self, nickname: str, exc: AttachError) -> None:
         if not exc.retryable:
@@ -189,7 +246,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while (retry := self._retries.get(nickname)) is not None:
             await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
-            if self._attached(nickname):
+            if self._attached(nickname) is not None:
                 break
             try:
                 await self.attach(nickname)
@@ -238,17 +295,23 @@ class Daemon:
     async def stop(self) -> None:
         """Stop serving. Devices stay in the kernel (their I/O waits) so a restarted daemon
         takes them over; use detach to remove them."""
+        self._stopping = True   # the paths' sessions close now: not a state change to log
         for nickname in list(self._retries):
             self._stop_retrying(nickname)
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
+        for task in list(self._tasks):
+            task.cancel()
         for disk in list(self.disks.values()):
-            if disk.watcher is not None:
-                disk.watcher.cancel()
-            if disk.dispatcher is not None:
-                await disk.dispatcher.close(timeout=10)
+            for path in disk.paths:
+                if path.setup is not None:
+                    path.setup.cancel()
+                if path.watcher is not None:
+                    path.watcher.cancel()
+                if path.dispatcher is not None:
+                    await path.dispatcher.close(timeout=10)
         await self.sessions.close()
         self.disks.clear()
 
@@ -258,17 +321,7 @@ class Daemon:
         """Attach a LUN named by URL or configuration nickname; returns it once usable."""
         spec = self.specs.resolve(what)
         async with self._lock:
-            if spec.name in self.disks:
-                disk = self.disks[spec.name]
-                raise AttachError(
-                    f"{spec.name} is already attached"
-                    + (f" as {disk.device.node}" if disk.device else ""))
-            for disk in self.disks.values():
-                if (disk.spec.target, disk.spec.lun, disk.spec.portal) == \
-                        (spec.target, spec.lun, spec.portal):
-                    raise AttachError(
-                        f"{spec.target} LUN {spec.lun} at {spec.portal} is already attached "
-                        f"as {disk.name}")
+            self._refuse_twice(spec)
             self._attaching.append(spec)
             try:
                 attached = await self._attach_locked(spec)
@@ -278,50 +331,85 @@ class Daemon:
             self._stop_retrying(spec.nickname)  # "attached ..." was logged
         return attached
 
+    def _refuse_twice(self, spec: LunSpec) -> None:
+        for disk in self.disks.values():
+            if (disk.spec.target, disk.spec.lun) != (spec.target, spec.lun):
+                continue
+            for path in disk.paths:
+                if any(same_portal(path.spec.portal, p) for p in spec.portals):
+                    raise AttachError(
+                        f"{spec.target} LUN {spec.lun} at {path.spec.portal} is already "
+                        f"attached as {disk.name}")
+            # The same LUN through other portals: one disk with several paths, not two disks
+            # (a path's timeouts are chosen when its disk is attached).
+            raise AttachError(
+                f"{spec.target} LUN {spec.lun} is already attached as {disk.name} through "
+                f"{', '.join(str(p.spec.portal) for p in disk.paths)}; to reach it through "
+                f"{', '.join(map(str, spec.portals))} as well, detach {disk.name} and attach "
+                "all portals in one URL (iscsi://host1,host2/...) or one configuration entry "
+                "(TargetAddress = host1, host2)")
+        if spec.name in self.disks:
+            disk = self.disks[spec.name]
+            raise AttachError(
+                f"{spec.name} is already attached"
+                + (f" as {disk.device.node}" if disk.device else ""))
+
     async def _attach_locked(self, spec: LunSpec) -> Disk:
+        if spec.discover:
+            spec = await self._discover(spec)
+        paths = spec.paths()
+        # Every path logs in at once: a portal that does not answer costs its login timeout.
+        logins = await asyncio.gather(*(self.sessions.acquire(p) for p in paths),
+                                      return_exceptions=True)
+        up = [(p, s) for p, s in zip(paths, logins, strict=True) if isinstance(s, Session)]
+        failed = [(p, e) for p, e in zip(paths, logins, strict=True)
+                  if not isinstance(e, Session)]
+        for _path, error in failed:
+            if not isinstance(error, Exception):
+                for _p, session in up:
+                    await self.sessions.release(session)
+                raise error   # cancelled
+        if not up:
+            errors = [e for _p, e in failed if isinstance(e, Exception)]
+            where = ", ".join(map(str, spec.portals))
+            raise AttachError(
+                f"attaching {spec.name} ({spec.target} LUN {spec.lun} at {where}) failed: "
+                + "; ".join(dict.fromkeys(map(str, errors))),
+                retryable=any(isinstance(e, ISCSIError) and worth_retrying(e)
+                              for e in errors)) from None
+        disk = Disk(spec=spec, paths=[self._new_path(p, s) for p, s in up])
         try:
-            session = await self.sessions.acquire(spec)
-        except ISCSIError as exc:
-            raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
-                              f"{spec.portal}) failed: {exc}",
-                              retryable=worth_retrying(exc)) from None
-        backstore = BACKSTORE_PREFIX + spec.name
-        created = False
-        disk: Disk | None = None
-        try:
-            client = ScsiClient(session, spec.lun)
-            capacity = await client.capacity()
-            limits = await client.block_limits()
-            max_io = MAX_TRANSFER
-            params = session.parameters
-            if params is not None:
-                max_io = min(max_io, params.max_burst_length)
-            if limits is not None and limits.max_transfer_length:
-                max_io = min(max_io, limits.max_transfer_length * capacity.block_size)
-            max_io = max(max_io - max_io % capacity.block_size, capacity.block_size)
-            data_area_mb = min(1024, max(64, (spec.queue_depth * max_io * 2) >> 20))
-            timeout = int(spec.session.replacement_timeout) + SCSI_TIMEOUT_MARGIN
-            info = await asyncio.to_thread(
-                kernel.create_backstore, backstore, spec.cfgstring(), capacity.size_bytes,
-                hw_max_sectors=max_io // 512, max_data_area_mb=data_area_mb,
-                cmd_time_out=timeout)
-            created = True
-            disk = Disk(spec=spec, backstore=backstore, hba_index=info.hba_index,
-                        session=session, size=capacity.size_bytes,
-                        block_size=capacity.block_size)
-            uio = await _wait_for_uio(backstore, info.hba_index)
-            await self._serve(disk, uio, takeover=False)
-            linked = await asyncio.to_thread(kernel.link_loopback, backstore)
-            disk.scsi_address = linked.scsi_address
-            if disk.scsi_address is None:
-                raise AttachError(f"tcm_loop did not report a SCSI address for {backstore}")
-            await asyncio.to_thread(kernel.set_disk_timeout, disk.scsi_address, timeout)
-            disk.device = await devices.wait_for_disk(disk.scsi_address)
+            left_out: BaseException | None = None
+            for path in list(disk.paths):
+                try:
+                    await self._setup_path(disk, path)
+                except (HBAError, ISCSIError, TCMUError) as exc:
+                    if not spec.multipath:
+                        raise
+                    # One path that cannot be made (another LUN behind that portal, ...)
+                    # does not keep the others from serving.
+                    log.error("%s: left out: %s", path.label, exc)
+                    left_out = left_out or exc
+                    disk.paths.remove(path)
+                    await self.sessions.release(path.session)
+            if disk.device is None:
+                assert left_out is not None
+                raise left_out
+            for path_spec, error in failed:
+                if isinstance(error, ISCSIError) and worth_retrying(error):
+                    # Logged in again in the background; its disk is made once it is.
+                    session = await self.sessions.acquire(path_spec, background=True)
+                    path = self._new_path(path_spec, session)
+                    path.error = f"login failed: {error}"
+                    disk.paths.append(path)
+                else:
+                    log.error("%s: left out: %s", path_spec, error)
         except BaseException as exc:
-            await self._rollback(disk, backstore, created, session)
+            await self._rollback(disk)
+            where = ", ".join(map(str, spec.portals))
             if isinstance(exc, (HBAError, ISCSIError)):
                 raise AttachError(f"attaching {spec.name} ({spec.target} LUN {spec.lun} at "
-                                  f"{spec.portal}) failed: {exc}",
+                                  f"{where}) failed: {exc}",
                                   retryable=isinstance(exc, ISCSIError)
                                   and worth_retrying(exc)) from None
             if isinstance(exc, TCMUError):
@@ -329,72 +417,278 @@ class Daemon:
             raise
         disk.state = DiskState.ATTACHED
         self.disks[spec.name] = disk
+        device = disk.device
+        assert device is not None
         log.info("attached %s: %s LUN %d at %s -> %s (%s)", spec.name, spec.target, spec.lun,
-                 spec.portal, disk.device.node, disk.device.primary_link or "no by-id link")
+                 ", ".join(str(p.spec.portal) for p in disk.paths), device.node,
+                 device.primary_link or "no by-id link")
+        for path in disk.paths:
+            self._path_changed(disk, path)
         self._event("attach", disk.describe())
         return disk
 
-    async def _rollback(self, disk: Disk | None, backstore: str, created: bool,
-                        session: Session) -> None:
-        if disk is not None:
-            # Our own removal: _watch_dispatcher must not release the session a second time.
-            disk.state = DiskState.DETACHING
+    async def _discover(self, spec: LunSpec) -> LunSpec:
+        """``spec`` with every portal SendTargets lists for its target, asked through its
+        portals in turn (the first that answers); unchanged, with a warning, when none does."""
+        config = dataclasses.replace(spec.session, reconnect_forever=False)
+        problems: list[str] = []
+        for portal in spec.portals:
+            try:
+                targets = await discover(portal, config, what=spec.target)
+            except (ISCSIError, OSError) as exc:
+                problems.append(f"{portal}: {exc}")
+                continue
+            found = [t for t in targets if t.name == spec.target]
+            if not found:
+                problems.append(f"{portal} does not list {spec.target}")
+                continue
+            more = spec.with_portals(found[0].portals)
+            if len(more.portals) > len(spec.portals):
+                log.info("%s: SendTargets at %s lists %s", spec.name, portal,
+                         ", ".join(f"{p},{p.tpgt}" for p in found[0].portals))
+            return more
+        log.warning("%s: no SendTargets answer (%s); using the configured portals only",
+                    spec.name, "; ".join(problems))
+        return spec
+
+    def _new_path(self, spec: PathSpec, session: Session) -> DiskPath:
+        return DiskPath(spec=spec, session=session, backstore=spec.backstore)
+
+    async def _setup_path(self, disk: Disk, path: DiskPath) -> None:
+        """Make the kernel side of a logged-in path (steps 1-5 of the module docstring).
+        On failure whatever was made of it is removed again, and the error raised."""
+        spec = disk.spec
+        created = False
+        try:
+            client = ScsiClient(path.session, spec.lun)
+            capacity = await client.capacity()
+            if disk.size and (capacity.size_bytes, capacity.block_size) != \
+                    (disk.size, disk.block_size):
+                raise AttachError(
+                    f"{path.label} reports {capacity.size_bytes} bytes in blocks of "
+                    f"{capacity.block_size}, the disk has {disk.size} in blocks of "
+                    f"{disk.block_size}: not the same LUN, check the target's portals")
+            limits = await client.block_limits()
+            max_io = MAX_TRANSFER
+            params = path.session.parameters
+            if params is not None:
+                max_io = min(max_io, params.max_burst_length)
+            if limits is not None and limits.max_transfer_length:
+                max_io = min(max_io, limits.max_transfer_length * capacity.block_size)
+            max_io = max(max_io - max_io % capacity.block_size, capacity.block_size)
+            data_area_mb = min(1024, max(64, (spec.queue_depth * max_io * 2) >> 20))
+            info = await asyncio.to_thread(
+                kernel.create_backstore, path.backstore, path.spec.cfgstring(),
+                capacity.size_bytes, hw_max_sectors=max_io // 512, max_data_area_mb=data_area_mb,
+                cmd_time_out=cmd_time_out(spec))
+            created = True
+            path.hba_index = info.hba_index
+            disk.size, disk.block_size = capacity.size_bytes, capacity.block_size
+            uio = await _wait_for_uio(path.backstore, info.hba_index)
+            await self._serve(disk, path, uio, takeover=False)
+            linked = await asyncio.to_thread(kernel.link_loopback, path.backstore)
+            path.scsi_address = linked.scsi_address
+            if path.scsi_address is None:
+                raise AttachError(
+                    f"tcm_loop did not report a SCSI address for {path.backstore}")
+            await asyncio.to_thread(kernel.set_disk_timeout, path.scsi_address,
+                                    scsi_timeout(spec))
+            path.device = await devices.wait_for_disk(path.scsi_address)
+            path.error = None
+        except BaseException:
+            await self._undo_path(path, created)
+            raise
+
+    async def _undo_path(self, path: DiskPath, created: bool) -> None:
+        """Remove the kernel side of a path whose set-up failed (its session stays)."""
         if created:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(kernel.unlink_and_delete, backstore)
-        if disk is not None and disk.dispatcher is not None:
+                await asyncio.to_thread(kernel.unlink_and_delete, path.backstore)
+        if path.dispatcher is not None:
+            path.ring_broken = False
+            dispatcher, path.dispatcher = path.dispatcher, None
             with contextlib.suppress(Exception):
-                await disk.dispatcher.close(timeout=5)
-            self._serving.discard(backstore)
-        await self.sessions.release(session)
+                await dispatcher.close(timeout=5)
+            self._serving.discard(path.backstore)
+        path.hba_index = -1
+        path.scsi_address = None
+        path.device = None
 
-    async def _serve(self, disk: Disk, uio: UioInfo, *, takeover: bool) -> None:
-        """Start the ring of ``disk`` and watch for its end."""
+    async def _rollback(self, disk: Disk) -> None:
+        # Our own removal: _watch_dispatcher must not release the sessions a second time.
+        disk.state = DiskState.DETACHING
+        for path in disk.paths:
+            await self._undo_path(path, created=path.hba_index >= 0)
+            await self.sessions.release(path.session)
+
+    async def _serve(self, disk: Disk, path: DiskPath, uio: UioInfo, *, takeover: bool) -> None:
+        """Start the ring of ``path`` and watch for its end."""
+        # SessionExecutor: a refused ABORT TASK escalates to a LOGICAL UNIT RESET.
+        executor = SessionExecutor(path.session)
         if takeover:
             dispatcher = await asyncio.to_thread(
-                Dispatcher.takeover, uio, SessionExecutor(disk.session), lun=disk.spec.lun)
+                Dispatcher.takeover, uio, executor, lun=disk.spec.lun, policy=disk.spec.policy)
         else:
             device = await asyncio.to_thread(UioDevice.open, uio)
-            # SessionExecutor: a refused ABORT TASK escalates to a LOGICAL UNIT RESET.
-            dispatcher = Dispatcher(device, SessionExecutor(disk.session), lun=disk.spec.lun)
-        disk.dispatcher = dispatcher
+            dispatcher = Dispatcher(device, executor, lun=disk.spec.lun,
+                                    policy=disk.spec.policy)
+        path.dispatcher = dispatcher
         dispatcher.start()
-        self._serving.add(disk.backstore)
-        disk.watcher = asyncio.get_running_loop().create_task(self._watch_dispatcher(disk))
+        self._serving.add(path.backstore)
+        path.watcher = asyncio.get_running_loop().create_task(
+            self._watch_dispatcher(disk, path))
 
-    async def _watch_dispatcher(self, disk: Disk) -> None:
-        assert disk.dispatcher is not None
-        reason = await disk.dispatcher.run()
-        self._serving.discard(disk.backstore)
+    async def _watch_dispatcher(self, disk: Disk, path: DiskPath) -> None:
+        dispatcher = path.dispatcher
+        assert dispatcher is not None
+        reason = await dispatcher.run()
+        self._serving.discard(path.backstore)
+        if path.dispatcher is not dispatcher:
+            return   # replaced or undone by us
         if reason is StopReason.REMOVED and disk.state is not DiskState.DETACHING:
             # Someone removed the backstore behind our back (targetcli, rtslib): forget it.
-            log.warning("%s: its TCMU device was removed; forgetting it", disk.name)
-            self.disks.pop(disk.name, None)
-            self._event("detach", disk.describe())
-            await self.sessions.release(disk.session)
+            log.warning("%s: its TCMU device was removed; forgetting it", path.label)
+            disk.paths.remove(path)
+            await self.sessions.release(path.session)
+            if not disk.paths:
+                self.disks.pop(disk.name, None)
+                self._event("detach", disk.describe())
         elif reason is StopReason.RING_CORRUPT:
-            disk.state = DiskState.RING_BROKEN
-            log.error("%s: the TCMU ring is inconsistent; restart the daemon to reset it",
-                      disk.name)
+            path.ring_broken = True
+            self._path_changed(disk, path)
+            if all(p.ring_broken for p in disk.paths):
+                disk.state = DiskState.RING_BROKEN
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _session_changed(self, session: Session, _state: SessionState) -> None:
+        """A session changed state (:class:`SessionPool`): so may the paths it carries."""
+        for disk in list(self.disks.values()):
+            for path in disk.paths:
+                if path.session is session:
+                    self._path_changed(disk, path)
+
+    def _path_changed(self, disk: Disk, path: DiskPath) -> None:
+        """Log a path's state when it changed (one line per change), and make the kernel side
+        of a path that logged in late."""
+        if disk.state is not DiskState.ATTACHED or self._stopping:
+            return
+        state = path.state
+        if state is PathState.CONNECTING and path.dispatcher is None and \
+                path.session.state is SessionState.LOGGED_IN and path.setup is None:
+            path.setup = asyncio.get_running_loop().create_task(self._setup_late(disk, path))
+        if state is path.logged:
+            return
+        previous, path.logged = path.logged, state
+        now = asyncio.get_running_loop().time()
+        lasted = now - path.changed_at
+        path.changed_at, path.since = now, time.time()
+        timeout = disk.spec.session.replacement_timeout
+        failing = "fails over" if disk.spec.multipath else "fails"
+
+        def say(level: int, what: str) -> None:
+            self.session_events.path_changed(disk.spec.target, str(path.spec.portal),
+                                             path.label, state.value, what,
+                                             disks=[disk.name], level=level)
+
+        if previous is None and state is not PathState.UP:
+            # Taken over, or its portal did not answer at attach: logging in in the background.
+            say(logging.INFO, "logging in in the background "
+                f"({path.why() or 'not logged in yet'})")
+        elif state is PathState.UP:
+            device = f" as {path.device.node}" if path.device is not None else ""
+            if previous is not None:
+                say(logging.INFO, f"up{device} after {lasted:.0f} s")
+            elif disk.spec.multipath:   # a plain disk's attach line says it
+                say(logging.INFO, f"up{device}")
+        elif state is PathState.DOWN:
+            say(logging.WARNING, f"down ({path.session.recovery.cause}); its I/O waits, and "
+                f"{failing} after {timeout:g} s unless it is back")
+        elif state is PathState.FAILED:
+            say(logging.WARNING,
+                f"not back within {timeout:g} s: its I/O {failing} now; reconnecting")
+        elif state is PathState.CONNECTING:
+            say(logging.WARNING, f"not logged in ({path.why() or 'no answer yet'}); "
+                "trying again in the background")
+        else:
+            say(logging.WARNING, path.why() or state.value)
+        self._event("path", {"name": disk.name, **path.describe()})
+
+    async def _setup_late(self, disk: Disk, path: DiskPath) -> None:
+        """The kernel side of a path whose session logged in after its disk was attached."""
+        try:
+            async with self._lock:
+                if disk.state is not DiskState.ATTACHED or path not in disk.paths or \
+                        path.dispatcher is not None or \
+                        path.session.state is not SessionState.LOGGED_IN:
+                    return
+                try:
+                    await self._setup_path(disk, path)
+                except (HBAError, ISCSIError, TCMUError) as exc:
+                    path.error = f"could not make its disk: {exc}"
+                    log.error("%s: could not make its disk: %s (tried again when it logs in "
+                              "again)", path.label, exc)
+                    return
+        finally:
+            path.setup = None
+        self._path_changed(disk, path)
+        self._event("attach", disk.describe())
+
+    async def _add_missing_paths(self, disk: Disk) -> None:
+        """Paths for the portals of ``disk``'s configuration entry (and, with DiscoverPortals,
+        of SendTargets) it has no path through yet: after a takeover, and when the
+        configuration is read again (:meth:`attach_enabled`). They log in in the
+        background."""
+        spec = disk.spec
+        if spec.nickname is None or self.config is None:
+            return
+        entry = self.config.get(spec.nickname)
+        if entry is None:
+            return
+        wanted = self.specs.from_entry(entry)
+        if (wanted.target, wanted.lun) != (spec.target, spec.lun):
+            return
+        if wanted.discover:
+            wanted = await self._discover(wanted)
+        for portal in wanted.portals:
+            async with self._lock:
+                if disk.state is not DiskState.ATTACHED or \
+                        self.disks.get(disk.name) is not disk:
+                    return
+                if disk.path_at(portal) is not None:
+                    continue
+                number = max((p.index for p in disk.paths), default=0) + 1
+                path_spec = spec.path(portal, number)
+                session = await self.sessions.acquire(path_spec, background=True)
+                path = self._new_path(path_spec, session)
+                disk.paths.append(path)
+            log.info("%s: new path %d through %s", disk.name, number, portal)
+            self._path_changed(disk, path)
 
     # -- detach ----------------------------------------------------------------------------
 
     def find(self, what: str) -> Disk:
-        """A disk by name, device node (``/dev/sdX``, ``sdX``) or by-id link."""
+        """A disk by name, device node of any path (``/dev/sdX``, ``sdX``), by-id link, or
+        the multipath device holding its paths."""
         if what in self.disks:
             return self.disks[what]
         real = os.path.realpath(what) if what.startswith("/") else f"/dev/{what}"
         for disk in self.disks.values():
-            dev = disk.device
-            if dev is None:
-                continue
-            if real == dev.node or what in dev.by_id or what == dev.name:
+            for path in disk.paths:
+                dev = path.device
+                if dev is None:
+                    continue
+                if real == dev.node or what in dev.by_id or what == dev.name:
+                    return disk
+            held = devices.holder([p.device.name for p in disk.paths if p.device is not None])
+            if held is not None and (what == held or os.path.realpath(held) == real):
                 return disk
         known = ", ".join(sorted(self.disks)) or "none"
         raise NoSuchDiskError(f"no attached LUN is called {what!r} (attached: {known})")
 
     async def detach(self, what: str, *, force: bool = False) -> dict[str, Any]:
-        """Orderly detach; refuses while the disk is mounted or held unless ``force``."""
+        """Orderly detach of every path; refuses while the disk (or any of its paths) is
+        mounted or held unless ``force``."""
         async with self._lock:
             # A LUN linked by someone else (targetcli) may have got its disk since we saw it:
             # without it, the mount check below would let a mounted disk go.
@@ -408,36 +702,46 @@ class Daemon:
                 self._event("detach", described)
                 return described
             disk = self.find(what)
-            if disk.device is not None:
-                busy = devices.users(disk.device.name)
-                if busy and not force:
-                    raise DiskBusyError(
-                        f"{disk.name} ({disk.device.node}) is in use: " + "; ".join(busy)
-                        + ". Unmount it first, or detach with --force")
-                await asyncio.to_thread(_flush, disk.device.node)
+            nodes = [p.device for p in disk.paths if p.device is not None]
+            busy = [use for dev in nodes for use in devices.users(dev.name)]
+            if busy and not force:
+                shown = ", ".join(dev.node for dev in nodes)
+                remedy = "Unmount it first"
+                if len(nodes) > 1:
+                    remedy += " and remove its multipath device (`multipath -f NAME`)"
+                raise DiskBusyError(f"{disk.name} ({shown}) is in use: " + "; ".join(busy)
+                                    + f". {remedy}, or detach with --force")
+            for dev in nodes:
+                await asyncio.to_thread(_flush, dev.node)
             previous, disk.state = disk.state, DiskState.DETACHING
             try:
                 # Served while the LUN goes (SYNCHRONIZE CACHE); then nothing reaches the ring,
                 # so the dispatcher stops before the backstore (and its uio device) does.
-                await asyncio.to_thread(kernel.unlink_luns, disk.backstore)
+                for path in disk.paths:
+                    if path.setup is not None:
+                        path.setup.cancel()
+                    if path.hba_index >= 0:
+                        await asyncio.to_thread(kernel.unlink_luns, path.backstore)
             except BaseException:
                 disk.state = previous
                 raise
-            if disk.dispatcher is not None:
-                await disk.dispatcher.close(timeout=30)
-            await asyncio.to_thread(kernel.delete_backstore, disk.backstore)
-            if disk.watcher is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await disk.watcher
-            self._serving.discard(disk.backstore)
-            if disk.device is not None:
+            for path in disk.paths:
+                if path.dispatcher is not None:
+                    await path.dispatcher.close(timeout=30)
+                if path.hba_index >= 0:
+                    await asyncio.to_thread(kernel.delete_backstore, path.backstore)
+                if path.watcher is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await path.watcher
+                self._serving.discard(path.backstore)
+            for dev in nodes:
                 with contextlib.suppress(devices.DeviceTimeout):
-                    await devices.wait_until_gone(disk.device.name,
-                                                  links=disk.device.by_id)
+                    await devices.wait_until_gone(dev.name, links=dev.by_id)
             self.disks.pop(disk.name, None)
-            await self.sessions.release(disk.session)
+            for path in disk.paths:
+                await self.sessions.release(path.session)
             log.info("detached %s (%s LUN %d at %s)", disk.name, disk.spec.target,
-                     disk.spec.lun, disk.spec.portal)
+                     disk.spec.lun, ", ".join(str(p.spec.portal) for p in disk.paths))
             described = disk.describe(DiskState.DETACHED)
             self._event("detach", described)
             return described
@@ -445,7 +749,9 @@ class Daemon:
     # -- adoption --------------------------------------------------------------------------
 
     async def adopt_existing(self) -> None:
-        """Take over every ``iscsi/`` backstore already in configfs (restart safety)."""
+        """Take over every ``iscsi/`` backstore already in configfs (restart safety): the
+        paths of a multipath disk become one disk again (:meth:`attach_enabled` then adds
+        the paths its configuration entry names but the kernel has none of)."""
         for info in await asyncio.to_thread(kernel.list_backstores):
             if info.name in self._serving:
                 continue
@@ -455,29 +761,44 @@ class Daemon:
                 log.error("cannot serve existing backstore %s: %s", info.name, exc)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
-        spec = self.specs.from_cfgstring(info.cfgstring, info.name)
-        if spec.name in self.disks:
-            # Two backstores naming the same configuration entry (one made with targetcli):
-            # the second goes by its backstore name rather than replacing the first here.
-            spec = dataclasses.replace(spec, name=info.name)
+        path_spec = self.specs.from_cfgstring(info.cfgstring, info.name)
+        spec = path_spec.disk
+        disk = self.disks.get(spec.name)
+        if disk is not None and ((disk.spec.target, disk.spec.lun) != (spec.target, spec.lun)
+                                 or disk.path_at(path_spec.portal) is not None):
+            # Two backstores naming the same configuration entry and portal (one made with
+            # targetcli): the second goes by its backstore name rather than joining the first.
+            spec = dataclasses.replace(spec, name=info.name, multipath=False)
+            path_spec = spec.path(path_spec.portal, 1)
+            disk = self.disks.get(spec.name)
         uio = await _wait_for_uio(info.name, info.hba_index)
-        session = await self.sessions.acquire(spec, background=True)
-        disk = Disk(spec=spec, backstore=info.name, hba_index=info.hba_index, session=session,
-                    size=info.size, scsi_address=info.scsi_address, adopted=True)
+        await asyncio.to_thread(kernel.pass_through_pr, info.path)
+        session = await self.sessions.acquire(path_spec, background=True)
+        path = DiskPath(spec=path_spec, session=session, backstore=info.name,
+                    hba_index=info.hba_index, scsi_address=info.scsi_address)
+        if disk is None:
+            disk = Disk(spec=spec, size=info.size, adopted=True)
         try:
-            await self._serve(disk, uio, takeover=takeover)
+            await self._serve(disk, path, uio, takeover=takeover)
         except BaseException:
             await self.sessions.release(session)
             raise
-        if disk.scsi_address is not None:
-            name = devices.disk_name(disk.scsi_address)
+        if path.scsi_address is not None:
+            # The timeouts of this daemon's settings (a multipath entry may have become one).
+            await asyncio.to_thread(kernel.set_disk_timeout, path.scsi_address,
+                                    scsi_timeout(spec))
+            name = devices.disk_name(path.scsi_address)
             if name is not None:
                 with contextlib.suppress(devices.DeviceTimeout):
-                    disk.device = await devices.wait_for_disk(disk.scsi_address, timeout=10)
+                    path.device = await devices.wait_for_disk(path.scsi_address, timeout=10)
+        disk.paths.append(path)
+        disk.paths.sort(key=lambda p: p.index)
         disk.state = DiskState.ATTACHED
         self.disks[disk.name] = disk
         log.info("%s %s: backstore %s -> %s", "took over" if takeover else "serving",
-                 disk.name, info.name, disk.device.node if disk.device else "no disk yet")
+                 path.label if spec.multipath else disk.name, info.name,
+                 path.device.node if path.device else "no disk yet")
+        self._path_changed(disk, path)
         self._event("adopt", disk.describe())
         return disk
 
@@ -506,7 +827,7 @@ class Daemon:
             if info is None:
                 continue
             try:
-                await self._adopt(info, takeover=False)
+                disk = await self._adopt(info, takeover=False)
             except (HBAError, ISCSIError, TCMUError) as exc:
                 message = str(exc)
                 if self._unservable.get(info.name) != message:
@@ -517,44 +838,41 @@ class Daemon:
                 # Before a LUN links it (the attribute is fixed once exported): commands
                 # then wait out a session recovery as they do on the disks we attach.
                 await asyncio.to_thread(kernel.set_cmd_time_out, info.path,
-                                        self._scsi_timeout(self.disks_by_backstore(info.name)))
+                                        cmd_time_out(disk.spec))
 
     def disks_by_backstore(self, backstore: str) -> Disk | None:
-        """The disk served from backstore ``backstore``, if any."""
+        """The disk one of whose paths is served from backstore ``backstore``, if any."""
         for disk in self.disks.values():
-            if disk.backstore == backstore:
+            if any(path.backstore == backstore for path in disk.paths):
                 return disk
         return None
-
-    @staticmethod
-    def _scsi_timeout(disk: Disk | None) -> int:
-        replacement = disk.spec.session.replacement_timeout if disk is not None else 120.0
-        return int(replacement) + SCSI_TIMEOUT_MARGIN
 
     async def refresh_devices(self) -> None:
         """Find the disks of LUNs that someone else (targetcli, rtslib) linked to backstores
         we serve after we started serving them."""
-        missing = [d for d in self.disks.values()
-                   if d.device is None and d.state is DiskState.ATTACHED]
+        missing = [(d, p) for d in self.disks.values() if d.state is DiskState.ATTACHED
+                   for p in d.paths if p.device is None and p.hba_index >= 0]
         if not missing:
             return
         infos = {info.name: info for info in await asyncio.to_thread(kernel.list_backstores)}
-        for disk in missing:
-            info = infos.get(disk.backstore)
+        for disk, path in missing:
+            info = infos.get(path.backstore)
             if info is None or info.scsi_address is None:
                 continue
-            if disk.scsi_address != info.scsi_address:
-                disk.scsi_address = info.scsi_address
+            if path.scsi_address != info.scsi_address:
+                path.scsi_address = info.scsi_address
                 await asyncio.to_thread(kernel.set_disk_timeout, info.scsi_address,
-                                        self._scsi_timeout(disk))
+                                        scsi_timeout(disk.spec))
             device = await asyncio.to_thread(devices.find_disk, info.scsi_address)
             if device is None:
                 continue
-            disk.device = device
+            path.device = device
             disk.size = await asyncio.to_thread(devices.size_bytes, device.name) or disk.size
-            log.info("%s: LUN linked to backstore %s -> %s (%s)", disk.name, disk.backstore,
+            log.info("%s: LUN linked to backstore %s -> %s (%s)", disk.name, path.backstore,
                      device.node, device.primary_link or "no by-id link")
+            self._path_changed(disk, path)
             self._event("attach", disk.describe())
+
 
     # -- reporting -------------------------------------------------------------------------
 

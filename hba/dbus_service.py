@@ -407,9 +407,10 @@ async def check_config(daemon: Daemon, cfg: str, *,
             return False, (f"{ref.nickname!r} is not the nickname of an entry of {where}: add "
                            f"an entry `{ref.nickname} {{ TargetAddress = ...; TargetName = "
                            "...; }` there, or give <host>%3A<port>/<target-iqn>/<lun>")
-    spec = daemon.specs.from_cfgstring(text, ref.nickname or "cfgstring")
-    where = f"{spec.target} LUN {spec.lun} at {spec.portal}"
-    session = Session(spec.portal, spec.target, dataclasses.replace(
+    path = daemon.specs.from_cfgstring(text, ref.nickname or "cfgstring")
+    spec = path.disk
+    where = f"{spec.target} LUN {spec.lun} at {path.portal}"
+    session = Session(path.portal, spec.target, dataclasses.replace(
         spec.session, login_timeout=min(spec.session.login_timeout, timeout),
         reconnect_forever=False))
     try:

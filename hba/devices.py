@@ -201,3 +201,61 @@ def users(name: str, sysfs: Path = Path("/sys"),
             if dev.rsplit("/", 1)[-1] in parts:
                 found.append(f"{dev} is in use as swap")
     return found
+
+
+# ------------------------------------------------------------------------------------------
+# multipath: what dm-multipath and the ALUA device handler made of a LUN's paths
+
+WWIDS = Path("/etc/multipath/wwids")
+"""The WWIDs multipathd assembles under ``find_multipaths strict`` (Debian's default)."""
+
+
+def holder(names: list[str], sysfs: Path = Path("/sys")) -> str | None:
+    """``/dev/mapper/<name>`` of the device-mapper device holding any of the disks ``names``
+    (a multipath map over the paths), or None."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            for dm in sorted((sysfs / "class/block" / name / "holders").iterdir()):
+                with contextlib.suppress(OSError):
+                    mapped = (sysfs / "class/block" / dm.name / "dm" / "name").read_text()
+                    return f"/dev/mapper/{mapped.strip()}"
+    return None
+
+
+def access_state(scsi_address: str, sysfs: Path = Path("/sys")) -> str | None:
+    """The ALUA state the kernel's ``scsi_dh_alua`` keeps for a path (``active/optimized``,
+    ``standby``, ...), which multipathd's ``sysfs`` prioritizer reads; None without ALUA."""
+    try:
+        return (sysfs / "bus/scsi/devices" / scsi_address / "access_state").read_text().strip()
+    except OSError:
+        return None
+
+
+def wwid(name: str, sysfs: Path = Path("/sys")) -> str | None:
+    """The WWID multipathd knows a disk by (udev's ID_SERIAL: ``3`` + the NAA identifier of
+    VPD page 0x83, for the disks of an NAA LUN), or None."""
+    try:
+        text = (sysfs / "class/block" / name / "device" / "wwid").read_text().strip()
+    except OSError:
+        return None
+    kind, dot, ident = text.partition(".")
+    if kind == "naa" and dot and all(c in "0123456789abcdefABCDEF" for c in ident):
+        return f"3{ident.lower()}"
+    return None
+
+
+def multipath_hint(names: list[str], holder_node: str | None, sysfs: Path = Path("/sys"),
+                   wwids: Path = WWIDS) -> str | None:
+    """Why the paths ``names`` of one LUN are not one multipath device yet, in one sentence
+    with what to do; None when they are (or when there are fewer than two)."""
+    if holder_node is not None or len(names) < 2:
+        return None
+    ident = wwid(names[0], sysfs)
+    known = ""
+    with contextlib.suppress(OSError):
+        known = wwids.read_text()
+    if ident is not None and f"/{ident}/" not in known:
+        return (f"not assembled by multipathd: WWID {ident} is not in {wwids} (Debian's "
+                f"find_multipaths strict); run `multipath -a /dev/{names[0]}` once")
+    return ("not assembled by multipathd: check that it runs (`systemctl status "
+            "multipathd`) and what `multipath -ll` says")

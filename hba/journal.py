@@ -17,9 +17,10 @@ never stalls the loop that serves the disks. Elsewhere, records go to standard e
 
 :class:`SessionEvents` names what a session's state change means — ``login``, ``drop``
 (connection lost, being reinstated), ``reinstatement``, ``give-up`` (the replacement timeout
-passed), ``logout``, ``login-failed``, and ``path-change`` for whoever moves a disk to another
-portal — and logs one line for it with the fields ``ISCSI_EVENT``, ``ISCSI_TARGET``,
-``ISCSI_PORTAL`` and one ``DISK`` per disk on the session.
+passed), ``logout``, ``login-failed``, and ``path-change`` (a path of a disk went up, down,
+failed over: the daemon's words, :meth:`hba.daemon.Daemon._path_changed`) — and logs one line
+for it with the fields ``ISCSI_EVENT``, ``ISCSI_TARGET``, ``ISCSI_PORTAL`` and one ``DISK`` per
+disk on the session (``ISCSI_PATH_STATE`` too for a path).
 """
 
 from __future__ import annotations
@@ -170,12 +171,14 @@ class SessionEvents:
             self.log.info("session %s at %s: %s", target, portal, state,
                           extra={"journal": self._fields("state", target, portal, disks)})
 
-    def path_changed(self, target: str, old: str, new: str, *, disks: Sequence[str] = (),
-                     why: str = "") -> None:
-        """``disks`` of ``target`` are now served through portal ``new`` instead of ``old``."""
-        self.event("path-change", target, new, disks,
-                   f"now serving through {new} instead of {old}" + (f" ({why})" if why else ""),
-                   logging.WARNING)
+    def path_changed(self, target: str, portal: str, label: str, state: str, what: str, *,
+                     disks: Sequence[str] = (), level: int = logging.INFO) -> None:
+        """The path ``label`` of ``disks`` (to ``target`` through ``portal``) is now in
+        ``state`` (a :class:`~hba.disks.PathState` value); ``what``: the line for a person."""
+        fields = self._fields("path-change", target, portal, disks)
+        fields["ISCSI_PATH_STATE"] = state
+        self.log.log(level, "%s: %s", printable(label), printable(what),
+                     extra={"journal": fields})
 
     def event(self, kind: str, target: str, portal: str, disks: Sequence[str], what: str,
               level: int = logging.INFO) -> None:

@@ -14,6 +14,16 @@ A LUN we attach is, in configfs (tcmu-interface.md §3)::
 
 The cfgstring names the target and LUN only (:mod:`hba.cfgstring`); it is visible to every
 user in ``/sys/class/uio/*/name`` and must never carry a secret.
+
+A LUN reached through several portals has one such pair per path (docs/multipath-design.md
+§1): the ring carries no I_T nexus, so only a backstore of its own per session lets each
+``/dev/sdX`` report its own remote target port (ALUA), fail on its own and hold its own
+persistent reservations.
+
+Persistent reservations pass through (``attrib/pgr_support = 0``, :func:`pass_through_pr`):
+with LIO's default it emulates PERSISTENT RESERVE IN/OUT, RESERVE and RELEASE itself, per
+backstore, and the target never hears of them — wrong for a shared LUN even with one path,
+and each path of a multipath LUN would see a reservation state of its own.
 """
 
 from __future__ import annotations
@@ -182,6 +192,7 @@ def create_backstore(
     if cmd_time_out is not None:
         _write_attrib(path, "cmd_time_out", str(cmd_time_out))
     _write_attrib(path, "tmr_notification", "1")
+    pass_through_pr(path)
     return BackstoreInfo(name=name, hba_index=_hba_index(path), cfgstring=cfgstring,
                          size=size, path=path)
 
@@ -227,6 +238,14 @@ def ensure_dbroot(path: Path = DBROOT, configfs: Path = CONFIGFS) -> None:
         dbroot.write_text(f"{path}\n")
     except OSError as exc:  # backstores exist (EINVAL): the kernel keeps its own
         log.debug("the kernel's dbroot stays %s: %s", _read(dbroot).strip(), exc.strerror)
+
+
+def pass_through_pr(path: Path) -> None:
+    """Let PERSISTENT RESERVE IN/OUT, RESERVE and RELEASE through the ring to the target
+    instead of LIO answering them (module docstring). Writable at any time, also while a LUN
+    links the backstore (target_core_configfs.c, ``pgr_support``): backstores made by an
+    older daemon or by targetcli get it when they are taken over."""
+    _write_attrib(path, "pgr_support", "0")
 
 
 def _write_attrib(path: Path, attrib: str, value: str) -> None:
@@ -363,7 +382,7 @@ def _read_backstore(dev: Path, links: dict[Path, tuple[str, str, int]]
     info_text = _read(dev / "info")
     m = re.search(r"Config(?:String)?:\s*(\S+)", info_text)
     config = m.group(1) if m else ""
-    m = re.search(r"Size:\s*(\d+)", info_text)
+    m = re.search(r"\bSize:\s*(\d+)", info_text)   # not the core's "SectorSize: 512"
     size = int(m.group(1)) if m else 0
     subtype, slash, cfgstring = config.partition("/")
     if subtype != SUBTYPE or not slash:

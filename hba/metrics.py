@@ -20,7 +20,8 @@ so nothing of the data path runs there and nothing of the loop waits for a scrap
 are off by default; a bare port listens on the loopback address only.
 
 Names follow Prometheus' conventions: ``iscsi_hba_`` prefix, base units (seconds, bytes),
-``_total`` for counters; disks are labelled ``disk`` (``iscsi_hba_disk_info`` joins the name
+``_total`` for counters; disks are labelled ``disk`` (each path of a multipath disk is one,
+``<name>.<n>``) (``iscsi_hba_disk_info`` joins the name
 to its device, target, portal and LUN), sessions ``target`` and ``portal``.
 """
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from hba.daemon import Daemon
-    from hba.disks import Disk
+    from hba.disks import Disk, DiskPath
 
 log = logging.getLogger("iscsi-hba")
 
@@ -78,13 +79,23 @@ def _sense_key_name(key: int) -> str:
     return SenseKey(key & 0x0F).name.lower()
 
 
-def _disk(disk: Disk) -> dict[str, Any]:
+def _disk(disk: Disk) -> list[dict[str, Any]]:
+    """One row per path: each is a device of its own in the kernel, with its own ring. A
+    multipath disk's rows are named ``<name>.<n>``, as its backstores."""
+    rows = []
+    for path in disk.paths:
+        name = f"{disk.name}.{path.index}" if disk.spec.multipath else disk.name
+        rows.append(_path(disk, path, name))
+    return rows
+
+
+def _path(disk: Disk, path: DiskPath, name: str) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "name": disk.name, "device": disk.device.node if disk.device else "",
-        "target": disk.spec.target, "portal": str(disk.spec.portal), "lun": disk.spec.lun,
-        "state": disk.state.value, "session": disk.session.state.value,
+        "name": name, "device": path.device.node if path.device else "",
+        "target": disk.spec.target, "portal": str(path.spec.portal), "lun": disk.spec.lun,
+        "state": disk.state.value, "session": path.session.state.value,
     }
-    dispatcher = disk.dispatcher
+    dispatcher = path.dispatcher
     if dispatcher is None:
         return row
     stats = dispatcher.stats
@@ -138,8 +149,9 @@ def sample(daemon: Daemon) -> dict[str, Any]:
     disks = list(daemon.disks.values())
     sessions: dict[int, tuple[Session, int]] = {}
     for disk in disks:
-        session, luns = sessions.get(id(disk.session), (disk.session, 0))
-        sessions[id(session)] = (session, luns + 1)
+        for path in disk.paths:
+            session, luns = sessions.get(id(path.session), (path.session, 0))
+            sessions[id(session)] = (session, luns + 1)
     rows = daemon.list()
     by_state = {state.value: 0 for state in DiskState if state is not DiskState.DETACHED}
     for row in rows:
@@ -147,7 +159,7 @@ def sample(daemon: Daemon) -> dict[str, Any]:
     return {
         "time": loop.time(),
         "buckets": list(LATENCY_BUCKETS),
-        "disks": [_disk(disk) for disk in disks],
+        "disks": [row for disk in disks for row in _disk(disk)],
         "sessions": [_session(session, luns) for session, luns in sessions.values()],
         "daemon": {"disks": by_state,
                    "retries_pending": sum(row["state"] == DiskState.RETRYING.value

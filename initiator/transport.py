@@ -588,6 +588,12 @@ class Session:
     def label(self) -> str:
         return f"{self.target_name or 'discovery'} at {self.portal}"
 
+    @property
+    def recovery(self) -> RecoveryPolicy:
+        """The recovery policy's state, to read (since when the session is down and why,
+        the last attempt's error, the attempts): what ``hbactl status`` shows of a path."""
+        return self._policy
+
     # -- login -----------------------------------------------------------------------------
 
     async def login(self) -> None:

@@ -4,6 +4,11 @@ Forms (libiscsi's ``ISCSI_URL_SYNTAX`` / ``ISCSI_PORTAL_URL_SYNTAX``)::
 
     iscsi://[<user>[%<secret>]@]<host>[:<port>]/<target-name>/<lun>[?<options>]
     iscsi://[<user>[%<secret>]@]<host>[:<port>][/][?<options>]        (discovery)
+    iscsi://[<user>[%<secret>]@]<host>[:<port>],<host>[:<port>],.../<target-name>/<lun>
+
+The last form (ours; libiscsi has none) names one LUN reachable through several portals, one
+multipath path each (``hbactl attach``): only callers that ask for it (``several_portals``)
+accept it, since a one-shot command talks to one portal.
 
 * ``<host>`` is a DNS name, an IPv4 address, or an IPv6 address in brackets
   (``iscsi://[fe80::1]:3261/...``). The port defaults to 3260, IANA's ``iscsi-target``.
@@ -21,10 +26,15 @@ Forms (libiscsi's ``ISCSI_URL_SYNTAX`` / ``ISCSI_PORTAL_URL_SYNTAX``)::
   field of H:C:T:L): 0..65535, the whole first level of a SAM LUN. 0..255 travel as
   peripheral device addressing; a target that uses flat addressing for LUN ``k`` reports it
   as ``16384 + k`` (see :func:`initiator.scsi.encode_lun`). libiscsi sends the same 16 bits.
+* Several portals are separated by ``,``; each has its own port (default 3260), so
+  ``iscsi://192.0.2.10,192.0.2.11:3261/...`` is 192.0.2.10:3260 and 192.0.2.11:3261, and
+  ``iscsi://[fd00::1],[fd00::2]/...`` two IPv6 portals. A portal named twice is an error.
 * Options: ``header_digest`` and ``data_digest`` = ``none`` | ``crc32c`` (libiscsi's two
   values, lib/init.c) or the ordered offers ``crc32c-none`` | ``none-crc32c`` (libiscsi's
   enum has them but its URL parser does not accept them); ``target_user`` and
-  ``target_password`` for mutual CHAP. Unknown options are errors (libiscsi ignores them).
+  ``target_password`` for mutual CHAP; ``discover_portals`` = ``on`` | ``off`` (with
+  ``several_portals`` only: also use every portal the target lists in SendTargets as a
+  path). Unknown options are errors (libiscsi ignores them).
 
 Secrets from the environment, when the URL does not carry them: URL first, then ours, then
 libiscsi's, so a libiscsi user's environment keeps working (the names are in
@@ -68,6 +78,7 @@ MAX_NAME_BYTES = 223
 """RFC 7143 §4.2.7.1: an iSCSI name is at most 223 bytes (UTF-8)."""
 
 URL_SYNTAX = "iscsi://[<user>[%<secret>]@]<host>[:<port>]/<target-name>/<lun>"
+PATHS_SYNTAX = "iscsi://[<user>[%<secret>]@]<host>[:<port>][,<host>[:<port>]...]/<target-name>/<lun>"
 PORTAL_URL_SYNTAX = "iscsi://[<user>[%<secret>]@]<host>[:<port>]"
 NAME_SYNTAX = (
     "iqn.yyyy-mm.<reversed domain>[:<identifier>], eui.<16 hex digits> "
@@ -114,7 +125,8 @@ class IscsiUrl:
     """A parsed iSCSI URL. ``target_iqn`` and ``lun`` are None for the discovery form.
 
     ``header_digest``/``data_digest`` are None when the URL did not ask for anything (the
-    session's defaults apply).
+    session's defaults apply). ``host``/``port`` are the first portal, ``more_portals`` the
+    others of a multipath URL (:attr:`portals` has them all).
     """
 
     host: str
@@ -127,6 +139,13 @@ class IscsiUrl:
     target_secret: str | None = None
     header_digest: DigestPreference | None = None
     data_digest: DigestPreference | None = None
+    more_portals: tuple[tuple[str, int], ...] = ()
+    discover_portals: bool = False
+
+    @property
+    def portals(self) -> tuple[tuple[str, int], ...]:
+        """Every portal as ``(host, port)``, the first one first."""
+        return ((self.host, self.port), *self.more_portals)
 
     @property
     def is_discovery(self) -> bool:
@@ -157,7 +176,7 @@ class IscsiUrl:
             if self.chap_secret is not None:
                 userinfo += "%" + _REDACTED
             userinfo += "@"
-        text = f"iscsi://{userinfo}{self.portal}"
+        text = f"iscsi://{userinfo}" + ",".join(format_portal(h, p) for h, p in self.portals)
         if self.target_iqn is not None:
             text += f"/{self.target_iqn}/{self.lun}"
         options: list[str] = []
@@ -169,6 +188,8 @@ class IscsiUrl:
             options.append(f"target_user={_quote(self.target_user)}")
         if self.target_secret is not None:
             options.append(f"target_password={_REDACTED}")
+        if self.discover_portals:
+            options.append("discover_portals=on")
         if options:
             text += "?" + "&".join(options)
         return text
@@ -185,7 +206,8 @@ class IscsiUrl:
             f"lun={self.lun!r}, chap_user={self.chap_user!r}, "
             f"chap_secret={secret(self.chap_secret)}, target_user={self.target_user!r}, "
             f"target_secret={secret(self.target_secret)}, "
-            f"header_digest={self.header_digest!r}, data_digest={self.data_digest!r})"
+            f"header_digest={self.header_digest!r}, data_digest={self.data_digest!r}, "
+            f"more_portals={self.more_portals!r}, discover_portals={self.discover_portals!r})"
         )
 
 
@@ -342,7 +364,9 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
 # --------------------------------------------------------------------------------------------
 
 _PREFIX = "iscsi://"
-_OPTIONS = ("header_digest", "data_digest", "target_user", "target_password")
+_OPTIONS = ("header_digest", "data_digest", "target_user", "target_password",
+            "discover_portals")
+_ON_OFF = {"on": True, "yes": True, "off": False, "no": False}
 
 
 def _scrub(text: str) -> str:
@@ -371,11 +395,13 @@ def _decode(part: str, what: str, shown: str) -> str:
         ) from None
 
 
-def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUrl:
+def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
+              several_portals: bool = False) -> IscsiUrl:
     """Parse an ``iscsi://`` URL (target or discovery form) into an :class:`IscsiUrl`.
 
     ``environ`` (default ``os.environ``) supplies CHAP credentials the URL leaves out; see the
-    module docstring for the variable names and their precedence. Every problem raises
+    module docstring for the variable names and their precedence. ``several_portals``
+    accepts the multipath form (several portals, ``discover_portals``). Every problem raises
     :class:`ConfigurationError` naming what is wrong and the expected form, never showing a
     secret.
     """
@@ -399,7 +425,13 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUr
     authority, slash, path = rest.partition("/")
     # An '@' after the '?' usually means a secret with an unescaped '?': then the text before
     # the '?' may hold part of the secret and must not be quoted back.
-    host, port = _parse_authority(authority, shown, quote="@" not in query)
+    portals = _parse_portals(authority, shown, quote="@" not in query)
+    if len(portals) > 1 and not several_portals:
+        raise ConfigurationError(
+            f"URL {shown} names {len(portals)} portals; only hbactl attach (the daemon) uses "
+            "several, one path each: give this command one host[:port]"
+        )
+    (host, port), more = portals[0], tuple(portals[1:])
 
     target: str | None = None
     lun: int | None = None
@@ -431,6 +463,15 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUr
             )
 
     options = _parse_query(query, shown)
+    discover = options.get("discover_portals")
+    if discover is not None and not several_portals:
+        raise ConfigurationError(
+            f"option discover_portals in URL {shown} is for hbactl attach (the daemon) only"
+        )
+    if discover is not None and discover.lower() not in _ON_OFF:
+        raise ConfigurationError(
+            f"discover_portals={discover!r} in URL {shown} is not one of on, off, yes, no"
+        )
 
     chap_user: str | None = None
     chap_secret: str | None = None
@@ -468,7 +509,26 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None) -> IscsiUr
         target_secret=chap.target_secret,
         header_digest=_digest(options, "header_digest", shown),
         data_digest=_digest(options, "data_digest", shown),
+        more_portals=more,
+        discover_portals=_ON_OFF[discover.lower()] if discover is not None else False,
     )
+
+
+def _parse_portals(authority: str, shown: str, *, quote: bool) -> list[tuple[str, int]]:
+    """The portals of the authority: ``host[:port]`` separated by ``,`` (module docstring)."""
+    portals: list[tuple[str, int]] = []
+    for part in authority.split(","):
+        if not part and authority:
+            raise ConfigurationError(
+                f"URL {shown} has an empty portal between commas; expected {PATHS_SYNTAX}"
+            )
+        portal = _parse_authority(part, shown, quote=quote)
+        if portal in portals:
+            raise ConfigurationError(
+                f"URL {shown} names portal {format_portal(*portal)} twice"
+            )
+        portals.append(portal)
+    return portals
 
 
 def _parse_authority(authority: str, shown: str, *, quote: bool) -> tuple[str, int]:

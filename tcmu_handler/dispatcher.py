@@ -23,11 +23,13 @@ Before a command is completed every view of its buffers is released, because the
 SIGBUS.
 
 Errors: a command the transport cannot deliver ends with CHECK CONDITION and sense saying why
-(:mod:`tcmu_handler.scsi`). An entry that cannot be served safely (iovecs outside the data area,
-a CDB outside the entry, DIF iovecs) is completed with ``TCMU_UFLAG_UNKNOWN_OP``. When the
-device goes away (POLLERR, EIO, ENODEV) the dispatcher logs one line and stops; commands still
-in flight are aborted at the target, and their buffers are released, never written back, when
-the initiator reports them done; the map is unmapped after the last one.
+(:mod:`tcmu_handler.scsi`, for the ring's :class:`~tcmu_handler.scsi.PathPolicy`: the only way
+to its LUN, or one path of several). An entry that cannot be served safely (iovecs outside
+the data area, a CDB outside the entry, DIF iovecs) is completed with
+``TCMU_UFLAG_UNKNOWN_OP``. When the device goes away (POLLERR, EIO, ENODEV) the dispatcher
+logs one line and stops; commands still in flight are aborted at the target, and their
+buffers are released, never written back, when the initiator reports them done; the map is
+unmapped after the last one.
 
 What the commands did (operations, bytes, latency from ring entry to ring completion, statuses)
 is counted into :attr:`Dispatcher.metrics` (:mod:`tcmu_handler.stats`): one clock reading per
@@ -148,11 +150,13 @@ class Dispatcher:
     """
 
     def __init__(self, device: UioDevice, executor: CommandExecutor, *, lun: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 policy: scsi.PathPolicy = scsi.PathPolicy.SINGLE) -> None:
         mailbox = device.mailbox()
         self._device = device
         self._executor = executor
         self._lun = lun
+        self._policy = policy   # which sense an undeliverable command gets (tcmu_handler.scsi)
         self._name = device.name
         self._flags = mailbox.flags
         self._use_read_len = bool(mailbox.flags & ring.MailboxFlag.READ_LEN)
@@ -191,13 +195,14 @@ class Dispatcher:
 
     @classmethod
     def takeover(cls, info: UioInfo, executor: CommandExecutor, *, lun: int = 0,
+                 policy: scsi.PathPolicy = scsi.PathPolicy.SINGLE,
                  reset_level: int = ResetLevel.BUSY,
                  configfs_root: Path = CONFIGFS_ROOT) -> Dispatcher:
         """Take over a device a dead handler left (see :func:`tcmu_handler.device.takeover`)
         and return a dispatcher for it, not yet started."""
         device = takeover(info, configfs_root=configfs_root, reset_level=reset_level)
         try:
-            return cls(device, executor, lun=lun)
+            return cls(device, executor, lun=lun, policy=policy)
         except BaseException:
             device.close()
             raise
@@ -457,7 +462,7 @@ class Dispatcher:
         self._finish(rec, status, uflags, read_len, sense)
 
     def _complete_error(self, rec: _Command, error: BaseException) -> None:
-        code = scsi.sense_for_error(error)
+        code = scsi.sense_for_error(error, self._policy)
         self._failed += 1
         log.debug("%s: cmd_id %d failed (%s): reporting %s", self._name, rec.cmd_id, error,
                   code)

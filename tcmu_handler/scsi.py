@@ -44,10 +44,25 @@ Linux 6.x do with each choice:
   target failure). No retry (SUCCESS, then ACTION_FAIL): retrying would repeat the bug.
   Deliberately not ILLEGAL REQUEST 20/00, which makes sd switch READ(10)/WRITE(10) to 6-byte
   CDBs for good.
+
+One path or several (:class:`PathPolicy`)
+-----------------------------------------
+The table above is for a disk whose ring is the only way to its LUN (``PathPolicy.SINGLE``):
+there a lost connection is best waited out in the SCSI layer. A ring that is one *path* of a
+LUN that dm-multipath reaches through several (``PathPolicy.MULTIPATH``) must instead report
+"this path is down" so that dm-multipath acts on it at once: every error that says so becomes
+NOT READY 08/00 there. ``scsi_io_completion_action`` fails it without retry (ACTION_FAIL,
+``BLK_STS_IOERR``), ``blk_path_error()`` counts that as a path error, and dm-multipath fails
+the path and requeues the I/O on another (docs/multipath-design.md §2.1). What must never reach
+the kernel for a path: BUSY, NOT READY 04/01 and 04/0A — the SCSI layer keeps retrying those
+for up to (retries + 1) x timeout, out of dm-multipath's reach — so ``ConnectionFailed`` maps
+to 08/00 too. The target errors (HARDWARE ERROR, MEDIUM ERROR, ...) stay what they are on a
+path: they are not path errors, and retrying them elsewhere would not help.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 from initiator.errors import (
@@ -68,8 +83,8 @@ from initiator.scsi import SenseKey, asc_text, build_fixed_sense
 __all__ = [
     "COMMANDS_CLEARED", "DATA_PHASE_ERROR", "INTERNAL_FAILURE", "LU_BECOMING_READY",
     "LU_COMMUNICATION_FAILURE", "LU_COMMUNICATION_TIMEOUT", "LU_MANUAL_INTERVENTION",
-    "NO_SENSE_FROM_TARGET", "PROTOCOL_CRC_ERROR", "TRANSPORT_FAILURE", "SenseCode", "SenseKey",
-    "is_data_out", "sense_for_error",
+    "NO_SENSE_FROM_TARGET", "PROTOCOL_CRC_ERROR", "TRANSPORT_FAILURE", "PathPolicy", "SenseCode",
+    "SenseKey", "is_data_out", "sense_for_error",
 ]
 
 
@@ -108,6 +123,15 @@ TRANSPORT_FAILURE = SenseCode(SenseKey.ABORTED_COMMAND, 0x08, 0x00)
 INTERNAL_FAILURE = SenseCode(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
 NO_SENSE_FROM_TARGET = SenseCode(SenseKey.ABORTED_COMMAND, 0x00, 0x00)
 
+class PathPolicy(enum.Enum):
+    """Whether a ring is the only way to its LUN or one path of several (module docstring)."""
+
+    SINGLE = "single path"
+    """A lost connection is waited out in the SCSI layer (NOT READY 04/01)."""
+    MULTIPATH = "multipath"
+    """Every "path down" error is NOT READY 08/00, a path error for dm-multipath."""
+
+
 _ERROR_SENSE: tuple[tuple[type[BaseException], SenseCode], ...] = (
     # Most specific first: the first isinstance() match wins.
     (SessionFailed, LU_COMMUNICATION_FAILURE),
@@ -124,9 +148,18 @@ _ERROR_SENSE: tuple[tuple[type[BaseException], SenseCode], ...] = (
 )
 
 
-def sense_for_error(error: BaseException) -> SenseCode:
-    """The sense code reporting ``error`` to the kernel (see the module docstring for why)."""
-    for cls, code in _ERROR_SENSE:
+# What a path of a multipath LUN answers differently; checked before the common table.
+_PATH_SENSE: dict[PathPolicy, tuple[tuple[type[BaseException], SenseCode], ...]] = {
+    PathPolicy.SINGLE: (),
+    PathPolicy.MULTIPATH: ((ConnectionFailed, LU_COMMUNICATION_FAILURE),),
+}
+_TABLES = {policy: overrides + _ERROR_SENSE for policy, overrides in _PATH_SENSE.items()}
+
+
+def sense_for_error(error: BaseException, policy: PathPolicy = PathPolicy.SINGLE) -> SenseCode:
+    """The sense code reporting ``error`` to the kernel for a ring of ``policy`` (see the
+    module docstring for why)."""
+    for cls, code in _TABLES[policy]:
         if isinstance(error, cls):
             return code
     return INTERNAL_FAILURE

@@ -1,5 +1,5 @@
-"""The project's daemon (:class:`hba.daemon.Daemon`) in a thread of its own, for kernel tests and
-benchmarks.
+"""The project's daemon for kernel tests and benchmarks: in a thread of its own
+(:class:`DaemonThread`), or as ``hbactl daemon`` in a process (:class:`DaemonProcess`).
 
 The daemon's asyncio loop serves the TCMU rings: whatever blocks that loop blocks every I/O to
 the disks it serves. A test that ran ``mkfs`` or ``fio`` on the loop's thread would deadlock
@@ -27,6 +27,11 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,8 +41,12 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from hba.daemon import Daemon, DaemonOptions, Disk
+from tests.kernel import helpers
 
 T = TypeVar("T")
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+HBACTL = Path(sys.executable).parent / "hbactl"
 
 CONFIGFS_TARGET = Path("/sys/kernel/config/target")
 LOGGERS = ("iscsi-hba", "hba", "initiator", "tcmu_handler")
@@ -228,6 +237,7 @@ class DaemonThread:
 
         def read(daemon: Daemon) -> dict[str, Any]:
             session = daemon.disks[name].session
+            assert session is not None
             params = session.parameters
             return {
                 "state": session.state.value,
@@ -259,6 +269,69 @@ class DaemonThread:
                 fds[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
         return ProcessSnapshot(tasks=described, threads=others,
                                executor_threads=len(executor), fds=fds)
+
+
+class DaemonProcess:
+    """``hbactl daemon`` as a subprocess; ready when it sends ``READY=1`` (sd_notify)."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 240.0) -> None:
+        assert not self.running, "the daemon is already running"
+        self.starts += 1
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"hba-daemon-test-{os.getpid()}-{secrets.token_hex(4)}"
+        notify.bind("\0" + name)
+        env = dict(os.environ, NOTIFY_SOCKET="@" + name)
+        try:
+            with self.log_path.open("ab") as log:
+                log.write(f"--- start {self.starts}\n".encode())
+                log.flush()
+                self.proc = subprocess.Popen(
+                    [HBACTL, "daemon", "--config", str(self.config)], cwd=CHECKOUT,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                    start_new_session=True)
+            try:
+                if helpers.wait_for_ready(notify, self.proc, timeout):
+                    return
+            except helpers.ProcessExited as exc:
+                raise AssertionError(f"hbactl daemon exited with {exc.status} before "
+                                     f"READY=1:\n{self.log()}") from None
+            self.kill()
+            raise AssertionError(f"hbactl daemon sent no READY=1 within {timeout:.0f} s:\n"
+                                 f"{self.log()}")
+        finally:
+            notify.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"hbactl daemon ignored SIGTERM for {timeout:.0f} s:\n"
+                                     f"{self.log()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def _snapshot_disk(disk: Disk) -> AttachedDisk:
@@ -318,7 +391,9 @@ def lio_sessions(iqn: str) -> list[str]:
 
 
 __all__ = [
+    "HBACTL",
     "AttachedDisk",
+    "DaemonProcess",
     "DaemonThread",
     "ProcessSnapshot",
     "leftovers",

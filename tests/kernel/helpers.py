@@ -2,7 +2,11 @@
 open-iscsi, udev).
 
 - :class:`Lio`: LIO iSCSI targets through rtslib-fb (ramdisk or fileio backstore, any LUN size,
-  no CHAP / one-way / mutual CHAP, demo mode or explicit initiator ACLs), removed without a trace.
+  no CHAP / one-way / mutual CHAP, demo mode or explicit initiator ACLs), removed without a trace;
+  :meth:`Lio.create_multipath`: one LUN on several portals, a TPG and an ALUA group each.
+- Multipath: :class:`Multipathd` (multipathd in the foreground), :class:`PathCutter` (a path cut
+  with an nftables drop), :class:`IoProbe` (the longest I/O stall, errors and corrupt reads on a
+  device while paths fail).
 - :class:`Iscsid` and :class:`Iscsiadm`: open-iscsi's daemon and CLI, the reference initiator.
 - :func:`wait_for_block_device`: wait, through real udev events (pyudev), for a disk that udev
   has finished processing (so its ``/dev/disk/by-*`` links exist).
@@ -15,13 +19,16 @@ The conftest turns these into fixtures; tests may also use them directly.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ from typing import Any, NamedTuple
 import pyudev
 
 from hba import kernel
+from initiator.url import format_portal
 from tests.support.targets import Chap, TargetInfo, free_tcp_port, unique_iqn
 
 CONFIGFS_TARGET = Path("/sys/kernel/config/target")
@@ -96,6 +104,48 @@ class LioTarget(TargetInfo):
 
 BACKSTORES = ("ramdisk", "fileio")
 
+# target_core_alua.h: ALUA_ACCESS_STATE_*
+ALUA_STATES = {"active/optimized": 0, "active/non-optimized": 1, "standby": 2,
+               "unavailable": 3, "transitioning": 15}
+
+
+@dataclass(frozen=True)
+class LioMultipathTarget(LioTarget):
+    """One LUN reachable through several portals (``hosts``, same port), like a
+    dual-controller array: each portal is a TPG of its own (its own SCSI target port, TPGT
+    1, 2, ...) in an ALUA group of its own (``groups``, ids 16, 32, ...)."""
+
+    hosts: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    @property
+    def portals(self) -> list[str]:
+        return [format_portal(h, self.port) for h in self.hosts]
+
+    def multipath_url(self) -> str:
+        """``iscsi://host1:port,host2:port/<iqn>/<lun>``."""
+        return f"iscsi://{','.join(self.portals)}/{self.iqn}/{self.lun}"
+
+    def set_alua(self, *states: str) -> None:
+        """The access state of each group, in ``groups`` order (``ALUA_STATES`` names)."""
+        import rtslib_fb as rts
+
+        so = rts.RDMCPStorageObject(self.storage_name) if self.backstore == "ramdisk" else \
+            rts.FileIOStorageObject(self.storage_name)
+        for group, state in zip(self.groups, states, strict=True):
+            rts.ALUATargetPortGroup(so, group).alua_access_state = ALUA_STATES[state]
+
+    def registrations(self) -> list[str]:
+        """The persistent reservation registrations LIO holds for the LUN (its configfs
+        ``pr/res_pr_registered_i_pts``: one line per I_T nexus, ``iSCSI Node: <initiator>,i,
+        0x<ISID> Key: 0x<key> PRgen: ...``)."""
+        plugin = "rd_mcp" if self.backstore == "ramdisk" else "fileio"
+        for path in (CONFIGFS_TARGET / "core").glob(
+                f"{plugin}_*/{self.storage_name}/pr/res_pr_registered_i_pts"):
+            # "SPC-3 PR Registrations:" and a line per registration, or "None".
+            return [line.strip() for line in path.read_text().splitlines() if " Key: " in line]
+        raise AssertionError(f"no pr/ directory for {self.storage_name}")
+
 
 class Lio:
     """Creates LIO iSCSI targets and removes them (and only them) again."""
@@ -135,15 +185,7 @@ class Lio:
         iqn = iqn or unique_iqn("lio")
         port = port or free_tcp_port(self.host)
         acl_names = tuple(initiators) if initiators is not None else None
-        backing: Path | None = None
-        if backstore == "ramdisk":
-            so = rts.RDMCPStorageObject(name, size=size)
-        else:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            backing = self.workdir / f"{name}.img"
-            with backing.open("wb") as f:
-                f.truncate(size)
-            so = rts.FileIOStorageObject(name, str(backing), size=size, write_back=False)
+        so, backing = self._storage(name, size, backstore)
         target = LioTarget(
             host=self.host, port=port, iqn=iqn, lun=lun, size=size, chap=chap,
             backstore=backstore, storage_name=name, backing_file=backing, initiators=acl_names,
@@ -157,9 +199,7 @@ class Lio:
             rts_lun = rts.LUN(tpg, lun, so)
             tpg.set_attribute("authentication", "1" if chap is not None else "0")
             if acl_names is None:
-                tpg.set_attribute("generate_node_acls", "1")
-                tpg.set_attribute("demo_mode_write_protect", "0")
-                tpg.set_attribute("cache_dynamic_acls", "1")
+                _demo_mode(tpg)
                 if chap is not None:
                     _set_chap(tpg, chap)
             else:
@@ -215,6 +255,79 @@ class Lio:
     @property
     def targets(self) -> list[LioTarget]:
         return list(self._targets)
+
+    def create_multipath(
+        self, size: int = 64 << 20, *, hosts: Sequence[str] = ("127.0.0.1", "127.0.0.2"),
+        port: int | None = None, backstore: str = "ramdisk",
+    ) -> LioMultipathTarget:
+        """An enabled target with one LUN of ``size`` bytes behind one TPG per host (demo
+        mode, no CHAP), each in its own active/optimized ALUA group (see
+        :class:`LioMultipathTarget`). LIO writes persistent reservation metadata to
+        ``/etc/target/pr``, made here (without it, PR OUT answers NOT READY 08/00)."""
+        import rtslib_fb as rts
+
+        if backstore not in BACKSTORES:
+            raise ValueError(f"backstore must be one of {BACKSTORES}, not {backstore!r}")
+        Path("/etc/target/pr").mkdir(parents=True, exist_ok=True)
+        self._serial += 1
+        name = f"hba_test_{self._serial}_{secrets.token_hex(3)}"
+        iqn = unique_iqn("lio-mpath")
+        port = port or _free_port_on(hosts)
+        so, backing = self._storage(name, size, backstore)
+        groups = tuple(f"ctrl_{chr(ord('a') + n)}" for n in range(len(hosts)))
+        target = LioMultipathTarget(
+            host=hosts[0], port=port, iqn=iqn, lun=0, size=size, backstore=backstore,
+            storage_name=name, backing_file=backing, hosts=tuple(hosts), groups=groups)
+        self._targets.append(target)
+        try:
+            rts_target = rts.Target(rts.FabricModule("iscsi"), iqn, mode="create")
+            for n, (host, group) in enumerate(zip(hosts, groups, strict=True), 1):
+                tpg = rts.TPG(rts_target, n, mode="create")
+                rts.NetworkPortal(tpg, host, port, mode="create")
+                lun = rts.LUN(tpg, 0, so)
+                alua = rts.ALUATargetPortGroup(so, group, 16 * n)
+                alua.alua_access_type = 3    # implicit and explicit
+                lun.alua_tg_pt_gp_name = group
+                tpg.set_attribute("authentication", "0")
+                _demo_mode(tpg)
+                tpg.enable = True
+        except BaseException:
+            self.remove(target)
+            raise
+        return target
+
+    def _storage(self, name: str, size: int, backstore: str) -> tuple[Any, Path | None]:
+        """A new ramdisk or fileio storage object, and its backing file (fileio)."""
+        import rtslib_fb as rts
+
+        if backstore == "ramdisk":
+            return rts.RDMCPStorageObject(name, size=size), None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        backing = self.workdir / f"{name}.img"
+        with backing.open("wb") as f:
+            f.truncate(size)
+        return rts.FileIOStorageObject(name, str(backing), size=size, write_back=False), backing
+
+
+def _demo_mode(tpg: Any) -> None:
+    """Let any initiator in, with write access (no ACLs)."""
+    tpg.set_attribute("generate_node_acls", "1")
+    tpg.set_attribute("demo_mode_write_protect", "0")
+    tpg.set_attribute("cache_dynamic_acls", "1")
+
+
+def _free_port_on(hosts: Sequence[str]) -> int:
+    """A TCP port free on every one of ``hosts``."""
+    for _ in range(50):
+        port = free_tcp_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no TCP port free on all of {', '.join(hosts)}")
 
 
 def _set_chap(node: object, chap: Chap) -> None:
@@ -558,6 +671,270 @@ class KernelLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.25) -> Any:
+    """Poll ``condition`` until it returns something true, and return that; after
+    ``timeout`` seconds raise TimeoutError saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------------
+# multipath: multipathd, cutting a path, the I/O stall an application sees
+
+
+class Multipathd:
+    """Debian's multipathd in the foreground (``-d``), logging into ``log_path``.
+
+    ``config`` becomes ``/etc/multipath.conf`` (None: none, Debian's built-in settings; the VM's
+    ``/etc`` is a tmpfs overlay, so nothing reaches the host). :meth:`stop` removes the maps it
+    made (``multipath -F``), the WWIDs it was told (:meth:`add`) and the configuration.
+    """
+
+    CONF = Path("/etc/multipath.conf")
+    WWIDS = Path("/etc/multipath/wwids")
+
+    def __init__(self, log_path: Path, config: str | None = None) -> None:
+        self.log_path = log_path
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.config is not None:
+            self.CONF.write_text(self.config)
+        self.WWIDS.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(["multipathd", "-d", "-s", "-v3"],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while run(["multipathd", "show", "daemon"], check=False).returncode != 0:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"multipathd did not start; see {self.log_path}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        run(["multipath", "-F"], check=False)
+        self.WWIDS.unlink(missing_ok=True)
+        if self.config is not None:
+            self.CONF.unlink(missing_ok=True)
+
+    def add(self, device: str) -> None:
+        """``multipath -a``: what Debian's ``find_multipaths strict`` wants before it makes a
+        map of a new LUN; then ``multipathd reconfigure``."""
+        run(["multipath", "-a", device])
+        run(["multipathd", "reconfigure"])
+
+    @staticmethod
+    def maps() -> dict[str, list[tuple[str, str]]]:
+        """Every multipath map (by name) with its paths as ``(major:minor, A|F)`` from the
+        device mapper's own status (``dmsetup status``: what carries I/O, not a daemon's
+        opinion)."""
+        out = run(["dmsetup", "status", "--target", "multipath"], check=False).stdout
+        found: dict[str, list[tuple[str, str]]] = {}
+        for line in out.splitlines():
+            name, colon, rest = line.partition(":")
+            if colon and "multipath" in rest:
+                found[name.strip()] = re.findall(r"(\d+:\d+) ([AF])", rest)
+        return found
+
+    @classmethod
+    def wait_map(cls, timeout: float = 60.0) -> str:
+        """The name of the (first) multipath map, once udev has made ``/dev/mapper/<name>``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            names = [n for n in cls.maps() if os.path.exists(f"/dev/mapper/{n}")]
+            if names:
+                return names[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no multipath map within {timeout:.0f} s:\n"
+                                   + run(["multipath", "-ll"], check=False).stdout)
+            time.sleep(0.2)
+
+    @classmethod
+    def active_paths(cls, name: str) -> int:
+        return sum(1 for _dev, state in cls.maps().get(name, []) if state == "A")
+
+    @classmethod
+    def wait_active(cls, name: str, count: int, timeout: float) -> float:
+        """Wait until map ``name`` has ``count`` active paths (at least); the seconds it took."""
+        started = time.monotonic()
+        while cls.active_paths(name) < count:
+            if time.monotonic() - started > timeout:
+                listing = run(["multipath", "-ll"], check=False).stdout
+                raise TimeoutError(
+                    f"multipath map {name} has {cls.active_paths(name)} active paths, not "
+                    f"{count}, after {timeout:.0f} s:\n{listing}")
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    @staticmethod
+    def priorities() -> dict[str, int]:
+        """multipathd's priority of each path (``sdX`` -> prio), as its prioritizer set it."""
+        out = run(["multipathd", "show", "paths", "format", "%d %p"], check=False).stdout
+        return {dev: int(prio) for dev, prio in re.findall(r"^(sd[a-z]+)\s+(-?\d+)", out, re.M)}
+
+
+class PathCutter:
+    """Cut portals with nftables: drop TCP to and from ``host:port`` in both directions — no
+    RST, no FIN, the connection just goes silent, like a pulled cable. :meth:`close` removes
+    the table (every cut)."""
+
+    TABLE = "hba_test_cut"
+
+    def __init__(self) -> None:
+        run(["nft", "add", "table", "inet", self.TABLE])
+        for chain, hook in (("input", "input"), ("output", "output")):
+            run(["nft", "add", "chain", "inet", self.TABLE, chain,
+                 f"{{ type filter hook {hook} priority 0 ; }}"])
+        self._cut: set[tuple[str, int]] = set()
+
+    def cut(self, host: str, port: int) -> None:
+        for chain, addr, tcp in (("input", "daddr", "dport"), ("output", "saddr", "sport")):
+            run(["nft", "add", "rule", "inet", self.TABLE, chain, "ip", addr, host, "tcp", tcp,
+                 str(port), "drop", "comment", f'"cut {host}:{port}"'])
+        self._cut.add((host, port))
+
+    def restore(self, host: str, port: int) -> None:
+        for chain in ("input", "output"):
+            listing = run(["nft", "-a", "list", "chain", "inet", self.TABLE, chain]).stdout
+            for handle in re.findall(rf'"cut {re.escape(host)}:{port}" # handle (\d+)', listing):
+                run(["nft", "delete", "rule", "inet", self.TABLE, chain, "handle", handle])
+        self._cut.discard((host, port))
+
+    def close(self) -> None:
+        run(["nft", "delete", "table", "inet", self.TABLE], check=False)
+        self._cut.clear()
+
+    def __enter__(self) -> PathCutter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What :class:`IoProbe` saw: operations, the longest one (the stall an application saw,
+    errors included: it waited too), every error and every read that returned other data
+    than was just written."""
+
+    ops: int
+    seconds: float
+    longest: float
+    longest_at: float                # seconds after the start
+    errors: tuple[tuple[float, str, int], ...]   # (at, "write"|"read", errno)
+    corrupt: tuple[float, ...]       # when
+
+    def __str__(self) -> str:
+        return (f"{self.ops} ops in {self.seconds:.1f} s, longest {self.longest:.2f} s at "
+                f"t={self.longest_at:.1f} s, {len(self.errors)} errors"
+                + (f" (errno {sorted({e for _t, _op, e in self.errors})})" if self.errors
+                   else "") + f", {len(self.corrupt)} corrupt reads")
+
+
+class IoProbe:
+    """One synchronous loop of O_DIRECT 4 KiB write-then-read-back over the first ``span``
+    bytes of ``device``, in a thread, while paths fail (after ``research/stallprobe.py``).
+    Every block carries its sequence number, so a read that returns anything but what was
+    just written is corrupt. It writes over the device's first blocks."""
+
+    BLOCK = 4096
+
+    def __init__(self, device: str, span: int = 8 << 20, offset: int = 0) -> None:
+        self.device = device
+        self.span = span
+        self.offset = offset
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._result: ProbeResult | None = None
+        self._failure: BaseException | None = None
+        self.errors_so_far = 0
+
+    def start(self) -> IoProbe:
+        self._thread = threading.Thread(target=self._run, name="io-probe", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 300.0) -> ProbeResult:
+        """Stop after the operation under way (which may wait for a path) and report."""
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the I/O probe on {self.device} is stuck for {timeout:.0f} s")
+        if self._failure is not None:
+            raise self._failure
+        assert self._result is not None
+        return self._result
+
+    def _run(self) -> None:
+        try:
+            self._result = self._probe()
+        except BaseException as exc:  # reported by stop()
+            self._failure = exc
+
+    def _probe(self) -> ProbeResult:
+        fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
+        buf = mmap.mmap(-1, self.BLOCK)     # page-aligned, as O_DIRECT wants
+        view = memoryview(buf)
+        blocks = self.span // self.BLOCK
+        start = time.monotonic()
+        ops, seq = 0, 0
+        longest, longest_at = 0.0, 0.0
+        errors: list[tuple[float, str, int]] = []
+        corrupt: list[float] = []
+        try:
+            while not self._stop.is_set():
+                seq += 1
+                offset = self.offset + (seq % blocks) * self.BLOCK
+                data = struct.pack("<QQ", seq, offset) * (self.BLOCK // 16)
+                for op in ("write", "read"):
+                    t0 = time.monotonic()
+                    failed: OSError | None = None
+                    try:
+                        if op == "write":
+                            view[:] = data
+                            os.pwritev(fd, [view], offset)
+                        else:
+                            view[:] = bytes(self.BLOCK)
+                            os.preadv(fd, [view], offset)
+                    except OSError as exc:
+                        failed = exc
+                    ops += 1
+                    took = time.monotonic() - t0
+                    if took > longest:
+                        longest, longest_at = took, t0 - start
+                    if failed is not None:
+                        errors.append((round(t0 - start, 2), op, failed.errno or 0))
+                        self.errors_so_far += 1
+                        time.sleep(0.05)   # a failing device fails at once: do not spin
+                        break
+                    if op == "read" and view != data:
+                        corrupt.append(round(t0 - start, 2))
+        finally:
+            view.release()
+            buf.close()
+            os.close(fd)
+        return ProbeResult(ops, time.monotonic() - start, longest, longest_at,
+                           tuple(errors), tuple(corrupt))
 
 
 # ------------------------------------------------------------------------------------------

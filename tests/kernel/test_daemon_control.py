@@ -19,12 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +31,7 @@ import pytest
 
 from hba import kernel
 from tests.kernel import helpers
+from tests.kernel.hba_daemon import HBACTL, DaemonProcess
 from tests.kernel.tcmu import sha256_of
 from tests.support.targets import Chap, free_tcp_port, unique_iqn
 from tests.support.tgtd import FIRST_DATA_LUN, Tgtd
@@ -44,7 +42,6 @@ LioFactory = Callable[..., helpers.LioTarget]
 pytestmark = pytest.mark.timeout(900)
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-HBACTL = Path(sys.executable).parent / "hbactl"
 MiB = 1 << 20
 POLICY = Path("/etc/dbus-1/system.d/iscsi-hba.conf")
 MKFS = ("mkfs.ext4", "-q", "-F", "-O", "^has_journal")  # no journal to write: quicker under TCG
@@ -73,17 +70,6 @@ def leftovers() -> list[str]:
     return found
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.25)
-
-
 def write_config(path: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text)
     path.chmod(mode)
@@ -101,70 +87,7 @@ def entry(nickname: str, target: helpers.LioTarget, *extra: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# the daemon process
-
-
-class DaemonProcess:
-    """``hbactl daemon`` as a subprocess; ready when it sends ``READY=1`` (sd_notify)."""
-
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, timeout: float = 240.0) -> None:
-        assert not self.running, "the daemon is already running"
-        self.starts += 1
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        name = f"hba-daemon-test-{os.getpid()}-{secrets.token_hex(4)}"
-        notify.bind("\0" + name)
-        env = dict(os.environ, NOTIFY_SOCKET="@" + name)
-        try:
-            with self.log_path.open("ab") as log:
-                log.write(f"--- start {self.starts}\n".encode())
-                log.flush()
-                self.proc = subprocess.Popen(
-                    [HBACTL, "daemon", "--config", str(self.config)], cwd=CHECKOUT,
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                    start_new_session=True)
-            try:
-                if helpers.wait_for_ready(notify, self.proc, timeout):
-                    return
-            except helpers.ProcessExited as exc:
-                raise AssertionError(f"hbactl daemon exited with {exc.status} before "
-                                     f"READY=1:\n{self.log()}") from None
-            self.kill()
-            raise AssertionError(f"hbactl daemon sent no READY=1 within {timeout:.0f} s:\n"
-                                 f"{self.log()}")
-        finally:
-            notify.close()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"hbactl daemon ignored SIGTERM for {timeout:.0f} s:\n"
-                                     f"{self.log()}") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+# the daemon process (tests.kernel.hba_daemon.DaemonProcess)
 
 
 @pytest.fixture
@@ -369,7 +292,7 @@ def test_enabled_entry_waits_for_its_target(daemon: DaemonProcess, tmp_path: Pat
     tgtd.launch()
     try:
         tgtd.add_target(16 * MiB, iqn=iqn)
-        disk = wait_for(lambda: next((d for d in disks() if d["device"]), None), 120,
+        disk = helpers.wait_for(lambda: next((d for d in disks() if d["device"]), None), 120,
                         "the disk of the late entry")
         assert disk["name"] == "late" and disk["state"] == "attached"
         node = disk["device"]
@@ -388,7 +311,7 @@ def test_enabled_entry_waits_for_its_target(daemon: DaemonProcess, tmp_path: Pat
         write_config(daemon.config, late + ghost)
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        row = wait_for(lambda: next((d for d in disks() if d["name"] == "ghost"), None), 60,
+        row = helpers.wait_for(lambda: next((d for d in disks() if d["name"] == "ghost"), None), 60,
                        "the ghost entry in hbactl list")
         assert row["state"] == "retrying", row
         assert hbactl("detach", "ghost").stdout.strip() == "detached ghost"
@@ -441,7 +364,7 @@ def test_targetcli_backstore_is_served_by_the_daemon(daemon: DaemonProcess,
     naa = match[0]
     targetcli(f"/loopback/{naa}/luns", "create", "/backstores/user:iscsi/tc1")
 
-    disk = wait_for(lambda: next((d for d in disks() if d["backstore"].endswith("/tc1")
+    disk = helpers.wait_for(lambda: next((d for d in disks() if d["backstore"].endswith("/tc1")
                                   and d["device"]), None), 60, "the disk of tc1 in hbactl list")
     node = disk["device"]
     assert disk["name"] == "tc1" and disk["target"] == target.iqn

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.kernel import helpers
-from tests.kernel.test_daemon_control import wait_for
+from tests.kernel.helpers import wait_for
 from tests.support.prometheus import families, value
 from tests.support.targets import free_tcp_port
 from tests.support.tgtd import Tgtd

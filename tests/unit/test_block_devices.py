@@ -68,3 +68,46 @@ async def test_gone_waits_for_our_links_only(tmp_path: Path) -> None:
     with pytest.raises(DeviceTimeout, match=f"udev has not removed {ours} 0.2 s after "
                                             r"/dev/sdz went: check that systemd-udevd runs"):
         await devices.wait_until_gone("sdz", timeout=0.2, links=(str(ours),), sysfs=sysfs)
+
+
+# ------------------------------------------------------------------------------------------
+# multipath: what the kernel made of a LUN's paths (a sysfs tree made here)
+
+
+def _paths_in(sysfs: Path, held: bool) -> None:
+    for name, address, state in (("sdc", "3:0:1:0", "active/optimized"),
+                                 ("sdd", "4:0:1:0", "standby")):
+        device = sysfs / "class/block" / name
+        (device / "holders").mkdir(parents=True)
+        (device / "device").mkdir()
+        (device / "device/wwid").write_text("naa.6001405ABCDEF0123456789abcdef012\n")
+        scsi = sysfs / "bus/scsi/devices" / address
+        scsi.mkdir(parents=True)
+        (scsi / "access_state").write_text(state + "\n")
+        if held:
+            (device / "holders/dm-3").mkdir()
+    (sysfs / "class/block/dm-3/dm").mkdir(parents=True)
+    (sysfs / "class/block/dm-3/dm/name").write_text("mpatha\n")
+
+
+def test_the_multipath_device_over_the_paths(tmp_path: Path) -> None:
+    _paths_in(tmp_path, held=True)
+    assert devices.holder(["sdc", "sdd"], tmp_path) == "/dev/mapper/mpatha"
+    assert devices.holder(["sdx"], tmp_path) is None
+    assert devices.access_state("4:0:1:0", tmp_path) == "standby"
+    assert devices.access_state("9:0:0:0", tmp_path) is None
+    assert devices.wwid("sdc", tmp_path) == "36001405abcdef0123456789abcdef012"
+    assert devices.multipath_hint(["sdc", "sdd"], "/dev/mapper/mpatha", tmp_path) is None
+
+
+def test_why_there_is_no_multipath_device(tmp_path: Path) -> None:
+    _paths_in(tmp_path, held=False)
+    wwids = tmp_path / "wwids"
+    assert devices.holder(["sdc", "sdd"], tmp_path) is None
+    hint = devices.multipath_hint(["sdc", "sdd"], None, tmp_path, wwids)
+    assert hint is not None and "WWID 36001405abcdef0123456789abcdef012 is not in" in hint
+    assert "run `multipath -a /dev/sdc` once" in hint
+    wwids.write_text("# multipath wwids\n/36001405abcdef0123456789abcdef012/\n")
+    hint = devices.multipath_hint(["sdc", "sdd"], None, tmp_path, wwids)
+    assert hint is not None and "check that it runs" in hint
+    assert devices.multipath_hint(["sdc"], None, tmp_path, wwids) is None   # one path

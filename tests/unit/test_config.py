@@ -549,3 +549,53 @@ def test_load_reports_parse_errors_with_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert all(e.startswith(f"{path}:1: ") for e in info.value.errors)
+
+
+# ------------------------------------------------------------------------------------------
+# multipath entries
+
+
+def test_several_target_addresses_make_a_multipath_entry() -> None:
+    config = parse_config(
+        f'db {{ TargetAddress = "192.0.2.10, 192.0.2.11:3261"\n TargetName = {IQN} }}\n'
+        f"word {{ TargetAddress = [fd00::1],[fd00::2]:3262\n TargetName = {IQN}\n Lun = 1 }}\n"
+        f"one {{ TargetAddress = 192.0.2.10\n TargetName = {IQN}\n Lun = 2 }}\n", PATH)
+    db, word, one = (config.entries[n] for n in ("db", "word", "one"))
+    assert db.addresses == (("192.0.2.10", 3260), ("192.0.2.11", 3261))
+    assert (db.host, db.port, db.portal) == ("192.0.2.10", 3260, "192.0.2.10:3260")
+    assert word.addresses == (("fd00::1", 3260), ("fd00::2", 3262))
+    assert db.multipath and word.multipath and not one.multipath
+    # A down path fails its I/O after a few seconds, so that dm-multipath moves it on.
+    assert (db.replacement_timeout, word.replacement_timeout, one.replacement_timeout) == \
+        (5, 5, 120)
+
+
+def test_discover_portals_makes_a_multipath_entry_and_an_explicit_timeout_stays() -> None:
+    config = parse_config(
+        f"a {{ TargetAddress = h\n TargetName = {IQN}\n DiscoverPortals = on }}\n"
+        f"b {{ TargetAddress = h1,h2\n TargetName = {IQN}\n Lun = 1\n"
+        " ReplacementTimeout = 20 }\n"
+        f"c {{ TargetAddress = h\n TargetName = {IQN}\n Lun = 2\n DiscoverPortals = off }}\n",
+        PATH)
+    a, b, c = (config.entries[n] for n in "abc")
+    assert a.discover_portals and a.multipath and a.replacement_timeout == 5
+    assert a.addresses == (("h", 3260),)
+    assert b.multipath and b.replacement_timeout == 20
+    assert not c.multipath and c.replacement_timeout == 120
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"t {{ TargetAddress = h,,h2\n TargetName = {IQN} }}",
+     ":1: TargetAddress 'h,,h2' has an empty address between commas"),
+    (f"t {{ TargetAddress = h,\n TargetName = {IQN} }}", "empty address between commas"),
+    (f"t {{ TargetAddress = h,h:3260\n TargetName = {IQN} }}",
+     ":1: TargetAddress 'h,h:3260' names h:3260 twice"),
+    (f"t {{ TargetAddress = h,h2:0\n TargetName = {IQN} }}",
+     ":1: TargetAddress 'h,h2:0' is not usable: port '0'"),
+    (f"t {{ {GOOD} DiscoverPortals = sometimes }}",
+     ":3: DiscoverPortals 'sometimes' must be on or off"),
+    ("t { TargetAddress = h\n SessionType = Discovery\n DiscoverPortals = on }",
+     ':3: "t" is a discovery session; DiscoverPortals is for entries with a TargetName'),
+])
+def test_multipath_errors(text: str, message: str) -> None:
+    assert any(message in error for error in errors_of(text)), errors_of(text)

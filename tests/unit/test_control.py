@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ import pytest
 from hba import cli, control, dbus_service
 from hba.config import ConfigError
 from hba.daemon import Daemon, DaemonOptions, Disk
-from hba.disks import DiskState
+from hba.disks import DiskPath, DiskState
 from hba.errors import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 from hba.kernel import KernelSetupError
 from hba.specs import LunSpec
@@ -168,6 +169,50 @@ def test_table() -> None:
     assert control.format_table([]) == "no LUNs attached"
 
 
+MULTIPATH = dict(
+    DISK, name="db", multipath=True, device="/dev/sdc", paths_up=1,
+    holder="/dev/mapper/36001405abc",
+    paths=[{"path": 1, "portal": "192.0.2.10:3260,1", "device": "/dev/sdc", "state": "up",
+            "session": "logged in", "alua": "active/optimized", "error": None},
+           {"path": 2, "portal": "192.0.2.11:3260,2", "device": "/dev/sdd", "state": "failed",
+            "session": "failed", "alua": "standby", "since": 1_700_000_000.0,
+            "error": "target \x1b]0;evil did not answer a NOP-Out ping"}])
+
+
+def test_table_with_a_multipath_disk() -> None:
+    lines = control.format_table([DISK, MULTIPATH]).splitlines()
+    assert lines[0].split() == ["NAME", "TARGET", "LUN", "DEVICE", "PATHS", "SIZE", "STATE"]
+    # The multipath device stands for the disk; a plain disk has its one path.
+    assert lines[1].split()[3:] == ["/dev/sdb", "0/0", "64.0", "MiB", "logged", "in"]
+    assert lines[2].split()[3:] == ["/dev/mapper/36001405abc", "1/2", "64.0", "MiB",
+                                    "degraded"]
+    row = control.normalize_disk(MULTIPATH)
+    assert control.disk_state(row) == "degraded"
+    assert control.disk_state(dict(row, paths_up=2, paths=[
+        dict(p, state="up") for p in row["paths"]])) == "logged in"
+    assert control.disk_state(dict(row, session="failed", paths=[
+        dict(p, state="failed") for p in row["paths"]])) == "failed"
+
+
+def test_status_shows_every_path_and_why_it_is_down() -> None:
+    lines = control.format_paths(dict(MULTIPATH, hint="not assembled by multipathd: run it"))
+    assert lines[0] == "  db path 1: 192.0.2.10:3260,1, /dev/sdc, up, ALUA active/optimized"
+    assert re.fullmatch(r"  db path 2: 192\.0\.2\.11:3260,2, /dev/sdd, failed since "
+                        r"\d\d:\d\d:\d\d, ALUA standby: target \\x1b\]0;evil did not "
+                        r"answer a NOP-Out ping", lines[1]), lines[1]
+    assert lines[2] == "  db: not assembled by multipathd: run it"
+    # A plain disk's path is shown only when it is not up.
+    assert control.format_paths(dict(DISK, paths=[{"path": 1, "state": "up"}])) == []
+    down = control.format_paths(dict(DISK, paths=[{"path": 1, "portal": "h:3260,1",
+                                                   "state": "down", "error": "lost"}]))
+    assert down == ["  disk1 path 1: h:3260,1, no disk yet, down: lost"]
+    text = control.format_status({"disks": [control.normalize_disk(MULTIPATH)],
+                                  "sessions": [{"target": IQN, "portal": "192.0.2.10:3260",
+                                                "state": "logged in", "luns": 1,
+                                                "isid": "8012345a0000"}]})
+    assert "0 reconnects, ISID 8012345a0000" in text and "db path 2: 192.0.2.11" in text
+
+
 def test_status_text() -> None:
     status = {"pid": 42, "version": "0.1.0", "uptime": 3600.0, "ready": True,
               "initiator_name": INITIATOR, "config": "/etc/iscsi-hba.conf",
@@ -188,10 +233,12 @@ def test_disk_states_are_plain_strings_on_the_wire() -> None:
     assert {s.name: s.value for s in DiskState} == {
         "ATTACHING": "attaching", "ATTACHED": "attached", "DETACHING": "detaching",
         "DETACHED": "detached", "RING_BROKEN": "ring broken", "RETRYING": "retrying"}
-    spec = LunSpec(name="disk1", portal=Portal("127.0.0.1", 3260), target=IQN, lun=0,
+    spec = LunSpec(name="disk1", portals=(Portal("127.0.0.1", 3260),), target=IQN, lun=0,
                    session=SessionConfig(initiator_name=INITIATOR))
-    disk = Disk(spec=spec, backstore="hba-disk1", hba_index=1,
-                session=Session(spec.portal, spec.target, spec.session), size=64 << 20)
+    path = spec.paths()[0]
+    disk = Disk(spec=spec, paths=[DiskPath(spec=path, backstore=path.backstore, hba_index=1,
+                                       session=Session(spec.portal, spec.target,
+                                                       spec.session))], size=64 << 20)
     row = disk.describe()
     assert row["state"] == "attaching" and type(row["state"]) is str
     assert disk.describe(DiskState.DETACHED)["state"] == "detached"

@@ -19,7 +19,7 @@ import pytest
 from hba import control
 from hba import retry as retry_module
 from hba.daemon import Daemon, DaemonOptions
-from hba.disks import Disk, DiskState
+from hba.disks import Disk, DiskPath, DiskState
 from hba.errors import AttachError
 from hba.specs import LunSpec
 from initiator.transport import Session
@@ -53,8 +53,10 @@ class Flaky(Daemon):
         self.attempts += 1
         if self.failures:
             raise self.failures.pop(0)
-        disk = Disk(spec=spec, backstore="hba-" + spec.name, hba_index=0,
-                    session=Session(spec.portal, spec.target, spec.session),
+        path = spec.paths()[0]
+        disk = Disk(spec=spec, paths=[DiskPath(spec=path, backstore=path.backstore, hba_index=0,
+                                           session=Session(spec.portal, spec.target,
+                                                           spec.session))],
                     state=DiskState.ATTACHED)
         self.disks[spec.name] = disk
         return disk

@@ -299,6 +299,40 @@ async def test_transport_errors_become_check_condition(sim: RingSimulator, error
     assert d.stats.failed == 1
 
 
+async def test_a_path_of_a_multipath_lun_reports_every_path_down_as_08_00(
+        sim: RingSimulator) -> None:
+    """On a path, a lost connection is a path error (NOT READY 08/00) that dm-multipath acts on
+    at once, not 04/01, which the SCSI layer would retry for minutes out of its reach."""
+    await start(sim, FakeTarget(mode="soon", plan={1: ConnectionFailed("lost"),
+                                                   2: SessionFailed("given up")}),
+                policy=scsi.PathPolicy.MULTIPATH)
+    done, cb = done_list()
+    a = sim.submit(read10(1), data_in=4096, on_complete=cb)
+    b = sim.submit(write10(2), data_out=pattern(4096, 2), on_complete=cb)
+    await until(lambda: len(done) == 2)
+    for c in (a, b):
+        assert c.status == ScsiStatus.CHECK_CONDITION
+        assert c.sense[:18] == scsi.LU_COMMUNICATION_FAILURE.fixed()
+
+
+# Sense a path must never answer when it cannot deliver a command: the SCSI layer retries them
+# itself (ACTION_DELAYED_RETRY / _REPREP) for up to (retries + 1) x timeout.
+_HELD_IN_THE_SCSI_LAYER = {(SenseKey.NOT_READY, 0x04, 0x01), (SenseKey.NOT_READY, 0x04, 0x0A)}
+
+
+@pytest.mark.parametrize("error", [
+    SessionFailed("x"), ConnectionFailed("x"), AuthenticationError("x"), NegotiationError("x"),
+    ConfigurationError("x"), DigestError("x", header=True), CommandTimeout("x"),
+    TaskAborted("x"), PDUFormatError("x"), LocalProtocolError("x"), CommandError("x"),
+    ISCSIError("x"), RuntimeError("x")])
+def test_no_error_is_held_in_the_scsi_layer_on_a_path(error: BaseException) -> None:
+    code = scsi.sense_for_error(error, scsi.PathPolicy.MULTIPATH)
+    assert (code.key, code.asc, code.ascq) not in _HELD_IN_THE_SCSI_LAYER
+    single = scsi.sense_for_error(error)
+    # Only what says "the connection is down" differs between the policies.
+    assert code == single or isinstance(error, ConnectionFailed)
+
+
 async def test_submit_raising(sim: RingSimulator, caplog: pytest.LogCaptureFixture) -> None:
     target = FakeTarget(submit_error=SessionFailed("down"))
     await start(sim, target)

@@ -100,7 +100,9 @@ def test_session_events_reach_the_journal_with_fields(
     for state, _kind in steps:
         events.state_changed(target, portal, state, disks=["disk1", "disk2"],
                              cause="connection reset by peer")
-    events.path_changed(target, portal, "192.0.2.11:3260", disks=["disk1"], why="path down")
+    events.path_changed(target, "192.0.2.11:3260", "disk1 path 2 (192.0.2.11:3260)", "down",
+                        "down (connection reset); its I/O waits", disks=["disk1"],
+                        level=logging.WARNING)
     entries = [receive(sock) for _ in range(len(steps) + 1)]
     kinds = [e["ISCSI_EVENT"][0] for e in entries]
     assert kinds == ["state", "login", "drop", "reinstatement", "drop", "give-up", "logout",
@@ -113,6 +115,9 @@ def test_session_events_reach_the_journal_with_fields(
     assert drop["SYSLOG_IDENTIFIER"] == ["iscsi-hba"] and drop["CODE_FUNC"] == ["event"]
     assert entries[5]["PRIORITY"] == ["3"]
     assert entries[8]["ISCSI_PORTAL"] == ["192.0.2.11:3260"] and entries[8]["DISK"] == ["disk1"]
+    assert entries[8]["ISCSI_PATH_STATE"] == ["down"] and entries[8]["PRIORITY"] == ["4"]
+    assert entries[8]["MESSAGE"] == ["disk1 path 2 (192.0.2.11:3260): down (connection reset); "
+                                     "its I/O waits"]
     handler.close()
 
 

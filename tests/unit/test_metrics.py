@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from hba import control, dbus_service, metrics, top
 from hba.daemon import Daemon, DaemonOptions
-from hba.disks import Disk, DiskState
+from hba.disks import Disk, DiskPath, DiskState
 from hba.errors import HBAError
 from initiator.keys import NegotiationSettings
 from initiator.stats import LATENCY_BUCKETS
@@ -104,13 +104,16 @@ async def rig() -> AsyncIterator[Rig]:
     spec = dataclasses.replace(spec, session=dataclasses.replace(
         spec.session, header_digest="CRC32C", noop_interval=0.0,
         negotiation={"DefaultTime2Wait": "0"}))
-    session = await daemon.sessions.acquire(spec)
+    path_spec = spec.path(spec.portal, 1)
+    session = await daemon.sessions.acquire(path_spec)
     sim = RingSimulator(data_size=512 * PAGE_SIZE)
     clock = Clock(100.0)
     dispatcher = Dispatcher(sim.open(), SessionExecutor(session), lun=0, clock=clock)
     dispatcher.start()
-    disk = Disk(spec=spec, backstore="hba-metrics", hba_index=0, session=session,
-                dispatcher=dispatcher, size=4096 * 512, state=DiskState.ATTACHED)
+    disk = Disk(spec=spec, paths=[DiskPath(spec=path_spec, session=session,
+                                           backstore="hba-metrics", hba_index=0,
+                                           dispatcher=dispatcher)],
+                size=4096 * 512, state=DiskState.ATTACHED)
     daemon.disks[spec.name] = disk
     try:
         yield Rig(daemon, server, target, session, sim, dispatcher, clock, disk)

@@ -17,7 +17,7 @@ IQN = "iqn.2003-01.org.example:disk1"
 
 
 def spec(name: str = "disk1") -> LunSpec:
-    return LunSpec(name=name, portal=Portal("192.0.2.1", 3260), target=IQN, lun=0,
+    return LunSpec(name=name, portals=(Portal("192.0.2.1", 3260),), target=IQN, lun=0,
                    session=SessionConfig(initiator_name="iqn.2024-01.org.example:host"),
                    nickname=name)
 

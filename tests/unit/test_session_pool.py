@@ -41,8 +41,8 @@ async def test_a_failed_session_is_logged_as_a_warning_with_its_reason(
     async with FakeTargetServer(target) as server:
         config = SessionConfig(initiator_name=INI, replacement_timeout=0.3, login_timeout=0.5,
                                noop_interval=0.0, reconnect_forever=True)
-        session = await asyncio.wait_for(pool.acquire(LunSpec(
-            "disk1-0", server.portal, TGT, 0, config)), 5)
+        spec = LunSpec("disk1-0", (server.portal,), TGT, 0, config)
+        session = await asyncio.wait_for(pool.acquire(spec.path(server.portal, 1)), 5)
         server.accepting = False
         server.drop()
         loop = asyncio.get_running_loop()

@@ -585,6 +585,48 @@ async def test_give_up_at_the_deadline_while_a_login_attempt_hangs(forever: bool
             await within(session.close())
 
 
+async def test_commands_fail_at_the_deadline_while_a_login_hangs_on_a_silent_portal() -> None:
+    """A path whose portal goes silent (a pulled cable: the reconnect's login waits for its
+    whole login timeout) still fails its commands at the replacement deadline, and with
+    ``reconnect_forever`` serves again once the target answers (multipath fast-fail)."""
+    target = fake(hostile=Hostility(withhold=True))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(
+            replacement_timeout=0.3, login_timeout=30.0, reconnect_forever=True,
+            max_reconnect_interval=0.2))
+        await within(session.login())
+        assert session.recovery.max_backoff == 0.2
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        await server.stop()
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)    # accept, never answer
+
+        quiet = await asyncio.start_server(silent, server.host, server.port)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(SessionFailed, match=r"replacement timeout of 0\.3 s"):
+                await within(future, 5.0)
+            assert loop.time() - started < 5.0   # not after the 30 s login timeout
+            assert accepted, "no reconnect attempt reached the silent portal"
+            assert state(session) is SessionState.FAILED
+            assert session.recovery.outage_since is not None and session.recovery.cause
+        finally:
+            quiet.close()
+            for writer in accepted:
+                writer.close()
+            await quiet.wait_closed()
+        target.hostile.withhold = False
+        await server.start()
+        await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 10.0)
+        result, _buf = await read(session, 0, 1)
+        assert result.ok
+        await within(session.close())
+
+
 async def test_target_failing_right_after_every_login_ends_in_session_failed() -> None:
     # Each reconnect logs in fine and then breaks at once: the commands must still fail
     # when the replacement timeout has passed, not be re-issued forever.

@@ -356,3 +356,60 @@ def test_parse_portal(text: str, expected: tuple[str, int]) -> None:
 def test_parse_portal_empty() -> None:
     with pytest.raises(ConfigurationError, match="empty"):
         parse_portal("")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several portals: one LUN, one multipath path per portal (hbactl attach)
+# ---------------------------------------------------------------------------------------------
+
+
+def paths(text: str) -> IscsiUrl:
+    return parse_url(text, environ=NOENV, several_portals=True)
+
+
+def test_several_portals_each_with_its_own_port() -> None:
+    url = paths(f"iscsi://me%{SECRET}@192.0.2.10,192.0.2.11:3261,[fd00::1]/{IQN}/1")
+    assert url.portals == (("192.0.2.10", 3260), ("192.0.2.11", 3261), ("fd00::1", 3260))
+    assert (url.host, url.port) == ("192.0.2.10", 3260)
+    assert url.target_iqn == IQN and url.lun == 1 and url.chap_secret == SECRET
+    assert not url.discover_portals
+    assert url.redacted() == (
+        f"iscsi://me%***@192.0.2.10:3260,192.0.2.11:3261,[fd00::1]:3260/{IQN}/1")
+    assert SECRET not in repr(url) and "more_portals=" in repr(url)
+
+
+def test_one_portal_keeps_the_single_form() -> None:
+    url = paths(f"iscsi://192.0.2.10/{IQN}/0")
+    assert url.portals == (("192.0.2.10", 3260),) and url.more_portals == ()
+    assert url == parse(f"iscsi://192.0.2.10/{IQN}/0")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("on", True), ("YES", True), ("off", False),
+                                                 ("no", False)])
+def test_discover_portals_option(value: str, expected: bool) -> None:
+    url = paths(f"iscsi://192.0.2.10/{IQN}/0?discover_portals={value}")
+    assert url.discover_portals is expected
+    assert ("discover_portals=on" in url.redacted()) is expected
+    assert paths(url.redacted()) == url
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"iscsi://a,b/{IQN}/0", "names 2 portals; only hbactl attach"),
+    (f"iscsi://a/{IQN}/0?discover_portals=on", "for hbactl attach .* only"),
+])
+def test_one_shot_commands_refuse_several_portals(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse(text)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"iscsi://a,,b/{IQN}/0", "empty portal between commas"),
+    (f"iscsi://a,/{IQN}/0", "empty portal between commas"),
+    (f"iscsi://a:3260,a/{IQN}/0", "names portal a:3260 twice"),
+    (f"iscsi://a,b:x/{IQN}/0", "port 'x'"),
+    (f"iscsi://a,fe80::1/{IQN}/0", "put it in brackets"),
+    (f"iscsi://a/{IQN}/0?discover_portals=maybe", "not one of on, off"),
+])
+def test_several_portals_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        paths(text)
