@@ -12,7 +12,7 @@ One connection to the system bus (dbus-next, on the daemon's own asyncio loop) o
     ``DiskAttached``, ``DiskDetached`` and ``SessionStateChanged`` follow the daemon's events.
 
 ``org.kernel.TCMUService1``
-    the name tcmu-runner owns (tcmu-interface.md §4). targetcli lists ``user:<subtype>``
+    the name tcmu-runner owns (docs/tcmu-ring.md §7). targetcli lists ``user:<subtype>``
     backstores from ``GetManagedObjects`` at ``/org/kernel/TCMUService1`` (dbus-next answers
     it for every exported path below) and calls ``CheckConfig("iscsi/<cfg>")`` on
     ``/org/kernel/TCMUService1/iscsi`` before it creates a backstore; ``ConfigDesc`` is the

@@ -5,7 +5,7 @@ and READ CAPACITY to the ring synchronously) and must run in a worker thread whi
 loop keeps serving the ring — see ``Daemon`` in :mod:`hba.daemon`. Nothing here touches the
 ring itself.
 
-A LUN we attach is, in configfs (tcmu-interface.md §3)::
+A LUN we attach is, in configfs (docs/tcmu-ring.md §7)::
 
     core/user_<n>/<name>            UserBackedStorageObject, dev_config "iscsi/<cfgstring>",
                                     control nl_reply_supported=-1 (no netlink replies awaited)
@@ -188,7 +188,7 @@ def create_backstore(
         raise RegistrationError(
             f"could not create TCMU backstore {name}: {exc}") from None
     path = Path(so.path)
-    # Attributes must be set before the device is exported through a LUN (tcmu-interface.md).
+    # Attributes must be set before the device is exported through a LUN (docs/tcmu-ring.md §5).
     if cmd_time_out is not None:
         _write_attrib(path, "cmd_time_out", str(cmd_time_out))
     _write_attrib(path, "tmr_notification", "1")

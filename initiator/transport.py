@@ -101,7 +101,7 @@ def random_isid() -> int:
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    """How to log in and how to behave; the defaults are open-iscsi's (anchors.md)."""
+    """How to log in and how to behave; the defaults are open-iscsi's (docs/architecture.md)."""
 
     initiator_name: str = field(default_factory=default_initiator_name)
     initiator_alias: str | None = None

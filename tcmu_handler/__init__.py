@@ -1,5 +1,5 @@
 """The TCMU side: the kernel's command ring, the uio device, and the dispatcher that hands
-each CDB to an iSCSI session (see ../shared/docs/tcmu-interface.md).
+each CDB to an iSCSI session (see docs/tcmu-ring.md).
 
 - :mod:`tcmu_handler.ring` — the ring codec (offsets of ``target_core_user.h``) and the
   userspace slot rule (:class:`~tcmu_handler.ring.CommandRing`), both with no I/O.

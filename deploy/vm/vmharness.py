@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The development and CI machines run a kernel without SCSI, configfs or target support, so the
-kernel tier runs inside QEMU (TCG) on a stock Debian kernel (see ``../shared/docs/kernel-vm.md``):
+kernel tier runs inside QEMU (TCG) on a stock Debian kernel (see ``docs/vm-tier.md``):
 
 1. *Prepare* (cached under ``.cache/vm/``, idempotent, under a lock):
    - the kernel version comes from ``apt-cache depends linux-image-amd64`` (or ``HBA_VM_KERNEL``);

@@ -2,7 +2,7 @@
 ``python -m tcmu_handler.serve`` (a subprocess, so tests can kill and restart it) and exported
 through tcm_loop as a real ``/dev/sdX``.
 
-Order of creation matters (``shared/docs/tcmu-interface.md`` §3): the backstore first (its uio
+Order of creation matters (``docs/tcmu-ring.md`` §7): the backstore first (its uio
 device appears), then the handler (serving before anything reaches the ring), then the
 tcm_loop target and LUN (linking sends INQUIRY and READ CAPACITY synchronously). Teardown is
 the reverse: the tcm_loop target goes while the handler still serves (the LUN's removal sends
