@@ -1,0 +1,120 @@
+"""The project's documentation is in the repository and says what the code is.
+
+- Nothing points at design notes outside the repository (a clone does not have them): every
+  pointer goes to ``docs/``.
+- Every relative link of ``README.md``, ``deploy/vm/README.md`` and ``docs/*.md`` leads to a
+  file that exists.
+- Every repository path the documents name in backticks exists, and the "Where is ..." table of
+  ``docs/architecture.md`` names, for each mechanism, a file that defines the classes it lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+OWN_DOCS = ("architecture.md", "tcmu-ring.md", "vm-tier.md", "benchmarks.md")
+
+# Directories that are built, cached or installed, not written by people (see .gitignore).
+_SKIP_DIRS = frozenset({".git", ".venv", "build", "dist", "__pycache__", ".mypy_cache",
+                        ".ruff_cache", ".pytest_cache", ".hypothesis", ".cache"})
+# Spelled in pieces so that this file does not match itself.
+_OUTSIDE = [("shared", "/docs"), ("tcmu-interface", ".md"), ("kernel-vm", ".md"),
+            ("anchors", ".md")]
+OUTSIDE_MARKERS = tuple((a + b).encode() for a, b in _OUTSIDE)
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_TOP_DIRS = ("initiator/", "tcmu_handler/", "hba/", "deploy/", "bench/", "tests/", "docs/",
+             "research/")
+_CODE = re.compile(r"`([^`\n]+)`")
+
+
+def _source_files() -> Iterator[Path]:
+    stack = [REPO]
+    while stack:
+        directory = stack.pop()
+        for path in directory.iterdir():
+            if path.is_dir():
+                if path.name not in _SKIP_DIRS and not path.name.endswith(".egg-info"):
+                    stack.append(path)
+            elif path.is_file():
+                yield path
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    offenders = []
+    for path in _source_files():
+        data = path.read_bytes()
+        for marker in OUTSIDE_MARKERS:
+            if marker in data:
+                offenders.append(f"{path.relative_to(REPO)} mentions {marker.decode()}")
+    assert not offenders, "point at docs/ instead:\n" + "\n".join(offenders)
+
+
+def _documents() -> list[Path]:
+    return [REPO / "README.md", REPO / "deploy" / "vm" / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_lead_to_files(document: Path) -> None:
+    missing = []
+    for target in _LINK.findall(document.read_text()):
+        if "://" in target or target.startswith(("#", "mailto:")):
+            continue
+        path = (document.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists():
+            missing.append(target)
+    assert not missing, f"{document.relative_to(REPO)} links to missing files: {missing}"
+
+
+def test_readme_lists_every_document_of_docs() -> None:
+    readme = REPO / "README.md"
+    linked = {(readme.parent / t).resolve() for t in _LINK.findall(readme.read_text())}
+    unlisted = [p.name for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
+    assert not unlisted, f"README.md's Documentation section does not list {unlisted}"
+
+
+@pytest.mark.parametrize("name", OWN_DOCS)
+def test_repository_paths_named_in_docs_exist(name: str) -> None:
+    missing = []
+    for code in _CODE.findall((DOCS / name).read_text()):
+        word = code.split()[0].rstrip(".,:;")
+        if not word.startswith(_TOP_DIRS) or any(c in word for c in "*<>{}$"):
+            continue
+        if not (REPO / word).exists():
+            missing.append(word)
+    assert not missing, f"docs/{name} names paths that do not exist: {missing}"
+
+
+def _where_is_rows() -> list[tuple[str, str, list[str]]]:
+    text = (DOCS / "architecture.md").read_text()
+    section = text.split("## Where is", 1)[1]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1].startswith("`"):
+            continue
+        mechanism, file_cell, names_cell = cells
+        rows.append((mechanism, file_cell.strip("`"), re.findall(r"`(\w+)`", names_cell)))
+    return rows
+
+
+def test_where_is_table_names_files_that_define_its_classes() -> None:
+    rows = _where_is_rows()
+    mechanisms = " ".join(m for m, _, _ in rows)
+    for wanted in ("PDU layout", "Data-In placement", "Login state machine",
+                   "Reinstatement policy", "Ring slot rule", "configfs registration"):
+        assert wanted in mechanisms, f"the Where is table has no row for {wanted}"
+    for mechanism, file, names in rows:
+        source = REPO / file
+        assert source.is_file(), f"{mechanism}: {file} does not exist"
+        assert names, f"{mechanism}: no class named"
+        text = source.read_text()
+        for name in names:
+            assert re.search(rf"^(class|def) {name}\b", text, re.MULTILINE), \
+                f"{mechanism}: {file} defines no {name}"
