@@ -1063,6 +1063,14 @@ opcode (:data:`SCSI_COMMAND_OPCODE`), flags, 0, the TotalAHSLength/DataSegmentLe
 ITT, expected data transfer length, CmdSN, ExpStatSN, and the CDB of at most 16 bytes, which
 the struct pads with zeros."""
 
+DATA_OUT_OPCODE = int(Opcode.DATA_OUT)
+
+DATA_OUT_BHS = _DATA_OUT
+"""The ``struct`` behind :class:`DataOut`, for the one caller that packs a header per Data-Out
+PDU (:mod:`initiator.session`, several per write). Its fields: opcode
+(:data:`DATA_OUT_OPCODE`), flags (F = 0x80), 0, the TotalAHSLength/DataSegmentLength word,
+LUN, ITT, TTT, ExpStatSN, DataSN, Buffer Offset."""
+
 
 def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
     """The whole PDU as one ``bytes`` (control PDUs, tests)."""

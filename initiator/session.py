@@ -115,6 +115,8 @@ MAX_UNSENT_PING_ANSWERS = 128
 _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
+_pack_data_out = P.DATA_OUT_BHS.pack
+_OP_DATA_OUT = P.DATA_OUT_OPCODE
 _new_tuple = tuple.__new__
 _NEVER = math.inf
 _F, _O, _U, _S = 0x80, 0x04, 0x02, 0x01  # Data-In flags (byte 1, RFC 7143 §11.7.1)
@@ -980,19 +982,37 @@ class ConnectionCore:
         task.unsolicited = unsolicited
 
     def _send_data_out(self, task: Task, offset: int, length: int, ttt: int) -> None:
-        """Data-Out PDUs for ``length`` bytes from ``offset``, one sequence (§11.7)."""
-        assert task.data_out is not None
-        mxdsl = self.params.max_xmit_data_segment_length
+        """Data-Out PDUs for ``length`` bytes from ``offset``, one sequence (§11.7).
+
+        Several per write (one per MaxXmitDataSegmentLength): each header is packed straight
+        with the struct and framed inline, as :func:`initiator.pdu.frame` would frame it,
+        when no digest or padding is due.
+        """
+        data_out = task.data_out
+        assert data_out is not None
+        params = self.params
+        mxdsl = params.max_xmit_data_segment_length
+        plain = not (params.header_digest or params.data_digest)
+        lun, itt, exp_stat_sn = task.lun_wire, task.itt, self.exp_stat_sn
+        frames = self._frames
+        chunks = _chunks(data_out, offset, length, mxdsl)
         end = offset + length
         data_sn = 0
         while offset < end:
-            n = min(mxdsl, end - offset)
-            self._queue(
-                P.DataOut(final=offset + n == end, lun=task.lun_wire, itt=task.itt, ttt=ttt,
-                          exp_stat_sn=self.exp_stat_sn, data_sn=data_sn, buffer_offset=offset),
-                _slice(task.data_out, offset, n), task)
+            n = end - offset if end - offset < mxdsl else mxdsl
+            header = _pack_data_out(_OP_DATA_OUT, 0x80 if offset + n == end else 0, 0, n, lun,
+                                    itt, ttt, exp_stat_sn, data_sn, offset)
+            parts = chunks[data_sn]
+            if plain and not n & 3:
+                parts.insert(0, header)
+                frames.append(_Frame(parts, task))
+            else:
+                frames.append(_Frame(P.frame_header(
+                    header, parts, n, header_digest=params.header_digest,
+                    data_digest=params.data_digest), task))
             data_sn += 1
             offset += n
+        task.unsent_frames += data_sn
         self.stats_bytes_out += length
 
     def _send_text(self, itt: int, text: bytes, ttt: int) -> None:
@@ -1109,8 +1129,11 @@ class ConnectionCore:
         self._complete(task, pdu.status, sense, residual, bidi_residual)
 
     def _on_r2t(self, pdu: P.R2T) -> None:
-        task = self._task_for(pdu.itt, "R2T")
-        self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
+        # Several per write: the checks that pass are kept cheap (an unchanged window is
+        # not recomputed, as in data_in_placed).
+        task = self._tasks.get(pdu.itt) or self._task_for(pdu.itt, "R2T")
+        if pdu.exp_cmd_sn != self.exp_cmd_sn or pdu.max_cmd_sn != self.max_cmd_sn:
+            self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
         offset, length = pdu.buffer_offset, pdu.desired_data_transfer_length
         end = offset + length
         if task.data_out is None or end > task.out_len or length == 0:
@@ -1141,11 +1164,11 @@ class ConnectionCore:
         elif state.requested + length > task.out_len:
             problem = (f"{state.requested + length} bytes in all, more than the "
                        f"{task.out_len} the command writes")
-        else:
+        elif state.sequences:
             # An R2T is outstanding until its last Data-Out has gone out (§13.17); a target
             # that waits for it, as it must with MaxOutstandingR2T=1, finds it sent. A task's
             # frames leave the queue in order and the answers to R2Ts are its last ones: of
-            # those, all but the task's unsent frames are out.
+            # those, all but the task's unsent frames are out. (None answered yet: none is.)
             out = state.queued - min(task.unsent_frames, state.queued)
             pending = [end for end in state.sequences if end > out]
             if len(pending) >= params.max_outstanding_r2t:
@@ -1454,6 +1477,38 @@ def _slice(views: Buffers, offset: int, length: int) -> list[memoryview]:
         offset = 0
         if not length:
             break
+    return out
+
+
+def _chunks(views: Buffers, offset: int, length: int, size: int) -> list[list[Buffer]]:
+    """The ``length`` bytes at ``offset`` of a scatter/gather list cut into pieces of ``size``
+    (the last one shorter), each as the list of views covering it: one walk through the
+    views, where a :func:`_slice` per piece would walk from the first view each time."""
+    if len(views) == 1:
+        view = views[0]
+        return [[view[o : o + size if o + size < offset + length else offset + length]]
+                for o in range(offset, offset + length, size)]
+    out: list[list[Buffer]] = []
+    piece: list[Buffer] = []
+    room = size
+    for view in views:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        while offset < n and length:
+            take = min(n - offset, room, length)
+            piece.append(view[offset : offset + take])
+            offset += take
+            length -= take
+            room -= take
+            if not room or not length:
+                out.append(piece)
+                piece = []
+                room = size
+        if not length:
+            break
+        offset = 0
     return out
 
 

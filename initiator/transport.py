@@ -246,8 +246,12 @@ class Connection(asyncio.BufferedProtocol):
         return buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.pcap is not None and self._buf is not None:
-            self.pcap.received(self._buf[:nbytes])
+        buf = self._buf
+        if self.pcap is not None and buf is not None:
+            self.pcap.received(buf[:nbytes])
+        # A read that did not fill its buffer emptied the socket: reading on would only get
+        # EAGAIN (the loop wakes us again when more comes).
+        drained = buf is not None and nbytes < len(buf)
         self._buf = None
         now = self._loop.time()
         core = self.core
@@ -258,7 +262,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if pdus:
                 self._receive(core, pdus, now)
-            if self.reader.receiving_payload:
+            if self.reader.receiving_payload and not drained:
                 self._read_direct(core, now)
             self._after_core_activity()
         except ISCSIError as exc:
@@ -274,8 +278,11 @@ class Connection(asyncio.BufferedProtocol):
         header into the reader, which leaves the next payload due in turn: a stream of large
         reads costs one syscall per PDU and no copy, and the commands they complete go out
         together in the flush that follows. At most ``_DIRECT_ROUNDS`` reads, so that the
-        new commands are not held back; an empty socket ends it (the loop wakes us again).
-        EOF and errors are handled as asyncio's own read would.
+        new commands are not held back; an empty socket ends it (the loop wakes us again),
+        and so does a read that did not fill its buffers, which emptied the socket: the
+        next read would only get EAGAIN (on a busy machine, where payloads arrive in pieces,
+        that was one syscall and one exception per wake-up). EOF and errors are handled as
+        asyncio's own read would.
         """
         sock = self._sock
         if sock is None:
@@ -297,9 +304,14 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if self.pcap is not None:
                 self.pcap.received(b"".join(_first_bytes(bufs, nbytes)))
+            wanted = 0
+            for b in bufs:
+                wanted += len(b)
             pdus = reader.direct_updated(nbytes)
             if pdus:
                 self._receive(core, pdus, now)
+            if nbytes < wanted:
+                return
 
     def _receive(self, core: ConnectionCore, pdus: list[P.PDU], now: float) -> None:
         """Hand the reader's PDUs to the core, then what the reader held back until they were
