@@ -374,7 +374,11 @@ class Daemon:
     # -- attach ----------------------------------------------------------------------------
 
     async def attach(self, what: str) -> Disk:
-        """Attach a LUN named by URL or configuration nickname; returns it once usable."""
+        """Attach a LUN named by URL or configuration nickname; returns it once usable.
+        Here: with worker processes, :meth:`attach_described` places it on one."""
+        if self.pool is not None:
+            raise HBAError("this daemon serves its disks from worker processes: "
+                           "attach_described() places a disk on one")
         spec = self.specs.resolve(what)
         async with self._lock:
             self._refuse_twice(spec)
@@ -1092,7 +1096,18 @@ class Daemon:
         shares: dict[int, builtins.list[Any]] = {}
         for group, index in placed.items():
             shares.setdefault(index, []).extend(groups[group])
-        links = [await self.pool.worker(index) for index in sorted(shares)]
+        started = await asyncio.gather(*(self.pool.worker(index) for index in sorted(shares)),
+                                       return_exceptions=True)
+        links = []
+        for index, link in zip(sorted(shares), started, strict=True):
+            if not isinstance(link, BaseException):
+                links.append(link)
+            elif isinstance(link, Exception):
+                log.error("%s; %s wait%s (their commands stay in the kernel's rings)", link,
+                          ", ".join(str(b) for b in shares[index]),
+                          "s" if len(shares[index]) == 1 else "")
+            else:
+                raise link
         await asyncio.gather(*(self._ask(link, op, **{key: shares[link.index]})
                                for link in links))
 

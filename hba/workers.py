@@ -48,7 +48,9 @@ link breaks fails the request with a sentence naming the worker. Workers log the
 journal and standard error are shared), with the same session and path lines as one process.
 
 Workers are started with ``python -m hba.workers`` (subprocess, not ``fork``: the main loop
-has threads), the socket passed as an inherited fd.
+has threads), the socket passed as an inherited fd. A worker dies with the main process
+(``PR_SET_PDEATHSIG``): a daemon killed with SIGKILL is then gone whole, as one process would
+be, and the next daemon never takes over a ring an orphaned worker still serves.
 """
 
 from __future__ import annotations
@@ -387,6 +389,7 @@ class WorkerPool:
         """The command line of worker ``index`` talking over ``fd``."""
         opts = self.options
         cmd = [sys.executable, "-m", "hba.workers", "--fd", str(fd), "--index", str(index),
+               "--parent", str(os.getpid()),
                "--replacement-timeout", repr(opts.replacement_timeout),
                "--login-timeout", repr(opts.login_timeout),
                "--queue-depth", str(opts.queue_depth),
@@ -527,9 +530,13 @@ class WorkerPool:
         try:
             await link.call("stop")
             await asyncio.wait_for(link.wait(), TIMEOUTS["stop"])
-        except (HBAError, TimeoutError) as exc:
+        except HBAError as exc:
             log.warning("worker %d (pid %d) did not stop (%s): killing it", link.index,
                         link.pid, exc)
+            await link.kill()
+        except TimeoutError:
+            log.warning("worker %d (pid %d) did not exit within %g s of stopping: killing it",
+                        link.index, link.pid, TIMEOUTS["stop"])
             await link.kill()
 
 
@@ -566,7 +573,7 @@ class WorkerServer:
                     task = asyncio.get_running_loop().create_task(self._answer(message))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-        except ProtocolError as exc:
+        except (ProtocolError, OSError) as exc:
             log.error("worker %d: the link to the main process broke: %s", os.getpid(), exc)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=TIMEOUTS["stop"])
@@ -585,6 +592,7 @@ class WorkerServer:
             await self._writer.drain()
         if op == "stop":
             self.stopped.set()
+            self._writer.close()   # the read in serve() ends: the process exits
 
     async def handle(self, op: str, args: Mapping[str, Any]) -> Any:
         """One request of the main process (module docstring); its JSON-able result."""
@@ -596,7 +604,9 @@ class WorkerServer:
                 await daemon.start(attach_enabled=False)
             return {"pid": os.getpid()}
         if op == "adopt":
-            await daemon.adopt_existing(set(map(str, args.get("backstores") or ())))
+            # Under the lock: a path of this worker may be setting up its backstore meanwhile.
+            async with daemon.lock:
+                await daemon.adopt_existing(set(map(str, args.get("backstores") or ())))
             return None
         if op == "attach":
             disk = await daemon.attach(str(args["what"]))
@@ -658,6 +668,19 @@ async def serve_worker(fd: int, options: DaemonOptions) -> int:
     return 0
 
 
+def die_with_parent(parent: int) -> None:
+    """Be killed (SIGKILL) when the main process ends (module docstring)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1   # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("worker %d: cannot ask to die with the main process: %s", os.getpid(),
+                    os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:   # it ended before the request took effect
+        os._exit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hba.workers``: a worker, started by the main process (never by hand)."""
     from hba.daemon import DaemonOptions
@@ -673,7 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--login-timeout", type=float, default=15.0)
     parser.add_argument("--queue-depth", type=int, default=32)
     parser.add_argument("--verbose", type=int, default=0)
+    parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
+    die_with_parent(args.parent)
     from hba.control import configure_daemon_logging
 
     configure_daemon_logging(args.verbose)

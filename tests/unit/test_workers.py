@@ -212,7 +212,8 @@ class NoProcess:
         self.ended.set()
 
 
-Linked = tuple[WorkerLink, TableDaemon, list[tuple[str, dict[str, Any]]], socket.socket]
+Linked = tuple[WorkerLink, TableDaemon, list[tuple[str, dict[str, Any]]], socket.socket,
+               "asyncio.Future[None]"]
 
 
 @pytest.fixture
@@ -225,7 +226,7 @@ async def linked() -> AsyncIterator[Linked]:
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     server = WorkerServer(daemon, writer)
     task = asyncio.ensure_future(server.serve(reader))
-    yield link, daemon, events, theirs
+    yield link, daemon, events, theirs, task
     daemon.release.set()
     writer.close()
     task.cancel()
@@ -235,7 +236,7 @@ async def linked() -> AsyncIterator[Linked]:
 
 
 async def test_requests_answers_and_events(linked: Linked) -> None:
-    link, daemon, events, _sock = linked
+    link, daemon, events, _sock, _served = linked
     assert await link.call("hello") == {"pid": os.getpid()}
     described = await link.call("attach", what="disk1")
     assert described == {"name": "disk1", "state": "attached", "worker": os.getpid()}
@@ -247,7 +248,7 @@ async def test_requests_answers_and_events(linked: Linked) -> None:
 
 
 async def test_errors_come_back_as_the_daemon_raised_them(linked: Linked) -> None:
-    link, _daemon, _events, _sock = linked
+    link, _daemon, _events, _sock, _served = linked
     with pytest.raises(AttachError, match="no answer") as info:
         await link.call("attach", what="down")
     assert info.value.retryable
@@ -258,7 +259,7 @@ async def test_errors_come_back_as_the_daemon_raised_them(linked: Linked) -> Non
 
 
 async def test_a_request_that_takes_too_long_fails_and_names_the_worker(linked: Linked) -> None:
-    link, daemon, _events, _sock = linked
+    link, daemon, _events, _sock, _served = linked
     with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) did not answer attach "
                                           r"within 0.05 s"):
         await link.call("attach", timeout=0.05, what="slow")
@@ -267,7 +268,7 @@ async def test_a_request_that_takes_too_long_fails_and_names_the_worker(linked: 
 
 
 async def test_a_worker_that_goes_away_fails_what_waits_for_it(linked: Linked) -> None:
-    link, _daemon, _events, sock = linked
+    link, _daemon, _events, sock, _served = linked
     pending = asyncio.ensure_future(link.call("attach", what="slow"))
     await asyncio.sleep(0.05)
     sock.shutdown(socket.SHUT_RDWR)
@@ -275,6 +276,14 @@ async def test_a_worker_that_goes_away_fails_what_waits_for_it(linked: Linked) -
         await pending
     with pytest.raises(WorkerError, match="is gone"):
         await link.call("list")
+
+
+async def test_stop_ends_the_worker_after_its_answer(linked: Linked) -> None:
+    link, daemon, _events, _sock, served = linked
+    await link.call("attach", what="disk1")
+    assert await link.call("stop") is None
+    assert daemon.table == {}
+    await asyncio.wait_for(served, 5)   # the worker's read loop ended: its process exits
 
 
 async def test_a_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
@@ -319,3 +328,90 @@ def test_workers_key_in_the_configuration(tmp_path: Path) -> None:
     path.write_text("Workers = 0\n")
     with pytest.raises(ConfigError, match="Workers"):
         load_config(str(path))
+
+
+# -- routing in the main process -------------------------------------------------------------
+
+
+class FakeLink:
+    def __init__(self, index: int, pool: FakePool) -> None:
+        self.index, self.pid, self.pool = index, 1000 + index, pool
+        self.disks: dict[str, str] = {}   # name -> target
+
+    async def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        self.pool.calls.append((self.index, op, args))
+        if op == "attach":
+            iqn, lun = str(args["what"]).rsplit("/", 2)[-2:]
+            name = f"{iqn.split(':')[1]}-{lun}"
+            self.disks[name] = iqn
+            return {"name": name, "worker": self.pid}
+        if op == "detach":
+            if args["what"] not in self.disks:
+                raise NoSuchDiskError(f"no attached LUN is called {args['what']!r}")
+            del self.disks[args["what"]]
+            return {"name": args["what"], "state": "detached"}
+        if op == "list":
+            return [{"name": n, "worker": self.pid} for n in self.disks]
+        raise AssertionError(op)
+
+
+class FakePool:
+    """WorkerPool's routing surface, without processes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.links: list[FakeLink | None] = []
+        self.calls: list[tuple[int, str, dict[str, Any]]] = []
+
+    async def inventories(self) -> dict[int, Any]:
+        from hba.workers import Inventory
+
+        return {link.index: Inventory(names=set(link.disks), targets=set(link.disks.values()))
+                for link in self.running()}
+
+    def loads(self, inventories: dict[int, Any]) -> list[int]:
+        return [len(inventories[i].names) for i in range(len(self.links))]
+
+    async def worker(self, index: int) -> FakeLink:
+        while len(self.links) <= index:
+            self.links.append(FakeLink(len(self.links), self))
+        link = self.links[index]
+        assert link is not None
+        return link
+
+    def running(self) -> list[FakeLink]:
+        return [link for link in self.links if link is not None]
+
+    async def gather(self, op: str, **args: Any) -> list[Any]:
+        return [await link.call(op, **args) for link in self.running()]
+
+
+async def test_disks_are_placed_by_target_then_by_load() -> None:
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
+    pool = FakePool(limit=2)
+    daemon.pool = pool  # type: ignore[assignment]
+
+    def url(target: str, lun: int) -> str:
+        return f"iscsi://127.0.0.1/iqn.2003-01.org.example:{target}/{lun}"
+
+    placed = {}
+    for target, lun in (("a", 0), ("b", 0), ("a", 1), ("c", 0)):
+        described = await daemon.attach_described(url(target, lun))
+        placed[(target, lun)] = described["worker"]
+    # a's LUNs share a session: one worker; b on the second; c on the least busy.
+    assert placed == {("a", 0): 1000, ("b", 0): 1001, ("a", 1): 1000, ("c", 0): 1001}
+    assert [row["name"] for row in await daemon.list_all()] == sorted(
+        row["name"] for row in await daemon.list_all())
+    assert len(await daemon.list_all()) == 4
+
+
+async def test_detach_finds_the_worker_or_names_every_disk() -> None:
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
+    pool = FakePool(limit=2)
+    daemon.pool = pool  # type: ignore[assignment]
+    for target in ("a", "b"):
+        await daemon.attach_described(f"iscsi://127.0.0.1/iqn.2003-01.org.example:{target}/0")
+    names = [row["name"] for row in await daemon.list_all()]
+    assert (await daemon.detach(names[1]))["state"] == "detached"
+    with pytest.raises(NoSuchDiskError, match=rf"attached: {names[0]}\)"):
+        await daemon.detach("nope")
