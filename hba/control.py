@@ -171,6 +171,13 @@ def format_status(status: Mapping[str, Any]) -> str:
         + ("offered (org.kernel.TCMUService1)" if status.get("tcmu_handler")
            else "not offered (another process owns org.kernel.TCMUService1)"),
     ]
+    workers = status.get("workers")
+    if workers is not None:   # the disks are served by worker processes (hba.workers)
+        served = [d.get("worker") for d in status.get("disks") or []]
+        lines.append("workers:        " + (", ".join(
+            f"pid {w.get('pid')} ({served.count(w.get('pid'))} "
+            f"disk{'' if served.count(w.get('pid')) == 1 else 's'})" for w in workers)
+            or "none running yet"))
     sessions = status.get("sessions") or []
     lines.append(f"sessions:       {len(sessions) or 'none'}")
     for s in sessions:
