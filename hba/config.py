@@ -30,9 +30,11 @@ silently); a mutual-CHAP secret equal to the initiator's secret is refused (RFC 
 a secret shorter than 12 bytes draws a warning (RFC 7143 §9.2.1: 96 bits, and Microsoft-style
 targets refuse less).
 
-Outside the blocks, one key of the daemon itself: ``Metrics = 127.0.0.1:9433`` serves Prometheus
-metrics there (``hbactl daemon --metrics`` wins over it; a bare port means the loopback
-address; read at start only).
+Outside the blocks, keys of the daemon itself, read at start only: ``Metrics = 127.0.0.1:9433``
+serves Prometheus metrics there (``hbactl daemon --metrics`` wins over it; a bare port means
+the loopback address); ``Workers = 2`` serves the disks from at most that many worker
+processes (:mod:`hba.workers`; ``hbactl daemon --workers`` wins over it; default: the number
+of cores).
 
 Multipath: TargetAddress takes a list (``TargetAddress = 192.0.2.10, 192.0.2.11:3261`` quoted,
 or one word without spaces ``192.0.2.10,192.0.2.11``), one path per portal, and
@@ -209,6 +211,8 @@ class Config:
     warnings: tuple[str, ...] = ()
     metrics: str | None = None
     """``Metrics``, the daemon's Prometheus listen address (outside any block), checked."""
+    workers: int | None = None
+    """``Workers``, the most worker processes the daemon serves its disks from."""
 
     def get(self, nickname: str) -> TargetEntry | None:
         """The block with this nickname, compared case-insensitively as FreeBSD does."""
@@ -471,7 +475,8 @@ _ALL_NAMES = [key.name for key in _KEYS] + list(_ALIASES)
 
 
 # Keys of the daemon itself, set outside any block.
-_DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address)}
+_DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address),
+                "workers": _Key("Workers", "workers", _integer(1, 256))}
 
 
 def _lookup(word: str) -> _Key | None:
@@ -784,7 +789,7 @@ def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:
         if entry is not None:
             entries[block.nickname] = entry
     config = Config(path=path, entries=entries, warnings=tuple(parser.warnings),
-                    metrics=parser.daemon.get("metrics"))
+                    metrics=parser.daemon.get("metrics"), workers=parser.daemon.get("workers"))
     # In line order: the lexer reports unclosed quotes before the parser reaches those lines.
     errors = [message for _line, message in sorted(parser.errors, key=lambda e: e[0])]
     return config, errors, parser.saw_secret

@@ -171,6 +171,13 @@ def format_status(status: Mapping[str, Any]) -> str:
         + ("offered (org.kernel.TCMUService1)" if status.get("tcmu_handler")
            else "not offered (another process owns org.kernel.TCMUService1)"),
     ]
+    workers = status.get("workers")
+    if workers is not None:   # the disks are served by worker processes (hba.workers)
+        served = [d.get("worker") for d in status.get("disks") or []]
+        lines.append("workers:        " + (", ".join(
+            f"pid {w.get('pid')} ({served.count(w.get('pid'))} "
+            f"disk{'' if served.count(w.get('pid')) == 1 else 's'})" for w in workers)
+            or "none running yet"))
     sessions = status.get("sessions") or []
     lines.append(f"sessions:       {len(sessions) or 'none'}")
     for s in sessions:
@@ -386,14 +393,17 @@ async def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl daemon``: see the module docstring. Returns when stopped."""
     configure_daemon_logging(max(args.verbose, args.daemon_verbose))
     return {"exit_status": await run_daemon(args.config, args.initiator_name,
-                                            pcap_dir=args.daemon_pcap, metrics=args.metrics)}
+                                            pcap_dir=args.daemon_pcap, metrics=args.metrics,
+                                            workers=args.workers)}
 
 
 async def run_daemon(config_path: str | None, initiator_name: str | None = None, *,
                      bus_address: str | None = None, pcap_dir: str | None = None,
-                     metrics: str | None = None) -> int:
+                     metrics: str | None = None, workers: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status.
-    ``metrics``: serve Prometheus metrics there (else the configuration's ``Metrics``)."""
+    ``metrics``: serve Prometheus metrics there (else the configuration's ``Metrics``);
+    ``workers``: the most worker processes (else the configuration's ``Workers``, else one
+    per core: :mod:`hba.workers`)."""
     from hba import dbus_service
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
@@ -404,6 +414,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         try:
             config = await asyncio.to_thread(load_config, config_path)
             metrics = metrics or config.metrics
+            workers = workers or config.workers
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
             raise StartupError(str(exc), EXIT_CONFIG) from None
@@ -412,8 +423,12 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             await asyncio.to_thread(prepare_capture_dir, pcap_dir)
         except HBAError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
+    if workers is None:
+        from hba.workers import default_workers
+
+        workers = default_workers(len(os.sched_getaffinity(0)))
     daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
-                                  pcap_dir=pcap_dir))
+                                  pcap_dir=pcap_dir, workers=workers))
     try:
         service = await dbus_service.DaemonService.connect(daemon, address=bus_address)
     except dbus_service.BusError as exc:
@@ -449,10 +464,11 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         started = await _until_stopped(daemon.start(), stop)
         if started:
             service.set_ready()
-            count = len(daemon.disks)
-            log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s",
+            count = await daemon.disk_count()
+            log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s%s",
                      count, "" if count == 1 else "s", daemon.initiator_name,
-                     config_path or "none")
+                     config_path or "none",
+                     f", up to {workers} worker processes" if workers > 1 else "")
             sd_notify(f"READY=1\nSTATUS=serving {count} disk{'' if count == 1 else 's'}")
             lost = await _wait_stop_or_disconnect(stop, service)
             if lost:
@@ -467,7 +483,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         for signum in handled:
             loop.remove_signal_handler(signum)
         loop.remove_signal_handler(signal.SIGHUP)
-        count = len(daemon.disks)
+        count = await daemon.disk_count()
         if count:
             log.info("stopping: %d disk%s stay%s in the kernel for the next daemon to take "
                      "over", count, "" if count == 1 else "s", "s" if count == 1 else "")
@@ -539,6 +555,12 @@ async def _reload(daemon: Daemon) -> None:
 # argparse
 
 
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 256")
+    return int(text)
+
+
 def add_commands(sub: Any) -> None:
     """Register ``daemon``, ``attach``, ``detach``, ``list`` and ``status`` on the
     subparsers of ``hbactl`` (``sub`` is what ``add_subparsers`` returned)."""
@@ -564,6 +586,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--pcap", dest="daemon_pcap", metavar="DIR",
                    help="record every session's PDUs into a pcap file in DIR (created mode "
                         "700), one per session; tshark -r FILE dissects it")
+    p.add_argument("--workers", type=_worker_count, metavar="N",
+                   help="serve the disks from up to N worker processes, one event loop each "
+                        "(default: the configuration's Workers, else the number of cores; "
+                        "1: everything in this process)")
     p.add_argument("-v", "--verbose", dest="daemon_verbose", action="count", default=0,
                    help="also log protocol events (twice: debug)")
     p.set_defaults(handler=cmd_daemon)

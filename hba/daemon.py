@@ -49,6 +49,12 @@ number) become its paths again, and their sessions log in with the same derived 
 appear later with our subtype (made by ``targetcli /backstores/user:iscsi create``) are served
 the same way.
 
+Cores: with ``workers`` above 1 (``hbactl daemon --workers N``) this object in the main process
+serves no disk itself: it keeps the configuration, the retries and the udev watcher, and
+routes attach, detach, adoption and the reports to worker processes, each running a Daemon of
+its own over the disks placed on it (:mod:`hba.workers`, which has the why). With one worker
+everything stays in this process, as described above.
+
 The seams: what a URL, nickname or cfgstring stands for is :mod:`hba.specs` (credentials from
 :mod:`initiator.credentials`); the sessions the LUNs of a target share are :mod:`hba.sessions`;
 when an ``Enable = on`` entry that failed is tried again is :mod:`hba.retry`; a disk's record
@@ -59,15 +65,16 @@ serve, and the tasks that tie those together.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
@@ -85,6 +92,9 @@ from tcmu_handler.device import UioDevice, UioInfo, find_device, find_devices
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import TCMUError
 from tcmu_handler.executor import SessionExecutor
+
+if TYPE_CHECKING:
+    from hba.workers import Inventory, WorkerLink, WorkerPool
 
 log = logging.getLogger("iscsi-hba")
 
@@ -114,6 +124,8 @@ class DaemonOptions:
     queue_depth: int = 32
     watch_uio: bool = True
     pcap_dir: str | None = None   # record each session's PDUs into a pcap file here
+    workers: int = 1              # above 1: serve the disks from worker processes (hba.workers)
+    takeover_at_start: bool = True   # a worker is told which backstores to take over
     on_event: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
 
 
@@ -143,6 +155,17 @@ class Daemon:
         self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
         self.session_events = SessionEvents(log)
         self.started = False
+        self.pool: WorkerPool | None = None
+        if self.options.workers > 1:
+            from hba.workers import WorkerPool
+
+            self.pool = WorkerPool(self.options, self.options.workers, self._worker_event,
+                                   self._worker_restarted)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by attach, detach, adoption and the udev watcher: one change at a time."""
+        return self._lock
 
     @property
     def config(self) -> Config | None:
@@ -189,7 +212,11 @@ class Daemon:
             await asyncio.to_thread(prepare_capture_dir, self.options.pcap_dir)
         if self.options.config_path is not None:
             self.config = await asyncio.to_thread(self._load_config)
-        await self.adopt_existing()
+        if self.pool is not None:
+            async with self._lock:
+                await self._adopt_in_workers()
+        elif self.options.takeover_at_start:
+            await self.adopt_existing()
         if self.options.watch_uio:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_uio())
         self.started = True
@@ -207,17 +234,18 @@ class Daemon:
         has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
         if self.config is not None:
+            attached = await self._attached_nicknames()
             for entry in self.config.enabled():
                 if entry.session_type.value.lower() != "normal":
                     continue
                 wanted.add(entry.nickname)
-                disk = self._attached(entry.nickname)
-                if disk is not None and disk.spec.multipath:
-                    self._spawn(self._add_missing_paths(disk))
-                if entry.nickname in self._retries or disk is not None:
+                where = attached.get(entry.nickname)
+                if where is not None:
+                    self._add_paths_on(where, entry.nickname)
+                if entry.nickname in self._retries or where is not None:
                     continue
                 try:
-                    await self.attach(entry.nickname)
+                    await self.attach_described(entry.nickname)
                 except AttachError as exc:
                     self._failed_at_start(entry.nickname, exc)
                 except HBAError as exc:
@@ -230,6 +258,30 @@ class Daemon:
 
     def _attached(self, nickname: str) -> Disk | None:
         return next((d for d in self.disks.values() if d.spec.nickname == nickname), None)
+
+    async def _attached_nicknames(self) -> dict[str, int]:
+        """Nicknames of attached disks -> the worker serving them (-1: this process)."""
+        if self.pool is None:
+            return {d.spec.nickname: -1 for d in self.disks.values()
+                    if d.spec.nickname is not None}
+        return {nickname: index for index, inv in (await self.pool.inventories()).items()
+                for nickname in inv.nicknames}
+
+    def _add_paths_on(self, where: int, nickname: str) -> None:
+        """:meth:`add_missing_paths` of ``nickname``, here or in worker ``where``."""
+        if where < 0 or self.pool is None:
+            self.add_missing_paths(nickname)
+            return
+        link = self.pool.links[where]
+        if link is not None:
+            self._spawn(self._ask(link, "add_paths", nickname=nickname))
+
+    def add_missing_paths(self, nickname: str) -> None:
+        """In the background, :meth:`_add_missing_paths` of the multipath disk of
+        configuration entry ``nickname``, if it is attached (here)."""
+        disk = self._attached(nickname)
+        if disk is not None and disk.spec.multipath:
+            self._spawn(self._add_missing_paths(disk))
 
     def _failed_at_start(self, nickname: str, exc: AttachError) -> None:
         if not exc.retryable:
@@ -246,10 +298,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while (retry := self._retries.get(nickname)) is not None:
             await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
-            if self._attached(nickname) is not None:
+            if nickname in await self._attached_nicknames():
                 break
             try:
-                await self.attach(nickname)
+                await self.attach_described(nickname)
             except AttachError as exc:
                 if exc.retryable:
                     retry = self._retries.failed(nickname, str(exc), loop.time())
@@ -291,6 +343,8 @@ class Daemon:
         self.config = await asyncio.to_thread(self._load_config)
         log.info("read the configuration %s again: %d entries", self.options.config_path,
                  len(self.config.entries) if self.config is not None else 0)
+        if self.pool is not None:
+            await self.pool.gather("reload")
 
     async def stop(self) -> None:
         """Stop serving. Devices stay in the kernel (their I/O waits) so a restarted daemon
@@ -304,6 +358,8 @@ class Daemon:
                 await self._watch_task
         for task in list(self._tasks):
             task.cancel()
+        if self.pool is not None:
+            await self.pool.stop()
         for disk in list(self.disks.values()):
             for path in disk.paths:
                 if path.setup is not None:
@@ -318,7 +374,11 @@ class Daemon:
     # -- attach ----------------------------------------------------------------------------
 
     async def attach(self, what: str) -> Disk:
-        """Attach a LUN named by URL or configuration nickname; returns it once usable."""
+        """Attach a LUN named by URL or configuration nickname; returns it once usable.
+        Here: with worker processes, :meth:`attach_described` places it on one."""
+        if self.pool is not None:
+            raise HBAError("this daemon serves its disks from worker processes: "
+                           "attach_described() places a disk on one")
         spec = self.specs.resolve(what)
         async with self._lock:
             self._refuse_twice(spec)
@@ -330,6 +390,25 @@ class Daemon:
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)  # "attached ..." was logged
         return attached
+
+    async def attach_described(self, what: str) -> dict[str, Any]:
+        """:meth:`attach`, here or in a worker (:func:`hba.workers.place`); the disk as
+        ``hbactl list`` shows it."""
+        if self.pool is None:
+            return (await self.attach(what)).describe()
+        from hba.workers import place
+
+        spec = self.specs.resolve(what)
+        async with self._lock:
+            inventories = await self.pool.inventories()
+            owner = next((index for index, inv in inventories.items()
+                          if spec.target in inv.targets or spec.name in inv.names), None)
+            link = await self.pool.worker(
+                place(self.pool.loads(inventories), self.pool.limit, owner))
+            described: dict[str, Any] = await link.call("attach", what=what)
+        if spec.nickname is not None:
+            self._stop_retrying(spec.nickname)
+        return described
 
     def _refuse_twice(self, spec: LunSpec) -> None:
         for disk in self.disks.values():
@@ -692,15 +771,11 @@ class Daemon:
         async with self._lock:
             # A LUN linked by someone else (targetcli) may have got its disk since we saw it:
             # without it, the mount check below would let a mounted disk go.
+            if self.pool is not None:
+                return await self._detach_in_workers(what, force)
             await self.refresh_devices()
             if what not in self.disks and what in self._retries:
-                retry = self._stop_retrying(what)
-                assert retry is not None
-                log.info("%s: not trying to attach it any more", what)
-                described = retry.describe(asyncio.get_running_loop().time(),
-                                           DiskState.DETACHED)
-                self._event("detach", described)
-                return described
+                return self._forget_retry(what)
             disk = self.find(what)
             nodes = [p.device for p in disk.paths if p.device is not None]
             busy = [use for dev in nodes for use in devices.users(dev.name)]
@@ -746,14 +821,38 @@ class Daemon:
             self._event("detach", described)
             return described
 
+    def _forget_retry(self, nickname: str) -> dict[str, Any]:
+        """Detach of an entry being retried: stop retrying it."""
+        retry = self._stop_retrying(nickname)
+        assert retry is not None
+        log.info("%s: not trying to attach it any more", nickname)
+        described = retry.describe(asyncio.get_running_loop().time(), DiskState.DETACHED)
+        self._event("detach", described)
+        return described
+
+    async def _detach_in_workers(self, what: str, force: bool) -> dict[str, Any]:
+        assert self.pool is not None
+        inventories = await self.pool.inventories()
+        if what in self._retries and not any(what in i.names for i in inventories.values()):
+            return self._forget_retry(what)
+        for link in self.pool.running():
+            try:
+                described: dict[str, Any] = await link.call("detach", what=what, force=force)
+            except NoSuchDiskError:
+                continue   # another worker's, or nobody's
+            return described
+        known = ", ".join(sorted(n for i in inventories.values() for n in i.names)) or "none"
+        raise NoSuchDiskError(f"no attached LUN is called {what!r} (attached: {known})")
+
     # -- adoption --------------------------------------------------------------------------
 
-    async def adopt_existing(self) -> None:
-        """Take over every ``iscsi/`` backstore already in configfs (restart safety): the
-        paths of a multipath disk become one disk again (:meth:`attach_enabled` then adds
-        the paths its configuration entry names but the kernel has none of)."""
+    async def adopt_existing(self, only: Collection[str] | None = None) -> None:
+        """Take over every ``iscsi/`` backstore already in configfs (restart safety), or
+        those named in ``only`` (a worker's share): the paths of a multipath disk become one
+        disk again (:meth:`attach_enabled` then adds the paths its configuration entry names
+        but the kernel has none of)."""
         for info in await asyncio.to_thread(kernel.list_backstores):
-            if info.name in self._serving:
+            if info.name in self._serving or (only is not None and info.name not in only):
                 continue
             try:
                 await self._adopt(info, takeover=True)
@@ -811,13 +910,24 @@ class Daemon:
                 await wake.wait()
                 wake.clear()
                 await asyncio.sleep(0.2)  # let a creator finish writing the device's control
-                async with self._lock:
-                    await self._serve_new_devices()
-                    await self.refresh_devices()
+                if self.pool is not None:
+                    async with self._lock:
+                        await self._serve_new_in_workers()
+                    await self.pool.gather("refresh")
+                else:
+                    await self.serve_new_devices()
 
-    async def _serve_new_devices(self) -> None:
+    async def serve_new_devices(self, only: Collection[tuple[int, str]] | None = None) -> None:
+        """Serve the uio devices of our subtype nobody serves (or those of ``only``, by HBA
+        index and name: a worker's share), and find the disks of LUNs linked meanwhile."""
+        async with self._lock:
+            await self._serve_new_devices(only)
+            await self.refresh_devices()
+
+    async def _serve_new_devices(self, only: Collection[tuple[int, str]] | None) -> None:
         for uio in await asyncio.to_thread(find_devices):
-            if uio.name.dev_name in self._serving:
+            if uio.name.dev_name in self._serving or (
+                    only is not None and (uio.name.hba_index, uio.name.dev_name) not in only):
                 continue
             # The backstore's own directory only, not its tcm_loop link: whoever links a LUN
             # to this device holds configfs locks until the ring answers the LUN's INQUIRY,
@@ -891,6 +1001,143 @@ class Daemon:
             "disks": self.list(),
             "sessions": self.sessions.describe(),
         }
+
+    def inventory(self) -> dict[str, builtins.list[str]]:
+        """What this process serves, for the main process's routing (:mod:`hba.workers`)."""
+        disks = list(self.disks.values())
+        return {"names": sorted(self.disks),
+                "nicknames": sorted({d.spec.nickname for d in disks if d.spec.nickname}),
+                "targets": sorted({d.spec.target for d in disks}),
+                "backstores": sorted(self._serving
+                                     | {p.backstore for d in disks for p in d.paths})}
+
+    # The reports and refresh of the DBus face: this process's, or every worker's together.
+
+    async def list_all(self) -> builtins.list[dict[str, Any]]:
+        """:meth:`list`, with every worker's disks."""
+        rows = self.list()
+        if self.pool is not None:
+            rows += [row for answer in await self.pool.gather("list") for row in answer]
+        return sorted(rows, key=lambda row: str(row["name"]))
+
+    async def status_all(self) -> dict[str, Any]:
+        """:meth:`status`, with every worker's disks and sessions, and the workers."""
+        status = self.status()
+        if self.pool is not None:
+            status["disks"] = await self.list_all()
+            status["sessions"] = [s for answer in await self.pool.gather("sessions")
+                                  for s in answer]
+            status["workers"] = [{"index": link.index, "pid": link.pid}
+                                 for link in self.pool.running()]
+        return status
+
+    async def sample_all(self) -> dict[str, Any]:
+        """:func:`hba.metrics.sample`, with every worker's disks and sessions."""
+        from hba.metrics import merge_samples, sample
+
+        data = sample(self)
+        if self.pool is not None:
+            data = merge_samples(data, await self.pool.gather("sample"))
+        return data
+
+    async def refresh_all(self) -> None:
+        """:meth:`refresh_devices`, here or in every worker."""
+        if self.pool is None:
+            await self.refresh_devices()
+        else:
+            await self.pool.gather("refresh")
+
+    async def disk_count(self) -> int:
+        """Disks served, here or by the workers."""
+        if self.pool is None:
+            return len(self.disks)
+        return sum(len(inv.names) for inv in (await self.pool.inventories()).values())
+
+    # -- workers (hba.workers) ---------------------------------------------------------------
+
+    def _worker_event(self, kind: str, data: dict[str, Any]) -> None:
+        """An event of a worker (it logged it already): on to ``options.on_event``."""
+        if self.options.on_event is not None:
+            self.options.on_event(kind, data)
+
+    def _worker_restarted(self, link: WorkerLink) -> None:
+        """A worker replaced one that died: it takes over the backstores nobody serves."""
+        async def adopt() -> None:
+            async with self._lock:
+                await self._adopt_in_workers()
+
+        self._spawn(adopt())
+
+    async def _ask(self, link: WorkerLink, op: str, **args: Any) -> None:
+        try:
+            await link.call(op, **args)
+        except HBAError as exc:
+            log.error("worker %d (pid %d): %s failed: %s", link.index, link.pid, op, exc)
+
+    def _group(self, info: kernel.BackstoreInfo) -> str:
+        """Backstores that go to one worker: a target's (they share sessions)."""
+        try:
+            return "target " + self.specs.from_cfgstring(info.cfgstring, info.name).disk.target
+        except (HBAError, ISCSIError):
+            return "backstore " + info.name   # its worker logs why it cannot serve it
+
+    async def _place(self, groups: dict[str, builtins.list[Any]], op: str, key: str) -> None:
+        """Hand each group to its worker (:func:`hba.workers.place_groups`) with ``op``."""
+        from hba.workers import place_groups
+
+        assert self.pool is not None
+        if not groups:
+            return
+        inventories = await self.pool.inventories()
+        owners = {"target " + target: index for index, inv in inventories.items()
+                  for target in inv.targets}
+        placed = place_groups(sorted(groups), self.pool.loads(inventories), self.pool.limit,
+                              owners)
+        shares: dict[int, builtins.list[Any]] = {}
+        for group, index in placed.items():
+            shares.setdefault(index, []).extend(groups[group])
+        started = await asyncio.gather(*(self.pool.worker(index) for index in sorted(shares)),
+                                       return_exceptions=True)
+        links = []
+        for index, link in zip(sorted(shares), started, strict=True):
+            if not isinstance(link, BaseException):
+                links.append(link)
+            elif isinstance(link, Exception):
+                log.error("%s; %s wait%s (their commands stay in the kernel's rings)", link,
+                          ", ".join(str(b) for b in shares[index]),
+                          "s" if len(shares[index]) == 1 else "")
+            else:
+                raise link
+        await asyncio.gather(*(self._ask(link, op, **{key: shares[link.index]})
+                               for link in links))
+
+    async def _served_by_workers(self) -> tuple[dict[int, Inventory], set[str]]:
+        assert self.pool is not None
+        inventories = await self.pool.inventories()
+        return inventories, {b for inv in inventories.values() for b in inv.backstores}
+
+    async def _adopt_in_workers(self) -> None:
+        """Every ``iscsi/`` backstore no worker serves, taken over by workers: at start, and
+        when a worker replaced one that died."""
+        _inventories, served = await self._served_by_workers()
+        groups: dict[str, builtins.list[Any]] = {}
+        for info in await asyncio.to_thread(kernel.list_backstores):
+            if info.name not in served:
+                groups.setdefault(self._group(info), []).append(info.name)
+        await self._place(groups, "adopt", "backstores")
+
+    async def _serve_new_in_workers(self) -> None:
+        """The uio devices of our subtype no worker serves, handed to workers to serve."""
+        _inventories, served = await self._served_by_workers()
+        groups: dict[str, builtins.list[Any]] = {}
+        for uio in await asyncio.to_thread(find_devices):
+            if uio.name.dev_name in served:
+                continue
+            info = await asyncio.to_thread(kernel.read_backstore, uio.name.hba_index,
+                                           uio.name.dev_name)
+            if info is not None:
+                groups.setdefault(self._group(info), []).append([info.hba_index, info.name])
+        await self._place(groups, "serve_new", "devices")
 
 
 # --------------------------------------------------------------------------------------------

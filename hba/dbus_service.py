@@ -241,10 +241,10 @@ class ControlInterface(_service.ServiceInterface):
         await self._wait_ready()
         try:
             await asyncio.to_thread(kernel.preflight)
-            disk = await self._daemon.attach(what)
+            disk = await self._daemon.attach_described(what)
         except Exception as exc:
             raise dbus_error(exc, "attach") from None
-        return vardict(disk.describe())
+        return vardict(disk)
 
     @_method("s", "b", result="a{sv}", name="Detach")
     async def detach(self, what: str, force: bool) -> dict[str, Variant]:
@@ -260,13 +260,13 @@ class ControlInterface(_service.ServiceInterface):
     async def list_disks(self) -> list[dict[str, Variant]]:
         """Every LUN the daemon serves."""
         await self._refresh()
-        return [vardict(disk) for disk in self._daemon.list()]
+        return [vardict(disk) for disk in await self._daemon.list_all()]
 
     @_method(result="a{sv}", name="Status")
     async def status(self) -> dict[str, Variant]:
         """The daemon, its sessions and its disks."""
         await self._refresh()
-        status = self._daemon.status()
+        status = await self._daemon.status_all()
         status.update(pid=os.getpid(), version=VERSION, ready=self._ready.is_set(),
                       uptime=round(time.monotonic() - self._started, 1),
                       tcmu_handler=self.tcmu_handler)
@@ -276,9 +276,7 @@ class ControlInterface(_service.ServiceInterface):
     async def metrics(self) -> dict[str, Variant]:
         """What every disk and session counted so far (:func:`hba.metrics.sample`): what
         ``hbactl top`` shows, as rates between two calls."""
-        from hba.metrics import sample
-
-        return vardict(sample(self._daemon))
+        return vardict(await self._daemon.sample_all())
 
     @_method(name="Reload")
     async def reload(self) -> None:
@@ -291,7 +289,7 @@ class ControlInterface(_service.ServiceInterface):
 
     async def _refresh(self) -> None:
         try:
-            await self._daemon.refresh_devices()
+            await self._daemon.refresh_all()
         except Exception as exc:  # reporting must work even when configfs misbehaves
             log.debug("could not refresh the disks: %s", exc)
 

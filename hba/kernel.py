@@ -20,6 +20,11 @@ A LUN reached through several portals has one such pair per path (docs/multipath
 ``/dev/sdX`` report its own remote target port (ALUA), fail on its own and hold its own
 persistent reservations.
 
+Several processes change configfs (the daemon's worker processes, :mod:`hba.workers`): rtslib
+picks a free ``user_<n>`` by looking, so two that create a backstore at once could pick the
+same. Every change here therefore holds one lock file, :data:`LOCK_PATH` (``flock``, bounded
+by :data:`LOCK_TIMEOUT`), whichever process makes it; reading configfs needs none.
+
 Persistent reservations pass through (``attrib/pgr_support = 0``, :func:`pass_through_pr`):
 with LIO's default it emulates PERSISTENT RESERVE IN/OUT, RESERVE and RELEASE itself, per
 backstore, and the target never hears of them — wrong for a shared LUN even with one path,
@@ -29,13 +34,17 @@ and each path of a multipath LUN would see a reservation state of its own.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from hba.errors import HBAError
 
@@ -49,6 +58,8 @@ CONFIGFS = Path("/sys/kernel/config")
 # on a host where nothing created /etc/target, rtslib refuses with "Cannot set dbroot to
 # /etc/target". The kernel keeps persistent-reservation (APTPL) and ALUA state there.
 DBROOT = Path("/etc/target")
+LOCK_PATH = Path("/run/lock/iscsi-hba.configfs")
+LOCK_TIMEOUT = 120.0   # seconds: above a LUN link's wait for the ring (INQUIRY, cmd_time_out)
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # The modules the kernel half needs, in load order, with what each is for.
@@ -156,7 +167,49 @@ def preflight(configfs: Path = CONFIGFS, *, load_modules: bool = True) -> None:
 # --------------------------------------------------------------------------------------------
 # configfs through rtslib-fb
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
+
+@contextlib.contextmanager
+def configfs_lock(path: Path | None = None, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock over configfs changes (module docstring) for the ``with`` block."""
+    path = path or LOCK_PATH
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RegistrationError(f"cannot open the configfs lock {path}: {exc.strerror}; "
+                                "the daemon runs as root") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RegistrationError(
+                        f"another process held the configfs lock {path} for {timeout:g} s "
+                        "(a worker of the daemon blocked in configfs?): try again") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def _locked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` holding :func:`configfs_lock` (the lock is not reentrant: inner calls go to the
+    undecorated functions)."""
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with configfs_lock():
+            return fn(*args, **kwargs)
+
+    locked.__name__, locked.__doc__ = fn.__name__, fn.__doc__
+    return locked
+
+
+@_locked
 def create_backstore(
     name: str,
     cfgstring: str,
@@ -268,6 +321,7 @@ def _hba_index(path: Path) -> int:
         raise RegistrationError(f"unexpected configfs path {path}") from None
 
 
+@_locked
 def link_loopback(name: str) -> BackstoreInfo:
     """Create a tcm_loop target whose LUN 0 is backstore ``name``; the disk then appears.
 
@@ -294,17 +348,30 @@ def link_loopback(name: str) -> BackstoreInfo:
     return info
 
 
+@_locked
 def unlink_and_delete(name: str) -> None:
     """Remove the tcm_loop targets linking backstore ``name``, then the backstore.
 
     Unlinking makes the kernel send SYNCHRONIZE CACHE through the ring: keep serving it until
     this returns; the uio device disappears with the backstore.
     """
-    unlink_luns(name)
-    delete_backstore(name)
+    _unlink_luns(name)
+    _delete_backstore(name)
 
 
 def unlink_luns(name: str) -> None:
+    """Remove what links backstore ``name`` (:func:`_unlink_luns`), holding the lock."""
+    with configfs_lock():
+        _unlink_luns(name)
+
+
+def delete_backstore(name: str) -> None:
+    """Delete backstore ``name`` (:func:`_delete_backstore`), holding the lock."""
+    with configfs_lock():
+        _delete_backstore(name)
+
+
+def _unlink_luns(name: str) -> None:
     """Remove what links backstore ``name``: its tcm_loop targets whole, other fabrics' LUNs.
 
     The kernel sends SYNCHRONIZE CACHE through the ring meanwhile: keep serving it until this
@@ -327,7 +394,7 @@ def unlink_luns(name: str) -> None:
         raise RegistrationError(f"could not unlink backstore {name}: {exc}") from None
 
 
-def delete_backstore(name: str) -> None:
+def _delete_backstore(name: str) -> None:
     """Delete backstore ``name`` (its uio device goes with it); nothing if it is gone."""
     from rtslib_fb import RTSLibError, UserBackedStorageObject
 

@@ -31,7 +31,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hba.disks import DiskState
@@ -165,6 +165,22 @@ def sample(daemon: Daemon) -> dict[str, Any]:
                    "retries_pending": sum(row["state"] == DiskState.RETRYING.value
                                           for row in rows)},
     }
+
+
+def merge_samples(main: Mapping[str, Any], workers: Iterable[Mapping[str, Any]]
+                  ) -> dict[str, Any]:
+    """The main process's :func:`sample` (its retries; no disk of its own) with the workers'
+    (:mod:`hba.workers`): their disks and sessions, the disks by state counted together. The
+    time is the main process's (every process's loop clock is the monotonic clock)."""
+    out = {**main, "disks": list(main["disks"]), "sessions": list(main["sessions"]),
+           "daemon": {**main["daemon"], "disks": dict(main["daemon"]["disks"])}}
+    for data in workers:
+        out["disks"] += data["disks"]
+        out["sessions"] += data["sessions"]
+        for state, n in data["daemon"]["disks"].items():
+            if state != DiskState.RETRYING.value:   # retries are the main process's
+                out["daemon"]["disks"][state] = out["daemon"]["disks"].get(state, 0) + n
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,18 +364,12 @@ class MetricsCollector:
             running = None
         if running is self._loop:
             return sample(self._daemon)
-        result: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-
-        def take() -> None:
-            try:
-                result.set_result(sample(self._daemon))
-            except BaseException as exc:  # handed to the scraping thread
-                result.set_exception(exc)
-
-        self._loop.call_soon_threadsafe(take)
+        # With worker processes the sample is theirs too: asked from the loop.
+        result = asyncio.run_coroutine_threadsafe(self._daemon.sample_all(), self._loop)
         try:
             return result.result(self._timeout)
         except concurrent.futures.TimeoutError:
+            result.cancel()
             raise HBAError(f"the daemon's event loop did not take a sample within "
                            f"{self._timeout:g} s") from None
 

@@ -145,7 +145,8 @@ class DaemonThread:
         self._ready.set()
         await self._stop.wait()
         try:
-            for name in list(daemon.disks):
+            # Every disk, also those of worker processes (DaemonOptions.workers).
+            for name in [str(row["name"]) for row in await daemon.list_all()]:
                 with contextlib.suppress(Exception):
                     await daemon.detach(name, force=True)
         finally:

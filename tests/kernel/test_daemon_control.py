@@ -239,18 +239,24 @@ def test_unusable_configurations_are_refused(tmp_path: Path, lio_target: LioFact
     assert not leftovers()
 
 
+def start_dd(node: str, tmp_path: Path, size: int) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``dd`` of ``size`` random bytes (``tmp_path/data``) to ``node``, direct, started;
+    and the SHA-256 the disk's first ``size`` bytes must have once it is done."""
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(size))
+    expected = sha256_of(data, size, direct=False)
+    dd = subprocess.Popen(["dd", f"if={data}", f"of={node}", "bs=64k", "oflag=direct",
+                           "conv=notrunc", "status=none"], stderr=subprocess.PIPE)
+    return dd, expected
+
+
 def test_sigkill_restart_takes_the_disk_over(daemon: DaemonProcess, lio_target: LioFactory,
                                              tmp_path: Path) -> None:
     target = lio_target(64 * MiB)
     daemon.start()
     node = hbactl("attach", target.url()).stdout.strip()
     size = 32 * MiB
-    data = tmp_path / "data"
-    data.write_bytes(os.urandom(size))
-    expected = sha256_of(data, size, direct=False)
-
-    dd = subprocess.Popen(["dd", f"if={data}", f"of={node}", "bs=64k", "oflag=direct",
-                           "conv=notrunc", "status=none"], stderr=subprocess.PIPE)
+    dd, expected = start_dd(node, tmp_path, size)
     time.sleep(2.0)
     killed_during_dd = dd.poll() is None
     daemon.kill()

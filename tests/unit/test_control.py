@@ -224,6 +224,11 @@ def test_status_text() -> None:
     assert f"{IQN} at 127.0.0.1:3260: logged in, 1 LUN, 12 commands" in text
     assert "user:iscsi offered" in text
     assert "disk1" in text.splitlines()[-1]
+    assert "workers:" not in text
+    pooled = dict(status, disks=[dict(DISK, worker=7)], workers=[{"index": 0, "pid": 7},
+                                                                 {"index": 1, "pid": 8}])
+    assert "workers:        pid 7 (1 disk), pid 8 (0 disks)" in control.format_status(pooled)
+    assert "workers:        none running yet" in control.format_status(dict(status, workers=[]))
 
 
 def test_disk_states_are_plain_strings_on_the_wire() -> None:
