@@ -416,6 +416,10 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._after_core_activity()
 
+    def flush(self) -> None:
+        """Send what the core has queued now, not at the end of this loop iteration."""
+        self._after_core_activity()
+
     def _after_core_activity(self) -> None:
         core = self.core
         if core is None or self.error is not None:
@@ -744,14 +748,19 @@ class Session:
             return
         conn.on_failure = lambda err: self._connection_failed(conn, err)
         self._failed_error = None
-        self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
         now = asyncio.get_running_loop().time()
         self._policy.logged_in(now, waiting=bool(pending))
         core.submit_backlog(pending, now)
+        # On the wire before anyone is told: the state's watchers (the daemon's journal,
+        # paths, metrics) take tens of milliseconds under load, and on a faulty link every
+        # reconnect pays them before its first command otherwise (docs/faults.md).
+        conn.flush()
+        if self._conn is not conn:
+            return   # the send failed: _connection_failed took the commands back
+        self._set_state(SessionState.LOGGED_IN)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
-        conn.kick()
         self._arm_policy()   # with commands waiting, the outage goes on until one completes
 
     # -- commands --------------------------------------------------------------------------

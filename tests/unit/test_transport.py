@@ -466,6 +466,31 @@ async def test_reissue_asks_for_the_real_window_first() -> None:
     assert not target.violations(), target.violations()
 
 
+async def test_reissue_is_on_the_wire_before_the_state_is_told() -> None:
+    # The state's watchers (the daemon's journal, paths, metrics) are slow under load: the
+    # re-issue (here the window ping that leads it) is handed to the socket before they run.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target) as (server, session):
+        # When told: (commands the new connection holds, whether anything is left to send).
+        when_told: list[tuple[int, bool]] = []
+
+        def told(new: SessionState) -> None:
+            if new is SessionState.LOGGED_IN:
+                core = session._core
+                assert core is not None
+                when_told.append((core.in_flight, core.wants_to_send))
+
+        session.on_state = told
+        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(3)]
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        target.hostile.withhold = False
+        server.drop()
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r, _ in results)
+        assert when_told == [(3, False)]
+        assert session.reconnects == 1
+
+
 async def test_connection_dropped_by_the_target_mid_command() -> None:
     # The target drops only the first connection: the reconnect re-issues the commands at
     # once, and a test that switched the drop off after seeing it could be too late (it was,
