@@ -94,6 +94,17 @@ def default_initiator_name() -> str:
     return f"iqn.2026-11.org.iscsi-hba:{host}"
 
 
+def _numeric_address(portal: Portal) -> Sequence[tuple[int, int, int, str, Any]]:
+    """``portal``'s address when its host is an IP address, without asyncio's resolver
+    thread: a reconnect (every Time2Wait on a faulty link) need not wait for a thread to
+    parse "127.0.0.1". Empty when the host is a name."""
+    try:
+        return socket.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)
+    except (OSError, ValueError):
+        return []   # a name (or garbage): the resolver says what is wrong with it
+
+
 def random_isid() -> int:
     """An ISID of the "random" type (T=10b, RFC 7143 §11.12.5): 24 random bits in B and C."""
     return (0x80 << 40) | (secrets.randbits(24) << 16)
@@ -190,8 +201,11 @@ class Connection(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM), timeout)
+            infos = _numeric_address(portal)
+            if not infos:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM),
+                    timeout)
         except (OSError, TimeoutError, ValueError) as exc:
             # ValueError: UnicodeError from the IDNA codec (an empty or 64+ character label,
             # as a target's redirect may hold) and embedded NULs.

@@ -376,6 +376,28 @@ async def test_a_host_name_resolution_cannot_encode_is_a_connection_error(host: 
         await within(Connection.open(Portal(host, 3260), 1.0))
 
 
+async def test_an_ip_address_is_connected_without_the_resolver_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reconnect to "127.0.0.1" must not wait for asyncio's resolver thread (on a faulty
+    # link it reconnects after every Time2Wait); a name still goes through the resolver.
+    resolved: list[str] = []
+    loop = asyncio.get_running_loop()
+    resolver = loop.getaddrinfo
+
+    async def counting(host: Any, *args: Any, **kw: Any) -> Any:
+        resolved.append(host)
+        return await resolver(host, *args, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    async with serve(fake()) as server:
+        conn = await within(Connection.open(Portal("127.0.0.1", server.port), 1.0))
+        conn.close()
+        assert resolved == []
+        conn = await within(Connection.open(Portal("localhost", server.port), 1.0))
+        conn.close()
+        assert resolved == ["localhost"]
+
+
 async def test_redirect_to_garbage_fails_the_login_clearly() -> None:
     target = fake(hostile=Hostility(redirect=("a..b", False)))
     async with serve(target) as server:
@@ -598,8 +620,9 @@ async def test_give_up_at_the_deadline_while_a_login_attempt_hangs(forever: bool
         await within(session.login())
         future = asyncio.ensure_future(read(session, 0, 1))
         await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        await server.stop()
+        await server.stop_listening()
         with dropped_portal(server.port):
+            await server.stop()   # the portal drops SYNs before the reconnect can come
             with pytest.raises(SessionFailed, match=r"replacement timeout of 0\.5 s") as info:
                 await within(future, 10.0)
             assert "a login attempt was still under way" in str(info.value)
@@ -623,13 +646,15 @@ async def test_commands_fail_at_the_deadline_while_a_login_hangs_on_a_silent_por
         assert session.recovery.max_backoff == 0.2
         future = asyncio.ensure_future(read(session, 0, 1))
         await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        await server.stop()
         accepted: list[asyncio.StreamWriter] = []
 
         async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             accepted.append(writer)    # accept, never answer
 
+        # The silent portal listens before the connection drops: a reconnect may come at once.
+        await server.stop_listening()
         quiet = await asyncio.start_server(silent, server.host, server.port)
+        await server.stop()
         try:
             loop = asyncio.get_running_loop()
             started = loop.time()
