@@ -30,7 +30,10 @@ Writes (§4.2.4 "Data Transfer", §13.13-13.14): up to FirstBurstLength bytes go
 as immediate data when ImmediateData=Yes, then as Data-Out PDUs with TTT 0xffffffff when
 InitialR2T=No — and the rest as answers to R2Ts, each R2T answered at once, so any number of
 outstanding R2Ts (MaxOutstandingR2T > 1) is served. No PDU carries more data than the target's
-MaxRecvDataSegmentLength.
+MaxRecvDataSegmentLength. The answers to R2Ts go ahead of commands still waiting in the send
+queue (as libiscsi's ``iscsi_data_xmit`` does): the target is holding a buffer for that data,
+and behind a burst of new commands' immediate data it would wait for all of them first. A
+task's own PDUs never overtake each other.
 
 Nothing the target sends is trusted to be sane. Data-In must arrive in order (with the
 "in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; each R2T
@@ -223,13 +226,14 @@ class _Unsent:
 class _Frame:
     """One PDU waiting in the send queue: its buffers, and the task whose buffers it holds."""
 
-    __slots__ = ("bufs", "handed", "started", "task")
+    __slots__ = ("ahead", "bufs", "handed", "started", "task")
 
     def __init__(self, bufs: list[Buffer], task: Task | _Unsent | None) -> None:
         self.bufs = bufs
         self.task = task
         self.started = False   # some of its bytes are on the wire
         self.handed = False    # in the hands of the transport between send_buffers and sent
+        self.ahead = False     # an answer to an R2T queued ahead of other PDUs (_queue_ahead)
 
 
 class _R2TState:
@@ -375,6 +379,9 @@ class ConnectionCore:
         self._controls: dict[int, _Control] = {}
         self._queued: deque[Task | _TextSend] = deque()
         self._frames: deque[_Frame] = deque()
+        self._ahead = 0
+        """Frames queued ahead (answers to R2Ts): they are the first in ``_frames`` but for a
+        frame partly sent before them."""
         self._next_itt = 1
         self._events: deque[Event] = deque()
         # Liveness (see handle_timer): when the target last made progress on something of
@@ -607,6 +614,8 @@ class ConnectionCore:
                 if bufs:
                     break  # partly sent; nbytes is 0
             frames.popleft()
+            if frame.ahead:
+                self._ahead -= 1
             task = frame.task
             if task is not None:
                 task.unsent_frames -= 1
@@ -844,6 +853,7 @@ class ConnectionCore:
             return
         self._closed = error
         self._frames.clear()
+        self._ahead = 0
         for task in self._tasks.values():
             task.unsent_frames = 0
         controls, self._controls = self._controls, {}
@@ -906,6 +916,20 @@ class ConnectionCore:
         self._frames.append(_Frame(bufs, task))
         if task is not None:
             task.unsent_frames += 1
+
+    def _queue_ahead(self, pdu: P.PDU, data: Sequence[Buffer], task: Task) -> None:
+        """Queue an answer to an R2T ahead of every PDU but earlier answers and a PDU partly
+        on the wire (whose framing must stay whole)."""
+        frame = _Frame(P.frame(pdu, data, header_digest=self.params.header_digest,
+                               data_digest=self.params.data_digest), task)
+        frame.ahead = True
+        frames = self._frames
+        index = self._ahead
+        if frames and frames[0].started and not frames[0].ahead:
+            index += 1
+        frames.insert(index, frame)
+        self._ahead += 1
+        task.unsent_frames += 1
 
     def _send_command(self, task: Task) -> None:
         params = self.params
@@ -985,9 +1009,16 @@ class ConnectionCore:
         mxdsl = self.params.max_xmit_data_segment_length
         end = offset + length
         data_sn = 0
+        # An answer to an R2T goes ahead of other tasks' PDUs (see the module docstring), but
+        # not of the task's own: with PDUs of it still queued (unsolicited data, an earlier
+        # answer that could not go ahead) it goes behind them, so that its sequences keep
+        # their order (DataSequenceInOrder, §13.19) and _on_r2t's count of outstanding R2Ts
+        # holds (a task's frames leave the queue in order).
+        queue = self._queue_ahead if ttt != _RESERVED_TAG and not task.unsent_frames \
+            else self._queue
         while offset < end:
             n = min(mxdsl, end - offset)
-            self._queue(
+            queue(
                 P.DataOut(final=offset + n == end, lun=task.lun_wire, itt=task.itt, ttt=ttt,
                           exp_stat_sn=self.exp_stat_sn, data_sn=data_sn, buffer_offset=offset),
                 _slice(task.data_out, offset, n), task)
@@ -1357,6 +1388,8 @@ class ConnectionCore:
                     frame.task = None
                 else:
                     self._frames.remove(frame)
+                    if frame.ahead:
+                        self._ahead -= 1
             task.unsent_frames = 0
 
     def _release(self, task: Task) -> None:
