@@ -455,9 +455,11 @@ class ConnectionCore:
             return
         self._send_command(task)
 
-    def submit_backlog(self, tasks: Sequence[Task], now: float) -> None:
+    def submit_backlog(self, tasks: Sequence[Task], now: float,
+                       then: Callable[[], None] | None = None) -> bool:
         """Queue the commands a new connection starts with (those re-issued after a
-        reinstatement), in order.
+        reinstatement), in order. True when they wait for a ping's answer (below); ``then``
+        runs once they are queued for sending after it (or after the ping failed).
 
         When they are more than the command window the login announced, an immediate NOP-Out
         ping (§11.18: CmdSN not advanced) goes first and the commands wait for its answer,
@@ -474,18 +476,22 @@ class ConnectionCore:
         if len(tasks) <= window or self._closed is not None:
             for task in tasks:
                 self.submit(task)
-            return
+            return False
         for task in tasks:
             if task.state is not _QUEUED:
                 raise LocalProtocolError(f"{task!r} was already submitted")
         # In _queued, the commands (and whatever is submitted meanwhile) wait in line.
         self._queued.extend(tasks)
-        self.ping(now, self._window_learned)
 
-    def _window_learned(self, _: P.PDU | ISCSIError) -> None:
-        # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
-        if self._closed is None:
-            self._drain_queue()
+        def window_learned(_: P.PDU | ISCSIError) -> None:
+            # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
+            if self._closed is None:
+                self._drain_queue()
+            if then is not None:
+                then()
+
+        self.ping(now, window_learned)
+        return True
 
     def abort_task(self, task: Task, on_done: ControlCallback, *,
                    deadline: float | None = None) -> None:

@@ -765,14 +765,20 @@ class Session:
         pending, self._pending = self._pending, []
         now = asyncio.get_running_loop().time()
         self._policy.logged_in(now, waiting=bool(pending))
-        core.submit_backlog(pending, now)
+
+        def commands_out() -> None:
+            asyncio.get_running_loop().call_soon(self._tell_logged_in, conn)
+
+        waits = core.submit_backlog(pending, now, commands_out)
         # On the wire before anyone is told: the state's watchers (the daemon's journal,
         # paths, metrics) take tens of milliseconds under load, and on a faulty link every
-        # reconnect pays them before its first command otherwise (docs/faults.md).
+        # reconnect would pay them before its first command (docs/faults.md). When the
+        # commands wait for the window (a ping's answer), they are told once the commands
+        # are out: call_soon runs after the flush that follows the answer.
         conn.flush()
         if self._conn is not conn:
             return   # the send failed: _connection_failed took the commands back
-        self._set_state(SessionState.LOGGED_IN)
+        self._set_state(SessionState.LOGGED_IN, tell=not waits)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
         self._arm_policy()   # with commands waiting, the outage goes on until one completes
@@ -1154,12 +1160,20 @@ class Session:
                 on_done, task.on_done = task.on_done, None
                 on_done(error)
 
-    def _set_state(self, state: SessionState) -> None:
+    def _set_state(self, state: SessionState, *, tell: bool = True) -> None:
         if state is self.state:
             return
         self.state = state
-        if self.on_state is not None:
+        if tell and self.on_state is not None:
             self.on_state(state)
+
+    def _tell_logged_in(self, conn: Connection) -> None:
+        """Tell the watchers of the login on ``conn`` that _start_full_feature kept from them
+        until its re-issued commands were out; not if the connection failed meanwhile (they
+        were told of that, and the session never worked on it)."""
+        if self._conn is conn and self.state is SessionState.LOGGED_IN and \
+                self.on_state is not None:
+            self.on_state(SessionState.LOGGED_IN)
 
     def _loop_call(self, on_done: CompletionCallback, error: ISCSIError) -> None:
         asyncio.get_running_loop().call_soon(on_done, error)

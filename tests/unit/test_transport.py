@@ -490,17 +490,18 @@ async def test_reissue_asks_for_the_real_window_first() -> None:
 
 async def test_reissue_is_on_the_wire_before_the_state_is_told() -> None:
     # The state's watchers (the daemon's journal, paths, metrics) are slow under load: the
-    # re-issue (here the window ping that leads it) is handed to the socket before they run.
+    # re-issued commands are handed to the socket before they run, and when the commands
+    # wait for the window (a ping's answer), the watchers wait for them.
     target = fake(hostile=Hostility(withhold=True), login_window=1)
     async with logged_in(target) as (server, session):
-        # When told: (commands the new connection holds, whether anything is left to send).
+        # When told: (commands sent on the new connection, whether any is left to send).
         when_told: list[tuple[int, bool]] = []
 
         def told(new: SessionState) -> None:
             if new is SessionState.LOGGED_IN:
                 core = session._core
                 assert core is not None
-                when_told.append((core.in_flight, core.wants_to_send))
+                when_told.append((core.stats_commands, core.wants_to_send))
 
         session.on_state = told
         futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(3)]
@@ -511,6 +512,33 @@ async def test_reissue_is_on_the_wire_before_the_state_is_told() -> None:
         assert all(r.ok for r, _ in results)
         assert when_told == [(3, False)]
         assert session.reconnects == 1
+
+
+async def test_a_login_that_fails_before_its_commands_are_out_is_not_told() -> None:
+    # The connection breaks while the re-issued commands wait for the ping's answer: the
+    # watchers hear of no login on it, only that the session recovers.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target, negotiation={"DefaultTime2Wait": "0"}) as (server, session):
+        states: list[SessionState] = []
+        session.on_state = states.append
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        def drop_at_a_ping(conn: Any, pdu: P.PDU) -> bool:
+            if not isinstance(pdu, P.NopOut):
+                return False
+            conn.drop()   # the window ping of every new connection: it breaks
+            return True
+
+        target.hostile.pdu_hook = drop_at_a_ping
+        second = asyncio.ensure_future(read(session, 1, 1))
+        server.drop()
+        await server.wait_for(lambda: len(server.connections) >= 3)
+        assert SessionState.LOGGED_IN not in states
+        target.hostile.pdu_hook = None
+        target.hostile.withhold = False
+        results = await within(asyncio.gather(future, second))
+        assert all(r.ok for r, _ in results)
+        assert states[-1] is SessionState.LOGGED_IN
 
 
 async def test_connection_dropped_by_the_target_mid_command() -> None:
