@@ -784,14 +784,20 @@ def _r2t(h: Harness, task: Task, offset: int, length: int, ttt: int) -> P.R2T:
                  desired_data_transfer_length=length, **h.window())
 
 
-def test_r2t_answer_goes_ahead_of_commands_waiting_to_be_sent() -> None:
-    # The target holds a buffer for the data it asked for: the answer must not wait behind
-    # new commands' immediate data (after a reinstatement, 16 of them: docs/faults.md).
+def _one_write_sent_two_waiting() -> tuple[Harness, Task, Task, Task]:
+    """8 KiB writes, 4 KiB of each immediate: the first sent, two more queued behind."""
     h = Harness(TransferParameters(first_burst_length=4096, max_xmit_data_segment_length=4096))
     a = h.submit(cdb_write10(0, 16), data_out=views(bytearray(8192)))
     h.wire()
     b = h.submit(cdb_write10(16, 16), data_out=views(bytearray(8192)))
     c = h.submit(cdb_write10(32, 16), data_out=views(bytearray(8192)))
+    return h, a, b, c
+
+
+def test_r2t_answer_goes_ahead_of_commands_waiting_to_be_sent() -> None:
+    # The target holds a buffer for the data it asked for: the answer must not wait behind
+    # new commands' immediate data (after a reinstatement, 16 of them: docs/faults.md).
+    h, a, b, c = _one_write_sent_two_waiting()
     h.deliver(_r2t(h, a, 4096, 4096, ttt=7))
     assert [_what(p) for p in h.sent()] == [
         ("data-out", a.itt, 4096), ("command", b.itt, 0), ("command", c.itt, 0)]
@@ -804,11 +810,7 @@ def test_r2t_answer_goes_ahead_of_commands_waiting_to_be_sent() -> None:
 
 def test_r2t_answer_waits_for_a_pdu_partly_sent() -> None:
     # A PDU partly on the wire is finished first: its framing must stay whole.
-    h = Harness(TransferParameters(first_burst_length=4096, max_xmit_data_segment_length=4096))
-    a = h.submit(cdb_write10(0, 16), data_out=views(bytearray(8192)))
-    h.wire()
-    b = h.submit(cdb_write10(16, 16), data_out=views(bytearray(8192)))
-    c = h.submit(cdb_write10(32, 16), data_out=views(bytearray(8192)))
+    h, a, b, c = _one_write_sent_two_waiting()
     first = b"".join(bytes(x) for x in h.core.send_buffers())[:100]
     h.core.sent(100)
     h.deliver(_r2t(h, a, 4096, 4096, ttt=7))

@@ -468,19 +468,25 @@ async def test_recovery_after_a_dropped_connection() -> None:
     assert not target.violations(), target.violations()
 
 
+async def reissue_after_a_drop(server: FakeTargetServer, session: Session, count: int) -> None:
+    """``count`` reads, the first held by the target (``withhold``, a login window of one),
+    then the connection dropped: all are re-issued on the next one and must succeed."""
+    futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(count)]
+    await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+    server.target.hostile.withhold = False
+    server.drop()
+    results = await within(asyncio.gather(*futures))
+    assert all(r.ok for r, _ in results)
+    assert session.reconnects == 1
+
+
 async def test_reissue_asks_for_the_real_window_first() -> None:
     # Like LIO, the target announces a window of one command in the Login Response. The
     # re-issued commands wait for an immediate NOP-Out's answer, which shows the real window,
     # and then go out together; none is sent outside the window.
     target = fake(hostile=Hostility(withhold=True), login_window=1)
     async with logged_in(target) as (server, session):
-        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(6)]
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        target.hostile.withhold = False
-        server.drop()
-        results = await within(asyncio.gather(*futures))
-        assert all(r.ok for r, _ in results)
-        assert session.reconnects == 1
+        await reissue_after_a_drop(server, session, 6)
         second = server.connections[-1]
         ffp = [p for p in second.received if not isinstance(p, P.LoginRequest)]
         assert isinstance(ffp[0], P.NopOut) and ffp[0].immediate
@@ -504,14 +510,8 @@ async def test_reissue_is_on_the_wire_before_the_state_is_told() -> None:
                 when_told.append((core.stats_commands, core.wants_to_send))
 
         session.on_state = told
-        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(3)]
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        target.hostile.withhold = False
-        server.drop()
-        results = await within(asyncio.gather(*futures))
-        assert all(r.ok for r, _ in results)
+        await reissue_after_a_drop(server, session, 3)
         assert when_told == [(3, False)]
-        assert session.reconnects == 1
 
 
 async def test_a_login_that_fails_before_its_commands_are_out_is_not_told() -> None:
