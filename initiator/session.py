@@ -30,7 +30,10 @@ Writes (§4.2.4 "Data Transfer", §13.13-13.14): up to FirstBurstLength bytes go
 as immediate data when ImmediateData=Yes, then as Data-Out PDUs with TTT 0xffffffff when
 InitialR2T=No — and the rest as answers to R2Ts, each R2T answered at once, so any number of
 outstanding R2Ts (MaxOutstandingR2T > 1) is served. No PDU carries more data than the target's
-MaxRecvDataSegmentLength.
+MaxRecvDataSegmentLength. The answers to R2Ts go ahead of commands still waiting in the send
+queue (as libiscsi's ``iscsi_data_xmit`` does): the target is holding a buffer for that data,
+and behind a burst of new commands' immediate data it would wait for all of them first. A
+task's own PDUs never overtake each other.
 
 Nothing the target sends is trusted to be sane. Data-In must arrive in order (with the
 "in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; each R2T
@@ -225,13 +228,14 @@ class _Unsent:
 class _Frame:
     """One PDU waiting in the send queue: its buffers, and the task whose buffers it holds."""
 
-    __slots__ = ("bufs", "handed", "started", "task")
+    __slots__ = ("ahead", "bufs", "handed", "started", "task")
 
     def __init__(self, bufs: list[Buffer], task: Task | _Unsent | None) -> None:
         self.bufs = bufs
         self.task = task
         self.started = False   # some of its bytes are on the wire
         self.handed = False    # in the hands of the transport between send_buffers and sent
+        self.ahead = False     # an answer to an R2T queued ahead of other PDUs (_put_ahead)
 
 
 class _R2TState:
@@ -377,6 +381,9 @@ class ConnectionCore:
         self._controls: dict[int, _Control] = {}
         self._queued: deque[Task | _TextSend] = deque()
         self._frames: deque[_Frame] = deque()
+        self._ahead = 0
+        """Frames queued ahead (answers to R2Ts): they are the first in ``_frames`` but for a
+        frame partly sent before them."""
         self._next_itt = 1
         self._events: deque[Event] = deque()
         # Liveness (see handle_timer): when the target last made progress on something of
@@ -450,9 +457,11 @@ class ConnectionCore:
             return
         self._send_command(task)
 
-    def submit_backlog(self, tasks: Sequence[Task], now: float) -> None:
+    def submit_backlog(self, tasks: Sequence[Task], now: float,
+                       then: Callable[[], None] | None = None) -> bool:
         """Queue the commands a new connection starts with (those re-issued after a
-        reinstatement), in order.
+        reinstatement), in order. True when they wait for a ping's answer (below); ``then``
+        runs once they are queued for sending after it (or after the ping failed).
 
         When they are more than the command window the login announced, an immediate NOP-Out
         ping (§11.18: CmdSN not advanced) goes first and the commands wait for its answer,
@@ -469,18 +478,22 @@ class ConnectionCore:
         if len(tasks) <= window or self._closed is not None:
             for task in tasks:
                 self.submit(task)
-            return
+            return False
         for task in tasks:
             if task.state is not _QUEUED:
                 raise LocalProtocolError(f"{task!r} was already submitted")
         # In _queued, the commands (and whatever is submitted meanwhile) wait in line.
         self._queued.extend(tasks)
-        self.ping(now, self._window_learned)
 
-    def _window_learned(self, _: P.PDU | ISCSIError) -> None:
-        # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
-        if self._closed is None:
-            self._drain_queue()
+        def window_learned(_: P.PDU | ISCSIError) -> None:
+            # The ping's answer moved the window (_on_nop_in), or it failed: send what fits.
+            if self._closed is None:
+                self._drain_queue()
+            if then is not None:
+                then()
+
+        self.ping(now, window_learned)
+        return True
 
     def abort_task(self, task: Task, on_done: ControlCallback, *,
                    deadline: float | None = None) -> None:
@@ -609,6 +622,8 @@ class ConnectionCore:
                 if bufs:
                     break  # partly sent; nbytes is 0
             frames.popleft()
+            if frame.ahead:
+                self._ahead -= 1
             task = frame.task
             if task is not None:
                 task.unsent_frames -= 1
@@ -846,6 +861,7 @@ class ConnectionCore:
             return
         self._closed = error
         self._frames.clear()
+        self._ahead = 0
         for task in self._tasks.values():
             task.unsent_frames = 0
         controls, self._controls = self._controls, {}
@@ -908,6 +924,18 @@ class ConnectionCore:
         self._frames.append(_Frame(bufs, task))
         if task is not None:
             task.unsent_frames += 1
+
+    def _put_ahead(self, frame: _Frame) -> None:
+        """Put an answer to an R2T ahead of every PDU but earlier answers and a PDU partly on
+        the wire (whose framing must stay whole); the caller counts it in its task's
+        ``unsent_frames``."""
+        frame.ahead = True
+        frames = self._frames
+        index = self._ahead
+        if frames and frames[0].started and not frames[0].ahead:
+            index += 1
+        frames.insert(index, frame)
+        self._ahead += 1
 
     def _send_command(self, task: Task) -> None:
         params = self.params
@@ -998,6 +1026,12 @@ class ConnectionCore:
         chunks = _chunks(data_out, offset, length, mxdsl)
         end = offset + length
         data_sn = 0
+        # An answer to an R2T goes ahead of other tasks' PDUs (see the module docstring), but
+        # not of the task's own: with PDUs of it still queued (unsolicited data, an earlier
+        # answer that could not go ahead) it goes behind them, so that its sequences keep
+        # their order (DataSequenceInOrder, §13.19) and _on_r2t's count of outstanding R2Ts
+        # holds (a task's frames leave the queue in order).
+        ahead = ttt != _RESERVED_TAG and not task.unsent_frames
         while offset < end:
             n = end - offset if end - offset < mxdsl else mxdsl
             header = _pack_data_out(_OP_DATA_OUT, 0x80 if offset + n == end else 0, 0, n, lun,
@@ -1005,11 +1039,15 @@ class ConnectionCore:
             parts = chunks[data_sn]
             if plain and not n & 3:
                 parts.insert(0, header)
-                frames.append(_Frame(parts, task))
+                frame = _Frame(parts, task)
             else:
-                frames.append(_Frame(P.frame_header(
+                frame = _Frame(P.frame_header(
                     header, parts, n, header_digest=params.header_digest,
-                    data_digest=params.data_digest), task))
+                    data_digest=params.data_digest), task)
+            if ahead:
+                self._put_ahead(frame)
+            else:
+                frames.append(frame)
             data_sn += 1
             offset += n
         task.unsent_frames += data_sn
@@ -1380,6 +1418,8 @@ class ConnectionCore:
                     frame.task = None
                 else:
                     self._frames.remove(frame)
+                    if frame.ahead:
+                        self._ahead -= 1
             task.unsent_frames = 0
 
     def _release(self, task: Task) -> None:

@@ -94,6 +94,17 @@ def default_initiator_name() -> str:
     return f"iqn.2026-11.org.iscsi-hba:{host}"
 
 
+def _numeric_address(portal: Portal) -> Sequence[tuple[int, int, int, str, Any]]:
+    """``portal``'s address when its host is an IP address, without asyncio's resolver
+    thread: a reconnect (every Time2Wait on a faulty link) need not wait for a thread to
+    parse "127.0.0.1". Empty when the host is a name."""
+    try:
+        return socket.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)
+    except (OSError, ValueError):
+        return []   # a name (or garbage): the resolver says what is wrong with it
+
+
 def random_isid() -> int:
     """An ISID of the "random" type (T=10b, RFC 7143 §11.12.5): 24 random bits in B and C."""
     return (0x80 << 40) | (secrets.randbits(24) << 16)
@@ -190,8 +201,11 @@ class Connection(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM), timeout)
+            infos = _numeric_address(portal)
+            if not infos:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM),
+                    timeout)
         except (OSError, TimeoutError, ValueError) as exc:
             # ValueError: UnicodeError from the IDNA codec (an empty or 64+ character label,
             # as a target's redirect may hold) and embedded NULs.
@@ -426,6 +440,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        self._after_core_activity()
+
+    def flush(self) -> None:
+        """Send what the core has queued now, not at the end of this loop iteration."""
         self._after_core_activity()
 
     def _after_core_activity(self) -> None:
@@ -756,14 +774,25 @@ class Session:
             return
         conn.on_failure = lambda err: self._connection_failed(conn, err)
         self._failed_error = None
-        self._set_state(SessionState.LOGGED_IN)
         pending, self._pending = self._pending, []
         now = asyncio.get_running_loop().time()
         self._policy.logged_in(now, waiting=bool(pending))
-        core.submit_backlog(pending, now)
+
+        def commands_out() -> None:
+            asyncio.get_running_loop().call_soon(self._tell_logged_in, conn)
+
+        waits = core.submit_backlog(pending, now, commands_out)
+        # On the wire before anyone is told: the state's watchers (the daemon's journal,
+        # paths, metrics) take tens of milliseconds under load, and on a faulty link every
+        # reconnect would pay them before its first command (docs/faults.md). When the
+        # commands wait for the window (a ping's answer), they are told once the commands
+        # are out: call_soon runs after the flush that follows the answer.
+        conn.flush()
+        if self._conn is not conn:
+            return   # the send failed: _connection_failed took the commands back
+        self._set_state(SessionState.LOGGED_IN, tell=not waits)
         if pending:
             log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
-        conn.kick()
         self._arm_policy()   # with commands waiting, the outage goes on until one completes
 
     # -- commands --------------------------------------------------------------------------
@@ -1143,12 +1172,20 @@ class Session:
                 on_done, task.on_done = task.on_done, None
                 on_done(error)
 
-    def _set_state(self, state: SessionState) -> None:
+    def _set_state(self, state: SessionState, *, tell: bool = True) -> None:
         if state is self.state:
             return
         self.state = state
-        if self.on_state is not None:
+        if tell and self.on_state is not None:
             self.on_state(state)
+
+    def _tell_logged_in(self, conn: Connection) -> None:
+        """Tell the watchers of the login on ``conn`` that _start_full_feature kept from them
+        until its re-issued commands were out; not if the connection failed meanwhile (they
+        were told of that, and the session never worked on it)."""
+        if self._conn is conn and self.state is SessionState.LOGGED_IN and \
+                self.on_state is not None:
+            self.on_state(SessionState.LOGGED_IN)
 
     def _loop_call(self, on_done: CompletionCallback, error: ISCSIError) -> None:
         asyncio.get_running_loop().call_soon(on_done, error)

@@ -1595,12 +1595,16 @@ class FakeTargetServer:
         self.target.portal_address = f"{self.host}:{self.port}"
         return self
 
-    async def stop(self) -> None:
-        """Stop listening and abort every connection."""
+    async def stop_listening(self) -> None:
+        """Stop listening; the open connections go on (:meth:`stop` aborts them too)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+    async def stop(self) -> None:
+        """Stop listening and abort every connection."""
+        await self.stop_listening()
         self.drop()
         # Aborted connections end their handlers by themselves (cancelling them would make
         # asyncio.start_server log the CancelledError).

@@ -771,6 +771,86 @@ def test_r2t_answer_sent_in_pieces_is_no_longer_outstanding(pieces: int) -> None
     assert isinstance(data_out, P.DataOut) and data_out.buffer_offset == 2048
 
 
+def _what(pdu: P.PDU) -> tuple[str, int, int]:
+    """(kind, ITT, offset) of a command or Data-Out, to compare send orders."""
+    if isinstance(pdu, P.DataOut):
+        return ("data-out", pdu.itt, pdu.buffer_offset)
+    assert isinstance(pdu, P.ScsiCommand), pdu
+    return ("command", pdu.itt, 0)
+
+
+def _r2t(h: Harness, task: Task, offset: int, length: int, ttt: int) -> P.R2T:
+    return P.R2T(itt=task.itt, ttt=ttt, r2t_sn=0, buffer_offset=offset,
+                 desired_data_transfer_length=length, **h.window())
+
+
+def _one_write_sent_two_waiting() -> tuple[Harness, Task, Task, Task]:
+    """8 KiB writes, 4 KiB of each immediate: the first sent, two more queued behind."""
+    h = Harness(TransferParameters(first_burst_length=4096, max_xmit_data_segment_length=4096))
+    a = h.submit(cdb_write10(0, 16), data_out=views(bytearray(8192)))
+    h.wire()
+    b = h.submit(cdb_write10(16, 16), data_out=views(bytearray(8192)))
+    c = h.submit(cdb_write10(32, 16), data_out=views(bytearray(8192)))
+    return h, a, b, c
+
+
+def test_r2t_answer_goes_ahead_of_commands_waiting_to_be_sent() -> None:
+    # The target holds a buffer for the data it asked for: the answer must not wait behind
+    # new commands' immediate data (after a reinstatement, 16 of them: docs/faults.md).
+    h, a, b, c = _one_write_sent_two_waiting()
+    h.deliver(_r2t(h, a, 4096, 4096, ttt=7))
+    assert [_what(p) for p in h.sent()] == [
+        ("data-out", a.itt, 4096), ("command", b.itt, 0), ("command", c.itt, 0)]
+    # Among themselves, the answers go in the order the R2Ts came.
+    d = h.submit(cdb_write10(48, 16), data_out=views(bytearray(8192)))
+    h.deliver(_r2t(h, c, 4096, 4096, ttt=8), _r2t(h, b, 4096, 4096, ttt=9))
+    assert [_what(p) for p in h.sent()] == [
+        ("data-out", c.itt, 4096), ("data-out", b.itt, 4096), ("command", d.itt, 0)]
+
+
+def test_r2t_answer_waits_for_a_pdu_partly_sent() -> None:
+    # A PDU partly on the wire is finished first: its framing must stay whole.
+    h, a, b, c = _one_write_sent_two_waiting()
+    first = b"".join(bytes(x) for x in h.core.send_buffers())[:100]
+    h.core.sent(100)
+    h.deliver(_r2t(h, a, 4096, 4096, ttt=7))
+    pdus = PDUReader(max_data_segment_length=1 << 24).feed(first + h.wire())
+    assert [_what(p) for p in pdus] == [
+        ("command", b.itt, 0), ("data-out", a.itt, 4096), ("command", c.itt, 0)]
+
+
+def test_r2t_answer_stays_behind_its_own_tasks_pdus() -> None:
+    # InitialR2T=No: the unsolicited Data-Out of a write is still queued when the target
+    # asks for the rest. The answer goes behind it (DataSequenceInOrder=Yes, §13.19), even
+    # behind the next command, rather than overtake its own task.
+    h = Harness(TransferParameters(immediate_data=False, initial_r2t=False,
+                                   first_burst_length=4096, max_xmit_data_segment_length=4096))
+    a = h.submit(cdb_write10(0, 16), data_out=views(bytearray(8192)))
+    h.core.send_buffers()
+    h.core.sent(48)   # the command's header only
+    b = h.submit(cdb_write10(16, 16), data_out=views(bytearray(8192)))
+    h.deliver(_r2t(h, a, 4096, 4096, ttt=7))
+    assert [_what(p) for p in h.sent()] == [
+        ("data-out", a.itt, 0), ("command", b.itt, 0), ("data-out", b.itt, 0),
+        ("data-out", a.itt, 4096)]
+
+
+def test_r2t_answer_dropped_with_its_command_frees_its_place() -> None:
+    # A write that ends (here with CHECK CONDITION) while its answer waits ahead takes the
+    # answer out of the queue; the next answer still goes ahead of waiting commands.
+    h = Harness(TransferParameters(first_burst_length=4096, max_xmit_data_segment_length=4096))
+    a = h.submit(cdb_write10(0, 16), data_out=views(bytearray(8192)))
+    b = h.submit(cdb_write10(16, 16), data_out=views(bytearray(8192)))
+    h.wire()
+    c = h.submit(cdb_write10(32, 16), data_out=views(bytearray(8192)))
+    h.deliver(_r2t(h, a, 4096, 4096, ttt=7))
+    h.deliver(h.response(a, status=CHECK_CONDITION, data=b"\x00\x12" + bytes([0x70, 0, 5]) +
+                         bytes(15)))
+    h.deliver(_r2t(h, b, 4096, 4096, ttt=8))
+    assert [_what(p) for p in h.sent()] == [("data-out", b.itt, 4096), ("command", c.itt, 0)]
+    assert isinstance(h.result(a), CommandResult)
+
+
 def test_data_out_is_sent_from_the_callers_views() -> None:
     h = Harness(TransferParameters(immediate_data=False, initial_r2t=False,
                                    first_burst_length=8192))

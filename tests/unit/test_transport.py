@@ -376,6 +376,28 @@ async def test_a_host_name_resolution_cannot_encode_is_a_connection_error(host: 
         await within(Connection.open(Portal(host, 3260), 1.0))
 
 
+async def test_an_ip_address_is_connected_without_the_resolver_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reconnect to "127.0.0.1" must not wait for asyncio's resolver thread (on a faulty
+    # link it reconnects after every Time2Wait); a name still goes through the resolver.
+    resolved: list[str] = []
+    loop = asyncio.get_running_loop()
+    resolver = loop.getaddrinfo
+
+    async def counting(host: Any, *args: Any, **kw: Any) -> Any:
+        resolved.append(host)
+        return await resolver(host, *args, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    async with serve(fake()) as server:
+        conn = await within(Connection.open(Portal("127.0.0.1", server.port), 1.0))
+        conn.close()
+        assert resolved == []
+        conn = await within(Connection.open(Portal("localhost", server.port), 1.0))
+        conn.close()
+        assert resolved == ["localhost"]
+
+
 async def test_redirect_to_garbage_fails_the_login_clearly() -> None:
     target = fake(hostile=Hostility(redirect=("a..b", False)))
     async with serve(target) as server:
@@ -446,24 +468,77 @@ async def test_recovery_after_a_dropped_connection() -> None:
     assert not target.violations(), target.violations()
 
 
+async def reissue_after_a_drop(server: FakeTargetServer, session: Session, count: int) -> None:
+    """``count`` reads, the first held by the target (``withhold``, a login window of one),
+    then the connection dropped: all are re-issued on the next one and must succeed."""
+    futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(count)]
+    await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+    server.target.hostile.withhold = False
+    server.drop()
+    results = await within(asyncio.gather(*futures))
+    assert all(r.ok for r, _ in results)
+    assert session.reconnects == 1
+
+
 async def test_reissue_asks_for_the_real_window_first() -> None:
     # Like LIO, the target announces a window of one command in the Login Response. The
     # re-issued commands wait for an immediate NOP-Out's answer, which shows the real window,
     # and then go out together; none is sent outside the window.
     target = fake(hostile=Hostility(withhold=True), login_window=1)
     async with logged_in(target) as (server, session):
-        futures = [asyncio.ensure_future(read(session, i, 1)) for i in range(6)]
-        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        target.hostile.withhold = False
-        server.drop()
-        results = await within(asyncio.gather(*futures))
-        assert all(r.ok for r, _ in results)
-        assert session.reconnects == 1
+        await reissue_after_a_drop(server, session, 6)
         second = server.connections[-1]
         ffp = [p for p in second.received if not isinstance(p, P.LoginRequest)]
         assert isinstance(ffp[0], P.NopOut) and ffp[0].immediate
         assert [type(p) for p in ffp[1:7]] == [P.ScsiCommand] * 6
     assert not target.violations(), target.violations()
+
+
+async def test_reissue_is_on_the_wire_before_the_state_is_told() -> None:
+    # The state's watchers (the daemon's journal, paths, metrics) are slow under load: the
+    # re-issued commands are handed to the socket before they run, and when the commands
+    # wait for the window (a ping's answer), the watchers wait for them.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target) as (server, session):
+        # When told: (commands sent on the new connection, whether any is left to send).
+        when_told: list[tuple[int, bool]] = []
+
+        def told(new: SessionState) -> None:
+            if new is SessionState.LOGGED_IN:
+                core = session._core
+                assert core is not None
+                when_told.append((core.stats_commands, core.wants_to_send))
+
+        session.on_state = told
+        await reissue_after_a_drop(server, session, 3)
+        assert when_told == [(3, False)]
+
+
+async def test_a_login_that_fails_before_its_commands_are_out_is_not_told() -> None:
+    # The connection breaks while the re-issued commands wait for the ping's answer: the
+    # watchers hear of no login on it, only that the session recovers.
+    target = fake(hostile=Hostility(withhold=True), login_window=1)
+    async with logged_in(target, negotiation={"DefaultTime2Wait": "0"}) as (server, session):
+        states: list[SessionState] = []
+        session.on_state = states.append
+        future = asyncio.ensure_future(read(session, 0, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        def drop_at_a_ping(conn: Any, pdu: P.PDU) -> bool:
+            if not isinstance(pdu, P.NopOut):
+                return False
+            conn.drop()   # the window ping of every new connection: it breaks
+            return True
+
+        target.hostile.pdu_hook = drop_at_a_ping
+        second = asyncio.ensure_future(read(session, 1, 1))
+        server.drop()
+        await server.wait_for(lambda: len(server.connections) >= 3)
+        assert SessionState.LOGGED_IN not in states
+        target.hostile.pdu_hook = None
+        target.hostile.withhold = False
+        results = await within(asyncio.gather(future, second))
+        assert all(r.ok for r, _ in results)
+        assert states[-1] is SessionState.LOGGED_IN
 
 
 async def test_connection_dropped_by_the_target_mid_command() -> None:
@@ -573,8 +648,9 @@ async def test_give_up_at_the_deadline_while_a_login_attempt_hangs(forever: bool
         await within(session.login())
         future = asyncio.ensure_future(read(session, 0, 1))
         await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        await server.stop()
+        await server.stop_listening()
         with dropped_portal(server.port):
+            await server.stop()   # the portal drops SYNs before the reconnect can come
             with pytest.raises(SessionFailed, match=r"replacement timeout of 0\.5 s") as info:
                 await within(future, 10.0)
             assert "a login attempt was still under way" in str(info.value)
@@ -598,13 +674,15 @@ async def test_commands_fail_at_the_deadline_while_a_login_hangs_on_a_silent_por
         assert session.recovery.max_backoff == 0.2
         future = asyncio.ensure_future(read(session, 0, 1))
         await server.wait_for(lambda: len(server.connections[-1].held) == 1)
-        await server.stop()
         accepted: list[asyncio.StreamWriter] = []
 
         async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             accepted.append(writer)    # accept, never answer
 
+        # The silent portal listens before the connection drops: a reconnect may come at once.
+        await server.stop_listening()
         quiet = await asyncio.start_server(silent, server.host, server.port)
+        await server.stop()
         try:
             loop = asyncio.get_running_loop()
             started = loop.time()
