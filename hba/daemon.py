@@ -79,7 +79,7 @@ from typing import TYPE_CHECKING, Any
 from hba import devices, kernel
 from hba.config import Config, load_config
 from hba.disks import Disk, DiskPath, DiskState, PathState
-from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError, WorkerError
 from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
 from hba.sessions import SessionPool
@@ -302,8 +302,9 @@ class Daemon:
                 break
             try:
                 await self.attach_described(nickname)
-            except AttachError as exc:
-                if exc.retryable:
+            except (AttachError, WorkerError) as exc:
+                # A worker that died under the attach is replaced: worth another attempt.
+                if isinstance(exc, WorkerError) or exc.retryable:
                     retry = self._retries.failed(nickname, str(exc), loop.time())
                     if retry is not None:
                         _log_retry(nickname, retry)

@@ -33,3 +33,8 @@ class DiskBusyError(DetachError):
 
 class NoSuchDiskError(DetachError):
     """No attached LUN goes by the name, device node or link given."""
+
+
+class WorkerError(HBAError):
+    """A worker process (:mod:`hba.workers`) died, or did not answer within its bound: what it
+    was asked may be worth asking again once it is replaced."""

@@ -69,7 +69,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hba.errors import AttachError, DetachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.errors import (
+    AttachError,
+    DetachError,
+    DiskBusyError,
+    HBAError,
+    NoSuchDiskError,
+    WorkerError,
+)
 
 if TYPE_CHECKING:
     from hba.daemon import Daemon, DaemonOptions
@@ -90,10 +97,6 @@ RESTART_DELAY = 1.0           # seconds before a worker that died is replaced
 
 class ProtocolError(HBAError):
     """The link to a worker carried something that is not a message of this protocol."""
-
-
-class WorkerError(HBAError):
-    """A worker died, or did not answer within its bound."""
 
 
 # --------------------------------------------------------------------------------------------

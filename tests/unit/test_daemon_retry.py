@@ -20,7 +20,7 @@ from hba import control
 from hba import retry as retry_module
 from hba.daemon import Daemon, DaemonOptions
 from hba.disks import Disk, DiskPath, DiskState
-from hba.errors import AttachError
+from hba.errors import AttachError, HBAError, WorkerError
 from hba.specs import LunSpec
 from initiator.transport import Session
 from tests.support.targets import free_tcp_port
@@ -44,7 +44,7 @@ def write(path: Path, text: str) -> str:
 class Flaky(Daemon):
     """The kernel part of an attach fails with the queued errors, then succeeds."""
 
-    def __init__(self, options: DaemonOptions, failures: list[AttachError]) -> None:
+    def __init__(self, options: DaemonOptions, failures: list[HBAError]) -> None:
         super().__init__(options)
         self.failures = failures
         self.attempts = 0
@@ -85,7 +85,7 @@ DaemonFactory = Callable[..., Any]
 async def make(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
     made: list[Daemon] = []
 
-    async def start(text: str, failures: list[AttachError] | None = None,
+    async def start(text: str, failures: list[HBAError] | None = None,
                     real: bool = False) -> Daemon:
         options = DaemonOptions(config_path=write(tmp_path / "hba.conf", text),
                                 initiator_name=INITIATOR, watch_uio=False)
@@ -128,6 +128,16 @@ async def test_attaches_once_the_target_answers(make: DaemonFactory,
     assert [r["name"] for r in d.list()] == ["disk1"]
     assert "could not attach disk1 (attempt 3): attaching disk1 failed: cannot connect; " \
            "trying again in" in caplog.text
+
+
+async def test_a_worker_gone_under_an_attempt_does_not_end_the_retries(
+        make: DaemonFactory) -> None:
+    # With --workers the attach runs in a worker process; one that dies under it is replaced,
+    # so the entry goes on retrying rather than giving up ("not trying again").
+    gone = WorkerError("worker 0 (pid 4242) is gone (exit status -9)")
+    d = await make(entry("disk1", 3260), [down(), gone, down()])
+    await until(lambda: "disk1" in d.disks)
+    assert d.attempts == 4 and d._retries == {}
 
 
 async def test_a_refusal_is_not_retried(make: DaemonFactory,

@@ -22,13 +22,12 @@ import pytest
 
 from hba.config import ConfigError, load_config
 from hba.daemon import Daemon, DaemonOptions
-from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError
+from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError, WorkerError
 from hba.metrics import merge_samples
 from hba.workers import (
     MAX_FRAME,
     FrameDecoder,
     ProtocolError,
-    WorkerError,
     WorkerLink,
     WorkerPool,
     WorkerServer,
