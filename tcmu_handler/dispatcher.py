@@ -67,8 +67,11 @@ _TMR = int(ring.Opcode.TMR)
 _is_data_out = scsi.is_data_out
 _length = itemgetter(1)
 _OPERATION_BASE = OPERATION_BASE
-_INVALID_OPCODE_SENSE = scsi.SenseCode(scsi.SenseKey.ILLEGAL_REQUEST, 0x20, 0x00).fixed()
-"""What the kernel reports for an UNKNOWN_OP completion (tcmu_handle_completion)."""
+_UNKNOWN_OP_SENSE = scsi.SenseCode(scsi.SenseKey.NOT_READY, 0x08, 0x00).fixed()
+"""What the kernel reports for an UNKNOWN_OP completion: tcmu_handle_completion() completes it
+with CHECK CONDITION and no sense of ours, and target_complete_cmd() turns that into
+TCM_LOGICAL_UNIT_COMMUNICATION_FAILURE, NOT READY 08/00 (Linux 6.1,
+target_core_transport.c)."""
 _ABORTS = frozenset({ring.TmrType.ABORT_TASK, ring.TmrType.ABORT_TASK_SET,
                      ring.TmrType.CLEAR_TASK_SET, ring.TmrType.LUN_RESET_PRO})
 _RESETS = frozenset({ring.TmrType.LUN_RESET, ring.TmrType.TARGET_WARM_RESET,
@@ -497,7 +500,7 @@ class Dispatcher:
             # The bytes moved: the Data-In the kernel takes (READ_LEN), else none.
             arrival.nbytes += read_len
             if status:
-                self.metrics.status(status, _INVALID_OPCODE_SENSE if uflags & _UNKNOWN_OP
+                self.metrics.status(status, _UNKNOWN_OP_SENSE if uflags & _UNKNOWN_OP
                                     else sense)
         else:
             arrival.nbytes += rec.nbytes

@@ -458,6 +458,8 @@ async def test_unservable_entry_gets_unknown_op(sim: RingSimulator,
     assert good.status == 0 and good.data_in == pattern(2, 512)
     assert d.stats.unknown_op == 1 and sim.problems == []
     assert any("UNKNOWN_OP" in r.message for r in caplog.records)
+    # Counted as what the kernel reports for it (NOT READY 08/00), not as our own sense.
+    assert d.metrics.sense_keys == {SenseKey.NOT_READY: 1}
 
 
 async def test_entries_passed_over_are_logged_and_serving_goes_on(
