@@ -96,7 +96,8 @@ def normalize_disk(disk: Mapping[str, Any]) -> dict[str, Any]:
 
 def disk_state(disk: Mapping[str, Any]) -> str:
     """What the STATE column shows: the session's state, or the disk's when it is not
-    simply attached (``detaching``, ``ring broken``, ``retrying``: :class:`DiskState`);
+    simply attached (``detaching``, ``ring broken``, ``retrying``, ``taking over``:
+    :class:`DiskState`);
     ``degraded`` for a multipath disk with some of its paths down."""
     state = disk.get("state")
     if state not in (None, DiskState.ATTACHED.value):

@@ -1018,7 +1018,7 @@ class Daemon:
         """:meth:`list`, with every worker's disks."""
         rows = self.list()
         if self.pool is not None:
-            rows += [row for answer in await self.pool.gather("list") for row in answer]
+            rows += await self.pool.list_rows()
         return sorted(rows, key=lambda row: str(row["name"]))
 
     async def status_all(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ as a single daemon does (:meth:`hba.daemon.Daemon.adopt_existing`: block, reset 
 reopen, unblock; the kernel keeps the commands meanwhile). A worker that dies (SIGKILL, a
 crash) is reported with its exit status; a new worker takes its index and takes over every
 backstore no other worker serves — the same takeover, so its disks' I/O continues after a
-pause, as after a daemon restart.
+pause, as after a daemon restart. Meanwhile ``hbactl list`` shows those disks from the dead
+worker's last answer, in state ``taking over`` (:meth:`WorkerPool.list_rows`).
 
 *Configfs* changes are serialised across processes by :func:`hba.kernel.configfs_lock` (rtslib
 picks a free ``user_<n>`` by looking).
@@ -69,6 +70,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hba.disks import DiskState
 from hba.errors import (
     AttachError,
     DetachError,
@@ -386,6 +388,7 @@ class WorkerPool:
         self.links: list[WorkerLink | None] = []
         self._monitors: set[asyncio.Task[None]] = set()
         self._starting: dict[int, asyncio.Future[WorkerLink]] = {}
+        self._rows: dict[int, list[dict[str, Any]]] = {}   # each worker's last ``list``
         self.stopping = False
 
     def command(self, fd: int, index: int) -> list[str]:
@@ -514,6 +517,31 @@ class WorkerPool:
                 continue
             out.append(answer)
         return out
+
+    async def list_rows(self) -> list[dict[str, Any]]:
+        """Every worker's ``list`` rows. The disks of a worker that died and is being replaced
+        (:meth:`_monitor`) are still the kernel's, their commands waiting in the rings: they
+        are shown from that worker's last answer, in state ``taking over``, instead of
+        vanishing from ``hbactl list`` until the new worker has taken them over."""
+        links = self.running()
+        answers = await asyncio.gather(*(link.call("list") for link in links),
+                                       return_exceptions=True)
+        for link, answer in zip(links, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, Exception):
+                    raise answer
+                log.warning("worker %d (pid %d) did not answer list: %s", link.index,
+                            link.pid, answer)
+            else:
+                self._rows[link.index] = list(answer)
+        alive = {link.index for link in links}
+        rows = [row for index, last in sorted(self._rows.items()) for row in last
+                if index in alive]
+        for index in sorted(set(self._rows) - alive):
+            why = f"worker {index} ended; a new worker takes over its disks"
+            rows += [{**row, "state": DiskState.TAKEOVER.value, "error": why}
+                     for row in self._rows[index]]
+        return rows
 
     def loads(self, inventories: Mapping[int, Inventory]) -> list[int]:
         """Disks per worker index (a worker slot not running counts as busy: it is being

@@ -384,6 +384,9 @@ class FakePool:
     async def gather(self, op: str, **args: Any) -> list[Any]:
         return [await link.call(op, **args) for link in self.running()]
 
+    async def list_rows(self) -> list[Any]:
+        return [row for rows in await self.gather("list") for row in rows]
+
 
 async def test_disks_are_placed_by_target_then_by_load() -> None:
     daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
@@ -414,3 +417,33 @@ async def test_detach_finds_the_worker_or_names_every_disk() -> None:
     assert (await daemon.detach(names[1]))["state"] == "detached"
     with pytest.raises(NoSuchDiskError, match=rf"attached: {names[0]}\)"):
         await daemon.detach("nope")
+
+
+async def test_a_dead_workers_disks_stay_listed_while_it_is_replaced() -> None:
+    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 2, lambda k, d: None,
+                      lambda link: None)
+    fakes = FakePool(limit=2)
+    first, second = await fakes.worker(0), await fakes.worker(1)
+    first.disks, second.disks = {"a-0": "iqn:a", "a-1": "iqn:a"}, {"b-0": "iqn:b"}
+    for fake in (first, second):
+        fake.closed = False  # type: ignore[attr-defined]
+    pool.links = [first, second]  # type: ignore[list-item]
+    assert sorted(r["name"] for r in await pool.list_rows()) == ["a-0", "a-1", "b-0"]
+
+    first.closed = True  # type: ignore[attr-defined]   # SIGKILLed: being replaced
+    rows = {r["name"]: r for r in await pool.list_rows()}
+    assert sorted(rows) == ["a-0", "a-1", "b-0"]
+    assert rows["a-0"]["state"] == rows["a-1"]["state"] == "taking over"
+    assert "worker 0 ended" in rows["a-0"]["error"]
+    assert "state" not in rows["b-0"]
+    assert fakes.calls.count((0, "list", {})) == 1   # a dead worker is not asked
+
+    replacement = FakeLink(0, fakes)   # took the backstores over, under its own pid
+    replacement.disks = dict(first.disks)
+    replacement.closed = False  # type: ignore[attr-defined]
+    pool.links[0] = replacement  # type: ignore[call-overload]
+    rows = {r["name"]: r for r in await pool.list_rows()}
+    assert rows["a-0"] == {"name": "a-0", "worker": 1000}
+
+    del replacement.disks["a-1"]   # detached: gone from the list, not kept from before
+    assert sorted(r["name"] for r in await pool.list_rows()) == ["a-0", "b-0"]
