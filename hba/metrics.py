@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,23 @@ def sample(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+def process_sample() -> dict[str, Any]:
+    """This process's CPU time, resident memory and open files: a worker adds it to its
+    sample (:mod:`hba.workers`), because the Prometheus ``process_*`` metrics are those of
+    the main process, which serves no disk when there are workers."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            resident = int(f.read().split()[1]) * resource.getpagesize()
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError):   # no /proc: what getrusage knows
+        resident, fds = usage.ru_maxrss * 1024, 0
+    return {"pid": os.getpid(), "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "resident_bytes": resident, "open_fds": fds}
+
+
 def merge_samples(main: Mapping[str, Any], workers: Iterable[Mapping[str, Any]]
                   ) -> dict[str, Any]:
     """The main process's :func:`sample` (its retries; no disk of its own) with the workers'
@@ -174,7 +192,10 @@ def merge_samples(main: Mapping[str, Any], workers: Iterable[Mapping[str, Any]]
     time is the main process's (every process's loop clock is the monotonic clock)."""
     out = {**main, "disks": list(main["disks"]), "sessions": list(main["sessions"]),
            "daemon": {**main["daemon"], "disks": dict(main["daemon"]["disks"])}}
+    out["workers"] = []
     for data in workers:
+        if "process" in data:
+            out["workers"].append(data["process"])
         out["disks"] += data["disks"]
         out["sessions"] += data["sessions"]
         for state, n in data["daemon"]["disks"].items():
@@ -341,6 +362,22 @@ def _families(data: Mapping[str, Any]) -> Iterator[Any]:
                                 "Enable = on entries waiting for their next attach attempt")
     retries.add_metric([], data["daemon"]["retries_pending"])
     yield from (disks, retries)
+
+    if data.get("workers"):
+        labels = ["worker", "pid"]
+        cpu = CounterMetricFamily("iscsi_hba_worker_cpu_seconds",
+                                  "CPU time of a worker process (user and system)",
+                                  labels=labels)
+        memory = GaugeMetricFamily("iscsi_hba_worker_resident_memory_bytes",
+                                   "Resident memory of a worker process", labels=labels)
+        fds = GaugeMetricFamily("iscsi_hba_worker_open_fds",
+                                "Open file descriptors of a worker process", labels=labels)
+        for w in data["workers"]:
+            values = [str(w["worker"]), str(w["pid"])]
+            cpu.add_metric(values, w["cpu_seconds"])
+            memory.add_metric(values, w["resident_bytes"])
+            fds.add_metric(values, w["open_fds"])
+        yield from (cpu, memory, fds)
 
 
 class MetricsCollector:

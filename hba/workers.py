@@ -578,8 +578,9 @@ class WorkerPool:
 class WorkerServer:
     """A worker: its :class:`~hba.daemon.Daemon`, answering the main process's requests."""
 
-    def __init__(self, daemon: Daemon, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, daemon: Daemon, writer: asyncio.StreamWriter, index: int = 0) -> None:
         self.daemon = daemon
+        self.index = index   # its place in the main process's pool (log lines, metrics)
         self._writer = writer
         self.stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -627,7 +628,7 @@ class WorkerServer:
 
     async def handle(self, op: str, args: Mapping[str, Any]) -> Any:
         """One request of the main process (module docstring); its JSON-able result."""
-        from hba.metrics import sample
+        from hba.metrics import process_sample, sample
 
         daemon = self.daemon
         if op == "hello":
@@ -652,6 +653,7 @@ class WorkerServer:
         if op == "sample":
             data = sample(daemon)
             data["disks"] = [self._tagged(row) for row in data["disks"]]
+            data["process"] = {**process_sample(), "worker": self.index}
             return data
         if op == "inventory":
             return daemon.inventory()
@@ -674,14 +676,14 @@ class WorkerServer:
         raise HBAError(f"a worker does not know the request {op!r} (another version?)")
 
 
-async def serve_worker(fd: int, options: DaemonOptions) -> int:
+async def serve_worker(fd: int, options: DaemonOptions, index: int = 0) -> int:
     """The worker process's loop: serve requests over ``fd`` until told to stop."""
     from hba.daemon import Daemon
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     daemon = Daemon(options)
-    server = WorkerServer(daemon, writer)
+    server = WorkerServer(daemon, writer, index)
     loop = asyncio.get_running_loop()
     # The main process stops the workers; a signal to the process group (Ctrl-C in a
     # terminal) must not stop one before it is asked.
@@ -737,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             replacement_timeout=args.replacement_timeout,
                             login_timeout=args.login_timeout, queue_depth=args.queue_depth,
                             watch_uio=False, takeover_at_start=False, pcap_dir=args.pcap)
-    return asyncio.run(serve_worker(args.fd, options))
+    return asyncio.run(serve_worker(args.fd, options, args.index))
 
 
 if __name__ == "__main__":

@@ -319,6 +319,39 @@ def test_samples_merge() -> None:
     assert merged["daemon"] == {"disks": {"attached": 3, "retrying": 1}, "retries_pending": 1}
 
 
+async def test_a_workers_sample_carries_its_process_for_prometheus(linked: Linked) -> None:
+    """The main process's process_* metrics are its own, and it serves no disk: each
+    worker's CPU, memory and files come in its sample and become iscsi_hba_worker_*."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from hba.metrics import _families
+    from tests.support import prometheus
+
+    link, *_ = linked
+    data = await link.call("sample")
+    process = data["process"]
+    assert process["pid"] == os.getpid() and process["worker"] == 0   # the fixture's "worker"
+    assert process["cpu_seconds"] > 0 and process["resident_bytes"] > 1 << 20
+    assert process["open_fds"] >= 3
+    merged = merge_samples({**data, "disks": [], "sessions": []}, [data])
+    assert merged["workers"] == [process]
+
+    class Collector:
+        def collect(self) -> Any:
+            yield from _families(merged)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    parsed = prometheus.families(generate_latest(registry).decode())
+    labels = {"worker": "0", "pid": str(os.getpid())}
+    assert prometheus.value(parsed, "iscsi_hba_worker_cpu_seconds_total", **labels) == \
+        pytest.approx(process["cpu_seconds"])
+    assert prometheus.value(parsed, "iscsi_hba_worker_resident_memory_bytes",
+                            **labels) == process["resident_bytes"]
+    assert prometheus.value(parsed, "iscsi_hba_worker_open_fds", **labels) == \
+        process["open_fds"]
+
+
 def test_workers_key_in_the_configuration(tmp_path: Path) -> None:
     path = tmp_path / "hba.conf"
     path.write_text("Workers = 3\n")
