@@ -27,10 +27,6 @@ import contextlib
 import gc
 import logging
 import os
-import secrets
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,7 +37,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from hba.daemon import Daemon, DaemonOptions, Disk
-from tests.kernel import helpers
+from tests.kernel.service import ServiceProcess
 
 T = TypeVar("T")
 
@@ -272,67 +268,23 @@ class DaemonThread:
                                executor_threads=len(executor), fds=fds)
 
 
-class DaemonProcess:
-    """``hbactl daemon`` as a subprocess; ready when it sends ``READY=1`` (sd_notify)."""
+class DaemonProcess(ServiceProcess):
+    """``hbactl daemon`` of this checkout as a subprocess, with the caller's environment;
+    ready when it sends ``READY=1`` (sd_notify). Each start is marked in the log."""
 
     def __init__(self, config: Path, log_path: Path) -> None:
+        super().__init__([str(HBACTL), "daemon", "--config", str(config)], log_path,
+                         cwd=CHECKOUT, inherit_environment=True, label="hbactl daemon",
+                         stop_timeout=120.0)
         self.config = config
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self, timeout: float = 240.0) -> None:
         assert not self.running, "the daemon is already running"
         self.starts += 1
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        name = f"hba-daemon-test-{os.getpid()}-{secrets.token_hex(4)}"
-        notify.bind("\0" + name)
-        env = dict(os.environ, NOTIFY_SOCKET="@" + name)
-        try:
-            with self.log_path.open("ab") as log:
-                log.write(f"--- start {self.starts}\n".encode())
-                log.flush()
-                self.proc = subprocess.Popen(
-                    [HBACTL, "daemon", "--config", str(self.config)], cwd=CHECKOUT,
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                    start_new_session=True)
-            try:
-                if helpers.wait_for_ready(notify, self.proc, timeout):
-                    return
-            except helpers.ProcessExited as exc:
-                raise AssertionError(f"hbactl daemon exited with {exc.status} before "
-                                     f"READY=1:\n{self.log()}") from None
-            self.kill()
-            raise AssertionError(f"hbactl daemon sent no READY=1 within {timeout:.0f} s:\n"
-                                 f"{self.log()}")
-        finally:
-            notify.close()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"hbactl daemon ignored SIGTERM for {timeout:.0f} s:\n"
-                                     f"{self.log()}") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts}\n".encode())
+        super().start(timeout)
 
 
 def _snapshot_disk(disk: Disk) -> AttachedDisk:

@@ -42,45 +42,62 @@ def exec_start(unit: Path) -> list[str]:
 
 
 class ServiceProcess:
-    """A command line run as systemd runs a ``Type=notify`` service; see the module doc."""
+    """A command line run as systemd runs a ``Type=notify`` service; see the module doc.
 
-    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+    ``inherit_environment`` runs it with the caller's environment and ``cwd`` instead (plus
+    ``NOTIFY_SOCKET``): :class:`tests.kernel.hba_daemon.DaemonProcess` starts the checkout's
+    daemon that way. ``label`` names it in failures (default: the command line)."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, *, cwd: Path | str = "/",
+                 inherit_environment: bool = False, label: str | None = None,
+                 stop_timeout: float = 60.0) -> None:
         self.argv = list(argv)
         self.log_path = log_path
+        self.cwd = cwd
+        self.inherit_environment = inherit_environment
+        self.label = label or f"`{shlex.join(self.argv)}`"
+        self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 240.0) -> None:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         name = f"hba-service-test-{os.getpid()}-{secrets.token_hex(4)}"
         notify.bind("\0" + name)
-        env = {"PATH": SYSTEMD_PATH, "NOTIFY_SOCKET": "@" + name}
+        base = dict(os.environ) if self.inherit_environment else {"PATH": SYSTEMD_PATH}
+        env = {**base, "NOTIFY_SOCKET": "@" + name}
         try:
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
-                    self.argv, cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=log,
+                    self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=log, start_new_session=True)
             try:
                 if helpers.wait_for_ready(notify, self.proc, timeout):
                     return
             except helpers.ProcessExited as exc:
-                raise AssertionError(f"`{shlex.join(self.argv)}` exited with {exc.status} "
-                                     f"before READY=1:\n{self.log()}") from None
+                raise AssertionError(f"{self.label} exited with {exc.status} before "
+                                     f"READY=1:\n{self.log()}") from None
             self.kill()
-            raise AssertionError(f"`{shlex.join(self.argv)}` sent no READY=1 within "
-                                 f"{timeout:.0f} s:\n{self.log()}")
+            raise AssertionError(f"{self.label} sent no READY=1 within {timeout:.0f} s:\n"
+                                 f"{self.log()}")
         finally:
             notify.close()
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, as ``systemctl stop`` sends it (TimeoutStopSec=60); the exit status."""
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM, as ``systemctl stop`` sends it (TimeoutStopSec=60 by default); the exit
+        status."""
         assert self.proc is not None
+        timeout = self.stop_timeout if timeout is None else timeout
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise AssertionError(f"the daemon ignored SIGTERM for {timeout:.0f} s:\n"
+                raise AssertionError(f"{self.label} ignored SIGTERM for {timeout:.0f} s:\n"
                                      f"{self.log()}") from None
         return self.proc.returncode
 
