@@ -442,6 +442,20 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._after_core_activity()
 
+    def hold_sends(self) -> bool:
+        """Commands queued from now on wait for :meth:`release_sends` instead of having
+        :meth:`kick` schedule a flush. False (and nothing held) when a flush is already
+        scheduled: that one sends them."""
+        if self._flush_scheduled:
+            return False
+        self._flush_scheduled = True
+        return True
+
+    def release_sends(self) -> None:
+        """End a :meth:`hold_sends` that returned True: send what was queued meanwhile, now."""
+        self._flush_scheduled = False
+        self._after_core_activity()
+
     def flush(self) -> None:
         """Send what the core has queued now, not at the end of this loop iteration."""
         self._after_core_activity()
@@ -605,6 +619,7 @@ class Session:
         self._background: set[asyncio.Task[None]] = set()
         self._failed_error: SessionFailed | None = None
         self._closing = False
+        self._held: Connection | None = None   # the connection hold_sends() holds
         self._pcap_count = 0
         self.events: list[Event] = []
         self.on_event: Callable[[Event], None] | None = None
@@ -835,6 +850,24 @@ class Session:
         else:
             self._pending.append(task)
         return task
+
+    def hold_sends(self) -> None:
+        """Hold the commands submitted from now on until :meth:`release_sends`, which sends them
+        at once, in one ``sendmsg``. For a caller that submits in batches (the TCMU
+        dispatcher's scan of its ring): without it a batch goes out only on the next loop
+        iteration (:meth:`Connection.kick`), an iteration with nothing else to do, and after
+        whatever else this one still runs. Always pair with :meth:`release_sends` (``finally``):
+        the connection schedules no flush of its own meanwhile. Holds do not nest."""
+        conn = self._conn
+        if self._held is None and conn is not None and conn.hold_sends():
+            self._held = conn
+
+    def release_sends(self) -> None:
+        """Send what was submitted since :meth:`hold_sends`."""
+        conn = self._held
+        if conn is not None:
+            self._held = None
+            conn.release_sends()
 
     async def execute(
         self,

@@ -427,6 +427,50 @@ async def test_one_write_per_batch(sim: RingSimulator) -> None:
     assert (d.stats.wakeups, d.stats.notifications, sim.user_writes) == (1, 1, 1)
 
 
+class HoldingTarget(FakeTarget):
+    """A FakeTarget with the executor's optional hold_sends()/release_sends(): it records
+    the order."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="soon")
+        self.log: list[str] = []
+
+    def hold_sends(self) -> None:
+        self.log.append("hold")
+
+    def release_sends(self) -> None:
+        self.log.append("release")
+
+    def submit(self, *args: Any, **kw: Any) -> Any:
+        self.log.append("submit")
+        return super().submit(*args, **kw)
+
+
+async def test_a_scan_holds_the_executor_and_releases_it_at_its_end(sim: RingSimulator) -> None:
+    # The scan's commands go out as one batch when it ends, not on the next loop iteration.
+    target = HoldingTarget()
+    await start(sim, target)
+    assert target.log == ["hold", "release"]  # the scan at start, with nothing to take
+    done, cb = done_list()
+    with sim.plug():
+        for i in range(3):
+            sim.submit(read10(i), data_in=512, on_complete=cb)
+    await until(lambda: len(done) == 3)
+    assert target.log[2:] == ["hold", "submit", "submit", "submit", "release"]
+
+
+async def test_the_executor_is_released_when_the_scan_finds_a_corrupt_ring(
+        sim: RingSimulator) -> None:
+    target = HoldingTarget()
+    d = await start(sim, target)
+    run = asyncio.create_task(d.run())
+    with sim.plug():
+        sim.submit(read10(1), data_in=512)
+        ring.U32.pack_into(sim.kernel_view(), ring.MAILBOX_SIZE, 1)  # len_op: CMD of length 0
+    assert await asyncio.wait_for(run, 2) is StopReason.RING_CORRUPT
+    assert target.log == ["hold", "release"] * 2
+
+
 async def test_commands_queued_before_start_are_served(sim: RingSimulator) -> None:
     dev = sim.open()
     done, cb = done_list()
