@@ -471,6 +471,54 @@ async def test_the_executor_is_released_when_the_scan_finds_a_corrupt_ring(
     assert target.log == ["hold", "release"] * 2
 
 
+class ReadingTarget(FakeTarget):
+    """A FakeTarget with the executor's optional after_receive(): its completions come in
+    "reads" (its ticks), and the callbacks taken during one run at its end."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="soon")
+        self.reading = False
+        self.callbacks: list[Callable[[], None]] = []
+        self.log: list[str] = []
+
+    def after_receive(self, callback: Callable[[], None]) -> bool:
+        if not self.reading:
+            return False
+        self.callbacks.append(callback)
+        return True
+
+    def _tick(self) -> None:
+        self.reading = True
+        try:
+            super()._tick()
+        finally:
+            self.reading = False
+        callbacks, self.callbacks = self.callbacks, []
+        self.log.append(f"read end, {len(callbacks)} callback(s)")
+        for callback in callbacks:
+            callback()
+
+
+async def test_completions_of_a_read_are_written_at_its_end(sim: RingSimulator) -> None:
+    # One 4-byte write for the completions the executor's read brought, when it ends.
+    target = ReadingTarget()
+    d = await start(sim, target)
+    done, cb = done_list()
+    with sim.plug():
+        for i in range(5):
+            sim.submit(read10(i), data_in=512, on_complete=cb)
+    await until(lambda: len(done) == 5)
+    assert target.log == ["read end, 1 callback(s)"]
+    assert d.stats.notifications == 1 and sim.user_writes == 1
+    # Completions outside a read (none under way) still get their write, a loop iteration on.
+    target.plan[7] = "hold"
+    sim.submit(read10(7), data_in=512, on_complete=cb)
+    await until(lambda: 7 in target.held)
+    target.release(7)
+    await until(lambda: len(done) == 6)
+    assert d.stats.notifications == 2 and all(c.status == 0 for c in done)
+
+
 async def test_commands_queued_before_start_are_served(sim: RingSimulator) -> None:
     dev = sim.open()
     done, cb = done_list()

@@ -94,6 +94,11 @@ async def within(aw: Awaitable[T], seconds: float = 10.0) -> T:
     return await asyncio.wait_for(aw, seconds)
 
 
+async def until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.001)
+
+
 def state(session: Session) -> SessionState:
     """The session's state, read afresh (mypy would keep an earlier narrowing across awaits)."""
     return session.state
@@ -228,6 +233,34 @@ async def test_commands_submitted_under_hold_go_out_at_release() -> None:
         session.release_sends()
         assert queued(core)
         assert (await within(later)).ok
+
+
+async def test_after_receive_runs_when_the_read_that_completed_a_command_ends() -> None:
+    async with logged_in(fake()) as (_server, session):
+        order: list[str] = []
+        assert session.after_receive(lambda: order.append("never")) is False  # no read
+
+        def on_done(result: CommandResult | ISCSIError) -> None:
+            order.append(f"done {isinstance(result, CommandResult) and result.ok}")
+            taken = session.after_receive(lambda: order.append("after"))
+            order.append(f"taken {taken}")
+
+        def failing() -> None:
+            raise RuntimeError("a callback's own bug")
+
+        def on_done_failing(_result: CommandResult | ISCSIError) -> None:
+            session.after_receive(failing)
+
+        # In one read or two: a callback that fails must not stop the others or end the
+        # connection.
+        bufs = [bytearray(4096), bytearray(4096)]
+        session.submit(0, cdb_read10(0, 8), data_in=[memoryview(bufs[0])],
+                       on_done=on_done_failing)
+        session.submit(0, cdb_read10(8, 8), data_in=[memoryview(bufs[1])], on_done=on_done)
+        await within(until(lambda: "after" in order))
+        assert order == ["done True", "taken True", "after"]
+        assert state(session) is SessionState.LOGGED_IN
+        assert (await read(session, 0, 8))[0].ok
 
 
 async def test_window_smaller_than_the_load() -> None:
