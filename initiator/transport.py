@@ -185,6 +185,8 @@ class Connection(asyncio.BufferedProtocol):
         self._login_pdus: list[P.PDU] = []
         self._writer_armed = False
         self._flush_scheduled = False
+        self._receiving = False   # in buffer_updated(): after_receive() callbacks are taken
+        self._after_receive: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.error: ISCSIError | None = None
         self.closed = self._loop.create_future()
@@ -269,6 +271,7 @@ class Connection(asyncio.BufferedProtocol):
         self._buf = None
         now = self._loop.time()
         core = self.core
+        self._receiving = True
         try:
             pdus = self.reader.buffer_updated(nbytes)
             if core is None:
@@ -281,6 +284,26 @@ class Connection(asyncio.BufferedProtocol):
             self._after_core_activity()
         except ISCSIError as exc:
             self.fail(exc)
+        finally:
+            self._receiving = False
+            if self._after_receive:
+                self._run_after_receive()
+
+    def after_receive(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` once the PDUs being received now are processed, before the loop
+        goes on (True); False when no read is under way."""
+        if not self._receiving:
+            return False
+        self._after_receive.append(callback)
+        return True
+
+    def _run_after_receive(self) -> None:
+        callbacks, self._after_receive = self._after_receive, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # not the connection's fault: it must not end it
+                log.exception("%s: a callback after receiving failed", self.portal)
 
     def _read_direct(self, core: ConnectionCore, now: float) -> None:
         """Go on reading large Data-In payloads straight into their commands' buffers.
@@ -439,6 +462,20 @@ class Connection(asyncio.BufferedProtocol):
             self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._after_core_activity()
+
+    def hold_sends(self) -> bool:
+        """Commands queued from now on wait for :meth:`release_sends` instead of having
+        :meth:`kick` schedule a flush. False (and nothing held) when a flush is already
+        scheduled: that one sends them."""
+        if self._flush_scheduled:
+            return False
+        self._flush_scheduled = True
+        return True
+
+    def release_sends(self) -> None:
+        """End a :meth:`hold_sends` that returned True: send what was queued meanwhile, now."""
         self._flush_scheduled = False
         self._after_core_activity()
 
@@ -605,6 +642,7 @@ class Session:
         self._background: set[asyncio.Task[None]] = set()
         self._failed_error: SessionFailed | None = None
         self._closing = False
+        self._held: Connection | None = None   # the connection hold_sends() holds
         self._pcap_count = 0
         self.events: list[Event] = []
         self.on_event: Callable[[Event], None] | None = None
@@ -835,6 +873,34 @@ class Session:
         else:
             self._pending.append(task)
         return task
+
+    def hold_sends(self) -> None:
+        """Hold the commands submitted from now on until :meth:`release_sends`, which sends them
+        at once, in one ``sendmsg``. For a caller that submits in batches (the TCMU
+        dispatcher's scan of its ring): without it a batch goes out only on the next loop
+        iteration (:meth:`Connection.kick`), an iteration with nothing else to do, and after
+        whatever else this one still runs. Always pair with :meth:`release_sends` (``finally``):
+        the connection schedules no flush of its own meanwhile. Holds do not nest."""
+        conn = self._conn
+        if self._held is None and conn is not None and conn.hold_sends():
+            self._held = conn
+
+    def release_sends(self) -> None:
+        """Send what was submitted since :meth:`hold_sends`."""
+        conn = self._held
+        if conn is not None:
+            self._held = None
+            conn.release_sends()
+
+    def after_receive(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` once the PDUs the connection is receiving now are processed, in
+        this loop iteration (True), or do nothing and return False when no read is under way
+        (a completion from a timer, a failure, an abort). For a caller that batches work on
+        completions (the TCMU dispatcher's one 4-byte write for a batch): called from an
+        ``on_done``, it ends the batch with the read that completed it, where ``call_soon``
+        would take one more loop iteration."""
+        conn = self._conn
+        return conn is not None and conn.after_receive(callback)
 
     async def execute(
         self,

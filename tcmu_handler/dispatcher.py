@@ -13,7 +13,12 @@ takes entries from the ring up to ``cmd_head``: TMR entries start task managemen
 entry becomes one ``CommandExecutor.submit(lun, cdb, data_out=..., data_in=..., on_done=...)``
 whose buffers are ``memoryview`` slices of the map, exactly one per iovec: Data-In is received
 straight into the data area, Data-Out is sent straight from it. No Task is created per command;
-``on_done`` is a partial of :meth:`Dispatcher._complete`.
+``on_done`` is a partial of :meth:`Dispatcher._complete`. An executor that has ``hold_sends()`` and
+``release_sends()`` (:class:`~tcmu_handler.executor.SessionExecutor`) is held for the length of a
+scan: the scan's commands go out together as soon as it ends, not on the next loop iteration,
+which would be one more (``epoll_wait`` included) with nothing else to do. Likewise the 4-byte
+write for the completions that a read from the target brought waits only for the end of that
+read when the executor has ``after_receive()``, not for the next loop iteration.
 
 Completions arrive in any order and are written into the ring at once; the new ``cmd_tail`` is
 published once per batch (:meth:`~tcmu_handler.ring.CommandRing.done`) and the 4-byte
@@ -158,6 +163,13 @@ class Dispatcher:
         mailbox = device.mailbox()
         self._device = device
         self._executor = executor
+        # Optional (module docstring): sending a scan's commands as one batch when it ends.
+        self._hold: Callable[[], None] | None = getattr(executor, "hold_sends", None)
+        self._release: Callable[[], None] | None = getattr(executor, "release_sends", None)
+        if self._hold is None or self._release is None:
+            self._hold = self._release = None
+        self._after_receive: Callable[[Callable[[], None]], bool] | None = getattr(
+            executor, "after_receive", None)
         self._lun = lun
         self._policy = policy   # which sense an undeliverable command gets (tcmu_handler.scsi)
         self._name = device.name
@@ -311,6 +323,9 @@ class Dispatcher:
 
     def _serve(self) -> None:
         self._in_scan = True
+        hold, release = self._hold, self._release  # both or neither (__init__)
+        if hold is not None:
+            hold()
         try:
             self._scan()
         except RingError as exc:
@@ -318,6 +333,8 @@ class Dispatcher:
             return
         finally:
             self._in_scan = False
+            if release is not None:
+                release()  # the commands go to the target first, then the completions out
         self._flush()
 
     def _scan(self) -> None:
@@ -513,11 +530,13 @@ class Dispatcher:
             drained = self._drained
             if drained is not None:
                 drained.set()
-        # Publish on the next loop iteration, once for all the completions until then; a scan
-        # publishes when it ends.
+        # Publish once for all the completions of the executor's read under way, else of this
+        # loop iteration; a scan publishes when it ends.
         if not self._in_scan and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            after_receive = self._after_receive
+            if after_receive is None or not after_receive(self._flush):
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Publish cmd_tail and make the kernel reap: one 4-byte write per batch."""

@@ -2,12 +2,12 @@
 
 A Session type-checks as a ``CommandExecutor`` by itself, but its ``abort_task`` and
 ``lun_reset`` *return* the target's Task Management Function Response, whatever it says. This
-adapter passes ``submit`` through untouched (the bound method itself: no extra call per
-command), ends an aborted command through :meth:`Session.abort
-<initiator.transport.Session.abort>` — the one escalation of the initiator, which the
-per-command deadline uses too: ABORT TASK, then LOGICAL UNIT RESET if the target refuses or
-does not answer, then a new connection — and raises :class:`TaskManagementFailed` when a
-LOGICAL UNIT RESET the kernel asked for is refused.
+adapter passes ``submit``, ``hold_sends``, ``release_sends`` and ``after_receive`` through
+untouched (the bound methods themselves: no extra call per command or batch), ends an aborted
+command through :meth:`Session.abort <initiator.transport.Session.abort>` — the one escalation
+of the initiator, which the per-command deadline uses too: ABORT TASK, then LOGICAL UNIT RESET
+if the target refuses or does not answer, then a new connection — and raises
+:class:`TaskManagementFailed` when a LOGICAL UNIT RESET the kernel asked for is refused.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ class SessionExecutor:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        # The bound method itself: the hot path pays no adapter call.
+        # The bound methods themselves: the hot path pays no adapter call.
         self.submit = session.submit
+        self.hold_sends = session.hold_sends
+        self.release_sends = session.release_sends
+        self.after_receive = session.after_receive
 
     async def abort_task(self, handle: CommandHandle) -> None:
         """End the command at the target (ABORT TASK, escalating as needed: see the module

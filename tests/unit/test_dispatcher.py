@@ -427,6 +427,98 @@ async def test_one_write_per_batch(sim: RingSimulator) -> None:
     assert (d.stats.wakeups, d.stats.notifications, sim.user_writes) == (1, 1, 1)
 
 
+class HoldingTarget(FakeTarget):
+    """A FakeTarget with the executor's optional hold_sends()/release_sends(): it records
+    the order."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="soon")
+        self.log: list[str] = []
+
+    def hold_sends(self) -> None:
+        self.log.append("hold")
+
+    def release_sends(self) -> None:
+        self.log.append("release")
+
+    def submit(self, *args: Any, **kw: Any) -> Any:
+        self.log.append("submit")
+        return super().submit(*args, **kw)
+
+
+async def test_a_scan_holds_the_executor_and_releases_it_at_its_end(sim: RingSimulator) -> None:
+    # The scan's commands go out as one batch when it ends, not on the next loop iteration.
+    target = HoldingTarget()
+    await start(sim, target)
+    assert target.log == ["hold", "release"]  # the scan at start, with nothing to take
+    done, cb = done_list()
+    with sim.plug():
+        for i in range(3):
+            sim.submit(read10(i), data_in=512, on_complete=cb)
+    await until(lambda: len(done) == 3)
+    assert target.log[2:] == ["hold", "submit", "submit", "submit", "release"]
+
+
+async def test_the_executor_is_released_when_the_scan_finds_a_corrupt_ring(
+        sim: RingSimulator) -> None:
+    target = HoldingTarget()
+    d = await start(sim, target)
+    run = asyncio.create_task(d.run())
+    with sim.plug():
+        sim.submit(read10(1), data_in=512)
+        ring.U32.pack_into(sim.kernel_view(), ring.MAILBOX_SIZE, 1)  # len_op: CMD of length 0
+    assert await asyncio.wait_for(run, 2) is StopReason.RING_CORRUPT
+    assert target.log == ["hold", "release"] * 2
+
+
+class ReadingTarget(FakeTarget):
+    """A FakeTarget with the executor's optional after_receive(): its completions come in
+    "reads" (its ticks), and the callbacks taken during one run at its end."""
+
+    def __init__(self) -> None:
+        super().__init__(mode="soon")
+        self.reading = False
+        self.callbacks: list[Callable[[], None]] = []
+        self.log: list[str] = []
+
+    def after_receive(self, callback: Callable[[], None]) -> bool:
+        if not self.reading:
+            return False
+        self.callbacks.append(callback)
+        return True
+
+    def _tick(self) -> None:
+        self.reading = True
+        try:
+            super()._tick()
+        finally:
+            self.reading = False
+        callbacks, self.callbacks = self.callbacks, []
+        self.log.append(f"read end, {len(callbacks)} callback(s)")
+        for callback in callbacks:
+            callback()
+
+
+async def test_completions_of_a_read_are_written_at_its_end(sim: RingSimulator) -> None:
+    # One 4-byte write for the completions the executor's read brought, when it ends.
+    target = ReadingTarget()
+    d = await start(sim, target)
+    done, cb = done_list()
+    with sim.plug():
+        for i in range(5):
+            sim.submit(read10(i), data_in=512, on_complete=cb)
+    await until(lambda: len(done) == 5)
+    assert target.log == ["read end, 1 callback(s)"]
+    assert d.stats.notifications == 1 and sim.user_writes == 1
+    # Completions outside a read (none under way) still get their write, a loop iteration on.
+    target.plan[7] = "hold"
+    sim.submit(read10(7), data_in=512, on_complete=cb)
+    await until(lambda: 7 in target.held)
+    target.release(7)
+    await until(lambda: len(done) == 6)
+    assert d.stats.notifications == 2 and all(c.status == 0 for c in done)
+
+
 async def test_commands_queued_before_start_are_served(sim: RingSimulator) -> None:
     dev = sim.open()
     done, cb = done_list()

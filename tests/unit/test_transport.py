@@ -30,7 +30,7 @@ from initiator.errors import (
 )
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginError, Portal, TargetNotFoundError
-from initiator.session import EventKind
+from initiator.session import ConnectionCore, EventKind
 from initiator.transport import Connection, Session, SessionConfig, SessionState
 from tests.support.fake_target import (
     FakeTarget,
@@ -94,9 +94,19 @@ async def within(aw: Awaitable[T], seconds: float = 10.0) -> T:
     return await asyncio.wait_for(aw, seconds)
 
 
+async def until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.001)
+
+
 def state(session: Session) -> SessionState:
     """The session's state, read afresh (mypy would keep an earlier narrowing across awaits)."""
     return session.state
+
+
+def queued(core: ConnectionCore) -> bool:
+    """PDUs wait in the send queue (read afresh, as state() does)."""
+    return core.wants_to_send
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -192,6 +202,65 @@ async def test_64_commands_in_flight() -> None:
         for i, b in enumerate(reads):
             assert b == target.disk.data[8 * i * 512 : (8 * i + 8) * 512]
     assert not target.violations(), target.violations()
+
+
+async def test_commands_submitted_under_hold_go_out_at_release() -> None:
+    # Session.hold_sends(): submitted commands wait, with no flush of their own on the next
+    # loop iteration, until release_sends() sends them at once (the TCMU dispatcher holds
+    # each scan).
+    target = fake()
+    async with logged_in(target) as (_server, session):
+        core = session._core
+        assert core is not None
+        session.hold_sends()
+        bufs = [bytearray(4096) for _ in range(4)]
+        futures = [asyncio.ensure_future(session.execute(
+            0, cdb_read10(8 * i, 8), data_in=[memoryview(b)])) for i, b in enumerate(bufs)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the commands are submitted; a kick() would flush them
+        assert core.in_flight == 4 and queued(core)
+        session.release_sends()
+        assert not queued(core)  # on the wire, from release_sends() itself
+        results = await within(asyncio.gather(*futures))
+        assert all(r.ok for r in results)
+        for i, b in enumerate(bufs):
+            assert b == target.disk.data[8 * i * 512 : (8 * i + 8) * 512]
+        # A flush already scheduled is left to send them: hold_sends() takes nothing over.
+        later = asyncio.ensure_future(session.execute(0, cdb_read10(0, 8),
+                                                      data_in=[memoryview(bytearray(4096))]))
+        await asyncio.sleep(0)  # submitted: kick() scheduled its flush
+        session.hold_sends()
+        session.release_sends()
+        assert queued(core)
+        assert (await within(later)).ok
+
+
+async def test_after_receive_runs_when_the_read_that_completed_a_command_ends() -> None:
+    async with logged_in(fake()) as (_server, session):
+        order: list[str] = []
+        assert session.after_receive(lambda: order.append("never")) is False  # no read
+
+        def on_done(result: CommandResult | ISCSIError) -> None:
+            order.append(f"done {isinstance(result, CommandResult) and result.ok}")
+            taken = session.after_receive(lambda: order.append("after"))
+            order.append(f"taken {taken}")
+
+        def failing() -> None:
+            raise RuntimeError("a callback's own bug")
+
+        def on_done_failing(_result: CommandResult | ISCSIError) -> None:
+            session.after_receive(failing)
+
+        # In one read or two: a callback that fails must not stop the others or end the
+        # connection.
+        bufs = [bytearray(4096), bytearray(4096)]
+        session.submit(0, cdb_read10(0, 8), data_in=[memoryview(bufs[0])],
+                       on_done=on_done_failing)
+        session.submit(0, cdb_read10(8, 8), data_in=[memoryview(bufs[1])], on_done=on_done)
+        await within(until(lambda: "after" in order))
+        assert order == ["done True", "taken True", "after"]
+        assert state(session) is SessionState.LOGGED_IN
+        assert (await read(session, 0, 8))[0].ok
 
 
 async def test_window_smaller_than_the_load() -> None:
