@@ -254,14 +254,18 @@ class PDUReader:
         """Account for ``nbytes`` read into :meth:`direct_buffers`; returns completed PDUs."""
         out: list[PDU] = []
         remaining = self._remaining
-        if nbytes >= remaining:
-            # The payload is in (the views are done with: no need to advance through them);
-            # the rest of the read went into the room after them.
-            self._remaining = 0
-            self._state = _TRAILER
-            self._end += nbytes - remaining
-        else:
+        if nbytes < remaining:
+            # Still DIRECT, with nothing buffered: there is nothing to parse (held is False
+            # since the last parse, which set DIRECT).
             self._advance_dest(nbytes)
+            return out
+        # The payload is in (the views are done with: no need to advance through them); the
+        # rest of the read went into the room after them, from its start.
+        self._remaining = 0
+        self._state = _TRAILER
+        self._end += nbytes - remaining
+        if self._end - self._start >= self._trailer:
+            self._finish_direct(out)   # what _parse would do first, without its set-up
         self._parse(out, True)
         return out
 
@@ -450,17 +454,19 @@ class PDUReader:
                 buf, view, filled = self._buf, self._view, self._end
 
     def _finish_direct(self, out: list[PDU]) -> None:
-        trailer = self._view[self._start : self._start + self._trailer]
-        self._start += self._trailer
+        """The trailer of the Data-In received in place is buffered: check it and have the
+        sink process the Data-In."""
+        start = self._start
+        self._start = start + self._trailer
         if self.data_digest:
+            trailer = self._view[start : start + self._trailer]
             pad = trailer[: len(trailer) - DIGEST_LEN]
             value = _digest.crc32c(pad, _digest.crc32c_of(self._dest))
             _digest.check(trailer[len(pad):], value, header=False)
         self._dest = ()
         self._state = _HEADER
-        fields, self._fields = self._fields, _NO_FIELDS
         sink = self.sink
-        if out or sink is None or not sink.data_in_placed(*fields, self._dsl):
+        if out or sink is None or not sink.data_in_placed(*self._fields, self._dsl):
             self._placed_pdu(out, memoryview(self._bhs), self._dsl)
 
     @staticmethod

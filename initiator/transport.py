@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-:class:`Connection` is an ``asyncio.BufferedProtocol``: asyncio asks it for a buffer, receives
-into it and reports how many bytes arrived. The buffer comes from :class:`~initiator.reader.
-PDUReader`, which hands out the internal header buffer or, while a Data-In payload is being
-received, the very ``memoryview`` of the command's data buffer (the TCMU data area in the
-daemon): payloads are not copied. Sending bypasses asyncio's write buffer, which would copy:
+:class:`Connection` is an ``asyncio.BufferedProtocol`` during login: asyncio asks it for a
+buffer, receives into it and reports how many bytes arrived. In the Full Feature Phase it reads
+the socket itself, from a reader callback on the event loop (:meth:`Connection._on_readable`):
+several reads per wake-up, each into what :class:`~initiator.reader.PDUReader` asks for, which
+is its internal buffer or, while a Data-In payload is being received, the very ``memoryview``
+of the command's data buffer (the TCMU data area in the daemon) followed by room for the next
+header, in one ``recvmsg_into``: payloads are not copied. Sending bypasses asyncio's write
+buffer, which would copy:
 frames (header bytes plus the caller's own views) go to ``socket.sendmsg`` as one scatter list,
 and when the socket is full the rest waits for writability in the connection core's queue.
 
@@ -75,8 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IOV_MAX = 1024
-_DIRECT_ROUNDS = 16
-"""Reads of large Data-In payloads per wake-up, at most (see Connection._read_direct)."""
+_READ_ROUNDS = 16
+"""Reads per wake-up in the Full Feature Phase, at most (see Connection._on_readable)."""
 MAX_REDIRECTS = 8
 
 
@@ -177,15 +180,17 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
-        # A duplicate of the socket's fd to wait for writability on: asyncio refuses
-        # add_writer() on the fd its transport owns ("File descriptor N is used by transport").
-        self._writer_fd = -1
+        # A duplicate of the socket's fd to wait on for the Full Feature Phase's reads and
+        # for writability: asyncio refuses add_reader() and add_writer() on the fd its
+        # transport owns ("File descriptor N is used by transport").
+        self._fd = -1
+        self._reading = False
         self._buf: memoryview | None = None
         self._login_waiter: asyncio.Future[P.PDU] | None = None
         self._login_pdus: list[P.PDU] = []
         self._writer_armed = False
         self._flush_scheduled = False
-        self._receiving = False   # in buffer_updated(): after_receive() callbacks are taken
+        self._receiving = False   # in a read: after_receive() callbacks are taken
         self._after_receive: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.error: ISCSIError | None = None
@@ -247,7 +252,7 @@ class Connection(asyncio.BufferedProtocol):
                       sock: socket.socket) -> Connection:
         conn = cls(portal, pcap)
         conn._sock = sock
-        conn._writer_fd = os.dup(sock.fileno())
+        conn._fd = os.dup(sock.fileno())
         await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=sock)
         return conn
 
@@ -262,14 +267,12 @@ class Connection(asyncio.BufferedProtocol):
         return buf
 
     def buffer_updated(self, nbytes: int) -> None:
+        # The Login Phase (the Full Feature Phase reads in _on_readable; but a read asyncio
+        # had already scheduled when it began still comes here).
         buf = self._buf
         if self.pcap is not None and buf is not None:
             self.pcap.received(buf[:nbytes])
-        # A read that did not fill its buffer emptied the socket: reading on would only get
-        # EAGAIN (the loop wakes us again when more comes).
-        drained = buf is not None and nbytes < len(buf)
         self._buf = None
-        now = self._loop.time()
         core = self.core
         self._receiving = True
         try:
@@ -278,9 +281,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._login_received(pdus)
                 return
             if pdus:
-                self._receive(core, pdus, now)
-            if self.reader.receiving_payload and not drained:
-                self._read_direct(core, now)
+                self._receive(core, pdus, self._loop.time())
             self._after_core_activity()
         except ISCSIError as exc:
             self.fail(exc)
@@ -305,32 +306,58 @@ class Connection(asyncio.BufferedProtocol):
             except Exception:  # not the connection's fault: it must not end it
                 log.exception("%s: a callback after receiving failed", self.portal)
 
-    def _read_direct(self, core: ConnectionCore, now: float) -> None:
-        """Go on reading large Data-In payloads straight into their commands' buffers.
+    def _on_readable(self) -> None:
+        """The socket has bytes: read them into the reader, up to ``_READ_ROUNDS`` reads.
 
-        asyncio reads into one buffer per loop iteration. For a large read that is either a
-        copy (a buffer's worth into the reader's buffer: the payloads, copied once more into
-        the commands') or an iteration per header and one per payload. Here, while a payload
-        is due, one ``recvmsg_into`` takes its rest into the caller's views and the next
-        header into the reader, which leaves the next payload due in turn: a stream of large
-        reads costs one syscall per PDU and no copy, and the commands they complete go out
-        together in the flush that follows. At most ``_DIRECT_ROUNDS`` reads, so that the
-        new commands are not held back; an empty socket ends it (the loop wakes us again),
-        and so does a read that did not fill its buffers, which emptied the socket: the
-        next read would only get EAGAIN (on a busy machine, where payloads arrive in pieces,
-        that was one syscall and one exception per wake-up). EOF and errors are handled as
-        asyncio's own read would.
+        Each read takes what the reader asks for: while a large Data-In payload is due, one
+        ``recvmsg_into`` takes its rest into the command's own buffer and the next header into
+        the reader's (:meth:`PDUReader.direct_buffers`), so a stream of large reads costs one
+        syscall per PDU and no copy; otherwise one ``recv_into`` fills the reader's buffer
+        with as many PDUs as have come. The commands that complete meanwhile are resubmitted
+        by their owners, and all go out in one flush after the reads (``_flush_scheduled``
+        stands for that flush, so that they schedule no other). A read that did not fill its
+        buffers emptied the socket: the next one would only get EAGAIN, so the loop ends
+        there (the selector calls again when more comes), and it ends after
+        ``_READ_ROUNDS`` reads so that the new commands are not held back. EOF and errors
+        end the connection as asyncio's own read would.
         """
         sock = self._sock
-        if sock is None:
+        core = self.core
+        if sock is None or core is None or self.error is not None:
             return
-        for _ in range(_DIRECT_ROUNDS):
+        now = self._loop.time()
+        scheduled, self._flush_scheduled = self._flush_scheduled, True
+        self._receiving = True
+        try:
+            self._read_rounds(sock, core, now)
+        finally:
+            self._flush_scheduled = scheduled
+            self._receiving = False
+        try:
+            self._after_core_activity()
+        finally:
+            if self._after_receive:
+                self._run_after_receive()
+
+    def _read_rounds(self, sock: socket.socket, core: ConnectionCore, now: float) -> None:
+        pcap = self.pcap
+        for _ in range(_READ_ROUNDS):
             reader = self.reader
             bufs = reader.direct_buffers()
-            if bufs is None or self.error is not None:
-                return
             try:
-                nbytes = sock.recvmsg_into(bufs)[0]
+                if bufs is None:
+                    buf = reader.get_buffer(-1)
+                    nbytes = sock.recv_into(buf)
+                    wanted = len(buf)
+                    if pcap is not None:
+                        pcap.received(buf[:nbytes])
+                else:
+                    nbytes = sock.recvmsg_into(bufs)[0]
+                    wanted = 0
+                    for b in bufs:
+                        wanted += len(b)
+                    if pcap is not None:
+                        pcap.received(b"".join(_first_bytes(bufs, nbytes)))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -339,15 +366,15 @@ class Connection(asyncio.BufferedProtocol):
             if not nbytes:
                 self.eof_received()
                 return
-            if self.pcap is not None:
-                self.pcap.received(b"".join(_first_bytes(bufs, nbytes)))
-            wanted = 0
-            for b in bufs:
-                wanted += len(b)
-            pdus = reader.direct_updated(nbytes)
-            if pdus:
-                self._receive(core, pdus, now)
-            if nbytes < wanted:
+            try:
+                pdus = reader.direct_updated(nbytes) if bufs is not None \
+                    else reader.buffer_updated(nbytes)
+                if pdus:
+                    self._receive(core, pdus, now)
+            except ISCSIError as exc:
+                self.fail(exc)
+                return
+            if nbytes < wanted or self.error is not None:
                 return
 
     def _receive(self, core: ConnectionCore, pdus: list[P.PDU], now: float) -> None:
@@ -449,8 +476,12 @@ class Connection(asyncio.BufferedProtocol):
         except ISCSIError as exc:
             self.fail(exc)
             return
+        # From now on _on_readable reads, not asyncio: asyncio reads into one buffer per
+        # loop iteration, and a large Data-In wants its payload and the next header in one.
         if self._transport is not None:
-            self._transport.resume_reading()
+            self._transport.pause_reading()
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
         self.arm_timer()
         self._after_core_activity()
 
@@ -523,11 +554,11 @@ class Connection(asyncio.BufferedProtocol):
                 # Socket full: wait until it can take more; the queue keeps the views.
                 if not self._writer_armed:
                     self._writer_armed = True
-                    self._loop.add_writer(self._writer_fd, self._on_writable)
+                    self._loop.add_writer(self._fd, self._on_writable)
                 return
         if self._writer_armed:
             self._writer_armed = False
-            self._loop.remove_writer(self._writer_fd)
+            self._loop.remove_writer(self._fd)
 
     def _on_writable(self) -> None:
         self._flush()
@@ -570,10 +601,14 @@ class Connection(asyncio.BufferedProtocol):
         if self._writer_armed:
             self._writer_armed = False
             with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._writer_fd)
-        if self._writer_fd >= 0:
-            os.close(self._writer_fd)
-            self._writer_fd = -1
+                self._loop.remove_writer(self._fd)
+        if self._reading:
+            self._reading = False
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         waiter = self._login_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from hba import plot
+from hba import oneshot, plot
 from hba.errors import HBAError
 from hba.oneshot import histogram_from, latency_summary
+from initiator.keys import NegotiationSettings
 from initiator.stats import Histogram
+from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
 
 
 def test_perf_latency_summary_round_trips() -> None:
@@ -46,3 +49,23 @@ def test_latency_picture(tmp_path: Path) -> None:
         plot.latency_svg(str(tmp_path / "empty.svg"), [plot.Series("x", Histogram())], "t")
     with pytest.raises(HBAError, match="cannot write"):
         plot.latency_svg(str(tmp_path / "no" / "dir.svg"), series, "t")
+
+
+async def test_perf_latency_counts_every_completed_command() -> None:
+    # hbactl perf bins each command's latency as it completes: every completed command is in
+    # one bucket, and the sum over them gives the mean.
+    tgt = "iqn.2003-01.org.example:disk1"
+    target = FakeTarget([TargetNode(tgt, {0: RamDisk(blocks=4096)})],
+                        settings=NegotiationSettings.rfc_defaults(default_time2wait=0))
+    async with FakeTargetServer(target) as server:
+        result = await asyncio.wait_for(oneshot.cmd_perf(
+            f"iscsi://127.0.0.1:{server.port}/{tgt}/0",
+            oneshot.Options(initiator_name="iqn.2024-01.org.example:initiator"),
+            oneshot.PerfSettings(queue_depth=4, seconds=0.2), None), 10.0)
+    latency = result["latency"]
+    assert result["commands"] > 0
+    assert sum(n for _, n in latency["buckets"]) == result["commands"]
+    assert latency["sum_s"] > 0
+    assert latency["mean_ms"] == pytest.approx(latency["sum_s"] / result["commands"] * 1e3,
+                                               abs=1e-4)
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"]

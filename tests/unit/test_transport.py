@@ -263,6 +263,59 @@ async def test_after_receive_runs_when_the_read_that_completed_a_command_ends() 
         assert (await read(session, 0, 8))[0].ok
 
 
+async def test_full_feature_reads_resubmit_without_another_loop_iteration() -> None:
+    # In the Full Feature Phase the connection reads in its own reader callback, not through
+    # asyncio's transport; commands that completions resubmit during a read go out in the
+    # flush after it, scheduling none of their own (kick() is not called for them).
+    target = fake(cmd_window=64, hostile=Hostility(withhold=True))
+    async with logged_in(target) as (server, session):
+        conn = session._conn
+        assert conn is not None and conn._transport is not None
+        assert not conn._transport.is_reading()
+        kicks = 0
+        kick = conn.kick
+
+        def counting_kick() -> None:
+            nonlocal kicks
+            kicks += 1
+            kick()
+
+        conn.kick = counting_kick  # type: ignore[method-assign]
+        size = 64 * 1024   # payloads of the reader's stream mode: received in place
+        bufs = [bytearray(size) for _ in range(8)]
+        again = [bytearray(size) for _ in range(8)]
+        seconds: list[asyncio.Future[CommandResult]] = []
+        loop = asyncio.get_running_loop()
+
+        def resubmit(i: int) -> Callable[[CommandResult | ISCSIError], None]:
+            def done(result: CommandResult | ISCSIError) -> None:
+                assert isinstance(result, CommandResult) and result.ok
+                fut: asyncio.Future[CommandResult] = loop.create_future()
+                seconds.append(fut)
+                session.submit(0, cdb_read10(1024 + i * 128, 128),
+                               data_in=[memoryview(again[i])],
+                               on_done=lambda r: fut.set_result(r)
+                               if isinstance(r, CommandResult) else fut.set_exception(r))
+            return done
+
+        for i in range(8):
+            session.submit(0, cdb_read10(i * 128, 128), data_in=[memoryview(bufs[i])],
+                           on_done=resubmit(i))
+        wire = server.connections[-1]
+        await server.wait_for(lambda: len(wire.held) == 8)
+        kicks = 0   # the first eight were submitted from outside a read
+        target.hostile.withhold = False
+        wire.release()
+        await within(until(lambda: len(seconds) == 8))
+        assert kicks == 0
+        assert all(r.ok for r in await within(asyncio.gather(*seconds)))
+        for i in range(8):
+            assert bufs[i] == target.disk.data[i * size : (i + 1) * size]
+            assert again[i] == target.disk.data[(8 + i) * size : (9 + i) * size]
+    assert not target.violations(), target.violations()
+
+
+
 async def test_window_smaller_than_the_load() -> None:
     target = fake(cmd_window=3)
     async with logged_in(target) as (_, session):
