@@ -12,6 +12,11 @@ header, in one ``recvmsg_into``: payloads are not copied. Sending bypasses async
 buffer, which would copy:
 frames (header bytes plus the caller's own views) go to ``socket.sendmsg`` as one scatter list,
 and when the socket is full the rest waits for writability in the connection core's queue.
+Large payloads in shared memory (the TCMU data area) are not copied even by the kernel: they
+go by :class:`~initiator.splice.Splicer` (``vmsplice`` into a pipe, ``splice`` into the
+socket), their header by ``sendmsg`` just before; bytes in the pipe go out before anything
+else. A connection that fails with spliced bytes still queued is reset, not closed cleanly
+(why: :mod:`initiator.splice`).
 
 :class:`Session` drives login (:mod:`initiator.login`) over a connection, then runs the Full
 Feature Phase through :class:`~initiator.session.ConnectionCore`. When the connection fails it
@@ -37,6 +42,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,6 +75,8 @@ from initiator.session import (
     Task,
     TransferParameters,
 )
+from initiator.splice import AVAILABLE as SPLICE_AVAILABLE
+from initiator.splice import Splicer, spliceable
 from initiator.stats import SessionStats
 
 if TYPE_CHECKING:
@@ -192,6 +200,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._receiving = False   # in a read: after_receive() callbacks are taken
         self._after_receive: list[Callable[[], None]] = []
+        self._splicer: Splicer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.error: ISCSIError | None = None
         self.closed = self._loop.create_future()
@@ -482,6 +491,11 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.pause_reading()
         self._loop.add_reader(self._fd, self._on_readable)
         self._reading = True
+        if SPLICE_AVAILABLE and self._sock is not None:
+            try:
+                self._splicer = Splicer(self._sock.fileno())
+            except OSError as exc:   # out of file descriptors: copy, as without splice(2)
+                log.info("%s: no pipe to send without copying (%s)", self.portal, _reason(exc))
         self.arm_timer()
         self._after_core_activity()
 
@@ -531,10 +545,44 @@ class Connection(asyncio.BufferedProtocol):
         sock = self._sock
         if core is None or sock is None or self.error is not None:
             return
-        while core.wants_to_send:
+        splicer = self._splicer
+        while True:
+            if splicer is not None and splicer.pending:
+                # Bytes of a payload already counted as sent: they go before anything else.
+                try:
+                    splicer.drain()
+                except (BlockingIOError, InterruptedError):
+                    self._wait_writable()
+                    return
+                except OSError as exc:
+                    self.fail(ConnectionFailed(f"sending to {self.portal} failed: "
+                                               f"{_reason(exc)}"))
+                    return
+                continue
+            if not core.wants_to_send:
+                break
             bufs = core.send_buffers(IOV_MAX)
+            flags = 0
+            if splicer is not None:
+                for i, b in enumerate(bufs):
+                    # Headers are bytes: no call for them (a flush of small commands has
+                    # a header per command).
+                    if type(b) is memoryview and spliceable(b):
+                        if i == 0:
+                            break
+                        # What comes before a payload in shared memory: its header need not
+                        # go out in a segment of its own (MSG_MORE).
+                        bufs = bufs[:i]
+                        flags = socket.MSG_MORE
+                        break
+                else:
+                    i = -1
+                if i == 0:
+                    self._splice(core, splicer, bufs[0])
+                    splicer = self._splicer
+                    continue
             try:
-                n = sock.sendmsg(bufs)
+                n = sock.sendmsg(bufs, (), flags)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
@@ -552,13 +600,35 @@ class Connection(asyncio.BufferedProtocol):
                 total += len(b)
             if n < total:
                 # Socket full: wait until it can take more; the queue keeps the views.
-                if not self._writer_armed:
-                    self._writer_armed = True
-                    self._loop.add_writer(self._fd, self._on_writable)
+                self._wait_writable()
                 return
         if self._writer_armed:
             self._writer_armed = False
             self._loop.remove_writer(self._fd)
+
+    def _splice(self, core: ConnectionCore, splicer: Splicer, buf: P.Buffer) -> None:
+        """Load ``buf`` (the next bytes due, a payload in shared memory) into the empty pipe
+        and tell the core they went. If the kernel refuses it, this connection copies
+        (``sendmsg``) from then on, like any other."""
+        assert isinstance(buf, memoryview)
+        try:
+            n = splicer.load(buf)
+            if not n:
+                raise OSError(errno.EAGAIN, "the empty pipe took nothing")
+        except OSError as exc:
+            log.info("%s: sending without copying failed (%s); copying from now on",
+                     self.portal, _reason(exc))
+            self._splicer = None
+            splicer.close()
+            return
+        if self.pcap is not None:
+            self.pcap.sent([buf[:n]])
+        core.sent(n)
+
+    def _wait_writable(self) -> None:
+        if not self._writer_armed:
+            self._writer_armed = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
         self._flush()
@@ -595,6 +665,19 @@ class Connection(asyncio.BufferedProtocol):
         if self.error is not None:
             return
         self.error = error
+        splicer, self._splicer = self._splicer, None
+        if splicer is not None:
+            # Spliced payloads are the pages of commands that are now re-issued or failed, and
+            # then reused: no byte of them may go out later (see initiator.splice). A reset
+            # drops the socket's send queue at the close below; the pipe is dropped here. Not
+            # after a logout (no command left): a clean close then.
+            core = self.core
+            if splicer.loaded and self._sock is not None and \
+                    (splicer.pending or core is None or core.in_flight):
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          struct.pack("ii", 1, 0))
+            splicer.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
