@@ -102,6 +102,22 @@ BLKFLSBUF = 0x1261
 MAX_TRANSFER = 8 << 20    # bytes per SCSI command we let the kernel build at most
 SCSI_TIMEOUT_MARGIN = 30  # seconds on top of the replacement timeout: the disk's SCSI timeout
 RING_TIMEOUT_MARGIN = 10  # and TCMU's cmd_time_out, between the two (module docstring)
+BLOCK_LAYER_MAX_REQUEST = 1280 << 10
+"""The largest request the block layer builds by default (BLK_DEF_MAX_SECTORS, Linux 6.1).
+It, not the backstore's ``hw_max_sectors``, is our disk's ``max_sectors_kb``: INQUIRY passes
+through the ring, so sd reads the remote's Block Limits page."""
+
+
+def data_area_mb(queue_depth: int, max_io: int, max_transfer: int | None) -> int:
+    """TCMU's ``max_data_area_mb`` for a disk: room for twice ``queue_depth`` commands of
+    the largest size the kernel will send (:data:`BLOCK_LAYER_MAX_REQUEST`, or the remote's
+    ``max_transfer`` bytes when smaller; at least ``max_io``), 64 to 1024 MiB. The kernel
+    allocates the pages as commands need them: a large area costs nothing until used, a
+    small one makes commands wait for room."""
+    largest = BLOCK_LAYER_MAX_REQUEST
+    if max_transfer:
+        largest = min(largest, max_transfer)
+    return min(1024, max(64, (queue_depth * max(largest, max_io) * 2) >> 20))
 
 
 def cmd_time_out(spec: LunSpec) -> int:
@@ -556,10 +572,12 @@ class Daemon:
             if limits is not None and limits.max_transfer_length:
                 max_io = min(max_io, limits.max_transfer_length * capacity.block_size)
             max_io = max(max_io - max_io % capacity.block_size, capacity.block_size)
-            data_area_mb = min(1024, max(64, (spec.queue_depth * max_io * 2) >> 20))
+            area = data_area_mb(spec.queue_depth, max_io,
+                                limits.max_transfer_length * capacity.block_size
+                                if limits is not None else None)
             info = await asyncio.to_thread(
                 kernel.create_backstore, path.backstore, path.spec.cfgstring(),
-                capacity.size_bytes, hw_max_sectors=max_io // 512, max_data_area_mb=data_area_mb,
+                capacity.size_bytes, hw_max_sectors=max_io // 512, max_data_area_mb=area,
                 cmd_time_out=cmd_time_out(spec))
             created = True
             path.hba_index = info.hba_index

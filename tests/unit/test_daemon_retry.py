@@ -204,3 +204,18 @@ def test_an_entry_sets_every_bound_of_its_session(tmp_path: Path) -> None:
             config.tmf_timeout, config.logout_timeout, config.noop_interval,
             config.noop_timeout) == (2, 60, 0, 7, 3, 4, 9)
     assert config.reconnect_forever
+
+
+def test_the_data_area_holds_the_largest_requests_the_kernel_sends() -> None:
+    """Commands reach the ring at the block layer's size (1280 KiB), not at the backstore's
+    hw_max_sectors (the remote's Block Limits page is what sd reads): the data area is sized
+    for those, or for the remote's smaller maximum transfer."""
+    from hba.daemon import BLOCK_LAYER_MAX_REQUEST, data_area_mb
+
+    assert BLOCK_LAYER_MAX_REQUEST == 1280 << 10
+    assert data_area_mb(32, 256 << 10, None) == 80          # 32 x 1.25 MiB, twice
+    assert data_area_mb(32, 256 << 10, 0xFFFFFFF8 * 512) == 80
+    assert data_area_mb(32, 256 << 10, 256 << 10) == 64     # the floor
+    assert data_area_mb(128, 256 << 10, None) == 320
+    assert data_area_mb(1024, 8 << 20, None) == 1024        # the ceiling
+    assert data_area_mb(32, 4 << 20, 4 << 20) == 256        # never below max_io
