@@ -76,7 +76,7 @@ from initiator.session import (
     TransferParameters,
 )
 from initiator.splice import AVAILABLE as SPLICE_AVAILABLE
-from initiator.splice import Splicer, spliceable
+from initiator.splice import Splicer, first_spliceable
 from initiator.stats import SessionStats
 
 if TYPE_CHECKING:
@@ -564,23 +564,15 @@ class Connection(asyncio.BufferedProtocol):
             bufs = core.send_buffers(IOV_MAX)
             flags = 0
             if splicer is not None:
-                for i, b in enumerate(bufs):
-                    # Headers are bytes: no call for them (a flush of small commands has
-                    # a header per command).
-                    if type(b) is memoryview and spliceable(b):
-                        if i == 0:
-                            break
-                        # What comes before a payload in shared memory: its header need not
-                        # go out in a segment of its own (MSG_MORE).
-                        bufs = bufs[:i]
-                        flags = socket.MSG_MORE
-                        break
-                else:
-                    i = -1
-                if i == 0:
+                at = first_spliceable(bufs)
+                if at == 0:
                     self._splice(core, splicer, bufs[0])
                     splicer = self._splicer
                     continue
+                if at > 0:
+                    # What comes before a payload in shared memory: its header need not go
+                    # out in a segment of its own (MSG_MORE).
+                    bufs, flags = bufs[:at], socket.MSG_MORE
             try:
                 n = sock.sendmsg(bufs, (), flags)
             except (BlockingIOError, InterruptedError):
