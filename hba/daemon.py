@@ -1079,13 +1079,14 @@ class Daemon:
         if self.options.on_event is not None:
             self.options.on_event(kind, data)
 
-    def _worker_restarted(self, link: WorkerLink) -> None:
+    async def _worker_restarted(self, link: WorkerLink) -> None:
         """A worker replaced one that died: it takes over the backstores nobody serves."""
-        async def adopt() -> None:
+        try:
             async with self._lock:
                 await self._adopt_in_workers()
-
-        self._spawn(adopt())
+        except Exception as exc:
+            log.error("worker %d (pid %d): taking over the disks of the worker it replaced "
+                      "failed: %s", link.index, link.pid, exc, exc_info=exc)
 
     async def _ask(self, link: WorkerLink, op: str, **args: Any) -> None:
         try:

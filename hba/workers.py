@@ -31,8 +31,9 @@ as a single daemon does (:meth:`hba.daemon.Daemon.adopt_existing`: block, reset 
 reopen, unblock; the kernel keeps the commands meanwhile). A worker that dies (SIGKILL, a
 crash) is reported with its exit status; a new worker takes its index and takes over every
 backstore no other worker serves — the same takeover, so its disks' I/O continues after a
-pause, as after a daemon restart. Meanwhile ``hbactl list`` shows those disks from the dead
-worker's last answer, in state ``taking over`` (:meth:`WorkerPool.list_rows`).
+pause, as after a daemon restart. Until that takeover has ended (not only until the new worker
+answers), ``hbactl list`` shows those disks from the dead worker's last answer, in state
+``taking over`` (:meth:`WorkerPool.list_rows`).
 
 *Configfs* changes are serialised across processes by :func:`hba.kernel.configfs_lock` (rtslib
 picks a free ``user_<n>`` by looking).
@@ -66,7 +67,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -380,7 +381,7 @@ class WorkerPool:
 
     def __init__(self, options: DaemonOptions, limit: int,
                  on_event: Callable[[str, dict[str, Any]], None],
-                 on_restart: Callable[[WorkerLink], None]) -> None:
+                 on_restart: Callable[[WorkerLink], Awaitable[None]]) -> None:
         self.options = options
         self.limit = limit
         self._on_event = on_event
@@ -389,6 +390,9 @@ class WorkerPool:
         self._monitors: set[asyncio.Task[None]] = set()
         self._starting: dict[int, asyncio.Future[WorkerLink]] = {}
         self._rows: dict[int, list[dict[str, Any]]] = {}   # each worker's last ``list``
+        # A dead worker's last rows, until its replacement has taken its disks over; and why
+        # they are not served meanwhile.
+        self._orphans: dict[int, tuple[list[dict[str, Any]], str]] = {}
         self.stopping = False
 
     def command(self, fd: int, index: int) -> list[str]:
@@ -475,17 +479,34 @@ class WorkerPool:
         status = await link.wait()
         if self.stopping:
             return
+        index = link.index
         log.error("worker %d (pid %d) ended: %s; a new worker takes over its disks in %g s",
-                  link.index, link.pid, describe_exit(status), RESTART_DELAY)
+                  index, link.pid, describe_exit(status), RESTART_DELAY)
+        self._orphan(index)
         await asyncio.sleep(RESTART_DELAY)
         if self._stopped():
             return
         try:
-            new = await self.worker(link.index)
+            new = await self.worker(index)
         except HBAError as exc:
             log.error("%s; its disks wait (their commands stay in the kernel's rings)", exc)
+            rows, _ = self._orphans.get(index, ([], ""))
+            self._orphans[index] = (rows, f"worker {index} ended and {exc}: its disks wait "
+                                          "(see the daemon's log)")
             return
-        self._on_restart(new)
+        try:
+            await self._on_restart(new)
+        finally:
+            # Taken over, or failed to be (each failure is logged by the takeover): from now
+            # on the workers' own answers say what is served.
+            self._orphans.pop(index, None)
+
+    def _orphan(self, index: int) -> None:
+        """Worker ``index`` is gone: its disks are shown from its last rows until taken over."""
+        rows = self._rows.pop(index, None)
+        if rows is not None:
+            why = f"worker {index} ended; a new worker takes over its disks"
+            self._orphans[index] = (rows, why)
 
     async def inventories(self) -> dict[int, Inventory]:
         """What each running worker serves (a worker that cannot answer: left out, logged)."""
@@ -520,9 +541,10 @@ class WorkerPool:
 
     async def list_rows(self) -> list[dict[str, Any]]:
         """Every worker's ``list`` rows. The disks of a worker that died and is being replaced
-        (:meth:`_monitor`) are still the kernel's, their commands waiting in the rings: they
-        are shown from that worker's last answer, in state ``taking over``, instead of
-        vanishing from ``hbactl list`` until the new worker has taken them over."""
+        (:meth:`_monitor`) are still the kernel's, their commands waiting in the rings: until
+        the new worker has taken them over they are shown from the dead worker's last answer,
+        in state ``taking over``, instead of vanishing from ``hbactl list`` (a disk a running
+        worker lists is shown as that worker says)."""
         links = self.running()
         answers = await asyncio.gather(*(link.call("list") for link in links),
                                        return_exceptions=True)
@@ -535,12 +557,13 @@ class WorkerPool:
             else:
                 self._rows[link.index] = list(answer)
         alive = {link.index for link in links}
-        rows = [row for index, last in sorted(self._rows.items()) for row in last
-                if index in alive]
         for index in sorted(set(self._rows) - alive):
-            why = f"worker {index} ended; a new worker takes over its disks"
+            self._orphan(index)   # died since it last answered (its monitor may not know yet)
+        rows = [row for _, last in sorted(self._rows.items()) for row in last]
+        listed = {row.get("name") for row in rows}
+        for _, (last, why) in sorted(self._orphans.items()):
             rows += [{**row, "state": DiskState.TAKEOVER.value, "error": why}
-                     for row in self._rows[index]]
+                     for row in last if row.get("name") not in listed]
         return rows
 
     def loads(self, inventories: Mapping[int, Inventory]) -> list[int]:

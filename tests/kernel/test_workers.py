@@ -83,6 +83,18 @@ def test_two_disks_two_workers(daemon: DaemonProcess, lio_target: LioFactory,  #
     victim = pids[names[0]]
     os.kill(victim, signal.SIGKILL)
     started = time.monotonic()
+    # While the new worker starts and takes over, the disk stays listed (never a gap).
+    states = []
+    while time.monotonic() - started < 300:
+        rows = {d["name"]: d for d in disks()}
+        assert names[0] in rows, f"{names[0]} missing from hbactl list during the takeover"
+        row = rows[names[0]]
+        states.append(row.get("state"))
+        if row.get("worker") != victim and row.get("state") != "taking over":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"{names[0]} not taken over 300 s after its worker's kill")
     _, err = dd.communicate(timeout=600)
     resumed = time.monotonic() - started
     assert dd.returncode == 0, err
@@ -101,4 +113,5 @@ def test_two_disks_two_workers(daemon: DaemonProcess, lio_target: LioFactory,  #
         hbactl("detach", name)
     assert disks() == []
     print(f"workers {sorted(pids.values())}; dd running when its worker was killed: "
-          f"{killed_during_dd}; dd done {resumed:.1f} s after the kill")
+          f"{killed_during_dd}; dd done {resumed:.1f} s after the kill; states listed meanwhile: "
+          f"{sorted(set(map(str, states)))}")

@@ -17,6 +17,7 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -289,7 +290,7 @@ async def test_a_worker_that_cannot_start_says_why(tmp_path: Path) -> None:
     """A real ``python -m hba.workers``: the host kernel has no TCMU (or, as root in a VM,
     the kernel is ready and the worker starts); either way the answer travels the protocol."""
     pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 2, lambda k, d: None,
-                      lambda link: None)
+                      _no_takeover)
     try:
         link = await pool.worker(0)
     except WorkerError as exc:
@@ -363,6 +364,10 @@ def test_workers_key_in_the_configuration(tmp_path: Path) -> None:
 
 
 # -- routing in the main process -------------------------------------------------------------
+
+
+async def _no_takeover(link: WorkerLink) -> None:
+    raise AssertionError("no worker is replaced here")
 
 
 class FakeLink:
@@ -454,7 +459,7 @@ async def test_detach_finds_the_worker_or_names_every_disk() -> None:
 
 async def test_a_dead_workers_disks_stay_listed_while_it_is_replaced() -> None:
     pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 2, lambda k, d: None,
-                      lambda link: None)
+                      _no_takeover)
     fakes = FakePool(limit=2)
     first, second = await fakes.worker(0), await fakes.worker(1)
     first.disks, second.disks = {"a-0": "iqn:a", "a-1": "iqn:a"}, {"b-0": "iqn:b"}
@@ -471,12 +476,58 @@ async def test_a_dead_workers_disks_stay_listed_while_it_is_replaced() -> None:
     assert "state" not in rows["b-0"]
     assert fakes.calls.count((0, "list", {})) == 1   # a dead worker is not asked
 
-    replacement = FakeLink(0, fakes)   # took the backstores over, under its own pid
-    replacement.disks = dict(first.disks)
+    replacement = FakeLink(0, fakes)   # started, has not taken the backstores over yet
     replacement.closed = False  # type: ignore[attr-defined]
     pool.links[0] = replacement  # type: ignore[call-overload]
     rows = {r["name"]: r for r in await pool.list_rows()}
-    assert rows["a-0"] == {"name": "a-0", "worker": 1000}
+    assert sorted(rows) == ["a-0", "a-1", "b-0"]   # no gap while the new worker starts
+    assert rows["a-1"]["state"] == "taking over"
 
-    del replacement.disks["a-1"]   # detached: gone from the list, not kept from before
+    replacement.disks = {"a-0": "iqn:a"}   # took a-0 over, under its own pid
+    rows = {r["name"]: r for r in await pool.list_rows()}
+    assert rows["a-0"] == {"name": "a-0", "worker": 1000}
+    assert rows["a-1"]["state"] == "taking over"
+
+    pool._orphans.pop(0)   # the takeover ended (what _monitor does after on_restart)
     assert sorted(r["name"] for r in await pool.list_rows()) == ["a-0", "b-0"]
+
+
+async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> None:
+    """The monitor's whole cycle: death, replacement, takeover; the list never has a gap."""
+    fakes = FakePool(limit=1)
+    dead, replacement = FakeLink(0, fakes), FakeLink(0, fakes)
+    dead.disks = {"a-0": "iqn:a"}
+    ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    takeover_may_end = asyncio.Event()
+    seen: list[list[str]] = []
+
+    async def on_restart(link: Any) -> None:
+        assert link is replacement
+        seen.append([f"{r['name']} {r.get('state', 'served')}" for r in await pool.list_rows()])
+        replacement.disks = dict(dead.disks)
+        await takeover_may_end.wait()
+
+    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 1, lambda k, d: None, on_restart)
+    dead.closed = replacement.closed = False  # type: ignore[attr-defined]
+    dead.wait = lambda: ended  # type: ignore[attr-defined]
+    dead.pid = 4242
+    pool.links = [dead]  # type: ignore[list-item]
+    assert [r["name"] for r in await pool.list_rows()] == ["a-0"]
+
+    async def start(index: int) -> Any:
+        pool.links[index] = replacement  # type: ignore[call-overload]
+        return replacement
+
+    pool.worker = start  # type: ignore[method-assign]
+    with patch("hba.workers.RESTART_DELAY", 0):
+        monitor = asyncio.get_running_loop().create_task(pool._monitor(dead))  # type: ignore[arg-type]
+        dead.closed = True  # type: ignore[attr-defined]
+        ended.set_result(-9)
+        await asyncio.sleep(0.01)
+        assert seen == [["a-0 taking over"]]   # the new worker runs, has taken nothing yet
+        assert [r.get("state", "served") for r in await pool.list_rows()] == ["served"]
+        del replacement.disks["a-0"]   # detached before the takeover ended: still shown
+        assert [r["state"] for r in await pool.list_rows()] == ["taking over"]
+        takeover_may_end.set()
+        await monitor
+    assert await pool.list_rows() == []
