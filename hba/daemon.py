@@ -413,16 +413,39 @@ class Daemon:
         ``hbactl list`` shows it."""
         if self.pool is None:
             return (await self.attach(what)).describe()
-        from hba.workers import place
+        from hba.workers import REPLACEMENT_BOUND, place
 
         spec = self.specs.resolve(what)
-        async with self._lock:
-            inventories = await self.pool.inventories()
-            owner = next((index for index, inv in inventories.items()
-                          if spec.target in inv.targets or spec.name in inv.names), None)
-            link = await self.pool.worker(
-                place(self.pool.loads(inventories), self.pool.limit, owner))
-            described: dict[str, Any] = await link.call("attach", what=what)
+        for attempt in (1, 2):
+            async with self._lock:
+                inventories = await self.pool.inventories()
+                if attempt == 2 and any(spec.name in inv.names for inv in inventories.values()):
+                    # The dead worker had made the backstore, and its replacement took it over.
+                    described = next(row for row in await self.pool.list_rows()
+                                     if row.get("name") == spec.name)
+                    break
+                owner = next((index for index, inv in inventories.items()
+                              if spec.target in inv.targets or spec.name in inv.names), None)
+                link = await self.pool.worker(
+                    place(self.pool.loads(inventories), self.pool.limit, owner))
+                try:
+                    described = await link.call("attach", what=what)
+                    break
+                except WorkerError:
+                    if attempt == 2 or not link.closed:
+                        raise
+            # The worker died under the attach (a crash, SIGKILL). Whatever it had made of
+            # the disk is taken over by its replacement (which needs the lock): wait for that,
+            # then find the disk there or attach it again.
+            log.warning("worker %d (pid %d) ended during the attach of %s: attaching again "
+                        "once its replacement has taken over", link.index, link.pid,
+                        spec.name)
+            try:
+                await asyncio.wait_for(asyncio.shield(link.replaced), REPLACEMENT_BOUND)
+            except TimeoutError:
+                raise AttachError(f"attaching {spec.name} failed: worker {link.index} ended "
+                                  f"during the attach and was not replaced within "
+                                  f"{REPLACEMENT_BOUND:g} s; see the daemon's log") from None
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)
         return described

@@ -96,6 +96,9 @@ TIMEOUTS = {"attach": 600.0, "detach": 600.0, "adopt": 600.0, "serve_new": 600.0
 DEFAULT_TIMEOUT = 30.0        # list, status, sample, inventory, refresh, reload
 START_TIMEOUT = 60.0          # a new worker's first answer (Python imports on a busy machine)
 RESTART_DELAY = 1.0           # seconds before a worker that died is replaced
+# Seconds from a worker's death to the end of its replacement's takeover, at most: the delay,
+# the new worker's start, then the takeover (an inventory, then adoption in the workers).
+REPLACEMENT_BOUND = RESTART_DELAY + START_TIMEOUT + DEFAULT_TIMEOUT + TIMEOUTS["adopt"]
 
 
 class ProtocolError(HBAError):
@@ -280,6 +283,10 @@ class WorkerLink:
         self._reader_task: asyncio.Task[None] | None = None
         self.closed = False
         self.why_closed = ""
+        self.replaced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done when this worker has ended and what follows has ended too: its replacement
+        has taken its disks over, or could not be started, or the daemon stops
+        (:meth:`WorkerPool._monitor`)."""
 
     async def open(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
@@ -476,6 +483,13 @@ class WorkerPool:
         return [link for link in self.links if link is not None and not link.closed]
 
     async def _monitor(self, link: WorkerLink) -> None:
+        try:
+            await self._replace(link)
+        finally:
+            if not link.replaced.done():
+                link.replaced.set_result(None)
+
+    async def _replace(self, link: WorkerLink) -> None:
         status = await link.wait()
         if self.stopping:
             return

@@ -511,6 +511,7 @@ async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> 
     dead.closed = replacement.closed = False  # type: ignore[attr-defined]
     dead.wait = lambda: ended  # type: ignore[attr-defined]
     dead.pid = 4242
+    dead.replaced = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
     pool.links = [dead]  # type: ignore[list-item]
     assert [r["name"] for r in await pool.list_rows()] == ["a-0"]
 
@@ -531,3 +532,59 @@ async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> 
         takeover_may_end.set()
         await monitor
     assert await pool.list_rows() == []
+    assert dead.replaced.done()  # type: ignore[attr-defined]
+
+
+class DyingLink(FakeLink):
+    """A worker that dies under its first attach; ``taken_over`` is what its replacement
+    finds of that disk."""
+
+    def __init__(self, pool: FakePool, taken_over: bool, replaced: bool = True) -> None:
+        super().__init__(0, pool)
+        self.closed = False
+        self.replaced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.taken_over, self.will_be_replaced = taken_over, replaced
+
+    async def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        if op != "attach":
+            return await super().call(op, timeout, **args)
+        await super().call(op, timeout, **args)   # it got as far as making the backstore
+        self.closed = True
+        replacement = FakeLink(0, self.pool)
+        if self.taken_over:
+            replacement.disks = dict(self.disks)
+        self.disks = {}
+
+        def replaced() -> None:   # what WorkerPool._monitor does a little later
+            self.pool.links[0] = replacement
+            self.replaced.set_result(None)
+
+        if self.will_be_replaced:
+            asyncio.get_running_loop().call_later(0.01, replaced)
+        raise WorkerError(f"worker 0 (pid {self.pid}) went away during the request: killed")
+
+
+@pytest.mark.parametrize("taken_over", [True, False])
+async def test_an_attach_whose_worker_dies_ends_on_its_replacement(
+        taken_over: bool, caplog: pytest.LogCaptureFixture) -> None:
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
+    pool = FakePool(limit=1)
+    daemon.pool = pool  # type: ignore[assignment]
+    pool.links = [DyingLink(pool, taken_over)]
+    described = await daemon.attach_described("iscsi://127.0.0.1/iqn.2003-01.org.example:a/0")
+    assert described == {"name": "a-0", "worker": 1000}
+    assert [row["name"] for row in await pool.list_rows()] == ["a-0"]
+    attaches = [call for call in pool.calls if call[1] == "attach"]
+    assert len(attaches) == (1 if taken_over else 2)   # found there, or attached again
+    assert "ended during the attach of" in caplog.text
+
+
+async def test_an_attach_whose_worker_is_not_replaced_fails_in_bounded_time() -> None:
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
+    pool = FakePool(limit=1)
+    daemon.pool = pool  # type: ignore[assignment]
+    pool.links = [DyingLink(pool, taken_over=False, replaced=False)]
+    with patch("hba.workers.REPLACEMENT_BOUND", 0.05), \
+            pytest.raises(AttachError, match=r"a-0 failed: worker 0 ended during the attach "
+                                             r"and was not replaced within 0.05 s"):
+        await daemon.attach_described("iscsi://127.0.0.1/iqn.2003-01.org.example:a/0")
