@@ -170,18 +170,18 @@ class Task:
         if not data_out:
             self.data_out = None
             self.out_len = 0
-        elif len(data_out) == 1 and data_out[0].format == "B" and data_out[0].ndim == 1:
+        elif len(data_out) == 1 and (view := data_out[0]).format == "B" and view.ndim == 1:
             self.data_out = data_out
-            self.out_len = len(data_out[0])
+            self.out_len = len(view)
         else:
             self.data_out = views = _byte_views(data_out)
             self.out_len = _total(views)
         if not data_in:
             self.data_in = None
             self.in_len = 0
-        elif len(data_in) == 1 and data_in[0].format == "B" and data_in[0].ndim == 1:
+        elif len(data_in) == 1 and (view := data_in[0]).format == "B" and view.ndim == 1:
             self.data_in = data_in
-            self.in_len = len(data_in[0])
+            self.in_len = len(view)
         else:
             self.data_in = views = _byte_views(data_in)
             self.in_len = _total(views)
@@ -591,9 +591,9 @@ class ConnectionCore:
                 break
             frame.handed = True
             bufs = frame.bufs
-            if len(bufs) <= room:
+            if (n := len(bufs)) <= room:
                 out += bufs
-                room -= len(bufs)
+                room -= n
             else:
                 out += bufs[:room]
                 break
@@ -605,10 +605,10 @@ class ConnectionCore:
         while nbytes and frames:
             frame = frames[0]
             bufs = frame.bufs
-            if len(bufs) == 1 and nbytes >= len(bufs[0]):
+            if len(bufs) == 1 and nbytes >= (n := len(bufs[0])):
                 # A one-buffer frame (a read's header) went out whole: the common case, and
                 # the frame is dropped below, so it need not be marked or trimmed first.
-                nbytes -= len(bufs[0])
+                nbytes -= n
             else:
                 frame.started = True
                 while nbytes and bufs:

@@ -959,7 +959,9 @@ class Session:
         Never blocks and creates no Task. During recovery the command waits for the new
         connection; after the replacement timeout it fails at once.
         """
-        task = Task(lun, bytes(cdb), data_out, data_in, on_done)
+        # A copy unless it is bytes already (the dispatcher's are: no call for those).
+        task = Task(lun, cdb if cdb.__class__ is bytes else bytes(cdb), data_out, data_in,
+                    on_done)
         core = self._core
         conn = self._conn
         # The common case first, in one test: logged in, nothing closing or failed. It takes

@@ -60,7 +60,7 @@ from initiator.errors import ISCSIError
 from tcmu_handler import ring, scsi
 from tcmu_handler.device import CONFIGFS_ROOT, ResetLevel, UioDevice, UioInfo, takeover
 from tcmu_handler.errors import DeviceRemoved, MalformedEntry, RingError, TCMUError
-from tcmu_handler.ring import CmdEntry, TmrEntry
+from tcmu_handler.ring import CmdEntry, SkippedEntry, TmrEntry
 from tcmu_handler.stats import DATA_OUT, NO_DATA, OPERATION_BASE, Arrival, RingStats
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ _UNKNOWN_OP = int(ring.UFlag.UNKNOWN_OP)
 _READ_LEN = int(ring.UFlag.READ_LEN)
 _TMR = int(ring.Opcode.TMR)
 _is_data_out = scsi.is_data_out
+_DATA_OUT_BY_OPCODE = scsi.DATA_OUT_BY_OPCODE
 _length = itemgetter(1)
 _OPERATION_BASE = OPERATION_BASE
 _UNKNOWN_OP_SENSE = scsi.SenseCode(scsi.SenseKey.NOT_READY, 0x08, 0x00).fixed()
@@ -100,6 +101,9 @@ class _State(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
     STOPPED = "stopped"
+
+
+_STOPPED = _State.STOPPED  # tested once per completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,16 +138,16 @@ class _Command:
 
     __slots__ = ("arrival", "cmd_id", "data_in_len", "finished", "handle", "nbytes", "views")
 
-    arrival: Arrival
-    """The commands of its class its scan took (tcmu_handler.stats): set by the scan."""
-
-    def __init__(self, cmd_id: int) -> None:
+    def __init__(self, cmd_id: int, views: list[memoryview], nbytes: int,
+                 data_in_len: int, arrival: Arrival) -> None:
         self.cmd_id = cmd_id
-        self.views: list[memoryview] | tuple[()] = ()
-        self.data_in_len = 0  # Data-In bytes of a unidirectional read: READ_LEN applies
+        self.views: list[memoryview] | tuple[()] = views
+        self.nbytes = nbytes            # bytes of its buffers
+        self.data_in_len = data_in_len  # Data-In bytes of a unidirectional read: READ_LEN applies
+        self.arrival = arrival
+        """The commands of its class its scan took (tcmu_handler.stats)."""
         self.handle: CommandHandle | None = None
         self.finished = False
-        self.nbytes = 0       # bytes of its buffers
 
 
 class Dispatcher:
@@ -340,7 +344,7 @@ class Dispatcher:
     def _scan(self) -> None:
         """Take the entries up to cmd_head; submit each command (inline: the hot path)."""
         slots = self._slots
-        next_command = slots.next_command
+        take = slots.take
         slots.start()
         buf = self._buf
         inflight = self._inflight
@@ -351,20 +355,22 @@ class Dispatcher:
         now = self._clock()
         arrivals: list[Arrival | None] = [None] * 9
         base_of = _OPERATION_BASE
-        while True:
-            try:
-                entry = next_command()
-            except MalformedEntry as exc:
-                self._unservable(exc)
-                continue
-            if isinstance(entry, CmdEntry):
+        data_out_by_opcode = _DATA_OUT_BY_OPCODE
+        # All the entries to cmd_head in one pass; then once more, which is empty or raises the
+        # RingError of a bad entry that came after some (CommandRing.take).
+        while entries := take():
+            for entry in entries:
+                if not isinstance(entry, CmdEntry):
+                    self._other_entry(entry)
+                    if self._state is not running:
+                        return
+                    continue
                 cmd_id, _kf, _uf, _len, iov_cnt, iov_bidi_cnt, _dif, _cdb_off, iovecs, cdb = entry
                 if cmd_id in inflight:
                     self._duplicate(cmd_id)
-                rec = _Command(cmd_id)
-                inflight[cmd_id] = rec
                 data_out: list[memoryview] | None = None
                 data_in: list[memoryview] | None = None
+                opcode = cdb[0]
                 if iovecs:
                     if len(iovecs) == 1:
                         ((o, n),) = iovecs
@@ -372,25 +378,31 @@ class Dispatcher:
                     else:
                         views = [buf[o:o + n] for o, n in iovecs]
                         n = sum(map(_length, iovecs))
-                    rec.views = views
-                    rec.nbytes = n
                     if iov_bidi_cnt:
                         data_out = views[:iov_cnt]
                         data_in = views[iov_cnt:]
-                        cls = base_of[cdb[0]] + DATA_OUT
-                    elif _is_data_out(cdb):
-                        data_out = views
-                        cls = base_of[cdb[0]] + DATA_OUT
+                        cls = base_of[opcode] + DATA_OUT
+                        data_in_len = 0
                     else:
-                        data_in = views
-                        rec.data_in_len = n
-                        cls = base_of[cdb[0]]
+                        # One lookup by opcode; the CDB decides only for a few (VERIFY, ...).
+                        out = data_out_by_opcode[opcode]
+                        if out is None:
+                            out = _is_data_out(cdb)
+                        if out:
+                            data_out = views
+                            cls = base_of[opcode] + DATA_OUT
+                            data_in_len = 0
+                        else:
+                            data_in = views
+                            cls = base_of[opcode]
+                            data_in_len = n
                 else:
-                    cls = base_of[cdb[0]] + NO_DATA
+                    views, n, data_in_len = [], 0, 0
+                    cls = base_of[opcode] + NO_DATA
                 arrival = arrivals[cls]
                 if arrival is None:
                     arrival = arrivals[cls] = Arrival(now, cls)
-                rec.arrival = arrival
+                rec = inflight[cmd_id] = _Command(cmd_id, views, n, data_in_len, arrival)
                 self._submitted += 1
                 try:
                     # The completion callback is a partial of the bound method: calling it runs
@@ -405,25 +417,28 @@ class Dispatcher:
                     log.exception("%s: submitting CDB %s failed", self._name, cdb.hex())
                     if not rec.finished:
                         self._complete_error(rec, exc)
-            elif entry is None:
-                return
-            elif isinstance(entry, TmrEntry):
-                self._start_tmr(entry)
-            elif entry.opcode == _TMR:
-                log.warning("%s: ignoring TMR entry: %s", self._name, entry.reason)
-            else:
-                self._warn_once(f"op{entry.opcode}", "%s: skipping ring entry with unknown "
-                                "opcode %d", self._name, entry.opcode)
-            if self._state is not running:
-                return
+                if self._state is not running:
+                    return
+
+    def _other_entry(self, entry: TmrEntry | SkippedEntry | MalformedEntry) -> None:
+        """An entry of the scan that is not a CMD entry to submit."""
+        if isinstance(entry, MalformedEntry):
+            self._unservable(entry)
+        elif isinstance(entry, TmrEntry):
+            self._start_tmr(entry)
+        elif entry.opcode == _TMR:
+            log.warning("%s: ignoring TMR entry: %s", self._name, entry.reason)
+        else:
+            self._warn_once(f"op{entry.opcode}", "%s: skipping ring entry with unknown "
+                            "opcode %d", self._name, entry.opcode)
 
     def _unservable(self, exc: MalformedEntry) -> None:
         self._unknown_op += 1
         log.warning("%s: %s; completing it with UNKNOWN_OP", self._name, exc)
         if exc.cmd_id in self._inflight:
             self._duplicate(exc.cmd_id)
-        rec = _Command(exc.cmd_id)
-        rec.arrival = Arrival(self._clock(), 8)  # other, no data: it is not a command for us
+        # Class 8 (other, no data): it is not a command for us.
+        rec = _Command(exc.cmd_id, [], 0, 0, Arrival(self._clock(), 8))
         self._inflight[exc.cmd_id] = rec
         # The kernel turns UNKNOWN_OP into CHECK CONDITION itself (tcmu_handle_completion).
         self._finish(rec, _CHECK_CONDITION, _UNKNOWN_OP)
@@ -502,13 +517,15 @@ class Dispatcher:
                     self._warn_once("export", "%s: a buffer of cmd_id %d is still exported "
                                     "at completion", self._name, rec.cmd_id)
         self._completed += 1
-        if self._inflight.pop(rec.cmd_id, None) is not rec:
+        inflight = self._inflight
+        cmd_id = rec.cmd_id
+        if inflight.pop(cmd_id, None) is not rec:
             return
-        if self._state is _State.STOPPED:
+        if self._state is _STOPPED:
             self._release_device()
             return
         try:
-            self._slots.complete(rec.cmd_id, status, uflags, read_len, sense)
+            self._slots.complete(cmd_id, status, uflags, read_len, sense)
         except RingError as exc:
             self._stop(StopReason.RING_CORRUPT, str(exc))
             return
@@ -526,7 +543,7 @@ class Dispatcher:
         else:
             arrival.done = 1
             self._written.append(arrival)
-        if not self._inflight:
+        if not inflight:
             drained = self._drained
             if drained is not None:
                 drained.set()

@@ -337,6 +337,13 @@ def read_len_op(buf: memoryview | bytes | bytearray, off: int) -> tuple[int, int
 
 _CMD_REQ_IOV0 = struct.Struct("=IHBBIII4xQ16xQQ")
 """CMD_REQ plus the first iovec (bytes 0..64, always inside an entry of >= 112 bytes)."""
+_CMD_ONE_IOV = struct.Struct("=IHBBIII4xQ16xQQ48x16s")
+"""The common entry, one iovec and a CDB of up to 16 bytes where ``queue_cmd_ring`` puts it
+(``cdb_off`` = entry + 112, the base size for one iovec): _CMD_REQ_IOV0 plus the 16 bytes at
+offset 112, bytes 0..128 of an entry of at least 128 bytes."""
+_ONE_IOV_CDB = cmd_base_size(1)
+_ONE_IOV_MIN = _CMD_ONE_IOV.size
+assert _ONE_IOV_CDB == 112 and _ONE_IOV_MIN == 128
 _CDB_STRUCTS = {n: struct.Struct(f"{n}s") for n in (6, 10, 12, 16)}
 _new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 
@@ -356,9 +363,22 @@ def parse_cmd(buf: memoryview | bytes | bytearray, off: int, length: int, data_s
     anything else is not something ``queue_cmd_ring`` writes and raises :class:`MalformedEntry`
     (with the cmd_id, so the slot can still be completed with ``UNKNOWN_OP``).
 
-    This is the hot path of the dispatcher: one unpack covers the request and the first
-    iovec, the CDB is copied by a precompiled ``Struct``.
+    This is the hot path of the dispatcher. The common entry (one iovec, the CDB right after
+    the base size) is read by one unpack that covers the request, the iovec and the CDB; any
+    other entry by one unpack of the request and the first iovec, then the other iovecs and
+    the CDB, each with every check.
     """
+    if length >= _ONE_IOV_MIN:
+        (_len_op, cmd_id, kflags, uflags, iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off, base,
+         ilen, cdb16) = _CMD_ONE_IOV.unpack_from(buf, off)
+        # The same checks as below, for this layout: the iovec (and so the CDB, at 112..128)
+        # fit in the entry, no DIF, the iovec inside the data area, a CDB of at most 16 bytes.
+        if iov_cnt + iov_bidi_cnt == 1 and not iov_dif_cnt and cdb_off == off + _ONE_IOV_CDB \
+                and data_start <= base and base + ilen <= data_end and \
+                (opcode := cdb16[0]) != VARIABLE_LENGTH_CMD:
+            return _new_tuple(CmdEntry, (cmd_id, kflags, uflags, length, iov_cnt, iov_bidi_cnt,
+                                         0, cdb_off, ((base, ilen),),
+                                         cdb16[:_CDB_GROUP_LEN[opcode >> 5]]))
     if length < CMD_ENTRY_SIZE:
         (_len_op, cmd_id) = struct.unpack_from("=IH", buf, off)
         raise MalformedEntry(f"CMD entry {cmd_id} is only {length} bytes long", cmd_id=cmd_id)
@@ -524,6 +544,7 @@ def read_response(buf: memoryview | bytes | bytearray, off: int) -> Response:
 # --- the userspace side: consuming entries, releasing slots ------------------------------------
 
 _LEN_MASK = ~OP_MASK
+_NO_LIMIT = -1
 _OP_PAD = int(Opcode.PAD)
 _OP_CMD = int(Opcode.CMD)
 _OP_TMR = int(Opcode.TMR)
@@ -555,6 +576,8 @@ class CommandRing:
         slots.complete(cmd_id, status, ...)
         if slots.done():
             device.notify()
+
+    :meth:`take` is :meth:`next_command` for a whole batch, in one pass (the dispatcher's).
 
     The slot rule (``tcmu_handle_completions`` with ``CAP_OOOC``): slots are freed strictly in
     ring order, whatever order commands finish in. A private *consume* pointer walks from
@@ -659,39 +682,75 @@ class CommandRing:
         :class:`MalformedEntry` and is outstanding all the same: complete it (with
         ``UNKNOWN_OP``). :class:`RingError` means the ring was rewritten underneath us.
         """
+        entries = self.take(1)
+        if not entries:
+            return None
+        entry = entries[0]
+        if isinstance(entry, MalformedEntry):
+            raise entry
+        return entry
+
+    def take(self, limit: int = _NO_LIMIT) -> list[CmdEntry | TmrEntry | SkippedEntry |
+                                                    MalformedEntry]:
+        """Consume the entries up to the ``cmd_head`` of :meth:`start` (or until ``limit`` are
+        taken) and return them in ring order: what :meth:`next_command` returns one at a
+        time, in one pass, with the :class:`MalformedEntry` of a CMD entry that cannot be
+        served in its place (it is outstanding all the same). Empty at the head.
+
+        Every CMD entry taken is outstanding when this returns: the commands may complete in
+        any order while the caller serves the rest. :class:`RingError` means the ring was
+        rewritten underneath us; when entries come before the bad one, they are returned and
+        the next call raises it (the consume pointer stays at the bad entry).
+        """
+        out: list[CmdEntry | TmrEntry | SkippedEntry | MalformedEntry] = []
         words = self._words
         consume = self._consume
         head = self._head
         size = self._size
+        buf = self._buf
+        data_start = self._data_start
+        data_end = self._data_end
+        taken = 0
         while consume != head:
             off = MAILBOX_SIZE + consume
             len_op = words[off >> 2]
             length = len_op & _LEN_MASK
             if length < ENTRY_HDR_SIZE or length > size - consume:
+                if out:
+                    break  # serve these first; the next call finds the bad entry again
+                self._consume = consume
                 raise RingError(f"{self._name}: entry at ring offset {consume} claims {length} "
                                 "bytes; the ring was rewritten underneath us")
             consume += length
             if consume == size:
                 consume = 0
                 self._wraps += 1
-            # Advance before returning: a command completed before the next call must find
-            # its slot between the tail and consume.
-            self._consume = consume
             op = len_op & OP_MASK
             if op == _OP_CMD:
-                self._outstanding += 1
-                return parse_cmd(self._buf, off, length, self._data_start, self._data_end)
-            if op == _OP_TMR:
+                taken += 1
                 try:
-                    return parse_tmr(self._buf, off, length)
+                    out.append(parse_cmd(buf, off, length, data_start, data_end))
+                except MalformedEntry as exc:
+                    out.append(exc)
+            elif op == _OP_TMR:
+                try:
+                    out.append(parse_tmr(buf, off, length))
                 except RingError as exc:
-                    return SkippedEntry(off - MAILBOX_SIZE, op, str(exc))
-            if op != _OP_PAD:
-                return SkippedEntry(off - MAILBOX_SIZE, op, f"unknown opcode {op}")
-            self._pads += 1
-        if not self._outstanding and self._tail != consume:
-            self._tail = consume  # nothing outstanding: release trailing PAD/TMR slots
-        return None
+                    out.append(SkippedEntry(off - MAILBOX_SIZE, op, str(exc)))
+            elif op != _OP_PAD:
+                out.append(SkippedEntry(off - MAILBOX_SIZE, op, f"unknown opcode {op}"))
+            else:
+                self._pads += 1
+            if len(out) == limit:
+                break
+        else:
+            if not (self._outstanding + taken) and self._tail != consume:
+                self._tail = consume  # nothing outstanding: release trailing PAD/TMR slots
+        # Advanced before returning: a command completed before the next call must find its
+        # slot between the tail and consume.
+        self._consume = consume
+        self._outstanding += taken
+        return out
 
     def complete(self, cmd_id: int, status: int = 0, uflags: int = 0, read_len: int = 0,
                  sense: bytes | None = None) -> None:

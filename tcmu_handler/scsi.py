@@ -220,6 +220,11 @@ _VARLEN_DATA_OUT = frozenset({
     0x0018,  # WRITE ATOMIC(32)
 })
 _VARLEN_VERIFY = 0x000A  # VERIFY(32)
+DATA_OUT_BY_OPCODE: tuple[bool | None, ...] = tuple(
+    None if op in _VERIFY_OPCODES or op in _ATA_PASS_THROUGH or op == 0x7F
+    else op in _DATA_OUT_OPCODES for op in range(256))
+"""By opcode: whether a unidirectional command's data flows to the device, or None when a
+CDB field decides (:func:`is_data_out`). One lookup for the dispatcher's per-command path."""
 
 
 def is_data_out(cdb: bytes) -> bool:
@@ -231,8 +236,9 @@ def is_data_out(cdb: bytes) -> bool:
     if not cdb:
         return False
     opcode = cdb[0]
-    if opcode in _DATA_OUT_OPCODES:
-        return True
+    decided = DATA_OUT_BY_OPCODE[opcode]
+    if decided is not None:
+        return decided
     if opcode in _VERIFY_OPCODES:
         return len(cdb) > 1 and (cdb[1] >> 1) & 0x3 != 0
     if opcode in _ATA_PASS_THROUGH:

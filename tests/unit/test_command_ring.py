@@ -14,6 +14,7 @@ is never touched; the kernel reaps every completion exactly once, with the right
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -181,7 +182,7 @@ def take_all(slots: CommandRing) -> list[CmdEntry | TmrEntry | SkippedEntry]:
     return out
 
 
-def ids(entries: list[CmdEntry | TmrEntry | SkippedEntry]) -> list[int]:
+def ids(entries: Sequence[CmdEntry | TmrEntry | SkippedEntry | MalformedEntry]) -> list[int]:
     return [e.cmd_id for e in entries if isinstance(e, CmdEntry)]
 
 
@@ -382,6 +383,49 @@ def test_a_ring_rewritten_underneath_is_a_ring_error(what: str) -> None:
         slots.start()
         with pytest.raises(RingError, match="claims 0 bytes"):
             slots.next_command()
+
+
+def test_take_returns_the_batch_with_a_malformed_entry_in_its_place() -> None:
+    k = Kernel()
+    a, bad = k.cmd(), k.cmd()
+    k.queue_tmr((a,))
+    c = k.cmd(iov_cnt=3)
+    bad_off = next(s.offset for s in k.slots if s.cmd_id == bad)
+    ring.U32.pack_into(k.view, MB + bad_off + ring.REQ_IOV_DIF_CNT, 1)
+    slots = CommandRing(k.view)
+    slots.start()
+    entries = slots.take()
+    assert [type(e) for e in entries] == [CmdEntry, MalformedEntry, TmrEntry, CmdEntry]
+    assert ids(entries) == [a, c] and isinstance(entries[1], MalformedEntry)
+    assert entries[1].cmd_id == bad and slots.outstanding == 3
+    assert slots.take() == []
+    for cmd_id in (c, bad, a):
+        slots.complete(cmd_id)
+    assert slots.done() and sorted(r.cmd_id for r in k.reap()) == sorted([a, bad, c])
+    assert slots.tail == slots.consume == k.head
+
+
+def test_take_serves_the_entries_before_a_bad_one_then_raises() -> None:
+    k = Kernel()
+    a = k.cmd()
+    b = k.cmd()
+    b_off = next(s.offset for s in k.slots if s.cmd_id == b)
+    ring.U32.pack_into(k.view, MB + b_off, ring.Opcode.CMD)  # a CMD of length 0
+    slots = CommandRing(k.view, name="disk0")
+    slots.start()
+    assert ids(slots.take()) == [a] and slots.outstanding == 1
+    with pytest.raises(RingError, match=r"disk0: entry at ring offset \d+ claims 0 bytes"):
+        slots.take()
+    assert slots.consume == b_off
+
+
+def test_take_with_a_limit_stops_there() -> None:
+    k = Kernel()
+    a, b, c = k.cmd(), k.cmd(), k.cmd()
+    slots = CommandRing(k.view)
+    slots.start()
+    assert ids(slots.take(2)) == [a, b] and slots.outstanding == 2
+    assert ids(slots.take(2)) == [c] and slots.take(2) == []
 
 
 def test_no_cmd_slot_at_the_tail_is_a_ring_error() -> None:

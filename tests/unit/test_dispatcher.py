@@ -459,16 +459,26 @@ async def test_a_scan_holds_the_executor_and_releases_it_at_its_end(sim: RingSim
     assert target.log[2:] == ["hold", "submit", "submit", "submit", "release"]
 
 
+@pytest.mark.parametrize("corrupt", ["first", "second"])
 async def test_the_executor_is_released_when_the_scan_finds_a_corrupt_ring(
-        sim: RingSimulator) -> None:
+        sim: RingSimulator, corrupt: str) -> None:
+    # A corrupt entry after others: those are submitted first (CommandRing.take()).
     target = HoldingTarget()
     d = await start(sim, target)
     run = asyncio.create_task(d.run())
     with sim.plug():
         sim.submit(read10(1), data_in=512)
-        ring.U32.pack_into(sim.kernel_view(), ring.MAILBOX_SIZE, 1)  # len_op: CMD of length 0
+        bad = ring.MAILBOX_SIZE
+        if corrupt == "second":
+            sim.submit(read10(2), data_in=512)
+            bad += sim.head - ring.cmd_entry_size(1, 10)
+        ring.U32.pack_into(sim.kernel_view(), bad, 1)  # len_op: CMD of length 0
     assert await asyncio.wait_for(run, 2) is StopReason.RING_CORRUPT
-    assert target.log == ["hold", "release"] * 2
+    if corrupt == "first":
+        assert target.log == ["hold", "release"] * 2
+    else:
+        assert target.log == ["hold", "release", "hold", "submit", "release"]
+        assert d.stats.submitted == 1
 
 
 class ReadingTarget(FakeTarget):
