@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from initiator.errors import ISCSIError
 
@@ -93,3 +93,29 @@ class CommandExecutor(Protocol):
     async def lun_reset(self, lun: int) -> object:
         """LOGICAL UNIT RESET; every outstanding command of that LUN completes."""
         ...
+
+
+@runtime_checkable
+class SendBatching(Protocol):
+    """What an executor may offer besides :class:`CommandExecutor`: holding its sends.
+
+    Between ``hold_sends()`` and ``release_sends()`` submitted commands are queued, not sent;
+    the release sends them together (one ``sendmsg`` for a whole ring scan). The dispatcher
+    uses it when the executor has it (``isinstance``)."""
+
+    def hold_sends(self) -> None: ...
+
+    def release_sends(self) -> None: ...
+
+
+@runtime_checkable
+class ReceiveBatching(Protocol):
+    """What an executor may offer besides :class:`CommandExecutor`: running a callback once
+    the read from the target that is in progress has ended.
+
+    ``after_receive(callback)`` returns False when no read is in progress (the caller then
+    does the work its own way); else ``callback`` runs at the end of that read, once however
+    many times it was given during it. The dispatcher writes the completions a read brought
+    this way (``isinstance``)."""
+
+    def after_receive(self, callback: Callable[[], None]) -> bool: ...

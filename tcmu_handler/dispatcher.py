@@ -13,12 +13,13 @@ takes entries from the ring up to ``cmd_head``: TMR entries start task managemen
 entry becomes one ``CommandExecutor.submit(lun, cdb, data_out=..., data_in=..., on_done=...)``
 whose buffers are ``memoryview`` slices of the map, exactly one per iovec: Data-In is received
 straight into the data area, Data-Out is sent straight from it. No Task is created per command;
-``on_done`` is a partial of :meth:`Dispatcher._complete`. An executor that has ``hold_sends()`` and
-``release_sends()`` (:class:`~tcmu_handler.executor.SessionExecutor`) is held for the length of a
-scan: the scan's commands go out together as soon as it ends, not on the next loop iteration,
-which would be one more (``epoll_wait`` included) with nothing else to do. Likewise the 4-byte
-write for the completions that a read from the target brought waits only for the end of that
-read when the executor has ``after_receive()``, not for the next loop iteration.
+``on_done`` is a partial of :meth:`Dispatcher._complete`. An executor that is also
+:class:`~initiator.command.SendBatching` (:class:`~tcmu_handler.executor.SessionExecutor`) is
+held for the length of a scan: the scan's commands go out together as soon as it ends, not on
+the next loop iteration, which would be one more (``epoll_wait`` included) with nothing else
+to do. Likewise, with a :class:`~initiator.command.ReceiveBatching` executor the 4-byte write
+for the completions that a read from the target brought waits only for the end of that read,
+not for the next loop iteration.
 
 Completions arrive in any order and are written into the ring at once; the new ``cmd_tail`` is
 published once per batch (:meth:`~tcmu_handler.ring.CommandRing.done`) and the 4-byte
@@ -55,7 +56,14 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NoReturn
 
-from initiator.command import CommandExecutor, CommandHandle, CommandResult, ScsiStatus
+from initiator.command import (
+    CommandExecutor,
+    CommandHandle,
+    CommandResult,
+    ReceiveBatching,
+    ScsiStatus,
+    SendBatching,
+)
 from initiator.errors import ISCSIError
 from tcmu_handler import ring, scsi
 from tcmu_handler.device import CONFIGFS_ROOT, ResetLevel, UioDevice, UioInfo, takeover
@@ -167,13 +175,14 @@ class Dispatcher:
         mailbox = device.mailbox()
         self._device = device
         self._executor = executor
-        # Optional (module docstring): sending a scan's commands as one batch when it ends.
-        self._hold: Callable[[], None] | None = getattr(executor, "hold_sends", None)
-        self._release: Callable[[], None] | None = getattr(executor, "release_sends", None)
-        if self._hold is None or self._release is None:
-            self._hold = self._release = None
-        self._after_receive: Callable[[Callable[[], None]], bool] | None = getattr(
-            executor, "after_receive", None)
+        # Optional (module docstring): sending a scan's commands as one batch when it ends,
+        # and writing a read's completions when it ends.
+        self._hold: Callable[[], None] | None = None
+        self._release: Callable[[], None] | None = None
+        if isinstance(executor, SendBatching):
+            self._hold, self._release = executor.hold_sends, executor.release_sends
+        self._after_receive: Callable[[Callable[[], None]], bool] | None = \
+            executor.after_receive if isinstance(executor, ReceiveBatching) else None
         self._lun = lun
         self._policy = policy   # which sense an undeliverable command gets (tcmu_handler.scsi)
         self._name = device.name

@@ -2,8 +2,10 @@
 
 A Session type-checks as a ``CommandExecutor`` by itself, but its ``abort_task`` and
 ``lun_reset`` *return* the target's Task Management Function Response, whatever it says. This
-adapter passes ``submit``, ``hold_sends``, ``release_sends`` and ``after_receive`` through
-untouched (the bound methods themselves: no extra call per command or batch), ends an aborted
+adapter passes ``submit`` and (as :class:`~initiator.command.SendBatching` and
+:class:`~initiator.command.ReceiveBatching`) ``hold_sends``, ``release_sends`` and
+``after_receive`` through untouched (the bound methods themselves: no extra call per command
+or batch), ends an aborted
 command through :meth:`Session.abort <initiator.transport.Session.abort>` — the one escalation
 of the initiator, which the per-command deadline uses too: ABORT TASK, then LOGICAL UNIT RESET
 if the target refuses or does not answer, then a new connection — and raises

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from initiator.command import CommandResult, ScsiStatus
+from initiator.command import CommandResult, ReceiveBatching, ScsiStatus, SendBatching
 from initiator.errors import (
     AuthenticationError,
     CommandError,
@@ -33,6 +33,7 @@ from tcmu_handler import ring, scsi
 from tcmu_handler.device import UioDevice, takeover_with
 from tcmu_handler.dispatcher import Dispatcher, StopReason
 from tcmu_handler.errors import DeviceRemoved, RingError, TCMUError
+from tcmu_handler.executor import SessionExecutor
 from tests.support.ring_simulator import (
     ALL_CAPS,
     PAGE_SIZE,
@@ -479,6 +480,23 @@ async def test_the_executor_is_released_when_the_scan_finds_a_corrupt_ring(
     else:
         assert target.log == ["hold", "release", "hold", "submit", "release"]
         assert d.stats.submitted == 1
+
+
+def test_the_session_executor_batches_sends_and_completions() -> None:
+    # What the daemon's dispatchers get: both optional batchings (the protocols' names are the
+    # session's own methods, passed through).
+    from types import SimpleNamespace
+    from typing import cast
+
+    from initiator.transport import Session
+
+    session = SimpleNamespace(submit=print, hold_sends=print, release_sends=print,
+                              after_receive=print)
+    executor = SessionExecutor(cast(Session, session))
+    assert isinstance(executor, SendBatching) and isinstance(executor, ReceiveBatching)
+    assert not isinstance(FakeTarget(), SendBatching | ReceiveBatching)
+    assert isinstance(HoldingTarget(), SendBatching)
+    assert not isinstance(HoldingTarget(), ReceiveBatching)
 
 
 class ReadingTarget(FakeTarget):
