@@ -582,8 +582,13 @@ class ConnectionCore:
     # ------------------------------------------------------------------------------------
     # Transport side
 
-    def send_buffers(self, max_buffers: int = 1024) -> list[Buffer]:
-        """Up to ``max_buffers`` buffers of queued PDUs, in order, for one ``sendmsg``."""
+    def send_buffers(self, max_buffers: int = 1024,
+                     until: Callable[[memoryview], bool] | None = None) -> list[Buffer]:
+        """Up to ``max_buffers`` buffers of queued PDUs, in order, for one ``sendmsg``.
+
+        With ``until``, the list ends at the first ``memoryview`` (a caller's payload; headers
+        are bytes) for which it is true, that one included: the transport sends payloads in
+        shared memory another way (:mod:`initiator.splice`) and needs nothing past one."""
         out: list[Buffer] = []
         room = max_buffers
         for frame in self._frames:
@@ -591,7 +596,14 @@ class ConnectionCore:
                 break
             frame.handed = True
             bufs = frame.bufs
-            if (n := len(bufs)) <= room:
+            n = len(bufs)
+            if until is not None:
+                for i in range(n if n < room else room):
+                    buf = bufs[i]
+                    if type(buf) is memoryview and until(buf):
+                        out += bufs[:i + 1]
+                        return out
+            if n <= room:
                 out += bufs
                 room -= n
             else:

@@ -73,16 +73,6 @@ def spliceable(buf: Buffer) -> bool:
         type(buf.obj) is mmap.mmap and not buf.readonly and buf.c_contiguous
 
 
-def first_spliceable(bufs: list[Buffer]) -> int:
-    """The index of the first :func:`spliceable` buffer of ``bufs``, -1 when none is."""
-    for i, buf in enumerate(bufs):
-        # Headers are bytes: no call for them (a flush of small commands has a header per
-        # command).
-        if type(buf) is memoryview and spliceable(buf):
-            return i
-    return -1
-
-
 class Splicer:
     """One socket's pipe for payloads sent without copying (see the module docstring)."""
 

@@ -76,7 +76,7 @@ from initiator.session import (
     TransferParameters,
 )
 from initiator.splice import AVAILABLE as SPLICE_AVAILABLE
-from initiator.splice import Splicer, first_spliceable
+from initiator.splice import Splicer, spliceable
 from initiator.stats import SessionStats
 
 if TYPE_CHECKING:
@@ -561,18 +561,21 @@ class Connection(asyncio.BufferedProtocol):
                 continue
             if not core.wants_to_send:
                 break
-            bufs = core.send_buffers(IOV_MAX)
             flags = 0
-            if splicer is not None:
-                at = first_spliceable(bufs)
-                if at == 0:
-                    self._splice(core, splicer, bufs[0])
-                    splicer = self._splicer
-                    continue
-                if at > 0:
-                    # What comes before a payload in shared memory: its header need not go
-                    # out in a segment of its own (MSG_MORE).
-                    bufs, flags = bufs[:at], socket.MSG_MORE
+            if splicer is None:
+                bufs = core.send_buffers(IOV_MAX)
+            else:
+                # Up to the first payload in shared memory, if any: it goes by the splicer.
+                bufs = core.send_buffers(IOV_MAX, spliceable)
+                last = bufs[-1]
+                if type(last) is memoryview and spliceable(last):
+                    if len(bufs) == 1:
+                        self._splice(core, splicer, last)
+                        splicer = self._splicer
+                        continue
+                    # What comes before it (its header) need not go out in a segment of its
+                    # own (MSG_MORE).
+                    bufs, flags = bufs[:-1], socket.MSG_MORE
             try:
                 n = sock.sendmsg(bufs, (), flags)
             except (BlockingIOError, InterruptedError):

@@ -867,9 +867,12 @@ def test_data_out_is_sent_from_the_callers_views() -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(cuts=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
-       max_buffers=st.integers(1, 6), hd=st.booleans(), dd=st.booleans())
+       max_buffers=st.integers(1, 6), hd=st.booleans(), dd=st.booleans(),
+       until=st.sampled_from([None, 1, 700, 1000]))
 def test_partial_sends_produce_the_same_stream(cuts: list[int], max_buffers: int, hd: bool,
-                                               dd: bool) -> None:
+                                               dd: bool, until: int | None) -> None:
+    # ``until``: the lists end at a payload view of at least that many bytes (the transport
+    # splices those), which must not change the stream either.
     params = TransferParameters(header_digest=hd, data_digest=dd, initial_r2t=False,
                                 first_burst_length=6000, max_xmit_data_segment_length=1000)
 
@@ -887,13 +890,33 @@ def test_partial_sends_produce_the_same_stream(cuts: list[int], max_buffers: int
     core = build()
     got = bytearray()
     sizes = itertools.cycle(cuts)
+    stop = None if until is None else (lambda view: view.nbytes >= until)
     while core.wants_to_send:
-        bufs = core.send_buffers(max_buffers)
+        bufs = core.send_buffers(max_buffers, stop)
+        if stop is not None:
+            assert not any(type(b) is memoryview and stop(b) for b in bufs[:-1])
         flat = b"".join(bytes(b) for b in bufs)
         n = min(next(sizes), len(flat))
         got += flat[:n]
         core.sent(n)
     assert bytes(got) == expected
+
+
+def test_send_buffers_until_ends_at_the_first_payload_it_names() -> None:
+    h = Harness(TransferParameters(immediate_data=True, initial_r2t=False,
+                                   first_burst_length=65536))
+    small, large = bytearray(512), bytearray(4096)
+    h.submit(WRITE, data_out=[memoryview(small)])
+    h.submit(WRITE, data_out=[memoryview(large)])
+    h.submit()
+    everything = h.core.send_buffers()
+    bufs = h.core.send_buffers(until=lambda view: view.nbytes >= 4096)
+    # The first command (header, payload), the second's header and its payload: no more.
+    assert len(bufs) == 4 and len(everything) > 4
+    assert isinstance(bufs[3], memoryview) and bufs[3].obj is large
+    assert [type(b) for b in bufs[:3]] == [bytes, memoryview, bytes]
+    h.core.sent(sum(len(b) for b in bufs))
+    assert h.core.send_buffers(until=lambda view: True) == everything[4:]
 
 
 def test_sent_more_than_handed_out() -> None:

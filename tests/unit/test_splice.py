@@ -23,7 +23,7 @@ import pytest
 
 from initiator.errors import ConnectionFailed
 from initiator.keys import NegotiationSettings
-from initiator.splice import PIPE_SIZE, SPLICE_MIN, Splicer, first_spliceable, spliceable
+from initiator.splice import PIPE_SIZE, SPLICE_MIN, Splicer, spliceable
 from initiator.transport import Connection, Session
 from tests.support.fake_target import Hostility, cdb_write10
 from tests.unit.test_transport import fake, logged_in, pattern, within
@@ -60,11 +60,6 @@ def test_only_large_writable_views_of_a_mapping_are_spliced() -> None:
         assert not spliceable(view[:SPLICE_MIN - 1])           # cheaper to copy
         assert not spliceable(view[::2])                       # not one run of memory
         assert not spliceable(view.toreadonly())
-        header, small = bytes(48), view[:SPLICE_MIN - 1]
-        assert first_spliceable([header, small, header, view, header]) == 3
-        assert first_spliceable([view]) == 0
-        assert first_spliceable([header, small]) == -1
-        del small   # a view of the mapping, which closes at the end of the block
     assert not spliceable(memoryview(bytearray(2 * SPLICE_MIN)))   # heap memory
     assert not spliceable(bytes(2 * SPLICE_MIN))
 
