@@ -421,9 +421,11 @@ class Daemon:
                 inventories = await self.pool.inventories()
                 if attempt == 2 and any(spec.name in inv.names for inv in inventories.values()):
                     # The dead worker had made the backstore, and its replacement took it over.
-                    described = next(row for row in await self.pool.list_rows()
-                                     if row.get("name") == spec.name)
-                    break
+                    row = next((row for row in await self.pool.list_rows()
+                                if row.get("name") == spec.name), None)
+                    if row is not None:
+                        described = row
+                        break
                 owner = next((index for index, inv in inventories.items()
                               if spec.target in inv.targets or spec.name in inv.names), None)
                 link = await self.pool.worker(
