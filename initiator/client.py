@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from initiator import scsi
 from initiator.command import Buffers, CommandResult, ScsiStatus
-from initiator.errors import ISCSIError, TransferError
+from initiator.errors import CommandError, ISCSIError, TransferError
 from initiator.transport import Session
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
 STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
 READ_CAPACITY16_LENGTH = 12
+NO_LOGICAL_UNIT = 0b011  # INQUIRY peripheral qualifier: nothing can be at this LUN
 _OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
 
@@ -118,6 +119,13 @@ class ScsiClient:
     async def identity(self) -> Identity:
         """Standard INQUIRY, unit serial number (VPD 0x80), device identification (0x83)."""
         std = await self.inquiry()
+        if std.peripheral_qualifier == NO_LOGICAL_UNIT:
+            # A target answers INQUIRY for any LUN, also one it has nothing at (SPC-5
+            # §6.7.2: qualifier 011b, type 1Fh); Linux's scan skips such a LUN, and so must
+            # we rather than print "unknown" device data as a success.
+            raise CommandError(
+                f"{self.where}: the target has no logical unit at this LUN (INQUIRY peripheral "
+                "qualifier 011b); check the LUN number in the URL")
         pages = await self.supported_vpd_pages()
         serial: str | None = None
         naa: str | None = None

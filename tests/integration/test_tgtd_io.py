@@ -107,6 +107,8 @@ def test_hbactl_io_errors(target: TgtdTarget, tmp_path: Path) -> None:
                           2, mentions=["none"])
     assert_one_line_error(hbactl("readcap", target.url(lun=5)), 1,
                           mentions=["LUN 5", "ILLEGAL REQUEST"])
+    assert_one_line_error(hbactl("inquiry", target.url(lun=5)), 1,
+                          mentions=["LUN 5", "no logical unit", "check the LUN number"])
 
 
 # -- digests -----------------------------------------------------------------------------------
