@@ -409,8 +409,15 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
     from hba.kernel import KernelSetupError
+    from initiator.errors import ConfigurationError
+    from initiator.url import validate_iscsi_name
     from tcmu_handler.sdnotify import sd_notify
 
+    if initiator_name is not None:
+        try:
+            validate_iscsi_name(initiator_name, what="initiator name (--initiator-name)")
+        except ConfigurationError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
     if config_path is not None and os.path.exists(config_path):
         try:
             config = await asyncio.to_thread(load_config, config_path)

@@ -824,3 +824,13 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+
+
+async def test_daemon_refuses_a_malformed_initiator_name(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before the bus: the name is wrong whether or not DBus runs.
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    with pytest.raises(control.StartupError, match=r"initiator name \(--initiator-name\) "
+                                                   "'bogus' is not a valid iSCSI name") as info:
+        await control.run_daemon(None, "bogus")
+    assert info.value.exit_status == control.EXIT_CONFIG

@@ -154,3 +154,14 @@ def test_hbactl_login_flood_names_the_login_timeout(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert status == 1 and "within the login timeout of 0.3 s" in err, err
     assert err.count("\n") == 1
+
+
+def test_a_malformed_initiator_name_is_refused_before_connecting(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 refuses: reaching it would be exit status 1 and a connection error.
+    status = cli.main(["readcap", "--initiator-name", "bogus",
+                       f"iscsi://127.0.0.1:1/{TGT}/0"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "initiator name (--initiator-name) 'bogus' is not a valid iSCSI name" in err
+    assert err.count("\n") == 1
