@@ -252,7 +252,7 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     if settings.seconds <= 0:
         raise ConfigurationError("--seconds must be positive")
     if settings.histogram is not None:
-        plot.require()  # before the run, not after it
+        plot.require(settings.histogram)  # before the run, not after it
 
     async def work(client: ScsiClient) -> Result:
         cap = await client.capacity()
