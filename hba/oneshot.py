@@ -7,6 +7,7 @@ plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hba import plot
+from hba.errors import HBAError
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
@@ -161,13 +163,36 @@ def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
             f"{url.lun}, which has {total} blocks (0..{total - 1})")
 
 
+def check_writable(path: str) -> None:
+    """Raise ConfigurationError when ``path`` cannot be written: checked before the login, so
+    that a typo in a file name costs no session (and no run), without creating or truncating
+    the file before there is something to put in it."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ConfigurationError(f"cannot write {path}: it is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ConfigurationError(f"cannot write {path}: there is no directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigurationError(f"cannot write {path}: permission denied")
+
+
 async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
     url = target_url(text)
+    if output != "-":
+        check_writable(output)
+
+    where = "standard output" if output == "-" else output
+
+    def failed(exc: OSError) -> HBAError:
+        return HBAError(f"cannot write {where}: {exc.strerror or exc}")
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
         _check_range(lba, blocks, cap.blocks, url)
-        out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+        try:
+            out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise failed(exc) from None
         try:
             buf = bytearray(chunk * cap.block_size)
             view = memoryview(buf)
@@ -176,9 +201,15 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
                 n = min(chunk, blocks - done)
                 part = view[: n * cap.block_size]
                 await client.read(lba + done, n, part)
-                out.write(part)
+                try:
+                    out.write(part)
+                except OSError as exc:
+                    raise failed(exc) from None
                 done += n
-            out.flush()
+            try:
+                out.flush()
+            except OSError as exc:
+                raise failed(exc) from None
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
@@ -195,17 +226,18 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
         data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
+    shown = "standard input" if source == "-" else source
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
         if len(data) % cap.block_size:
             raise ConfigurationError(
-                f"{source} holds {len(data)} bytes, not a whole number of "
+                f"{shown} holds {len(data)} bytes, not a whole number of "
                 f"{cap.block_size}-byte blocks; pad it or use --blocks")
         count = len(data) // cap.block_size if blocks is None else blocks
         if count * cap.block_size > len(data):
             raise ConfigurationError(
-                f"--blocks {count} needs {count * cap.block_size} bytes; {source} has only "
+                f"--blocks {count} needs {count * cap.block_size} bytes; {shown} has only "
                 f"{len(data)}")
         _check_range(lba, count, cap.blocks, url)
         view = memoryview(data)
@@ -252,7 +284,8 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     if settings.seconds <= 0:
         raise ConfigurationError("--seconds must be positive")
     if settings.histogram is not None:
-        plot.require(settings.histogram)  # before the run, not after it
+        plot.require()  # before the run, not after it
+        check_writable(settings.histogram)
 
     async def work(client: ScsiClient) -> Result:
         cap = await client.capacity()

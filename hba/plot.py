@@ -21,7 +21,6 @@ date and stable ids, so the same data gives the same file.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -78,23 +77,12 @@ def _tick(seconds: float, _position: object = None) -> str:
     return f"{seconds * 1e6:g} \u00b5s"
 
 
-def require(path: str | None = None) -> None:
-    """Raise :class:`HBAError` saying how to install matplotlib when it is missing, or, given
-    ``path``, why the picture could not be written there: checked before a run, so that a
-    typo in the file name does not cost the run."""
+def require() -> None:
+    """Raise :class:`HBAError` saying how to install matplotlib when it is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise HBAError(f"drawing a latency picture needs matplotlib: {INSTALL_HINT}") from None
-    if path is None:
-        return
-    folder = os.path.dirname(path) or "."
-    if os.path.isdir(path):
-        raise HBAError(f"cannot write {path}: it is a directory; give a file name")
-    if not os.path.isdir(folder):
-        raise HBAError(f"cannot write {path}: there is no directory {folder}")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise HBAError(f"cannot write {path}: permission denied")
 
 
 def latency_svg(path: str, series: Sequence[Series], title: str, subtitle: str = "") -> None:
