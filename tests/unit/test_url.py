@@ -242,7 +242,11 @@ ERRORS = [
     (f"iscsi://h:65536/{IQN}/0", "from 1 to 65535"),
     (f"iscsi://h:/{IQN}/0", "port ''"),
     (f"iscsi://h:x/{IQN}/0", "port 'x'"),
-    (f"iscsi://fe80::1/{IQN}/0", "put it in brackets"),
+    (f"iscsi://fe80::1/{IQN}/0", r"put it in brackets, e.g. \[fe80::1\] or \[fe80::1\]:3260"),
+    # ::1:53649 is no address (a group has at most 4 hex digits): ::1 with its port.
+    (f"iscsi://::1:53649/{IQN}/0", r"e.g. \[::1\]:53649$"),
+    (f"iscsi://fd00::1:3260/{IQN}/0",
+     r"e.g. \[fd00::1:3260\] for that address, or \[fd00::1\]:3260 if 3260 is the port"),
     (f"iscsi://[fe80::1/{IQN}/0", "without closing it"),
     (f"iscsi://[fe80::1]x/{IQN}/0", "after ']'"),
     (f"iscsi://[example.com]/{IQN}/0", "brackets are only for IPv6"),
