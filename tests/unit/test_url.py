@@ -6,6 +6,7 @@ import pytest
 
 from initiator.errors import ConfigurationError
 from initiator.url import (
+    URL_SYNTAX,
     DigestPreference,
     IscsiUrl,
     format_portal,
@@ -13,6 +14,7 @@ from initiator.url import (
     parse_url,
     validate_iscsi_name,
 )
+from initiator.urlconfig import target_url
 
 IQN = "iqn.2003-01.org.example:disk1"
 SECRET = "Zq8-secret-vX3"
@@ -417,3 +419,12 @@ def test_one_shot_commands_refuse_several_portals(text: str, message: str) -> No
 def test_several_portals_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         paths(text)
+
+
+@pytest.mark.parametrize("text", ["iscsi://192.0.2.1:3261", "iscsi://192.0.2.1:3261/"])
+def test_a_portal_url_where_a_lun_is_needed_points_at_discovery(text: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        target_url(text)
+    message = str(info.value)
+    assert "'iscsi://192.0.2.1:3261' names no target and LUN" in message
+    assert URL_SYNTAX in message and "`hbactl discover iscsi://192.0.2.1:3261`" in message
