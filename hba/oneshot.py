@@ -79,7 +79,10 @@ _TIMEOUTS = (
 
 
 def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:
-    """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests)."""
+    """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests);
+    every option checked, the capture's path too, before anything is sent."""
+    if options.pcap is not None:
+        check_writable(options.pcap)
     return urlconfig.session_config(url, initiator_name=options.initiator_name,
                                     **{**options.timeouts(), **extra})
 

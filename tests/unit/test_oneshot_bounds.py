@@ -179,6 +179,16 @@ def test_read_into_a_path_that_cannot_be_written_is_refused_before_connecting(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [["discover", "iscsi://127.0.0.1:1"],
+                                     ["readcap", f"iscsi://127.0.0.1:1/{TGT}/0"]])
+def test_a_capture_that_cannot_be_written_is_refused_before_connecting(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    status = cli.main([*command, "--initiator-name", INI, "--pcap",
+                       str(tmp_path / "no" / "x.pcap")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot write" in err and "there is no directory" in err, err
+
+
 class _ClosedPipe(io.RawIOBase):
     """Standard output whose reader has gone (``hbactl read -o - | head -c 10``)."""
 
