@@ -312,13 +312,24 @@ def _with_env_secrets(what: str) -> str:
     return (f"iscsi://{user}{netloc}{parts.path}" + (f"?{'&'.join(query)}" if query else ""))
 
 
+def _check_timeout(seconds: float) -> None:
+    """--timeout of attach and detach: 0, a negative number or NaN would stop waiting at
+    once while the daemon goes on, which no one means."""
+    if not 0 < seconds < float("inf"):
+        from initiator.errors import ConfigurationError
+
+        raise ConfigurationError(f"--timeout {seconds:g}: expected a number of seconds above 0")
+
+
 async def cmd_attach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Attach", "s", [_with_env_secrets(args.what)], command="attach",
                          timeout=args.timeout)
     return normalize_disk(disk)
 
 
 async def cmd_detach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Detach", "sb", [args.what, bool(args.force)], command="detach",
                          timeout=args.timeout)
     return normalize_disk(disk)

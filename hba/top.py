@@ -253,10 +253,12 @@ class _Client:
 
 async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl top``: see the module docstring. Returns when stopped."""
-    if args.interval <= 0:
-        from initiator.errors import ConfigurationError
+    from initiator.errors import ConfigurationError
 
+    if not 0 < args.interval < float("inf"):  # NaN too: it would sample without a pause
         raise ConfigurationError("--interval must be a positive number of seconds")
+    if args.count is not None and args.count < 1:
+        raise ConfigurationError("--count must be at least 1")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -834,3 +834,15 @@ async def test_daemon_refuses_a_malformed_initiator_name(
                                                    "'bogus' is not a valid iSCSI name") as info:
         await control.run_daemon(None, "bogus")
     assert info.value.exit_status == control.EXIT_CONFIG
+
+
+@pytest.mark.parametrize("command", ["attach", "detach"])
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_attach_and_detach_refuse_a_timeout_that_waits_for_nothing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        command: str, timeout: str) -> None:
+    # Refused before the bus: without the check this is "cannot reach the system DBus".
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    assert cli.main([command, "disk1", "--timeout", timeout]) == 2
+    assert f"--timeout {float(timeout):g}: expected a number of seconds above 0" in \
+        capsys.readouterr().err

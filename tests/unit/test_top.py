@@ -158,6 +158,20 @@ def test_top_without_a_bus_says_what_to_start(monkeypatch: pytest.MonkeyPatch,
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--interval", "nan"], "--interval must be a positive"),
+    (["--interval", "0"], "--interval must be a positive"),
+    (["--count", "0"], "--count must be at least 1"),
+    (["--count", "-1"], "--count must be at least 1"),
+])
+def test_top_refuses_bad_intervals_and_counts_before_the_bus(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        argv: list[str], words: str) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    assert main(["top", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("text", "address"), [
     ("9433", ("127.0.0.1", 9433)),
     ("0.0.0.0:9100", ("0.0.0.0", 9100)),
