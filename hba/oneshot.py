@@ -284,8 +284,9 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
-    if settings.seconds <= 0:
-        raise ConfigurationError("--seconds must be positive")
+    if not 0 < settings.seconds < float("inf"):  # NaN too: it ran 0 s and called it success
+        raise ConfigurationError(f"--seconds {settings.seconds:g}: expected a number of "
+                                 "seconds above 0")
     if settings.histogram is not None:
         plot.require()  # before the run, not after it
         check_writable(settings.histogram)

@@ -214,3 +214,12 @@ def test_read_and_write_name_standard_output_and_input(
         err = capsys.readouterr().err
         assert "cannot write standard output: Broken pipe" in err, err
         assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_perf_refuses_a_run_length_that_is_no_length(
+        capsys: pytest.CaptureFixture[str], seconds: str) -> None:
+    status = cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                       "--seconds", seconds])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err
