@@ -109,6 +109,10 @@ def test_hbactl_io_errors(target: TgtdTarget, tmp_path: Path) -> None:
                           mentions=["LUN 5", "ILLEGAL REQUEST"])
     assert_one_line_error(hbactl("inquiry", target.url(lun=5)), 1,
                           mentions=["LUN 5", "no logical unit", "check the LUN number"])
+    # tgt's LUN 0 is its controller: no READ CAPACITY, and the message says why.
+    for command in (["readcap"], ["read", "--lba", "0", "--blocks", "1", "-o", "-"]):
+        assert_one_line_error(hbactl(*command, target.url(lun=0)), 1,
+                              mentions=["LUN 0", "storage array controller", "not a block device"])
 
 
 # -- digests -----------------------------------------------------------------------------------
