@@ -846,3 +846,12 @@ def test_attach_and_detach_refuse_a_timeout_that_waits_for_nothing(
     assert cli.main([command, "disk1", "--timeout", timeout]) == 2
     assert f"--timeout {float(timeout):g}: expected a number of seconds above 0" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inquiry", "readcap", "read", "write", "perf"])
+def test_one_shot_help_shows_the_url_form(command: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "URLiscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>" in help_text
