@@ -24,6 +24,9 @@ from initiator.printable import PrintableFormatter, printable
 if TYPE_CHECKING:
     from hba import oneshot
 
+# The URL of a LUN, as each one-shot command's help shows it (argparse: '%' doubled).
+LUN_URL = "iscsi://[user[%%secret]@]host[:port]/<target-iqn>/<lun>[?option=value&...]"
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -191,27 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", parents=[common],
                        help="list the targets and portals a portal offers (SendTargets)")
-    p.add_argument("url", metavar="URL", help="iscsi://host[:port]")
+    p.add_argument("url", metavar="URL", help="iscsi://[user[%%secret]@]host[:port]")
     p.set_defaults(handler=_discover)
 
     p = sub.add_parser("inquiry", parents=[common],
                        help="vendor, product, revision, unit serial and NAA identifier")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help=LUN_URL)
     p.set_defaults(handler=_inquiry)
 
     p = sub.add_parser("readcap", parents=[common], help="number of blocks and block size")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help=LUN_URL)
     p.set_defaults(handler=_readcap)
 
     p = sub.add_parser("read", parents=[common], help="read blocks into a file")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--lba", type=int, required=True, help="first block")
     p.add_argument("--blocks", type=int, required=True, help="number of blocks")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
     p.set_defaults(handler=_read)
 
     p = sub.add_parser("write", parents=[common], help="write a file's blocks")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--lba", type=int, required=True, help="first block")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="file, or - for stdin")
     p.add_argument("--blocks", type=int, help="number of blocks (default: the whole file)")
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perf", parents=[common],
                        help="measure IOPS and throughput, like libiscsi's iscsi-perf")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--block-size", default="4096", metavar="BYTES",
                    help="bytes per command: 4096, 4k, 128k, 1m (default 4096)")
     p.add_argument("--queue-depth", type=int, default=32, metavar="N",

@@ -235,22 +235,30 @@ def client_error(name: str, message: str, command: str) -> HBAError:
     return ControlError(f"{command} failed: {message} ({name})")
 
 
-async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
-               command: str, timeout: float = 10.0) -> list[Any]:
-    """Call ``member`` of ``org.iscsihba.Daemon1`` on the system bus; the reply's body."""
+async def connect_system_bus(timeout: float = 10.0) -> Any:
+    """A connected ``dbus_next`` MessageBus on the system bus (``$DBUS_SYSTEM_BUS_ADDRESS``
+    if set); DaemonNotRunning, saying what to start, when there is none."""
     from dbus_next.aio.message_bus import MessageBus
-    from dbus_next.constants import BusType, MessageFlag, MessageType
-    from dbus_next.message import Message
-
-    from hba import dbus_service
+    from dbus_next.constants import BusType
 
     try:
-        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 10)
+        return await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
     except Exception as exc:
         raise DaemonNotRunning(
             f"cannot reach the system DBus ({exc or type(exc).__name__}), so the iscsi-hba "
             f"daemon cannot be running: start dbus-daemon (`systemctl start dbus`), then "
             f"{START_HINT}") from None
+
+
+async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
+               command: str, timeout: float = 10.0) -> list[Any]:
+    """Call ``member`` of ``org.iscsihba.Daemon1`` on the system bus; the reply's body."""
+    from dbus_next.constants import MessageFlag, MessageType
+    from dbus_next.message import Message
+
+    from hba import dbus_service
+
+    bus = await connect_system_bus()
     try:
         reply = await asyncio.wait_for(bus.call(Message(
             destination=dbus_service.BUS_NAME, path=dbus_service.OBJECT_PATH,
@@ -261,7 +269,7 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
             f"the iscsi-hba daemon did not finish {command} within {timeout:g} s; it goes on "
             "in the background: see `hbactl list` and the daemon's log") from None
     finally:
-        bus.disconnect()  # type: ignore[no-untyped-call]
+        bus.disconnect()
     if reply is None:
         raise ControlError(f"no reply from the iscsi-hba daemon to {command}")
     if reply.message_type == MessageType.ERROR:
@@ -304,13 +312,24 @@ def _with_env_secrets(what: str) -> str:
     return (f"iscsi://{user}{netloc}{parts.path}" + (f"?{'&'.join(query)}" if query else ""))
 
 
+def _check_timeout(seconds: float) -> None:
+    """--timeout of attach and detach: 0, a negative number or NaN would stop waiting at
+    once while the daemon goes on, which no one means."""
+    if not 0 < seconds < float("inf"):
+        from initiator.errors import ConfigurationError
+
+        raise ConfigurationError(f"--timeout {seconds:g}: expected a number of seconds above 0")
+
+
 async def cmd_attach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Attach", "s", [_with_env_secrets(args.what)], command="attach",
                          timeout=args.timeout)
     return normalize_disk(disk)
 
 
 async def cmd_detach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Detach", "sb", [args.what, bool(args.force)], command="detach",
                          timeout=args.timeout)
     return normalize_disk(disk)
@@ -409,8 +428,15 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
     from hba.kernel import KernelSetupError
+    from initiator.errors import ConfigurationError
+    from initiator.url import validate_iscsi_name
     from tcmu_handler.sdnotify import sd_notify
 
+    if initiator_name is not None:
+        try:
+            validate_iscsi_name(initiator_name, what="initiator name (--initiator-name)")
+        except ConfigurationError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
     if config_path is not None and os.path.exists(config_path):
         try:
             config = await asyncio.to_thread(load_config, config_path)

@@ -7,6 +7,7 @@ plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hba import plot
+from hba.errors import HBAError
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
@@ -77,7 +79,10 @@ _TIMEOUTS = (
 
 
 def session_config(url: IscsiUrl, options: Options, **extra: Any) -> SessionConfig:
-    """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests)."""
+    """The SessionConfig a URL asks for (CHAP from the URL or the environment, digests);
+    every option checked, the capture's path too, before anything is sent."""
+    if options.pcap is not None:
+        check_writable(options.pcap)
     return urlconfig.session_config(url, initiator_name=options.initiator_name,
                                     **{**options.timeouts(), **extra})
 
@@ -161,13 +166,36 @@ def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
             f"{url.lun}, which has {total} blocks (0..{total - 1})")
 
 
+def check_writable(path: str) -> None:
+    """Raise ConfigurationError when ``path`` cannot be written: checked before the login, so
+    that a typo in a file name costs no session (and no run), without creating or truncating
+    the file before there is something to put in it."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ConfigurationError(f"cannot write {path}: it is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ConfigurationError(f"cannot write {path}: there is no directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigurationError(f"cannot write {path}: permission denied")
+
+
 async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
     url = target_url(text)
+    if output != "-":
+        check_writable(output)
+
+    where = "standard output" if output == "-" else output
+
+    def failed(exc: OSError) -> HBAError:
+        return HBAError(f"cannot write {where}: {exc.strerror or exc}")
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
         _check_range(lba, blocks, cap.blocks, url)
-        out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+        try:
+            out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise failed(exc) from None
         try:
             buf = bytearray(chunk * cap.block_size)
             view = memoryview(buf)
@@ -176,9 +204,15 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
                 n = min(chunk, blocks - done)
                 part = view[: n * cap.block_size]
                 await client.read(lba + done, n, part)
-                out.write(part)
+                try:
+                    out.write(part)
+                except OSError as exc:
+                    raise failed(exc) from None
                 done += n
-            out.flush()
+            try:
+                out.flush()
+            except OSError as exc:
+                raise failed(exc) from None
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
@@ -195,17 +229,18 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
         data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
+    shown = "standard input" if source == "-" else source
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
         if len(data) % cap.block_size:
             raise ConfigurationError(
-                f"{source} holds {len(data)} bytes, not a whole number of "
+                f"{shown} holds {len(data)} bytes, not a whole number of "
                 f"{cap.block_size}-byte blocks; pad it or use --blocks")
         count = len(data) // cap.block_size if blocks is None else blocks
         if count * cap.block_size > len(data):
             raise ConfigurationError(
-                f"--blocks {count} needs {count * cap.block_size} bytes; {source} has only "
+                f"--blocks {count} needs {count * cap.block_size} bytes; {shown} has only "
                 f"{len(data)}")
         _check_range(lba, count, cap.blocks, url)
         view = memoryview(data)
@@ -249,10 +284,12 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
-    if settings.seconds <= 0:
-        raise ConfigurationError("--seconds must be positive")
+    if not 0 < settings.seconds < float("inf"):  # NaN too: it ran 0 s and called it success
+        raise ConfigurationError(f"--seconds {settings.seconds:g}: expected a number of "
+                                 "seconds above 0")
     if settings.histogram is not None:
         plot.require()  # before the run, not after it
+        check_writable(settings.histogram)
 
     async def work(client: ScsiClient) -> Result:
         cap = await client.capacity()

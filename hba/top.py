@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-from hba.control import DaemonNotRunning, client_error, disk_state
+from hba.control import client_error, connect_system_bus, disk_state
 from initiator.printable import printable
 
 __all__ = ["add_command", "format_frame", "rates"]
@@ -221,15 +221,7 @@ class _Client:
         self.bus: Any = None
 
     async def __aenter__(self) -> _Client:
-        from dbus_next.aio.message_bus import MessageBus
-        from dbus_next.constants import BusType
-
-        try:
-            self.bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 10)
-        except Exception as exc:
-            raise DaemonNotRunning(
-                f"cannot reach the system DBus ({exc or type(exc).__name__}), so the iscsi-hba "
-                "daemon cannot be running: start dbus-daemon, then the daemon") from None
+        self.bus = await connect_system_bus()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -261,10 +253,12 @@ class _Client:
 
 async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl top``: see the module docstring. Returns when stopped."""
-    if args.interval <= 0:
-        from initiator.errors import ConfigurationError
+    from initiator.errors import ConfigurationError
 
+    if not 0 < args.interval < float("inf"):  # NaN too: it would sample without a pause
         raise ConfigurationError("--interval must be a positive number of seconds")
+    if args.count is not None and args.count < 1:
+        raise ConfigurationError("--count must be at least 1")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

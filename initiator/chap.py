@@ -453,9 +453,17 @@ class ChapInitiator:
     def login_rejected(self) -> NoReturn:
         """Raise the error for a Login Response with status "authentication failure" (0x0201)."""
         account = self._credentials.initiator
+        # tgt and LIO refuse the login the same way when we ask for mutual CHAP and they have
+        # no credentials of their own to prove themselves with: name that cause too.
+        mutual = (
+            "; or the target has no mutual CHAP credentials of its own, which we asked for "
+            "(target_user=/target_password= in a URL, tgtChapName/tgtChapSecret in the "
+            "configuration): set them up there, or ask for one-way CHAP"
+            if self._credentials.mutual else ""
+        )
         self._fail(
             f"target {self._target} rejected our CHAP response for {account.name!r}: check "
-            "chapSecret / chapIName for this target"
+            f"chapSecret / chapIName for this target (<user>%<secret>@ in a URL){mutual}"
         )
 
     def _answer_challenge(self, keys: Mapping[str, str]) -> list[Pair]:

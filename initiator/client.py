@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from initiator import scsi
 from initiator.command import Buffers, CommandResult, ScsiStatus
-from initiator.errors import ISCSIError, TransferError
+from initiator.errors import CommandError, ISCSIError, TransferError
 from initiator.transport import Session
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,14 @@ that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
 STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
 READ_CAPACITY16_LENGTH = 12
+# Peripheral device types that READ CAPACITY applies to (SBC-4, MMC-6, RBC, ZBC).
+_BLOCK_DEVICE_TYPES = frozenset({
+    scsi.PeripheralDeviceType.DISK, scsi.PeripheralDeviceType.WRITE_ONCE,
+    scsi.PeripheralDeviceType.CD_DVD, scsi.PeripheralDeviceType.OPTICAL_MEMORY,
+    scsi.PeripheralDeviceType.SIMPLIFIED_DIRECT_ACCESS,
+    scsi.PeripheralDeviceType.HOST_MANAGED_ZONED,
+})
+NO_LOGICAL_UNIT = 0b011  # INQUIRY peripheral qualifier: nothing can be at this LUN
 _OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
 
@@ -118,6 +126,13 @@ class ScsiClient:
     async def identity(self) -> Identity:
         """Standard INQUIRY, unit serial number (VPD 0x80), device identification (0x83)."""
         std = await self.inquiry()
+        if std.peripheral_qualifier == NO_LOGICAL_UNIT:
+            # A target answers INQUIRY for any LUN, also one it has nothing at (SPC-5
+            # §6.7.2: qualifier 011b, type 1Fh); Linux's scan skips such a LUN, and so must
+            # we rather than print "unknown" device data as a success.
+            raise CommandError(
+                f"{self.where}: the target has no logical unit at this LUN (INQUIRY peripheral "
+                "qualifier 011b); check the LUN number in the URL")
         pages = await self.supported_vpd_pages()
         serial: str | None = None
         naa: str | None = None
@@ -149,8 +164,29 @@ class ScsiClient:
         except scsi.ScsiCommandError as exc:
             if exc.sense_key != scsi.SenseKey.ILLEGAL_REQUEST:
                 raise
-        rc10 = scsi.parse_read_capacity10(await self.read_data(scsi.read_capacity10(), 8, 8))
+        try:
+            data = await self.read_data(scsi.read_capacity10(), 8, 8)
+        except scsi.ScsiCommandError as exc:
+            if exc.sense_key == scsi.SenseKey.ILLEGAL_REQUEST and exc.asc == 0x20:
+                await self._refuse_if_not_a_disk(exc)
+            raise
+        rc10 = scsi.parse_read_capacity10(data)
         return Capacity(rc10.blocks, rc10.block_size)
+
+    async def _refuse_if_not_a_disk(self, cause: scsi.ScsiCommandError) -> None:
+        """READ CAPACITY refused as an unknown command: if the LUN is no block device (tgt
+        puts a storage array controller at LUN 0), say that rather than the opcode."""
+        try:
+            std = await self.inquiry()
+        except ISCSIError:
+            return  # the READ CAPACITY error stands
+        if std.peripheral_device_type in _BLOCK_DEVICE_TYPES:
+            return
+        raise CommandError(
+            f"{self.where} is a {std.device_type_name.replace('_', ' ')} (INQUIRY peripheral "
+            f"device type 0x{std.peripheral_device_type:02X}), not a block device, so it has no "
+            "blocks to read or write; check the LUN number (tgt numbers its disks from 1)"
+        ) from cause
 
     async def block_limits(self) -> scsi.BlockLimits | None:
         """The Block Limits VPD page (0xB0), when the LUN has one."""

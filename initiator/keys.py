@@ -121,6 +121,18 @@ DIGEST_CRC32C_REQUIRED: Final = ("CRC32C",)
 """Digest preference: CRC32C or fail the login."""
 
 
+# The URL options of the digest keys (initiator.url), named in the advice when a target
+# refuses a digest we require.
+_DIGEST_OPTIONS: Final = {"HeaderDigest": "header_digest", "DataDigest": "data_digest"}
+
+
+def _digest_hint(key: str) -> str:
+    """What to do when the target will not do the CRC32C ``key`` we require."""
+    return (f"the target does not do CRC32C {key} as set up; offer it as optional to go on "
+            f"without ({_DIGEST_OPTIONS[key]}=crc32c-none in a URL, {key} = CRC32C,None in "
+            "the configuration), or enable it on the target")
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -1110,9 +1122,12 @@ class Negotiator:
                 ok = False
         if not ok:
             within = f", within {kd.range_text()}" if kd.kind is Kind.NUMBER else ""
+            # tgt answers None to an offer of CRC32C alone where §6.2.1 says Reject: the
+            # same refusal, so the same advice as after a Reject.
+            hint = f"; {_digest_hint(key)}" if key in _DIGEST_OPTIONS and answer == "None" else ""
             raise NegotiationViolation(
                 f"{peer} answered {key}={value} to our offer {key}={ours}; the outcome must be "
-                f"{kd.rule.value}{within} ({kd.reference})",
+                f"{kd.rule.value}{within} ({kd.reference}){hint}",
                 key=key,
             )
         self._values[key] = answer
@@ -1132,9 +1147,10 @@ class Negotiator:
                 "require CHAP? are chapIName/chapSecret configured here?)",
                 key=key,
             )
+        advice = _digest_hint(key) if key in _DIGEST_OPTIONS else f"check the {key} setting"
         raise NegotiationFailed(
             f"{self._peer()} rejected {key}={kd.format(offered)} and the default "
-            f"{kd.default} is not acceptable to us: check the {key} setting",
+            f"{kd.default} is not acceptable to us: {advice}",
             key=key,
         )
 

@@ -169,7 +169,9 @@ LOGIN_STATUS: dict[tuple[int, int], tuple[str, str]] = {
     (1, 0x02): ("target moved permanently", "update the configured portal to the new address"),
     (2, 0x00): ("initiator error", "check the initiator's settings for this target"),
     (2, 0x01): ("authentication failed",
-                "check chapIName/chapSecret (and tgtChapName/tgtChapSecret for mutual CHAP)"),
+                "the target requires CHAP, or refused ours: give its CHAP user and secret "
+                "(<user>%<secret>@ in a URL, chapIName/chapSecret in the configuration; "
+                "target_user=/target_password=, tgtChapName/tgtChapSecret for mutual CHAP)"),
     (2, 0x02): ("authorization failure",
                 "the target does not allow this initiator: add the initiator name to the "
                 "target's ACL"),

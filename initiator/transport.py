@@ -876,7 +876,16 @@ class Session:
         request = machine.start()
         while True:
             conn.send_pdu(request)
-            response = await conn.next_pdu()
+            try:
+                response = await conn.next_pdu()
+            except ConnectionFailed as exc:
+                # A portal that hangs up on a login request without a Login Response is
+                # no iSCSI portal, or one whose target will not say why (tgt with no target
+                # this initiator may see).
+                raise ConnectionFailed(
+                    f"{exc} during the login, without a Login Response: check that "
+                    f"{conn.portal} is an iSCSI portal and that the target admits initiator "
+                    f"{self.config.initiator_name}") from None
             exchanges[0] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):

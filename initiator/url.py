@@ -292,6 +292,26 @@ def validate_iscsi_name(name: str, *, what: str = "target name") -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _bracketed(text: str) -> str:
+    """How an unbracketed IPv6 address is written, for the message refusing it: ``::1:3260``
+    may be an address or ``::1`` with its port, and only the writer knows which."""
+
+    def ipv6(candidate: str) -> bool:
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            return False
+        return True
+
+    head, _, tail = text.rpartition(":")
+    with_port = tail.isdigit() and 0 < int(tail) < 65536 and ipv6(head)
+    if with_port and ipv6(text):
+        return f"[{text}] for that address, or [{head}]:{tail} if {tail} is the port"
+    if with_port:
+        return f"[{head}]:{tail}"
+    return f"[{text}] or [{text}]:3260"
+
+
 def _valid_hostname(host: str) -> bool:
     if len(host) > 253 or not host:
         return False
@@ -334,7 +354,7 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
         if text.count(":") > 1:
             raise ConfigurationError(
                 f"address {text!r} looks like an IPv6 address; put it in brackets, "
-                f"e.g. [{text}] or [{text}]:3260"
+                f"e.g. {_bracketed(text)}"
             )
         host, colon, port_text_or_empty = text.partition(":")
         port_text = port_text_or_empty if colon else None

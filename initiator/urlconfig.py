@@ -14,7 +14,7 @@ from typing import Any
 from initiator.credentials import ChapSource
 from initiator.errors import ConfigurationError
 from initiator.transport import SessionConfig, default_initiator_name
-from initiator.url import IscsiUrl, parse_url
+from initiator.url import URL_SYNTAX, IscsiUrl, parse_url, validate_iscsi_name
 
 __all__ = ["session_config", "target_url"]
 
@@ -26,6 +26,9 @@ def session_config(url: IscsiUrl, *, initiator_name: str | None = None,
     ``extra`` overrides further :class:`SessionConfig` fields (``noop_interval``,
     ``reconnect_forever``, ...).
     """
+    if initiator_name is not None:
+        # Given on the command line: a typo must not reach the target as our name.
+        validate_iscsi_name(initiator_name, what="initiator name (--initiator-name)")
     credentials = url.chap.build(ChapSource.url(repr(url.redacted())))
     return SessionConfig(
         initiator_name=initiator_name or default_initiator_name(),
@@ -42,6 +45,6 @@ def target_url(text: str) -> IscsiUrl:
     url = parse_url(text)
     if url.is_discovery or url.target_iqn is None or url.lun is None:
         raise ConfigurationError(
-            f"URL {url} names no target and LUN; expected "
-            "iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>")
+            f"URL {str(url)!r} names no target and LUN; expected {URL_SYNTAX} (`hbactl discover "
+            f"{url}` lists the targets of that portal)")
     return url

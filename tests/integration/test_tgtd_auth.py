@@ -170,7 +170,21 @@ async def test_chap_required_but_not_offered(make_target: MakeTarget, new_chap: 
     with pytest.raises(ISCSIError):
         await session.login()
     assert_one_line_error(hbactl("readcap", target.url(credentials=False)), 1,
-                          mentions=[target.iqn], secrets=[chap.password])
+                          mentions=[target.iqn, "requires CHAP", "<user>%<secret>@"],
+                          secrets=[chap.password])
+
+
+async def test_mutual_chap_asked_of_a_one_way_target(make_target: MakeTarget,
+                                                     new_chap: NewChap) -> None:
+    # tgtd has no outgoing account for this target, so it refuses our (right) response as
+    # if it were wrong: the message must name that cause as well as the secret.
+    chap = new_chap()
+    target = make_target(8 << 20, chap=chap)
+    url = (f"iscsi://{chap.userid}%{chap.password}@{target.portal}/{target.iqn}/{target.lun}"
+           "?target_user=tgt-user&target_password=a-target-secret-1")
+    assert_one_line_error(hbactl("readcap", url), 1,
+                          mentions=["rejected our CHAP response", "no mutual CHAP credentials"],
+                          secrets=[chap.password, "a-target-secret-1"])
 
 
 async def test_chap_offered_to_a_target_without_it(target: TgtdTarget, new_chap: NewChap) -> None:

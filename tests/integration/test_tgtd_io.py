@@ -107,6 +107,12 @@ def test_hbactl_io_errors(target: TgtdTarget, tmp_path: Path) -> None:
                           2, mentions=["none"])
     assert_one_line_error(hbactl("readcap", target.url(lun=5)), 1,
                           mentions=["LUN 5", "ILLEGAL REQUEST"])
+    assert_one_line_error(hbactl("inquiry", target.url(lun=5)), 1,
+                          mentions=["LUN 5", "no logical unit", "check the LUN number"])
+    # tgt's LUN 0 is its controller: no READ CAPACITY, and the message says why.
+    for command in (["readcap"], ["read", "--lba", "0", "--blocks", "1", "-o", "-"]):
+        assert_one_line_error(hbactl(*command, target.url(lun=0)), 1,
+                              mentions=["LUN 0", "storage array controller", "not a block device"])
 
 
 # -- digests -----------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def test_digest_refused_by_target(target: TgtdTarget) -> None:
     # tgtd's default is HeaderDigest=None, and it answers None to an offer of CRC32C alone
     # instead of Reject: either way the login must fail with a sentence naming the key.
     assert_one_line_error(hbactl("readcap", target.url() + "?header_digest=crc32c"), 1,
-                          mentions=["HeaderDigest"])
+                          mentions=["HeaderDigest", "header_digest=crc32c-none"])
     # Offering CRC32C,None falls back to no digest.
     assert "Blocks:" in assert_ok(hbactl("readcap", target.url() + "?header_digest=crc32c-none"))
 

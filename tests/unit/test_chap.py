@@ -399,7 +399,14 @@ def test_login_rejected_names_the_settings_to_check() -> None:
     with pytest.raises(AuthenticationError) as info:
         started(one_way()).login_rejected()
     assert "chapSecret / chapIName" in str(info.value)
+    assert "<user>%<secret>@ in a URL" in str(info.value)  # where a hbactl user gives them
+    assert "mutual" not in str(info.value)
     assert INI_SECRET not in str(info.value)
+    # Asking for mutual CHAP of a target that has no credentials of its own is refused alike.
+    with pytest.raises(AuthenticationError) as info:
+        started(mutual()).login_rejected()
+    assert "no mutual CHAP credentials" in str(info.value)
+    assert "target_user=/target_password=" in str(info.value)
 
 
 def test_wrong_target_secret_is_caught_by_initiator() -> None:

@@ -824,3 +824,34 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+
+
+async def test_daemon_refuses_a_malformed_initiator_name(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before the bus: the name is wrong whether or not DBus runs.
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    with pytest.raises(control.StartupError, match=r"initiator name \(--initiator-name\) "
+                                                   "'bogus' is not a valid iSCSI name") as info:
+        await control.run_daemon(None, "bogus")
+    assert info.value.exit_status == control.EXIT_CONFIG
+
+
+@pytest.mark.parametrize("command", ["attach", "detach"])
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_attach_and_detach_refuse_a_timeout_that_waits_for_nothing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        command: str, timeout: str) -> None:
+    # Refused before the bus: without the check this is "cannot reach the system DBus".
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    assert cli.main([command, "disk1", "--timeout", timeout]) == 2
+    assert f"--timeout {float(timeout):g}: expected a number of seconds above 0" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inquiry", "readcap", "read", "write", "perf"])
+def test_one_shot_help_shows_the_url_form(command: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "URLiscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>" in help_text

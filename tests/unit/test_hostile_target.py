@@ -35,7 +35,13 @@ from initiator.chap import (
 )
 from initiator.client import COMMAND_ATTEMPTS, ScsiClient
 from initiator.command import CommandResult
-from initiator.errors import ISCSIError, RemoteProtocolError, SessionFailed, TransferError
+from initiator.errors import (
+    CommandError,
+    ISCSIError,
+    RemoteProtocolError,
+    SessionFailed,
+    TransferError,
+)
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginMachine, LoginSuccess
 from initiator.printable import PrintableFormatter, printable
@@ -319,6 +325,19 @@ async def test_inquiry_with_no_data_at_all_names_it() -> None:
         with pytest.raises(TransferError, match=r"INQUIRY returned 0 bytes \(no residual\); "
                                                 "at least 36 are needed"):
             await within(ScsiClient(session, 0).identity())
+
+
+async def test_inquiry_of_a_lun_with_no_unit_is_an_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The fake target answers INQUIRY for LUN 7 with qualifier 011b, as tgt and LIO do.
+    target = fake()
+    async with logged_in(target) as (_, session):
+        with pytest.raises(CommandError, match="no logical unit at this LUN"):
+            await within(ScsiClient(session, 7).identity())
+    async with FakeTargetServer(target) as server:
+        assert await hbactl("inquiry", url(server).removesuffix("/0") + "/7") == 1
+    err = capsys.readouterr().err
+    assert "LUN 7" in err and "check the LUN number" in err and err.count("\n") == 1
 
 
 async def test_a_write_the_target_took_only_part_of_is_an_error() -> None:

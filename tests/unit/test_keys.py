@@ -674,6 +674,19 @@ def test_answer_checks(ours: dict[str, Any], key: str, answer: str, outcome: obj
         assert key not in ini.awaiting
 
 
+@pytest.mark.parametrize("answer", ["None", "Reject"])
+@pytest.mark.parametrize(("key", "option"), [("HeaderDigest", "header_digest"),
+                                             ("DataDigest", "data_digest")])
+def test_a_required_digest_refused_says_how_to_go_on(key: str, option: str,
+                                                      answer: str) -> None:
+    # tgt answers None where §6.2.1 says Reject; either way the user learns what to change.
+    ini = offered_initiator(**{option: DIGEST_CRC32C_REQUIRED})  # the field is named alike
+    with pytest.raises(NegotiationError) as info:
+        ini.receive([(key, answer)], Stage.OPERATIONAL)
+    message = str(info.value)
+    assert f"{option}=crc32c-none in a URL" in message and f"{key} = CRC32C,None" in message
+
+
 def test_violation_message_explains_the_rule() -> None:
     ini = offered_initiator()
     with pytest.raises(NegotiationViolation) as info:

@@ -291,6 +291,9 @@ def test_target_requiring_chap_refuses_initiator_without_credentials() -> None:
     with pytest.raises(LoginAuthenticationError, match="authentication failed") as info:
         run(target, machine())
     assert "0x0201" in str(info.value)
+    # How to give credentials, in a URL as in the configuration.
+    assert "requires CHAP" in str(info.value) and "<user>%<secret>@ in a URL" in str(info.value)
+    assert "chapIName/chapSecret in the configuration" in str(info.value)
 
 
 def test_target_choosing_auth_none_when_we_have_credentials_fails() -> None:

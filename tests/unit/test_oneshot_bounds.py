@@ -10,7 +10,9 @@ fake target runs on a real loopback port; for the command line, in a thread of i
 from __future__ import annotations
 
 import asyncio
+import io
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,3 +156,70 @@ def test_hbactl_login_flood_names_the_login_timeout(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert status == 1 and "within the login timeout of 0.3 s" in err, err
     assert err.count("\n") == 1
+
+
+def test_a_malformed_initiator_name_is_refused_before_connecting(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 refuses: reaching it would be exit status 1 and a connection error.
+    status = cli.main(["readcap", "--initiator-name", "bogus",
+                       f"iscsi://127.0.0.1:1/{TGT}/0"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "initiator name (--initiator-name) 'bogus' is not a valid iSCSI name" in err
+    assert err.count("\n") == 1
+
+
+def test_read_into_a_path_that_cannot_be_written_is_refused_before_connecting(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 refuses: reaching it would be a connection error.
+    status = cli.main(["read", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                       "--lba", "0", "--blocks", "1", "-o", str(tmp_path / "no" / "x")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot write" in err and "there is no directory" in err, err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["discover", "iscsi://127.0.0.1:1"],
+                                     ["readcap", f"iscsi://127.0.0.1:1/{TGT}/0"]])
+def test_a_capture_that_cannot_be_written_is_refused_before_connecting(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    status = cli.main([*command, "--initiator-name", INI, "--pcap",
+                       str(tmp_path / "no" / "x.pcap")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot write" in err and "there is no directory" in err, err
+
+
+class _ClosedPipe(io.RawIOBase):
+    """Standard output whose reader has gone (``hbactl read -o - | head -c 10``)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_read_and_write_name_standard_output_and_input(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "iscsi://127.0.0.1:{}/" + TGT + "/0"
+    with target_in_a_thread(fake()) as port:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+        assert cli.main(["write", "--initiator-name", INI, url.format(port), "--lba", "0",
+                         "-i", "-"]) == 2
+        err = capsys.readouterr().err
+        assert "standard input holds 6 bytes, not a whole number of 512-byte blocks" in err
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(_ClosedPipe())))
+        assert cli.main(["read", "--initiator-name", INI, url.format(port), "--lba", "0",
+                         "--blocks", "4", "-o", "-"]) == 1
+        err = capsys.readouterr().err
+        assert "cannot write standard output: Broken pipe" in err, err
+        assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_perf_refuses_a_run_length_that_is_no_length(
+        capsys: pytest.CaptureFixture[str], seconds: str) -> None:
+    status = cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                       "--seconds", seconds])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hba import oneshot, plot
+from hba import cli, oneshot, plot
 from hba.errors import HBAError
 from hba.oneshot import histogram_from, latency_summary
+from initiator.errors import ConfigurationError
 from initiator.keys import NegotiationSettings
 from initiator.stats import Histogram
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
@@ -49,6 +50,21 @@ def test_latency_picture(tmp_path: Path) -> None:
         plot.latency_svg(str(tmp_path / "empty.svg"), [plot.Series("x", Histogram())], "t")
     with pytest.raises(HBAError, match="cannot write"):
         plot.latency_svg(str(tmp_path / "no" / "dir.svg"), series, "t")
+
+
+def test_an_unwritable_picture_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for path, words in ((tmp_path / "no" / "x.svg", "no directory"),
+                        (tmp_path, "is a directory")):
+        with pytest.raises(ConfigurationError, match=f"cannot write .*{words}"):
+            oneshot.check_writable(str(path))
+    oneshot.check_writable(str(tmp_path / "x.svg"))
+    assert not (tmp_path / "x.svg").exists()  # checked, not created
+    # Port 1 refuses: had perf run first, the error would be the connection's.
+    status = cli.main(["perf", "--histogram", str(tmp_path / "no" / "x.svg"),
+                       "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0"])
+    err = capsys.readouterr().err
+    assert status != 0 and "cannot write" in err and "connect" not in err, err
 
 
 async def test_perf_latency_counts_every_completed_command() -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hba import top
-from hba.cli import build_parser
+from hba.cli import build_parser, main
 from hba.config import ConfigError, parse_config
 from hba.metrics import parse_listen_address
 from initiator.errors import ConfigurationError
@@ -144,6 +145,31 @@ def test_top_parses() -> None:
     assert not getattr(args, "json", False)  # the stream is top's own output
     args = build_parser().parse_args(["daemon", "--metrics", "9433"])
     assert args.metrics == "9433"
+
+
+def test_top_without_a_bus_says_what_to_start(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # The same sentence as list and status: which daemon to start, and how.
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    assert main(["top", "--count", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the system DBus" in err and "systemctl start iscsi-hba" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--interval", "nan"], "--interval must be a positive"),
+    (["--interval", "0"], "--interval must be a positive"),
+    (["--count", "0"], "--count must be at least 1"),
+    (["--count", "-1"], "--count must be at least 1"),
+])
+def test_top_refuses_bad_intervals_and_counts_before_the_bus(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        argv: list[str], words: str) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
+    assert main(["top", *argv]) == 2
+    assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "address"), [

@@ -1279,3 +1279,24 @@ async def test_kernel_abort_escalates_like_a_deadline() -> None:
         functions = [p.function for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
         assert functions == [P.TMFunction.ABORT_TASK, P.TMFunction.LOGICAL_UNIT_RESET]
         assert session.reconnects == 0
+
+
+async def test_a_portal_that_hangs_up_on_the_login_says_what_to_check() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(48)  # the Login Request's header, then nothing in return
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for target in (TGT, None):  # a normal login, and discovery's
+            session = Session(Portal("127.0.0.1", port), target, config(),
+                              discovery=target is None)
+            with pytest.raises(ConnectionFailed) as info:
+                await asyncio.wait_for(session.login(), 5)
+            message = str(info.value)
+            assert "closed the connection during the login, without a Login Response" in message
+            assert f"127.0.0.1:{port} is an iSCSI portal" in message and INI in message
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -6,6 +6,7 @@ import pytest
 
 from initiator.errors import ConfigurationError
 from initiator.url import (
+    URL_SYNTAX,
     DigestPreference,
     IscsiUrl,
     format_portal,
@@ -13,6 +14,7 @@ from initiator.url import (
     parse_url,
     validate_iscsi_name,
 )
+from initiator.urlconfig import target_url
 
 IQN = "iqn.2003-01.org.example:disk1"
 SECRET = "Zq8-secret-vX3"
@@ -242,7 +244,11 @@ ERRORS = [
     (f"iscsi://h:65536/{IQN}/0", "from 1 to 65535"),
     (f"iscsi://h:/{IQN}/0", "port ''"),
     (f"iscsi://h:x/{IQN}/0", "port 'x'"),
-    (f"iscsi://fe80::1/{IQN}/0", "put it in brackets"),
+    (f"iscsi://fe80::1/{IQN}/0", r"put it in brackets, e.g. \[fe80::1\] or \[fe80::1\]:3260"),
+    # ::1:53649 is no address (a group has at most 4 hex digits): ::1 with its port.
+    (f"iscsi://::1:53649/{IQN}/0", r"e.g. \[::1\]:53649$"),
+    (f"iscsi://fd00::1:3260/{IQN}/0",
+     r"e.g. \[fd00::1:3260\] for that address, or \[fd00::1\]:3260 if 3260 is the port"),
     (f"iscsi://[fe80::1/{IQN}/0", "without closing it"),
     (f"iscsi://[fe80::1]x/{IQN}/0", "after ']'"),
     (f"iscsi://[example.com]/{IQN}/0", "brackets are only for IPv6"),
@@ -413,3 +419,12 @@ def test_one_shot_commands_refuse_several_portals(text: str, message: str) -> No
 def test_several_portals_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         paths(text)
+
+
+@pytest.mark.parametrize("text", ["iscsi://192.0.2.1:3261", "iscsi://192.0.2.1:3261/"])
+def test_a_portal_url_where_a_lun_is_needed_points_at_discovery(text: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        target_url(text)
+    message = str(info.value)
+    assert "'iscsi://192.0.2.1:3261' names no target and LUN" in message
+    assert URL_SYNTAX in message and "`hbactl discover iscsi://192.0.2.1:3261`" in message
