@@ -73,7 +73,7 @@ from typing import Any
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError
 from initiator.keys import SessionType
-from initiator.url import MAX_LUN, DigestPreference, format_portal, parse_portal
+from initiator.url import MAX_LUN, DigestPreference, decimal, format_portal, parse_portal
 from initiator.url import validate_iscsi_name as _validate_iscsi_name
 
 __all__ = [
@@ -309,9 +309,10 @@ def _choice(mapping: Mapping[str, Any], expected: str) -> Callable[[str], Any]:
 
 def _integer(low: int, high: int, unit: str = "") -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        number = decimal(text)
+        if number is None or not low <= number <= high:
             raise _BadValue(f"must be a whole number from {low} to {high}{unit}")
-        return int(text)
+        return number
 
     return parse
 

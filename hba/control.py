@@ -557,9 +557,12 @@ async def _reload(daemon: Daemon) -> None:
 
 
 def _worker_count(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 256:
+    from initiator.url import decimal
+
+    number = decimal(text)
+    if number is None or not 1 <= number <= 256:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 256")
-    return int(text)
+    return number
 
 
 def add_commands(sub: Any) -> None:

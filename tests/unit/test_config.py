@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -599,3 +600,28 @@ def test_discover_portals_makes_a_multipath_entry_and_an_explicit_timeout_stays(
 ])
 def test_multipath_errors(text: str, message: str) -> None:
     assert any(message in error for error in errors_of(text)), errors_of(text)
+
+
+HUGE = "9" * 5000   # past Python's 4300-digit limit of int()
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("Lun = \u00b2", "Lun '²' must be a whole number from 0 to 65535"),
+    (f"Lun = {HUGE}", "Lun '9999.* must be a whole number from 0 to 65535"),
+    ("QueueDepth = \u0661", "QueueDepth '\u0661' must be a whole number from 1 to 1024"),
+    ("TargetAddress = h:\u00b2", "port '²' in address 'h:²' is not a number"),
+    (f"TargetAddress = h:{HUGE}", "is not a number from 1 to 65535"),
+])
+def test_numbers_are_ascii_digits_of_any_length(line: str, message: str) -> None:
+    text = f"a {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n".replace(
+        " TargetAddress = h\n", f" {line}\n" if line.startswith("TargetAddress") else
+        f" TargetAddress = h\n {line}\n")
+    error = one_error(text)
+    assert error.startswith(f"{PATH}:")
+    assert re.search(message, error), error
+
+
+@pytest.mark.parametrize("line", ["Workers = \u00b2", f"Workers = {HUGE}", "Metrics = \u00b2",
+                                  f"Metrics = h:{HUGE}"])
+def test_daemon_numbers_are_ascii_digits_of_any_length(line: str) -> None:
+    assert one_error(line + "\n").startswith(f"{PATH}:1: {line.split(maxsplit=1)[0]} ")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from initiator.errors import ConfigurationError
 from initiator.url import (
+    TOO_LARGE,
     DigestPreference,
     IscsiUrl,
+    decimal,
     format_portal,
     parse_portal,
     parse_url,
@@ -413,3 +417,41 @@ def test_one_shot_commands_refuse_several_portals(text: str, message: str) -> No
 def test_several_portals_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         paths(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers a person types: ASCII digits only, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+HUGE = "9" * 5000   # past Python's 4300-digit limit of int()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"iscsi://a/{IQN}/\u00b2", "is not a number"),
+    (f"iscsi://a/{IQN}/\u0661", "is not a number"),   # ARABIC-INDIC ONE: int() takes it
+    (f"iscsi://a/{IQN}/+1", "is not a number"),
+    (f"iscsi://a/{IQN}/{HUGE}", r"LUN 9{20}\.\.\. .* is larger than 65535"),
+    (f"iscsi://a:\u00b2/{IQN}/0", "is not a number from 1 to 65535"),
+    (f"iscsi://a:{HUGE}/{IQN}/0", "is not a number from 1 to 65535"),
+])
+def test_numbers_are_ascii_digits_of_any_length(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse(text)
+
+
+def test_decimal() -> None:
+    assert [decimal(t) for t in ("0", "007", "65535", "1" + "0" * 18)] == [0, 7, 65535, 10**18]
+    assert decimal("0" * 5000 + "12") == 12
+    assert decimal(HUGE) == decimal("1" + "0" * 19) == TOO_LARGE
+    for text in ("", " 1", "1 ", "+1", "-1", "1_0", "\u00b2", "\u0661", "1.0", "0x1"):
+        assert decimal(text) is None, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("iscsi:/[]@%?&=,.0123456789abf-_\u00b2\u0661 \x00"),
+               max_size=60).map(lambda tail: "iscsi://" + tail))
+def test_any_url_parses_or_raises_configuration_error(text: str) -> None:
+    try:
+        parse_url(text, environ=NOENV, several_portals=True)
+    except ConfigurationError as exc:
+        assert str(exc) and "\n" not in str(exc)
