@@ -258,7 +258,10 @@ _WORD_STOP = frozenset(' \t\r\n{}=;#"')
 
 def _tokenize(text: str, report: Callable[[int, str], None]) -> list[_Token]:
     tokens: list[_Token] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at '\n' only, as editors, grep -n and the UTF-8 check of load_config count
+    # them: str.splitlines() also ends a line at '\f', '\v', '\x1c'-'\x1e', '\x85', U+2028
+    # and U+2029, which shifted every later line number and cut comments in two.
+    for number, line in enumerate(text.split("\n"), start=1):
         i = 0
         while i < len(line):
             ch = line[i]

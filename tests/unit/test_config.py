@@ -625,3 +625,25 @@ def test_numbers_are_ascii_digits_of_any_length(line: str, message: str) -> None
                                   f"Metrics = h:{HUGE}"])
 def test_daemon_numbers_are_ascii_digits_of_any_length(line: str) -> None:
     assert one_error(line + "\n").startswith(f"{PATH}:1: {line.split(maxsplit=1)[0]} ")
+
+
+@pytest.mark.parametrize("char", ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
+                                  "\u2029"])
+def test_only_newline_ends_a_line(char: str) -> None:
+    # str.splitlines() ends lines at these too: the comment's tail became a line of its own
+    # and every later line number was one too high.
+    text = f"# a comment{char}with a tail\na {{\n TargetAddress = h\n TargetName = {IQN}\n"
+    assert one_error(text + " Lun = x\n}\n").startswith(f"{PATH}:5: Lun 'x' ")
+    assert one_error(text + f" Lun = 0{char}\n}}\n").startswith(f"{PATH}:5: Lun ")
+
+
+def test_load_reports_the_line_editors_show(tmp_path: Path) -> None:
+    path = tmp_path / "iscsi-hba.conf"
+    path.write_bytes(b"# \x0c\na {\n TargetAddress = h\n TargetName = " + IQN.encode()
+                     + b"\n Lun = x\n}\n")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == (
+        f"{path}:5: Lun 'x' must be a whole number from 0 to 65535 (the LUN as lsscsi and "
+        "libiscsi number it)",)
