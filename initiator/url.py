@@ -56,6 +56,7 @@ from urllib.parse import unquote_to_bytes
 
 from initiator.credentials import ChapFields, ChapSource
 from initiator.errors import ConfigurationError
+from initiator.text import is_utf8
 
 __all__ = [
     "DEFAULT_PORT",
@@ -277,6 +278,8 @@ def validate_iscsi_name(name: str, *, what: str = "target name") -> str:
 
     if not name:
         raise ConfigurationError(f"{what} is empty; expected {NAME_SYNTAX}")
+    if not is_utf8(name):
+        raise fail("it is not UTF-8 text")
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise fail(f"it is longer than {MAX_NAME_BYTES} bytes")
     prefix = name[:4].lower()
@@ -430,6 +433,10 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
     secret.
     """
     shown = repr(_scrub(text))
+    if not is_utf8(text):
+        raise ConfigurationError(
+            f"URL {shown} is not UTF-8 text (it holds bytes that are not UTF-8); write "
+            "non-ASCII characters in UTF-8 or percent-encode them")
     if not text.lower().startswith(_PREFIX):
         raise ConfigurationError(
             f"URL {shown} does not start with iscsi://; expected {URL_SYNTAX} "

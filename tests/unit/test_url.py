@@ -455,3 +455,40 @@ def test_any_url_parses_or_raises_configuration_error(text: str) -> None:
         parse_url(text, environ=NOENV, several_portals=True)
     except ConfigurationError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes that are not UTF-8 (an argument or variable reaches Python as lone surrogates, PEP 383)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    f"iscsi://192.0.2.1/{IQN}\udcff/0",
+    f"iscsi://me\udcff%{SECRET}@192.0.2.1/{IQN}/0",
+    f"iscsi://me%{SECRET}\udcff@192.0.2.1/{IQN}/0",
+    f"iscsi://192.0.2.1/{IQN}/0?target_user=t\udcff",
+])
+def test_a_url_that_is_not_utf8_is_refused(text: str) -> None:
+    with pytest.raises(ConfigurationError, match="is not UTF-8 text") as info:
+        parse(text)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["ISCSI_HBA_CHAP_NAME", "ISCSI_HBA_CHAP_SECRET",
+                                      "LIBISCSI_CHAP_TARGET_USERNAME",
+                                      "ISCSI_HBA_TARGET_CHAP_SECRET"])
+def test_an_environment_variable_that_is_not_utf8_is_named(variable: str) -> None:
+    env = {"ISCSI_HBA_CHAP_NAME": "me", "ISCSI_HBA_CHAP_SECRET": SECRET,
+           "ISCSI_HBA_TARGET_CHAP_NAME": "them", "ISCSI_HBA_TARGET_CHAP_SECRET": TSECRET}
+    if variable == "LIBISCSI_CHAP_TARGET_USERNAME":
+        del env["ISCSI_HBA_TARGET_CHAP_NAME"]   # ours comes first
+    env[variable] = "x\udcff" + SECRET
+    with pytest.raises(ConfigurationError,
+                       match=f"environment variable {variable} is not UTF-8") as info:
+        parse(f"iscsi://192.0.2.1/{IQN}/0", **env)
+    assert SECRET not in str(info.value)
+
+
+def test_a_name_that_is_not_utf8_is_not_valid() -> None:
+    with pytest.raises(ConfigurationError, match="not a valid iSCSI name: it is not UTF-8"):
+        validate_iscsi_name(IQN + "\udcff")
