@@ -99,19 +99,16 @@ MIN_SECRET_BYTES = 12
 
 class ConfigError(HBAError):
     """The configuration cannot be used. ``errors`` lists every problem, each prefixed with
-    ``path:line:`` when it belongs to a line."""
+    ``path:line:`` when it belongs to a line; ``lines`` is the message as the lines to print
+    (or log) one by one: the problem, or a count and then the problems."""
 
     def __init__(self, errors: Sequence[str], *, path: str | None = None) -> None:
         self.errors = tuple(errors)
         self.path = path
-        if len(self.errors) == 1:
-            message = self.errors[0]
-        else:
-            where = f" in {path}" if path else ""
-            message = f"{len(self.errors)} problems{where}:\n" + "\n".join(
-                f"  {error}" for error in self.errors
-            )
-        super().__init__(message)
+        where = f" in {path}" if path else ""
+        self.lines: tuple[str, ...] = self.errors if len(self.errors) == 1 else (
+            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in self.errors))
+        super().__init__("\n".join(self.lines))
 
 
 class AuthMethod(enum.Enum):

@@ -68,11 +68,14 @@ class DaemonNotRunning(ControlError):
 
 
 class StartupError(HBAError):
-    """``hbactl daemon`` could not start; ``exit_status`` tells systemd whether to retry."""
+    """``hbactl daemon`` could not start; ``exit_status`` tells systemd whether to retry.
+    ``lines``: the message as lines to print one by one (a configuration's problems)."""
 
-    def __init__(self, message: str, exit_status: int = 1) -> None:
+    def __init__(self, message: str, exit_status: int = 1,
+                 lines: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+        self.lines = lines or (message,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +421,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             workers = workers or config.workers
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
-            raise StartupError(str(exc), EXIT_CONFIG) from None
+            raise StartupError(str(exc), EXIT_CONFIG, exc.lines) from None
     if pcap_dir is not None:
         try:
             await asyncio.to_thread(prepare_capture_dir, pcap_dir)
@@ -478,7 +481,8 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
                 status = 1
     except (KernelSetupError, ConfigError) as exc:
         sd_notify(f"STATUS={str(exc).splitlines()[0]}")
-        raise StartupError(str(exc), EXIT_CONFIG) from None
+        raise StartupError(str(exc), EXIT_CONFIG,
+                           exc.lines if isinstance(exc, ConfigError) else ()) from None
     finally:
         sd_notify("STOPPING=1")
         for signum in handled:
@@ -547,7 +551,9 @@ async def _reload(daemon: Daemon) -> None:
     try:
         await daemon.reload_config()
     except ConfigError as exc:
-        log.error("keeping the previous configuration: %s", exc)
+        # A line per problem: one log line holding them all would show its '\n's escaped.
+        for line in exc.lines:
+            log.error("keeping the previous configuration: %s", line.strip())
         return
     await daemon.attach_enabled()
 

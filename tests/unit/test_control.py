@@ -745,6 +745,34 @@ async def test_daemon_refuses_a_config_others_can_read(tmp_path: Path) -> None:
     assert "a-long-enough-secret" not in message
 
 
+def test_daemon_prints_each_problem_of_its_configuration_on_a_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
+    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
+    config = write_config(tmp_path / "hba.conf", "a {\n Lun = x\n}\nb {\n Foo\x1b[2J = 1\n}\n")
+    assert cli.main(["daemon", "--config", config]) == control.EXIT_CONFIG
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"hbactl: 6 problems in {config}:"
+    assert lines[3] == (f"  {config}:2: Lun 'x' must be a whole number from 0 to 65535 (the LUN "
+                        "as lsscsi and libiscsi number it)")
+    assert lines[6] == f"  {config}:5: unknown key 'Foo\\x1b[2J' in \"b\""
+    assert len(lines) == 7
+
+
+async def test_a_bad_configuration_on_reload_is_logged_a_problem_a_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path / "hba.conf", "")
+    daemon = Daemon(DaemonOptions(config_path=config, initiator_name="iqn.2024-01.org.e:i"))
+    write_config(tmp_path / "hba.conf", "a {\n Lun = x\n}\n")
+    with caplog.at_level("ERROR", logger="iscsi-hba"):
+        await control._reload(daemon)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"keeping the previous configuration: 3 problems in {config}:"
+    assert messages[3].startswith(f"keeping the previous configuration: {config}:2: Lun 'x'")
+    assert all("\n" not in m for m in messages) and len(messages) == 4
+
+
 async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             notify_socket: tuple[socket.socket, str]) -> None:
