@@ -23,7 +23,8 @@ As in FreeBSD's iscsictl (usr.bin/iscsictl: token.l, parse.y, iscsictl.c conf_ve
 * FreeBSD's obsolete or unsupported keys (port, MaxConnections, tags, dscp, ...) are accepted
   and ignored with a warning; Offload likewise.
 
-Differences, all towards telling the user sooner: a duplicated key or nickname, an unknown
+Differences, all towards telling the user sooner: a nickname must be usable as a kernel name
+(:data:`MAX_NICKNAME`); a duplicated key or nickname, an unknown
 key and a bad value are errors reported with ``path:line:`` and *all* of a file's errors are
 reported together; CHAP keys under ``AuthMethod = None`` draw a warning (FreeBSD ignores them
 silently); a mutual-CHAP secret equal to the initiator's secret is refused (RFC 7143 §9.2.1);
@@ -65,6 +66,7 @@ import enum
 import ipaddress
 import os
 import pwd
+import re
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -92,6 +94,13 @@ DEFAULT_PATH = "/etc/iscsi-hba.conf"
 MULTIPATH_REPLACEMENT_TIMEOUT = 5
 """ReplacementTimeout of a multipath entry that does not set one: multipathd's default
 ``fast_io_fail_tmo``, which it writes into open-iscsi's sessions but cannot into ours."""
+
+MAX_NICKNAME = 55
+"""A nickname names the kernel backstore of its LUN (``hba-<nickname>``, with ``.<n>`` after it
+for path n of a multipath entry, :mod:`hba.specs`) and is its cfgstring (:mod:`hba.cfgstring`):
+backstore names are at most 64 letters, digits, '_', '.' and '-' (:data:`hba.kernel.NAME_RE`),
+less ``hba-`` and ``.9999``."""
+_NICKNAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
@@ -589,6 +598,10 @@ class _Parser:
         block = _Block(nickname=name.text, line=name.line)
         if not name.text:
             self.error(name.line, "the nickname is empty")
+        elif not _NICKNAME.fullmatch(name.text) or len(name.text) > MAX_NICKNAME:
+            # FreeBSD takes any word; here the nickname becomes a kernel name.
+            self.error(name.line, f"nickname {name.text!r} cannot name a disk: use at most "
+                                  f"{MAX_NICKNAME} letters, digits, '_', '.' or '-'")
         previous: _Token | None = None
         while True:
             tok = self.peek()

@@ -647,3 +647,29 @@ def test_load_reports_the_line_editors_show(tmp_path: Path) -> None:
     assert info.value.errors == (
         f"{path}:5: Lun 'x' must be a whole number from 0 to 65535 (the LUN as lsscsi and "
         "libiscsi number it)",)
+
+
+@pytest.mark.parametrize("nickname", ['"two words"', "disk/1", "a:b", "disk\x1b[2J", "ü",
+                                      "n" * 56, "%41"])
+def test_a_nickname_must_be_usable_as_a_kernel_name(nickname: str) -> None:
+    # It names the backstore (hba-<nickname>[.<n>]) and is the cfgstring: a nickname the
+    # kernel refuses failed only at attach, without file and line.
+    error = one_error(f"# first\n{nickname} {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n")
+    assert error.startswith(f"{PATH}:2: nickname ") and "cannot name a disk" in error
+    assert "\x1b" not in error
+
+
+@pytest.mark.parametrize("nickname", ["n" * 55, "db-1_a.B", "0", "-x"])
+def test_nicknames_the_kernel_takes(nickname: str) -> None:
+    text = f"{nickname} {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n"
+    assert list(parse_config(text, PATH).entries) == [nickname]
+
+
+def test_the_longest_nickname_names_the_backstore_of_every_path() -> None:
+    from hba.config import MAX_NICKNAME
+    from hba.kernel import NAME_RE
+    from hba.specs import _PATH_SUFFIX, BACKSTORE_PREFIX
+
+    longest = f"{BACKSTORE_PREFIX}{'n' * MAX_NICKNAME}.9999"
+    assert NAME_RE.match(longest) and _PATH_SUFFIX.match(longest)
+    assert not NAME_RE.match(f"{BACKSTORE_PREFIX}{'n' * (MAX_NICKNAME + 1)}.9999")
