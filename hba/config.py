@@ -861,7 +861,9 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever; it does
+        # nothing to a regular file, and anything else is refused below.
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError([f"cannot open {name}: {exc.strerror}"], path=name) from exc
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -535,6 +536,27 @@ def test_load_missing_file(tmp_path: Path) -> None:
 def test_load_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not a regular file"):
         load_config(tmp_path)
+
+
+def test_load_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.conf"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException | Config] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(fifo))
+        except BaseException as exc:   # handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():   # blocked in open(): let it go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("load_config waited for a writer of a FIFO")
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0])
 
 
 def test_load_not_utf8(tmp_path: Path) -> None:
