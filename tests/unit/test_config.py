@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hba.config import (
     AuthMethod,
@@ -695,3 +697,29 @@ def test_the_longest_nickname_names_the_backstore_of_every_path() -> None:
     longest = f"{BACKSTORE_PREFIX}{'n' * MAX_NICKNAME}.9999"
     assert NAME_RE.match(longest) and _PATH_SUFFIX.match(longest)
     assert not NAME_RE.match(f"{BACKSTORE_PREFIX}{'n' * (MAX_NICKNAME + 1)}.9999")
+
+
+_PIECES = st.sampled_from([
+    "a", "b", "{", "}", "=", ";", "#", '"', " ", "\n", "\t", "\r", "\x00", "\x0c", "\u2028",
+    "\u00b2", "9" * 30, "-1", "0", "TargetAddress", "TargetName", "Lun", "chapSecret",
+    "chapIName", "tgtChapName", "tgtChapSecret", "AuthMethod", "None", "CHAP", "Enable",
+    "SessionType", "Discovery", "DiscoverPortals", "on", "Workers", "Metrics", "port",
+    "MaxBurstLength", "FirstBurstLength", "HeaderDigest", "CRC32C,None", IQN, "[::1]:3260",
+    "h:0", "h,h", "[", "]", ":", ",", "\x1b[2J",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=40).map("".join))
+def test_any_text_loads_or_gives_every_problem_with_its_line(text: str) -> None:
+    last = text.count("\n") + 1
+    try:
+        config = parse_config(text, PATH)
+    except ConfigError as exc:
+        assert exc.errors
+        for error in exc.errors:
+            assert error.startswith(f"{PATH}:"), error
+            line = int(error.split(":")[1])
+            assert 1 <= line <= last, (error, text)
+        return
+    assert all(1 <= entry.line <= last for entry in config.entries.values())
