@@ -246,7 +246,16 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
     from dbus_next.message import Message
 
     from hba import dbus_service
+    from initiator.errors import ConfigurationError
+    from initiator.text import is_utf8
 
+    for value in body:
+        # dbus-next raises UnicodeEncodeError for the first, and the bus drops the connection
+        # (EOFError) for the second. Not shown: an attach URL may hold a secret.
+        if isinstance(value, str) and (not is_utf8(value) or "\0" in value):
+            raise ConfigurationError(
+                f"the argument of hbactl {command} is not text a DBus call can carry (UTF-8 "
+                "without NUL bytes); give the URL, nickname or device in UTF-8")
     try:
         bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 10)
     except Exception as exc:

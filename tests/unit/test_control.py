@@ -506,6 +506,19 @@ async def test_client_without_a_daemon(system_bus: str) -> None:
         await control.cmd_list(ns())
 
 
+@pytest.mark.parametrize("argv", [["attach", "disk\udcff"], ["attach", "a\x00b"],
+                                  ["detach", "a\x00b"], ["detach", "/dev/sd\udcff"]],
+                         ids=["attach-not-utf8", "attach-nul", "detach-nul", "detach-not-utf8"])
+def test_an_argument_dbus_cannot_carry_is_a_usage_error(
+        system_bus: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Not UTF-8: dbus-next raised UnicodeEncodeError; a NUL: the bus dropped the connection
+    # (EOFError). Both were tracebacks.
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"hbactl: the argument of hbactl {argv[0]} is not text a DBus call")
+    assert err.count("\n") == 1
+
+
 async def test_client_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
     with pytest.raises(control.DaemonNotRunning, match="cannot reach the system DBus"):
