@@ -316,13 +316,24 @@ def _with_env_secrets(what: str) -> str:
     return (f"iscsi://{user}{netloc}{parts.path}" + (f"?{'&'.join(query)}" if query else ""))
 
 
+def _check_timeout(timeout: float) -> None:
+    # asyncio.wait_for gives up on a timeout of 0 or less before the call is even sent, and
+    # a NaN one leaves it to chance: refused, as every other bound of hbactl is.
+    if not timeout > 0:
+        from initiator.errors import ConfigurationError
+
+        raise ConfigurationError(f"--timeout {timeout:g}: expected a number of seconds above 0")
+
+
 async def cmd_attach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Attach", "s", [_with_env_secrets(args.what)], command="attach",
                          timeout=args.timeout)
     return normalize_disk(disk)
 
 
 async def cmd_detach(args: argparse.Namespace) -> dict[str, Any]:
+    _check_timeout(args.timeout)
     (disk,) = await call("Detach", "sb", [args.what, bool(args.force)], command="detach",
                          timeout=args.timeout)
     return normalize_disk(disk)

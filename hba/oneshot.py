@@ -249,7 +249,7 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
-    if settings.seconds <= 0:
+    if not settings.seconds > 0:   # NaN too (it ran 0 s); inf runs until Ctrl-C
         raise ConfigurationError("--seconds must be positive")
     if settings.histogram is not None:
         plot.require()  # before the run, not after it

@@ -261,7 +261,7 @@ class _Client:
 
 async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl top``: see the module docstring. Returns when stopped."""
-    if args.interval <= 0:
+    if not 0 < args.interval < float("inf"):   # NaN too: it fails both comparisons
         from initiator.errors import ConfigurationError
 
         raise ConfigurationError("--interval must be a positive number of seconds")

@@ -519,6 +519,21 @@ def test_an_argument_dbus_cannot_carry_is_a_usage_error(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv", [
+    ["attach", "disk1", "--timeout", "nan"], ["attach", "disk1", "--timeout", "0"],
+    ["detach", "disk1", "--timeout", "-1"], ["top", "--interval", "nan"],
+    ["top", "--interval", "inf"],
+    ["perf", "iscsi://192.0.2.1/iqn.2003-01.org.example:x/0", "--seconds", "nan"],
+])
+def test_a_bound_that_is_no_number_of_seconds_is_a_usage_error(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # NaN passed the '<= 0' checks (perf ran 0 s, top slept NaN); attach and detach checked
+    # nothing, and asyncio gave up before sending the call, saying it goes on.
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("hbactl: --") and err.count("\n") == 1
+
+
 async def test_client_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
     with pytest.raises(control.DaemonNotRunning, match="cannot reach the system DBus"):
