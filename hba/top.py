@@ -261,10 +261,12 @@ class _Client:
 
 async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl top``: see the module docstring. Returns when stopped."""
-    if not 0 < args.interval < float("inf"):   # NaN too: it fails both comparisons
-        from initiator.errors import ConfigurationError
+    from initiator.errors import ConfigurationError
 
+    if not 0 < args.interval < float("inf"):   # NaN too: it fails both comparisons
         raise ConfigurationError("--interval must be a positive number of seconds")
+    if args.count is not None and args.count < 1:   # it showed nothing and succeeded
+        raise ConfigurationError("--count must be at least 1")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -522,7 +522,7 @@ def test_an_argument_dbus_cannot_carry_is_a_usage_error(
 @pytest.mark.parametrize("argv", [
     ["attach", "disk1", "--timeout", "nan"], ["attach", "disk1", "--timeout", "0"],
     ["detach", "disk1", "--timeout", "-1"], ["top", "--interval", "nan"],
-    ["top", "--interval", "inf"],
+    ["top", "--interval", "inf"], ["top", "--count", "0"],
     ["perf", "iscsi://192.0.2.1/iqn.2003-01.org.example:x/0", "--seconds", "nan"],
 ])
 def test_a_bound_that_is_no_number_of_seconds_is_a_usage_error(
