@@ -432,6 +432,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
     from hba.kernel import KernelSetupError
+    from initiator.errors import ConfigurationError
     from tcmu_handler.sdnotify import sd_notify
 
     if config_path is not None and os.path.exists(config_path):
@@ -451,8 +452,12 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         from hba.workers import default_workers
 
         workers = default_workers(len(os.sched_getaffinity(0)))
-    daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
-                                  pcap_dir=pcap_dir, workers=workers))
+    try:
+        daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
+                                      pcap_dir=pcap_dir, workers=workers))
+    except ConfigurationError as exc:   # an unusable /etc/iscsi/initiatorname.iscsi
+        sd_notify(f"STATUS={exc}")
+        raise StartupError(str(exc), EXIT_CONFIG) from None
     try:
         service = await dbus_service.DaemonService.connect(daemon, address=bus_address)
     except dbus_service.BusError as exc:

@@ -37,7 +37,7 @@ from hba.kernel import KernelSetupError
 from hba.specs import LunSpec
 from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.login import Portal
-from initiator.transport import Session, SessionConfig
+from initiator.transport import Session, SessionConfig, default_initiator_name
 from initiator.url import parse_url
 from tcmu_handler.sdnotify import sd_notify
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
@@ -799,6 +799,18 @@ async def test_a_bad_configuration_on_reload_is_logged_a_problem_a_line(
     assert messages[0] == f"keeping the previous configuration: 3 problems in {config}:"
     assert messages[3].startswith(f"keeping the previous configuration: {config}:2: Lun 'x'")
     assert all("\n" not in m for m in messages) and len(messages) == 4
+
+
+async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "initiatorname.iscsi"
+    path.write_bytes(b"InitiatorName=iqn.1993-08.org.debian:01:\xff\n")
+    monkeypatch.setattr("hba.daemon.default_initiator_name",
+                        lambda: default_initiator_name(str(path)))
+    with pytest.raises(control.StartupError, match="is not UTF-8 text") as info:
+        await control.run_daemon(None)
+    # EX_CONFIG, which the unit's RestartPreventExitStatus names: restarting cannot help.
+    assert info.value.exit_status == control.EXIT_CONFIG
 
 
 async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
