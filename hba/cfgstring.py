@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError
 from initiator.login import Portal
-from initiator.url import validate_iscsi_name
+from initiator.url import MAX_LUN, decimal, validate_iscsi_name
 
 MAX_LENGTH = 255   # TCMU_CONFIG_LEN - 1 minus nothing: the kernel keeps 256 bytes with the NUL
 _NICKNAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -85,9 +85,10 @@ def decode(cfgstring: str) -> TargetRef:
     try:
         portal = Portal.parse(portal_text)
         validate_iscsi_name(target)
-        lun = int(lun_text)
-    except (ConfigurationError, ValueError) as exc:
+    except ConfigurationError as exc:
         raise CfgStringError(f"cfgstring {cfgstring!r}: {exc}") from None
-    if not 0 <= lun <= 0xFFFF:
-        raise CfgStringError(f"cfgstring {cfgstring!r}: LUN {lun} is out of 0..65535")
+    lun = decimal(lun_text)
+    if lun is None or not 0 <= lun <= MAX_LUN:
+        raise CfgStringError(f"cfgstring {cfgstring!r}: LUN {lun_text!r} is not a number "
+                             f"from 0 to {MAX_LUN}")
     return TargetRef(portal=portal, target=target, lun=lun)

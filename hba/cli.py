@@ -280,8 +280,11 @@ def _fail(exc: BaseException, status: int) -> int:
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
     # Every message says what to check itself, and whose fault it is: a CHAP protocol error
-    # of the target is not a wrong secret of ours (initiator.chap).
-    print(f"hbactl: {printable(message)}", file=sys.stderr)
+    # of the target is not a wrong secret of ours (initiator.chap). A message of several
+    # lines (a configuration's problems) says so in ``lines``; any other '\n' may come from a
+    # target and stays escaped.
+    first, *more = getattr(exc, "lines", None) or (message,)
+    print("\n".join([f"hbactl: {printable(first)}", *map(printable, more)]), file=sys.stderr)
     return status
 
 

@@ -23,7 +23,8 @@ As in FreeBSD's iscsictl (usr.bin/iscsictl: token.l, parse.y, iscsictl.c conf_ve
 * FreeBSD's obsolete or unsupported keys (port, MaxConnections, tags, dscp, ...) are accepted
   and ignored with a warning; Offload likewise.
 
-Differences, all towards telling the user sooner: a duplicated key or nickname, an unknown
+Differences, all towards telling the user sooner: a nickname must be usable as a kernel name
+(:data:`MAX_NICKNAME`); a duplicated key or nickname, an unknown
 key and a bad value are errors reported with ``path:line:`` and *all* of a file's errors are
 reported together; CHAP keys under ``AuthMethod = None`` draw a warning (FreeBSD ignores them
 silently); a mutual-CHAP secret equal to the initiator's secret is refused (RFC 7143 §9.2.1);
@@ -65,6 +66,7 @@ import enum
 import ipaddress
 import os
 import pwd
+import re
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,7 +75,7 @@ from typing import Any
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError
 from initiator.keys import SessionType
-from initiator.url import MAX_LUN, DigestPreference, format_portal, parse_portal
+from initiator.url import MAX_LUN, DigestPreference, decimal, format_portal, parse_portal
 from initiator.url import validate_iscsi_name as _validate_iscsi_name
 
 __all__ = [
@@ -93,25 +95,29 @@ MULTIPATH_REPLACEMENT_TIMEOUT = 5
 """ReplacementTimeout of a multipath entry that does not set one: multipathd's default
 ``fast_io_fail_tmo``, which it writes into open-iscsi's sessions but cannot into ours."""
 
+MAX_NICKNAME = 55
+"""A nickname names the kernel backstore of its LUN (``hba-<nickname>``, with ``.<n>`` after it
+for path n of a multipath entry, :mod:`hba.specs`) and is its cfgstring (:mod:`hba.cfgstring`):
+backstore names are at most 64 letters, digits, '_', '.' and '-' (:data:`hba.kernel.NAME_RE`),
+less ``hba-`` and ``.9999``."""
+_NICKNAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
 
 
 class ConfigError(HBAError):
     """The configuration cannot be used. ``errors`` lists every problem, each prefixed with
-    ``path:line:`` when it belongs to a line."""
+    ``path:line:`` when it belongs to a line; ``lines`` is the message as the lines to print
+    (or log) one by one: the problem, or a count and then the problems."""
 
     def __init__(self, errors: Sequence[str], *, path: str | None = None) -> None:
         self.errors = tuple(errors)
         self.path = path
-        if len(self.errors) == 1:
-            message = self.errors[0]
-        else:
-            where = f" in {path}" if path else ""
-            message = f"{len(self.errors)} problems{where}:\n" + "\n".join(
-                f"  {error}" for error in self.errors
-            )
-        super().__init__(message)
+        where = f" in {path}" if path else ""
+        self.lines: tuple[str, ...] = self.errors if len(self.errors) == 1 else (
+            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in self.errors))
+        super().__init__("\n".join(self.lines))
 
 
 class AuthMethod(enum.Enum):
@@ -258,7 +264,10 @@ _WORD_STOP = frozenset(' \t\r\n{}=;#"')
 
 def _tokenize(text: str, report: Callable[[int, str], None]) -> list[_Token]:
     tokens: list[_Token] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at '\n' only, as editors, grep -n and the UTF-8 check of load_config count
+    # them: str.splitlines() also ends a line at '\f', '\v', '\x1c'-'\x1e', '\x85', U+2028
+    # and U+2029, which shifted every later line number and cut comments in two.
+    for number, line in enumerate(text.split("\n"), start=1):
         i = 0
         while i < len(line):
             ch = line[i]
@@ -309,9 +318,10 @@ def _choice(mapping: Mapping[str, Any], expected: str) -> Callable[[str], Any]:
 
 def _integer(low: int, high: int, unit: str = "") -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        number = decimal(text)
+        if number is None or not low <= number <= high:
             raise _BadValue(f"must be a whole number from {low} to {high}{unit}")
-        return int(text)
+        return number
 
     return parse
 
@@ -588,6 +598,10 @@ class _Parser:
         block = _Block(nickname=name.text, line=name.line)
         if not name.text:
             self.error(name.line, "the nickname is empty")
+        elif not _NICKNAME.fullmatch(name.text) or len(name.text) > MAX_NICKNAME:
+            # FreeBSD takes any word; here the nickname becomes a kernel name.
+            self.error(name.line, f"nickname {name.text!r} cannot name a disk: use at most "
+                                  f"{MAX_NICKNAME} letters, digits, '_', '.' or '-'")
         previous: _Token | None = None
         while True:
             tok = self.peek()
@@ -847,7 +861,9 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever; it does
+        # nothing to a regular file, and anything else is refused below.
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError([f"cannot open {name}: {exc.strerror}"], path=name) from exc
     try:

@@ -68,11 +68,14 @@ class DaemonNotRunning(ControlError):
 
 
 class StartupError(HBAError):
-    """``hbactl daemon`` could not start; ``exit_status`` tells systemd whether to retry."""
+    """``hbactl daemon`` could not start; ``exit_status`` tells systemd whether to retry.
+    ``lines``: the message as lines to print one by one (a configuration's problems)."""
 
-    def __init__(self, message: str, exit_status: int = 1) -> None:
+    def __init__(self, message: str, exit_status: int = 1,
+                 lines: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+        self.lines = lines or (message,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +260,16 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
     from dbus_next.message import Message
 
     from hba import dbus_service
+    from initiator.errors import ConfigurationError
+    from initiator.text import is_utf8
 
+    for value in body:
+        # dbus-next raises UnicodeEncodeError for the first, and the bus drops the connection
+        # (EOFError) for the second. Not shown: an attach URL may hold a secret.
+        if isinstance(value, str) and (not is_utf8(value) or "\0" in value):
+            raise ConfigurationError(
+                f"the argument of hbactl {command} is not text a DBus call can carry (UTF-8 "
+                "without NUL bytes); give the URL, nickname or device in UTF-8")
     bus = await connect_system_bus()
     try:
         reply = await asyncio.wait_for(bus.call(Message(
@@ -444,7 +456,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             workers = workers or config.workers
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
-            raise StartupError(str(exc), EXIT_CONFIG) from None
+            raise StartupError(str(exc), EXIT_CONFIG, exc.lines) from None
     if pcap_dir is not None:
         try:
             await asyncio.to_thread(prepare_capture_dir, pcap_dir)
@@ -454,8 +466,12 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         from hba.workers import default_workers
 
         workers = default_workers(len(os.sched_getaffinity(0)))
-    daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
-                                  pcap_dir=pcap_dir, workers=workers))
+    try:
+        daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
+                                      pcap_dir=pcap_dir, workers=workers))
+    except ConfigurationError as exc:   # an unusable /etc/iscsi/initiatorname.iscsi
+        sd_notify(f"STATUS={exc}")
+        raise StartupError(str(exc), EXIT_CONFIG) from None
     try:
         service = await dbus_service.DaemonService.connect(daemon, address=bus_address)
     except dbus_service.BusError as exc:
@@ -504,7 +520,8 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
                 status = 1
     except (KernelSetupError, ConfigError) as exc:
         sd_notify(f"STATUS={str(exc).splitlines()[0]}")
-        raise StartupError(str(exc), EXIT_CONFIG) from None
+        raise StartupError(str(exc), EXIT_CONFIG,
+                           exc.lines if isinstance(exc, ConfigError) else ()) from None
     finally:
         sd_notify("STOPPING=1")
         for signum in handled:
@@ -573,7 +590,9 @@ async def _reload(daemon: Daemon) -> None:
     try:
         await daemon.reload_config()
     except ConfigError as exc:
-        log.error("keeping the previous configuration: %s", exc)
+        # A line per problem: one log line holding them all would show its '\n's escaped.
+        for line in exc.lines:
+            log.error("keeping the previous configuration: %s", line.strip())
         return
     await daemon.attach_enabled()
 
@@ -583,9 +602,12 @@ async def _reload(daemon: Daemon) -> None:
 
 
 def _worker_count(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 256:
+    from initiator.url import decimal
+
+    number = decimal(text)
+    if number is None or not 1 <= number <= 256:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 256")
-    return int(text)
+    return number
 
 
 def add_commands(sub: Any) -> None:

@@ -42,7 +42,7 @@ from initiator.errors import ConfigurationError
 from initiator.scsi import SenseKey
 from initiator.stats import LATENCY_BUCKETS, Histogram
 from initiator.transport import Session, SessionState
-from initiator.url import format_portal, parse_portal
+from initiator.url import decimal, format_portal, parse_portal
 from tcmu_handler.stats import DIRECTIONS, OPERATIONS
 
 if TYPE_CHECKING:
@@ -415,8 +415,9 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     """``--metrics``/``Metrics`` value: ``PORT`` (loopback), ``HOST:PORT``, ``[IPv6]:PORT``
     or ``HOST`` (port 9433). Raises :class:`ConfigurationError`."""
     value = text.strip()
-    if value.isdigit():
-        host, port = "127.0.0.1", int(value)
+    number = decimal(value)
+    if number is not None:
+        host, port = "127.0.0.1", number
     else:
         try:
             host, port = parse_portal(value, default_port=DEFAULT_PORT)

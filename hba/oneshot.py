@@ -26,7 +26,7 @@ from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.stats import Histogram, quantile
 from initiator.transport import Session, SessionConfig
-from initiator.url import IscsiUrl, parse_url
+from initiator.url import IscsiUrl, decimal, parse_url
 from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
@@ -519,14 +519,12 @@ def _clock(seconds: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``4096``, ``4k``, ``128K``, ``1m``: a size in bytes."""
+    """``4096``, ``4k``, ``128K``, ``1m``, ``1MiB``: a size in bytes."""
     raw = text.strip().lower().removesuffix("b").removesuffix("i")
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
-    digits = raw[:-1] if mult != 1 else raw
-    try:
-        value = int(digits) * mult
-    except ValueError:
-        raise ConfigurationError(f"size {text!r} is not a number (e.g. 4096, 4k, 1m)") from None
-    if value <= 0:
+    number = decimal(raw[:-1] if mult != 1 else raw)
+    if number is None:
+        raise ConfigurationError(f"size {text!r} is not a number (e.g. 4096, 4k, 1m)")
+    if number == 0:
         raise ConfigurationError(f"size {text!r} must be positive")
-    return value
+    return number * mult

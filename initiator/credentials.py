@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from initiator.chap import ChapAccount, ChapCredentials, Secret
 from initiator.errors import ConfigurationError
+from initiator.text import is_utf8
 
 __all__ = [
     "ENVIRONMENT",
@@ -113,6 +114,10 @@ def _env(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
     for name in names:
         value = environ.get(name)
         if value:
+            if not is_utf8(value):
+                # Not shown: it may be a secret.
+                raise ConfigurationError(
+                    f"environment variable {name} is not UTF-8 text; set it in UTF-8")
             return value
     return None
 

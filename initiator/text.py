@@ -68,6 +68,7 @@ __all__ = [
     "format_number",
     "is_extension_key",
     "is_key_name",
+    "is_utf8",
     "parse_binary",
     "parse_boolean",
     "parse_list",
@@ -259,9 +260,33 @@ _TEXT_VALUE = re.compile(r"[A-Za-z0-9.\-+@_/\[\]:]*", re.ASCII)
 _ISCSI_NAME_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:")
 
 
+def is_utf8(value: str) -> bool:
+    """``value`` has a UTF-8 form. A command-line argument or environment variable holding
+    bytes that are not UTF-8 reaches Python as lone surrogates (PEP 383), which have none:
+    encoding them raises UnicodeEncodeError, so every string a person gives is checked here
+    before it is measured, sent or hashed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_size(value: str, *, key: str) -> int:
+    """The length of ``value`` in UTF-8; :class:`TextValueError` when it is not UTF-8 text
+    (:func:`is_utf8`), which no text key can carry (RFC 7143 §6.1)."""
+    if not is_utf8(value):
+        raise TextValueError(
+            f"{key} {_show(value)} is not UTF-8 text; iSCSI text values are UTF-8 (RFC 7143 §6.1)",
+            key=key,
+            value=value,
+        )
+    return len(value.encode("utf-8"))
+
+
 def check_simple_value(value: str, *, key: str, limit: int = MAX_SIMPLE_VALUE_LENGTH) -> None:
     """Raise :class:`TextValueError` when ``value`` is longer than ``limit`` bytes (§6.1)."""
-    size = len(value.encode("utf-8"))
+    size = utf8_size(value, key=key)
     if size > limit:
         raise TextValueError(
             f"value of {key} is {size} bytes long; RFC 7143 §6.1 allows at most {limit}",
@@ -290,7 +315,7 @@ def check_iscsi_name(value: str, *, key: str) -> None:
     """
     if not value:
         raise TextValueError(f"{key} is empty; an iSCSI name is required", key=key, value=value)
-    size = len(value.encode("utf-8"))
+    size = utf8_size(value, key=key)
     if size > MAX_ISCSI_NAME_LENGTH:
         raise TextValueError(
             f"{key} is {size} bytes long; iSCSI names are at most {MAX_ISCSI_NAME_LENGTH} bytes "

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from initiator import pdu as P
 from initiator.command import Buffers, CommandHandle, CommandResult, CompletionCallback
 from initiator.errors import (
+    ConfigurationError,
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
@@ -78,6 +79,7 @@ from initiator.session import (
 from initiator.splice import AVAILABLE as SPLICE_AVAILABLE
 from initiator.splice import Splicer, spliceable
 from initiator.stats import SessionStats
+from initiator.text import TextValueError, check_iscsi_name
 
 if TYPE_CHECKING:
     from initiator.keys import SessionParameters
@@ -91,14 +93,31 @@ _READ_ROUNDS = 16
 MAX_REDIRECTS = 8
 
 
-def default_initiator_name() -> str:
-    """The host's open-iscsi initiator name, or one derived from the host name."""
+INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+
+
+def default_initiator_name(path: str = INITIATOR_NAME_FILE) -> str:
+    """The host's open-iscsi initiator name (``path``), or one derived from the host name.
+
+    A file that is there but unusable (not UTF-8, a name that is not an iSCSI name) is a
+    :class:`ConfigurationError` naming it: falling back would log in under another name than
+    open-iscsi's, which the target's ACLs do not know."""
     try:
-        with open("/etc/iscsi/initiatorname.iscsi", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.strip().partition("=")
                 if key == "InitiatorName" and value:
+                    try:
+                        check_iscsi_name(value, key=f"InitiatorName in {path}")
+                    except TextValueError as exc:
+                        raise ConfigurationError(
+                            f"{exc}; correct it or give the initiator name (--initiator-name)"
+                        ) from None
                     return value
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"{path} is not UTF-8 text; correct its InitiatorName line or give the initiator "
+            "name (--initiator-name)") from None
     except OSError:
         pass
     host = "".join(c for c in socket.gethostname().lower() if c.isalnum() or c in ".-") or "host"

@@ -56,12 +56,14 @@ from urllib.parse import unquote_to_bytes
 
 from initiator.credentials import ChapFields, ChapSource
 from initiator.errors import ConfigurationError
+from initiator.text import is_utf8
 
 __all__ = [
     "DEFAULT_PORT",
     "MAX_LUN",
     "DigestPreference",
     "IscsiUrl",
+    "decimal",
     "format_portal",
     "parse_portal",
     "parse_url",
@@ -222,6 +224,28 @@ def _quote(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Numbers
+
+TOO_LARGE = 10**19
+"""What :func:`decimal` returns for a number of more than 19 digits: beyond every bound a
+person's number is checked against here (ports, LUNs, timeouts, sizes)."""
+
+
+def decimal(text: str) -> int | None:
+    """``text`` as a whole number when it is ASCII digits only, else None.
+
+    ``str.isdigit`` followed by ``int()`` is not enough: ``'²'`` passes the first and fails the
+    second, as does any number of more than 4300 digits (Python's limit), each a ValueError
+    traceback; ``int()`` alone also takes signs, spaces, ``_`` and other scripts' digits. A
+    number too long to matter comes back as :data:`TOO_LARGE`, so that range checks name it.
+    """
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else TOO_LARGE
+
+
+# --------------------------------------------------------------------------------------------
 # iSCSI names
 # --------------------------------------------------------------------------------------------
 
@@ -254,6 +278,8 @@ def validate_iscsi_name(name: str, *, what: str = "target name") -> str:
 
     if not name:
         raise ConfigurationError(f"{what} is empty; expected {NAME_SYNTAX}")
+    if not is_utf8(name):
+        raise fail("it is not UTF-8 text")
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise fail(f"it is longer than {MAX_NAME_BYTES} bytes")
     prefix = name[:4].lower()
@@ -372,11 +398,12 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
             )
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    port = decimal(port_text)
+    if port is None or not 1 <= port <= 65535:
         raise ConfigurationError(
             f"port {port_text!r} in address {text!r} is not a number from 1 to 65535"
         )
-    return host, int(port_text)
+    return host, port
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +453,10 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
     secret.
     """
     shown = repr(_scrub(text))
+    if not is_utf8(text):
+        raise ConfigurationError(
+            f"URL {shown} is not UTF-8 text (it holds bytes that are not UTF-8); write "
+            "non-ASCII characters in UTF-8 or percent-encode them")
     if not text.lower().startswith(_PREFIX):
         raise ConfigurationError(
             f"URL {shown} does not start with iscsi://; expected {URL_SYNTAX} "
@@ -470,15 +501,16 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
         if not target_text:
             raise ConfigurationError(f"URL {shown} has an empty target name; expected {URL_SYNTAX}")
         target = validate_iscsi_name(_decode(target_text, "target name", shown))
-        if not lun_text.isdigit():
+        lun = decimal(lun_text)
+        if lun is None:
             raise ConfigurationError(
                 f"LUN {lun_text!r} in URL {shown} is not a number; expected a LUN from 0 to "
                 f"{MAX_LUN} after the target name"
             )
-        lun = int(lun_text)
         if lun > MAX_LUN:
+            shown_lun = lun if lun < TOO_LARGE else lun_text[:20] + "..."
             raise ConfigurationError(
-                f"LUN {lun} in URL {shown} is larger than {MAX_LUN}; iscsi-hba addresses the "
+                f"LUN {shown_lun} in URL {shown} is larger than {MAX_LUN}; iscsi-hba addresses the "
                 "first level of a SAM LUN, numbered as Linux and libiscsi do (lsscsi shows it)"
             )
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
+from initiator.printable import PrintableFormatter
 from initiator.transport import Session
 from initiator.urlconfig import session_config, target_url
 from tcmu_handler.device import (
@@ -272,12 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_handler() -> logging.Handler:
+    """Where the handler logs: stderr, every line escaped (a target's names, addresses and
+    reasons reach these lines, as in hbactl's: :mod:`initiator.printable`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(
+        "%(asctime)s tcmu-serve[%(process)d] %(levelname)s %(message)s"))
+    return handler
+
+
 def _configure_logging() -> None:
     level = os.environ.get("HBA_LOG", "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         level = "INFO"
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s tcmu-serve[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=level, handlers=[log_handler()])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hba.config import (
     AuthMethod,
@@ -536,6 +540,27 @@ def test_load_directory(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+def test_load_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.conf"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException | Config] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(fifo))
+        except BaseException as exc:   # handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():   # blocked in open(): let it go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("load_config waited for a writer of a FIFO")
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0])
+
+
 def test_load_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "bad.conf"
     path.write_bytes(b"# fine\nt { TargetName = \xff }\n")
@@ -599,3 +624,102 @@ def test_discover_portals_makes_a_multipath_entry_and_an_explicit_timeout_stays(
 ])
 def test_multipath_errors(text: str, message: str) -> None:
     assert any(message in error for error in errors_of(text)), errors_of(text)
+
+
+HUGE = "9" * 5000   # past Python's 4300-digit limit of int()
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("Lun = \u00b2", "Lun '²' must be a whole number from 0 to 65535"),
+    (f"Lun = {HUGE}", "Lun '9999.* must be a whole number from 0 to 65535"),
+    ("QueueDepth = \u0661", "QueueDepth '\u0661' must be a whole number from 1 to 1024"),
+    ("TargetAddress = h:\u00b2", "port '²' in address 'h:²' is not a number"),
+    (f"TargetAddress = h:{HUGE}", "is not a number from 1 to 65535"),
+])
+def test_numbers_are_ascii_digits_of_any_length(line: str, message: str) -> None:
+    text = f"a {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n".replace(
+        " TargetAddress = h\n", f" {line}\n" if line.startswith("TargetAddress") else
+        f" TargetAddress = h\n {line}\n")
+    error = one_error(text)
+    assert error.startswith(f"{PATH}:")
+    assert re.search(message, error), error
+
+
+@pytest.mark.parametrize("line", ["Workers = \u00b2", f"Workers = {HUGE}", "Metrics = \u00b2",
+                                  f"Metrics = h:{HUGE}"])
+def test_daemon_numbers_are_ascii_digits_of_any_length(line: str) -> None:
+    assert one_error(line + "\n").startswith(f"{PATH}:1: {line.split(maxsplit=1)[0]} ")
+
+
+@pytest.mark.parametrize("char", ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
+                                  "\u2029"])
+def test_only_newline_ends_a_line(char: str) -> None:
+    # str.splitlines() ends lines at these too: the comment's tail became a line of its own
+    # and every later line number was one too high.
+    text = f"# a comment{char}with a tail\na {{\n TargetAddress = h\n TargetName = {IQN}\n"
+    assert one_error(text + " Lun = x\n}\n").startswith(f"{PATH}:5: Lun 'x' ")
+    assert one_error(text + f" Lun = 0{char}\n}}\n").startswith(f"{PATH}:5: Lun ")
+
+
+def test_load_reports_the_line_editors_show(tmp_path: Path) -> None:
+    path = tmp_path / "iscsi-hba.conf"
+    path.write_bytes(b"# \x0c\na {\n TargetAddress = h\n TargetName = " + IQN.encode()
+                     + b"\n Lun = x\n}\n")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == (
+        f"{path}:5: Lun 'x' must be a whole number from 0 to 65535 (the LUN as lsscsi and "
+        "libiscsi number it)",)
+
+
+@pytest.mark.parametrize("nickname", ['"two words"', "disk/1", "a:b", "disk\x1b[2J", "ü",
+                                      "n" * 56, "%41"])
+def test_a_nickname_must_be_usable_as_a_kernel_name(nickname: str) -> None:
+    # It names the backstore (hba-<nickname>[.<n>]) and is the cfgstring: a nickname the
+    # kernel refuses failed only at attach, without file and line.
+    error = one_error(f"# first\n{nickname} {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n")
+    assert error.startswith(f"{PATH}:2: nickname ") and "cannot name a disk" in error
+    assert "\x1b" not in error
+
+
+@pytest.mark.parametrize("nickname", ["n" * 55, "db-1_a.B", "0", "-x"])
+def test_nicknames_the_kernel_takes(nickname: str) -> None:
+    text = f"{nickname} {{\n TargetAddress = h\n TargetName = {IQN}\n}}\n"
+    assert list(parse_config(text, PATH).entries) == [nickname]
+
+
+def test_the_longest_nickname_names_the_backstore_of_every_path() -> None:
+    from hba.config import MAX_NICKNAME
+    from hba.kernel import NAME_RE
+    from hba.specs import _PATH_SUFFIX, BACKSTORE_PREFIX
+
+    longest = f"{BACKSTORE_PREFIX}{'n' * MAX_NICKNAME}.9999"
+    assert NAME_RE.match(longest) and _PATH_SUFFIX.match(longest)
+    assert not NAME_RE.match(f"{BACKSTORE_PREFIX}{'n' * (MAX_NICKNAME + 1)}.9999")
+
+
+_PIECES = st.sampled_from([
+    "a", "b", "{", "}", "=", ";", "#", '"', " ", "\n", "\t", "\r", "\x00", "\x0c", "\u2028",
+    "\u00b2", "9" * 30, "-1", "0", "TargetAddress", "TargetName", "Lun", "chapSecret",
+    "chapIName", "tgtChapName", "tgtChapSecret", "AuthMethod", "None", "CHAP", "Enable",
+    "SessionType", "Discovery", "DiscoverPortals", "on", "Workers", "Metrics", "port",
+    "MaxBurstLength", "FirstBurstLength", "HeaderDigest", "CRC32C,None", IQN, "[::1]:3260",
+    "h:0", "h,h", "[", "]", ":", ",", "\x1b[2J",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=40).map("".join))
+def test_any_text_loads_or_gives_every_problem_with_its_line(text: str) -> None:
+    last = text.count("\n") + 1
+    try:
+        config = parse_config(text, PATH)
+    except ConfigError as exc:
+        assert exc.errors
+        for error in exc.errors:
+            assert error.startswith(f"{PATH}:"), error
+            line = int(error.split(":")[1])
+            assert 1 <= line <= last, (error, text)
+        return
+    assert all(1 <= entry.line <= last for entry in config.entries.values())

@@ -37,7 +37,7 @@ from hba.kernel import KernelSetupError
 from hba.specs import LunSpec
 from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.login import Portal
-from initiator.transport import Session, SessionConfig
+from initiator.transport import Session, SessionConfig, default_initiator_name
 from initiator.url import parse_url
 from tcmu_handler.sdnotify import sd_notify
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
@@ -506,6 +506,34 @@ async def test_client_without_a_daemon(system_bus: str) -> None:
         await control.cmd_list(ns())
 
 
+@pytest.mark.parametrize("argv", [["attach", "disk\udcff"], ["attach", "a\x00b"],
+                                  ["detach", "a\x00b"], ["detach", "/dev/sd\udcff"]],
+                         ids=["attach-not-utf8", "attach-nul", "detach-nul", "detach-not-utf8"])
+def test_an_argument_dbus_cannot_carry_is_a_usage_error(
+        system_bus: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Not UTF-8: dbus-next raised UnicodeEncodeError; a NUL: the bus dropped the connection
+    # (EOFError). Both were tracebacks.
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"hbactl: the argument of hbactl {argv[0]} is not text a DBus call")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["attach", "disk1", "--timeout", "nan"], ["attach", "disk1", "--timeout", "0"],
+    ["detach", "disk1", "--timeout", "-1"], ["top", "--interval", "nan"],
+    ["top", "--interval", "inf"], ["top", "--count", "0"],
+    ["perf", "iscsi://192.0.2.1/iqn.2003-01.org.example:x/0", "--seconds", "nan"],
+])
+def test_a_bound_that_is_no_number_of_seconds_is_a_usage_error(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # NaN passed the '<= 0' checks (perf ran 0 s, top slept NaN); attach and detach checked
+    # nothing, and asyncio gave up before sending the call, saying it goes on.
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("hbactl: --") and err.count("\n") == 1
+
+
 async def test_client_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
     with pytest.raises(control.DaemonNotRunning, match="cannot reach the system DBus"):
@@ -743,6 +771,46 @@ async def test_daemon_refuses_a_config_others_can_read(tmp_path: Path) -> None:
     assert f"chmod 600 {config}" in message
     assert f"{config}:6:" in message  # and the bad line, in the same report
     assert "a-long-enough-secret" not in message
+
+
+def test_daemon_prints_each_problem_of_its_configuration_on_a_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
+    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
+    config = write_config(tmp_path / "hba.conf", "a {\n Lun = x\n}\nb {\n Foo\x1b[2J = 1\n}\n")
+    assert cli.main(["daemon", "--config", config]) == control.EXIT_CONFIG
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"hbactl: 6 problems in {config}:"
+    assert lines[3] == (f"  {config}:2: Lun 'x' must be a whole number from 0 to 65535 (the LUN "
+                        "as lsscsi and libiscsi number it)")
+    assert lines[6] == f"  {config}:5: unknown key 'Foo\\x1b[2J' in \"b\""
+    assert len(lines) == 7
+
+
+async def test_a_bad_configuration_on_reload_is_logged_a_problem_a_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path / "hba.conf", "")
+    daemon = Daemon(DaemonOptions(config_path=config, initiator_name="iqn.2024-01.org.e:i"))
+    write_config(tmp_path / "hba.conf", "a {\n Lun = x\n}\n")
+    with caplog.at_level("ERROR", logger="iscsi-hba"):
+        await control._reload(daemon)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"keeping the previous configuration: 3 problems in {config}:"
+    assert messages[3].startswith(f"keeping the previous configuration: {config}:2: Lun 'x'")
+    assert all("\n" not in m for m in messages) and len(messages) == 4
+
+
+async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "initiatorname.iscsi"
+    path.write_bytes(b"InitiatorName=iqn.1993-08.org.debian:01:\xff\n")
+    monkeypatch.setattr("hba.daemon.default_initiator_name",
+                        lambda: default_initiator_name(str(path)))
+    with pytest.raises(control.StartupError, match="is not UTF-8 text") as info:
+        await control.run_daemon(None)
+    # EX_CONFIG, which the unit's RestartPreventExitStatus names: restarting cannot help.
+    assert info.value.exit_status == control.EXIT_CONFIG
 
 
 async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,

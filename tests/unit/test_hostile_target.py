@@ -177,6 +177,16 @@ def test_log_lines_are_escaped_but_tracebacks_keep_their_lines() -> None:
     assert "Traceback" in trace
 
 
+def test_the_tcmu_handler_process_logs_escaped_lines() -> None:
+    from tcmu_handler.serve import log_handler
+
+    record = logging.LogRecord("initiator", logging.WARNING, __file__, 1, "target said %s",
+                               (EVIL,), None)
+    line = log_handler().format(record)
+    assert_clean(line)
+    assert "\n" not in line and "tcmu-serve[" in line
+
+
 async def test_inquiry_strings_reach_the_terminal_escaped(
         capsys: pytest.CaptureFixture[str]) -> None:
     disk = RamDisk(blocks=64, vendor="\x1b]0;", product="\x07\x1b[2J\nFAKE", revision="\u202e1",

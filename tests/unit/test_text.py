@@ -382,6 +382,13 @@ def test_iscsi_names() -> None:
             check_iscsi_name(bad, key="TargetName")
 
 
+def test_names_that_are_not_utf8_are_refused_not_raised() -> None:
+    # hbactl --initiator-name with bytes that are not UTF-8 reaches here as a lone surrogate.
+    for check in (check_iscsi_name, check_local_name, check_simple_value):
+        with pytest.raises(TextValueError, match=r"InitiatorName .* is not UTF-8 text"):
+            check("iqn.2003-01.org.example:\udcff", key="InitiatorName")
+
+
 def test_local_names() -> None:
     check_local_name("Disk Array 7 — ünïcode", key="TargetAlias")
     with pytest.raises(TextValueError):

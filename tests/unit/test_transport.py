@@ -9,6 +9,7 @@ small through SessionConfig; every wait is bounded so a regression fails instead
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import random
 import re
 import socket
@@ -23,6 +24,7 @@ from initiator.chap import ChapAccount, ChapCredentials, Secret
 from initiator.command import CommandResult
 from initiator.errors import (
     CommandTimeout,
+    ConfigurationError,
     ConnectionFailed,
     ISCSIError,
     SessionFailed,
@@ -31,7 +33,13 @@ from initiator.errors import (
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginError, Portal, TargetNotFoundError
 from initiator.session import ConnectionCore, EventKind
-from initiator.transport import Connection, Session, SessionConfig, SessionState
+from initiator.transport import (
+    Connection,
+    Session,
+    SessionConfig,
+    SessionState,
+    default_initiator_name,
+)
 from tests.support.fake_target import (
     FakeTarget,
     FakeTargetServer,
@@ -1300,3 +1308,28 @@ async def test_a_portal_that_hangs_up_on_the_login_says_what_to_check() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------------------------
+# The default initiator name: open-iscsi's file, checked
+
+
+def test_default_initiator_name_reads_open_iscsis_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "initiatorname.iscsi"
+    path.write_text("## written by iscsi-iname\nInitiatorName=iqn.1993-08.org.debian:01:abc\n")
+    assert default_initiator_name(str(path)) == "iqn.1993-08.org.debian:01:abc"
+    assert default_initiator_name(str(tmp_path / "absent")).startswith(
+        "iqn.2026-11.org.iscsi-hba:")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"InitiatorName=iqn.1993-08.org.debian:01:\xff\n", "is not UTF-8 text"),
+    (b"InitiatorName=my host\x1b[2J\n", r"InitiatorName in .* 'my host\\x1b\[2J' contains ' '"),
+])
+def test_an_unusable_initiator_name_file_is_named(tmp_path: pathlib.Path, content: bytes,
+                                                   message: str) -> None:
+    path = tmp_path / "initiatorname.iscsi"
+    path.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=message) as info:
+        default_initiator_name(str(path))
+    assert str(path) in str(info.value) and "--initiator-name" in str(info.value)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from initiator.errors import ConfigurationError
 from initiator.url import (
+    TOO_LARGE,
     URL_SYNTAX,
     DigestPreference,
     IscsiUrl,
+    decimal,
     format_portal,
     parse_portal,
     parse_url,
@@ -428,3 +432,78 @@ def test_a_portal_url_where_a_lun_is_needed_points_at_discovery(text: str) -> No
     message = str(info.value)
     assert "'iscsi://192.0.2.1:3261' names no target and LUN" in message
     assert URL_SYNTAX in message and "`hbactl discover iscsi://192.0.2.1:3261`" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers a person types: ASCII digits only, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+HUGE = "9" * 5000   # past Python's 4300-digit limit of int()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"iscsi://a/{IQN}/\u00b2", "is not a number"),
+    (f"iscsi://a/{IQN}/\u0661", "is not a number"),   # ARABIC-INDIC ONE: int() takes it
+    (f"iscsi://a/{IQN}/+1", "is not a number"),
+    (f"iscsi://a/{IQN}/{HUGE}", r"LUN 9{20}\.\.\. .* is larger than 65535"),
+    (f"iscsi://a:\u00b2/{IQN}/0", "is not a number from 1 to 65535"),
+    (f"iscsi://a:{HUGE}/{IQN}/0", "is not a number from 1 to 65535"),
+])
+def test_numbers_are_ascii_digits_of_any_length(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse(text)
+
+
+def test_decimal() -> None:
+    assert [decimal(t) for t in ("0", "007", "65535", "1" + "0" * 18)] == [0, 7, 65535, 10**18]
+    assert decimal("0" * 5000 + "12") == 12
+    assert decimal(HUGE) == decimal("1" + "0" * 19) == TOO_LARGE
+    for text in ("", " 1", "1 ", "+1", "-1", "1_0", "\u00b2", "\u0661", "1.0", "0x1"):
+        assert decimal(text) is None, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("iscsi:/[]@%?&=,.0123456789abf-_\u00b2\u0661 \x00"),
+               max_size=60).map(lambda tail: "iscsi://" + tail))
+def test_any_url_parses_or_raises_configuration_error(text: str) -> None:
+    try:
+        parse_url(text, environ=NOENV, several_portals=True)
+    except ConfigurationError as exc:
+        assert str(exc) and "\n" not in str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes that are not UTF-8 (an argument or variable reaches Python as lone surrogates, PEP 383)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    f"iscsi://192.0.2.1/{IQN}\udcff/0",
+    f"iscsi://me\udcff%{SECRET}@192.0.2.1/{IQN}/0",
+    f"iscsi://me%{SECRET}\udcff@192.0.2.1/{IQN}/0",
+    f"iscsi://192.0.2.1/{IQN}/0?target_user=t\udcff",
+])
+def test_a_url_that_is_not_utf8_is_refused(text: str) -> None:
+    with pytest.raises(ConfigurationError, match="is not UTF-8 text") as info:
+        parse(text)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["ISCSI_HBA_CHAP_NAME", "ISCSI_HBA_CHAP_SECRET",
+                                      "LIBISCSI_CHAP_TARGET_USERNAME",
+                                      "ISCSI_HBA_TARGET_CHAP_SECRET"])
+def test_an_environment_variable_that_is_not_utf8_is_named(variable: str) -> None:
+    env = {"ISCSI_HBA_CHAP_NAME": "me", "ISCSI_HBA_CHAP_SECRET": SECRET,
+           "ISCSI_HBA_TARGET_CHAP_NAME": "them", "ISCSI_HBA_TARGET_CHAP_SECRET": TSECRET}
+    if variable == "LIBISCSI_CHAP_TARGET_USERNAME":
+        del env["ISCSI_HBA_TARGET_CHAP_NAME"]   # ours comes first
+    env[variable] = "x\udcff" + SECRET
+    with pytest.raises(ConfigurationError,
+                       match=f"environment variable {variable} is not UTF-8") as info:
+        parse(f"iscsi://192.0.2.1/{IQN}/0", **env)
+    assert SECRET not in str(info.value)
+
+
+def test_a_name_that_is_not_utf8_is_not_valid() -> None:
+    with pytest.raises(ConfigurationError, match="not a valid iSCSI name: it is not UTF-8"):
+        validate_iscsi_name(IQN + "\udcff")
