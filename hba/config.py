@@ -102,6 +102,10 @@ backstore names are at most 64 letters, digits, '_', '.' and '-' (:data:`hba.ker
 less ``hba-`` and ``.9999``."""
 _NICKNAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest configuration file read: thousands of entries, and no file by mistake (a disk
+image, a log) read whole into memory."""
+
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
 
@@ -871,7 +875,10 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError([f"{name}: not a regular file"], path=name)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            raw = handle.read()
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{name}: larger than {MAX_CONFIG_BYTES} bytes, which no "
+                               "configuration is; is it the right file?"], path=name)
     except OSError as exc:
         raise ConfigError([f"cannot read {name}: {exc.strerror}"], path=name) from exc
     finally:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hba.config import (
+    MAX_CONFIG_BYTES,
     AuthMethod,
     Config,
     ConfigError,
@@ -533,6 +534,16 @@ def test_load_accepts_own_file_and_roots_file(
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot open .*No such file or directory"):
         load_config(tmp_path / "absent.conf")
+
+
+def test_load_a_file_larger_than_any_configuration_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "image.conf"
+    path.write_bytes(b"# " + b"x" * MAX_CONFIG_BYTES + b"\n")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match=rf"{path}: larger than {MAX_CONFIG_BYTES} bytes"):
+        load_config(path)
+    path.write_bytes(b"#" * (MAX_CONFIG_BYTES - 1) + b"\n")   # the largest one is read
+    assert load_config(path).entries == {}
 
 
 def test_load_directory(tmp_path: Path) -> None:

@@ -1,0 +1,40 @@
+"""``python -m tcmu_handler.serve``: its bounds are checked before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcmu_handler import serve
+
+URL = "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk/0"
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--wait", "nan", "--wait nan: expected a number of seconds above 0"),
+    ("--wait", "0", "--wait 0: expected a number of seconds above 0"),
+    ("--login-timeout", "inf", "--login-timeout inf: expected a number of seconds above 0"),
+    ("--login-timeout", "-1", "--login-timeout -1: expected a number of seconds above 0"),
+    ("--drain-timeout", "-5", "--drain-timeout -5: expected a number of seconds, 0 or more"),
+    ("--drain-timeout", "nan", "--drain-timeout nan: expected a number of seconds, 0 or more"),
+])
+def test_a_wait_without_a_bound_is_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        option: str, value: str, expected: str) -> None:
+    monkeypatch.setattr(serve, "_configure_logging", lambda: None)
+    ran: list[object] = []
+    monkeypatch.setattr(serve, "serve", ran.append)
+    with caplog.at_level("ERROR"):
+        status = serve.main([URL, "--device", "d", option, value])
+    assert status == serve.EXIT_USAGE
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    assert not ran
+
+
+def test_a_drain_timeout_of_0_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "_configure_logging", lambda: None)
+
+    async def served(args: object) -> int:
+        return 0
+
+    monkeypatch.setattr(serve, "serve", served)
+    assert serve.main([URL, "--device", "d", "--drain-timeout", "0"]) == 0
