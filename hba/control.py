@@ -449,7 +449,9 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             validate_iscsi_name(initiator_name, what="initiator name (--initiator-name)")
         except ConfigurationError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
-    if config_path is not None and os.path.exists(config_path):
+    # lexists: a dangling symlink is a configuration that went missing, not "none", and
+    # load_config says why it cannot be opened.
+    if config_path is not None and os.path.lexists(config_path):
         try:
             config = await asyncio.to_thread(load_config, config_path)
             metrics = metrics or config.metrics

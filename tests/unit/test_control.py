@@ -801,6 +801,15 @@ async def test_a_bad_configuration_on_reload_is_logged_a_problem_a_line(
     assert all("\n" not in m for m in messages) and len(messages) == 4
 
 
+async def test_daemon_with_a_dangling_config_symlink_says_so(tmp_path: Path) -> None:
+    # A link to a configuration that went away is not "no configuration".
+    link = tmp_path / "hba.conf"
+    link.symlink_to(tmp_path / "gone.conf")
+    with pytest.raises(control.StartupError, match=rf"cannot open {link}: No such file") as info:
+        await control.run_daemon(str(link), INITIATOR)
+    assert info.value.exit_status == control.EXIT_CONFIG
+
+
 async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "initiatorname.iscsi"
