@@ -295,6 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lun is not None and not 0 <= args.lun <= 0xFFFF:
         log.error("--lun %d is not a LUN from 0 to 65535", args.lun)
         return EXIT_USAGE
+    # Every wait has a bound: NaN or infinity would be none, and a negative one no wait.
+    for option, seconds in (("--wait", args.wait), ("--login-timeout", args.login_timeout)):
+        if not 0 < seconds < float("inf"):
+            log.error("%s %g: expected a number of seconds above 0", option, seconds)
+            return EXIT_USAGE
+    if not 0 <= args.drain_timeout < float("inf"):
+        log.error("--drain-timeout %g: expected a number of seconds, 0 or more",
+                  args.drain_timeout)
+        return EXIT_USAGE
     error: BaseException
     try:
         return asyncio.run(serve(args))
