@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hba.errors import HBAError
+from initiator.chap import check_chap_name
 from initiator.errors import ConfigurationError
 from initiator.keys import SessionType
 from initiator.url import MAX_LUN, DigestPreference, decimal, format_portal, parse_portal
@@ -336,6 +337,15 @@ def _text(text: str) -> str:
     return text
 
 
+def _chap_name(text: str) -> str:
+    _text(text)
+    try:
+        check_chap_name(text)
+    except ConfigurationError as exc:
+        raise _BadValue(str(exc).replace(f"CHAP name {text!r} must", "must", 1)) from None
+    return text
+
+
 def _iscsi_name(text: str) -> str:
     try:
         return _validate_iscsi_name(text, what="the name")
@@ -425,9 +435,9 @@ _KEYS: tuple[_Key, ...] = (
         "auth_method",
         _choice({"none": AuthMethod.NONE, "chap": AuthMethod.CHAP}, "None or CHAP"),
     ),
-    _Key("chapIName", "chap_name", _text),
+    _Key("chapIName", "chap_name", _chap_name),
     _Key("chapSecret", "chap_secret", _text, secret=True),
-    _Key("tgtChapName", "tgt_chap_name", _text),
+    _Key("tgtChapName", "tgt_chap_name", _chap_name),
     _Key("tgtChapSecret", "tgt_chap_secret", _text, secret=True),
     _Key("HeaderDigest", "header_digest", _digest),
     _Key("DataDigest", "data_digest", _digest),

@@ -62,6 +62,7 @@ from initiator.text import (
     Pair,
     TextValueError,
     format_binary,
+    is_utf8,
     parse_binary,
     parse_number,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "available_algorithms",
     "chap_hash",
     "chap_response",
+    "check_chap_name",
     "register",
 ]
 
@@ -150,13 +152,19 @@ class ChapAccount:
     def __post_init__(self) -> None:
         if not isinstance(self.secret, Secret):
             raise ConfigurationError("a CHAP secret must be given as a Secret")
-        if not self.name:
-            raise ConfigurationError("a CHAP name must not be empty")
-        if "\0" in self.name or len(self.name.encode("utf-8")) > MAX_SIMPLE_VALUE_LENGTH:
-            raise ConfigurationError(
-                f"CHAP name {self.name!r} must be at most {MAX_SIMPLE_VALUE_LENGTH} bytes of "
-                "text without NUL"
-            )
+        check_chap_name(self.name)
+
+
+def check_chap_name(name: str) -> None:
+    """Raise ConfigurationError unless ``name`` can be sent as CHAP_N: a non-empty simple
+    value of UTF-8 text without NUL (RFC 7143 §6.1, §12.1.3)."""
+    if not name:
+        raise ConfigurationError("a CHAP name must not be empty")
+    if "\0" in name or not is_utf8(name) or len(name.encode("utf-8")) > MAX_SIMPLE_VALUE_LENGTH:
+        raise ConfigurationError(
+            f"CHAP name {name!r} must be at most {MAX_SIMPLE_VALUE_LENGTH} bytes of UTF-8 "
+            "text without NUL"
+        )
 
 
 @dataclass(frozen=True, slots=True)

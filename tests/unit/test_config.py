@@ -196,6 +196,20 @@ def test_chap_implied_by_chap_keys() -> None:
     assert parse_config(text, PATH).entries["t"].auth_method is AuthMethod.CHAP
 
 
+@pytest.mark.parametrize("key", ["chapIName", "tgtChapName"])
+@pytest.mark.parametrize("name", ['"a\0b"', "n" * 256])
+def test_a_chap_name_no_login_can_send_is_refused_at_its_line(key: str, name: str) -> None:
+    # Before, it loaded and only the attach refused it, with no file or line.
+    names = {"chapIName": "me", "tgtChapName": "t", key: name}
+    text = (f"t {{ TargetAddress = h\n TargetName = {IQN}\n chapSecret = {SECRET}\n"
+            f" tgtChapSecret = other-{SECRET}\n chapIName = {names['chapIName']}\n"
+            f" tgtChapName = {names['tgtChapName']}\n}}")
+    line = 5 if key == "chapIName" else 6
+    with pytest.raises(ConfigError, match=rf"{PATH}:{line}: {key} .* must be at most 255 "
+                                          "bytes of UTF-8 text without NUL"):
+        parse_config(text, PATH)
+
+
 # ---------------------------------------------------------------------------------------------
 # Warnings
 # ---------------------------------------------------------------------------------------------
