@@ -60,7 +60,12 @@ DISK_FIELDS = ("name", "target", "portal", "lun", "device", "by_id", "size", "bl
 
 
 class ControlError(HBAError):
-    """A client command failed; the message is what ``hbactl`` prints."""
+    """A client command failed; the message is what ``hbactl`` prints, ``lines`` the same as
+    the lines to print one by one (a configuration's problems)."""
+
+    def __init__(self, message: str, lines: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.lines = lines or (message,)
 
 
 class DaemonNotRunning(ControlError):
@@ -233,7 +238,13 @@ def client_error(name: str, message: str, command: str) -> HBAError:
                 "org.freedesktop.DBus.Error.UnknownInterface"):
         return ControlError(f"the running iscsi-hba daemon does not know {command}: it is "
                             "another version than this hbactl; restart it")
-    if name.startswith("org.iscsihba.Error."):
+    from hba.dbus_service import Errors
+
+    if name == Errors.CONFIG:
+        # ConfigError's lines, joined by the daemon: one problem a line, as `hbactl daemon`
+        # prints them (each line still escaped when printed).
+        return ControlError(message, tuple(message.split("\n")))
+    if name.startswith(f"{Errors.PREFIX}."):
         return ControlError(message)
     return ControlError(f"{command} failed: {message} ({name})")
 

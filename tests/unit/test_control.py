@@ -326,6 +326,24 @@ def test_client_errors(name: str, expected: str) -> None:
         assert isinstance(error, control.DaemonNotRunning)
 
 
+def test_a_configuration_error_from_the_daemon_prints_a_problem_a_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    problems = ConfigError(["/etc/x.conf:2: Lun 'x' is bad", "/etc/x.conf:5: unknown key '\x1b'"],
+                           path="/etc/x.conf")
+    sent = dbus_service.dbus_error(problems, "attach")
+
+    async def refused(*args: Any, **kwargs: Any) -> list[Any]:
+        raise control.client_error(sent.type, sent.text, "attach")
+
+    monkeypatch.setattr(control, "call", refused)
+    assert cli.main(["attach", "disk1"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "hbactl: 2 problems in /etc/x.conf:",
+        "  /etc/x.conf:2: Lun 'x' is bad",
+        "  /etc/x.conf:5: unknown key '\\x1b'",
+    ]
+
+
 def test_environment_secrets_reach_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     url = "iscsi://host1@192.0.2.1/iqn.2003-01.org.example:d/0?header_digest=crc32c"
     monkeypatch.delenv("ISCSI_HBA_CHAP_SECRET", raising=False)
