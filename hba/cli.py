@@ -53,7 +53,7 @@ def _options(args: argparse.Namespace) -> oneshot.Options:
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
     from hba import oneshot
 
-    return await oneshot.cmd_discover(args.url, _options(args))
+    return await oneshot.cmd_discover(args.url, _options(args), luns=args.luns)
 
 
 async def _inquiry(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +101,28 @@ def _print_discover(r: dict[str, Any]) -> None:
         for p in t["portals"]:
             tag = f",{p['tpgt']}" if p["tpgt"] is not None else ""
             print(f"{printable(p['address'])}{tag} {printable(t['name'])}")
+        if "luns" in t:
+            _print_luns(t)
+
+
+def _print_luns(t: dict[str, Any]) -> None:
+    """The LUNs of one target (``discover --luns``), indented under its portal lines; what
+    failed on one line each (a target's whole message, escaped)."""
+    if not t["luns"] and t["error"] is None:
+        print("  no LUNs")
+    for lun in t["luns"]:
+        words = []
+        if lun["device_type"] is not None:
+            words.append(lun["device_type"].replace("_", " "))
+            words.append(" ".join(w for w in (lun["vendor"], lun["product"]) if w) or "-")
+        if lun["size_bytes"] is not None:
+            words.append(f"{lun['blocks']} blocks of {lun['block_size']} bytes "
+                         f"({control.human_size(lun['size_bytes'])})")
+        if lun["error"] is not None:
+            words.append(f"error: {lun['error']}")
+        print(f"  LUN {lun['lun']}: {printable(', '.join(words))}")
+    if t["error"] is not None:
+        print(f"  error: {printable(t['error'])}")
 
 
 def _print_fields(r: dict[str, Any], fields: Sequence[tuple[str, str]]) -> None:
@@ -192,9 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up an orderly logout after this long (default 10)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("discover", parents=[common],
-                       help="list the targets and portals a portal offers (SendTargets)")
+    p = sub.add_parser(
+        "discover", parents=[common],
+        help="list the targets and portals a portal offers (SendTargets), and with --luns "
+             "their LUNs",
+        description="List the targets and portals a portal offers (SendTargets). With --luns, "
+                    "also log in to each target through that portal, with the same "
+                    "credentials and bounds, and list its LUNs (REPORT LUNS): device type, "
+                    "vendor and product (INQUIRY), and the capacity of block devices (READ "
+                    "CAPACITY), like libiscsi's iscsi-ls -s. A target or LUN that cannot be "
+                    "listed says why on its line and the exit status is 1. With --pcap x.pcap, "
+                    "the session of the Nth target is recorded in x.targetN.pcap.")
     p.add_argument("url", metavar="URL", help="iscsi://[user[%%secret]@]host[:port]")
+    p.add_argument("--luns", action="store_true",
+                   help="log in to each target and list its LUNs: type, vendor, product, size")
     p.set_defaults(handler=_discover)
 
     p = sub.add_parser("inquiry", parents=[common],

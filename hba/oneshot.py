@@ -7,6 +7,7 @@ plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import sys
@@ -22,7 +23,7 @@ from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
 from initiator.discovery import discover
-from initiator.errors import ConfigurationError, ISCSIError
+from initiator.errors import CommandError, ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.stats import Histogram, quantile
 from initiator.transport import Session, SessionConfig
@@ -103,11 +104,14 @@ async def with_client(url: IscsiUrl, options: Options,
 
 # -- discover ---------------------------------------------------------------------------------
 
-async def cmd_discover(text: str, options: Options) -> Result:
+async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Result:
+    """SendTargets; with ``luns``, also log in to each target and list its LUNs
+    (:func:`_list_luns`). A target or LUN that fails is reported in its entry (``error``) and
+    makes the exit status 1; the others are listed all the same."""
     url = parse_url(text)
     portal = Portal(url.host, url.port)
     targets = await discover(portal, session_config(url, options), pcap_path=options.pcap)
-    return {
+    result: Result = {
         "portal": str(portal),
         "targets": [
             {"name": t.name,
@@ -116,6 +120,112 @@ async def cmd_discover(text: str, options: Options) -> Result:
             for t in targets
         ],
     }
+    if luns:
+        failed = False
+        for number, entry in enumerate(result["targets"], 1):
+            entry["luns"], entry["error"] = await _list_luns(url, options, entry["name"], number)
+            failed = failed or entry["error"] is not None or any(
+                lun["error"] is not None for lun in entry["luns"])
+        result["exit_status"] = 1 if failed else 0
+    return result
+
+
+# REPORT LUNS is asked again with the length the target says its list needs, at most this many
+# times in all (the list may grow between two asks), and never for more than this many bytes:
+# the header and every single-level LUN (what this initiator can address, pdu.lun_to_wire).
+REPORT_LUNS_ATTEMPTS = 3
+REPORT_LUNS_INITIAL = 4096
+REPORT_LUNS_MAX = 8 + 8 * 0x10000
+
+
+async def _list_luns(url: IscsiUrl, options: Options, name: str, number: int,
+                     ) -> tuple[list[Result], str | None]:
+    """Log in to target ``name`` through the portal the user gave (the addresses SendTargets
+    lists may not be reachable from here; a target elsewhere redirects the login) and describe
+    each LUN REPORT LUNS lists: its entries, and why the listing stopped or is incomplete
+    (None: complete). A ConfigurationError (ours, the same for every target) is raised."""
+    found: list[Result] = []
+
+    async def work(client: ScsiClient) -> Result:
+        report, error = await report_luns(client)
+        seen: set[int] = set()
+        for lun in report.luns:
+            if lun.number in seen:
+                continue  # listed twice: one INQUIRY is enough
+            seen.add(lun.number)
+            found.append(await _describe_lun(ScsiClient(client.session, lun.number), lun))
+        return {"error": error}
+
+    # Each session gets a capture of its own: the discovery session's file is not overwritten.
+    if options.pcap is not None:
+        root, ext = os.path.splitext(options.pcap)
+        options = dataclasses.replace(options, pcap=f"{root}.target{number}{ext or '.pcap'}")
+    try:
+        done = await with_client(dataclasses.replace(url, target_iqn=name, lun=0), options, work)
+    except ConfigurationError:
+        raise
+    except (ISCSIError, OSError) as exc:
+        why = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror
+        return found, (f"stopped after {len(found)} LUN(s): {why}" if found else why)
+    return found, done["error"]
+
+
+async def report_luns(client: ScsiClient) -> tuple[scsi.ReportLuns, str | None]:
+    """REPORT LUNS, asked again with the length the target says its list needs (SPC-5
+    §6.33: the LUN LIST LENGTH is that of the whole list whatever the allocation length):
+    the list, and why it is incomplete (None: it is whole)."""
+    length = REPORT_LUNS_INITIAL
+    for attempt in range(1, REPORT_LUNS_ATTEMPTS + 1):
+        data = await client.read_data(scsi.report_luns(allocation_length=length), length, 8)
+        report = scsi.parse_report_luns(data)
+        if report.complete:
+            return report, None
+        listed = f"{report.list_length} bytes ({report.list_length // 8} LUNs)"
+        need = report.required_allocation_length
+        if need > REPORT_LUNS_MAX:
+            return report, (
+                f"the target says its LUN list is {listed}, more than the "
+                f"{REPORT_LUNS_MAX - 8} bytes of every LUN this initiator can address; "
+                f"listed the first {len(report.luns)}")
+        if len(data) < length or attempt == REPORT_LUNS_ATTEMPTS:
+            # Less than asked for and still more to come is a lie; a list that keeps
+            # growing is not chased forever.
+            return report, (
+                f"the target says its LUN list is {listed} but sent {len(report.luns)} LUNs "
+                f"when asked for up to {(length - 8) // 8}; listed those")
+        length = need
+    raise AssertionError("unreachable")
+
+
+async def _describe_lun(client: ScsiClient, lun: scsi.Lun) -> Result:
+    """Standard INQUIRY and, for a block device, READ CAPACITY, of one listed LUN. A command
+    that fails is this LUN's ``error``; a failure of the session is raised."""
+    entry: Result = {"lun": lun.number, "device_type": None, "vendor": None, "product": None,
+                     "revision": None, "blocks": None, "block_size": None, "size_bytes": None,
+                     "error": None}
+    if lun.number > 0xFFFF:
+        entry["error"] = (f"LUN {lun} has more than one addressing level; this initiator "
+                          "addresses single-level LUNs only")
+        return entry
+    try:
+        std = await client.inquiry()
+        entry.update(device_type=std.device_type_name, vendor=std.vendor, product=std.product,
+                     revision=std.revision)
+        if not std.connected:
+            entry["error"] = (
+                f"INQUIRY says no logical unit is connected at this LUN (peripheral qualifier "
+                f"{std.peripheral_qualifier:03b}b) although REPORT LUNS lists it")
+        elif std.block_device:
+            cap = await client.capacity()
+            entry.update(blocks=cap.blocks, block_size=cap.block_size,
+                         size_bytes=cap.size_bytes)
+    except (CommandError, scsi.ScsiDataError) as exc:
+        # The command failed (the session escalates a timeout itself); the next LUN may
+        # answer. A lost session is raised: every LUN after it would fail the same way.
+        entry["error"] = str(exc)
+    return entry
 
 
 # -- inquiry / readcap ------------------------------------------------------------------------

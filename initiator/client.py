@@ -28,13 +28,6 @@ that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
 STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
 READ_CAPACITY16_LENGTH = 12
-# Peripheral device types that READ CAPACITY applies to (SBC-4, MMC-6, RBC, ZBC).
-_BLOCK_DEVICE_TYPES = frozenset({
-    scsi.PeripheralDeviceType.DISK, scsi.PeripheralDeviceType.WRITE_ONCE,
-    scsi.PeripheralDeviceType.CD_DVD, scsi.PeripheralDeviceType.OPTICAL_MEMORY,
-    scsi.PeripheralDeviceType.SIMPLIFIED_DIRECT_ACCESS,
-    scsi.PeripheralDeviceType.HOST_MANAGED_ZONED,
-})
 NO_LOGICAL_UNIT = 0b011  # INQUIRY peripheral qualifier: nothing can be at this LUN
 _OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
@@ -180,7 +173,7 @@ class ScsiClient:
             std = await self.inquiry()
         except ISCSIError:
             return  # the READ CAPACITY error stands
-        if std.peripheral_device_type in _BLOCK_DEVICE_TYPES:
+        if std.block_device:
             return
         raise CommandError(
             f"{self.where} is a {std.device_type_name.replace('_', ' ')} (INQUIRY peripheral "

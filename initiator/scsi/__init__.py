@@ -55,6 +55,7 @@ from initiator.scsi.cdb import (
     write16,
 )
 from initiator.scsi.data import (
+    BLOCK_DEVICE_TYPES,
     AddressMethod,
     Association,
     BlockDeviceCharacteristics,
@@ -107,6 +108,7 @@ from initiator.scsi.status import (
 )
 
 __all__ = [
+    "BLOCK_DEVICE_TYPES",
     "AddressMethod",
     "Association",
     "BlockDeviceCharacteristics",

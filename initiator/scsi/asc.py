@@ -35,7 +35,8 @@ _ASC_HINTS_EXACT: dict[tuple[int, int], str] = {
     (0x21, 0x00): "the LBA lies past the end of the LUN; check the capacity (READ CAPACITY(16))",
     (0x24, 0x00): "the target rejected a field of the command",
     (0x25, 0x00): (
-        "the LUN does not exist on the target; check the LUN number (REPORT LUNS lists them)"
+        "the LUN does not exist on the target; check the LUN number (`hbactl discover --luns "
+        "iscsi://<portal>` lists them)"
     ),
     (0x27, 0x07): "the thin-provisioned pool on the target is out of space",
     (0x2A, 0x09): "the LUN was resized on the target; read its capacity again",

@@ -28,6 +28,7 @@ from initiator.errors import RemoteProtocolError
 from initiator.scsi.cdb import U32, U64, check_range
 
 __all__ = [
+    "BLOCK_DEVICE_TYPES",
     "AddressMethod",
     "Association",
     "BlockDeviceCharacteristics",
@@ -99,6 +100,13 @@ class PeripheralDeviceType(enum.IntEnum):
     WELL_KNOWN_LU = 0x1E
     UNKNOWN = 0x1F
 
+
+BLOCK_DEVICE_TYPES = frozenset({
+    PeripheralDeviceType.DISK, PeripheralDeviceType.WRITE_ONCE, PeripheralDeviceType.CD_DVD,
+    PeripheralDeviceType.OPTICAL_MEMORY, PeripheralDeviceType.SIMPLIFIED_DIRECT_ACCESS,
+    PeripheralDeviceType.HOST_MANAGED_ZONED,
+})
+"""The peripheral device types READ CAPACITY applies to (SBC-4, MMC-6, RBC, ZBC)."""
 
 class VpdPage(enum.IntEnum):
     """Vital product data page codes this module builds requests for and parses."""
@@ -198,6 +206,11 @@ class StandardInquiry:
     def connected(self) -> bool:
         """A logical unit is attached at this LUN (qualifier 000b)."""
         return self.peripheral_qualifier == 0
+
+    @property
+    def block_device(self) -> bool:
+        """The device type has blocks and a capacity (:data:`BLOCK_DEVICE_TYPES`)."""
+        return self.peripheral_device_type in BLOCK_DEVICE_TYPES
 
     @property
     def device_type_name(self) -> str:

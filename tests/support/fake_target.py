@@ -167,6 +167,9 @@ class RamDisk:
     revision: str = "0001"
     serial: str = "FAKE0001"
     naa: int = 0x6001405FA4E00001
+    peripheral_type: int = 0x00
+    """INQUIRY peripheral device type: 0 a disk, 0x0C a storage array controller (what tgt
+    puts at LUN 0)."""
     data: bytearray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +203,9 @@ class TargetNode:
     announce_portal: bool = True
     """Without ``addresses``, list the portal's own address (False: list no address at all,
     which means "the portal you asked", RFC 7143 Appendix C)."""
+    refuse_login: tuple[int, int] | None = None
+    """Answer every normal-session login to this node with this status class/detail (an
+    ACL: (2, 2) "authorization failure"); SendTargets still lists it."""
 
 
 @dataclass
@@ -307,6 +313,11 @@ class Hostility:
     """Sense key, ASC, ASCQ: by default UNIT ATTENTION, POWER ON OR RESET OCCURRED."""
     fail_opcodes: frozenset[int] | None = None
     """The commands ``fail_first`` applies to (None: all)."""
+    # -- REPORT LUNS lies (tests/unit/test_report_luns.py)
+    report_luns_length: int | None = None
+    """Put this LUN LIST LENGTH in the REPORT LUNS header whatever the list holds."""
+    report_luns_extra: tuple[int, ...] = ()
+    """List these 8-byte LUN fields too, after the node's own (duplicates, several levels)."""
     # -- CHAP garbage (tests/unit/test_hostile_target.py)
     chap_replace: dict[str, str] = field(default_factory=dict)
     """Send these values instead of the real ones for the CHAP keys the target sends
@@ -374,6 +385,8 @@ class FakeTarget:
         self.hostile = hostile or Hostility()
         self.logins: list[LoginRecord] = []
         self.connections: list[FakeConnection] = []
+        self.report_luns_allocations: list[int] = []
+        """The allocation length of every REPORT LUNS, in order."""
 
     @property
     def node(self) -> TargetNode:
@@ -703,6 +716,9 @@ class FakeConnection:
             self.node = target.find(record.target_name)
             if self.node is None:
                 self._login_reject(req, (2, 0x03))
+                return False
+            if self.node.refuse_login is not None:
+                self._login_reject(req, self.node.refuse_login)
                 return False
         elif req.tsih == 0 and record.target_name is not None:
             self._violation("TargetName sent on a discovery session")
@@ -1164,9 +1180,13 @@ class FakeConnection:
             return self._inquiry(disk, cdb, task.lun)
         if op == REPORT_LUNS:
             luns = sorted(self.node.luns)
-            body = b"".join(P.lun_to_wire(lun).to_bytes(8, "big") for lun in luns)
+            fields = [*map(P.lun_to_wire, luns), *self.target.hostile.report_luns_extra]
+            body = b"".join(field.to_bytes(8, "big") for field in fields)
             alloc = int.from_bytes(cdb[6:10], "big")
-            return ((len(body)).to_bytes(4, "big") + bytes(4) + body)[:alloc]
+            claim = self.target.hostile.report_luns_length
+            length = len(body) if claim is None else claim
+            self.target.report_luns_allocations.append(alloc)
+            return (length.to_bytes(4, "big") + bytes(4) + body)[:alloc]
         if disk is None:
             raise _ScsiFailure(ILLEGAL_REQUEST, ASC_LUN_NOT_SUPPORTED)
         if op in (TEST_UNIT_READY, SYNCHRONIZE_CACHE_10, SYNCHRONIZE_CACHE_16):
@@ -1203,7 +1223,7 @@ class FakeConnection:
             if cdb[2]:
                 raise _ScsiFailure(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
             # Peripheral qualifier 3 / type 1Fh: no LUN here (SPC-5 §6.7.2).
-            peripheral = 0x00 if disk is not None else 0x7F
+            peripheral = disk.peripheral_type & 0x1F if disk is not None else 0x7F
             d = disk or RamDisk(blocks=1)
             data = bytes((peripheral, 0, 0x06, 0x02, 31, 0, 0, 0x02)) \
                 + d.vendor.encode().ljust(8)[:8] + d.product.encode().ljust(16)[:16] \

@@ -51,3 +51,8 @@ def test_asc_text(asc: int, ascq: int, text: str) -> None:
 def test_asc_table_is_broad() -> None:
     assert len(asc_module._ASC_TABLE) > 400
     assert all(text and text == text.strip() for text in asc_module._ASC_TABLE.values())
+
+
+def test_lun_not_supported_names_the_command_that_lists_the_luns() -> None:
+    hint = scsi.asc_hint(0x25, 0x00)
+    assert hint is not None and "hbactl discover --luns iscsi://<portal>" in hint

@@ -27,7 +27,7 @@ def test_standard_inquiry() -> None:
     assert inq.peripheral_qualifier == 0
     assert inq.peripheral_device_type == scsi.PeripheralDeviceType.DISK
     assert inq.device_type_name == "disk"
-    assert inq.connected
+    assert inq.connected and inq.block_device
     assert not inq.removable
     assert inq.version == 6
     assert inq.hisup and not inq.normaca
@@ -41,7 +41,7 @@ def test_standard_inquiry_no_lun_and_odd_type() -> None:
     raw = bytes([0x7F, 0x80]) + STANDARD_INQUIRY[2:]
     inq = scsi.parse_standard_inquiry(raw)
     assert inq.peripheral_qualifier == 3 and not inq.connected
-    assert inq.device_type_name == "unknown"
+    assert inq.device_type_name == "unknown" and not inq.block_device
     assert inq.removable
     assert scsi.parse_standard_inquiry(bytes([0x15]) + raw[1:]).device_type_name == "type 0x15"
 
