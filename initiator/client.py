@@ -125,7 +125,8 @@ class ScsiClient:
             # we rather than print "unknown" device data as a success.
             raise CommandError(
                 f"{self.where}: the target has no logical unit at this LUN (INQUIRY peripheral "
-                "qualifier 011b); check the LUN number in the URL")
+                "qualifier 011b); check the LUN number in the URL (`hbactl discover --luns "
+                "iscsi://<portal>` lists them)")
         pages = await self.supported_vpd_pages()
         serial: str | None = None
         naa: str | None = None
