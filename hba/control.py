@@ -338,10 +338,9 @@ def _with_env_secrets(what: str) -> str:
 def _check_timeout(seconds: float) -> None:
     """--timeout of attach and detach: 0, a negative number or NaN would stop waiting at
     once while the daemon goes on, which no one means."""
-    if not 0 < seconds < float("inf"):
-        from initiator.errors import ConfigurationError
+    from initiator.url import check_seconds
 
-        raise ConfigurationError(f"--timeout {seconds:g}: expected a number of seconds above 0")
+    check_seconds("--timeout", seconds)
 
 
 async def cmd_attach(args: argparse.Namespace) -> dict[str, Any]:

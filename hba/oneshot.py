@@ -27,7 +27,7 @@ from initiator.errors import CommandError, ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.stats import Histogram, quantile
 from initiator.transport import Session, SessionConfig
-from initiator.url import IscsiUrl, decimal, parse_url
+from initiator.url import IscsiUrl, check_seconds, decimal, parse_url
 from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
@@ -56,13 +56,8 @@ class Options:
         out: dict[str, float] = {}
         for name, option, zero in _TIMEOUTS:
             value = getattr(self, name)
-            if value is None:
-                continue
-            if not (0 <= value < float("inf")) or (value == 0 and not zero):
-                raise ConfigurationError(
-                    f"{option} {value:g}: expected a number of seconds"
-                    + (", 0 or more" if zero else " above 0"))
-            out[name] = value
+            if value is not None:
+                out[name] = check_seconds(option, value, zero=zero)
         return out
 
 
@@ -394,9 +389,7 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
-    if not 0 < settings.seconds < float("inf"):  # NaN too: it ran 0 s and called it success
-        raise ConfigurationError(f"--seconds {settings.seconds:g}: expected a number of "
-                                 "seconds above 0")
+    check_seconds("--seconds", settings.seconds)  # NaN ran 0 s and called it success
     if settings.histogram is not None:
         plot.require()  # before the run, not after it
         check_writable(settings.histogram)

@@ -254,9 +254,9 @@ class _Client:
 async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
     """``hbactl top``: see the module docstring. Returns when stopped."""
     from initiator.errors import ConfigurationError
+    from initiator.url import check_seconds
 
-    if not 0 < args.interval < float("inf"):  # NaN too: it would sample without a pause
-        raise ConfigurationError("--interval must be a positive number of seconds")
+    check_seconds("--interval", args.interval)  # NaN would sample without a pause
     if args.count is not None and args.count < 1:
         raise ConfigurationError("--count must be at least 1")
     loop = asyncio.get_running_loop()

@@ -63,6 +63,7 @@ __all__ = [
     "MAX_LUN",
     "DigestPreference",
     "IscsiUrl",
+    "check_seconds",
     "decimal",
     "format_portal",
     "parse_portal",
@@ -243,6 +244,17 @@ def decimal(text: str) -> int | None:
         return None
     digits = text.lstrip("0") or "0"
     return int(digits) if len(digits) <= 19 else TOO_LARGE
+
+
+def check_seconds(option: str, value: float, *, zero: bool = False) -> float:
+    """``value``, a bound in seconds a person gave with ``option``, when it is one: finite and
+    above 0 (or 0 when ``zero``, where 0 means "none"); else ConfigurationError naming the
+    option. NaN fails every comparison, so it is refused too: as a wait it would be no bound,
+    and a negative one no wait."""
+    if not 0 <= value < float("inf") or (value == 0 and not zero):
+        raise ConfigurationError(f"{option} {value:g}: expected a number of seconds"
+                                 + (", 0 or more" if zero else " above 0"))
+    return value
 
 
 # --------------------------------------------------------------------------------------------

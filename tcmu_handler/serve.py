@@ -47,6 +47,7 @@ from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.printable import PrintableFormatter
 from initiator.transport import Session
+from initiator.url import check_seconds
 from initiator.urlconfig import session_config, target_url
 from tcmu_handler.device import (
     SUBTYPE,
@@ -295,14 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lun is not None and not 0 <= args.lun <= 0xFFFF:
         log.error("--lun %d is not a LUN from 0 to 65535", args.lun)
         return EXIT_USAGE
-    # Every wait has a bound: NaN or infinity would be none, and a negative one no wait.
-    for option, seconds in (("--wait", args.wait), ("--login-timeout", args.login_timeout)):
-        if not 0 < seconds < float("inf"):
-            log.error("%s %g: expected a number of seconds above 0", option, seconds)
-            return EXIT_USAGE
-    if not 0 <= args.drain_timeout < float("inf"):
-        log.error("--drain-timeout %g: expected a number of seconds, 0 or more",
-                  args.drain_timeout)
+    try:   # every wait has a bound
+        check_seconds("--wait", args.wait)
+        check_seconds("--login-timeout", args.login_timeout)
+        check_seconds("--drain-timeout", args.drain_timeout, zero=True)
+    except ConfigurationError as exc:
+        log.error("%s", exc)
         return EXIT_USAGE
     error: BaseException
     try:

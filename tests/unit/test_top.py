@@ -159,8 +159,8 @@ def test_top_without_a_bus_says_what_to_start(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["--interval", "nan"], "--interval must be a positive"),
-    (["--interval", "0"], "--interval must be a positive"),
+    (["--interval", "nan"], "--interval nan: expected a number of seconds above 0"),
+    (["--interval", "0"], "--interval 0: expected a number of seconds above 0"),
     (["--count", "0"], "--count must be at least 1"),
     (["--count", "-1"], "--count must be at least 1"),
 ])
