@@ -20,12 +20,15 @@ from hba import control, top
 from hba.errors import HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
+from initiator.url import PORTAL_URL_SYNTAX, URL_SYNTAX
 
 if TYPE_CHECKING:
     from hba import oneshot
 
-# The URL of a LUN, as each one-shot command's help shows it (argparse: '%' doubled).
-LUN_URL = "iscsi://[user[%%secret]@]host[:port]/<target-iqn>/<lun>[?option=value&...]"
+# The URL of a LUN and of a portal, as the one-shot commands' help shows them (argparse: '%'
+# doubled).
+LUN_URL = URL_SYNTAX.replace("%", "%%") + "[?<option>=<value>&...]"
+PORTAL_URL = PORTAL_URL_SYNTAX.replace("%", "%%")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "CAPACITY), like libiscsi's iscsi-ls -s. A target or LUN that cannot be "
                     "listed says why on its line and the exit status is 1. With --pcap x.pcap, "
                     "the session of the Nth target is recorded in x.targetN.pcap.")
-    p.add_argument("url", metavar="URL", help="iscsi://[user[%%secret]@]host[:port]")
+    p.add_argument("url", metavar="URL", help=PORTAL_URL)
     p.add_argument("--luns", action="store_true",
                    help="log in to each target and list its LUNs: type, vendor, product, size")
     p.set_defaults(handler=_discover)

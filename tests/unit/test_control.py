@@ -38,7 +38,7 @@ from hba.specs import LunSpec
 from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.login import Portal
 from initiator.transport import Session, SessionConfig, default_initiator_name
-from initiator.url import parse_url
+from initiator.url import URL_SYNTAX, parse_url
 from tcmu_handler.sdnotify import sd_notify
 from tests.support.fake_target import FakeTarget, FakeTargetServer, RamDisk, TargetNode
 from tests.unit.test_pcap import assert_clean, iscsi_opcodes
@@ -949,4 +949,4 @@ def test_one_shot_help_shows_the_url_form(command: str,
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([command, "--help"])
     help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "URLiscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>" in help_text
+    assert f"URL{URL_SYNTAX}" in help_text
