@@ -476,15 +476,30 @@ class PDUReader:
         pdu.placed = placed
         out.append(pdu)
 
+    def _not_a_pdu(self, start: int) -> PDUFormatError:
+        """The error for bytes at ``start`` whose first byte is no opcode of RFC 7143."""
+        opcode = self._buf[start] & 0x3F
+        head = bytes(self._buf[start : min(self._end, start + 32)])
+        return PDUFormatError(
+            f"unknown PDU opcode 0x{opcode:02x}; the peer sent {head!r}, which is not an iSCSI "
+            f"PDU (is it an iSCSI target?)")
+
     def _parse_one(self, out: list[PDU]) -> bool:
         """The generic route: one PDU, with its payload in ``data``. False: more bytes are
         needed."""
         start = self._start
         avail = self._end - start
         if avail < BHS_LEN:
+            # The opcode is judged from the first byte (unless a header digest covers it):
+            # a peer that is not an iSCSI target (an HTTP or SSH server) fails at once, not
+            # when it closes or the caller's timeout ends.
+            if avail and not self.header_digest and self._buf[start] & 0x3F not in PDU_CLASSES:
+                raise self._not_a_pdu(start)
             self._ensure_capacity(BHS_LEN)
             return False
         bhs = self._view[start : start + BHS_LEN]
+        if not self.header_digest and bhs[0] & 0x3F not in PDU_CLASSES:
+            raise self._not_a_pdu(start)  # before waiting for an AHS that junk may announce
         ahs_len = bhs[4] * 4
         dsl = int.from_bytes(bhs[5:8], "big")
         hdr_len = BHS_LEN + ahs_len + (DIGEST_LEN if self.header_digest else 0)
@@ -499,7 +514,7 @@ class PDUReader:
                           _digest.crc32c(self._view[start:end]), header=True)
         opcode = bhs[0] & 0x3F
         if opcode not in PDU_CLASSES:
-            raise PDUFormatError(f"unknown PDU opcode 0x{opcode:02x}")
+            raise self._not_a_pdu(start)
         if dsl > self.max_data_segment_length:
             raise PDUFormatError(
                 f"{PDU_CLASSES[opcode].__name__} PDU has a {dsl}-byte data segment, more than "

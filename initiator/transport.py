@@ -905,6 +905,10 @@ class Session:
                     f"{exc} during the login, without a Login Response: check that "
                     f"{conn.portal} is an iSCSI portal and that the target admits initiator "
                     f"{self.config.initiator_name}") from None
+            except RemoteProtocolError as exc:
+                # Bytes that are no PDU at all: likely another service on that port.
+                raise type(exc)(f"login to {self.target_name or 'discovery'} at {conn.portal}: "
+                                f"{exc}") from None
             exchanges[0] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):

@@ -202,6 +202,26 @@ def test_reader_unknown_opcode(opcode: int, hd: bool) -> None:
         pdu.decode_bhs(memoryview(bhs))
 
 
+@pytest.mark.parametrize("junk", [
+    b"S",  # the first byte of an SSH banner, which is shorter than a BHS
+    b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+    # 48 bytes and more, whose byte 4 ('/') announces an AHS of 188 bytes not yet there
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nServer: x\r\n\r\n",
+])
+def test_reader_judges_a_non_iscsi_peer_by_its_first_byte(junk: bytes) -> None:
+    # Without a header digest, the bytes of another service fail at once, not when it closes.
+    with pytest.raises(PDUFormatError, match=r"opcode 0x(13|08); the peer sent b'(S|HTTP)"):
+        PDUReader(one_at_a_time=True).feed(junk)
+
+
+def test_reader_waits_for_a_whole_header_under_a_header_digest() -> None:
+    # With a header digest the opcode may be a corrupted byte: the digest is judged first.
+    reader = PDUReader(header_digest=True)
+    assert reader.feed(b"SSH-" + bytes(44 + 3)) == []
+    with pytest.raises(DigestError):
+        reader.feed(b"S")
+
+
 @pytest.mark.parametrize("hd", [False, True])
 @pytest.mark.parametrize("limit", [0, 1, 8192, (1 << 24) - 2])
 def test_reader_oversize_data_segment(limit: int, hd: bool) -> None:

@@ -27,6 +27,7 @@ from initiator.errors import (
     ConfigurationError,
     ConnectionFailed,
     ISCSIError,
+    PDUFormatError,
     SessionFailed,
     TaskAborted,
 )
@@ -1305,6 +1306,34 @@ async def test_a_portal_that_hangs_up_on_the_login_says_what_to_check() -> None:
             message = str(info.value)
             assert "closed the connection during the login, without a Login Response" in message
             assert f"127.0.0.1:{port} is an iSCSI portal" in message and INI in message
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nServer: x\r\n\r\n",
+    b"SSH-2.0-OpenSSH_9.2p1\r\n",
+])
+async def test_another_service_on_the_port_fails_the_login_at_once(answer: bytes) -> None:
+    # Not at the login timeout (15 s by default, beyond within()'s bound): at its first byte.
+    async def other_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await reader.read()  # and keep the connection open
+        writer.close()
+
+    server = await asyncio.start_server(other_service, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for target in (TGT, None):
+            session = Session(Portal("127.0.0.1", port), target, config(),
+                              discovery=target is None)
+            with pytest.raises(PDUFormatError) as info:
+                await within(session.login())
+            message = str(info.value)
+            assert message.startswith(f"login to {target or 'discovery'} at 127.0.0.1:{port}: "
+                                      "unknown PDU opcode"), message
+            assert repr(answer[:20])[:-1] in message and "is it an iSCSI target?" in message
     finally:
         server.close()
         await server.wait_closed()
