@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hba import control, top
-from hba.errors import HBAError
+from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
 from initiator.url import PORTAL_URL_SYNTAX, URL_SYNTAX
@@ -33,7 +33,6 @@ PORTAL_URL = PORTAL_URL_SYNTAX.replace("%", "%%")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]
 
@@ -170,6 +169,8 @@ def _print_perf(r: dict[str, Any]) -> None:
         print(f"latency distribution drawn in {printable(r['histogram'])}")
     if r["first_error"]:
         print(f"first error: {printable(r['first_error'])}")
+    if r.get("interrupted"):
+        print("interrupted: the totals are of the run until Ctrl-C")
 
 
 PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {

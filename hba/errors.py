@@ -5,6 +5,9 @@ Each message says what failed and what to do about it (a file and line, a comman
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130
+"""hbactl's exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
 
 class HBAError(Exception):
     """Root of every exception raised by the ``hba`` package."""

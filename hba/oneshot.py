@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hba import plot
-from hba.errors import HBAError
+from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
@@ -369,6 +369,10 @@ def _read_file(path: str) -> bytes:
 
 # -- perf -------------------------------------------------------------------------------------
 
+PERF_MAX_BUFFERS = 1 << 30
+"""The most memory ``hbactl perf`` gives its buffers (block size times queue depth)."""
+
+
 @dataclass(slots=True)
 class PerfSettings:
     block_size: int = 4096
@@ -389,6 +393,12 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
+    if settings.block_size * settings.queue_depth > PERF_MAX_BUFFERS:
+        # One buffer per command in flight: 64 MiB blocks at depth 32 would be 2 GiB.
+        raise ConfigurationError(
+            f"--block-size {settings.block_size} at --queue-depth {settings.queue_depth} needs "
+            f"{settings.block_size * settings.queue_depth / (1 << 20):.0f} MiB of buffers, "
+            f"more than the {PERF_MAX_BUFFERS >> 20} MiB hbactl perf allows; lower one of them")
     check_seconds("--seconds", settings.seconds)  # NaN ran 0 s and called it success
     if settings.histogram is not None:
         plot.require()  # before the run, not after it
@@ -560,9 +570,24 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
     config = session.config
     drain = config.replacement_timeout + (
         config.command_timeout + 2 * config.tmf_timeout if config.command_timeout > 0 else 0)
+    interrupted = False
     try:
         while not finished.done():
-            await asyncio.wait([finished], timeout=1.0)
+            try:
+                await asyncio.wait([finished], timeout=1.0)
+            except asyncio.CancelledError:
+                # Ctrl-C: asyncio.run() cancels the main task. Like iscsi-perf, stop issuing,
+                # let the commands in flight finish and report the run so far (a second
+                # Ctrl-C ends at once, without totals).
+                task = asyncio.current_task()
+                if interrupted or task is None or task.uncancel() > 0:
+                    raise
+                interrupted = True
+                end = clock()
+                if live is not None and in_flight:
+                    live.write(f"interrupted: waiting for the {in_flight} command(s) in "
+                               "flight (Ctrl-C again to quit at once)\n")
+                    live.flush()
             now = clock()
             if now > end + drain and not finished.done():
                 stuck = in_flight
@@ -601,8 +626,8 @@ async def _perf_loop(client: ScsiClient, settings: PerfSettings, blocks: int, sp
             "errors": errors, "iops": round(iops, 1),
             "mb_per_s": round(iops * settings.block_size / 1e6, 2),
             "first_error": str(first_error[0]) if first_error else None,
-            "latency": latency_summary(latency),
-            "exit_status": 1 if errors else 0}
+            "latency": latency_summary(latency), "interrupted": interrupted,
+            "exit_status": EXIT_INTERRUPTED if interrupted else 1 if errors else 0}
 
 
 def _failure(cdb: bytes, result: CommandResult, size: int, write: bool) -> ISCSIError | None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -214,6 +216,41 @@ def test_read_and_write_name_standard_output_and_input(
         err = capsys.readouterr().err
         assert "cannot write standard output: Broken pipe" in err, err
         assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str],
+                                               json_output: bool) -> None:
+    # As iscsi-perf does: Ctrl-C stops issuing, the commands in flight finish, and the totals
+    # until then are printed; the exit status says it was interrupted.
+    with target_in_a_thread(fake()) as port:
+        timer = threading.Timer(1.0, signal.raise_signal, (signal.SIGINT,))
+        timer.start()
+        try:
+            status = cli.main(["perf", f"iscsi://127.0.0.1:{port}/{TGT}/0", "--initiator-name",
+                               INI, "--seconds", "60", "--queue-depth", "4"]
+                              + (["--json"] if json_output else []))
+        finally:
+            timer.cancel()
+    out, err = capsys.readouterr()
+    assert status == 130, (out, err)
+    if json_output:
+        result = json.loads(out)
+        assert result["interrupted"] is True and result["commands"] > 0
+        assert 0.5 < result["seconds"] < 30 and result["errors"] == 0
+    else:
+        assert re.search(r"sequential read, 4096-byte blocks, queue depth 4: \d+ IOPS", out), out
+        assert "interrupted: the totals are of the run until Ctrl-C" in out
+        assert ", 0 errors)" in out and "Traceback" not in err
+
+
+def test_perf_refuses_buffers_beyond_its_memory_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 refuses: the bound is checked before connecting, not after 2 GiB are allocated.
+    status = cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                       "--block-size", "64m"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--queue-depth 32 needs 2048 MiB of buffers" in err, err
+    assert "lower one of them" in err
 
 
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
