@@ -174,8 +174,8 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"daemon:         pid {status.get('pid', '?')}, iscsi-hba {status.get('version', '?')}, "
         f"up {_duration(float(status.get('uptime', 0)))}"
         + ("" if status.get("ready", True) else ", still starting"),
-        f"initiator name: {status.get('initiator_name') or '-'}",
-        f"configuration:  {status.get('config') or '-'}",
+        f"initiator name: {printable(status.get('initiator_name') or '-')}",
+        f"configuration:  {printable(status.get('config') or '-')}",
         "targetcli:      user:iscsi "
         + ("offered (org.kernel.TCMUService1)" if status.get("tcmu_handler")
            else "not offered (another process owns org.kernel.TCMUService1)"),

@@ -229,6 +229,9 @@ def test_status_text() -> None:
                                                                  {"index": 1, "pid": 8}])
     assert "workers:        pid 7 (1 disk), pid 8 (0 disks)" in control.format_status(pooled)
     assert "workers:        none running yet" in control.format_status(dict(status, workers=[]))
+    # A configuration path is any bytes a file name may hold: shown escaped.
+    odd = control.format_status(dict(status, config="/tmp/x\x1b[2J\nfake: line"))
+    assert "configuration:  /tmp/x\\x1b[2J\\nfake: line" in odd
 
 
 def test_disk_states_are_plain_strings_on_the_wire() -> None:
