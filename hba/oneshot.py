@@ -23,7 +23,7 @@ from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
 from initiator.command import CommandResult
 from initiator.discovery import discover
-from initiator.errors import CommandError, ConfigurationError, ISCSIError
+from initiator.errors import CommandError, CommandTimeout, ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.stats import Histogram, quantile
 from initiator.transport import Session, SessionConfig
@@ -216,6 +216,10 @@ async def _describe_lun(client: ScsiClient, lun: scsi.Lun) -> Result:
             cap = await client.capacity()
             entry.update(blocks=cap.blocks, block_size=cap.block_size,
                          size_bytes=cap.size_bytes)
+    except CommandTimeout:
+        # A target that let one command run out its deadline is asked nothing more: with
+        # up to 65536 LUNs listed, going on could take that deadline for every one of them.
+        raise
     except (CommandError, scsi.ScsiDataError) as exc:
         # The command failed (the session escalates a timeout itself); the next LUN may
         # answer. A lost session is raised: every LUN after it would fail the same way.

@@ -111,6 +111,28 @@ async def test_a_session_lost_midway_ends_that_targets_listing_with_why() -> Non
     assert result["exit_status"] == 1
 
 
+async def test_a_lun_that_does_not_answer_ends_the_listing_at_its_deadline() -> None:
+    # LUN 1's INQUIRY is never answered: after its command timeout the listing stops, so
+    # that a target listing thousands of such LUNs does not take that timeout for each.
+    def swallow_lun1_inquiry(conn: Any, pdu: P.PDU) -> bool:
+        return isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] == INQUIRY and \
+            P.lun_from_wire(pdu.lun) == 1
+
+    options = oneshot.Options(initiator_name=INI, logout_timeout=1.0, command_timeout=0.3,
+                              tmf_timeout=0.3)
+    target = fake(hostile=Hostility(pdu_hook=swallow_lun1_inquiry))
+    async with FakeTargetServer(target) as server:
+        result = await asyncio.wait_for(oneshot.cmd_discover(
+            f"iscsi://127.0.0.1:{server.port}", options, luns=True), 20)
+    (entry,) = result["targets"]
+    assert [lun["lun"] for lun in entry["luns"]] == [0]
+    assert re.match(r"stopped after 1 LUN\(s\): .*command timeout of 0.3 s", entry["error"]), \
+        entry["error"]
+    asked = [P.lun_from_wire(p.lun) for c in target.connections for p in c.received
+             if isinstance(p, P.ScsiCommand) and p.cdb[0] == INQUIRY]
+    assert 2 not in asked and result["exit_status"] == 1
+
+
 async def test_a_long_list_is_asked_again_with_the_length_it_needs() -> None:
     disks = {n: RamDisk(blocks=1) for n in range(600)}  # 4808 bytes: more than 4096
     target = fake([TargetNode(DISK1, disks)])
