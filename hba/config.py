@@ -35,7 +35,9 @@ Outside the blocks, keys of the daemon itself, read at start only: ``Metrics = 1
 serves Prometheus metrics there (``hbactl daemon --metrics`` wins over it; a bare port means
 the loopback address); ``Workers = 2`` serves the disks from at most that many worker
 processes (:mod:`hba.workers`; ``hbactl daemon --workers`` wins over it; default: the number
-of cores).
+of cores); ``Priority = -10`` is the nice value of the daemon and its workers, from -20 (the
+most CPU) to 19 (:mod:`hba.priority`; ``hbactl daemon --priority`` wins over it; default -10,
+as iscsid).
 
 Multipath: TargetAddress takes a list (``TargetAddress = 192.0.2.10, 192.0.2.11:3261`` quoted,
 or one word without spaces ``192.0.2.10,192.0.2.11``), one path per portal, and
@@ -73,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hba.errors import HBAError
+from hba.priority import HIGHEST, LOWEST, parse_priority
 from initiator.chap import check_chap_name
 from initiator.errors import ConfigurationError
 from initiator.keys import SessionType
@@ -224,6 +227,8 @@ class Config:
     """``Metrics``, the daemon's Prometheus listen address (outside any block), checked."""
     workers: int | None = None
     """``Workers``, the most worker processes the daemon serves its disks from."""
+    priority: int | None = None
+    """``Priority``, the nice value of the daemon and its workers (:mod:`hba.priority`)."""
 
     def get(self, nickname: str) -> TargetEntry | None:
         """The block with this nickname, compared case-insensitively as FreeBSD does."""
@@ -329,6 +334,13 @@ def _integer(low: int, high: int, unit: str = "") -> Callable[[str], int]:
         return number
 
     return parse
+
+
+def _nice(text: str) -> int:
+    number = parse_priority(text)
+    if number is None:
+        raise _BadValue(f"must be a nice value, a whole number from {HIGHEST} to {LOWEST}")
+    return number
 
 
 def _text(text: str) -> str:
@@ -500,7 +512,8 @@ _ALL_NAMES = [key.name for key in _KEYS] + list(_ALIASES)
 
 # Keys of the daemon itself, set outside any block.
 _DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address),
-                "workers": _Key("Workers", "workers", _integer(1, 256))}
+                "workers": _Key("Workers", "workers", _integer(1, 256)),
+                "priority": _Key("Priority", "priority", _nice)}
 
 
 def _lookup(word: str) -> _Key | None:
@@ -817,7 +830,8 @@ def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:
         if entry is not None:
             entries[block.nickname] = entry
     config = Config(path=path, entries=entries, warnings=tuple(parser.warnings),
-                    metrics=parser.daemon.get("metrics"), workers=parser.daemon.get("workers"))
+                    metrics=parser.daemon.get("metrics"), workers=parser.daemon.get("workers"),
+                    priority=parser.daemon.get("priority"))
     # In line order: the lexer reports unclosed quotes before the parser reaches those lines.
     errors = [message for _line, message in sorted(parser.errors, key=lambda e: e[0])]
     return config, errors, parser.saw_secret

@@ -436,16 +436,18 @@ async def cmd_daemon(args: argparse.Namespace) -> dict[str, Any]:
     configure_daemon_logging(max(args.verbose, args.daemon_verbose))
     return {"exit_status": await run_daemon(args.config, args.initiator_name,
                                             pcap_dir=args.daemon_pcap, metrics=args.metrics,
-                                            workers=args.workers)}
+                                            workers=args.workers, priority=args.priority)}
 
 
 async def run_daemon(config_path: str | None, initiator_name: str | None = None, *,
                      bus_address: str | None = None, pcap_dir: str | None = None,
-                     metrics: str | None = None, workers: int | None = None) -> int:
+                     metrics: str | None = None, workers: int | None = None,
+                     priority: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the bus goes away); the exit status.
     ``metrics``: serve Prometheus metrics there (else the configuration's ``Metrics``);
     ``workers``: the most worker processes (else the configuration's ``Workers``, else one
-    per core: :mod:`hba.workers`)."""
+    per core: :mod:`hba.workers`); ``priority``: the nice value of the daemon and its workers
+    (else the configuration's ``Priority``, else :data:`hba.priority.DEFAULT_PRIORITY`)."""
     from hba import dbus_service
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
@@ -466,6 +468,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             config = await asyncio.to_thread(load_config, config_path)
             metrics = metrics or config.metrics
             workers = workers or config.workers
+            priority = config.priority if priority is None else priority
         except ConfigError as exc:
             sd_notify(f"STATUS=bad configuration {config_path}")
             raise StartupError(str(exc), EXIT_CONFIG, exc.lines) from None
@@ -478,9 +481,13 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         from hba.workers import default_workers
 
         workers = default_workers(len(os.sched_getaffinity(0)))
+    from hba.priority import DEFAULT_PRIORITY, raise_priority
+
+    priority = DEFAULT_PRIORITY if priority is None else priority
+    raise_priority(priority)
     try:
         daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
-                                      pcap_dir=pcap_dir, workers=workers))
+                                      pcap_dir=pcap_dir, workers=workers, priority=priority))
     except ConfigurationError as exc:   # an unusable /etc/iscsi/initiatorname.iscsi
         sd_notify(f"STATUS={exc}")
         raise StartupError(str(exc), EXIT_CONFIG) from None
@@ -520,10 +527,10 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         if started:
             service.set_ready()
             count = await daemon.disk_count()
-            log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s%s",
-                     count, "" if count == 1 else "s", daemon.initiator_name,
+            log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s%s, "
+                     "nice %d", count, "" if count == 1 else "s", daemon.initiator_name,
                      config_path or "none",
-                     f", up to {workers} worker processes" if workers > 1 else "")
+                     f", up to {workers} worker processes" if workers > 1 else "", priority)
             sd_notify(f"READY=1\nSTATUS=serving {count} disk{'' if count == 1 else 's'}")
             lost = await _wait_stop_or_disconnect(stop, service)
             if lost:
@@ -622,6 +629,16 @@ def _worker_count(text: str) -> int:
     return number
 
 
+def _nice_value(text: str) -> int:
+    from hba.priority import HIGHEST, LOWEST, parse_priority
+
+    number = parse_priority(text)
+    if number is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a nice value, a whole number from {HIGHEST} to {LOWEST}")
+    return number
+
+
 def add_commands(sub: Any) -> None:
     """Register ``daemon``, ``attach``, ``detach``, ``list`` and ``status`` on the
     subparsers of ``hbactl`` (``sub`` is what ``add_subparsers`` returned)."""
@@ -651,6 +668,10 @@ def add_commands(sub: Any) -> None:
                    help="serve the disks from up to N worker processes, one event loop each "
                         "(default: the configuration's Workers, else the number of cores; "
                         "1: everything in this process)")
+    p.add_argument("--priority", type=_nice_value, metavar="NICE",
+                   help="the nice value of the daemon and its workers, from -20 (the most CPU) "
+                        "to 19, so that a busy program does not slow the disks down (default: "
+                        "the configuration's Priority, else -10, as iscsid; needs root)")
     p.add_argument("-v", "--verbose", dest="daemon_verbose", action="count", default=0,
                    help="also log protocol events (twice: debug)")
     p.set_defaults(handler=cmd_daemon)

@@ -141,6 +141,7 @@ class DaemonOptions:
     watch_uio: bool = True
     pcap_dir: str | None = None   # record each session's PDUs into a pcap file here
     workers: int = 1              # above 1: serve the disks from worker processes (hba.workers)
+    priority: int | None = None   # the nice value of the workers (hba.priority); None: as is
     takeover_at_start: bool = True   # a worker is told which backstores to take over
     on_event: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
 

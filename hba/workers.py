@@ -417,6 +417,8 @@ class WorkerPool:
             cmd += ["--initiator-name", opts.initiator_name]
         if opts.pcap_dir is not None:
             cmd += ["--pcap", opts.pcap_dir]
+        if opts.priority is not None:
+            cmd += [f"--priority={opts.priority}"]   # '=': argparse takes "-10" for an option
         return cmd
 
     async def _spawn(self, index: int) -> WorkerLink:
@@ -767,11 +769,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue-depth", type=int, default=32)
     parser.add_argument("--verbose", type=int, default=0)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--priority", type=int)
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     from hba.control import configure_daemon_logging
 
     configure_daemon_logging(args.verbose)
+    if args.priority is not None:
+        # A session, and so a scheduling group, of its own: its share of the CPU is then
+        # its own to raise (hba.priority).
+        from hba.priority import own_session, raise_priority
+
+        own_session()
+        raise_priority(args.priority, f"worker {args.index}")
     options = DaemonOptions(config_path=args.config, initiator_name=args.initiator_name,
                             replacement_timeout=args.replacement_timeout,
                             login_timeout=args.login_timeout, queue_depth=args.queue_depth,

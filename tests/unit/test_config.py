@@ -671,7 +671,9 @@ def test_numbers_are_ascii_digits_of_any_length(line: str, message: str) -> None
 
 
 @pytest.mark.parametrize("line", ["Workers = \u00b2", f"Workers = {HUGE}", "Metrics = \u00b2",
-                                  f"Metrics = h:{HUGE}"])
+                                  f"Metrics = h:{HUGE}", f"Priority = -{HUGE}",
+                                  "Priority = -\u00b2", "Priority = 20", "Priority = -21",
+                                  "Priority = --1", "Priority = high"])
 def test_daemon_numbers_are_ascii_digits_of_any_length(line: str) -> None:
     assert one_error(line + "\n").startswith(f"{PATH}:1: {line.split(maxsplit=1)[0]} ")
 

@@ -363,6 +363,22 @@ def test_workers_key_in_the_configuration(tmp_path: Path) -> None:
         load_config(str(path))
 
 
+def test_priority_key_in_the_configuration_reaches_the_workers(tmp_path: Path) -> None:
+    path = tmp_path / "hba.conf"
+    path.write_text("Priority = -5\n")
+    path.chmod(0o600)
+    config = load_config(str(path))
+    assert config.priority == -5
+    path.write_text("Workers = 2\n")
+    assert load_config(str(path)).priority is None
+    pool = WorkerPool(DaemonOptions(priority=config.priority), 2, lambda *_: None,
+                      _no_takeover)
+    command = pool.command(7, 0)
+    assert "--priority=-5" in command   # '=': a bare "-5" would be taken for an option
+    assert "--priority" not in " ".join(WorkerPool(DaemonOptions(), 2, lambda *_: None,
+                                                   _no_takeover).command(7, 0))
+
+
 # -- routing in the main process -------------------------------------------------------------
 
 
