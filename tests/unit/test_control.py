@@ -710,6 +710,40 @@ def write_config(path: Path, text: str, mode: int = 0o600) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def priorities(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The nice values run_daemon() gives itself (hba.priority), recorded instead of set: the
+    test runner keeps its own priority."""
+    given: list[int] = []
+
+    def record(nice: int, what: str = "daemon") -> bool:
+        given.append(nice)
+        return True
+
+    monkeypatch.setattr("hba.priority.raise_priority", record)
+    return given
+
+
+@pytest.mark.parametrize(("text", "option", "expected"), [
+    ("", None, -10), ("Priority = 5\n", None, 5), ("Priority = 5\n", -3, -3),
+    ("Priority = 5\n", 0, 0)])
+async def test_daemon_priority_comes_from_the_option_the_file_or_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, priorities: list[int], text: str,
+        option: int | None, expected: int) -> None:
+    options: list[DaemonOptions] = []
+
+    def stop_here(self: Daemon, given: DaemonOptions) -> None:
+        options.append(given)
+        raise ConfigurationError("stop here")
+
+    monkeypatch.setattr(Daemon, "__init__", stop_here)
+    config = write_config(tmp_path / "hba.conf", text)
+    with pytest.raises(control.StartupError, match="stop here"):
+        await control.run_daemon(config, INITIATOR, priority=option, workers=2)
+    # The main process first, then each worker (its command line: hba.workers).
+    assert priorities == [expected] and options[0].priority == expected
+
+
 async def test_check_config_logs_in_and_asks_the_lun(
         fake_portal: FakeTargetServer, tmp_path: Path) -> None:
     port = fake_portal.port
