@@ -56,7 +56,7 @@ from initiator.keys import (
     SessionType,
 )
 from initiator.pdu import Stage
-from initiator.text import Pair, TextAssembler, TextSplitter, encode
+from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,14 @@ class LoginMachine:
         if self._outgoing is not None and not self._outgoing.done:
             # Our text was split: the target acknowledges each piece with an empty response.
             return self._next_piece()
-        pairs = self._assembler.feed(response.data, response.cont)
+        try:
+            pairs = self._assembler.feed(response.data, response.cont)
+        except TextFormatError as exc:
+            # The text module names what is wrong, not who sent it: a duplicate key or a value
+            # that is no UTF-8 is the target's fault, not a problem of ours to look for.
+            raise TextFormatError(
+                f"target {self.label} sent a Login Response whose text is malformed: {exc}"
+            ) from None
         if pairs is None:
             return self._empty_request()
         if self.stage is Stage.SECURITY:
