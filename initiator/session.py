@@ -1167,6 +1167,10 @@ class ConnectionCore:
         self._ack(pdu.stat_sn)
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
         if pdu.response != P.ServiceResponse.COMPLETED:
+            # Answered all the same: out of the table, or it would count as in flight (a
+            # logout waits for it) and be sent again on the next connection.
+            del self._tasks[task.itt]
+            self.stats_answered += 1
             self._complete_error(task, CommandError(
                 f"{self._what(task)} failed in target {self.target}: iSCSI service response "
                 f"0x{pdu.response:02x} (target failure); the command may be retried"))

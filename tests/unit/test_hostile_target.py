@@ -358,6 +358,33 @@ async def test_a_write_the_target_took_only_part_of_is_an_error() -> None:
             await within(ScsiClient(session, 0).write(0, 8, memoryview(bytes(4096))))
 
 
+def answer_writes_at_once(response: int = 0) -> Any:
+    """A pdu_hook: every WRITE gets its SCSI Response (status GOOD, no residual, the service
+    ``response``) at once, asking for none of its data; its Data-Out is swallowed."""
+    def hook(conn: Any, pdu: P.PDU) -> bool:
+        if isinstance(pdu, P.DataOut):
+            return True
+        if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in WRITES):
+            return False
+        conn.exp_cmd_sn = (pdu.cmd_sn + 1) & 0xFFFFFFFF
+        conn.inject(P.ScsiResponse(itt=pdu.itt, response=response, stat_sn=conn.stat_sn,
+                                   exp_cmd_sn=conn.exp_cmd_sn, max_cmd_sn=conn.max_cmd_sn))
+        conn.stat_sn = (conn.stat_sn + 1) & 0xFFFFFFFF
+        return True
+    return hook
+
+
+async def test_a_target_failure_response_leaves_nothing_in_flight() -> None:
+    # The command is answered (service response 0x01): it must leave the task table, or a
+    # logout waits for it to its timeout and a reconnect sends it again.
+    target = fake(Hostility(pdu_hook=answer_writes_at_once(response=1)))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(CommandError, match="target failure"):
+            await within(session.execute(0, scsi.write(0, 1), data_out=[memoryview(
+                bytes(512))]))
+        assert session.in_flight == 0
+
+
 async def test_perf_does_not_count_short_reads() -> None:
     target = fake(Hostility(data_in_withheld=512, data_in_opcodes=READS))
     async with FakeTargetServer(target) as server:
