@@ -73,6 +73,7 @@ from initiator.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     TaskAborted,
+    TransferError,
 )
 from initiator.stats import SessionStats
 
@@ -1452,6 +1453,19 @@ class ConnectionCore:
         status as a PDU or from its header's fields): the result goes to ``on_done``, once."""
         del self._tasks[task.itt]
         self.stats_answered += 1
+        # GOOD with no residual says every byte of a write arrived (§11.4.5), but the target
+        # can only have had what went unsolicited and what its R2Ts asked for (§13.13,
+        # §13.14): a target that ends a write without asking for the rest has not written
+        # it, and the write must not pass for done.
+        if task.out_len and status == ScsiStatus.GOOD and not residual and (taken := (
+                task.r2t.requested if task.r2t is not None else task.unsolicited)
+                ) < task.out_len:
+            self._complete_error(task, TransferError(
+                f"target {self.target} reported {self._what(task)} done (status GOOD, no "
+                f"residual) after taking only {taken} of the {task.out_len} bytes to write, "
+                "without asking for the rest (RFC 7143 §11.4.5, §13.14): the write is "
+                "incomplete", expected=task.out_len, transferred=taken, residual=0))
+            return
         # _release(), inlined: this runs once per command.
         if task.unsent_frames or task.r2t is not None:
             self._detach_frames(task)

@@ -374,6 +374,17 @@ def answer_writes_at_once(response: int = 0) -> Any:
     return hook
 
 
+async def test_a_write_reported_done_without_its_data_is_an_error() -> None:
+    # 64 KiB: more than the immediate data, so the rest waits for R2Ts that never come.
+    # GOOD without a residual is a lie about what arrived, not a completed write.
+    target = fake(Hostility(pdu_hook=answer_writes_at_once()))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(TransferError, match="without asking for the rest") as info:
+            await within(ScsiClient(session, 0).write(0, 128, memoryview(bytes(65536))))
+        assert info.value.transferred < info.value.expected == 65536
+        assert session.in_flight == 0
+
+
 async def test_a_target_failure_response_leaves_nothing_in_flight() -> None:
     # The command is answered (service response 0x01): it must leave the task table, or a
     # logout waits for it to its timeout and a reconnect sends it again.

@@ -31,6 +31,7 @@ from initiator.errors import (
     PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
+    TransferError,
 )
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
@@ -231,6 +232,9 @@ def test_bidirectional_command_carries_read_length() -> None:
     assert isinstance(cmd, P.ScsiCommand)
     assert cmd.read and cmd.write
     assert cmd.expected_data_transfer_length == 512 and cmd.bidi_read_length == 300
+    h.deliver(P.R2T(itt=task.itt, ttt=1, r2t_sn=0, buffer_offset=0,  # the write's data, asked
+                    desired_data_transfer_length=512, **h.numbers(advance=False)))  # for, sent
+    h.sent()
     h.deliver(h.response(task, bidi_underflow=True, bidi_residual_count=44))
     assert h.ok(task).bidi_residual == 44
 
@@ -360,8 +364,9 @@ OUTCOME: dict[tuple[str, str], str] = {
     ("active_read", "r2t"): "error",
     ("active_write", "data_in"): "error",
     ("active_write", "data_in_status"): "error",
-    ("active_write", "data_in_status_no_data"): "done",
-    ("active_write", "scsi_response"): "done",
+    # GOOD for a write none of whose data was asked for: done, but incomplete.
+    ("active_write", "data_in_status_no_data"): "incomplete",
+    ("active_write", "scsi_response"): "incomplete",
     ("active_write", "r2t"): "active",
 }
 
@@ -404,6 +409,10 @@ def test_task_state_by_inbound_pdu(state: str, kind: str) -> None:
             assert isinstance(data_out, P.DataOut)
             assert (data_out.ttt, data_out.buffer_offset, len(data_out.data)) == (0x77, 0, 512)
             assert data_out.final and data_out.data_sn == 0
+    elif expected == "incomplete":
+        assert task.state is TaskState.DONE
+        assert isinstance(h.result(task), TransferError)
+        assert task.itt not in h.core._tasks
     else:
         assert task.state is TaskState.DONE
         assert isinstance(h.result(task), CommandResult)
