@@ -57,6 +57,7 @@ from initiator.keys import (
 )
 from initiator.pdu import Stage
 from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
+from initiator.url import decimal
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,10 @@ class Portal:
         addr, comma, tag = raw.rpartition(",")
         if comma and (not addr.startswith("[") or addr.endswith("]") or "]:" in addr):
             raw = addr
-            try:
-                tpgt = int(tag)
-            except ValueError:
+            tpgt = decimal(tag)
+            if tpgt is None:
                 raise ConfigurationError(
-                    f"portal {text!r}: portal group tag {tag!r} is not a number") from None
+                    f"portal {text!r}: portal group tag {tag!r} is not a number")
             if not 0 <= tpgt <= 65535:
                 raise ConfigurationError(f"portal {text!r}: portal group tag out of 0..65535")
         port = default_port
@@ -144,10 +144,11 @@ def _check_host_name(host: str, where: str) -> None:
 
 
 def _port(text: str, where: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigurationError(f"portal {where!r}: port {text!r} is not a number") from None
+    # ASCII digits only: int() would take ' 3260', '+3260' or another script's digits from a
+    # target's TargetAddress and show a port that was not what it sent.
+    port = decimal(text)
+    if port is None:
+        raise ConfigurationError(f"portal {where!r}: port {text!r} is not a number")
     if not 0 < port < 65536:
         raise ConfigurationError(f"portal {where!r}: port {port} is out of 1..65535")
     return port

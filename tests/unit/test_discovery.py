@@ -82,7 +82,10 @@ def test_address_before_any_name_is_refused() -> None:
 
 
 @pytest.mark.parametrize("address", ["[2001:db8::1", "10.0.0.1:99999", "10.0.0.1:x,1",
-                                     "[::1]:3260,tag", ":3260"])
+                                     "[::1]:3260,tag", ":3260",
+                                     # int() took these, and showed another port than sent
+                                     "10.0.0.1:+3260", "10.0.0.1: 3260,1", "10.0.0.1:3_260",
+                                     "10.0.0.1:\u0663\u0662\u0666\u0660", "10.0.0.1:3260,+1"])
 def test_unusable_address_names_the_target(address: str) -> None:
     with pytest.raises(RemoteProtocolError, match=r"iqn\.a:one"):
         parse_send_targets([("TargetName", "iqn.a:one"), ("TargetAddress", address)], ASKED)
