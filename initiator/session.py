@@ -116,6 +116,12 @@ _RESERVED_TAG = P.RESERVED_TAG
 _MASK = 0xFFFFFFFF
 MAX_UNSENT_PING_ANSWERS = 128
 """Answers to the target's NOP-In pings that may wait in the send queue (see _on_nop_in)."""
+MAX_TEXT_EXCHANGE = 16 << 20
+"""The most text one Text Request may bring back (a SendTargets answer of many targets)."""
+MAX_TEXT_RESPONSES = MAX_TEXT_EXCHANGE // 512
+"""The most Text Responses one exchange may take: the text bound in pieces of the smallest
+MaxRecvDataSegmentLength (§13.12). Without it a target that sends empty pieces with F=0
+forever keeps the exchange going forever when there is no command deadline."""
 _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
@@ -286,6 +292,8 @@ class _Control:
     kind: P.Opcode
     on_done: ControlCallback
     text: bytearray = field(default_factory=bytearray)
+    responses: int = 0
+    """Text Responses received (a text exchange may take several, §11.11.4)."""
     ref_task: Task | None = None
     lun: int | None = None
     function: P.TMFunction | None = None
@@ -1317,9 +1325,16 @@ class ConnectionCore:
             del self._controls[pdu.itt]
             return
         control.text += pdu.data
-        if len(control.text) > 16 * 1024 * 1024:
+        control.responses += 1
+        if len(control.text) > MAX_TEXT_EXCHANGE:
             raise RemoteProtocolError(
-                f"target {self.target} sent more than 16 MiB of text in one exchange")
+                f"target {self.target} sent more than {MAX_TEXT_EXCHANGE >> 20} MiB of text in "
+                "one exchange")
+        if control.responses > MAX_TEXT_RESPONSES:
+            raise RemoteProtocolError(
+                f"target {self.target} sent more than {MAX_TEXT_RESPONSES} Text Responses to "
+                f"one Text Request ({len(control.text)} bytes of text in all) without ending "
+                "the answer (F bit, RFC 7143 §11.11.1)")
         if not pdu.final or pdu.cont:
             # More to come: ask for it with an empty Text Request echoing the TTT (§11.11.4).
             if pdu.ttt == P.RESERVED_TAG:

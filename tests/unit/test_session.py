@@ -37,6 +37,7 @@ from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
 from initiator.reader import PDUReader
 from initiator.session import (
+    MAX_TEXT_RESPONSES,
     ConnectionCore,
     Event,
     EventKind,
@@ -1587,6 +1588,21 @@ def test_text_response_with_continuation() -> None:
     h.deliver(P.TextResponse(itt=req.itt, final=True, data=b"etAddress=1.2.3.4:3260,1\0",
                              **h.numbers()))
     assert answers[0].data == b"TargetName=iqn.a:b\0TargetAddress=1.2.3.4:3260,1\0"
+
+
+def test_a_text_answer_that_never_ends_is_bounded_in_responses() -> None:
+    # Empty pieces with F=0 keep the 16 MiB bound from ever being reached; with no command
+    # deadline (command_timeout 0) only a bound on the responses ends the exchange.
+    h = Harness()
+    answers: list[Any] = []
+    h.core.text_request(b"SendTargets=All\0", answers.append)
+    (req,) = h.sent()
+    assert isinstance(req, P.TextRequest)
+    with pytest.raises(RemoteProtocolError, match="Text Responses to one Text Request"):
+        for _ in range(MAX_TEXT_RESPONSES + 1):
+            h.deliver(P.TextResponse(itt=req.itt, final=False, ttt=0x42, **h.numbers()))
+            h.sent()
+    assert not answers
 
 
 def test_text_request_waits_for_the_window_in_line_with_commands() -> None:
