@@ -26,6 +26,7 @@ from initiator.discovery import discover
 from initiator.errors import CommandError, CommandTimeout, ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.stats import Histogram, quantile
+from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
 from initiator.url import IscsiUrl, check_seconds, decimal, parse_url
 from initiator.urlconfig import target_url
@@ -140,6 +141,12 @@ async def _list_luns(url: IscsiUrl, options: Options, name: str, number: int,
     each LUN REPORT LUNS lists: its entries, and why the listing stopped or is incomplete
     (None: complete). A ConfigurationError (ours, the same for every target) is raised."""
     found: list[Result] = []
+    try:
+        check_iscsi_name(name, key="TargetName")
+    except TextValueError as exc:
+        # The name came from the target's SendTargets answer: it cannot be logged in to, but
+        # that is this entry's problem, not a mistake in the user's command line.
+        return found, f"the portal listed a name that cannot be logged in to: {exc}"
 
     async def work(client: ScsiClient) -> Result:
         report, error = await report_luns(client)

@@ -29,6 +29,10 @@ STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
 READ_CAPACITY16_LENGTH = 12
 NO_LOGICAL_UNIT = 0b011  # INQUIRY peripheral qualifier: nothing can be at this LUN
+MAX_BLOCK_SIZE = 1 << 20
+"""The largest logical block a LUN may report. SBC-4 leaves 32 bits for it, but block devices
+use 512 bytes to 64 KiB (520, 4160 ... with protection information); a block of gigabytes is
+a lie that would size every buffer (a one-block read) to match."""
 _OPTIONAL_PAGE_ERRORS = (scsi.ScsiCommandError, scsi.ScsiDataError, TransferError)
 
 
@@ -154,7 +158,7 @@ class ScsiClient:
         try:
             rc16 = scsi.parse_read_capacity16(
                 await self.read_data(scsi.read_capacity16(), 32, READ_CAPACITY16_LENGTH))
-            return Capacity(rc16.blocks, rc16.block_size, rc16.lbpme)
+            return self._checked(Capacity(rc16.blocks, rc16.block_size, rc16.lbpme), 16)
         except scsi.ScsiCommandError as exc:
             if exc.sense_key != scsi.SenseKey.ILLEGAL_REQUEST:
                 raise
@@ -165,7 +169,18 @@ class ScsiClient:
                 await self._refuse_if_not_a_disk(exc)
             raise
         rc10 = scsi.parse_read_capacity10(data)
-        return Capacity(rc10.blocks, rc10.block_size)
+        return self._checked(Capacity(rc10.blocks, rc10.block_size), 10)
+
+    def _checked(self, cap: Capacity, command: int) -> Capacity:
+        # Every user of the capacity divides by the block size and sizes buffers by it.
+        if not 0 < cap.block_size <= MAX_BLOCK_SIZE:
+            raise scsi.ScsiDataError(
+                f"{self.where}: READ CAPACITY({command}) reports logical blocks of "
+                f"{cap.block_size} bytes, "
+                + ("which is no size" if not cap.block_size else
+                   f"more than the {MAX_BLOCK_SIZE} bytes any block device uses")
+                + "; the target's answer is wrong")
+        return cap
 
     async def _refuse_if_not_a_disk(self, cause: scsi.ScsiCommandError) -> None:
         """READ CAPACITY refused as an unknown command: if the LUN is no block device (tgt

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from initiator.errors import ConfigurationError, RemoteProtocolError
 from initiator.login import Portal
-from initiator.text import Pair, decode, encode
+from initiator.text import Pair, TextFormatError, decode, encode
 from initiator.transport import Session, SessionConfig
 
 
@@ -68,5 +68,9 @@ async def discover(
         answer = await session.text(encode([("SendTargets", what)]))
     finally:
         await session.logout()
-    pairs = decode(answer, repeatable=("TargetName", "TargetAddress", "TargetAlias"))
+    try:
+        pairs = decode(answer, repeatable=("TargetName", "TargetAddress", "TargetAlias"))
+    except TextFormatError as exc:
+        raise TextFormatError(
+            f"portal {portal} answered SendTargets with malformed text: {exc}") from None
     return parse_send_targets(pairs, portal)

@@ -56,7 +56,8 @@ from initiator.keys import (
     SessionType,
 )
 from initiator.pdu import Stage
-from initiator.text import Pair, TextAssembler, TextSplitter, encode
+from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
+from initiator.url import decimal
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,10 @@ class Portal:
         addr, comma, tag = raw.rpartition(",")
         if comma and (not addr.startswith("[") or addr.endswith("]") or "]:" in addr):
             raw = addr
-            try:
-                tpgt = int(tag)
-            except ValueError:
+            tpgt = decimal(tag)
+            if tpgt is None:
                 raise ConfigurationError(
-                    f"portal {text!r}: portal group tag {tag!r} is not a number") from None
+                    f"portal {text!r}: portal group tag {tag!r} is not a number")
             if not 0 <= tpgt <= 65535:
                 raise ConfigurationError(f"portal {text!r}: portal group tag out of 0..65535")
         port = default_port
@@ -144,10 +144,11 @@ def _check_host_name(host: str, where: str) -> None:
 
 
 def _port(text: str, where: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigurationError(f"portal {where!r}: port {text!r} is not a number") from None
+    # ASCII digits only: int() would take ' 3260', '+3260' or another script's digits from a
+    # target's TargetAddress and show a port that was not what it sent.
+    port = decimal(text)
+    if port is None:
+        raise ConfigurationError(f"portal {where!r}: port {text!r} is not a number")
     if not 0 < port < 65536:
         raise ConfigurationError(f"portal {where!r}: port {port} is out of 1..65535")
     return port
@@ -469,7 +470,14 @@ class LoginMachine:
         if self._outgoing is not None and not self._outgoing.done:
             # Our text was split: the target acknowledges each piece with an empty response.
             return self._next_piece()
-        pairs = self._assembler.feed(response.data, response.cont)
+        try:
+            pairs = self._assembler.feed(response.data, response.cont)
+        except TextFormatError as exc:
+            # The text module names what is wrong, not who sent it: a duplicate key or a value
+            # that is no UTF-8 is the target's fault, not a problem of ours to look for.
+            raise TextFormatError(
+                f"target {self.label} sent a Login Response whose text is malformed: {exc}"
+            ) from None
         if pairs is None:
             return self._empty_request()
         if self.stage is Stage.SECURITY:

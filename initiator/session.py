@@ -73,6 +73,7 @@ from initiator.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     TaskAborted,
+    TransferError,
 )
 from initiator.stats import SessionStats
 
@@ -115,6 +116,12 @@ _RESERVED_TAG = P.RESERVED_TAG
 _MASK = 0xFFFFFFFF
 MAX_UNSENT_PING_ANSWERS = 128
 """Answers to the target's NOP-In pings that may wait in the send queue (see _on_nop_in)."""
+MAX_TEXT_EXCHANGE = 16 << 20
+"""The most text one Text Request may bring back (a SendTargets answer of many targets)."""
+MAX_TEXT_RESPONSES = MAX_TEXT_EXCHANGE // 512
+"""The most Text Responses one exchange may take: the text bound in pieces of the smallest
+MaxRecvDataSegmentLength (§13.12). Without it a target that sends empty pieces with F=0
+forever keeps the exchange going forever when there is no command deadline."""
 _HALF = 0x80000000
 _pack_bhs = P.SCSI_COMMAND_BHS.pack
 _OP_SCSI_COMMAND = P.SCSI_COMMAND_OPCODE
@@ -285,6 +292,8 @@ class _Control:
     kind: P.Opcode
     on_done: ControlCallback
     text: bytearray = field(default_factory=bytearray)
+    responses: int = 0
+    """Text Responses received (a text exchange may take several, §11.11.4)."""
     ref_task: Task | None = None
     lun: int | None = None
     function: P.TMFunction | None = None
@@ -1167,6 +1176,10 @@ class ConnectionCore:
         self._ack(pdu.stat_sn)
         self._window(pdu.exp_cmd_sn, pdu.max_cmd_sn)
         if pdu.response != P.ServiceResponse.COMPLETED:
+            # Answered all the same: out of the table, or it would count as in flight (a
+            # logout waits for it) and be sent again on the next connection.
+            del self._tasks[task.itt]
+            self.stats_answered += 1
             self._complete_error(task, CommandError(
                 f"{self._what(task)} failed in target {self.target}: iSCSI service response "
                 f"0x{pdu.response:02x} (target failure); the command may be retried"))
@@ -1312,9 +1325,16 @@ class ConnectionCore:
             del self._controls[pdu.itt]
             return
         control.text += pdu.data
-        if len(control.text) > 16 * 1024 * 1024:
+        control.responses += 1
+        if len(control.text) > MAX_TEXT_EXCHANGE:
             raise RemoteProtocolError(
-                f"target {self.target} sent more than 16 MiB of text in one exchange")
+                f"target {self.target} sent more than {MAX_TEXT_EXCHANGE >> 20} MiB of text in "
+                "one exchange")
+        if control.responses > MAX_TEXT_RESPONSES:
+            raise RemoteProtocolError(
+                f"target {self.target} sent more than {MAX_TEXT_RESPONSES} Text Responses to "
+                f"one Text Request ({len(control.text)} bytes of text in all) without ending "
+                "the answer (F bit, RFC 7143 §11.11.1)")
         if not pdu.final or pdu.cont:
             # More to come: ask for it with an empty Text Request echoing the TTT (§11.11.4).
             if pdu.ttt == P.RESERVED_TAG:
@@ -1448,6 +1468,19 @@ class ConnectionCore:
         status as a PDU or from its header's fields): the result goes to ``on_done``, once."""
         del self._tasks[task.itt]
         self.stats_answered += 1
+        # GOOD with no residual says every byte of a write arrived (§11.4.5), but the target
+        # can only have had what went unsolicited and what its R2Ts asked for (§13.13,
+        # §13.14): a target that ends a write without asking for the rest has not written
+        # it, and the write must not pass for done.
+        if task.out_len and status == ScsiStatus.GOOD and not residual and (taken := (
+                task.r2t.requested if task.r2t is not None else task.unsolicited)
+                ) < task.out_len:
+            self._complete_error(task, TransferError(
+                f"target {self.target} reported {self._what(task)} done (status GOOD, no "
+                f"residual) after taking only {taken} of the {task.out_len} bytes to write, "
+                "without asking for the rest (RFC 7143 §11.4.5, §13.14): the write is "
+                "incomplete", expected=task.out_len, transferred=taken, residual=0))
+            return
         # _release(), inlined: this runs once per command.
         if task.unsent_frames or task.r2t is not None:
             self._detach_frames(task)

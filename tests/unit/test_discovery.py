@@ -82,7 +82,10 @@ def test_address_before_any_name_is_refused() -> None:
 
 
 @pytest.mark.parametrize("address", ["[2001:db8::1", "10.0.0.1:99999", "10.0.0.1:x,1",
-                                     "[::1]:3260,tag", ":3260"])
+                                     "[::1]:3260,tag", ":3260",
+                                     # int() took these, and showed another port than sent
+                                     "10.0.0.1:+3260", "10.0.0.1: 3260,1", "10.0.0.1:3_260",
+                                     "10.0.0.1:\u0663\u0662\u0666\u0660", "10.0.0.1:3260,+1"])
 def test_unusable_address_names_the_target(address: str) -> None:
     with pytest.raises(RemoteProtocolError, match=r"iqn\.a:one"):
         parse_send_targets([("TargetName", "iqn.a:one"), ("TargetAddress", address)], ASKED)
@@ -165,13 +168,8 @@ async def test_discover_login_refused() -> None:
     assert "session type not supported" in str(info.value)
 
 
-@pytest.mark.parametrize(("answer", "error"), [
-    (b"TargetName=iqn.a:x", PDUFormatError),                 # no NUL at the end
-    (b"TargetAddress=10.0.0.1\0", RemoteProtocolError),       # address before a name
-    (b"TargetName=iqn.a:x\0TargetAddress=[::1\0", RemoteProtocolError),
-    (b"\xff\xfe=\0", PDUFormatError),
-])
-async def test_discover_malformed_answer(answer: bytes, error: type[ISCSIError]) -> None:
+def answering(answer: bytes) -> Any:
+    """A pdu_hook: every Text Request gets ``answer`` as its whole Text Response."""
     def reply(conn: Any, pdu: P.PDU) -> bool:
         if isinstance(pdu, P.TextRequest):
             conn.inject(P.TextResponse(itt=pdu.itt, data=answer, stat_sn=conn.stat_sn,
@@ -179,9 +177,34 @@ async def test_discover_malformed_answer(answer: bytes, error: type[ISCSIError])
             conn.stat_sn += 1
             return True
         return False
+    return reply
 
-    target = FakeTarget(NODES, hostile=Hostility(pdu_hook=reply))
+
+@pytest.mark.parametrize(("answer", "error"), [
+    (b"TargetName=iqn.a:x", PDUFormatError),                 # no NUL at the end
+    (b"TargetAddress=10.0.0.1\0", RemoteProtocolError),       # address before a name
+    (b"TargetName=iqn.a:x\0TargetAddress=[::1\0", RemoteProtocolError),
+    (b"\xff\xfe=\0", PDUFormatError),
+])
+async def test_discover_malformed_answer(answer: bytes, error: type[ISCSIError]) -> None:
+    target = FakeTarget(NODES, hostile=Hostility(pdu_hook=answering(answer)))
     with pytest.raises(error):
         await run(target)
     # The discovery session was logged out all the same.
     assert any(isinstance(p, P.LogoutRequest) for p in target.connections[0].received)
+
+
+@pytest.mark.parametrize("answer", [
+    b"TargetName=iqn.a:x",                                   # no NUL at the end
+    b"TargetName=iqn.a:x\0Target\xffName=y\0",              # a key that is no ASCII
+    b"TargetName=\xff\xfe\0",                                # a value that is no UTF-8
+    b"TargetName=iqn.a:x\0Foo=1\0Foo=2\0",                   # a key twice
+])
+async def test_malformed_answer_names_the_portal_that_sent_it(answer: bytes) -> None:
+    # The text module says what is wrong; the message must also say who sent it, or a
+    # duplicate key reads like a mistake of ours.
+    target = FakeTarget(NODES, hostile=Hostility(pdu_hook=answering(answer)))
+    with pytest.raises(PDUFormatError) as info:
+        await run(target)
+    assert "portal 127.0.0.1:" in str(info.value)
+    assert "answered SendTargets with malformed text" in str(info.value)

@@ -328,6 +328,41 @@ async def test_hbactl_read_of_a_short_read_fails_and_writes_no_wrong_byte(
     assert data == bytes(target.disk.data[: len(data)]) and len(data) < 3000 * 512
 
 
+def capacity_of_blocks(block_size: int) -> Any:
+    """A pdu_hook: READ CAPACITY(16) says 4096 blocks of ``block_size`` bytes."""
+    def hook(conn: Any, pdu: P.PDU) -> bool:
+        if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] == 0x9E):
+            return False
+        conn.exp_cmd_sn = (pdu.cmd_sn + 1) & 0xFFFFFFFF
+        data = (4095).to_bytes(8, "big") + block_size.to_bytes(4, "big") + bytes(20)
+        conn.inject(P.DataIn(final=True, status_present=True, itt=pdu.itt, lun=pdu.lun,
+                             data=data[: pdu.expected_data_transfer_length],
+                             stat_sn=conn.stat_sn, exp_cmd_sn=conn.exp_cmd_sn,
+                             max_cmd_sn=conn.max_cmd_sn))
+        conn.stat_sn = (conn.stat_sn + 1) & 0xFFFFFFFF
+        return True
+    return hook
+
+
+@pytest.mark.parametrize(("block_size", "words"), [
+    (0, "logical blocks of 0 bytes, which is no size"),
+    (1 << 31, "logical blocks of 2147483648 bytes, more than the 1048576 bytes"),
+])
+async def test_a_block_size_that_is_no_size_is_the_targets_error(
+        block_size: int, words: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every user divides by the block size (0 was a ZeroDivisionError traceback) and sizes
+    # buffers by it (2 GiB for a one-block read).
+    target = fake(Hostility(pdu_hook=capacity_of_blocks(block_size)))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(scsi.ScsiDataError, match=words):
+            await within(ScsiClient(session, 0).capacity())
+    async with FakeTargetServer(target) as server:
+        assert await hbactl("read", url(server), "--lba", "0", "--blocks", "1",
+                            "-o", str(tmp_path / "out.bin")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
+
+
 async def test_inquiry_with_no_data_at_all_names_it() -> None:
     target = fake(Hostility(data_in_withheld=1 << 16, residual_claim=0,
                             data_in_opcodes=INQUIRY))
@@ -356,6 +391,44 @@ async def test_a_write_the_target_took_only_part_of_is_an_error() -> None:
     async with logged_in(target) as (_, session):
         with pytest.raises(TransferError, match="took only 3584 of the 4096 bytes sent"):
             await within(ScsiClient(session, 0).write(0, 8, memoryview(bytes(4096))))
+
+
+def answer_writes_at_once(response: int = 0) -> Any:
+    """A pdu_hook: every WRITE gets its SCSI Response (status GOOD, no residual, the service
+    ``response``) at once, asking for none of its data; its Data-Out is swallowed."""
+    def hook(conn: Any, pdu: P.PDU) -> bool:
+        if isinstance(pdu, P.DataOut):
+            return True
+        if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in WRITES):
+            return False
+        conn.exp_cmd_sn = (pdu.cmd_sn + 1) & 0xFFFFFFFF
+        conn.inject(P.ScsiResponse(itt=pdu.itt, response=response, stat_sn=conn.stat_sn,
+                                   exp_cmd_sn=conn.exp_cmd_sn, max_cmd_sn=conn.max_cmd_sn))
+        conn.stat_sn = (conn.stat_sn + 1) & 0xFFFFFFFF
+        return True
+    return hook
+
+
+async def test_a_write_reported_done_without_its_data_is_an_error() -> None:
+    # 64 KiB: more than the immediate data, so the rest waits for R2Ts that never come.
+    # GOOD without a residual is a lie about what arrived, not a completed write.
+    target = fake(Hostility(pdu_hook=answer_writes_at_once()))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(TransferError, match="without asking for the rest") as info:
+            await within(ScsiClient(session, 0).write(0, 128, memoryview(bytes(65536))))
+        assert info.value.transferred < info.value.expected == 65536
+        assert session.in_flight == 0
+
+
+async def test_a_target_failure_response_leaves_nothing_in_flight() -> None:
+    # The command is answered (service response 0x01): it must leave the task table, or a
+    # logout waits for it to its timeout and a reconnect sends it again.
+    target = fake(Hostility(pdu_hook=answer_writes_at_once(response=1)))
+    async with logged_in(target) as (_, session):
+        with pytest.raises(CommandError, match="target failure"):
+            await within(session.execute(0, scsi.write(0, 1), data_out=[memoryview(
+                bytes(512))]))
+        assert session.in_flight == 0
 
 
 async def test_perf_does_not_count_short_reads() -> None:

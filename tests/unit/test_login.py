@@ -542,6 +542,21 @@ def test_malformed_responses(hostile: Hostility, error: type[Exception], match: 
         run(FakeTarget(hostile=hostile), machine())
 
 
+@pytest.mark.parametrize("data", [
+    b"AuthMethod=None",                       # no NUL at the end
+    b"AuthMethod=None\0AuthMethod=None\0",    # a key twice
+    b"\xff\xfe=1\0",                          # a key that is no ASCII
+    b"AuthMethod=None\0X-Alias=\xff\0",       # a value that is no UTF-8
+])
+def test_malformed_text_names_the_target_that_sent_it(data: bytes) -> None:
+    # The text module says what is wrong, not who sent it: without the target's name
+    # "key AuthMethod appears more than once" reads like a mistake in our configuration.
+    with pytest.raises(PDUFormatError) as info:
+        run(FakeTarget(hostile=Hostility(login_hook=_rewrite(data=data))), machine())
+    assert f"target {TGT} at {PORTAL}" in str(info.value)
+    assert "sent a Login Response whose text is malformed" in str(info.value)
+
+
 def test_version_mismatch_carries_status() -> None:
     with pytest.raises(LoginError) as info:
         run(FakeTarget(hostile=Hostility(version_active=3)), machine())

@@ -86,6 +86,20 @@ async def test_a_refused_target_says_why_and_the_others_are_listed() -> None:
     assert listed["error"] is None and [lun["lun"] for lun in listed["luns"]] == [0, 5]
 
 
+async def test_a_listed_name_that_is_no_iscsi_name_is_that_targets_error() -> None:
+    # The name comes from the target's answer: it is no mistake of the user's command line
+    # (a ConfigurationError, exit status 2, ended the whole listing), only of that entry.
+    bad = "iqn.2003-01.org.example:bad\x1b[2Jname"
+    target = fake([TargetNode(bad, {0: RamDisk(blocks=8)}), TargetNode(DISK1, {0: controller()})])
+    result = await listing(target)
+    assert result["exit_status"] == 1
+    first, second = result["targets"]
+    assert first["name"] == bad and first["luns"] == []
+    assert "the portal listed a name that cannot be logged in to" in first["error"]
+    assert second["error"] is None and [lun["lun"] for lun in second["luns"]] == [0]
+    assert len(target.connections) == 2  # the discovery session and DISK1's: none for `bad`
+
+
 async def test_a_lun_whose_inquiry_fails_says_why_and_the_next_is_listed() -> None:
     # The first INQUIRY (LUN 0's) ends in ILLEGAL REQUEST, INVALID FIELD IN CDB: not retried.
     hostile = Hostility(fail_first=1, fail_opcodes=frozenset({INQUIRY}),

@@ -31,11 +31,13 @@ from initiator.errors import (
     PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
+    TransferError,
 )
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
 from initiator.reader import PDUReader
 from initiator.session import (
+    MAX_TEXT_RESPONSES,
     ConnectionCore,
     Event,
     EventKind,
@@ -231,6 +233,9 @@ def test_bidirectional_command_carries_read_length() -> None:
     assert isinstance(cmd, P.ScsiCommand)
     assert cmd.read and cmd.write
     assert cmd.expected_data_transfer_length == 512 and cmd.bidi_read_length == 300
+    h.deliver(P.R2T(itt=task.itt, ttt=1, r2t_sn=0, buffer_offset=0,  # the write's data, asked
+                    desired_data_transfer_length=512, **h.numbers(advance=False)))  # for, sent
+    h.sent()
     h.deliver(h.response(task, bidi_underflow=True, bidi_residual_count=44))
     assert h.ok(task).bidi_residual == 44
 
@@ -360,8 +365,9 @@ OUTCOME: dict[tuple[str, str], str] = {
     ("active_read", "r2t"): "error",
     ("active_write", "data_in"): "error",
     ("active_write", "data_in_status"): "error",
-    ("active_write", "data_in_status_no_data"): "done",
-    ("active_write", "scsi_response"): "done",
+    # GOOD for a write none of whose data was asked for: done, but incomplete.
+    ("active_write", "data_in_status_no_data"): "incomplete",
+    ("active_write", "scsi_response"): "incomplete",
     ("active_write", "r2t"): "active",
 }
 
@@ -404,6 +410,10 @@ def test_task_state_by_inbound_pdu(state: str, kind: str) -> None:
             assert isinstance(data_out, P.DataOut)
             assert (data_out.ttt, data_out.buffer_offset, len(data_out.data)) == (0x77, 0, 512)
             assert data_out.final and data_out.data_sn == 0
+    elif expected == "incomplete":
+        assert task.state is TaskState.DONE
+        assert isinstance(h.result(task), TransferError)
+        assert task.itt not in h.core._tasks
     else:
         assert task.state is TaskState.DONE
         assert isinstance(h.result(task), CommandResult)
@@ -1578,6 +1588,21 @@ def test_text_response_with_continuation() -> None:
     h.deliver(P.TextResponse(itt=req.itt, final=True, data=b"etAddress=1.2.3.4:3260,1\0",
                              **h.numbers()))
     assert answers[0].data == b"TargetName=iqn.a:b\0TargetAddress=1.2.3.4:3260,1\0"
+
+
+def test_a_text_answer_that_never_ends_is_bounded_in_responses() -> None:
+    # Empty pieces with F=0 keep the 16 MiB bound from ever being reached; with no command
+    # deadline (command_timeout 0) only a bound on the responses ends the exchange.
+    h = Harness()
+    answers: list[Any] = []
+    h.core.text_request(b"SendTargets=All\0", answers.append)
+    (req,) = h.sent()
+    assert isinstance(req, P.TextRequest)
+    with pytest.raises(RemoteProtocolError, match="Text Responses to one Text Request"):
+        for _ in range(MAX_TEXT_RESPONSES + 1):
+            h.deliver(P.TextResponse(itt=req.itt, final=False, ttt=0x42, **h.numbers()))
+            h.sent()
+    assert not answers
 
 
 def test_text_request_waits_for_the_window_in_line_with_commands() -> None:
