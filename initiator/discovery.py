@@ -25,14 +25,18 @@ class DiscoveredTarget:
 
 
 def parse_send_targets(pairs: list[Pair], asked: Portal) -> list[DiscoveredTarget]:
-    """Group a SendTargets answer into targets with their portals (Appendix C)."""
-    targets: list[DiscoveredTarget] = []
+    """Group a SendTargets answer into targets with their portals (Appendix C). A name listed
+    twice is one target: its portals are merged (each once), in the order first listed."""
+    targets: dict[str, list[Portal]] = {}
     name: str | None = None
     portals: list[Portal] = []
 
     def flush() -> None:
         if name is not None:
-            targets.append(DiscoveredTarget(name, tuple(portals) or (asked,)))
+            known = targets.setdefault(name, [])
+            for portal in portals or [asked]:
+                if portal not in known:
+                    known.append(portal)
 
     for key, value in pairs:
         if key == "TargetName":
@@ -51,7 +55,7 @@ def parse_send_targets(pairs: list[Pair], asked: Portal) -> list[DiscoveredTarge
                 ) from None
         # Other keys (e.g. TargetAlias from some targets) carry nothing we need.
     flush()
-    return targets
+    return [DiscoveredTarget(n, tuple(p)) for n, p in targets.items()]
 
 
 async def discover(

@@ -72,6 +72,21 @@ def test_parse_several_targets_and_portals() -> None:
     ]
 
 
+def test_a_name_listed_twice_is_one_target_with_its_portals_merged() -> None:
+    # Else discover printed it twice and discover --luns logged in to it twice.
+    pairs = [
+        ("TargetName", "iqn.a:one"), ("TargetAddress", "10.0.0.1:3260,1"),
+        ("TargetName", "iqn.a:two"),
+        ("TargetName", "iqn.a:one"), ("TargetAddress", "10.0.0.2:3260,1"),
+        ("TargetAddress", "10.0.0.1:3260,1"),
+        ("TargetName", "iqn.a:two"),
+    ]
+    assert parse_send_targets(pairs, ASKED) == [
+        DiscoveredTarget("iqn.a:one", (Portal("10.0.0.1", 3260, 1), Portal("10.0.0.2", 3260, 1))),
+        DiscoveredTarget("iqn.a:two", (ASKED,)),
+    ]
+
+
 def test_parse_nothing() -> None:
     assert parse_send_targets([], ASKED) == []
 
