@@ -27,7 +27,9 @@ Waits before an attempt:
 - after a lost connection, the target's Time2Wait (RFC 7143 §11.9.1 Async Message Parameter2,
   §11.15.2 Logout Response, else the negotiated DefaultTime2Wait, §13.15); up to 3600 s on the
   wire, but never beyond the replacement deadline (the attempt is then made at the deadline,
-  which gives up first unless attempts go on forever). After a connection on which no command
+  which gives up first unless attempts go on forever). Without ``reconnect_forever``, a
+  Time2Wait that reaches past the deadline gives up at once: no login could be made in time,
+  and waiting out the deadline would only hold the caller. After a connection on which no command
   completed (made during the outage), at least 1 s: a target that breaks every connection at
   once is not hammered. It took a login, though: the next one is likely to work, and on a
   faulty link every second waited is a second without I/O (open-iscsi waits Time2Wait alone);
@@ -98,6 +100,8 @@ class RecoveryPolicy:
         """Why the last attempt failed ("" when it logged in)."""
         self._time2wait: float | None = None
         self._reconnected = False
+        self._hopeless: float | None = None
+        """A Time2Wait that reaches past the deadline (give up now: module docstring)."""
 
     # -- what the transport reports --------------------------------------------------------
 
@@ -124,6 +128,7 @@ class RecoveryPolicy:
         (Async Message); else a Logout Response's, else DefaultTime2Wait."""
         if self.stopped:
             return
+        self._hopeless = None
         # A connection made during an outage that completed nothing: the outage goes on.
         broke = not worked and self.phase is Phase.LOGGED_IN and self.outage_since is not None
         if worked or not waiting:
@@ -144,6 +149,10 @@ class RecoveryPolicy:
         # Time2Wait is what the target needs before it takes a new login; after a reconnect
         # that completed nothing, a second at least (see the module docstring).
         self._schedule(now, max(time2wait, self._backoff(), _MIN_BACKOFF if broke else 0.0))
+        deadline = self.deadline
+        if not self.reconnect_forever and deadline is not None and now + time2wait >= deadline:
+            self._hopeless = time2wait
+            self.next_attempt = now
 
     def attempt_failed(self, now: float, error: str) -> None:
         """The login attempt that CONNECT started failed."""
@@ -194,7 +203,8 @@ class RecoveryPolicy:
         if self.stopped:
             return None
         deadline = self.deadline
-        if deadline is not None and not self.gave_up and now >= deadline:
+        if deadline is not None and not self.gave_up and (
+                now >= deadline or self._hopeless is not None):
             self.gave_up = True
             self.stopped = not self.reconnect_forever
             return Action.GIVE_UP
@@ -213,7 +223,10 @@ class RecoveryPolicy:
 
     def give_up_message(self, label: str) -> str:
         """Why the session failed, for the error every waiting command gets."""
-        if self.phase is Phase.LOGGED_IN and self._reconnected:
+        if self._hopeless is not None:
+            last = (f"; the target asked to wait {self._hopeless:g} s (Time2Wait) before "
+                    "logging in again, longer than that")
+        elif self.phase is Phase.LOGGED_IN and self._reconnected:
             last = "; it logged in again, but the target completed no command since"
         elif self.phase is Phase.CONNECTING:
             last = "; a login attempt was still under way" + (

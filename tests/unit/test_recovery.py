@@ -62,19 +62,27 @@ def test_first_attempt_after_default_time2wait() -> None:
     assert policy.get_timer() == 130.0   # the give-up deadline while the attempt runs
 
 
-@pytest.mark.parametrize("time2wait", [3600.0, 65535.0])
-def test_time2wait_is_capped_by_the_replacement_deadline(time2wait: float) -> None:
+@pytest.mark.parametrize("time2wait", [5.0, 3600.0, 65535.0])
+def test_a_time2wait_past_the_replacement_deadline_gives_up_at_once(time2wait: float) -> None:
     # Async Message Parameter2 or a Logout Response may ask for up to an hour (or, malformed,
-    # 18 h): never longer than the replacement timeout is waited.
+    # 18 h): no login could be made before the deadline, so the caller is not held until it.
     policy = RecoveryPolicy(5.0)
     lost(policy, 100.0, time2wait=time2wait)
-    assert policy.get_timer() == 105.0
+    assert policy.get_timer() == 100.0
     actions = run(policy, 1e9)
-    assert actions == [(105.0, Action.GIVE_UP)]
+    assert actions == [(100.0, Action.GIVE_UP)]
     assert policy.get_timer() is None and policy.stopped
     message = policy.give_up_message("iqn.x at h:3260")
-    assert "replacement timeout of 5 s" in message and "Time2Wait" in message
+    assert "replacement timeout of 5 s" in message
+    assert f"asked to wait {time2wait:g} s (Time2Wait) before logging in again" in message
     assert "iqn.x at h:3260" in message and "target closed the connection" in message
+
+
+def test_a_time2wait_within_the_deadline_is_waited() -> None:
+    policy = RecoveryPolicy(5.0)
+    lost(policy, 100.0, time2wait=4.0)
+    assert policy.get_timer() == 104.0
+    assert run(policy, 104.0) == [(104.0, Action.CONNECT)]
 
 
 def test_time2wait_capped_for_a_daemon_tries_at_the_deadline() -> None:
