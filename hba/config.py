@@ -800,7 +800,9 @@ def _finish(block: _Block, parser: _Parser) -> TargetEntry | None:
 
 
 def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:
-    parser = _Parser(text, path)
+    # A byte order mark, which Windows editors put before the first line, is no part of the
+    # text: left in, it made the first nickname "\ufeffname", refused as no kernel name.
+    parser = _Parser(text.removeprefix("\ufeff"), path)
     entries: dict[str, TargetEntry] = {}
     seen: dict[str, int] = {}
     for block in parser.blocks():

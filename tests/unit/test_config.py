@@ -174,6 +174,11 @@ def test_layout_freedom() -> None:
     assert disc.port == 3262
 
 
+def test_a_byte_order_mark_before_the_first_line_is_ignored() -> None:
+    config = parse_config(f"\ufefft {{ TargetAddress = h\n TargetName = {IQN} }}\n", PATH)
+    assert list(config.entries) == ["t"]
+
+
 def test_empty_and_comment_only_files() -> None:
     assert parse_config("", PATH) == Config(path=PATH, entries={})
     assert parse_config("# nothing\n\n   # here\n", PATH).entries == {}
