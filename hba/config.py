@@ -364,6 +364,11 @@ def _listen_address(text: str) -> str:
 
 
 def _address(text: str) -> tuple[str, int]:
+    if "://" in text:
+        # hbactl takes URLs; someone copying one here would otherwise read that the port
+        # '//host' is not a number.
+        raise _BadValue("is a URL; TargetAddress is host[:port] (the TargetName and Lun "
+                        "are keys of their own)")
     try:
         return parse_portal(text)
     except ConfigurationError as exc:

@@ -306,6 +306,10 @@ GOOD = f"TargetAddress = h\n TargetName = {IQN}\n"
             f"t {{ TargetAddress = h:0\n TargetName = {IQN} }}",
             ":1: TargetAddress 'h:0' is not usable",
         ),
+        (
+            f"t {{ TargetAddress = iscsi://h/{IQN}/0\n TargetName = {IQN} }}",
+            f":1: TargetAddress 'iscsi://h/{IQN}/0' is a URL; TargetAddress is host[:port]",
+        ),
         (f"t {{ TargetAddress = fe80::1\n TargetName = {IQN} }}", "put it in brackets"),
         (
             "t { TargetAddress = h\n TargetName = iqn.2003-13.org.x }",
