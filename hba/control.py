@@ -532,8 +532,10 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
                 status = 1
     except (KernelSetupError, ConfigError) as exc:
         sd_notify(f"STATUS={str(exc).splitlines()[0]}")
-        raise StartupError(str(exc), EXIT_CONFIG,
-                           exc.lines if isinstance(exc, ConfigError) else ()) from None
+        # Both list their problems a line each (hba.kernel.preflight); printed as one line,
+        # the '\n's between them would show escaped.
+        lines = exc.lines if isinstance(exc, ConfigError) else tuple(str(exc).split("\n"))
+        raise StartupError(str(exc), EXIT_CONFIG, lines) from None
     finally:
         sd_notify("STOPPING=1")
         for signum in handled:

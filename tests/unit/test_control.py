@@ -887,6 +887,23 @@ async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
         await control.cmd_list(ns())
 
 
+def test_daemon_lists_the_kernel_problems_a_line_each(
+        system_bus: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """On a host without the target modules the preflight names each one with its fix; they
+    were printed as one line with their newlines escaped (``\\n  - kernel module ...``)."""
+    def not_ready(configfs: Path = Path(), *, load_modules: bool = True) -> None:
+        raise KernelSetupError("the kernel is not ready for iscsi-hba:\n  - module a missing"
+                               "\n  - module b missing")
+
+    monkeypatch.setattr("hba.kernel.preflight", not_ready)
+    assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        "hbactl: the kernel is not ready for iscsi-hba:", "  - module a missing",
+        "  - module b missing"]
+
+
 async def test_daemon_pcap_records_each_session(fake_portal: FakeTargetServer, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``hbactl daemon --pcap DIR``: a session the daemon opens is captured into DIR (the
