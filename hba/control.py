@@ -201,10 +201,18 @@ def format_status(status: Mapping[str, Any]) -> str:
     for d in status.get("disks") or []:
         lines.extend(format_paths(d))
     for d in status.get("disks") or []:
-        if d.get("error"):
-            lines.append(f"  {printable(d.get('name'))}: attempt {d.get('attempts', '?')} "
-                         f"failed, next in {float(d.get('retry_in') or 0):.0f} s: "
-                         f"{printable(d['error'])}")
+        if not d.get("error"):
+            continue
+        name = printable(d.get("name"))
+        if d.get("state") == DiskState.RETRYING.value:
+            lines.append(f"  {name}: attempt {d.get('attempts', '?')} failed, next in "
+                         f"{float(d.get('retry_in') or 0):.0f} s: {printable(d['error'])}")
+        elif d.get("state") == DiskState.FAILED.value:
+            lines.append(f"  {name}: not attached, and not tried again: "
+                         f"{printable(d['error'])}; once the entry is fixed, run "
+                         f"`systemctl reload iscsi-hba` or `hbactl attach {name}`")
+        else:   # a worker's disks being taken over
+            lines.append(f"  {name}: {printable(d['error'])}")
     return "\n".join(lines)
 
 

@@ -168,6 +168,10 @@ class Daemon:
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        # Enable = on entries whose attach failed in a way trying again cannot fix (a wrong
+        # secret, a refused initiator): hbactl list/status rows until attached, detached,
+        # disabled, or tried again after a reload.
+        self._failed: dict[str, dict[str, Any]] = {}
         self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
         self.session_events = SessionEvents(log)
         self.started = False
@@ -245,7 +249,8 @@ class Daemon:
         reason that may go away (the target is down, unreachable or not set up yet) is tried
         again in the background, 5 s later and then at doubling intervals up to a minute, until
         it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
-        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once.
+        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once and
+        listed as ``failed`` until the entry is fixed and the configuration read again.
         An attached multipath entry gets a path for each address (or SendTargets portal) it
         has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
@@ -260,17 +265,21 @@ class Daemon:
                     self._add_paths_on(where, entry.nickname)
                 if entry.nickname in self._retries or where is not None:
                     continue
+                self._failed.pop(entry.nickname, None)
                 try:
                     await self.attach_described(entry.nickname)
                 except AttachError as exc:
                     self._failed_at_start(entry.nickname, exc)
                 except HBAError as exc:
-                    log.error("could not attach %s: %s", entry.nickname, exc)
+                    self._give_up(entry.nickname, exc)
         for nickname in list(self._retries):
             if nickname not in wanted:
                 log.info("%s is no longer enabled in the configuration: not retrying it",
                          nickname)
                 self._stop_retrying(nickname)
+        for nickname in list(self._failed):
+            if nickname not in wanted:
+                del self._failed[nickname]
 
     def _attached(self, nickname: str) -> Disk | None:
         return next((d for d in self.disks.values() if d.spec.nickname == nickname), None)
@@ -301,7 +310,7 @@ class Daemon:
 
     def _failed_at_start(self, nickname: str, exc: AttachError) -> None:
         if not exc.retryable:
-            log.error("could not attach %s: %s", nickname, exc)
+            self._give_up(nickname, exc)
             return
         loop = asyncio.get_running_loop()
         retry = self._retries.start(nickname, self.specs.resolve(nickname), str(exc),
@@ -312,6 +321,7 @@ class Daemon:
     async def _retry(self, nickname: str) -> None:
         """Attach ``nickname`` whenever its schedule says, until it leaves the schedule."""
         loop = asyncio.get_running_loop()
+        failure: HBAError | None = None
         while (retry := self._retries.get(nickname)) is not None:
             await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
             if nickname in await self._attached_nicknames():
@@ -325,12 +335,29 @@ class Daemon:
                     if retry is not None:
                         _log_retry(nickname, retry)
                     continue
-                log.error("could not attach %s: %s; not trying again", nickname, exc)
+                failure = exc
             except HBAError as exc:
-                log.error("could not attach %s: %s; not trying again", nickname, exc)
+                failure = exc
             break
-        if self._retry_tasks.get(nickname) is asyncio.current_task():
-            self._stop_retrying(nickname)
+        if (self._retry_tasks.get(nickname) is asyncio.current_task()
+                and self._stop_retrying(nickname) is not None and failure is not None):
+            self._give_up(nickname, failure)
+
+    def _give_up(self, nickname: str, exc: HBAError) -> None:
+        """Entry ``nickname`` failed to attach in a way trying again cannot fix: log it, and
+        list it as failed, with why and what to do, until it is fixed and read again."""
+        log.error("could not attach %s: %s; not trying again until the configuration is "
+                  "read again (systemctl reload iscsi-hba) or `hbactl attach %s`",
+                  nickname, exc, nickname)
+        entry = self.config.get(nickname) if self.config is not None else None
+        self._failed[nickname] = {
+            "name": nickname,
+            "target": entry.target_name if entry is not None else None,
+            "portal": entry.portal if entry is not None else None,
+            "lun": entry.lun if entry is not None else None,
+            "state": DiskState.FAILED.value,
+            "error": str(exc),
+        }
 
     def _stop_retrying(self, nickname: str) -> Retry | None:
         task = self._retry_tasks.pop(nickname, None)
@@ -406,6 +433,7 @@ class Daemon:
                 self._attaching.remove(spec)
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)  # "attached ..." was logged
+            self._failed.pop(spec.nickname, None)
         return attached
 
     async def attach_described(self, what: str) -> dict[str, Any]:
@@ -450,6 +478,7 @@ class Daemon:
                                   f"{REPLACEMENT_BOUND:g} s; see the daemon's log") from None
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)
+            self._failed.pop(spec.nickname, None)
         return described
 
     def _refuse_twice(self, spec: LunSpec) -> None:
@@ -818,7 +847,7 @@ class Daemon:
             if self.pool is not None:
                 return await self._detach_in_workers(what, force)
             await self.refresh_devices()
-            if what not in self.disks and what in self._retries:
+            if what not in self.disks and (what in self._retries or what in self._failed):
                 return self._forget_retry(what)
             disk = self.find(what)
             nodes = [p.device for p in disk.paths if p.device is not None]
@@ -866,18 +895,24 @@ class Daemon:
             return described
 
     def _forget_retry(self, nickname: str) -> dict[str, Any]:
-        """Detach of an entry being retried: stop retrying it."""
+        """Detach of an entry being retried, or that failed for good: stop retrying it, or
+        listing it."""
         retry = self._stop_retrying(nickname)
-        assert retry is not None
-        log.info("%s: not trying to attach it any more", nickname)
-        described = retry.describe(asyncio.get_running_loop().time(), DiskState.DETACHED)
+        failed = self._failed.pop(nickname, None)
+        if retry is not None:
+            log.info("%s: not trying to attach it any more", nickname)
+            described = retry.describe(asyncio.get_running_loop().time(), DiskState.DETACHED)
+        else:
+            assert failed is not None
+            described = {**failed, "state": DiskState.DETACHED.value}
         self._event("detach", described)
         return described
 
     async def _detach_in_workers(self, what: str, force: bool) -> dict[str, Any]:
         assert self.pool is not None
         inventories = await self.pool.inventories()
-        if what in self._retries and not any(what in i.names for i in inventories.values()):
+        if (what in self._retries or what in self._failed) and not any(
+                what in i.names for i in inventories.values()):
             return self._forget_retry(what)
         for link in self.pool.running():
             try:
@@ -1036,6 +1071,7 @@ class Daemon:
         rows = [disk.describe() for disk in self.disks.values()]
         rows += [retry.describe(now) for name, retry in self._retries.items()
                  if name not in self.disks]
+        rows += [row for name, row in self._failed.items() if name not in self.disks]
         return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:

@@ -234,6 +234,14 @@ def test_status_text() -> None:
     assert "configuration:  /tmp/x\\x1b[2J\\nfake: line" in odd
 
 
+def test_status_of_a_disk_being_taken_over_is_no_retry() -> None:
+    # A worker that died: its disks' rows carry why; status said "attempt ? failed, next in
+    # 0 s" of them, as if they were entries being retried.
+    why = "worker 1 ended; a new worker takes over its disks"
+    text = control.format_status({"disks": [dict(DISK, state="taking over", error=why)]})
+    assert text.splitlines()[-1] == f"  disk1: {why}"
+
+
 def test_disk_states_are_plain_strings_on_the_wire() -> None:
     """``list``/``status --json`` and the DBus dictionaries carry a disk's state as the same
     strings as before it became an enum; the STATE column shows the session instead of
@@ -241,7 +249,7 @@ def test_disk_states_are_plain_strings_on_the_wire() -> None:
     assert {s.name: s.value for s in DiskState} == {
         "ATTACHING": "attaching", "ATTACHED": "attached", "DETACHING": "detaching",
         "DETACHED": "detached", "RING_BROKEN": "ring broken", "RETRYING": "retrying",
-        "TAKEOVER": "taking over"}
+        "TAKEOVER": "taking over", "FAILED": "failed"}
     spec = LunSpec(name="disk1", portals=(Portal("127.0.0.1", 3260),), target=IQN, lun=0,
                    session=SessionConfig(initiator_name=INITIATOR))
     path = spec.paths()[0]
