@@ -67,6 +67,7 @@ import ipaddress
 import os
 import pwd
 import re
+import shlex
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -853,21 +854,22 @@ def _permission_errors(path: str, st: os.stat_result, has_secret: bool) -> list[
     problems: list[str] = []
     mode = stat.S_IMODE(st.st_mode)
     euid = os.geteuid()
+    quoted = shlex.quote(path)   # the commands below are pasted into a shell, spaces and all
     if st.st_uid not in (0, euid):
         problems.append(
             f"{path}: owned by {_owner(st.st_uid)}, which is neither root nor the user running "
             f"iscsi-hba ({_owner(euid)}), and so can change it at any time; run: "
-            f"chown root:root {path}"
+            f"chown root:root {quoted}"
         )
     if has_secret and mode & 0o077:
         problems.append(
             f"{path}: holds CHAP secrets but its mode is {mode:04o}, so other users can read "
-            f"or change it; run: chmod 600 {path}"
+            f"or change it; run: chmod 600 {quoted}"
         )
     elif mode & 0o022:
         problems.append(
             f"{path}: its mode is {mode:04o}, so other users can change which targets this host "
-            f"attaches; run: chmod go-w {path}"
+            f"attaches; run: chmod go-w {quoted}"
         )
     return problems
 

@@ -501,6 +501,22 @@ def test_load_refuses_readable_secret(tmp_path: Path) -> None:
     assert SECRET not in message
 
 
+def test_the_command_that_fixes_the_mode_quotes_the_path(tmp_path: Path) -> None:
+    # A path with a space (a checkout in "/tmp/my stuff") gave `chmod 600 /tmp/my stuff/...`,
+    # which a shell splits into two other files.
+    folder = tmp_path / "my conf ä"
+    folder.mkdir()
+    path = write(folder, WITH_SECRET, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(f"; run: chmod 600 '{path}'")
+    path.chmod(0o664)
+    path.write_text(WITHOUT_SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(f"; run: chmod go-w '{path}'")
+
+
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660, 0o700 | 0o007])
 def test_load_refuses_any_group_or_other_access_with_secret(tmp_path: Path, mode: int) -> None:
     path = write(tmp_path, WITH_SECRET, mode)
