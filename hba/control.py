@@ -522,9 +522,11 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     status = 0
+    daemon.options.on_attaching = _extend_start
     try:
         sd_notify("STATUS=starting: checking the kernel, taking over existing devices")
         started = await _until_stopped(daemon.start(), stop)
+        daemon.options.on_attaching = None
         if started:
             service.set_ready()
             count = await daemon.disk_count()
@@ -558,6 +560,25 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             await exporter.stop()
         await service.close()
     return status
+
+
+ENTRY_START_BOUND = 300.0
+"""Seconds of the start each configuration entry attached before READY=1 may take, besides
+twice its LoginTimeout (a SendTargets login, then the paths'): what the unit's
+TimeoutStartSec gives a whole start (a login and up to 60 s of udev, with room to spare)."""
+
+
+def _extend_start(nickname: str, number: int, count: int, login_timeout: float) -> None:
+    """Before entry ``number`` of ``count`` is attached at start: tell systemd what it waits
+    for and give it the time. Each wait of an attach is bounded, but the start attaches the
+    entries one after the other, so its length grows with their number: twenty LUNs of an
+    array that is down and drops packets took 20 x 15 s, past TimeoutStartSec, and systemd
+    killed and restarted the daemon, again and again, never ready."""
+    from tcmu_handler.sdnotify import sd_notify
+
+    bound = ENTRY_START_BOUND + 2 * login_timeout
+    sd_notify(f"EXTEND_TIMEOUT_USEC={int(bound * 1_000_000)}\n"
+              f"STATUS=starting: attaching {nickname} ({number} of {count})")
 
 
 async def _serve_metrics(daemon: Daemon, address: str, service: DaemonService) -> MetricsServer:

@@ -143,6 +143,10 @@ class DaemonOptions:
     workers: int = 1              # above 1: serve the disks from worker processes (hba.workers)
     takeover_at_start: bool = True   # a worker is told which backstores to take over
     on_event: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
+    # Called before each configuration entry attach_enabled() tries: (nickname, its number,
+    # how many, the entry's LoginTimeout); hbactl daemon tells systemd during the start.
+    on_attaching: Callable[[str, int, int, float], None] | None = field(default=None,
+                                                                        repr=False)
 
 
 class Daemon:
@@ -256,6 +260,7 @@ class Daemon:
         wanted = set()
         if self.config is not None:
             attached = await self._attached_nicknames()
+            todo = []
             for entry in self.config.enabled():
                 if entry.session_type.value.lower() != "normal":
                     continue
@@ -263,8 +268,12 @@ class Daemon:
                 where = attached.get(entry.nickname)
                 if where is not None:
                     self._add_paths_on(where, entry.nickname)
-                if entry.nickname in self._retries or where is not None:
-                    continue
+                if entry.nickname not in self._retries and where is None:
+                    todo.append(entry)
+            for number, entry in enumerate(todo, start=1):
+                if self.options.on_attaching is not None:
+                    self.options.on_attaching(entry.nickname, number, len(todo),
+                                              float(entry.login_timeout))
                 self._failed.pop(entry.nickname, None)
                 try:
                     await self.attach_described(entry.nickname)

@@ -895,6 +895,52 @@ async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
         await control.cmd_list(ns())
 
 
+async def test_each_entry_attached_at_start_extends_systemds_start_timeout(
+        system_bus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        notify_socket: tuple[socket.socket, str]) -> None:
+    """The start attaches the entries one after the other: with many, it outlasted the
+    unit's TimeoutStartSec and systemd killed the daemon before READY=1, on every restart.
+    Each entry now extends the start, and STATUS names it."""
+    sock, address = notify_socket
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setattr("hba.kernel.preflight", lambda: None)
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [])
+    attempts: list[str] = []
+
+    async def attach_described(self: Daemon, what: str) -> dict[str, Any]:
+        attempts.append(what)
+        raise AttachError(f"attaching {what} failed: authentication failed")
+
+    monkeypatch.setattr(Daemon, "attach_described", attach_described)
+    text = "".join(f"{name} {{ TargetAddress = 127.0.0.1:1\n TargetName = {IQN}\n"
+                   f" LoginTimeout = {timeout} }}\n" for name, timeout in [("a", 15), ("b", 60)])
+    task = asyncio.ensure_future(control.run_daemon(write_config(tmp_path / "hba.conf", text),
+                                                    INITIATOR, workers=1))
+    loop = asyncio.get_running_loop()
+    messages: list[str] = []
+    while not any("READY=1" in m for m in messages):
+        messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)).decode())
+        assert not task.done(), task
+    extended = [m for m in messages if "EXTEND_TIMEOUT_USEC" in m]
+    assert extended == [
+        "EXTEND_TIMEOUT_USEC=330000000\nSTATUS=starting: attaching a (1 of 2)",
+        "EXTEND_TIMEOUT_USEC=420000000\nSTATUS=starting: attaching b (2 of 2)"]
+    assert attempts == ["a", "b"]
+    # A reload attaches too, after the start: nothing to extend then.
+    os.kill(os.getpid(), signal.SIGHUP)
+    async with asyncio.timeout(10):
+        while len(attempts) < 4:
+            await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 10) == 0
+    rest = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            rest.append(sock.recv(4096).decode())
+    assert not any("EXTEND_TIMEOUT_USEC" in m for m in rest), rest
+
+
 def test_daemon_lists_the_kernel_problems_a_line_each(
         system_bus: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
