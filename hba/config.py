@@ -108,6 +108,10 @@ MAX_CONFIG_BYTES = 1 << 20
 """The largest configuration file read: thousands of entries, and no file by mistake (a disk
 image, a log) read whole into memory."""
 
+MAX_SHOWN_ERRORS = 50
+"""The problems of a file printed (and logged) at most: a wrong file (a log, a script) has one
+on every line, and ten thousand lines bury the first, which says what the file is."""
+
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
 
@@ -121,8 +125,11 @@ class ConfigError(HBAError):
         self.errors = tuple(errors)
         self.path = path
         where = f" in {path}" if path else ""
+        shown = self.errors[:MAX_SHOWN_ERRORS]
+        more = len(self.errors) - len(shown)
         self.lines: tuple[str, ...] = self.errors if len(self.errors) == 1 else (
-            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in self.errors))
+            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in shown),
+            *([f"  ... and {more} more, not shown: is it the right file?"] if more else []))
         super().__init__("\n".join(self.lines))
 
 

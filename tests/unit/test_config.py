@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hba.config import (
     MAX_CONFIG_BYTES,
+    MAX_SHOWN_ERRORS,
     AuthMethod,
     Config,
     ConfigError,
@@ -430,6 +431,22 @@ b {{
     assert message.startswith(f"8 problems in {PATH}:\n  {PATH}:3: ")
     assert "did you mean chapSecret?" in message
     assert "unexpected text after a value; quote values that contain spaces" in message
+
+
+def test_a_wrong_file_shows_its_first_problems_not_all() -> None:
+    # A file that is not a configuration (a log) has a problem on every line: all 10000 were
+    # printed, and logged a line each.
+    text = "".join(f"garbage line {n}\n" for n in range(10_000))
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, PATH)
+    assert len(info.value.errors) == 10_000
+    lines = info.value.lines
+    assert lines[0] == f"10000 problems in {PATH}:"
+    assert lines[1] == f"  {PATH}:1: expected a nickname followed by '{{'"
+    assert len(lines) == 1 + MAX_SHOWN_ERRORS + 1
+    assert lines[-1] == f"  ... and {10_000 - MAX_SHOWN_ERRORS} more, not shown: is it the " \
+                        "right file?"
+    assert str(info.value) == "\n".join(lines)
 
 
 def test_no_error_or_repr_shows_a_secret() -> None:
