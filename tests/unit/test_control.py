@@ -941,6 +941,27 @@ async def test_each_entry_attached_at_start_extends_systemds_start_timeout(
     assert not any("EXTEND_TIMEOUT_USEC" in m for m in rest), rest
 
 
+@pytest.mark.parametrize("argv", [["status"], ["list"], ["list", "--json"]])
+def test_a_reader_that_stops_reading_is_no_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str]) -> None:
+    """``hbactl status | head -3``: the pipe closed before the output was written, and hbactl
+    ended with a BrokenPipeError traceback."""
+    async def status(args: Any) -> dict[str, Any]:
+        return {"pid": 1, "version": "0", "uptime": 1.0, "ready": True, "disks": [DISK],
+                "sessions": [], "initiator_name": INITIATOR, "config": None}
+
+    monkeypatch.setattr(control, "cmd_status", status)
+    monkeypatch.setattr(control, "cmd_list", status)
+    read, write = os.pipe()
+    os.close(read)
+    with capsys.disabled(), open(write, "w", encoding="utf-8") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert cli.main(argv) == 0
+        pipe.write("x" * 100_000)   # now /dev/null: the exit's flush cannot fail either
+        pipe.flush()
+
+
 def test_daemon_lists_the_kernel_problems_a_line_each(
         system_bus: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
