@@ -272,8 +272,12 @@ async def connect_system_bus(timeout: float = 10.0) -> Any:
             f"{START_HINT}") from None
 
 
+QUERY_TIMEOUT = 10.0
+"""Seconds ``hbactl list`` and ``status`` wait for the daemon's answer."""
+
+
 async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
-               command: str, timeout: float = 10.0) -> list[Any]:
+               command: str, timeout: float | None = None) -> list[Any]:
     """Call ``member`` of ``org.iscsihba.Daemon1`` on the system bus; the reply's body."""
     from dbus_next.constants import MessageFlag, MessageType
     from dbus_next.message import Message
@@ -289,6 +293,8 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
             raise ConfigurationError(
                 f"the argument of hbactl {command} is not text a DBus call can carry (UTF-8 "
                 "without NUL bytes); give the URL, nickname or device in UTF-8")
+    if timeout is None:
+        timeout = QUERY_TIMEOUT
     bus = await connect_system_bus()
     try:
         reply = await asyncio.wait_for(bus.call(Message(
@@ -296,6 +302,11 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
             interface=dbus_service.INTERFACE, member=member, signature=signature,
             body=list(body), flags=MessageFlag.NO_AUTOSTART)), timeout)
     except TimeoutError:
+        if member in ("List", "Status"):
+            # Nothing goes on of a question: the daemon is stuck, or too busy to answer.
+            raise ControlError(
+                f"the iscsi-hba daemon did not answer {command} within {timeout:g} s: it is "
+                "hung or overloaded; see its log (`journalctl -u iscsi-hba`)") from None
         raise ControlError(
             f"the iscsi-hba daemon did not finish {command} within {timeout:g} s; it goes on "
             "in the background: see `hbactl list` and the daemon's log") from None

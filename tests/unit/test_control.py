@@ -563,6 +563,28 @@ def test_a_bound_that_is_no_number_of_seconds_is_a_usage_error(
     assert err.startswith("hbactl: --") and err.count("\n") == 1
 
 
+async def test_a_daemon_that_does_not_answer_a_question(
+        system_bus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that owns its name but answers nothing (stopped, wedged): list and status
+    said "it goes on in the background: see `hbactl list`" of a question."""
+    from dbus_next.aio.message_bus import MessageBus
+    from dbus_next.constants import BusType
+
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    try:
+        await bus.request_name(dbus_service.BUS_NAME)
+        bus.add_message_handler(lambda message: True)   # taken, never answered
+        monkeypatch.setattr(control, "QUERY_TIMEOUT", 0.2)
+        for command in (control.cmd_list, control.cmd_status):
+            with pytest.raises(control.ControlError) as info:
+                await command(ns())
+            assert "did not answer" in str(info.value)
+            assert str(info.value).endswith(
+                "within 0.2 s: it is hung or overloaded; see its log (`journalctl -u iscsi-hba`)")
+    finally:
+        bus.disconnect()  # type: ignore[no-untyped-call]
+
+
 async def test_client_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
     with pytest.raises(control.DaemonNotRunning, match="cannot reach the system DBus"):
