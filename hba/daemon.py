@@ -71,6 +71,8 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shlex
+import stat
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
@@ -1260,6 +1262,17 @@ def prepare_capture_dir(path: str) -> None:
                        "--pcap a directory root can write") from None
     if not os.path.isdir(path):
         raise HBAError(f"--pcap {path} is not a directory")
+    # An existing directory keeps its mode, and the capture files get the umask's (0644):
+    # `--pcap /tmp` handed every user the disks' data.
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()) or mode & 0o077:
+        quoted = shlex.quote(path)
+        raise HBAError(
+            f"--pcap {path}: other users could read the captures there, which hold the disks' "
+            f"data (owner uid {st.st_uid}, mode {mode:04o}); run `chown root: {quoted} && "
+            f"chmod 700 {quoted}`, or name a directory that does not exist yet (it is created "
+            "mode 700)")
 
 
 def _flush(node: str) -> None:

@@ -30,7 +30,7 @@ import pytest
 
 from hba import cli, control, dbus_service
 from hba.config import ConfigError
-from hba.daemon import Daemon, DaemonOptions, Disk
+from hba.daemon import Daemon, DaemonOptions, Disk, prepare_capture_dir
 from hba.disks import DiskPath, DiskState
 from hba.errors import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 from hba.kernel import KernelSetupError
@@ -993,6 +993,8 @@ def test_daemon_lists_the_kernel_problems_a_line_each(
         raise KernelSetupError("the kernel is not ready for iscsi-hba:\n  - module a missing"
                                "\n  - module b missing")
 
+    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
+    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
     monkeypatch.setattr("hba.kernel.preflight", not_ready)
     assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
                      "--workers", "1"]) == control.EXIT_CONFIG
@@ -1036,6 +1038,28 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750, 0o701])
+async def test_daemon_pcap_directory_others_can_read_is_refused(tmp_path: Path,
+                                                                mode: int) -> None:
+    # The captures hold the disks' data and are made with the umask's mode: in /tmp (or any
+    # directory others may read) every user could read them.
+    shared = tmp_path / "shared dir"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(control.StartupError) as info:
+        await control.run_daemon(None, INITIATOR, pcap_dir=str(shared))
+    assert info.value.exit_status == control.EXIT_CONFIG
+    assert str(info.value) == (
+        f"--pcap {shared}: other users could read the captures there, which hold the disks' "
+        f"data (owner uid {os.geteuid()}, mode {mode:04o}); run `chown root: '{shared}' && "
+        f"chmod 700 '{shared}'`, or name a directory that does not exist yet (it is created "
+        "mode 700)")
+    shared.chmod(0o700)
+    prepare_capture_dir(str(shared))          # accepted once only its owner may enter it
+    prepare_capture_dir(str(tmp_path / "new"))
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
 
 
 async def test_daemon_refuses_a_malformed_initiator_name(
