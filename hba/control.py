@@ -128,7 +128,8 @@ def format_table(disks: Sequence[Mapping[str, Any]]) -> str:
     # Target names (and errors quoting a target) come from the wire: escaped for the terminal.
     rows = [header] + [
         (printable(d.get("name") or "-"), printable(d.get("target") or "-"),
-         printable(d.get("lun", "-")), printable(d.get("holder") or d.get("device") or "-"),
+         printable("-" if d.get("lun") is None else d["lun"]),
+         printable(d.get("holder") or d.get("device") or "-"),
          *((f"{d.get('paths_up') or 0}/{len(d.get('paths') or [])}",) if multipath else ()),
          human_size(int(d["size"])) if d.get("size") else "-", printable(disk_state(d)))
         for d in disks
@@ -211,6 +212,9 @@ def format_status(status: Mapping[str, Any]) -> str:
             lines.append(f"  {name}: not attached, and not tried again: "
                          f"{printable(d['error'])}; once the entry is fixed, run "
                          f"`systemctl reload iscsi-hba` or `hbactl attach {name}`")
+        elif d.get("state") == DiskState.UNSERVED.value:
+            lines.append(f"  {name}: a backstore in the kernel that this daemon cannot serve "
+                         f"(its disk's I/O waits, then fails): {printable(d['error'])}")
         else:   # a worker's disks being taken over
             lines.append(f"  {name}: {printable(d['error'])}")
     return "\n".join(lines)

@@ -948,6 +948,9 @@ class Daemon:
                 await self._adopt(info, takeover=True)
             except (HBAError, ISCSIError, TCMUError) as exc:
                 log.error("cannot serve existing backstore %s: %s", info.name, exc)
+                self._unservable[info.name] = str(exc)
+            else:
+                self._unservable.pop(info.name, None)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
         path_spec = self.specs.from_cfgstring(info.cfgstring, info.name)
@@ -1015,7 +1018,12 @@ class Daemon:
             await self.refresh_devices()
 
     async def _serve_new_devices(self, only: Collection[tuple[int, str]] | None) -> None:
-        for uio in await asyncio.to_thread(find_devices):
+        found = await asyncio.to_thread(find_devices)
+        present = {uio.name.dev_name for uio in found}
+        for name in list(self._unservable):
+            if name not in present:   # removed (targetcli): nothing left to serve
+                del self._unservable[name]
+        for uio in found:
             if uio.name.dev_name in self._serving or (
                     only is not None and (uio.name.hba_index, uio.name.dev_name) not in only):
                 continue
@@ -1083,6 +1091,9 @@ class Daemon:
         rows += [retry.describe(now) for name, retry in self._retries.items()
                  if name not in self.disks]
         rows += [row for name, row in self._failed.items() if name not in self.disks]
+        # Backstores in the kernel nobody serves: their disk's I/O waits, then fails.
+        rows += [{"name": name, "backstore": name, "state": DiskState.UNSERVED.value,
+                  "error": why} for name, why in self._unservable.items()]
         return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:

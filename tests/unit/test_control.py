@@ -249,7 +249,7 @@ def test_disk_states_are_plain_strings_on_the_wire() -> None:
     assert {s.name: s.value for s in DiskState} == {
         "ATTACHING": "attaching", "ATTACHED": "attached", "DETACHING": "detaching",
         "DETACHED": "detached", "RING_BROKEN": "ring broken", "RETRYING": "retrying",
-        "TAKEOVER": "taking over", "FAILED": "failed"}
+        "TAKEOVER": "taking over", "FAILED": "failed", "UNSERVED": "not served"}
     spec = LunSpec(name="disk1", portals=(Portal("127.0.0.1", 3260),), target=IQN, lun=0,
                    session=SessionConfig(initiator_name=INITIATOR))
     path = spec.paths()[0]

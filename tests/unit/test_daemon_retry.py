@@ -21,6 +21,7 @@ from hba import retry as retry_module
 from hba.daemon import Daemon, DaemonOptions
 from hba.disks import Disk, DiskPath, DiskState
 from hba.errors import AttachError, HBAError, WorkerError
+from hba.kernel import BackstoreInfo
 from hba.specs import LunSpec
 from initiator.transport import Session
 from tests.support.targets import free_tcp_port
@@ -223,6 +224,32 @@ async def test_reload_attaches_new_entries_and_drops_removed_ones(
     await d.reload_config()
     await d.attach_enabled()
     assert d._retries == {} and set(d.disks) == {"disk2"}
+
+
+async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A backstore of a previous daemon whose configuration entry is gone: its disk is in the
+    # kernel, its I/O waits and then fails, and hbactl list and status said nothing of it.
+    info = BackstoreInfo(name="hba-gone", hba_index=0, cfgstring="gone", size=1 << 20,
+                         path=tmp_path / "user_0" / "hba-gone")
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [info])
+    d = Daemon(DaemonOptions(config_path=write(tmp_path / "hba.conf", ""),
+                             initiator_name=INITIATOR, watch_uio=False))
+    await d.start()
+    try:
+        (row,) = d.list()
+        assert row["name"] == "hba-gone" and row["state"] == "not served"
+        assert "gone" in row["error"]
+        text = control.format_status({"disks": [control.normalize_disk(row)]})
+        assert "  hba-gone  -         -  -          -  not served" in text   # no LUN "None"
+        assert "  hba-gone: a backstore in the kernel that this daemon cannot serve (its " \
+               "disk's I/O waits, then fails): " in text
+        # Removed from the kernel (targetcli delete): no longer listed.
+        monkeypatch.setattr("hba.daemon.find_devices", lambda: [])
+        await d.serve_new_devices()
+        assert d.list() == []
+    finally:
+        await d.stop()
 
 
 def test_an_entry_sets_every_bound_of_its_session(tmp_path: Path) -> None:
