@@ -311,6 +311,11 @@ GOOD = f"TargetAddress = h\n TargetName = {IQN}\n"
             f"t {{ TargetAddress = iscsi://h/{IQN}/0\n TargetName = {IQN} }}",
             f":1: TargetAddress 'iscsi://h/{IQN}/0' is a URL; TargetAddress is host[:port]",
         ),
+        # '²' is a digit to str.isdigit() and none to int(): a ValueError traceback, at start.
+        (
+            f"t {{ TargetAddress = ::\u00b2\n TargetName = {IQN} }}",
+            ":1: TargetAddress '::\u00b2' is not usable",
+        ),
         (f"t {{ TargetAddress = fe80::1\n TargetName = {IQN} }}", "put it in brackets"),
         (
             "t { TargetAddress = h\n TargetName = iqn.2003-13.org.x }",
