@@ -299,14 +299,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE)
     except (ISCSIError, OSError) as exc:
         return _fail(exc, EXIT_FAILURE)
-    if getattr(args, "json", False):
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        printer = PRINTERS.get(args.command)
-        if printer is not None:
-            printer(result)
+    try:
+        if getattr(args, "json", False):
+            json.dump(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            printer = PRINTERS.get(args.command)
+            if printer is not None:
+                printer(result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `hbactl status | head -3`: the reader is done, and that is no error of ours (it was
+        # a traceback).
+        silence_stdout()
     return int(result.get("exit_status", EXIT_OK))
+
+
+def silence_stdout() -> None:
+    """Standard output's reader went away (``| head``): point it at /dev/null, so that the
+    interpreter's flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(exc: BaseException, status: int) -> int:

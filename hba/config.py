@@ -69,6 +69,7 @@ import ipaddress
 import os
 import pwd
 import re
+import shlex
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ MAX_CONFIG_BYTES = 1 << 20
 """The largest configuration file read: thousands of entries, and no file by mistake (a disk
 image, a log) read whole into memory."""
 
+MAX_SHOWN_ERRORS = 50
+"""The problems of a file printed (and logged) at most: a wrong file (a log, a script) has one
+on every line, and ten thousand lines bury the first, which says what the file is."""
+
 MIN_SECRET_BYTES = 12
 """RFC 7143 §9.2.1: do not answer CHAP with a secret under 96 bits unless IPsec protects it."""
 
@@ -123,8 +128,11 @@ class ConfigError(HBAError):
         self.errors = tuple(errors)
         self.path = path
         where = f" in {path}" if path else ""
+        shown = self.errors[:MAX_SHOWN_ERRORS]
+        more = len(self.errors) - len(shown)
         self.lines: tuple[str, ...] = self.errors if len(self.errors) == 1 else (
-            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in self.errors))
+            f"{len(self.errors)} problems{where}:", *(f"  {error}" for error in shown),
+            *([f"  ... and {more} more, not shown: is it the right file?"] if more else []))
         super().__init__("\n".join(self.lines))
 
 
@@ -376,6 +384,11 @@ def _listen_address(text: str) -> str:
 
 
 def _address(text: str) -> tuple[str, int]:
+    if "://" in text:
+        # hbactl takes URLs; someone copying one here would otherwise read that the port
+        # '//host' is not a number.
+        raise _BadValue("is a URL; TargetAddress is host[:port] (the TargetName and Lun "
+                        "are keys of their own)")
     try:
         return parse_portal(text)
     except ConfigurationError as exc:
@@ -813,7 +826,9 @@ def _finish(block: _Block, parser: _Parser) -> TargetEntry | None:
 
 
 def _parse(text: str, path: str) -> tuple[Config, list[str], bool]:
-    parser = _Parser(text, path)
+    # A byte order mark, which Windows editors put before the first line, is no part of the
+    # text: left in, it made the first nickname "\ufeffname", refused as no kernel name.
+    parser = _Parser(text.removeprefix("\ufeff"), path)
     entries: dict[str, TargetEntry] = {}
     seen: dict[str, int] = {}
     for block in parser.blocks():
@@ -860,21 +875,22 @@ def _permission_errors(path: str, st: os.stat_result, has_secret: bool) -> list[
     problems: list[str] = []
     mode = stat.S_IMODE(st.st_mode)
     euid = os.geteuid()
+    quoted = shlex.quote(path)   # the commands below are pasted into a shell, spaces and all
     if st.st_uid not in (0, euid):
         problems.append(
             f"{path}: owned by {_owner(st.st_uid)}, which is neither root nor the user running "
             f"iscsi-hba ({_owner(euid)}), and so can change it at any time; run: "
-            f"chown root:root {path}"
+            f"chown root:root {quoted}"
         )
     if has_secret and mode & 0o077:
         problems.append(
             f"{path}: holds CHAP secrets but its mode is {mode:04o}, so other users can read "
-            f"or change it; run: chmod 600 {path}"
+            f"or change it; run: chmod 600 {quoted}"
         )
     elif mode & 0o022:
         problems.append(
             f"{path}: its mode is {mode:04o}, so other users can change which targets this host "
-            f"attaches; run: chmod go-w {path}"
+            f"attaches; run: chmod go-w {quoted}"
         )
     return problems
 

@@ -128,7 +128,8 @@ def format_table(disks: Sequence[Mapping[str, Any]]) -> str:
     # Target names (and errors quoting a target) come from the wire: escaped for the terminal.
     rows = [header] + [
         (printable(d.get("name") or "-"), printable(d.get("target") or "-"),
-         printable(d.get("lun", "-")), printable(d.get("holder") or d.get("device") or "-"),
+         printable("-" if d.get("lun") is None else d["lun"]),
+         printable(d.get("holder") or d.get("device") or "-"),
          *((f"{d.get('paths_up') or 0}/{len(d.get('paths') or [])}",) if multipath else ()),
          human_size(int(d["size"])) if d.get("size") else "-", printable(disk_state(d)))
         for d in disks
@@ -201,10 +202,21 @@ def format_status(status: Mapping[str, Any]) -> str:
     for d in status.get("disks") or []:
         lines.extend(format_paths(d))
     for d in status.get("disks") or []:
-        if d.get("error"):
-            lines.append(f"  {printable(d.get('name'))}: attempt {d.get('attempts', '?')} "
-                         f"failed, next in {float(d.get('retry_in') or 0):.0f} s: "
-                         f"{printable(d['error'])}")
+        if not d.get("error"):
+            continue
+        name = printable(d.get("name"))
+        if d.get("state") == DiskState.RETRYING.value:
+            lines.append(f"  {name}: attempt {d.get('attempts', '?')} failed, next in "
+                         f"{float(d.get('retry_in') or 0):.0f} s: {printable(d['error'])}")
+        elif d.get("state") == DiskState.FAILED.value:
+            lines.append(f"  {name}: not attached, and not tried again: "
+                         f"{printable(d['error'])}; once the entry is fixed, run "
+                         f"`systemctl reload iscsi-hba` or `hbactl attach {name}`")
+        elif d.get("state") == DiskState.UNSERVED.value:
+            lines.append(f"  {name}: a backstore in the kernel that this daemon cannot serve "
+                         f"(its disk's I/O waits, then fails): {printable(d['error'])}")
+        else:   # a worker's disks being taken over
+            lines.append(f"  {name}: {printable(d['error'])}")
     return "\n".join(lines)
 
 
@@ -264,8 +276,12 @@ async def connect_system_bus(timeout: float = 10.0) -> Any:
             f"{START_HINT}") from None
 
 
+QUERY_TIMEOUT = 10.0
+"""Seconds ``hbactl list`` and ``status`` wait for the daemon's answer."""
+
+
 async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
-               command: str, timeout: float = 10.0) -> list[Any]:
+               command: str, timeout: float | None = None) -> list[Any]:
     """Call ``member`` of ``org.iscsihba.Daemon1`` on the system bus; the reply's body."""
     from dbus_next.constants import MessageFlag, MessageType
     from dbus_next.message import Message
@@ -281,6 +297,8 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
             raise ConfigurationError(
                 f"the argument of hbactl {command} is not text a DBus call can carry (UTF-8 "
                 "without NUL bytes); give the URL, nickname or device in UTF-8")
+    if timeout is None:
+        timeout = QUERY_TIMEOUT
     bus = await connect_system_bus()
     try:
         reply = await asyncio.wait_for(bus.call(Message(
@@ -288,6 +306,11 @@ async def call(member: str, signature: str = "", body: Sequence[Any] = (), *,
             interface=dbus_service.INTERFACE, member=member, signature=signature,
             body=list(body), flags=MessageFlag.NO_AUTOSTART)), timeout)
     except TimeoutError:
+        if member in ("List", "Status"):
+            # Nothing goes on of a question: the daemon is stuck, or too busy to answer.
+            raise ControlError(
+                f"the iscsi-hba daemon did not answer {command} within {timeout:g} s: it is "
+                "hung or overloaded; see its log (`journalctl -u iscsi-hba`)") from None
         raise ControlError(
             f"the iscsi-hba daemon did not finish {command} within {timeout:g} s; it goes on "
             "in the background: see `hbactl list` and the daemon's log") from None
@@ -521,9 +544,11 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     status = 0
+    daemon.options.on_attaching = _extend_start
     try:
         sd_notify("STATUS=starting: checking the kernel, taking over existing devices")
         started = await _until_stopped(daemon.start(), stop)
+        daemon.options.on_attaching = None
         if started:
             service.set_ready()
             count = await daemon.disk_count()
@@ -539,8 +564,10 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
                 status = 1
     except (KernelSetupError, ConfigError) as exc:
         sd_notify(f"STATUS={str(exc).splitlines()[0]}")
-        raise StartupError(str(exc), EXIT_CONFIG,
-                           exc.lines if isinstance(exc, ConfigError) else ()) from None
+        # Both list their problems a line each (hba.kernel.preflight); printed as one line,
+        # the '\n's between them would show escaped.
+        lines = exc.lines if isinstance(exc, ConfigError) else tuple(str(exc).split("\n"))
+        raise StartupError(str(exc), EXIT_CONFIG, lines) from None
     finally:
         sd_notify("STOPPING=1")
         for signum in handled:
@@ -555,6 +582,25 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             await exporter.stop()
         await service.close()
     return status
+
+
+ENTRY_START_BOUND = 300.0
+"""Seconds of the start each configuration entry attached before READY=1 may take, besides
+twice its LoginTimeout (a SendTargets login, then the paths'): what the unit's
+TimeoutStartSec gives a whole start (a login and up to 60 s of udev, with room to spare)."""
+
+
+def _extend_start(nickname: str, number: int, count: int, login_timeout: float) -> None:
+    """Before entry ``number`` of ``count`` is attached at start: tell systemd what it waits
+    for and give it the time. Each wait of an attach is bounded, but the start attaches the
+    entries one after the other, so its length grows with their number: twenty LUNs of an
+    array that is down and drops packets took 20 x 15 s, past TimeoutStartSec, and systemd
+    killed and restarted the daemon, again and again, never ready."""
+    from tcmu_handler.sdnotify import sd_notify
+
+    bound = ENTRY_START_BOUND + 2 * login_timeout
+    sd_notify(f"EXTEND_TIMEOUT_USEC={int(bound * 1_000_000)}\n"
+              f"STATUS=starting: attaching {nickname} ({number} of {count})")
 
 
 async def _serve_metrics(daemon: Daemon, address: str, service: DaemonService) -> MetricsServer:

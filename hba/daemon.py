@@ -71,6 +71,8 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shlex
+import stat
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
@@ -144,6 +146,10 @@ class DaemonOptions:
     priority: int | None = None   # the nice value of the workers (hba.priority); None: as is
     takeover_at_start: bool = True   # a worker is told which backstores to take over
     on_event: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)
+    # Called before each configuration entry attach_enabled() tries: (nickname, its number,
+    # how many, the entry's LoginTimeout); hbactl daemon tells systemd during the start.
+    on_attaching: Callable[[str, int, int, float], None] | None = field(default=None,
+                                                                        repr=False)
 
 
 class Daemon:
@@ -169,6 +175,10 @@ class Daemon:
         self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        # Enable = on entries whose attach failed in a way trying again cannot fix (a wrong
+        # secret, a refused initiator): hbactl list/status rows until attached, detached,
+        # disabled, or tried again after a reload.
+        self._failed: dict[str, dict[str, Any]] = {}
         self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
         self.session_events = SessionEvents(log)
         self.started = False
@@ -246,12 +256,14 @@ class Daemon:
         reason that may go away (the target is down, unreachable or not set up yet) is tried
         again in the background, 5 s later and then at doubling intervals up to a minute, until
         it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
-        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once.
+        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once and
+        listed as ``failed`` until the entry is fixed and the configuration read again.
         An attached multipath entry gets a path for each address (or SendTargets portal) it
         has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
         if self.config is not None:
             attached = await self._attached_nicknames()
+            todo = []
             for entry in self.config.enabled():
                 if entry.session_type.value.lower() != "normal":
                     continue
@@ -259,19 +271,27 @@ class Daemon:
                 where = attached.get(entry.nickname)
                 if where is not None:
                     self._add_paths_on(where, entry.nickname)
-                if entry.nickname in self._retries or where is not None:
-                    continue
+                if entry.nickname not in self._retries and where is None:
+                    todo.append(entry)
+            for number, entry in enumerate(todo, start=1):
+                if self.options.on_attaching is not None:
+                    self.options.on_attaching(entry.nickname, number, len(todo),
+                                              float(entry.login_timeout))
+                self._failed.pop(entry.nickname, None)
                 try:
                     await self.attach_described(entry.nickname)
                 except AttachError as exc:
                     self._failed_at_start(entry.nickname, exc)
                 except HBAError as exc:
-                    log.error("could not attach %s: %s", entry.nickname, exc)
+                    self._give_up(entry.nickname, exc)
         for nickname in list(self._retries):
             if nickname not in wanted:
                 log.info("%s is no longer enabled in the configuration: not retrying it",
                          nickname)
                 self._stop_retrying(nickname)
+        for nickname in list(self._failed):
+            if nickname not in wanted:
+                del self._failed[nickname]
 
     def _attached(self, nickname: str) -> Disk | None:
         return next((d for d in self.disks.values() if d.spec.nickname == nickname), None)
@@ -302,7 +322,7 @@ class Daemon:
 
     def _failed_at_start(self, nickname: str, exc: AttachError) -> None:
         if not exc.retryable:
-            log.error("could not attach %s: %s", nickname, exc)
+            self._give_up(nickname, exc)
             return
         loop = asyncio.get_running_loop()
         retry = self._retries.start(nickname, self.specs.resolve(nickname), str(exc),
@@ -313,6 +333,7 @@ class Daemon:
     async def _retry(self, nickname: str) -> None:
         """Attach ``nickname`` whenever its schedule says, until it leaves the schedule."""
         loop = asyncio.get_running_loop()
+        failure: HBAError | None = None
         while (retry := self._retries.get(nickname)) is not None:
             await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
             if nickname in await self._attached_nicknames():
@@ -326,12 +347,29 @@ class Daemon:
                     if retry is not None:
                         _log_retry(nickname, retry)
                     continue
-                log.error("could not attach %s: %s; not trying again", nickname, exc)
+                failure = exc
             except HBAError as exc:
-                log.error("could not attach %s: %s; not trying again", nickname, exc)
+                failure = exc
             break
-        if self._retry_tasks.get(nickname) is asyncio.current_task():
-            self._stop_retrying(nickname)
+        if (self._retry_tasks.get(nickname) is asyncio.current_task()
+                and self._stop_retrying(nickname) is not None and failure is not None):
+            self._give_up(nickname, failure)
+
+    def _give_up(self, nickname: str, exc: HBAError) -> None:
+        """Entry ``nickname`` failed to attach in a way trying again cannot fix: log it, and
+        list it as failed, with why and what to do, until it is fixed and read again."""
+        log.error("could not attach %s: %s; not trying again until the configuration is "
+                  "read again (systemctl reload iscsi-hba) or `hbactl attach %s`",
+                  nickname, exc, nickname)
+        entry = self.config.get(nickname) if self.config is not None else None
+        self._failed[nickname] = {
+            "name": nickname,
+            "target": entry.target_name if entry is not None else None,
+            "portal": entry.portal if entry is not None else None,
+            "lun": entry.lun if entry is not None else None,
+            "state": DiskState.FAILED.value,
+            "error": str(exc),
+        }
 
     def _stop_retrying(self, nickname: str) -> Retry | None:
         task = self._retry_tasks.pop(nickname, None)
@@ -407,6 +445,7 @@ class Daemon:
                 self._attaching.remove(spec)
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)  # "attached ..." was logged
+            self._failed.pop(spec.nickname, None)
         return attached
 
     async def attach_described(self, what: str) -> dict[str, Any]:
@@ -451,6 +490,7 @@ class Daemon:
                                   f"{REPLACEMENT_BOUND:g} s; see the daemon's log") from None
         if spec.nickname is not None:
             self._stop_retrying(spec.nickname)
+            self._failed.pop(spec.nickname, None)
         return described
 
     def _refuse_twice(self, spec: LunSpec) -> None:
@@ -819,7 +859,7 @@ class Daemon:
             if self.pool is not None:
                 return await self._detach_in_workers(what, force)
             await self.refresh_devices()
-            if what not in self.disks and what in self._retries:
+            if what not in self.disks and (what in self._retries or what in self._failed):
                 return self._forget_retry(what)
             disk = self.find(what)
             nodes = [p.device for p in disk.paths if p.device is not None]
@@ -867,18 +907,24 @@ class Daemon:
             return described
 
     def _forget_retry(self, nickname: str) -> dict[str, Any]:
-        """Detach of an entry being retried: stop retrying it."""
+        """Detach of an entry being retried, or that failed for good: stop retrying it, or
+        listing it."""
         retry = self._stop_retrying(nickname)
-        assert retry is not None
-        log.info("%s: not trying to attach it any more", nickname)
-        described = retry.describe(asyncio.get_running_loop().time(), DiskState.DETACHED)
+        failed = self._failed.pop(nickname, None)
+        if retry is not None:
+            log.info("%s: not trying to attach it any more", nickname)
+            described = retry.describe(asyncio.get_running_loop().time(), DiskState.DETACHED)
+        else:
+            assert failed is not None
+            described = {**failed, "state": DiskState.DETACHED.value}
         self._event("detach", described)
         return described
 
     async def _detach_in_workers(self, what: str, force: bool) -> dict[str, Any]:
         assert self.pool is not None
         inventories = await self.pool.inventories()
-        if what in self._retries and not any(what in i.names for i in inventories.values()):
+        if (what in self._retries or what in self._failed) and not any(
+                what in i.names for i in inventories.values()):
             return self._forget_retry(what)
         for link in self.pool.running():
             try:
@@ -903,6 +949,9 @@ class Daemon:
                 await self._adopt(info, takeover=True)
             except (HBAError, ISCSIError, TCMUError) as exc:
                 log.error("cannot serve existing backstore %s: %s", info.name, exc)
+                self._unservable[info.name] = str(exc)
+            else:
+                self._unservable.pop(info.name, None)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
         path_spec = self.specs.from_cfgstring(info.cfgstring, info.name)
@@ -970,7 +1019,12 @@ class Daemon:
             await self.refresh_devices()
 
     async def _serve_new_devices(self, only: Collection[tuple[int, str]] | None) -> None:
-        for uio in await asyncio.to_thread(find_devices):
+        found = await asyncio.to_thread(find_devices)
+        present = {uio.name.dev_name for uio in found}
+        for name in list(self._unservable):
+            if name not in present:   # removed (targetcli): nothing left to serve
+                del self._unservable[name]
+        for uio in found:
             if uio.name.dev_name in self._serving or (
                     only is not None and (uio.name.hba_index, uio.name.dev_name) not in only):
                 continue
@@ -1037,6 +1091,10 @@ class Daemon:
         rows = [disk.describe() for disk in self.disks.values()]
         rows += [retry.describe(now) for name, retry in self._retries.items()
                  if name not in self.disks]
+        rows += [row for name, row in self._failed.items() if name not in self.disks]
+        # Backstores in the kernel nobody serves: their disk's I/O waits, then fails.
+        rows += [{"name": name, "backstore": name, "state": DiskState.UNSERVED.value,
+                  "error": why} for name, why in self._unservable.items()]
         return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:
@@ -1216,6 +1274,17 @@ def prepare_capture_dir(path: str) -> None:
                        "--pcap a directory root can write") from None
     if not os.path.isdir(path):
         raise HBAError(f"--pcap {path} is not a directory")
+    # An existing directory keeps its mode, and the capture files get the umask's (0644):
+    # `--pcap /tmp` handed every user the disks' data.
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()) or mode & 0o077:
+        quoted = shlex.quote(path)
+        raise HBAError(
+            f"--pcap {path}: other users could read the captures there, which hold the disks' "
+            f"data (owner uid {st.st_uid}, mode {mode:04o}); run `chown root: {quoted} && "
+            f"chmod 700 {quoted}`, or name a directory that does not exist yet (it is created "
+            "mode 700)")
 
 
 def _flush(node: str) -> None:

@@ -43,6 +43,8 @@ class DiskState(enum.Enum):
     DETACHED = "detached"          # the last word of a detach (its reply and signal)
     RING_BROKEN = "ring broken"    # the TCMU ring went inconsistent: a restart resets it
     RETRYING = "retrying"          # an ``Enable = on`` entry tried again in the background
+    FAILED = "failed"              # an ``Enable = on`` entry that trying again cannot attach
+    UNSERVED = "not served"        # a backstore of ours in the kernel this daemon cannot serve
     TAKEOVER = "taking over"       # its worker process died; a new one takes over its rings
 
 

@@ -355,7 +355,7 @@ def _families(data: Mapping[str, Any]) -> Iterator[Any]:
                 exp_cmd_sn, max_cmd_sn, closed, gave_up, sent, received)
 
     disks = GaugeMetricFamily("iscsi_hba_disks", "Disks (and configuration entries being "
-                              "retried) by state", labels=["state"])
+                              "retried or refused) by state", labels=["state"])
     for value, n in data["daemon"]["disks"].items():
         disks.add_metric([value], n)
     retries = GaugeMetricFamily("iscsi_hba_retries_pending",

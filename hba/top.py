@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -277,11 +276,10 @@ async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         screen.show(rates(previous, current))
                     except BrokenPipeError:
-                        # `hbactl top --json | head`: the reader is done, so are we. Standard
-                        # output goes to /dev/null so that the exit's flush cannot fail.
-                        devnull = os.open(os.devnull, os.O_WRONLY)
-                        os.dup2(devnull, sys.stdout.fileno())
-                        os.close(devnull)
+                        # `hbactl top --json | head`: the reader is done, so are we.
+                        from hba.cli import silence_stdout
+
+                        silence_stdout()
                         break
                     previous = current
                     shown += 1

@@ -342,7 +342,7 @@ def _bracketed(text: str) -> str:
         return True
 
     head, _, tail = text.rpartition(":")
-    with_port = tail.isdigit() and 0 < int(tail) < 65536 and ipv6(head)
+    with_port = 0 < (decimal(tail) or 0) < 65536 and ipv6(head)
     if with_port and ipv6(text):
         return f"[{text}] for that address, or [{head}]:{tail} if {tail} is the port"
     if with_port:

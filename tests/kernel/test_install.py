@@ -135,3 +135,24 @@ def test_uninstall_keeps_the_administrators_configuration(case: str) -> None:
         assert not Path(f"{PREFIX}.manifest").exists()
     finally:
         CONFIG.unlink()
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["there-before", "installed"])
+def test_uninstall_keeps_a_dbus_policy_it_did_not_install(before: bool) -> None:
+    """deploy/setup installs the DBus policy for a checkout's tests (the kernel VM reads the
+    host's /etc). An install over it and an uninstall removed it, and every kernel test of
+    the checkout then failed for want of it; now the manifest says whether the install made
+    it."""
+    for path in INSTALLED:
+        remove(path)
+    POLICY.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(CHECKOUT / "deploy/dbus/iscsi-hba.conf", POLICY)
+    manifest = "# written by deploy/install\n" + ("" if before else "policy-created\n")
+    Path(f"{PREFIX}.manifest").write_text(manifest)
+    out = run_checkout("uninstall")
+    try:
+        assert POLICY.exists() == before, out
+        assert (f"kept {POLICY}: it was there before the install" in out) == before, out
+        assert not Path(f"{PREFIX}.manifest").exists()
+    finally:
+        POLICY.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hba.config import (
     MAX_CONFIG_BYTES,
+    MAX_SHOWN_ERRORS,
     AuthMethod,
     Config,
     ConfigError,
@@ -174,6 +175,11 @@ def test_layout_freedom() -> None:
     assert disc.port == 3262
 
 
+def test_a_byte_order_mark_before_the_first_line_is_ignored() -> None:
+    config = parse_config(f"\ufefft {{ TargetAddress = h\n TargetName = {IQN} }}\n", PATH)
+    assert list(config.entries) == ["t"]
+
+
 def test_empty_and_comment_only_files() -> None:
     assert parse_config("", PATH) == Config(path=PATH, entries={})
     assert parse_config("# nothing\n\n   # here\n", PATH).entries == {}
@@ -301,6 +307,15 @@ GOOD = f"TargetAddress = h\n TargetName = {IQN}\n"
             f"t {{ TargetAddress = h:0\n TargetName = {IQN} }}",
             ":1: TargetAddress 'h:0' is not usable",
         ),
+        (
+            f"t {{ TargetAddress = iscsi://h/{IQN}/0\n TargetName = {IQN} }}",
+            f":1: TargetAddress 'iscsi://h/{IQN}/0' is a URL; TargetAddress is host[:port]",
+        ),
+        # '²' is a digit to str.isdigit() and none to int(): a ValueError traceback, at start.
+        (
+            f"t {{ TargetAddress = ::\u00b2\n TargetName = {IQN} }}",
+            ":1: TargetAddress '::\u00b2' is not usable",
+        ),
         (f"t {{ TargetAddress = fe80::1\n TargetName = {IQN} }}", "put it in brackets"),
         (
             "t { TargetAddress = h\n TargetName = iqn.2003-13.org.x }",
@@ -423,6 +438,22 @@ b {{
     assert "unexpected text after a value; quote values that contain spaces" in message
 
 
+def test_a_wrong_file_shows_its_first_problems_not_all() -> None:
+    # A file that is not a configuration (a log) has a problem on every line: all 10000 were
+    # printed, and logged a line each.
+    text = "".join(f"garbage line {n}\n" for n in range(10_000))
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, PATH)
+    assert len(info.value.errors) == 10_000
+    lines = info.value.lines
+    assert lines[0] == f"10000 problems in {PATH}:"
+    assert lines[1] == f"  {PATH}:1: expected a nickname followed by '{{'"
+    assert len(lines) == 1 + MAX_SHOWN_ERRORS + 1
+    assert lines[-1] == f"  ... and {10_000 - MAX_SHOWN_ERRORS} more, not shown: is it the " \
+                        "right file?"
+    assert str(info.value) == "\n".join(lines)
+
+
 def test_no_error_or_repr_shows_a_secret() -> None:
     bad = f"""t {{
   TargetAddress = h
@@ -490,6 +521,22 @@ def test_load_refuses_readable_secret(tmp_path: Path) -> None:
         f"it; run: chmod 600 {path}"
     )
     assert SECRET not in message
+
+
+def test_the_command_that_fixes_the_mode_quotes_the_path(tmp_path: Path) -> None:
+    # A path with a space (a checkout in "/tmp/my stuff") gave `chmod 600 /tmp/my stuff/...`,
+    # which a shell splits into two other files.
+    folder = tmp_path / "my conf ä"
+    folder.mkdir()
+    path = write(folder, WITH_SECRET, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(f"; run: chmod 600 '{path}'")
+    path.chmod(0o664)
+    path.write_text(WITHOUT_SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(f"; run: chmod go-w '{path}'")
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660, 0o700 | 0o007])

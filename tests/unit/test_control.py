@@ -30,7 +30,7 @@ import pytest
 
 from hba import cli, control, dbus_service
 from hba.config import ConfigError
-from hba.daemon import Daemon, DaemonOptions, Disk
+from hba.daemon import Daemon, DaemonOptions, Disk, prepare_capture_dir
 from hba.disks import DiskPath, DiskState
 from hba.errors import AttachError, DetachError, DiskBusyError, NoSuchDiskError
 from hba.kernel import KernelSetupError
@@ -234,6 +234,14 @@ def test_status_text() -> None:
     assert "configuration:  /tmp/x\\x1b[2J\\nfake: line" in odd
 
 
+def test_status_of_a_disk_being_taken_over_is_no_retry() -> None:
+    # A worker that died: its disks' rows carry why; status said "attempt ? failed, next in
+    # 0 s" of them, as if they were entries being retried.
+    why = "worker 1 ended; a new worker takes over its disks"
+    text = control.format_status({"disks": [dict(DISK, state="taking over", error=why)]})
+    assert text.splitlines()[-1] == f"  disk1: {why}"
+
+
 def test_disk_states_are_plain_strings_on_the_wire() -> None:
     """``list``/``status --json`` and the DBus dictionaries carry a disk's state as the same
     strings as before it became an enum; the STATE column shows the session instead of
@@ -241,7 +249,7 @@ def test_disk_states_are_plain_strings_on_the_wire() -> None:
     assert {s.name: s.value for s in DiskState} == {
         "ATTACHING": "attaching", "ATTACHED": "attached", "DETACHING": "detaching",
         "DETACHED": "detached", "RING_BROKEN": "ring broken", "RETRYING": "retrying",
-        "TAKEOVER": "taking over"}
+        "TAKEOVER": "taking over", "FAILED": "failed", "UNSERVED": "not served"}
     spec = LunSpec(name="disk1", portals=(Portal("127.0.0.1", 3260),), target=IQN, lun=0,
                    session=SessionConfig(initiator_name=INITIATOR))
     path = spec.paths()[0]
@@ -553,6 +561,28 @@ def test_a_bound_that_is_no_number_of_seconds_is_a_usage_error(
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("hbactl: --") and err.count("\n") == 1
+
+
+async def test_a_daemon_that_does_not_answer_a_question(
+        system_bus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that owns its name but answers nothing (stopped, wedged): list and status
+    said "it goes on in the background: see `hbactl list`" of a question."""
+    from dbus_next.aio.message_bus import MessageBus
+    from dbus_next.constants import BusType
+
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    try:
+        await bus.request_name(dbus_service.BUS_NAME)
+        bus.add_message_handler(lambda message: True)   # taken, never answered
+        monkeypatch.setattr(control, "QUERY_TIMEOUT", 0.2)
+        for command in (control.cmd_list, control.cmd_status):
+            with pytest.raises(control.ControlError) as info:
+                await command(ns())
+            assert "did not answer" in str(info.value)
+            assert str(info.value).endswith(
+                "within 0.2 s: it is hung or overloaded; see its log (`journalctl -u iscsi-hba`)")
+    finally:
+        bus.disconnect()  # type: ignore[no-untyped-call]
 
 
 async def test_client_without_a_bus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -921,6 +951,92 @@ async def test_daemon_start_notify_and_stop(system_bus: str, tmp_path: Path,
         await control.cmd_list(ns())
 
 
+async def test_each_entry_attached_at_start_extends_systemds_start_timeout(
+        system_bus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        notify_socket: tuple[socket.socket, str]) -> None:
+    """The start attaches the entries one after the other: with many, it outlasted the
+    unit's TimeoutStartSec and systemd killed the daemon before READY=1, on every restart.
+    Each entry now extends the start, and STATUS names it."""
+    sock, address = notify_socket
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setattr("hba.kernel.preflight", lambda: None)
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [])
+    attempts: list[str] = []
+
+    async def attach_described(self: Daemon, what: str) -> dict[str, Any]:
+        attempts.append(what)
+        raise AttachError(f"attaching {what} failed: authentication failed")
+
+    monkeypatch.setattr(Daemon, "attach_described", attach_described)
+    text = "".join(f"{name} {{ TargetAddress = 127.0.0.1:1\n TargetName = {IQN}\n"
+                   f" LoginTimeout = {timeout} }}\n" for name, timeout in [("a", 15), ("b", 60)])
+    task = asyncio.ensure_future(control.run_daemon(write_config(tmp_path / "hba.conf", text),
+                                                    INITIATOR, workers=1))
+    loop = asyncio.get_running_loop()
+    messages: list[str] = []
+    while not any("READY=1" in m for m in messages):
+        messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)).decode())
+        assert not task.done(), task
+    extended = [m for m in messages if "EXTEND_TIMEOUT_USEC" in m]
+    assert extended == [
+        "EXTEND_TIMEOUT_USEC=330000000\nSTATUS=starting: attaching a (1 of 2)",
+        "EXTEND_TIMEOUT_USEC=420000000\nSTATUS=starting: attaching b (2 of 2)"]
+    assert attempts == ["a", "b"]
+    # A reload attaches too, after the start: nothing to extend then.
+    os.kill(os.getpid(), signal.SIGHUP)
+    async with asyncio.timeout(10):
+        while len(attempts) < 4:
+            await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 10) == 0
+    rest = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            rest.append(sock.recv(4096).decode())
+    assert not any("EXTEND_TIMEOUT_USEC" in m for m in rest), rest
+
+
+@pytest.mark.parametrize("argv", [["status"], ["list"], ["list", "--json"]])
+def test_a_reader_that_stops_reading_is_no_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str]) -> None:
+    """``hbactl status | head -3``: the pipe closed before the output was written, and hbactl
+    ended with a BrokenPipeError traceback."""
+    async def status(args: Any) -> dict[str, Any]:
+        return {"pid": 1, "version": "0", "uptime": 1.0, "ready": True, "disks": [DISK],
+                "sessions": [], "initiator_name": INITIATOR, "config": None}
+
+    monkeypatch.setattr(control, "cmd_status", status)
+    monkeypatch.setattr(control, "cmd_list", status)
+    read, write = os.pipe()
+    os.close(read)
+    with capsys.disabled(), open(write, "w", encoding="utf-8") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert cli.main(argv) == 0
+        pipe.write("x" * 100_000)   # now /dev/null: the exit's flush cannot fail either
+        pipe.flush()
+
+
+def test_daemon_lists_the_kernel_problems_a_line_each(
+        system_bus: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """On a host without the target modules the preflight names each one with its fix; they
+    were printed as one line with their newlines escaped (``\\n  - kernel module ...``)."""
+    def not_ready(configfs: Path = Path(), *, load_modules: bool = True) -> None:
+        raise KernelSetupError("the kernel is not ready for iscsi-hba:\n  - module a missing"
+                               "\n  - module b missing")
+
+    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
+    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
+    monkeypatch.setattr("hba.kernel.preflight", not_ready)
+    assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        "hbactl: the kernel is not ready for iscsi-hba:", "  - module a missing",
+        "  - module b missing"]
+
+
 async def test_daemon_pcap_records_each_session(fake_portal: FakeTargetServer, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``hbactl daemon --pcap DIR``: a session the daemon opens is captured into DIR (the
@@ -956,6 +1072,28 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750, 0o701])
+async def test_daemon_pcap_directory_others_can_read_is_refused(tmp_path: Path,
+                                                                mode: int) -> None:
+    # The captures hold the disks' data and are made with the umask's mode: in /tmp (or any
+    # directory others may read) every user could read them.
+    shared = tmp_path / "shared dir"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(control.StartupError) as info:
+        await control.run_daemon(None, INITIATOR, pcap_dir=str(shared))
+    assert info.value.exit_status == control.EXIT_CONFIG
+    assert str(info.value) == (
+        f"--pcap {shared}: other users could read the captures there, which hold the disks' "
+        f"data (owner uid {os.geteuid()}, mode {mode:04o}); run `chown root: '{shared}' && "
+        f"chmod 700 '{shared}'`, or name a directory that does not exist yet (it is created "
+        "mode 700)")
+    shared.chmod(0o700)
+    prepare_capture_dir(str(shared))          # accepted once only its owner may enter it
+    prepare_capture_dir(str(tmp_path / "new"))
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
 
 
 async def test_daemon_refuses_a_malformed_initiator_name(

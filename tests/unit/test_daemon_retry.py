@@ -21,6 +21,7 @@ from hba import retry as retry_module
 from hba.daemon import Daemon, DaemonOptions
 from hba.disks import Disk, DiskPath, DiskState
 from hba.errors import AttachError, HBAError, WorkerError
+from hba.kernel import BackstoreInfo
 from hba.specs import LunSpec
 from initiator.transport import Session
 from tests.support.targets import free_tcp_port
@@ -143,13 +144,47 @@ async def test_a_worker_gone_under_an_attempt_does_not_end_the_retries(
 async def test_a_refusal_is_not_retried(make: DaemonFactory,
                                         caplog: pytest.LogCaptureFixture) -> None:
     d = await make(entry("disk1", 3260), [refused()])
-    assert d.list() == [] and d._retries == {}
+    assert d._retries == {}
     assert "could not attach disk1: attaching disk1 failed: authentication" in caplog.text
+    # Listed, not left out: `hbactl list` and `status` said nothing of the entry at all.
+    assert d.list() == [{"name": "disk1", "target": "iqn.2003-01.org.example:disk1",
+                         "portal": "127.0.0.1:3260", "lun": 0, "state": "failed",
+                         "error": "attaching disk1 failed: authentication failed"}]
 
     d2 = await make(entry("disk2", 3260), [down("disk2"), refused("disk2")])
     await until(lambda: not d2._retries)
     assert d2.attempts == 2 and d2.disks == {}
     assert "not trying again" in caplog.text
+    assert [(r["name"], r["state"]) for r in d2.list()] == [("disk2", "failed")]
+
+
+async def test_a_refused_entry_says_what_to_do_and_is_tried_again_on_reload(
+        make: DaemonFactory) -> None:
+    d = await make(entry("disk1", 3260), [refused()])
+    text = control.format_status({"disks": [control.normalize_disk(r) for r in d.list()]})
+    assert "disk1: not attached, and not tried again: attaching disk1 failed: authentication " \
+           "failed; once the entry is fixed, run `systemctl reload iscsi-hba` or " \
+           "`hbactl attach disk1`" in text
+    assert "attempt" not in text
+    await d.reload_config()      # SIGHUP, once the secret is fixed
+    await d.attach_enabled()
+    assert set(d.disks) == {"disk1"} and [r["state"] for r in d.list()] == ["attached"]
+
+
+async def test_detach_forgets_a_refused_entry(make: DaemonFactory) -> None:
+    d = await make(entry("disk1", 3260), [refused()])
+    described = await d.detach("disk1")
+    assert described["state"] == "detached" and described["name"] == "disk1"
+    assert d.list() == []
+
+
+async def test_a_refused_entry_no_longer_enabled_is_no_longer_listed(
+        make: DaemonFactory, tmp_path: Path) -> None:
+    d = await make(entry("disk1", 3260), [refused()])
+    write(tmp_path / "hba.conf", entry("disk1", 3260, "Enable = off"))
+    await d.reload_config()
+    await d.attach_enabled()
+    assert d.list() == [] and d.disks == {}
 
 
 async def test_detach_stops_retrying(make: DaemonFactory) -> None:
@@ -189,6 +224,32 @@ async def test_reload_attaches_new_entries_and_drops_removed_ones(
     await d.reload_config()
     await d.attach_enabled()
     assert d._retries == {} and set(d.disks) == {"disk2"}
+
+
+async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A backstore of a previous daemon whose configuration entry is gone: its disk is in the
+    # kernel, its I/O waits and then fails, and hbactl list and status said nothing of it.
+    info = BackstoreInfo(name="hba-gone", hba_index=0, cfgstring="gone", size=1 << 20,
+                         path=tmp_path / "user_0" / "hba-gone")
+    monkeypatch.setattr("hba.kernel.list_backstores", lambda: [info])
+    d = Daemon(DaemonOptions(config_path=write(tmp_path / "hba.conf", ""),
+                             initiator_name=INITIATOR, watch_uio=False))
+    await d.start()
+    try:
+        (row,) = d.list()
+        assert row["name"] == "hba-gone" and row["state"] == "not served"
+        assert "gone" in row["error"]
+        text = control.format_status({"disks": [control.normalize_disk(row)]})
+        assert "  hba-gone  -         -  -          -  not served" in text   # no LUN "None"
+        assert "  hba-gone: a backstore in the kernel that this daemon cannot serve (its " \
+               "disk's I/O waits, then fails): " in text
+        # Removed from the kernel (targetcli delete): no longer listed.
+        monkeypatch.setattr("hba.daemon.find_devices", lambda: [])
+        await d.serve_new_devices()
+        assert d.list() == []
+    finally:
+        await d.stop()
 
 
 def test_an_entry_sets_every_bound_of_its_session(tmp_path: Path) -> None:
