@@ -170,6 +170,9 @@ class PcapRecorder:
         self._unacked = {True: 0, False: 0}
 
         # Open the file now so a bad path fails here, in the caller, not later in the thread.
+        # A new file is made readable by its owner only: it holds the disk's data (and a CHAP
+        # exchange), which the umask's 0644 would give every user of the machine.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._writer: Any = PcapWriter(self.path, linktype=_LINKTYPE_RAW, append=append, sync=False)
         self._writer.write_header(None)
         self._queue: queue.Queue[list[_Segment] | None] = queue.Queue(maxsize=max_batches)

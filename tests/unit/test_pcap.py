@@ -7,6 +7,7 @@ initiator's own PDU codec, so tshark judges the recorder and not our codec.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import struct
 import subprocess
@@ -266,6 +267,24 @@ def test_ipv6_scope_is_dropped(tmp_path: Path) -> None:
     with PcapRecorder(path, ("fe80::1%lo", 51000), ("fe80::2%lo", 3260)) as rec:
         rec.sent([b"x"])
     assert {p[IPv6].src for _t, p in packets(path)} == {"fe80::1", "fe80::2"}
+
+
+def test_a_new_capture_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # It holds the disk's data; the umask's 0644 would give it to every user.
+    path = tmp_path / "private.pcap"
+    old = os.umask(0o022)
+    try:
+        with PcapRecorder(path, *V4) as rec:
+            rec.sent([b"secret"])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    kept = tmp_path / "kept.pcap"
+    kept.write_bytes(b"")
+    kept.chmod(0o640)   # a file the user made: its mode is theirs
+    with PcapRecorder(kept, *V4) as rec:
+        rec.sent([b"x"])
+    assert kept.stat().st_mode & 0o777 == 0o640
 
 
 def test_flush_writes_before_close(tmp_path: Path) -> None:
