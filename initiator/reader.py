@@ -489,17 +489,16 @@ class PDUReader:
         needed."""
         start = self._start
         avail = self._end - start
+        # The opcode is judged from the first byte (unless a header digest covers it), before
+        # waiting for the rest of a header or for the AHS junk may announce: a peer that is
+        # not an iSCSI target (an HTTP or SSH server) fails at once, not when it closes or the
+        # caller's timeout ends.
+        if avail and not self.header_digest and self._buf[start] & 0x3F not in PDU_CLASSES:
+            raise self._not_a_pdu(start)
         if avail < BHS_LEN:
-            # The opcode is judged from the first byte (unless a header digest covers it):
-            # a peer that is not an iSCSI target (an HTTP or SSH server) fails at once, not
-            # when it closes or the caller's timeout ends.
-            if avail and not self.header_digest and self._buf[start] & 0x3F not in PDU_CLASSES:
-                raise self._not_a_pdu(start)
             self._ensure_capacity(BHS_LEN)
             return False
         bhs = self._view[start : start + BHS_LEN]
-        if not self.header_digest and bhs[0] & 0x3F not in PDU_CLASSES:
-            raise self._not_a_pdu(start)  # before waiting for an AHS that junk may announce
         ahs_len = bhs[4] * 4
         dsl = int.from_bytes(bhs[5:8], "big")
         hdr_len = BHS_LEN + ahs_len + (DIGEST_LEN if self.header_digest else 0)
