@@ -36,8 +36,8 @@ serves Prometheus metrics there (``hbactl daemon --metrics`` wins over it; a bar
 the loopback address); ``Workers = 2`` serves the disks from at most that many worker
 processes (:mod:`hba.workers`; ``hbactl daemon --workers`` wins over it; default: the number
 of cores); ``Priority = -10`` is the nice value of the daemon and its workers, from -20 (the
-most CPU) to 19 (:mod:`hba.priority`; ``hbactl daemon --priority`` wins over it; default -10,
-as iscsid).
+most CPU) to 19 (:mod:`hba.priority`; ``hbactl daemon --priority`` wins over it; default: as
+started).
 
 Multipath: TargetAddress takes a list (``TargetAddress = 192.0.2.10, 192.0.2.11:3261`` quoted,
 or one word without spaces ``192.0.2.10,192.0.2.11``), one path per portal, and

@@ -470,7 +470,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     ``metrics``: serve Prometheus metrics there (else the configuration's ``Metrics``);
     ``workers``: the most worker processes (else the configuration's ``Workers``, else one
     per core: :mod:`hba.workers`); ``priority``: the nice value of the daemon and its workers
-    (else the configuration's ``Priority``, else :data:`hba.priority.DEFAULT_PRIORITY`)."""
+    (else the configuration's ``Priority``, else the one it was started with)."""
     from hba import dbus_service
     from hba.config import ConfigError, load_config
     from hba.daemon import Daemon, DaemonOptions, prepare_capture_dir
@@ -504,10 +504,10 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         from hba.workers import default_workers
 
         workers = default_workers(len(os.sched_getaffinity(0)))
-    from hba.priority import DEFAULT_PRIORITY, raise_priority
+    if priority is not None:
+        from hba.priority import raise_priority
 
-    priority = DEFAULT_PRIORITY if priority is None else priority
-    raise_priority(priority)
+        raise_priority(priority)
     try:
         daemon = Daemon(DaemonOptions(config_path=config_path, initiator_name=initiator_name,
                                       pcap_dir=pcap_dir, workers=workers, priority=priority))
@@ -553,9 +553,10 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             service.set_ready()
             count = await daemon.disk_count()
             log.info("iscsi-hba daemon ready: %d disk%s, initiator %s, configuration %s%s, "
-                     "nice %d", count, "" if count == 1 else "s", daemon.initiator_name,
+                     "nice %s", count, "" if count == 1 else "s", daemon.initiator_name,
                      config_path or "none",
-                     f", up to {workers} worker processes" if workers > 1 else "", priority)
+                     f", up to {workers} worker processes" if workers > 1 else "",
+                     "as started" if priority is None else priority)
             sd_notify(f"READY=1\nSTATUS=serving {count} disk{'' if count == 1 else 's'}")
             lost = await _wait_stop_or_disconnect(stop, service)
             if lost:
@@ -716,8 +717,10 @@ def add_commands(sub: Any) -> None:
                         "1: everything in this process)")
     p.add_argument("--priority", type=_nice_value, metavar="NICE",
                    help="the nice value of the daemon and its workers, from -20 (the most CPU) "
-                        "to 19, so that a busy program does not slow the disks down (default: "
-                        "the configuration's Priority, else -10, as iscsid; needs root)")
+                        "to 19, their scheduling groups' too (default: the configuration's "
+                        "Priority, else as started; below 0 needs root). Below 0 keeps the "
+                        "disks fast beside a CPU-bound program, but slows small I/O of a "
+                        "program that competes for the same CPUs: hba/priority.py")
     p.add_argument("-v", "--verbose", dest="daemon_verbose", action="count", default=0,
                    help="also log protocol events (twice: debug)")
     p.set_defaults(handler=cmd_daemon)

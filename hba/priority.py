@@ -1,14 +1,10 @@
-"""The daemon's CPU priority: its disks' I/O must not wait behind a busy program.
+"""The daemon's CPU priority (``Priority``, ``hbactl daemon --priority``), off by default.
 
 Theory of operation
 -------------------
-open-iscsi moves a disk's data in the kernel, in softirq and a workqueue per session, and a
-user program that keeps a CPU busy does not hold those back; iscsid itself runs at nice -10
-(``oom_adjust()`` in open-iscsi's ``usr/iscsi_util.c``). Here the data path is the daemon's
-event loop, one per worker process: at the default priority a ``stress-ng --cpu 1``, a compiler
-or a VM beside it gets as much CPU as all of the daemon's disks together, and each of them
-slows down with it. ``bench/ring --disks 2 --workers 2 --load``, same hour: the two workers got
-1.00 and 0.89 cores beside stress-ng at nice 0, 1.66 and 1.81 cores at nice -10.
+open-iscsi moves a disk's data in the kernel, in softirq and a workqueue per session, and
+iscsid itself runs at nice -10 (``oom_adjust()`` in open-iscsi's ``usr/iscsi_util.c``). Here the
+data path is the daemon's event loop, one per worker process, a user process like any other.
 
 Two things decide a thread's share of a CPU (sched(7)):
 
@@ -25,8 +21,20 @@ session, and renicing that group would raise every program of the session: it is
 and the log says so. Under a cgroup with the cpu controller (systemd's ``CPUWeight=``),
 autogroup does not apply and the nice values act within the cgroup.
 
+Why it is not on by default, measured on 2026-12-07 (alternating runs, same hour):
+
+- Against a CPU hog that does no I/O through us it helps: ``bench/ring --disks 2 --workers 2``
+  beside ``stress-ng --cpu 1``, the two workers got 1.00 and 0.89 cores at nice 0, 1.66 and
+  1.81 cores at nice -10 in their own groups.
+- Against the program that does the I/O it hurts: fio on our disk in the VM, the disk's
+  worker in a group of its own, 4 KiB random reads beside stress-ng fell from 0.64x and 0.71x
+  of open-iscsi at nice 0 to 0.49x and 0.53x at nice -10 (1 MiB writes 0.63x/0.62x against
+  0.62x/0.66x; quiet, 4 KiB 0.65x against 0.68x and 0.77x). A worker that outweighs fio takes
+  the CPU at each command fio submits, so commands reach it one at a time instead of in
+  batches, and each costs a whole wake-up.
+
 Raising a priority needs CAP_SYS_NICE (root has it). Without it the daemon runs at the priority
-it was given, and says so once: it still works, only less well under load.
+it was given, and says so once.
 """
 
 from __future__ import annotations
@@ -38,9 +46,6 @@ import os
 from initiator.url import decimal
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PRIORITY = -10
-"""The daemon's nice value unless ``Priority`` or ``--priority`` says otherwise (iscsid's)."""
 
 LOWEST, HIGHEST = 19, -20
 """The range of nice values (setpriority(2)): 19 is the least CPU, -20 the most."""

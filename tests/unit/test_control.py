@@ -755,11 +755,11 @@ def priorities(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize(("text", "option", "expected"), [
-    ("", None, -10), ("Priority = 5\n", None, 5), ("Priority = 5\n", -3, -3),
-    ("Priority = 5\n", 0, 0)])
+    ("", None, None), ("Priority = 5\n", None, 5), ("Priority = 5\n", -3, -3),
+    ("Priority = 5\n", 0, 0), ("", -7, -7)])
 async def test_daemon_priority_comes_from_the_option_the_file_or_the_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, priorities: list[int], text: str,
-        option: int | None, expected: int) -> None:
+        option: int | None, expected: int | None) -> None:
     options: list[DaemonOptions] = []
 
     def stop_here(self: Daemon, given: DaemonOptions) -> None:
@@ -771,7 +771,9 @@ async def test_daemon_priority_comes_from_the_option_the_file_or_the_default(
     with pytest.raises(control.StartupError, match="stop here"):
         await control.run_daemon(config, INITIATOR, priority=option, workers=2)
     # The main process first, then each worker (its command line: hba.workers).
-    assert priorities == [expected] and options[0].priority == expected
+    # None: the priority it was started with is left alone.
+    assert priorities == ([] if expected is None else [expected])
+    assert options[0].priority == expected
 
 
 async def test_check_config_logs_in_and_asks_the_lun(
