@@ -36,7 +36,11 @@ and behind a burst of new commands' immediate data it would wait for all of them
 task's own PDUs never overtake each other.
 
 Nothing the target sends is trusted to be sane. Data-In must arrive in order (with the
-"in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; each R2T
+"in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; with
+either key No each command's received ranges are kept exactly (:class:`_Ranges`): a range
+received twice is the target's protocol error, and a command whose data has a hole completes
+with a :class:`~initiator.errors.TransferError`, so ``data_in_length`` still counts bytes the
+target placed contiguously from 0; each R2T
 is held to the rules of §11.8 (R2TSN, range, MaxBurstLength, no range asked twice, no more than
 MaxOutstandingR2T outstanding) before it is served; answers to the target's pings that it does
 not read are bounded; a flood of Async Messages asks the transport to act once. A breach is a
@@ -58,6 +62,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +137,9 @@ _NEVER = math.inf
 _F, _O, _U, _S = 0x80, 0x04, 0x02, 0x01  # Data-In flags (byte 1, RFC 7143 §11.7.1)
 _CHECKS = 8
 """Command deadline checks per command_timeout (see ConnectionCore.handle_timer)."""
+MAX_DATA_IN_RANGES = 1024
+"""The most separate ranges one command's Data-In may be in at once when out of order is
+allowed (see _Ranges): contiguous data is one range, however many PDUs brought it."""
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
 _ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
                       P.LogoutResponse})
@@ -151,8 +159,8 @@ class Task:
 
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
-        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "received",
-        "reissues", "state", "unsent_frames", "unsolicited",
+        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "ranges",
+        "received", "reissues", "state", "unsent_frames", "unsolicited",
     )
     lost_at: float
     """When the command was first lost with a connection (set by the transport then: never
@@ -198,6 +206,7 @@ class Task:
         self.cmd_sn = 0
         self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
+        self.ranges: _Ranges | None = None  # where, when they may come out of order
         self.data_sn = 0           # next expected Data-In DataSN / R2TSN (one sequence, §11.8)
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
         self.unsolicited = 0       # bytes sent without an R2T
@@ -210,6 +219,7 @@ class Task:
         self.itt = P.RESERVED_TAG
         self.state = TaskState.QUEUED
         self.received = 0
+        self.ranges = None
         self.data_sn = 0
         self.unsent_frames = 0
         self.unsolicited = 0
@@ -220,6 +230,59 @@ class Task:
     def __repr__(self) -> str:
         return (f"<Task itt=0x{self.itt:08x} lun={self.lun} op=0x{self.cdb[0]:02x} "
                 f"out={self.out_len} in={self.in_len} {self.state.name}>")
+
+
+class _Ranges:
+    """The byte ranges of one command's Data-In received so far, when DataPDUInOrder or
+    DataSequenceInOrder is No and the target may send them in any order (§13.18, §13.19):
+    sorted, disjoint and not touching, so contiguous data is one range however many PDUs
+    brought it. A target may send no byte twice (the PDUs of a command partition its data,
+    §11.7.5: a repeat is only ever a retransmission asked for by SNACK, which ERL 0 never
+    asks), so the count of bytes received is the sum of the ranges only because an overlap
+    is refused. A hostile target could scatter 1-byte PDUs to make ranges without end: past
+    :data:`MAX_DATA_IN_RANGES` at once the connection is dropped, which keeps each insertion
+    a short list operation."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self) -> None:
+        self.bounds: list[int] = []
+        """start0, end0, start1, end1, ...: ascending."""
+
+    def overlap(self, start: int, end: int) -> tuple[int, int] | None:
+        """The first range received that [start, end) (not empty) overlaps, or None."""
+        bounds = self.bounds
+        i = bisect_right(bounds, start)
+        if i & 1:  # start falls in [bounds[i-1], bounds[i])
+            return bounds[i - 1], bounds[i]
+        if i < len(bounds) and bounds[i] < end:
+            return bounds[i], bounds[i + 1]
+        return None
+
+    def add(self, start: int, end: int) -> int:
+        """Note [start, end) (not empty, no overlap); returns the number of ranges."""
+        bounds = self.bounds
+        i = bisect_right(bounds, start)
+        left = i > 0 and bounds[i - 1] == start
+        right = i < len(bounds) and bounds[i] == end
+        if left and right:
+            del bounds[i - 1 : i + 1]
+        elif left:
+            bounds[i - 1] = end
+        elif right:
+            bounds[i] = start
+        else:
+            bounds[i:i] = (start, end)
+        return len(bounds) >> 1
+
+    def first_hole(self, end: int) -> tuple[int, int] | None:
+        """The first range of [0, end) not received, or None when all of it was."""
+        bounds = self.bounds
+        if not bounds or bounds[0]:
+            return 0, bounds[0] if bounds else end
+        if bounds[1] < end:
+            return bounds[1], bounds[2] if len(bounds) > 2 else end
+        return None
 
 
 class _Unsent:
@@ -853,8 +916,9 @@ class ConnectionCore:
         reads). What is not the well-formed common case (in order, the F bit with the
         status) is declined: it comes back as a DataIn, for :meth:`_on_data_in`'s checks."""
         task = self._tasks.get(itt)
-        if task is None or (flags & 0x81) == 0x01 or (self._in_order and (
-                offset != task.received or data_sn != task.data_sn)):
+        if task is None or (flags & 0x81) == 0x01 or ((
+                offset != task.received or data_sn != task.data_sn) if self._in_order
+                else length and not self._place(task, offset, length)):
             return False
         task.received += length
         task.data_sn = (data_sn + 1) & _MASK
@@ -1157,6 +1221,14 @@ class ConnectionCore:
                 f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, but the next in order is "
                 f"offset {task.received} with DataSN {task.data_sn} (DataPDUInOrder and "
                 "DataSequenceInOrder are Yes: RFC 7143 §11.7.5, §13.18, §13.19)")
+        if not self._in_order and n and task.ranges is not None and (
+                seen := task.ranges.overlap(pdu.buffer_offset, pdu.buffer_offset + n)):
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In for {self._what(task)} at offset "
+                f"{pdu.buffer_offset}, {n} bytes, overlapping bytes {seen[0]}..{seen[1]} it "
+                "had already sent: each byte of a read comes once (RFC 7143 §11.7.5, "
+                "DataPDUInOrder/DataSequenceInOrder=No allow another order, not repeats); "
+                "dropping the connection")
         if pdu.status_present and not pdu.final:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
             raise RemoteProtocolError(
@@ -1170,6 +1242,22 @@ class ConnectionCore:
             _F * pdu.final | _O * pdu.overflow | _U * pdu.underflow | _S * pdu.status_present,
             pdu.status, pdu.itt, pdu.buffer_offset, pdu.stat_sn, pdu.exp_cmd_sn,
             pdu.max_cmd_sn, pdu.data_sn, pdu.residual_count, n)
+
+    def _place(self, task: Task, offset: int, length: int) -> bool:
+        """Note the ``length`` (> 0) bytes at ``offset`` of an out-of-order Data-In; False
+        (nothing noted) when they overlap bytes received before: :meth:`_on_data_in` says so.
+        Raises :class:`RemoteProtocolError` past :data:`MAX_DATA_IN_RANGES`."""
+        ranges = task.ranges
+        if ranges is None:
+            ranges = task.ranges = _Ranges()
+        elif ranges.overlap(offset, offset + length):
+            return False
+        if ranges.add(offset, offset + length) > MAX_DATA_IN_RANGES:
+            raise RemoteProtocolError(
+                f"target {self.target} scattered the Data-In of {self._what(task)} into more "
+                f"than {MAX_DATA_IN_RANGES} separate ranges (the last at offset {offset}, "
+                f"{length} bytes); dropping the connection")
+        return True
 
     def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
         task = self._task_for(pdu.itt, "SCSI Response")
@@ -1480,6 +1568,16 @@ class ConnectionCore:
                 f"residual) after taking only {taken} of the {task.out_len} bytes to write, "
                 "without asking for the rest (RFC 7143 §11.4.5, §13.14): the write is "
                 "incomplete", expected=task.out_len, transferred=taken, residual=0))
+            return
+        # Out of order, data_in_length (bytes received) may only stand for the bytes from 0
+        # up to it when they are all there: a hole would hand its stale bytes on as data.
+        if task.ranges is not None and (hole := task.ranges.first_hole(task.received)):
+            self._complete_error(task, TransferError(
+                f"target {self.target} ended {self._what(task)} (status 0x{status:02x}) with "
+                f"bytes {hole[0]}..{hole[1]} of the read never sent, though it sent "
+                f"{task.received} bytes in all (some beyond them): the read has a hole and "
+                "fails rather than return stale bytes", expected=task.in_len,
+                transferred=task.received, residual=residual))
             return
         # _release(), inlined: this runs once per command.
         if task.unsent_frames or task.r2t is not None:
