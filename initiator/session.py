@@ -48,8 +48,9 @@ not read are bounded; a flood of Async Messages asks the transport to act once. 
 
 Bounds (see "Timers" below): liveness is progress on what we asked, judged by the keepalive
 ping; a command outstanding for ``command_timeout`` is ended by :meth:`ConnectionCore.abort`'s
-escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up); requests carry
-their own deadline.
+escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up), or at once by
+giving up the connection when the target has stopped sending in the middle of a PDU, so that
+no answer to an abort can come; requests carry their own deadline.
 
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
@@ -747,7 +748,15 @@ class ConnectionCore:
     #   so a command is caught at most 1 / _CHECKS late (plus the loop's delay);
     # - the command window: commands held back by a window that does not open for
     #   command_timeout (MaxCmdSN never moving) end the connection; they were never seen by
-    #   the target, and the next login grants a new window.
+    #   the target, and the next login grants a new window;
+    # - a stream stopped mid-PDU: every answer of the target, an abort's too, comes after the
+    #   rest of the PDU the reader holds part of. When the target sends no more of it, an
+    #   abort cannot be answered: open-iscsi fails the connection when its abort times out
+    #   (node.session.err_timeo.abort_timeout, 15 s by default), and here, knowing why no
+    #   answer can come, the connection is given up as soon as a command is overdue (or being
+    #   aborted) and the stream has been stopped for min(command_timeout, tmf_timeout)
+    #   (_stalled). A command is then ended at most that long after its deadline, with an
+    #   error that says so; the transport tells handle_timer since when the stream stopped.
     #
     # Requests (task management, text, logout, pings) carry their own deadline.
 
@@ -766,8 +775,9 @@ class ConnectionCore:
                 when = min(when, control.deadline)
         return None if when == _NEVER else when
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float, stalled_since: float | None = None) -> None:
         """Run the keepalive, the command deadlines and the request deadlines (see above).
+        ``stalled_since``: when the last byte came, if the reader holds part of a PDU.
 
         Raises a ProtocolError or :class:`ConnectionFailed` when the connection must be given
         up (the transport then recovers the session)."""
@@ -785,7 +795,7 @@ class ConnectionCore:
         self._keepalive(now)
         if self._deadlines.command_timeout > 0 and now >= self._deadlines.next_check:
             self._deadlines.next_check = now + self._deadlines.command_timeout / _CHECKS
-            self._check_commands(now)
+            self._check_commands(now, stalled_since)
 
     def _keepalive(self, now: float) -> None:
         if self._live.ping_itt is not None:
@@ -819,7 +829,7 @@ class ConnectionCore:
             control.on_done(CommandTimeout(
                 f"target {self.target} did not answer our {what} (ITT 0x{itt:08x}) in time"))
 
-    def _check_commands(self, now: float) -> None:
+    def _check_commands(self, now: float, stalled_since: float | None) -> None:
         timeout = self._deadlines.command_timeout
         checkpoints = self._deadlines.checkpoints
         if not checkpoints or checkpoints[-1][1] != self.cmd_sn:
@@ -836,11 +846,14 @@ class ConnectionCore:
                 if task not in self._deadlines.expired:
                     overdue.append(task)
             for task in overdue:
-                log.warning("%s: %s did not complete within %g s; aborting it", self.target,
+                log.warning("%s: %s did not complete within %g s", self.target,
                             self._what(task), timeout)
-                self.abort(task, now, CommandTimeout(
-                    f"{self._what(task)} did not complete within the command timeout of "
-                    f"{timeout:g} s in target {self.target}; it was aborted"))
+            if overdue and stalled_since is not None:
+                self._stalled(now, stalled_since, overdue)
+            for task in overdue:
+                self.abort(task, now, self._overdue(task))
+        if self._deadlines.expired and stalled_since is not None:
+            self._stalled(now, stalled_since, [])
         if not self._queued:
             self._deadlines.stall = None
         elif self._deadlines.stall is None or self._deadlines.stall[0] != self.stats_commands:
@@ -850,6 +863,30 @@ class ConnectionCore:
                 f"target {self.target} kept its command window closed for {timeout:g} s "
                 f"(CmdSN {self.cmd_sn}, MaxCmdSN {self.max_cmd_sn}) with "
                 f"{len(self._queued)} request(s) waiting: reconnecting")
+
+    def _overdue(self, task: Task) -> CommandTimeout:
+        """The error of a command past its deadline. How its abort ended is added when it
+        does (_complete_error, take_unfinished)."""
+        return CommandTimeout(
+            f"{self._what(task)} did not complete within the command timeout of "
+            f"{self._deadlines.command_timeout:g} s in target {self.target}")
+
+    def _stalled(self, now: float, since: float, overdue: list[Task]) -> None:
+        """Commands are overdue or being aborted (``overdue``: those not yet), and the target
+        has sent nothing since ``since`` in the middle of a PDU: give up the connection once
+        that has lasted min(command_timeout, tmf_timeout) (see "Timers"). The overdue commands
+        are not re-issued: they end with their deadline's error, which take_unfinished
+        completes with the connection's."""
+        stalled = now - since
+        if stalled < min(self._deadlines.command_timeout, self._deadlines.tmf_timeout):
+            return
+        for task in overdue:  # ended, not re-issued (take_unfinished says how)
+            self._deadlines.expired[task] = self._overdue(task)
+        raise ConnectionFailed(
+            f"target {self.target} stopped sending in the middle of a PDU and sent nothing for "
+            f"{stalled:.1f} s, so no answer (to an abort either) can come over the connection, "
+            "which was dropped; check that the target is running and that the network path "
+            "to it works")
 
     def _escalate(self, task: Task, function: P.TMFunction, deadline: float,
                   done: Callable[[], None]) -> None:
@@ -981,6 +1018,9 @@ class ConnectionCore:
             self._detach_frames(task)
             error = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
             if error is not None:
+                if type(error) is CommandTimeout and self._closed is not None:
+                    # A deadline's abort that the connection's end cut short: say how.
+                    error = CommandTimeout(f"{error}; it could not be aborted: {self._closed}")
                 self._complete_error(task, error)
                 continue
             task.reset_for_reissue()
@@ -1594,10 +1634,12 @@ class ConnectionCore:
                                                task.received)))
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
-        if self._deadlines.expired:
+        ending = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
+        if ending is not None:
             # abort() is ending it (per-command deadline, the kernel's abort): its error wins
-            # over the TMF's generic "aborted".
-            error = self._deadlines.expired.pop(task, error)
+            # over the TMF's generic "aborted", which says how a deadline's ended.
+            error = CommandTimeout(f"{ending}; it was aborted") if type(ending) is \
+                CommandTimeout and isinstance(error, TaskAborted) else ending
         self._release(task)
         on_done, task.on_done = task.on_done, None
         if on_done is not None:

@@ -1596,6 +1596,123 @@ def test_command_deadline_ends_in_a_new_connection_when_the_target_ignores_tmfs(
     assert h.result(innocent) is None
 
 
+def run_stalled_timers(h: Harness, until: float, stalled_since: float) -> float:
+    """run_timers, with the reader holding part of a PDU since ``stalled_since``."""
+    last = until
+    for _ in range(10_000):
+        when = h.core.get_timer()
+        if when is None or when > until:
+            return last
+        h.core.handle_timer(when, stalled_since=stalled_since)
+        last = when
+    raise AssertionError("the timer keeps firing without time passing")
+
+
+def _stall_mid_data_in(h: Harness, task: Task) -> None:
+    """The target sends a Data-In's header and part of its payload, then nothing."""
+    raw = P.encode(h.data_in(task, 0, bytes(4096)))
+    assert h.reader.feed(raw[: 48 + 1000]) == []
+    assert h.reader.partial
+
+
+def test_command_deadline_with_the_stream_stopped_mid_pdu_drops_the_connection() -> None:
+    """No answer, to an abort either, can come behind a PDU the target stopped sending: at
+    the deadline, with the stream stopped for min(command_timeout, tmf_timeout) already, the
+    connection is given up at once (no ABORT TASK), and the command ends, not re-issued,
+    with an error that says what happened (the target, the stall, what to check)."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit(data_in=views(bytearray(4096)))
+    innocent = h.submit()
+    h.sent()
+    _stall_mid_data_in(h, task)
+    assert run_stalled_timers(h, 1.99, stalled_since=0.1) < 2.0
+    with pytest.raises(ConnectionFailed) as info:
+        run_stalled_timers(h, 2.3, stalled_since=0.1)
+    message = str(info.value)
+    assert "target iqn.test:t stopped sending in the middle of a PDU and sent nothing for " \
+        "2." in message and "check that the target is running" in message
+    assert h.sent() == []   # no abort that could not be answered
+    h.core.close(info.value)
+    # Overdue together with the stuck one: both end; a newer command would be re-issued.
+    assert h.core.take_unfinished() == []
+    for t in (task, innocent):
+        error = h.result(t)
+        assert isinstance(error, CommandTimeout), error
+        assert str(error).startswith(f"command 0x28 (task 0x{t.itt:08x}, LUN 0) did not "
+                                     "complete within the command timeout of 2 s in target "
+                                     "iqn.test:t; it could not be aborted: target iqn.test:t "
+                                     "stopped sending in the middle of a PDU"), error
+
+
+def test_a_stall_mid_pdu_after_the_deadline_ends_the_abort_within_its_bound() -> None:
+    """The stream stops just before the deadline: the ABORT TASK goes out (the stream may
+    move again), and once the stall has lasted min(command_timeout, tmf_timeout) the
+    connection is given up, long before the abort's tmf_timeout would escalate."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit(data_in=views(bytearray(4096)))
+    h.sent()
+    _stall_mid_data_in(h, task)
+    last = run_stalled_timers(h, 2.3, stalled_since=1.9)
+    assert 2.0 <= last <= 2.3
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+    assert run_stalled_timers(h, 3.89, stalled_since=1.9) < 3.9
+    with pytest.raises(ConnectionFailed, match="middle of a PDU") as info:
+        run_stalled_timers(h, 4.2, stalled_since=1.9)
+    assert h.sent() == []   # nor a LOGICAL UNIT RESET
+    h.core.close(info.value)
+    assert h.core.take_unfinished() == []
+    error = h.result(task)
+    assert isinstance(error, CommandTimeout) and "could not be aborted" in str(error)
+
+
+def test_a_stall_mid_pdu_is_bounded_by_the_tmf_timeout_too() -> None:
+    """min(command_timeout, tmf_timeout): a long command deadline does not lengthen it."""
+    h = Harness(command_timeout=8.0, tmf_timeout=3.0)
+    h.submit()
+    h.sent()
+    # Overdue at the check at 9 (one every 1 s), stopped for 2.5 s then: the abort goes out.
+    assert run_stalled_timers(h, 9.99, stalled_since=6.5) < 10.0
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+    with pytest.raises(ConnectionFailed, match=r"sent nothing for 3\.5 s"):
+        run_stalled_timers(h, 10.0, stalled_since=6.5)
+
+
+def test_no_stall_while_bytes_come_or_with_no_command_overdue() -> None:
+    """A stream that moves (the transport passes a recent time) or no overdue command: the
+    connection stays; the deadline's abort goes out as usual."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    h.submit()
+    h.sent()
+    run_stalled_timers(h, 1.99, stalled_since=0.0)   # stopped long, but nothing overdue
+    assert h.sent() == []
+    now = 2.0
+    while now < 10.0:
+        h.core.handle_timer(now, stalled_since=now - 0.5)
+        now += 0.25
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+
+
+def test_the_deadline_error_says_how_the_abort_ended() -> None:
+    """Aborted by the target: "it was aborted"; cut short by the connection's end (the
+    keepalive, the target closing): "it could not be aborted" and why."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit()
+    h.sent()
+    run_timers(h, 2.3)
+    h.deliver(P.TaskMgmtResponse(itt=_tmf(h).itt, **h.numbers()), now=2.4)
+    assert str(h.result(task)).endswith("command timeout of 2 s in target iqn.test:t; it was "
+                                        "aborted")
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit()
+    h.sent()
+    run_timers(h, 2.3)
+    h.core.close(ConnectionFailed("target iqn.test:t closed the connection"))
+    assert h.core.take_unfinished() == []
+    assert str(h.result(task)).endswith("command timeout of 2 s in target iqn.test:t; it "
+                                        "could not be aborted: target iqn.test:t closed the "
+                                        "connection")
+
+
 def test_command_completing_while_its_abort_is_outstanding() -> None:
     h = Harness(command_timeout=4.0, tmf_timeout=2.0)
     buf = bytearray(512)
