@@ -17,7 +17,12 @@ home of what is exported: ``hbactl top`` asks the daemon for it every second ove
 own HTTP server, in a thread of its own: a scrape asks the loop for a sample
 (``call_soon_threadsafe``; bounded by :data:`SCRAPE_TIMEOUT`) and formats it in the HTTP thread,
 so nothing of the data path runs there and nothing of the loop waits for a scraper. Metrics
-are off by default; a bare port listens on the loopback address only.
+are off by default; a bare port listens on the loopback address only. Only ``GET``/``HEAD
+/metrics`` is answered (:func:`metrics_only`): another path is a 404 and another method a 405,
+each with a one-line plain-text body, so a typo in a scrape configuration shows as an error
+rather than as metrics on a path nobody meant. A client gets :data:`REQUEST_TIMEOUT` seconds
+per read or write of its request (the standard library's HTTP handler already bounds the
+request line and headers), so a silent client holds no thread for ever.
 
 Names follow Prometheus' conventions: ``iscsi_hba_`` prefix, base units (seconds, bytes),
 ``_total`` for counters; disks are labelled ``disk`` (each path of a multipath disk is one,
@@ -32,7 +37,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hba.disks import DiskState
@@ -59,6 +64,9 @@ __all__ = ["DEFAULT_PORT", "MetricsCollector", "MetricsServer", "parse_listen_ad
 DEFAULT_PORT = 9433
 SCRAPE_TIMEOUT = 5.0
 """Seconds a scrape waits for the event loop to take a sample."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds the HTTP server waits on each read or write of a client's socket."""
+METRICS_PATH = "/metrics"
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,8 +437,47 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def metrics_only(app: _WsgiApp) -> _WsgiApp:
+    """``app`` (prometheus_client's, which answers ``GET`` on any path) answering ``GET`` and
+    ``HEAD`` on :data:`METRICS_PATH` only: 404 for another path, 405 (with ``Allow``) for
+    another method, each with a one-line plain-text body."""
+    def plain(start_response: Callable[..., Any], status: str, text: str,
+              *extra: tuple[str, str]) -> list[bytes]:
+        body = (text + "\n").encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body))), *extra])
+        return [body]
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "")
+        if environ.get("PATH_INFO", "") != METRICS_PATH:
+            return plain(start_response, "404 Not Found",
+                         f"not found: this server serves Prometheus metrics on {METRICS_PATH} "
+                         "only")
+        if method == "GET":
+            return app(environ, start_response)
+        if method != "HEAD":
+            return plain(start_response, "405 Method Not Allowed",
+                         f"method not allowed: {METRICS_PATH} answers GET and HEAD only",
+                         ("Allow", "GET, HEAD"))
+        # HEAD: the headers of a GET (wsgiref sends whatever body it is given, so drop it).
+        answer: list[Any] = []
+        body = b"".join(app({**environ, "REQUEST_METHOD": "GET"},
+                            lambda status, headers, *_: answer.extend((status, headers))))
+        status, headers = answer
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [b""]
+
+    return serve
+
+
 class MetricsServer:
-    """``prometheus_client``'s HTTP server for the daemon's metrics (``/metrics``, any path)."""
+    """``prometheus_client``'s HTTP server for the daemon's metrics (``GET``/``HEAD
+    /metrics`` only)."""
 
     def __init__(self, daemon: Daemon, address: str) -> None:
         self.host, self.port = parse_listen_address(address)
@@ -453,11 +500,9 @@ class MetricsServer:
     def start(self) -> None:
         """Listen and serve (from the loop that runs the daemon). Raises :class:`HBAError`
         naming the address when it cannot listen."""
-        from prometheus_client import start_http_server
-
         registry = self.registry(asyncio.get_running_loop())
         try:
-            self._server, self._thread = start_http_server(self.port, self.host, registry)
+            self._server, self._thread = _serve(self.host, self.port, registry)
         except OSError as exc:
             raise HBAError(f"cannot serve metrics on {self.address}: "
                            f"{exc.strerror or exc}; give --metrics (or Metrics in the "
@@ -474,3 +519,35 @@ class MetricsServer:
         server.server_close()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry
+           ) -> tuple[Any, threading.Thread]:
+    """A threading WSGI server (as prometheus_client's ``start_http_server``: the address
+    family of ``host``, daemon threads, no request log) with :func:`metrics_only` around
+    prometheus_client's app and :data:`REQUEST_TIMEOUT` on each client socket; served from a
+    daemon thread."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    class Handler(WSGIRequestHandler):
+        timeout = REQUEST_TIMEOUT
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds are not news for the journal
+
+    server = make_server(str(sockaddr[0]), port, metrics_only(make_wsgi_app(registry)),
+                         Server, handler_class=Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread

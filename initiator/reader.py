@@ -306,6 +306,12 @@ class PDUReader:
         """True while a Data-In payload is being placed into a command's buffers."""
         return self._state is not _State.HEADER
 
+    @property
+    def partial(self) -> bool:
+        """True when part of a PDU has come and the rest has not (after the last parse):
+        nothing that follows it on the connection can be read until it has."""
+        return self._state is not _HEADER or self._end != self._start
+
     # -- internals -------------------------------------------------------------------------
 
     def _received(self, nbytes: int) -> None:

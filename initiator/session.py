@@ -36,7 +36,11 @@ and behind a burst of new commands' immediate data it would wait for all of them
 task's own PDUs never overtake each other.
 
 Nothing the target sends is trusted to be sane. Data-In must arrive in order (with the
-"in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; each R2T
+"in order" keys Yes), so that ``data_in_length`` is the count of bytes really placed; with
+either key No each command's received ranges are kept exactly (:class:`_Ranges`): a range
+received twice is the target's protocol error, and a command whose data has a hole completes
+with a :class:`~initiator.errors.TransferError`, so ``data_in_length`` still counts bytes the
+target placed contiguously from 0; each R2T
 is held to the rules of §11.8 (R2TSN, range, MaxBurstLength, no range asked twice, no more than
 MaxOutstandingR2T outstanding) before it is served; answers to the target's pings that it does
 not read are bounded; a flood of Async Messages asks the transport to act once. A breach is a
@@ -44,8 +48,9 @@ not read are bounded; a flood of Async Messages asks the transport to act once. 
 
 Bounds (see "Timers" below): liveness is progress on what we asked, judged by the keepalive
 ping; a command outstanding for ``command_timeout`` is ended by :meth:`ConnectionCore.abort`'s
-escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up); requests carry
-their own deadline.
+escalation (ABORT TASK, LOGICAL UNIT RESET, then the connection is given up), or at once by
+giving up the connection when the target has stopped sending in the middle of a PDU, so that
+no answer to an abort can come; requests carry their own deadline.
 
 Only ErrorRecoveryLevel 0 is implemented (like open-iscsi and libiscsi): any protocol error,
 digest error or lost connection ends the connection, and the transport reinstates the session
@@ -58,6 +63,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +138,9 @@ _NEVER = math.inf
 _F, _O, _U, _S = 0x80, 0x04, 0x02, 0x01  # Data-In flags (byte 1, RFC 7143 §11.7.1)
 _CHECKS = 8
 """Command deadline checks per command_timeout (see ConnectionCore.handle_timer)."""
+MAX_DATA_IN_RANGES = 1024
+"""The most separate ranges one command's Data-In may be in at once when out of order is
+allowed (see _Ranges): contiguous data is one range, however many PDUs brought it."""
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
 _ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
                       P.LogoutResponse})
@@ -151,8 +160,8 @@ class Task:
 
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
-        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "received",
-        "reissues", "state", "unsent_frames", "unsolicited",
+        "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "ranges",
+        "received", "reissues", "state", "unsent_frames", "unsolicited",
     )
     lost_at: float
     """When the command was first lost with a connection (set by the transport then: never
@@ -198,6 +207,7 @@ class Task:
         self.cmd_sn = 0
         self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
+        self.ranges: _Ranges | None = None  # where, when they may come out of order
         self.data_sn = 0           # next expected Data-In DataSN / R2TSN (one sequence, §11.8)
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
         self.unsolicited = 0       # bytes sent without an R2T
@@ -210,6 +220,7 @@ class Task:
         self.itt = P.RESERVED_TAG
         self.state = TaskState.QUEUED
         self.received = 0
+        self.ranges = None
         self.data_sn = 0
         self.unsent_frames = 0
         self.unsolicited = 0
@@ -220,6 +231,59 @@ class Task:
     def __repr__(self) -> str:
         return (f"<Task itt=0x{self.itt:08x} lun={self.lun} op=0x{self.cdb[0]:02x} "
                 f"out={self.out_len} in={self.in_len} {self.state.name}>")
+
+
+class _Ranges:
+    """The byte ranges of one command's Data-In received so far, when DataPDUInOrder or
+    DataSequenceInOrder is No and the target may send them in any order (§13.18, §13.19):
+    sorted, disjoint and not touching, so contiguous data is one range however many PDUs
+    brought it. A target may send no byte twice (the PDUs of a command partition its data,
+    §11.7.5: a repeat is only ever a retransmission asked for by SNACK, which ERL 0 never
+    asks), so the count of bytes received is the sum of the ranges only because an overlap
+    is refused. A hostile target could scatter 1-byte PDUs to make ranges without end: past
+    :data:`MAX_DATA_IN_RANGES` at once the connection is dropped, which keeps each insertion
+    a short list operation."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self) -> None:
+        self.bounds: list[int] = []
+        """start0, end0, start1, end1, ...: ascending."""
+
+    def overlap(self, start: int, end: int) -> tuple[int, int] | None:
+        """The first range received that [start, end) (not empty) overlaps, or None."""
+        bounds = self.bounds
+        i = bisect_right(bounds, start)
+        if i & 1:  # start falls in [bounds[i-1], bounds[i])
+            return bounds[i - 1], bounds[i]
+        if i < len(bounds) and bounds[i] < end:
+            return bounds[i], bounds[i + 1]
+        return None
+
+    def add(self, start: int, end: int) -> int:
+        """Note [start, end) (not empty, no overlap); returns the number of ranges."""
+        bounds = self.bounds
+        i = bisect_right(bounds, start)
+        left = i > 0 and bounds[i - 1] == start
+        right = i < len(bounds) and bounds[i] == end
+        if left and right:
+            del bounds[i - 1 : i + 1]
+        elif left:
+            bounds[i - 1] = end
+        elif right:
+            bounds[i] = start
+        else:
+            bounds[i:i] = (start, end)
+        return len(bounds) >> 1
+
+    def first_hole(self, end: int) -> tuple[int, int] | None:
+        """The first range of [0, end) not received, or None when all of it was."""
+        bounds = self.bounds
+        if not bounds or bounds[0]:
+            return 0, bounds[0] if bounds else end
+        if bounds[1] < end:
+            return bounds[1], bounds[2] if len(bounds) > 2 else end
+        return None
 
 
 class _Unsent:
@@ -684,7 +748,15 @@ class ConnectionCore:
     #   so a command is caught at most 1 / _CHECKS late (plus the loop's delay);
     # - the command window: commands held back by a window that does not open for
     #   command_timeout (MaxCmdSN never moving) end the connection; they were never seen by
-    #   the target, and the next login grants a new window.
+    #   the target, and the next login grants a new window;
+    # - a stream stopped mid-PDU: every answer of the target, an abort's too, comes after the
+    #   rest of the PDU the reader holds part of. When the target sends no more of it, an
+    #   abort cannot be answered: open-iscsi fails the connection when its abort times out
+    #   (node.session.err_timeo.abort_timeout, 15 s by default), and here, knowing why no
+    #   answer can come, the connection is given up as soon as a command is overdue (or being
+    #   aborted) and the stream has been stopped for min(command_timeout, tmf_timeout)
+    #   (_stalled). A command is then ended at most that long after its deadline, with an
+    #   error that says so; the transport tells handle_timer since when the stream stopped.
     #
     # Requests (task management, text, logout, pings) carry their own deadline.
 
@@ -703,8 +775,9 @@ class ConnectionCore:
                 when = min(when, control.deadline)
         return None if when == _NEVER else when
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float, stalled_since: float | None = None) -> None:
         """Run the keepalive, the command deadlines and the request deadlines (see above).
+        ``stalled_since``: when the last byte came, if the reader holds part of a PDU.
 
         Raises a ProtocolError or :class:`ConnectionFailed` when the connection must be given
         up (the transport then recovers the session)."""
@@ -722,7 +795,7 @@ class ConnectionCore:
         self._keepalive(now)
         if self._deadlines.command_timeout > 0 and now >= self._deadlines.next_check:
             self._deadlines.next_check = now + self._deadlines.command_timeout / _CHECKS
-            self._check_commands(now)
+            self._check_commands(now, stalled_since)
 
     def _keepalive(self, now: float) -> None:
         if self._live.ping_itt is not None:
@@ -756,7 +829,7 @@ class ConnectionCore:
             control.on_done(CommandTimeout(
                 f"target {self.target} did not answer our {what} (ITT 0x{itt:08x}) in time"))
 
-    def _check_commands(self, now: float) -> None:
+    def _check_commands(self, now: float, stalled_since: float | None) -> None:
         timeout = self._deadlines.command_timeout
         checkpoints = self._deadlines.checkpoints
         if not checkpoints or checkpoints[-1][1] != self.cmd_sn:
@@ -773,11 +846,14 @@ class ConnectionCore:
                 if task not in self._deadlines.expired:
                     overdue.append(task)
             for task in overdue:
-                log.warning("%s: %s did not complete within %g s; aborting it", self.target,
+                log.warning("%s: %s did not complete within %g s", self.target,
                             self._what(task), timeout)
-                self.abort(task, now, CommandTimeout(
-                    f"{self._what(task)} did not complete within the command timeout of "
-                    f"{timeout:g} s in target {self.target}; it was aborted"))
+            if overdue and stalled_since is not None:
+                self._stalled(now, stalled_since, overdue)
+            for task in overdue:
+                self.abort(task, now, self._overdue(task))
+        if self._deadlines.expired and stalled_since is not None:
+            self._stalled(now, stalled_since, [])
         if not self._queued:
             self._deadlines.stall = None
         elif self._deadlines.stall is None or self._deadlines.stall[0] != self.stats_commands:
@@ -787,6 +863,30 @@ class ConnectionCore:
                 f"target {self.target} kept its command window closed for {timeout:g} s "
                 f"(CmdSN {self.cmd_sn}, MaxCmdSN {self.max_cmd_sn}) with "
                 f"{len(self._queued)} request(s) waiting: reconnecting")
+
+    def _overdue(self, task: Task) -> CommandTimeout:
+        """The error of a command past its deadline. How its abort ended is added when it
+        does (_complete_error, take_unfinished)."""
+        return CommandTimeout(
+            f"{self._what(task)} did not complete within the command timeout of "
+            f"{self._deadlines.command_timeout:g} s in target {self.target}")
+
+    def _stalled(self, now: float, since: float, overdue: list[Task]) -> None:
+        """Commands are overdue or being aborted (``overdue``: those not yet), and the target
+        has sent nothing since ``since`` in the middle of a PDU: give up the connection once
+        that has lasted min(command_timeout, tmf_timeout) (see "Timers"). The overdue commands
+        are not re-issued: they end with their deadline's error, which take_unfinished
+        completes with the connection's."""
+        stalled = now - since
+        if stalled < min(self._deadlines.command_timeout, self._deadlines.tmf_timeout):
+            return
+        for task in overdue:  # ended, not re-issued (take_unfinished says how)
+            self._deadlines.expired[task] = self._overdue(task)
+        raise ConnectionFailed(
+            f"target {self.target} stopped sending in the middle of a PDU and sent nothing for "
+            f"{stalled:.1f} s, so no answer (to an abort either) can come over the connection, "
+            "which was dropped; check that the target is running and that the network path "
+            "to it works")
 
     def _escalate(self, task: Task, function: P.TMFunction, deadline: float,
                   done: Callable[[], None]) -> None:
@@ -853,8 +953,9 @@ class ConnectionCore:
         reads). What is not the well-formed common case (in order, the F bit with the
         status) is declined: it comes back as a DataIn, for :meth:`_on_data_in`'s checks."""
         task = self._tasks.get(itt)
-        if task is None or (flags & 0x81) == 0x01 or (self._in_order and (
-                offset != task.received or data_sn != task.data_sn)):
+        if task is None or (flags & 0x81) == 0x01 or ((
+                offset != task.received or data_sn != task.data_sn) if self._in_order
+                else length and not self._place(task, offset, length)):
             return False
         task.received += length
         task.data_sn = (data_sn + 1) & _MASK
@@ -917,6 +1018,9 @@ class ConnectionCore:
             self._detach_frames(task)
             error = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
             if error is not None:
+                if type(error) is CommandTimeout and self._closed is not None:
+                    # A deadline's abort that the connection's end cut short: say how.
+                    error = CommandTimeout(f"{error}; it could not be aborted: {self._closed}")
                 self._complete_error(task, error)
                 continue
             task.reset_for_reissue()
@@ -1157,6 +1261,14 @@ class ConnectionCore:
                 f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, but the next in order is "
                 f"offset {task.received} with DataSN {task.data_sn} (DataPDUInOrder and "
                 "DataSequenceInOrder are Yes: RFC 7143 §11.7.5, §13.18, §13.19)")
+        if not self._in_order and n and task.ranges is not None and (
+                seen := task.ranges.overlap(pdu.buffer_offset, pdu.buffer_offset + n)):
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In for {self._what(task)} at offset "
+                f"{pdu.buffer_offset}, {n} bytes, overlapping bytes {seen[0]}..{seen[1]} it "
+                "had already sent: each byte of a read comes once (RFC 7143 §11.7.5, "
+                "DataPDUInOrder/DataSequenceInOrder=No allow another order, not repeats); "
+                "dropping the connection")
         if pdu.status_present and not pdu.final:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
             raise RemoteProtocolError(
@@ -1170,6 +1282,22 @@ class ConnectionCore:
             _F * pdu.final | _O * pdu.overflow | _U * pdu.underflow | _S * pdu.status_present,
             pdu.status, pdu.itt, pdu.buffer_offset, pdu.stat_sn, pdu.exp_cmd_sn,
             pdu.max_cmd_sn, pdu.data_sn, pdu.residual_count, n)
+
+    def _place(self, task: Task, offset: int, length: int) -> bool:
+        """Note the ``length`` (> 0) bytes at ``offset`` of an out-of-order Data-In; False
+        (nothing noted) when they overlap bytes received before: :meth:`_on_data_in` says so.
+        Raises :class:`RemoteProtocolError` past :data:`MAX_DATA_IN_RANGES`."""
+        ranges = task.ranges
+        if ranges is None:
+            ranges = task.ranges = _Ranges()
+        elif ranges.overlap(offset, offset + length):
+            return False
+        if ranges.add(offset, offset + length) > MAX_DATA_IN_RANGES:
+            raise RemoteProtocolError(
+                f"target {self.target} scattered the Data-In of {self._what(task)} into more "
+                f"than {MAX_DATA_IN_RANGES} separate ranges (the last at offset {offset}, "
+                f"{length} bytes); dropping the connection")
+        return True
 
     def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
         task = self._task_for(pdu.itt, "SCSI Response")
@@ -1481,6 +1609,16 @@ class ConnectionCore:
                 "without asking for the rest (RFC 7143 §11.4.5, §13.14): the write is "
                 "incomplete", expected=task.out_len, transferred=taken, residual=0))
             return
+        # Out of order, data_in_length (bytes received) may only stand for the bytes from 0
+        # up to it when they are all there: a hole would hand its stale bytes on as data.
+        if task.ranges is not None and (hole := task.ranges.first_hole(task.received)):
+            self._complete_error(task, TransferError(
+                f"target {self.target} ended {self._what(task)} (status 0x{status:02x}) with "
+                f"bytes {hole[0]}..{hole[1]} of the read never sent, though it sent "
+                f"{task.received} bytes in all (some beyond them): the read has a hole and "
+                "fails rather than return stale bytes", expected=task.in_len,
+                transferred=task.received, residual=residual))
+            return
         # _release(), inlined: this runs once per command.
         if task.unsent_frames or task.r2t is not None:
             self._detach_frames(task)
@@ -1496,10 +1634,12 @@ class ConnectionCore:
                                                task.received)))
 
     def _complete_error(self, task: Task, error: ISCSIError) -> None:
-        if self._deadlines.expired:
+        ending = self._deadlines.expired.pop(task, None) if self._deadlines.expired else None
+        if ending is not None:
             # abort() is ending it (per-command deadline, the kernel's abort): its error wins
-            # over the TMF's generic "aborted".
-            error = self._deadlines.expired.pop(task, error)
+            # over the TMF's generic "aborted", which says how a deadline's ended.
+            error = CommandTimeout(f"{ending}; it was aborted") if type(ending) is \
+                CommandTimeout and isinstance(error, TaskAborted) else ending
         self._release(task)
         on_done, task.on_done = task.on_done, None
         if on_done is not None:

@@ -221,6 +221,9 @@ class Connection(asyncio.BufferedProtocol):
         self._after_receive: list[Callable[[], None]] = []
         self._splicer: Splicer | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._received_at = self._loop.time()
+        """When bytes last came (the Full Feature Phase's reads): with the reader holding part
+        of a PDU, since when the target has stopped in the middle of it (see _on_timer)."""
         self.error: ISCSIError | None = None
         self.closed = self._loop.create_future()
         self.on_failure: Callable[[ISCSIError], None] | None = None
@@ -308,8 +311,9 @@ class Connection(asyncio.BufferedProtocol):
             if core is None:
                 self._login_received(pdus)
                 return
+            self._received_at = now = self._loop.time()
             if pdus:
-                self._receive(core, pdus, self._loop.time())
+                self._receive(core, pdus, now)
             self._after_core_activity()
         except ISCSIError as exc:
             self.fail(exc)
@@ -394,6 +398,7 @@ class Connection(asyncio.BufferedProtocol):
             if not nbytes:
                 self.eof_received()
                 return
+            self._received_at = now
             try:
                 pdus = reader.direct_updated(nbytes) if bufs is not None \
                     else reader.buffer_updated(nbytes)
@@ -494,7 +499,7 @@ class Connection(asyncio.BufferedProtocol):
         reader.max_data_segment_length = core.params.max_recv_data_segment_length
         reader.sink = core
         reader.one_at_a_time = False
-        now = self._loop.time()
+        self._received_at = now = self._loop.time()
         try:
             if self._login_pdus:
                 raise RemoteProtocolError(
@@ -665,7 +670,8 @@ class Connection(asyncio.BufferedProtocol):
         if core is None or self.error is not None:
             return
         try:
-            core.handle_timer(self._loop.time())
+            core.handle_timer(self._loop.time(),
+                              stalled_since=self._received_at if self.reader.partial else None)
         except ISCSIError as exc:
             self.fail(exc)
             return

@@ -302,6 +302,25 @@ def test_data_in_out_of_order_is_a_protocol_error(hostile: Hostility, words: str
     assert words in str(info.value) and not results
 
 
+def test_data_in_repeated_with_data_pdu_in_order_no_is_a_protocol_error() -> None:
+    # DataPDUInOrder=No (forced by both sides, as SessionConfig.negotiation can): the first
+    # PDU again instead of the last one used to count twice, and the read "completed" with
+    # its last 1024 bytes never sent.
+    hostile = Hostility(data_in_repeat_first=True, data_in_withheld=1024, residual_claim=0,
+                        data_in_opcodes=READS)
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0, data_pdu_in_order=False)
+    lb, core = loopback(fake(hostile, settings=settings), MaxRecvDataSegmentLength="1024",
+                        DataPDUInOrder="No")
+    assert not core.params.data_pdu_in_order
+    results: list[CommandResult | ISCSIError] = []
+    task = submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    with pytest.raises(RemoteProtocolError, match="Data-In") as info:
+        lb.pump()
+    assert f"(task 0x{task.itt:08x}, LUN 0)" in str(info.value)
+    assert "at offset 0, 1024 bytes, overlapping bytes 0..1024" in str(info.value)
+    assert str(info.value).startswith("target fake sent Data-In") and not results
+
+
 async def test_hbactl_read_of_a_short_read_fails_and_writes_no_wrong_byte(
         tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # 3000 blocks: two chunks of at most 2048 (1 MiB); the second one comes back short, and

@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import signal
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -321,6 +323,54 @@ async def test_metrics_over_http(rig: Rig) -> None:
     assert "process_cpu_seconds" in families  # the daemon's own CPU and memory too
     with pytest.raises(OSError):  # and the port is closed again
         urllib.request.urlopen(url, timeout=2)
+
+
+def http_request(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+async def test_metrics_server_answers_get_and_head_of_metrics_only(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics answers GET and HEAD (the headers of the GET, no body); another path is a
+    404 and another method a 405, each with a one-line plain-text body; a client that sends
+    nothing is let go after REQUEST_TIMEOUT."""
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.2)
+    server = metrics.MetricsServer(rig.daemon, f"127.0.0.1:{free_tcp_port()}")
+    server.start()
+    try:
+        def ask(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+            return http_request(server.port, method, path)
+
+        status, headers, body = await asyncio.to_thread(ask, "GET", "/metrics")
+        assert status == 200 and b"iscsi_hba_retries_pending" in body
+        status, head_headers, head_body = await asyncio.to_thread(ask, "HEAD", "/metrics")
+        assert status == 200 and head_body == b""
+        assert head_headers["Content-Type"] == headers["Content-Type"]
+        assert int(head_headers["Content-Length"]) > 0
+        for path in ("/", "/metrics/", "/favicon.ico", "/metricsx", "/?x=/metrics"):
+            status, headers, body = await asyncio.to_thread(ask, "GET", path)
+            assert status == 404, path
+            assert headers["Content-Type"].startswith("text/plain")
+            assert body == b"not found: this server serves Prometheus metrics on /metrics only\n"
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            status, headers, body = await asyncio.to_thread(ask, method, "/metrics")
+            assert status == 405, method
+            assert headers["Allow"] == "GET, HEAD"
+            assert body == b"method not allowed: /metrics answers GET and HEAD only\n"
+
+        def silent_client() -> bytes:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                return s.recv(100)  # b"" once the server gives up on the request
+
+        assert await asyncio.to_thread(silent_client) == b""
+    finally:
+        await server.stop()
 
 
 async def test_top_over_dbus(rig: Rig, system_bus: str,  # noqa: F811

@@ -79,6 +79,40 @@ async def test_perf_in_flight_wait_is_bounded_even_without_a_command_deadline() 
     assert took < 5.0
 
 
+def stall_mid_data_in(conn: Any, pdu: P.PDU) -> bool:
+    """A pdu_hook: the first READ gets a Data-In's header and part of its payload, then the
+    target sends nothing more on that connection (pings, aborts: nothing)."""
+    if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] == 0x28):
+        return False
+    data_in = P.DataIn(itt=pdu.itt, data=bytes(4096), stat_sn=0, exp_cmd_sn=pdu.cmd_sn + 1,
+                       max_cmd_sn=pdu.cmd_sn + 32)
+    conn.inject_bytes(P.encode(data_in)[: P.BHS_LEN + 1000])
+    conn.target.hostile.silent = True
+    return True
+
+
+def test_hbactl_read_stalled_mid_pdu_ends_at_the_command_timeout(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A target that stops sending in the middle of a Data-In: no abort can be answered
+    behind it, so the read ends at its --command-timeout (plus at most that again: see
+    initiator.session "Timers"), not when the keepalive or the abort's escalation would
+    (both set far out here), and the one line says what happened, where, and what to do."""
+    target = fake(hostile=Hostility(pdu_hook=stall_mid_data_in))
+    with target_in_a_thread(target) as port:
+        status = cli.main(["read", f"iscsi://127.0.0.1:{port}/{TGT}/0", "--initiator-name",
+                           INI, "--lba", "0", "--blocks", "8", "-o", str(tmp_path / "out"),
+                           "--command-timeout", "0.5", "--noop-interval", "0",
+                           "--task-management-timeout", "60", "--replacement-timeout", "5"])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 1
+    assert err[-1].startswith("hbactl: command 0x28 (task 0x"), err
+    assert "did not complete within the command timeout of 0.5 s in target " \
+        f"{TGT} at 127.0.0.1:{port}; it could not be aborted: target {TGT} at " \
+        f"127.0.0.1:{port} stopped sending in the middle of a PDU and sent nothing for " in err[-1]
+    assert "check that the target is running and that the network path to it works" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
 @pytest.mark.parametrize(("name", "option", "value"), [
     ("command_timeout", "--command-timeout", -1.0), ("noop_timeout", "--noop-timeout", 0.0),
     ("logout_timeout", "--logout-timeout", float("nan")),

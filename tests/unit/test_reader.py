@@ -104,6 +104,20 @@ def test_reader_split_at_every_byte(hd: bool, dd: bool, buffer_size: int) -> Non
         assert not reader.receiving_payload
 
 
+@pytest.mark.parametrize(("hd", "dd"), DIGESTS, ids=DIGEST_IDS)
+def test_reader_partial_is_true_exactly_inside_a_pdu(hd: bool, dd: bool) -> None:
+    # What tells the transport that the target stopped in the middle of a PDU (the command
+    # deadline then gives up the connection: initiator.session, "Timers").
+    ends = set(itertools.accumulate(
+        len(pdu.encode(p, header_digest=hd, data_digest=dd)) for p in STREAM))
+    raw = _encode_stream(STREAM, hd, dd)
+    for i in range(len(raw) + 1):
+        reader = PDUReader(header_digest=hd, data_digest=dd)
+        assert not reader.partial
+        reader.feed(raw[:i])
+        assert reader.partial is (i != 0 and i not in ends), f"cut at {i}"
+
+
 @pytest.mark.parametrize("buffer_size", [56, 100, 256 * 1024])
 @pytest.mark.parametrize(("hd", "dd"), DIGESTS, ids=DIGEST_IDS)
 def test_reader_one_byte_at_a_time(hd: bool, dd: bool, buffer_size: int) -> None:

@@ -37,6 +37,7 @@ from initiator.keys import NegotiationSettings
 from initiator.login import LoginMachine, LoginSuccess
 from initiator.reader import PDUReader
 from initiator.session import (
+    MAX_DATA_IN_RANGES,
     MAX_TEXT_RESPONSES,
     ConnectionCore,
     Event,
@@ -481,6 +482,150 @@ def test_data_in_without_sink_uses_the_copy_path() -> None:
     h.core.receive_pdu(h.data_in(task, 5, source[5:]), 0.0)
     h.core.receive_pdu(h.data_in(task, 0, source[:5], status=True), 0.0)
     assert bytes(buf_a + buf_b) == source
+
+
+OUT_OF_ORDER = TransferParameters(data_pdu_in_order=False, data_sequence_in_order=False)
+
+
+@pytest.mark.parametrize("params", [
+    OUT_OF_ORDER, TransferParameters(data_pdu_in_order=False),
+    TransferParameters(data_sequence_in_order=False)])
+@pytest.mark.parametrize("chunk", [None, 1, 48, 1000])
+@pytest.mark.parametrize(("pieces", "again"), [
+    ([(0, 1024), (1024, 2048)], (0, 1024)),        # a PDU repeated
+    ([(2048, 4096)], (2048, 4096)),                 # the same, out of order
+    ([(1024, 2048)], (1536, 2560)),                 # overlapping the end of a range
+    ([(1024, 2048)], (512, 1025)),                  # overlapping its start
+    ([(0, 1024), (3072, 4096)], (512, 3584)),       # spanning a hole into the next range
+    ([(0, 1024), (2048, 3072)], (1000, 1100)),      # a few bytes
+])
+def test_out_of_order_data_in_received_twice_is_a_protocol_error(
+        params: TransferParameters, chunk: int | None, pieces: list[tuple[int, int]],
+        again: tuple[int, int]) -> None:
+    """With DataPDUInOrder or DataSequenceInOrder No, a byte of a read sent twice was counted
+    twice towards its length, so a read could complete with a hole of stale bytes. Any
+    overlap is the target's protocol error, named with offset, length, task and target, on
+    every path into the buffer."""
+    h = Harness(params)
+    buf = bytearray(4096)
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    source = _pattern(4096, 6)
+    h.deliver(*(h.data_in(task, a, source[a:b]) for a, b in pieces), chunk=chunk)
+    a, b = again
+    with pytest.raises(RemoteProtocolError) as info:
+        h.deliver(h.data_in(task, a, source[a:b]), h.response(task), chunk=chunk)
+    message = str(info.value)
+    assert f"at offset {a}, {b - a} bytes, overlapping bytes" in message
+    assert f"task 0x{task.itt:08x}" in message and "iqn.test:t" in message
+    assert h.result(task) is None
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+@pytest.mark.parametrize(("pieces", "residual", "hole"), [
+    ([(0, 1024), (1024, 2048), (3072, 4096)], 1024, (2048, 3072)),
+    ([(1024, 4096)], 1024, (0, 1024)),               # 3072 bytes, but not the first ones
+    ([(0, 1024), (2048, 4096)], 1024, (1024, 2048)),  # 3072 bytes, with a hole
+    ([(3072, 4096), (0, 1024)], 2048, (1024, 3072)),
+    ([(0, 1024), (2048, 4096)], 0, (1024, 2048)),    # no residual claimed either
+])
+def test_out_of_order_data_in_with_a_hole_fails_the_read(
+        chunk: int | None, pieces: list[tuple[int, int]], residual: int,
+        hole: tuple[int, int]) -> None:
+    """The bytes received must be 0..data_in_length: a read whose ranges leave a hole fails
+    (the first hole named), whatever residual the target claims."""
+    h = Harness(OUT_OF_ORDER)
+    task = h.submit(data_in=views(bytearray(4096)))
+    h.sent()
+    source = _pattern(4096, 7)
+    for via in ("response", "data_in"):
+        if via == "data_in":
+            h = Harness(OUT_OF_ORDER)
+            task = h.submit(data_in=views(bytearray(4096)))
+            h.sent()
+        pdus = [h.data_in(task, a, source[a:b]) for a, b in pieces]
+        status = {"underflow": True, "residual_count": residual} if residual else {}
+        last = (h.response(task, **status) if via == "response" else
+                h.data_in(task, 4096, b"", status=True, **status))
+        h.deliver(*pdus, last, chunk=chunk)
+        error = h.result(task)
+        assert isinstance(error, TransferError), (via, error)
+        assert f"bytes {hole[0]}..{hole[1]} of the read never sent" in str(error)
+        assert "iqn.test:t" in str(error) and f"task 0x{task.itt:08x}" in str(error)
+        assert not h.core._tasks
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_out_of_order_data_in_short_but_whole_from_0_completes(chunk: int | None) -> None:
+    """An honest underflow out of order: the first 3072 bytes in any order, 1024 residual."""
+    h = Harness(OUT_OF_ORDER)
+    buf = bytearray(4096)
+    task = h.submit(data_in=views(buf))
+    h.sent()
+    source = _pattern(4096, 8)
+    pieces = [(2048, 3072), (0, 512), (1024, 2048), (512, 1024)]
+    h.deliver(*(h.data_in(task, a, source[a:b]) for a, b in pieces),
+              h.response(task, underflow=True, residual_count=1024), chunk=chunk)
+    result = h.ok(task)
+    assert (result.data_in_length, result.residual) == (3072, 1024)
+    assert buf[:3072] == source[:3072]
+
+
+def test_out_of_order_data_in_in_too_many_ranges_is_a_protocol_error() -> None:
+    """1-byte PDUs at every other offset make a range each: bounded, and the ranges of
+    adjacent PDUs merge (filling the gaps then leaves one)."""
+    h = Harness(OUT_OF_ORDER)
+    size = 2 * MAX_DATA_IN_RANGES + 2
+    task = h.submit(data_in=views(bytearray(size)))
+    h.sent()
+    h.deliver(*(h.data_in(task, off, b"x") for off in range(0, 2 * MAX_DATA_IN_RANGES, 2)))
+    assert task.ranges is not None and len(task.ranges.bounds) == 2 * MAX_DATA_IN_RANGES
+    h.deliver(*(h.data_in(task, off, b"y") for off in range(1, 2 * MAX_DATA_IN_RANGES, 2)))
+    assert task.ranges.bounds == [0, 2 * MAX_DATA_IN_RANGES]
+    h = Harness(OUT_OF_ORDER)
+    task = h.submit(data_in=views(bytearray(size)))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match=f"more than {MAX_DATA_IN_RANGES} separate "
+                       f"ranges .*offset {2 * MAX_DATA_IN_RANGES}, 1 bytes"):
+        h.deliver(*(h.data_in(task, off, b"x") for off in range(0, size, 2)))
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+@pytest.mark.parametrize(("first", "then"), [
+    ((0, 1024), (0, 1024)),       # repeated
+    ((0, 1024), (512, 1536)),     # overlapping
+    ((0, 1024), (2048, 3072)),    # leaving a gap
+    ((1024, 2048), (0, 1024)),    # out of order
+])
+def test_in_order_data_in_refuses_overlaps_and_gaps(
+        chunk: int | None, first: tuple[int, int], then: tuple[int, int]) -> None:
+    """The default (both keys Yes): the next Data-In starts where the last ended, so the
+    bytes counted are 0..data_in_length and a short read says so (its own test elsewhere)."""
+    h = Harness()
+    task = h.submit(data_in=views(bytearray(4096)))
+    h.sent()
+    source = _pattern(4096, 9)
+    a, b = first
+    if a:
+        with pytest.raises(RemoteProtocolError, match=f"offset {a} .* next in order is offset 0"):
+            h.deliver(h.data_in(task, a, source[a:b]), chunk=chunk)
+        return
+    h.deliver(h.data_in(task, a, source[a:b]), chunk=chunk)
+    a, b = then
+    with pytest.raises(RemoteProtocolError, match=f"offset {a} .* next in order is offset 1024"):
+        h.deliver(h.data_in(task, a, source[a:b]), h.response(task), chunk=chunk)
+    assert h.result(task) is None
+
+
+def test_in_order_short_read_counts_only_the_bytes_sent() -> None:
+    """Status after 3072 of 4096 bytes in order, with or without the residual: the result
+    says 3072, so no reader of it takes the last 1024 bytes for data (§11.4.5.2)."""
+    for status in ({"underflow": True, "residual_count": 1024}, {}):
+        h = Harness()
+        task = h.submit(data_in=views(bytearray(4096)))
+        h.sent()
+        h.deliver(h.data_in(task, 0, bytes(3072)), h.response(task, **status))
+        assert h.ok(task).data_in_length == 3072
 
 
 @pytest.mark.parametrize(("offset", "length"), [(4090, 7), (4096, 1), (0, 4097), (1 << 31, 4)])
@@ -1449,6 +1594,123 @@ def test_command_deadline_ends_in_a_new_connection_when_the_target_ignores_tmfs(
     assert h.core.take_unfinished() == [innocent]
     assert isinstance(h.result(stuck), CommandTimeout)
     assert h.result(innocent) is None
+
+
+def run_stalled_timers(h: Harness, until: float, stalled_since: float) -> float:
+    """run_timers, with the reader holding part of a PDU since ``stalled_since``."""
+    last = until
+    for _ in range(10_000):
+        when = h.core.get_timer()
+        if when is None or when > until:
+            return last
+        h.core.handle_timer(when, stalled_since=stalled_since)
+        last = when
+    raise AssertionError("the timer keeps firing without time passing")
+
+
+def _stall_mid_data_in(h: Harness, task: Task) -> None:
+    """The target sends a Data-In's header and part of its payload, then nothing."""
+    raw = P.encode(h.data_in(task, 0, bytes(4096)))
+    assert h.reader.feed(raw[: 48 + 1000]) == []
+    assert h.reader.partial
+
+
+def test_command_deadline_with_the_stream_stopped_mid_pdu_drops_the_connection() -> None:
+    """No answer, to an abort either, can come behind a PDU the target stopped sending: at
+    the deadline, with the stream stopped for min(command_timeout, tmf_timeout) already, the
+    connection is given up at once (no ABORT TASK), and the command ends, not re-issued,
+    with an error that says what happened (the target, the stall, what to check)."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit(data_in=views(bytearray(4096)))
+    innocent = h.submit()
+    h.sent()
+    _stall_mid_data_in(h, task)
+    assert run_stalled_timers(h, 1.99, stalled_since=0.1) < 2.0
+    with pytest.raises(ConnectionFailed) as info:
+        run_stalled_timers(h, 2.3, stalled_since=0.1)
+    message = str(info.value)
+    assert "target iqn.test:t stopped sending in the middle of a PDU and sent nothing for " \
+        "2." in message and "check that the target is running" in message
+    assert h.sent() == []   # no abort that could not be answered
+    h.core.close(info.value)
+    # Overdue together with the stuck one: both end; a newer command would be re-issued.
+    assert h.core.take_unfinished() == []
+    for t in (task, innocent):
+        error = h.result(t)
+        assert isinstance(error, CommandTimeout), error
+        assert str(error).startswith(f"command 0x28 (task 0x{t.itt:08x}, LUN 0) did not "
+                                     "complete within the command timeout of 2 s in target "
+                                     "iqn.test:t; it could not be aborted: target iqn.test:t "
+                                     "stopped sending in the middle of a PDU"), error
+
+
+def test_a_stall_mid_pdu_after_the_deadline_ends_the_abort_within_its_bound() -> None:
+    """The stream stops just before the deadline: the ABORT TASK goes out (the stream may
+    move again), and once the stall has lasted min(command_timeout, tmf_timeout) the
+    connection is given up, long before the abort's tmf_timeout would escalate."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit(data_in=views(bytearray(4096)))
+    h.sent()
+    _stall_mid_data_in(h, task)
+    last = run_stalled_timers(h, 2.3, stalled_since=1.9)
+    assert 2.0 <= last <= 2.3
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+    assert run_stalled_timers(h, 3.89, stalled_since=1.9) < 3.9
+    with pytest.raises(ConnectionFailed, match="middle of a PDU") as info:
+        run_stalled_timers(h, 4.2, stalled_since=1.9)
+    assert h.sent() == []   # nor a LOGICAL UNIT RESET
+    h.core.close(info.value)
+    assert h.core.take_unfinished() == []
+    error = h.result(task)
+    assert isinstance(error, CommandTimeout) and "could not be aborted" in str(error)
+
+
+def test_a_stall_mid_pdu_is_bounded_by_the_tmf_timeout_too() -> None:
+    """min(command_timeout, tmf_timeout): a long command deadline does not lengthen it."""
+    h = Harness(command_timeout=8.0, tmf_timeout=3.0)
+    h.submit()
+    h.sent()
+    # Overdue at the check at 9 (one every 1 s), stopped for 2.5 s then: the abort goes out.
+    assert run_stalled_timers(h, 9.99, stalled_since=6.5) < 10.0
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+    with pytest.raises(ConnectionFailed, match=r"sent nothing for 3\.5 s"):
+        run_stalled_timers(h, 10.0, stalled_since=6.5)
+
+
+def test_no_stall_while_bytes_come_or_with_no_command_overdue() -> None:
+    """A stream that moves (the transport passes a recent time) or no overdue command: the
+    connection stays; the deadline's abort goes out as usual."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    h.submit()
+    h.sent()
+    run_stalled_timers(h, 1.99, stalled_since=0.0)   # stopped long, but nothing overdue
+    assert h.sent() == []
+    now = 2.0
+    while now < 10.0:
+        h.core.handle_timer(now, stalled_since=now - 0.5)
+        now += 0.25
+    assert _tmf(h).function is P.TMFunction.ABORT_TASK
+
+
+def test_the_deadline_error_says_how_the_abort_ended() -> None:
+    """Aborted by the target: "it was aborted"; cut short by the connection's end (the
+    keepalive, the target closing): "it could not be aborted" and why."""
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit()
+    h.sent()
+    run_timers(h, 2.3)
+    h.deliver(P.TaskMgmtResponse(itt=_tmf(h).itt, **h.numbers()), now=2.4)
+    assert str(h.result(task)).endswith("command timeout of 2 s in target iqn.test:t; it was "
+                                        "aborted")
+    h = Harness(command_timeout=2.0, tmf_timeout=15.0)
+    task = h.submit()
+    h.sent()
+    run_timers(h, 2.3)
+    h.core.close(ConnectionFailed("target iqn.test:t closed the connection"))
+    assert h.core.take_unfinished() == []
+    assert str(h.result(task)).endswith("command timeout of 2 s in target iqn.test:t; it "
+                                        "could not be aborted: target iqn.test:t closed the "
+                                        "connection")
 
 
 def test_command_completing_while_its_abort_is_outstanding() -> None:
