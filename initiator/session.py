@@ -139,8 +139,9 @@ _F, _O, _U, _S = 0x80, 0x04, 0x02, 0x01  # Data-In flags (byte 1, RFC 7143 §11.
 _CHECKS = 8
 """Command deadline checks per command_timeout (see ConnectionCore.handle_timer)."""
 MAX_DATA_IN_RANGES = 1024
-"""The most separate ranges one command's Data-In may be in at once when out of order is
-allowed (see _Ranges): contiguous data is one range, however many PDUs brought it."""
+"""The most separate ranges one command's Data-In, or the bytes its R2Ts asked for, may be in
+at once when out of order is allowed (see _Ranges): contiguous data is one range, however many
+PDUs brought it."""
 # The PDUs that answer something of ours (liveness); a NOP-In does when its ITT is not 0xffffffff.
 _ANSWERS = frozenset({P.DataIn, P.ScsiResponse, P.R2T, P.TaskMgmtResponse, P.TextResponse,
                       P.LogoutResponse})
@@ -312,11 +313,19 @@ class _Frame:
 class _R2TState:
     """What the target has asked one write for so far, to hold its R2Ts to RFC 7143 §11.8."""
 
-    __slots__ = ("next_offset", "queued", "requested", "sequences")
+    __slots__ = ("asked", "next_offset", "queued", "requested", "sequences")
 
-    def __init__(self, unsolicited: int) -> None:
+    def __init__(self, unsolicited: int, in_order: bool) -> None:
         self.next_offset = unsolicited
         """With DataSequenceInOrder=Yes, the lowest offset the next R2T may ask for."""
+        self.asked: _Ranges | None = None
+        """With DataSequenceInOrder=No, the bytes sent unsolicited or asked for so far: R2Ts
+        may come in any order, and only these ranges tell one asked twice (which would make
+        ``requested`` count bytes twice, and a write pass for whole with a hole in it)."""
+        if not in_order:
+            self.asked = _Ranges()
+            if unsolicited:
+                self.asked.add(0, unsolicited)
         self.requested = unsolicited
         """Bytes sent unsolicited or asked for by R2Ts: never more than the write's length."""
         self.queued = 0
@@ -1341,7 +1350,7 @@ class ConnectionCore:
         params = self.params
         state = task.r2t
         if state is None:
-            state = task.r2t = _R2TState(task.unsolicited)
+            state = task.r2t = _R2TState(task.unsolicited, params.data_sequence_in_order)
         problem = None
         if pdu.r2t_sn != task.data_sn:
             problem = (f"R2TSN {pdu.r2t_sn} where {task.data_sn} was due (a lost or repeated "
@@ -1352,6 +1361,12 @@ class ConnectionCore:
         elif params.data_sequence_in_order and offset < state.next_offset:
             problem = (f"bytes {offset}..{end} again, below offset {state.next_offset} that was "
                        "already sent or asked for (DataSequenceInOrder=Yes, §13.19)")
+        elif state.asked is not None and (seen := state.asked.overlap(offset, end)):
+            # At ERL 0 a range is never asked twice: asking again is recovery R2T (§7.2.1,
+            # ERL 1 and up), which we do not negotiate.
+            problem = (f"bytes {offset}..{end} again, overlapping bytes {seen[0]}..{seen[1]} "
+                       "already sent or asked for (a recovery R2T, which ErrorRecoveryLevel 0 "
+                       "never allows, §7.2.1)")
         elif state.requested + length > task.out_len:
             problem = (f"{state.requested + length} bytes in all, more than the "
                        f"{task.out_len} the command writes")
@@ -1373,6 +1388,11 @@ class ConnectionCore:
         task.data_sn = (task.data_sn + 1) & _MASK
         state.next_offset = max(state.next_offset, end)
         state.requested += length
+        if state.asked is not None and state.asked.add(offset, end) > MAX_DATA_IN_RANGES:
+            raise RemoteProtocolError(
+                f"target {self.target} scattered its R2Ts for {self._what(task)} over more "
+                f"than {MAX_DATA_IN_RANGES} separate ranges (the last for bytes {offset}..{end}); "
+                "dropping the connection")
         unsent = task.unsent_frames
         self._send_data_out(task, offset, length, pdu.ttt)
         state.queued += task.unsent_frames - unsent

@@ -899,6 +899,61 @@ def test_r2t_with_reserved_ttt_is_refused() -> None:
                         desired_data_transfer_length=512, **h.window()))
 
 
+def _unordered_write(immediate: bool) -> tuple[Harness, Task, bytes]:
+    """An 8 KiB write with DataSequenceInOrder=No (R2Ts may come in any order), 2 R2Ts
+    outstanding; with ``immediate``, its first 1 KiB goes unsolicited."""
+    h = Harness(TransferParameters(data_sequence_in_order=False, immediate_data=immediate,
+                                   first_burst_length=1024, max_outstanding_r2t=2))
+    source = _pattern(8192, 5)
+    task = h.submit(WRITE, data_out=views(bytearray(source)))
+    h.sent()
+    return h, task, source
+
+
+def _nth_r2t(h: Harness, task: Task, sn: int, offset: int, length: int) -> P.R2T:
+    return _r2t(h, task, offset, length, ttt=sn + 1, sn=sn)
+
+
+def test_r2ts_out_of_sequence_order_are_served_when_negotiated() -> None:
+    h, task, source = _unordered_write(immediate=True)
+    h.deliver(_nth_r2t(h, task, 0, 4096, 4096), _nth_r2t(h, task, 1, 1024, 3072))
+    outs = [p for p in h.sent() if isinstance(p, P.DataOut)]
+    assert sorted((p.buffer_offset, bytes(p.data)) for p in outs) == [
+        (1024, source[1024:4096]), (4096, source[4096:])]
+    h.deliver(h.response(task))
+    assert h.ok(task).status == 0
+
+
+@pytest.mark.parametrize(("immediate", "second", "seen"), [
+    (False, (0, 4096), "0..4096"),        # the same range asked twice
+    (False, (2048, 4096), "0..4096"),     # half of it again
+    (True, (512, 512), "0..1024"),        # bytes that went unsolicited
+])
+def test_an_r2t_asking_again_is_refused_out_of_sequence_order_too(
+        immediate: bool, second: tuple[int, int], seen: str) -> None:
+    # Counted twice, two R2Ts for bytes 0..4096 made "8192 bytes asked for" of an 8 KiB write
+    # whose second half nobody asked for: a GOOD status then passed for the whole write.
+    h, task, _ = _unordered_write(immediate)
+    h.deliver(_nth_r2t(h, task, 0, 4096 if immediate else 0, 4096))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match=rf"again, overlapping bytes {seen} already "
+                                                  r"sent or asked for \(a recovery R2T"):
+        h.deliver(_nth_r2t(h, task, 1, *second))
+    assert h.sent() == []
+
+
+def test_r2ts_scattered_beyond_the_bound_are_refused() -> None:
+    h = Harness(TransferParameters(data_sequence_in_order=False, immediate_data=False,
+                                   max_outstanding_r2t=1 << 20))
+    size = 4 * (MAX_DATA_IN_RANGES + 1)
+    task = h.submit(WRITE, data_out=views(bytearray(size)))
+    h.sent()
+    r2ts = [_nth_r2t(h, task, n, 4 * n, 1) for n in range(MAX_DATA_IN_RANGES)]
+    h.deliver(*r2ts)
+    with pytest.raises(RemoteProtocolError, match=f"more than {MAX_DATA_IN_RANGES} separate"):
+        h.deliver(_nth_r2t(h, task, MAX_DATA_IN_RANGES, 4 * MAX_DATA_IN_RANGES, 1))
+
+
 @pytest.mark.parametrize("pieces", [1, 2, 3])
 def test_r2t_answer_sent_in_pieces_is_no_longer_outstanding(pieces: int) -> None:
     # With MaxOutstandingR2T=1 the target asks for the next burst once the last Data-Out of
@@ -934,8 +989,8 @@ def _what(pdu: P.PDU) -> tuple[str, int, int]:
     return ("command", pdu.itt, 0)
 
 
-def _r2t(h: Harness, task: Task, offset: int, length: int, ttt: int) -> P.R2T:
-    return P.R2T(itt=task.itt, ttt=ttt, r2t_sn=0, buffer_offset=offset,
+def _r2t(h: Harness, task: Task, offset: int, length: int, ttt: int, sn: int = 0) -> P.R2T:
+    return P.R2T(itt=task.itt, ttt=ttt, r2t_sn=sn, buffer_offset=offset,
                  desired_data_transfer_length=length, **h.window())
 
 
