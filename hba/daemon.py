@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
-from hba.disks import Disk, DiskPath, DiskState, PathState
+from hba.disks import Disk, DiskPath, DiskState, PathState, backstore_path
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError, WorkerError
 from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
@@ -172,7 +172,8 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
-        self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
+        # user_N/backstore (hba.disks.backstore_path) -> why it could not be served
+        self._unservable: dict[str, str] = {}
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
         # Enable = on entries whose attach failed in a way trying again cannot fix (a wrong
@@ -948,10 +949,11 @@ class Daemon:
             try:
                 await self._adopt(info, takeover=True)
             except (HBAError, ISCSIError, TCMUError) as exc:
-                log.error("cannot serve existing backstore %s: %s", info.name, exc)
-                self._unservable[info.name] = str(exc)
+                where = backstore_path(info.hba_index, info.name)
+                log.error("cannot serve existing backstore %s: %s", where, exc)
+                self._unservable[where] = str(exc)
             else:
-                self._unservable.pop(info.name, None)
+                self._unservable.pop(backstore_path(info.hba_index, info.name), None)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
         path_spec = self.specs.from_cfgstring(info.cfgstring, info.name)
@@ -1020,10 +1022,10 @@ class Daemon:
 
     async def _serve_new_devices(self, only: Collection[tuple[int, str]] | None) -> None:
         found = await asyncio.to_thread(find_devices)
-        present = {uio.name.dev_name for uio in found}
-        for name in list(self._unservable):
-            if name not in present:   # removed (targetcli): nothing left to serve
-                del self._unservable[name]
+        present = {backstore_path(uio.name.hba_index, uio.name.dev_name) for uio in found}
+        for where in list(self._unservable):
+            if where not in present:   # removed (targetcli): nothing left to serve
+                del self._unservable[where]
         for uio in found:
             if uio.name.dev_name in self._serving or (
                     only is not None and (uio.name.hba_index, uio.name.dev_name) not in only):
@@ -1038,12 +1040,12 @@ class Daemon:
             try:
                 disk = await self._adopt(info, takeover=False)
             except (HBAError, ISCSIError, TCMUError) as exc:
-                message = str(exc)
-                if self._unservable.get(info.name) != message:
-                    log.error("cannot serve new backstore %s: %s", info.name, message)
-                self._unservable[info.name] = message
+                message, where = str(exc), backstore_path(info.hba_index, info.name)
+                if self._unservable.get(where) != message:
+                    log.error("cannot serve new backstore %s: %s", where, message)
+                self._unservable[where] = message
             else:
-                self._unservable.pop(info.name, None)
+                self._unservable.pop(backstore_path(info.hba_index, info.name), None)
                 # Before a LUN links it (the attribute is fixed once exported): commands
                 # then wait out a session recovery as they do on the disks we attach.
                 await asyncio.to_thread(kernel.set_cmd_time_out, info.path,
@@ -1093,8 +1095,8 @@ class Daemon:
                  if name not in self.disks]
         rows += [row for name, row in self._failed.items() if name not in self.disks]
         # Backstores in the kernel nobody serves: their disk's I/O waits, then fails.
-        rows += [{"name": name, "backstore": name, "state": DiskState.UNSERVED.value,
-                  "error": why} for name, why in self._unservable.items()]
+        rows += [{"name": where, "backstore": where, "state": DiskState.UNSERVED.value,
+                  "error": why} for where, why in self._unservable.items()]
         return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:

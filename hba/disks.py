@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from initiator.transport import Session
     from tcmu_handler.dispatcher import Dispatcher
 
-__all__ = ["Disk", "DiskPath", "DiskState", "PathState"]
+__all__ = ["Disk", "DiskPath", "DiskState", "PathState", "backstore_path"]
+
+
+def backstore_path(hba_index: int, name: str) -> str:
+    """``user_0/hba-db``: how every row names a backstore, as configfs and targetcli's
+    ``/backstores/user:iscsi`` know it (the HBA first: one name may be in several)."""
+    return f"user_{hba_index}/{name}"
 
 
 class DiskState(enum.Enum):
@@ -133,8 +139,8 @@ class DiskPath:
             "isid": f"{self.session.config.isid:012x}",
             "device": self.device.node if self.device else None,
             "scsi_address": self.scsi_address,
-            "backstore": f"user_{self.hba_index}/{self.backstore}" if self.hba_index >= 0
-            else None,
+            "backstore": backstore_path(self.hba_index, self.backstore)
+            if self.hba_index >= 0 else None,
             "state": self.state.value,
             "session": self.session.state.value,
             "since": round(self.since, 1) if self.since else None,
@@ -224,7 +230,7 @@ class Disk:
             "by_id": primary.device.primary_link if primary and primary.device else None,
             "size": self.size,
             "block_size": self.block_size,
-            "backstore": f"user_{primary.hba_index}/{primary.backstore}"
+            "backstore": backstore_path(primary.hba_index, primary.backstore)
             if primary is not None and primary.hba_index >= 0 else None,
             "scsi_address": primary.scsi_address if primary else None,
             "state": (state or self.state).value,

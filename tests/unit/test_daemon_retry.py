@@ -24,6 +24,7 @@ from hba.errors import AttachError, HBAError, WorkerError
 from hba.kernel import BackstoreInfo
 from hba.specs import LunSpec
 from initiator.transport import Session
+from tcmu_handler.device import UioInfo, UioName
 from tests.support.targets import free_tcp_port
 
 INITIATOR = "iqn.2024-01.org.example:unit-host"
@@ -230,20 +231,31 @@ async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A backstore of a previous daemon whose configuration entry is gone: its disk is in the
     # kernel, its I/O waits and then fails, and hbactl list and status said nothing of it.
-    info = BackstoreInfo(name="hba-gone", hba_index=0, cfgstring="gone", size=1 << 20,
-                         path=tmp_path / "user_0" / "hba-gone")
+    info = BackstoreInfo(name="hba-gone", hba_index=3, cfgstring="gone", size=1 << 20,
+                         path=tmp_path / "user_3" / "hba-gone")
     monkeypatch.setattr("hba.kernel.list_backstores", lambda: [info])
     d = Daemon(DaemonOptions(config_path=write(tmp_path / "hba.conf", ""),
                              initiator_name=INITIATOR, watch_uio=False))
     await d.start()
     try:
         (row,) = d.list()
-        assert row["name"] == "hba-gone" and row["state"] == "not served"
+        # Named with its HBA, as the other rows name their backstores: where configfs has
+        # it; "hba-gone" alone could be in any user_N.
+        assert row["name"] == row["backstore"] == "user_3/hba-gone"
+        assert row["state"] == "not served"
         assert "gone" in row["error"]
         text = control.format_status({"disks": [control.normalize_disk(row)]})
-        assert "  hba-gone  -         -  -          -  not served" in text   # no LUN "None"
-        assert "  hba-gone: a backstore in the kernel that this daemon cannot serve (its " \
-               "disk's I/O waits, then fails): " in text
+        assert "  user_3/hba-gone  -         -  -          -  not served" in text  # no LUN "None"
+        assert "  user_3/hba-gone: a backstore in the kernel that this daemon cannot serve " \
+               "(its disk's I/O waits, then fails): " in text
+        # Still in the kernel: still listed (the uio device names it by HBA and name).
+        uio = UioInfo(index=7, name=UioName(hba_index=3, dev_name="hba-gone", subtype="iscsi",
+                                            cfgstring="gone"),
+                      map_size=1 << 20, dev_path=tmp_path / "uio7", sysfs_path=tmp_path)
+        monkeypatch.setattr("hba.daemon.find_devices", lambda: [uio])
+        monkeypatch.setattr("hba.kernel.read_backstore", lambda index, name: None)
+        await d.serve_new_devices()
+        assert [r["name"] for r in d.list()] == ["user_3/hba-gone"]
         # Removed from the kernel (targetcli delete): no longer listed.
         monkeypatch.setattr("hba.daemon.find_devices", lambda: [])
         await d.serve_new_devices()
