@@ -176,6 +176,7 @@ class Daemon:
         self._unservable: dict[str, str] = {}
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        self._retry_wakes: dict[str, asyncio.Event] = {}   # set: attempt now (_retry_now)
         # Enable = on entries whose attach failed in a way trying again cannot fix (a wrong
         # secret, a refused initiator): hbactl list/status rows until attached, detached,
         # disabled, or tried again after a reload.
@@ -257,8 +258,10 @@ class Daemon:
         reason that may go away (the target is down, unreachable or not set up yet) is tried
         again in the background, 5 s later and then at doubling intervals up to a minute, until
         it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
-        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once and
-        listed as ``failed`` until the entry is fixed and the configuration read again.
+        ``retrying``; called again (the configuration was read again), it tries every entry
+        still retrying at once (:mod:`hba.retry` has why). Other failures (a wrong secret, a
+        refused initiator) are logged once and listed as ``failed`` until the entry is fixed
+        and the configuration read again.
         An attached multipath entry gets a path for each address (or SendTargets portal) it
         has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
@@ -272,7 +275,9 @@ class Daemon:
                 where = attached.get(entry.nickname)
                 if where is not None:
                     self._add_paths_on(where, entry.nickname)
-                if entry.nickname not in self._retries and where is None:
+                if where is None and entry.nickname in self._retries:
+                    self._retry_now(entry.nickname)
+                elif where is None:
                     todo.append(entry)
             for number, entry in enumerate(todo, start=1):
                 if self.options.on_attaching is not None:
@@ -329,14 +334,36 @@ class Daemon:
         retry = self._retries.start(nickname, self.specs.resolve(nickname), str(exc),
                                     loop.time())
         _log_retry(nickname, retry)
-        self._retry_tasks[nickname] = loop.create_task(self._retry(nickname))
+        wake = self._retry_wakes[nickname] = asyncio.Event()
+        self._retry_tasks[nickname] = loop.create_task(self._retry(nickname, wake))
 
-    async def _retry(self, nickname: str) -> None:
-        """Attach ``nickname`` whenever its schedule says, until it leaves the schedule."""
+    def _retry_now(self, nickname: str) -> None:
+        """The configuration was read again: try ``nickname``, which is being retried, at
+        once and as its entry now says (:meth:`hba.retry.RetrySchedule.restart`). An
+        attempt under way is not cancelled: another follows it at once, since it may have
+        started with the entry as it was."""
+        retry = self._retries.get(nickname)
+        wake = self._retry_wakes.get(nickname)
+        if retry is None or wake is None:
+            return
+        try:
+            spec = self.specs.resolve(nickname)
+        except (HBAError, ISCSIError):
+            spec = retry.spec   # the attempt fails with the same error, which says what
+        self._retries.restart(nickname, spec, asyncio.get_running_loop().time())
+        log.info("%s: the configuration was read again: trying to attach it now", nickname)
+        wake.set()
+
+    async def _retry(self, nickname: str, wake: asyncio.Event) -> None:
+        """Attach ``nickname`` whenever its schedule says (or ``wake`` is set), until it
+        leaves the schedule."""
         loop = asyncio.get_running_loop()
         failure: HBAError | None = None
         while (retry := self._retries.get(nickname)) is not None:
-            await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, retry.next_attempt - loop.time())):
+                    await wake.wait()
+            wake.clear()
             if nickname in await self._attached_nicknames():
                 break
             try:
@@ -373,6 +400,7 @@ class Daemon:
         }
 
     def _stop_retrying(self, nickname: str) -> Retry | None:
+        self._retry_wakes.pop(nickname, None)
         task = self._retry_tasks.pop(nickname, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()

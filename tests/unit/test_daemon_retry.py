@@ -44,15 +44,23 @@ def write(path: Path, text: str) -> str:
 
 
 class Flaky(Daemon):
-    """The kernel part of an attach fails with the queued errors, then succeeds."""
+    """The kernel part of an attach fails with the queued errors, then succeeds; the
+    attaches of the names in ``down`` fail as long as they are in it."""
 
     def __init__(self, options: DaemonOptions, failures: list[HBAError]) -> None:
         super().__init__(options)
         self.failures = failures
+        self.down: set[str] = set()
+        self.hold: asyncio.Event | None = None   # attempts wait for it (once decided)
         self.attempts = 0
 
     async def _attach_locked(self, spec: LunSpec) -> Disk:
         self.attempts += 1
+        failing = spec.name in self.down
+        if self.hold is not None:
+            await self.hold.wait()
+        if failing:
+            raise down(spec.name)
         if self.failures:
             raise self.failures.pop(0)
         path = spec.paths()[0]
@@ -225,6 +233,40 @@ async def test_reload_attaches_new_entries_and_drops_removed_ones(
     await d.reload_config()
     await d.attach_enabled()
     assert d._retries == {} and set(d.disks) == {"disk2"}
+
+
+async def test_reload_tries_every_waiting_entry_at_once(
+        make: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A person fixed the entry of disk1 (its port) and reloads: disk1 and disk2 (whose
+    # target may have been fixed too) are tried now, not a minute later, and a failure then
+    # waits the first delay again. Without the reload, the next attempt is 60 s away.
+    caplog.set_level(logging.INFO, "iscsi-hba")
+    monkeypatch.setattr(retry_module, "RETRY_FIRST", 60.0)
+    monkeypatch.setattr(retry_module, "RETRY_MAX", 60.0)
+    d = await make(entry("disk1", 3260) + entry("disk2", 3260), [down("disk1"), down("disk2")])
+    assert isinstance(d, Flaky)
+    assert set(d._retries) == {"disk1", "disk2"} and d.attempts == 2
+    d.down.add("disk2")
+    write(tmp_path / "hba.conf", entry("disk1", 3270) + entry("disk2", 3260))
+    await d.reload_config()
+    await d.attach_enabled()
+    await until(lambda: d.attempts == 4 and "disk1" in d.disks)
+    assert d.disks["disk1"].spec.portal.port == 3270   # as the entry says now
+    assert set(d._retries) == {"disk2"}
+    retry = d._retries["disk2"]
+    assert retry.attempts == 2 and retry.delay == 60.0
+    assert "disk2: the configuration was read again: trying to attach it now" in caplog.text
+    # A reload during an attempt: another attempt follows it at once (the one under way
+    # may have started with the entry as it was).
+    d.hold = asyncio.Event()
+    d._retry_now("disk2")
+    await until(lambda: d.attempts == 5)   # under way, with the target still down
+    d.down.clear()
+    d._retry_now("disk2")
+    d.hold.set()
+    await until(lambda: "disk2" in d.disks)
+    assert d.attempts == 6 and d._retries == {}
 
 
 async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
