@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
-from hba.disks import Disk, DiskPath, DiskState, PathState, backstore_path
+from hba.disks import Disk, DiskPath, DiskState, PathState, backstore_path, entry_row
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError, WorkerError
 from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
@@ -182,6 +182,9 @@ class Daemon:
         # disabled, or tried again after a reload.
         self._failed: dict[str, dict[str, Any]] = {}
         self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
+        # Enable = on entries attach_enabled() is attaching or about to (one after the other:
+        # a start with a target down can take minutes): hbactl list shows them "attaching".
+        self._queued: dict[str, dict[str, Any]] = {}
         self.session_events = SessionEvents(log)
         self.started = False
         self.pool: WorkerPool | None = None
@@ -279,17 +282,26 @@ class Daemon:
                     self._retry_now(entry.nickname)
                 elif where is None:
                     todo.append(entry)
-            for number, entry in enumerate(todo, start=1):
-                if self.options.on_attaching is not None:
-                    self.options.on_attaching(entry.nickname, number, len(todo),
-                                              float(entry.login_timeout))
-                self._failed.pop(entry.nickname, None)
-                try:
-                    await self.attach_described(entry.nickname)
-                except AttachError as exc:
-                    self._failed_at_start(entry.nickname, exc)
-                except HBAError as exc:
-                    self._give_up(entry.nickname, exc)
+            for entry in todo:
+                self._queued[entry.nickname] = self._entry_row(entry.nickname,
+                                                               DiskState.ATTACHING)
+            try:
+                for number, entry in enumerate(todo, start=1):
+                    if self.options.on_attaching is not None:
+                        self.options.on_attaching(entry.nickname, number, len(todo),
+                                                  float(entry.login_timeout))
+                    self._failed.pop(entry.nickname, None)
+                    try:
+                        await self.attach_described(entry.nickname)
+                    except AttachError as exc:
+                        self._failed_at_start(entry.nickname, exc)
+                    except HBAError as exc:
+                        self._give_up(entry.nickname, exc)
+                    finally:
+                        self._queued.pop(entry.nickname, None)
+            finally:   # cancelled (a stop during the start): the rest are not attaching
+                for entry in todo:
+                    self._queued.pop(entry.nickname, None)
         for nickname in list(self._retries):
             if nickname not in wanted:
                 log.info("%s is no longer enabled in the configuration: not retrying it",
@@ -389,15 +401,14 @@ class Daemon:
         log.error("could not attach %s: %s; not trying again until the configuration is "
                   "read again (systemctl reload iscsi-hba) or `hbactl attach %s`",
                   nickname, exc, nickname)
+        self._failed[nickname] = self._entry_row(nickname, DiskState.FAILED, error=str(exc))
+
+    def _entry_row(self, nickname: str, state: DiskState, **more: Any) -> dict[str, Any]:
+        """The ``list`` row of configuration entry ``nickname``, which is no disk yet."""
         entry = self.config.get(nickname) if self.config is not None else None
-        self._failed[nickname] = {
-            "name": nickname,
-            "target": entry.target_name if entry is not None else None,
-            "portal": entry.portal if entry is not None else None,
-            "lun": entry.lun if entry is not None else None,
-            "state": DiskState.FAILED.value,
-            "error": str(exc),
-        }
+        if entry is None:
+            return entry_row(nickname, None, None, None, state, **more)
+        return entry_row(nickname, entry.target_name, entry.portal, entry.lun, state, **more)
 
     def _stop_retrying(self, nickname: str) -> Retry | None:
         self._retry_wakes.pop(nickname, None)
@@ -1116,12 +1127,16 @@ class Daemon:
     # -- reporting -------------------------------------------------------------------------
 
     def list(self) -> list[dict[str, Any]]:
-        """Attached disks, and the configuration entries still being retried."""
+        """Attached disks, and the configuration entries being attached, retried, or that
+        failed."""
         now = asyncio.get_running_loop().time()
         rows = [disk.describe() for disk in self.disks.values()]
         rows += [retry.describe(now) for name, retry in self._retries.items()
                  if name not in self.disks]
         rows += [row for name, row in self._failed.items() if name not in self.disks]
+        rows += [row for name, row in self._queued.items()
+                 if name not in self.disks and name not in self._retries
+                 and name not in self._failed]
         # Backstores in the kernel nobody serves: their disk's I/O waits, then fails.
         rows += [{"name": where, "backstore": where, "state": DiskState.UNSERVED.value,
                   "error": why} for where, why in self._unservable.items()]
@@ -1147,10 +1162,13 @@ class Daemon:
     # The reports and refresh of the DBus face: this process's, or every worker's together.
 
     async def list_all(self) -> builtins.list[dict[str, Any]]:
-        """:meth:`list`, with every worker's disks."""
+        """:meth:`list`, with every worker's disks (a worker's row of a name wins: the disk
+        of an entry being attached there is listed there just before the attach returns)."""
         rows = self.list()
         if self.pool is not None:
-            rows += await self.pool.list_rows()
+            served = await self.pool.list_rows()
+            names = {row.get("name") for row in served}
+            rows = [row for row in rows if row["name"] not in names] + served
         return sorted(rows, key=lambda row: str(row["name"]))
 
     async def status_all(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hba.disks import DiskState
+from hba.disks import DiskState, entry_row
 from initiator.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -75,16 +75,9 @@ class Retry:
 
     def describe(self, now: float, state: DiskState = DiskState.RETRYING) -> dict[str, Any]:
         """The row ``hbactl list``/``status`` show for the entry (``state``: as it ends)."""
-        return {
-            "name": self.spec.name,
-            "target": self.spec.target,
-            "portal": str(self.spec.portal),
-            "lun": self.spec.lun,
-            "state": state.value,
-            "error": self.error,
-            "attempts": self.attempts,
-            "retry_in": round(max(0.0, self.next_attempt - now), 1),
-        }
+        return entry_row(self.spec.name, self.spec.target, str(self.spec.portal),
+                         self.spec.lun, state, error=self.error, attempts=self.attempts,
+                         retry_in=round(max(0.0, self.next_attempt - now), 1))
 
 
 class RetrySchedule(Mapping[str, Retry]):

@@ -269,6 +269,56 @@ async def test_reload_tries_every_waiting_entry_at_once(
     assert d.attempts == 6 and d._retries == {}
 
 
+async def test_entries_being_attached_at_start_are_listed_as_attaching(
+        tmp_path: Path) -> None:
+    # The start attaches the Enable = on entries one after the other, which takes long when
+    # a target is down: meanwhile hbactl list said "no LUNs attached".
+    options = DaemonOptions(config_path=write(tmp_path / "hba.conf",
+                                              entry("disk1", 3260) + entry("disk2", 3261)),
+                            initiator_name=INITIATOR, watch_uio=False)
+    d = Flaky(options, [down("disk1")])
+    d.hold = asyncio.Event()
+    starting = asyncio.create_task(d.start())
+    try:
+        await until(lambda: d.attempts == 1)    # disk1's attach under way, disk2's next
+        rows = d.list()
+        assert rows == [
+            {"name": "disk1", "target": "iqn.2003-01.org.example:disk1",
+             "portal": "127.0.0.1:3260", "lun": 0, "state": "attaching"},
+            {"name": "disk2", "target": "iqn.2003-01.org.example:disk2",
+             "portal": "127.0.0.1:3261", "lun": 0, "state": "attaching"}]
+        table = control.format_table([control.normalize_disk(r) for r in rows])
+        assert table.splitlines()[1:] == [
+            "disk1  iqn.2003-01.org.example:disk1    0  -          -  attaching",
+            "disk2  iqn.2003-01.org.example:disk2    0  -          -  attaching"]
+        d.hold.set()
+        await starting
+        assert [(r["name"], r["state"]) for r in d.list()] == [("disk1", "retrying"),
+                                                                ("disk2", "attached")]
+        assert d._queued == {}
+    finally:
+        starting.cancel()
+        await d.stop()
+
+
+async def test_a_start_stopped_midway_lists_no_entry_as_attaching(tmp_path: Path) -> None:
+    options = DaemonOptions(config_path=write(tmp_path / "hba.conf",
+                                              entry("disk1", 3260) + entry("disk2", 3261)),
+                            initiator_name=INITIATOR, watch_uio=False)
+    d = Flaky(options, [])
+    d.hold = asyncio.Event()
+    starting = asyncio.create_task(d.start())
+    try:
+        await until(lambda: d.attempts == 1)
+        assert len(d.list()) == 2
+        starting.cancel()    # SIGTERM during the start
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert d.list() == []
+    finally:
+        await d.stop()
+
+
 async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A backstore of a previous daemon whose configuration entry is gone: its disk is in the
