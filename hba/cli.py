@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Secrets may come from ISCSI_HBA_CHAP_SECRET / ISCSI_HBA_TARGET_CHAP_SECRET "
                "instead of the URL.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log protocol events (twice: debug)")
+                        help="log protocol events and session recovery as it goes "
+                             "(twice: debug)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     common.add_argument("--pcap", metavar="FILE",
@@ -278,11 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+RECOVERY_LOGGER = "initiator.recovery"
+"""Session recovery as it goes (:mod:`initiator.transport`): behind ``-v`` here."""
+
+
+def _not_recovery_progress(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or not (
+        record.name == RECOVERY_LOGGER or record.name.startswith(RECOVERY_LOGGER + "."))
+
+
+def log_handler(verbose: int) -> logging.Handler:
+    """Where a command's log lines go: standard error, escaped. Without ``-v``, the
+    warnings of a session's recovery ("connection failed ...; recovering") are left out: a
+    one-shot command that ends in an error says in that one error what recovery tried
+    (:meth:`initiator.recovery.RecoveryPolicy.give_up_message`), and one that succeeds
+    needs no word of it. ``hbactl daemon`` logs recovery all the same
+    (:func:`hba.control.configure_daemon_logging` replaces this handler)."""
     handler = logging.StreamHandler()
     handler.setFormatter(PrintableFormatter("hbactl: %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    if verbose == 0:
+        handler.addFilter(_not_recovery_progress)
+    return handler
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, handlers=[log_handler(verbose)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

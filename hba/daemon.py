@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import devices, kernel
 from hba.config import Config, load_config
-from hba.disks import Disk, DiskPath, DiskState, PathState
+from hba.disks import Disk, DiskPath, DiskState, PathState, backstore_path, entry_row
 from hba.errors import AttachError, DiskBusyError, HBAError, NoSuchDiskError, WorkerError
 from hba.journal import SessionEvents
 from hba.retry import Retry, RetrySchedule, worth_retrying
@@ -172,14 +172,19 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._serving: set[str] = set()     # backstore names with a dispatcher
-        self._unservable: dict[str, str] = {}  # backstore -> why it could not be served
+        # user_N/backstore (hba.disks.backstore_path) -> why it could not be served
+        self._unservable: dict[str, str] = {}
         self._retries = RetrySchedule()     # configuration nickname -> its retry
         self._retry_tasks: dict[str, asyncio.Task[None]] = {}
+        self._retry_wakes: dict[str, asyncio.Event] = {}   # set: attempt now (_retry_now)
         # Enable = on entries whose attach failed in a way trying again cannot fix (a wrong
         # secret, a refused initiator): hbactl list/status rows until attached, detached,
         # disabled, or tried again after a reload.
         self._failed: dict[str, dict[str, Any]] = {}
         self._attaching: list[LunSpec] = []    # attaches under way (their session's events)
+        # Enable = on entries attach_enabled() is attaching or about to (one after the other:
+        # a start with a target down can take minutes): hbactl list shows them "attaching".
+        self._queued: dict[str, dict[str, Any]] = {}
         self.session_events = SessionEvents(log)
         self.started = False
         self.pool: WorkerPool | None = None
@@ -256,8 +261,10 @@ class Daemon:
         reason that may go away (the target is down, unreachable or not set up yet) is tried
         again in the background, 5 s later and then at doubling intervals up to a minute, until
         it attaches, is detached, or leaves the configuration; ``hbactl list`` shows it as
-        ``retrying``. Other failures (a wrong secret, a refused initiator) are logged once and
-        listed as ``failed`` until the entry is fixed and the configuration read again.
+        ``retrying``; called again (the configuration was read again), it tries every entry
+        still retrying at once (:mod:`hba.retry` has why). Other failures (a wrong secret, a
+        refused initiator) are logged once and listed as ``failed`` until the entry is fixed
+        and the configuration read again.
         An attached multipath entry gets a path for each address (or SendTargets portal) it
         has none through yet, in the background (a taken-over disk, an edited entry)."""
         wanted = set()
@@ -271,19 +278,30 @@ class Daemon:
                 where = attached.get(entry.nickname)
                 if where is not None:
                     self._add_paths_on(where, entry.nickname)
-                if entry.nickname not in self._retries and where is None:
+                if where is None and entry.nickname in self._retries:
+                    self._retry_now(entry.nickname)
+                elif where is None:
                     todo.append(entry)
-            for number, entry in enumerate(todo, start=1):
-                if self.options.on_attaching is not None:
-                    self.options.on_attaching(entry.nickname, number, len(todo),
-                                              float(entry.login_timeout))
-                self._failed.pop(entry.nickname, None)
-                try:
-                    await self.attach_described(entry.nickname)
-                except AttachError as exc:
-                    self._failed_at_start(entry.nickname, exc)
-                except HBAError as exc:
-                    self._give_up(entry.nickname, exc)
+            for entry in todo:
+                self._queued[entry.nickname] = self._entry_row(entry.nickname,
+                                                               DiskState.ATTACHING)
+            try:
+                for number, entry in enumerate(todo, start=1):
+                    if self.options.on_attaching is not None:
+                        self.options.on_attaching(entry.nickname, number, len(todo),
+                                                  float(entry.login_timeout))
+                    self._failed.pop(entry.nickname, None)
+                    try:
+                        await self.attach_described(entry.nickname)
+                    except AttachError as exc:
+                        self._failed_at_start(entry.nickname, exc)
+                    except HBAError as exc:
+                        self._give_up(entry.nickname, exc)
+                    finally:
+                        self._queued.pop(entry.nickname, None)
+            finally:   # cancelled (a stop during the start): the rest are not attaching
+                for entry in todo:
+                    self._queued.pop(entry.nickname, None)
         for nickname in list(self._retries):
             if nickname not in wanted:
                 log.info("%s is no longer enabled in the configuration: not retrying it",
@@ -328,14 +346,36 @@ class Daemon:
         retry = self._retries.start(nickname, self.specs.resolve(nickname), str(exc),
                                     loop.time())
         _log_retry(nickname, retry)
-        self._retry_tasks[nickname] = loop.create_task(self._retry(nickname))
+        wake = self._retry_wakes[nickname] = asyncio.Event()
+        self._retry_tasks[nickname] = loop.create_task(self._retry(nickname, wake))
 
-    async def _retry(self, nickname: str) -> None:
-        """Attach ``nickname`` whenever its schedule says, until it leaves the schedule."""
+    def _retry_now(self, nickname: str) -> None:
+        """The configuration was read again: try ``nickname``, which is being retried, at
+        once and as its entry now says (:meth:`hba.retry.RetrySchedule.restart`). An
+        attempt under way is not cancelled: another follows it at once, since it may have
+        started with the entry as it was."""
+        retry = self._retries.get(nickname)
+        wake = self._retry_wakes.get(nickname)
+        if retry is None or wake is None:
+            return
+        try:
+            spec = self.specs.resolve(nickname)
+        except (HBAError, ISCSIError):
+            spec = retry.spec   # the attempt fails with the same error, which says what
+        self._retries.restart(nickname, spec, asyncio.get_running_loop().time())
+        log.info("%s: the configuration was read again: trying to attach it now", nickname)
+        wake.set()
+
+    async def _retry(self, nickname: str, wake: asyncio.Event) -> None:
+        """Attach ``nickname`` whenever its schedule says (or ``wake`` is set), until it
+        leaves the schedule."""
         loop = asyncio.get_running_loop()
         failure: HBAError | None = None
         while (retry := self._retries.get(nickname)) is not None:
-            await asyncio.sleep(max(0.0, retry.next_attempt - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, retry.next_attempt - loop.time())):
+                    await wake.wait()
+            wake.clear()
             if nickname in await self._attached_nicknames():
                 break
             try:
@@ -361,17 +401,17 @@ class Daemon:
         log.error("could not attach %s: %s; not trying again until the configuration is "
                   "read again (systemctl reload iscsi-hba) or `hbactl attach %s`",
                   nickname, exc, nickname)
+        self._failed[nickname] = self._entry_row(nickname, DiskState.FAILED, error=str(exc))
+
+    def _entry_row(self, nickname: str, state: DiskState, **more: Any) -> dict[str, Any]:
+        """The ``list`` row of configuration entry ``nickname``, which is no disk yet."""
         entry = self.config.get(nickname) if self.config is not None else None
-        self._failed[nickname] = {
-            "name": nickname,
-            "target": entry.target_name if entry is not None else None,
-            "portal": entry.portal if entry is not None else None,
-            "lun": entry.lun if entry is not None else None,
-            "state": DiskState.FAILED.value,
-            "error": str(exc),
-        }
+        if entry is None:
+            return entry_row(nickname, None, None, None, state, **more)
+        return entry_row(nickname, entry.target_name, entry.portal, entry.lun, state, **more)
 
     def _stop_retrying(self, nickname: str) -> Retry | None:
+        self._retry_wakes.pop(nickname, None)
         task = self._retry_tasks.pop(nickname, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -948,10 +988,11 @@ class Daemon:
             try:
                 await self._adopt(info, takeover=True)
             except (HBAError, ISCSIError, TCMUError) as exc:
-                log.error("cannot serve existing backstore %s: %s", info.name, exc)
-                self._unservable[info.name] = str(exc)
+                where = backstore_path(info.hba_index, info.name)
+                log.error("cannot serve existing backstore %s: %s", where, exc)
+                self._unservable[where] = str(exc)
             else:
-                self._unservable.pop(info.name, None)
+                self._unservable.pop(backstore_path(info.hba_index, info.name), None)
 
     async def _adopt(self, info: kernel.BackstoreInfo, *, takeover: bool) -> Disk:
         path_spec = self.specs.from_cfgstring(info.cfgstring, info.name)
@@ -1020,10 +1061,10 @@ class Daemon:
 
     async def _serve_new_devices(self, only: Collection[tuple[int, str]] | None) -> None:
         found = await asyncio.to_thread(find_devices)
-        present = {uio.name.dev_name for uio in found}
-        for name in list(self._unservable):
-            if name not in present:   # removed (targetcli): nothing left to serve
-                del self._unservable[name]
+        present = {backstore_path(uio.name.hba_index, uio.name.dev_name) for uio in found}
+        for where in list(self._unservable):
+            if where not in present:   # removed (targetcli): nothing left to serve
+                del self._unservable[where]
         for uio in found:
             if uio.name.dev_name in self._serving or (
                     only is not None and (uio.name.hba_index, uio.name.dev_name) not in only):
@@ -1038,12 +1079,12 @@ class Daemon:
             try:
                 disk = await self._adopt(info, takeover=False)
             except (HBAError, ISCSIError, TCMUError) as exc:
-                message = str(exc)
-                if self._unservable.get(info.name) != message:
-                    log.error("cannot serve new backstore %s: %s", info.name, message)
-                self._unservable[info.name] = message
+                message, where = str(exc), backstore_path(info.hba_index, info.name)
+                if self._unservable.get(where) != message:
+                    log.error("cannot serve new backstore %s: %s", where, message)
+                self._unservable[where] = message
             else:
-                self._unservable.pop(info.name, None)
+                self._unservable.pop(backstore_path(info.hba_index, info.name), None)
                 # Before a LUN links it (the attribute is fixed once exported): commands
                 # then wait out a session recovery as they do on the disks we attach.
                 await asyncio.to_thread(kernel.set_cmd_time_out, info.path,
@@ -1086,15 +1127,19 @@ class Daemon:
     # -- reporting -------------------------------------------------------------------------
 
     def list(self) -> list[dict[str, Any]]:
-        """Attached disks, and the configuration entries still being retried."""
+        """Attached disks, and the configuration entries being attached, retried, or that
+        failed."""
         now = asyncio.get_running_loop().time()
         rows = [disk.describe() for disk in self.disks.values()]
         rows += [retry.describe(now) for name, retry in self._retries.items()
                  if name not in self.disks]
         rows += [row for name, row in self._failed.items() if name not in self.disks]
+        rows += [row for name, row in self._queued.items()
+                 if name not in self.disks and name not in self._retries
+                 and name not in self._failed]
         # Backstores in the kernel nobody serves: their disk's I/O waits, then fails.
-        rows += [{"name": name, "backstore": name, "state": DiskState.UNSERVED.value,
-                  "error": why} for name, why in self._unservable.items()]
+        rows += [{"name": where, "backstore": where, "state": DiskState.UNSERVED.value,
+                  "error": why} for where, why in self._unservable.items()]
         return sorted(rows, key=lambda row: str(row["name"]))
 
     def status(self) -> dict[str, Any]:
@@ -1117,10 +1162,13 @@ class Daemon:
     # The reports and refresh of the DBus face: this process's, or every worker's together.
 
     async def list_all(self) -> builtins.list[dict[str, Any]]:
-        """:meth:`list`, with every worker's disks."""
+        """:meth:`list`, with every worker's disks (a worker's row of a name wins: the disk
+        of an entry being attached there is listed there just before the attach returns)."""
         rows = self.list()
         if self.pool is not None:
-            rows += await self.pool.list_rows()
+            served = await self.pool.list_rows()
+            names = {row.get("name") for row in served}
+            rows = [row for row in rows if row["name"] not in names] + served
         return sorted(rows, key=lambda row: str(row["name"]))
 
     async def status_all(self) -> dict[str, Any]:

@@ -280,7 +280,8 @@ class ControlInterface(_service.ServiceInterface):
 
     @_method(name="Reload")
     async def reload(self) -> None:
-        """Read the configuration file again and attach entries newly enabled in it."""
+        """Read the configuration file again, attach entries newly enabled in it, and try
+        at once those waiting to be tried again."""
         try:
             await self._daemon.reload_config()
         except Exception as exc:

@@ -5,8 +5,9 @@ shows.
 tried) goes through; :class:`PathState` says where one path of a disk is, derived from its
 session and its kernel side rather than kept beside them. :meth:`Disk.describe` is the row
 ``hbactl list``/``status`` print and the DBus ``a{sv}`` the daemon sends, with the states as
-their string values and one row per path under ``paths``. The clients read those rows with no
-more than this module (which imports nothing heavy at run time).
+their string values and one row per path under ``paths``; a configuration entry that is no
+disk yet (being attached, retried, or failed) has the row of :func:`entry_row`. The clients
+read those rows with no more than this module (which imports nothing heavy at run time).
 
 A disk has one path per portal it is reached through (one for a plain LUN). Each path is its
 own session (I_T nexus), TCMU backstore, tcm_loop target and ``/dev/sdX``; dm-multipath makes
@@ -31,13 +32,19 @@ if TYPE_CHECKING:
     from initiator.transport import Session
     from tcmu_handler.dispatcher import Dispatcher
 
-__all__ = ["Disk", "DiskPath", "DiskState", "PathState"]
+__all__ = ["Disk", "DiskPath", "DiskState", "PathState", "backstore_path", "entry_row"]
+
+
+def backstore_path(hba_index: int, name: str) -> str:
+    """``user_0/hba-db``: how every row and log line names a backstore, as configfs has it
+    (``target/core/user_0/hba-db``; the HBA first: one name may be in several)."""
+    return f"user_{hba_index}/{name}"
 
 
 class DiskState(enum.Enum):
     """Where a disk is in its life; the value is what ``list``/``status`` (and JSON) show."""
 
-    ATTACHING = "attaching"
+    ATTACHING = "attaching"        # a disk being set up; an Enable = on entry waiting its turn
     ATTACHED = "attached"
     DETACHING = "detaching"
     DETACHED = "detached"          # the last word of a detach (its reply and signal)
@@ -46,6 +53,14 @@ class DiskState(enum.Enum):
     FAILED = "failed"              # an ``Enable = on`` entry that trying again cannot attach
     UNSERVED = "not served"        # a backstore of ours in the kernel this daemon cannot serve
     TAKEOVER = "taking over"       # its worker process died; a new one takes over its rings
+
+
+def entry_row(name: str, target: str | None, portal: str | None, lun: int | None,
+              state: DiskState, **more: Any) -> dict[str, Any]:
+    """The row of a configuration entry that is no disk yet (``attaching``, ``retrying``,
+    ``failed``): what a disk's row says of its LUN, its state, and ``more`` (``error``...)."""
+    return {"name": name, "target": target, "portal": portal, "lun": lun,
+            "state": state.value, **more}
 
 
 class PathState(enum.Enum):
@@ -133,8 +148,8 @@ class DiskPath:
             "isid": f"{self.session.config.isid:012x}",
             "device": self.device.node if self.device else None,
             "scsi_address": self.scsi_address,
-            "backstore": f"user_{self.hba_index}/{self.backstore}" if self.hba_index >= 0
-            else None,
+            "backstore": backstore_path(self.hba_index, self.backstore)
+            if self.hba_index >= 0 else None,
             "state": self.state.value,
             "session": self.session.state.value,
             "since": round(self.since, 1) if self.since else None,
@@ -224,7 +239,7 @@ class Disk:
             "by_id": primary.device.primary_link if primary and primary.device else None,
             "size": self.size,
             "block_size": self.block_size,
-            "backstore": f"user_{primary.hba_index}/{primary.backstore}"
+            "backstore": backstore_path(primary.hba_index, primary.backstore)
             if primary is not None and primary.hba_index >= 0 else None,
             "scsi_address": primary.scsi_address if primary else None,
             "state": (state or self.state).value,

@@ -12,6 +12,15 @@ initiator is not retried: trying again would fail the same way, and might lock t
 The entry leaves the schedule when it attaches (in the background or by ``hbactl attach``), is
 detached, or is no longer enabled in the configuration.
 
+Reading the configuration again (``systemctl reload iscsi-hba``, SIGHUP) tries every entry
+still in the schedule at once and starts its backoff over (:meth:`RetrySchedule.restart`):
+not only those whose entry changed. Whoever reloads has just fixed something — the entry, or
+as often the target, the network or the secret on the target's side, which the daemon cannot
+see — and asks it to look again; after up to :data:`RETRY_MAX` of waiting they would think
+the fix did not work. open-iscsi does the same (``iscsiadm -m node -L all`` logs in at once
+whatever its earlier attempts). The backoff is there to spare a target that stays down an
+attempt every few seconds, not to make a person wait: one attempt per reload costs nothing.
+
 The schedule does no I/O and reads no clock: it is told ``now`` (the event loop's time) with
 every failure and keeps, per entry, the error a person sees in ``hbactl status``, the number of
 attempts and the time of the next one. The daemon's glue (:meth:`hba.daemon.Daemon._retry`)
@@ -24,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hba.disks import DiskState
+from hba.disks import DiskState, entry_row
 from initiator.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -66,16 +75,9 @@ class Retry:
 
     def describe(self, now: float, state: DiskState = DiskState.RETRYING) -> dict[str, Any]:
         """The row ``hbactl list``/``status`` show for the entry (``state``: as it ends)."""
-        return {
-            "name": self.spec.name,
-            "target": self.spec.target,
-            "portal": str(self.spec.portal),
-            "lun": self.spec.lun,
-            "state": state.value,
-            "error": self.error,
-            "attempts": self.attempts,
-            "retry_in": round(max(0.0, self.next_attempt - now), 1),
-        }
+        return entry_row(self.spec.name, self.spec.target, str(self.spec.portal),
+                         self.spec.lun, state, error=self.error, attempts=self.attempts,
+                         retry_in=round(max(0.0, self.next_attempt - now), 1))
 
 
 class RetrySchedule(Mapping[str, Retry]):
@@ -104,15 +106,28 @@ class RetrySchedule(Mapping[str, Retry]):
         return retry
 
     def failed(self, name: str, error: str, now: float) -> Retry | None:
-        """Another attempt failed at ``now``: wait twice as long (at most :attr:`maximum`).
-        None when ``name`` left the schedule meanwhile."""
+        """Another attempt failed at ``now``: wait twice as long (at most :attr:`maximum`;
+        :attr:`first` after a :meth:`restart`). None when ``name`` left the schedule
+        meanwhile."""
         retry = self._entries.get(name)
         if retry is None:
             return None
         retry.attempts += 1
         retry.error = error
-        retry.delay = min(retry.delay * 2, self.maximum)
+        retry.delay = min(max(retry.delay * 2, self.first), self.maximum)
         retry.next_attempt = now + retry.delay
+        return retry
+
+    def restart(self, name: str, spec: LunSpec, now: float) -> Retry | None:
+        """The configuration was read again at ``now`` (see the module docstring): try
+        ``name`` at once, as its entry now says (``spec``), and should that fail, wait
+        :attr:`first` again. None when ``name`` is not scheduled."""
+        retry = self._entries.get(name)
+        if retry is None:
+            return None
+        retry.spec = spec
+        retry.delay = 0.0
+        retry.next_attempt = now
         return retry
 
     def remove(self, name: str) -> Retry | None:

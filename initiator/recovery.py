@@ -94,6 +94,8 @@ class RecoveryPolicy:
         """Attempts since the last login that succeeded (the backoff's exponent)."""
         self.logins = 0
         """Logins that succeeded during the current outage."""
+        self.outage_attempts = 0
+        """Logins tried during the current outage (what the give-up message counts)."""
         self.cause = ""
         """Why the connection that started this outage was lost."""
         self.last_error = ""
@@ -110,6 +112,7 @@ class RecoveryPolicy:
         (the daemon adopting a disk): the outage is already on."""
         self.outage_since = now
         self.cause = cause
+        self.outage_attempts = 0
         self.phase = Phase.WAITING
         self.next_attempt = now
 
@@ -140,6 +143,7 @@ class RecoveryPolicy:
             self.cause = cause
             self.gave_up = False
             self.logins = 0
+            self.outage_attempts = 0
         if time2wait is None:
             time2wait = self._time2wait
         if time2wait is None:
@@ -211,6 +215,7 @@ class RecoveryPolicy:
         if self.phase is Phase.WAITING and now >= self.next_attempt:
             self.phase = Phase.CONNECTING
             self.attempts += 1
+            self.outage_attempts += 1
             return Action.CONNECT
         return None
 
@@ -240,9 +245,13 @@ class RecoveryPolicy:
             last = "; every reconnect failed again at once"
         else:
             last = "; the target's Time2Wait ran past it"
-        return (f"session to {label} could not be re-established within the replacement "
-                f"timeout of {self.replacement_timeout:g} s (connection lost: {self.cause}"
-                f"{last})")
+        # What recovery tried, and for how long: a one-shot hbactl shows its progress only
+        # with -v, so this sentence is all a person sees of it.
+        tried = self.outage_attempts
+        tries = f" in {tried} login attempt{'' if tried == 1 else 's'}" if tried else ""
+        return (f"session to {label} could not be re-established{tries} within the "
+                f"replacement timeout of {self.replacement_timeout:g} s (connection lost: "
+                f"{self.cause}{last})")
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -86,6 +86,10 @@ if TYPE_CHECKING:
     from initiator.pcap import PcapRecorder
 
 log = logging.getLogger(__name__)
+# Session recovery as it goes (a lost connection, the attempts, the reinstatement) has a
+# logger of its own: the daemon logs it, a one-shot hbactl keeps it behind -v (hba.cli) and
+# says what recovery tried in its one error (RecoveryPolicy.give_up_message).
+recovery_log = logging.getLogger("initiator.recovery")
 
 IOV_MAX = 1024
 _READ_ROUNDS = 16
@@ -981,7 +985,8 @@ class Session:
             return   # the send failed: _connection_failed took the commands back
         self._set_state(SessionState.LOGGED_IN, tell=not waits)
         if pending:
-            log.info("%s: re-issued %d command(s) after reconnecting", self.label, len(pending))
+            recovery_log.info("%s: re-issued %d command(s) after reconnecting", self.label,
+                              len(pending))
         self._arm_policy()   # with commands waiting, the outage goes on until one completes
 
     # -- commands --------------------------------------------------------------------------
@@ -1186,11 +1191,11 @@ class Session:
             self.on_event(event)
         conn = self._conn
         if event.kind is EventKind.CONNECTION_DROP and conn is not None:
-            log.warning("%s: target announced it will drop the connection", self.label)
+            recovery_log.warning("%s: target announced it will drop the connection", self.label)
             self._connection_failed(conn, ConnectionFailed(
                 f"target {self.label} asked to drop the connection"), time2wait=event.seconds)
         elif event.kind is EventKind.LOGOUT_REQUESTED and conn is not None:
-            log.warning("%s: target requested logout; logging in again", self.label)
+            recovery_log.warning("%s: target requested logout; logging in again", self.label)
             self._spawn(self._logout_and_relogin(conn))
         elif event.kind is EventKind.LOGGED_OUT:
             # At most 3600 s by the field's range (§11.15.2); the policy caps it further.
@@ -1251,7 +1256,7 @@ class Session:
                 not self.config.reconnect_forever:
             return   # given up: nothing more to recover
         self.counters.connection_lost(error)
-        log.warning("%s: connection failed (%s); recovering", self.label, error)
+        recovery_log.warning("%s: connection failed (%s); recovering", self.label, error)
         self._policy.connection_lost(now, str(error), worked=worked, waiting=bool(self._pending),
                                      time2wait=time2wait)
         if self._failed_error is None:
@@ -1319,15 +1324,15 @@ class Session:
             reason = str(exc) if isinstance(exc, ISCSIError) else \
                 f"{type(exc).__name__}: {exc}"
             self.counters.login_failed(exc)
-            log.info("%s: reconnect attempt %d failed: %s", self.label, self._policy.attempts,
-                     reason)
+            recovery_log.info("%s: reconnect attempt %d failed: %s", self.label,
+                              self._policy.attempts, reason)
             self._policy.attempt_failed(asyncio.get_running_loop().time(), reason)
             self._arm_policy()
             return
         if self._conn is not None and self.state is SessionState.LOGGED_IN:
             self.reconnects += 1
-            log.info("%s: session reinstated after %d attempt(s)", self.label,
-                     self._policy.attempts)
+            recovery_log.info("%s: session reinstated after %d attempt(s)", self.label,
+                              self._policy.attempts)
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         if self._attempt is task:

@@ -317,8 +317,10 @@ def test_enabled_entry_waits_for_its_target(daemon: DaemonProcess, tmp_path: Pat
         write_config(daemon.config, late + ghost)
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        row = helpers.wait_for(lambda: next((d for d in disks() if d["name"] == "ghost"), None), 60,
-                       "the ghost entry in hbactl list")
+        # Listed as "attaching" while its first attempt runs, then "retrying".
+        row = helpers.wait_for(lambda: next((d for d in disks() if d["name"] == "ghost"
+                                             and d["state"] != "attaching"), None), 60,
+                               "the ghost entry in hbactl list, attempted")
         assert row["state"] == "retrying", row
         assert hbactl("detach", "ghost").stdout.strip() == "detached ghost"
         assert [d["name"] for d in disks()] == ["late"]

@@ -24,6 +24,7 @@ from hba.errors import AttachError, HBAError, WorkerError
 from hba.kernel import BackstoreInfo
 from hba.specs import LunSpec
 from initiator.transport import Session
+from tcmu_handler.device import UioInfo, UioName
 from tests.support.targets import free_tcp_port
 
 INITIATOR = "iqn.2024-01.org.example:unit-host"
@@ -43,15 +44,23 @@ def write(path: Path, text: str) -> str:
 
 
 class Flaky(Daemon):
-    """The kernel part of an attach fails with the queued errors, then succeeds."""
+    """The kernel part of an attach fails with the queued errors, then succeeds; the
+    attaches of the names in ``down`` fail as long as they are in it."""
 
     def __init__(self, options: DaemonOptions, failures: list[HBAError]) -> None:
         super().__init__(options)
         self.failures = failures
+        self.down: set[str] = set()
+        self.hold: asyncio.Event | None = None   # attempts wait for it (once decided)
         self.attempts = 0
 
     async def _attach_locked(self, spec: LunSpec) -> Disk:
         self.attempts += 1
+        failing = spec.name in self.down
+        if self.hold is not None:
+            await self.hold.wait()
+        if failing:
+            raise down(spec.name)
         if self.failures:
             raise self.failures.pop(0)
         path = spec.paths()[0]
@@ -226,24 +235,119 @@ async def test_reload_attaches_new_entries_and_drops_removed_ones(
     assert d._retries == {} and set(d.disks) == {"disk2"}
 
 
+async def test_reload_tries_every_waiting_entry_at_once(
+        make: DaemonFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A person fixed the entry of disk1 (its port) and reloads: disk1 and disk2 (whose
+    # target may have been fixed too) are tried now, not a minute later, and a failure then
+    # waits the first delay again. Without the reload, the next attempt is 60 s away.
+    caplog.set_level(logging.INFO, "iscsi-hba")
+    monkeypatch.setattr(retry_module, "RETRY_FIRST", 60.0)
+    monkeypatch.setattr(retry_module, "RETRY_MAX", 60.0)
+    d = await make(entry("disk1", 3260) + entry("disk2", 3260), [down("disk1"), down("disk2")])
+    assert isinstance(d, Flaky)
+    assert set(d._retries) == {"disk1", "disk2"} and d.attempts == 2
+    d.down.add("disk2")
+    write(tmp_path / "hba.conf", entry("disk1", 3270) + entry("disk2", 3260))
+    await d.reload_config()
+    await d.attach_enabled()
+    await until(lambda: d.attempts == 4 and "disk1" in d.disks)
+    assert d.disks["disk1"].spec.portal.port == 3270   # as the entry says now
+    assert set(d._retries) == {"disk2"}
+    retry = d._retries["disk2"]
+    assert retry.attempts == 2 and retry.delay == 60.0
+    assert "disk2: the configuration was read again: trying to attach it now" in caplog.text
+    # A reload during an attempt: another attempt follows it at once (the one under way
+    # may have started with the entry as it was).
+    d.hold = asyncio.Event()
+    d._retry_now("disk2")
+    await until(lambda: d.attempts == 5)   # under way, with the target still down
+    d.down.clear()
+    d._retry_now("disk2")
+    d.hold.set()
+    await until(lambda: "disk2" in d.disks)
+    assert d.attempts == 6 and d._retries == {}
+
+
+async def test_entries_being_attached_at_start_are_listed_as_attaching(
+        tmp_path: Path) -> None:
+    # The start attaches the Enable = on entries one after the other, which takes long when
+    # a target is down: meanwhile hbactl list said "no LUNs attached".
+    options = DaemonOptions(config_path=write(tmp_path / "hba.conf",
+                                              entry("disk1", 3260) + entry("disk2", 3261)),
+                            initiator_name=INITIATOR, watch_uio=False)
+    d = Flaky(options, [down("disk1")])
+    d.hold = asyncio.Event()
+    starting = asyncio.create_task(d.start())
+    try:
+        await until(lambda: d.attempts == 1)    # disk1's attach under way, disk2's next
+        rows = d.list()
+        assert rows == [
+            {"name": "disk1", "target": "iqn.2003-01.org.example:disk1",
+             "portal": "127.0.0.1:3260", "lun": 0, "state": "attaching"},
+            {"name": "disk2", "target": "iqn.2003-01.org.example:disk2",
+             "portal": "127.0.0.1:3261", "lun": 0, "state": "attaching"}]
+        table = control.format_table([control.normalize_disk(r) for r in rows])
+        assert table.splitlines()[1:] == [
+            "disk1  iqn.2003-01.org.example:disk1    0  -          -  attaching",
+            "disk2  iqn.2003-01.org.example:disk2    0  -          -  attaching"]
+        d.hold.set()
+        await starting
+        assert [(r["name"], r["state"]) for r in d.list()] == [("disk1", "retrying"),
+                                                                ("disk2", "attached")]
+        assert d._queued == {}
+    finally:
+        starting.cancel()
+        await d.stop()
+
+
+async def test_a_start_stopped_midway_lists_no_entry_as_attaching(tmp_path: Path) -> None:
+    options = DaemonOptions(config_path=write(tmp_path / "hba.conf",
+                                              entry("disk1", 3260) + entry("disk2", 3261)),
+                            initiator_name=INITIATOR, watch_uio=False)
+    d = Flaky(options, [])
+    d.hold = asyncio.Event()
+    starting = asyncio.create_task(d.start())
+    try:
+        await until(lambda: d.attempts == 1)
+        assert len(d.list()) == 2
+        starting.cancel()    # SIGTERM during the start
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert d.list() == []
+    finally:
+        await d.stop()
+
+
 async def test_a_backstore_left_in_the_kernel_that_cannot_be_served_is_listed(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A backstore of a previous daemon whose configuration entry is gone: its disk is in the
     # kernel, its I/O waits and then fails, and hbactl list and status said nothing of it.
-    info = BackstoreInfo(name="hba-gone", hba_index=0, cfgstring="gone", size=1 << 20,
-                         path=tmp_path / "user_0" / "hba-gone")
+    info = BackstoreInfo(name="hba-gone", hba_index=3, cfgstring="gone", size=1 << 20,
+                         path=tmp_path / "user_3" / "hba-gone")
     monkeypatch.setattr("hba.kernel.list_backstores", lambda: [info])
     d = Daemon(DaemonOptions(config_path=write(tmp_path / "hba.conf", ""),
                              initiator_name=INITIATOR, watch_uio=False))
     await d.start()
     try:
         (row,) = d.list()
-        assert row["name"] == "hba-gone" and row["state"] == "not served"
+        # Named with its HBA, as the other rows name their backstores: where configfs has
+        # it; "hba-gone" alone could be in any user_N.
+        assert row["name"] == row["backstore"] == "user_3/hba-gone"
+        assert row["state"] == "not served"
         assert "gone" in row["error"]
         text = control.format_status({"disks": [control.normalize_disk(row)]})
-        assert "  hba-gone  -         -  -          -  not served" in text   # no LUN "None"
-        assert "  hba-gone: a backstore in the kernel that this daemon cannot serve (its " \
-               "disk's I/O waits, then fails): " in text
+        assert "  user_3/hba-gone  -         -  -          -  not served" in text  # no LUN "None"
+        assert "  user_3/hba-gone: a backstore in the kernel that this daemon cannot serve " \
+               "(its disk's I/O waits, then fails): " in text
+        # Still in the kernel: still listed (the uio device names it by HBA and name).
+        uio = UioInfo(index=7, name=UioName(hba_index=3, dev_name="hba-gone", subtype="iscsi",
+                                            cfgstring="gone"),
+                      map_size=1 << 20, dev_path=tmp_path / "uio7", sysfs_path=tmp_path)
+        monkeypatch.setattr("hba.daemon.find_devices", lambda: [uio])
+        monkeypatch.setattr("hba.kernel.read_backstore", lambda index, name: None)
+        await d.serve_new_devices()
+        assert [r["name"] for r in d.list()] == ["user_3/hba-gone"]
         # Removed from the kernel (targetcli delete): no longer listed.
         monkeypatch.setattr("hba.daemon.find_devices", lambda: [])
         await d.serve_new_devices()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
 import signal
 import sys
@@ -223,6 +224,82 @@ def test_a_capture_that_cannot_be_written_is_refused_before_connecting(
                        str(tmp_path / "no" / "x.pcap")])
     err = capsys.readouterr().err
     assert status == 2 and "cannot write" in err and "there is no directory" in err, err
+
+
+@pytest.fixture
+def hbactl_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """What hbactl's ``logging.basicConfig`` sets up in a process of its own, installed on
+    the root logger for the test (pytest's handlers make basicConfig do nothing)."""
+    root = logging.getLogger()
+    before = root.level
+    installed: list[logging.Handler] = []
+
+    def basic_config(*, level: int, handlers: list[logging.Handler]) -> None:
+        root.setLevel(level)
+        for handler in handlers:
+            root.addHandler(handler)
+            installed.append(handler)
+
+    monkeypatch.setattr(logging, "basicConfig", basic_config)
+    yield
+    for handler in installed:
+        root.removeHandler(handler)
+    root.setLevel(before)
+
+
+def test_recovery_is_one_error_saying_what_was_tried(
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        hbactl_logging: None) -> None:
+    # Every connection drops at its first command: the session logs in again until the
+    # replacement timeout. A person wants one error saying so, not the lines of each
+    # reconnect (which were logged: the error says what they said).
+    target = fake(hostile=Hostility(drop_after_commands=1))
+    with target_in_a_thread(target) as port:
+        status = cli.main(["readcap", f"iscsi://127.0.0.1:{port}/{TGT}/0",
+                           "--initiator-name", INI, "--replacement-timeout", "2.5"])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 1
+    assert len(lines) == 1 and re.fullmatch(
+        rf"hbactl: session to {TGT} at 127\.0\.0\.1:{port} could not be re-established "
+        r"in \d+ login attempts? within the replacement timeout of 2\.5 s \(connection lost: "
+        r".*\)", lines[0]), lines
+    assert any(r.name == cli.RECOVERY_LOGGER and r.levelno == logging.WARNING
+               and r.getMessage().endswith("; recovering") for r in caplog.records)
+
+
+def test_recovery_progress_is_shown_with_v(capsys: pytest.CaptureFixture[str]) -> None:
+    recovery = logging.getLogger(cli.RECOVERY_LOGGER)
+
+    def shown(verbose: int, logger: logging.Logger, level: int) -> bool:
+        record = logger.makeRecord(logger.name, level, __file__, 1, "x: %s", ("y",), None)
+        return bool(cli.log_handler(verbose).filter(record))
+
+    for level in (logging.INFO, logging.WARNING):
+        assert not shown(0, recovery, level) and shown(1, recovery, level)
+    # Recovery's errors, and every other logger's warnings (a capture that stops...), stay.
+    assert shown(0, recovery, logging.ERROR)
+    assert shown(0, logging.getLogger("initiator.pcap"), logging.WARNING)
+    assert shown(0, logging.getLogger("initiator.transport"), logging.WARNING)
+
+
+def test_the_daemon_logs_recovery_at_the_default_verbosity(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hba import control
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        control.configure_daemon_logging(0, environ={})
+        logging.getLogger(cli.RECOVERY_LOGGER).warning(
+            "%s: connection failed (%s); recovering", f"{TGT} at h:3260", "reset")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    assert f"WARNING {TGT} at h:3260: connection failed (reset); recovering" in \
+        capsys.readouterr().err
 
 
 class _ClosedPipe(io.RawIOBase):

@@ -73,7 +73,7 @@ def test_a_time2wait_past_the_replacement_deadline_gives_up_at_once(time2wait: f
     assert actions == [(100.0, Action.GIVE_UP)]
     assert policy.get_timer() is None and policy.stopped
     message = policy.give_up_message("iqn.x at h:3260")
-    assert "replacement timeout of 5 s" in message
+    assert "re-established within the replacement timeout of 5 s" in message  # none tried
     assert f"asked to wait {time2wait:g} s (Time2Wait) before logging in again" in message
     assert "iqn.x at h:3260" in message and "target closed the connection" in message
 
@@ -111,6 +111,8 @@ def test_backoff_doubles_up_to_the_maximum_and_gives_up_on_time() -> None:
     assert connects == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 61.0, 91.0]
     assert actions[-1] == (120.0, Action.GIVE_UP)
     assert "last attempt: connection refused" in policy.give_up_message("t")
+    assert "re-established in 8 login attempts within the replacement timeout of 120 s" in \
+        policy.give_up_message("t")
 
 
 def test_by_default_attempts_come_every_few_seconds() -> None:

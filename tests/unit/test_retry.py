@@ -83,3 +83,25 @@ def test_describe_counts_down_to_the_next_attempt() -> None:
                    "attempts": 1, "retry_in": 3.7}
     assert retry.describe(200.0)["retry_in"] == 0.0   # overdue: the attempt is under way
     assert retry.describe(200.0, DiskState.DETACHED)["state"] == "detached"
+
+
+def test_a_restart_tries_at_once_and_starts_the_backoff_over() -> None:
+    # The configuration was read again (SIGHUP): whoever did it just fixed something.
+    schedule = RetrySchedule(first=5.0, maximum=60.0)
+    retry = schedule.start("disk1", spec(), "down", 0.0)
+    for now in (5.0, 15.0, 35.0, 75.0):
+        schedule.failed("disk1", "still down", now)
+    assert (retry.attempts, retry.delay, retry.next_attempt) == (5, 60.0, 135.0)
+    fixed = spec("disk1")
+    assert schedule.restart("disk1", fixed, 80.0) is retry
+    assert (retry.spec, retry.next_attempt, retry.attempts) == (fixed, 80.0, 5)
+    assert retry.describe(80.0)["retry_in"] == 0.0
+    waits = []
+    for _ in range(3):
+        now = retry.next_attempt + 1.0
+        schedule.failed("disk1", "down again", now)
+        waits.append(retry.next_attempt - now)
+    assert waits == [5.0, 10.0, 20.0]
+    assert retry.attempts == 8   # the count goes on: what the log says of the entry
+    assert schedule.restart("disk2", spec("disk2"), 90.0) is None
+    assert set(schedule) == {"disk1"}

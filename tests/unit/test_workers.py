@@ -461,6 +461,22 @@ async def test_disks_are_placed_by_target_then_by_load() -> None:
     assert len(await daemon.list_all()) == 4
 
 
+async def test_an_entry_attached_in_a_worker_is_listed_once() -> None:
+    # The main process lists an Enable = on entry as attaching until the worker's attach
+    # returns; the worker lists its disk a moment before that: its row is the one shown.
+    from hba.disks import DiskState, entry_row
+
+    daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
+    pool = FakePool(limit=2)
+    daemon.pool = pool  # type: ignore[assignment]
+    await daemon.attach_described("iscsi://127.0.0.1/iqn.2003-01.org.example:a/0")
+    for name in ("a-0", "b-0"):
+        daemon._queued[name] = entry_row(name, "iqn.2003-01.org.example:" + name[0],
+                                         "127.0.0.1:3260", 0, DiskState.ATTACHING)
+    assert [(row["name"], row.get("state")) for row in await daemon.list_all()] == [
+        ("a-0", None), ("b-0", "attaching")]
+
+
 async def test_detach_finds_the_worker_or_names_every_disk() -> None:
     daemon = Daemon(DaemonOptions(initiator_name=INITIATOR, watch_uio=False))
     pool = FakePool(limit=2)
