@@ -20,6 +20,7 @@ from hba import control, top
 from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
+from initiator.recovery import progress_log
 from initiator.url import PORTAL_URL_SYNTAX, URL_SYNTAX
 
 if TYPE_CHECKING:
@@ -279,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECOVERY_LOGGER = "initiator.recovery"
-"""Session recovery as it goes (:mod:`initiator.transport`): behind ``-v`` here."""
+RECOVERY_LOGGER = progress_log.name
+"""Session recovery as it goes (:data:`initiator.recovery.progress_log`): behind ``-v`` here."""
 
 
 def _not_recovery_progress(record: logging.LogRecord) -> bool:

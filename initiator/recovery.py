@@ -47,8 +47,16 @@ commands keep the session working.
 from __future__ import annotations
 
 import enum
+import logging
 
-__all__ = ["MAX_BACKOFF", "Action", "Phase", "RecoveryPolicy"]
+__all__ = ["MAX_BACKOFF", "Action", "Phase", "RecoveryPolicy", "progress_log"]
+
+progress_log = logging.getLogger(__name__)
+"""Recovery as it goes, logged by the glue that carries it out: a lost connection, each
+attempt, the reinstatement (:mod:`initiator.transport`), a command's deadline and its abort's
+escalation (:mod:`initiator.session`). The daemon logs it; a one-shot ``hbactl`` keeps it behind
+``-v`` (:func:`hba.cli.log_handler`), since its one error says what recovery tried
+(:meth:`RecoveryPolicy.give_up_message`, the command timeout's error)."""
 
 
 class Action(enum.Enum):

@@ -81,6 +81,7 @@ from initiator.errors import (
     TaskAborted,
     TransferError,
 )
+from initiator.recovery import progress_log as recovery_log
 from initiator.stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -855,8 +856,8 @@ class ConnectionCore:
                 if task not in self._deadlines.expired:
                     overdue.append(task)
             for task in overdue:
-                log.warning("%s: %s did not complete within %g s", self.target,
-                            self._what(task), timeout)
+                recovery_log.warning("%s: %s did not complete within %g s", self.target,
+                                     self._what(task), timeout)
             if overdue and stalled_since is not None:
                 self._stalled(now, stalled_since, overdue)
             for task in overdue:
@@ -910,8 +911,8 @@ class ConnectionCore:
                 return
             why = _tmf_outcome(result)
             if function is P.TMFunction.ABORT_TASK:
-                log.warning("%s: ABORT TASK for %s failed (%s); resetting LUN %d", self.target,
-                            self._what(task), why, task.lun)
+                recovery_log.warning("%s: ABORT TASK for %s failed (%s); resetting LUN %d",
+                                     self.target, self._what(task), why, task.lun)
                 self._escalate(task, P.TMFunction.LOGICAL_UNIT_RESET,
                                deadline + self._deadlines.tmf_timeout, done)
                 return

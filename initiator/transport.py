@@ -69,6 +69,7 @@ from initiator.login import (
 )
 from initiator.reader import PDUReader
 from initiator.recovery import MAX_BACKOFF, Action, RecoveryPolicy
+from initiator.recovery import progress_log as recovery_log
 from initiator.session import (
     ConnectionCore,
     Event,
@@ -86,10 +87,6 @@ if TYPE_CHECKING:
     from initiator.pcap import PcapRecorder
 
 log = logging.getLogger(__name__)
-# Session recovery as it goes (a lost connection, the attempts, the reinstatement) has a
-# logger of its own: the daemon logs it, a one-shot hbactl keeps it behind -v (hba.cli) and
-# says what recovery tried in its one error (RecoveryPolicy.give_up_message).
-recovery_log = logging.getLogger("initiator.recovery")
 
 IOV_MAX = 1024
 _READ_ROUNDS = 16
