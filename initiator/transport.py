@@ -1361,8 +1361,9 @@ class Session:
         error = SessionFailed(self._policy.give_up_message(self.label))
         self.counters.give_ups += 1
         # Every waiting command gets the error, and the state change (FAILED) carries it to
-        # whoever watches (the daemon's journal logs it as an error): here it is detail.
-        log.info("%s", error)
+        # whoever watches (the daemon's journal logs it as an error, hbactl prints it as its
+        # one error): here it is detail, which at -v would print the same sentence twice.
+        log.debug("%s", error)
         self._fail_session(error)
 
     def _fail_session(self, error: SessionFailed) -> None:
