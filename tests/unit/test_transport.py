@@ -957,7 +957,9 @@ async def test_nop_timeout_reconnects() -> None:
         await server.wait_for(lambda: state(session) is SessionState.RECOVERING, 3.0)
         target.hostile.silent = False
         await server.wait_for(lambda: state(session) is SessionState.LOGGED_IN, 3.0)
-        assert session.reconnects == 1
+        # At least once: on a busy machine the loop can miss a 0.1 s ping deadline on the new
+        # connection too (seen under stress-ng), which reconnects once more, rightly.
+        assert session.reconnects >= 1
         assert (await read(session, 0, 1))[0].ok
 
 
