@@ -1311,6 +1311,8 @@ class Session:
         self._arm_policy()
 
     async def _attempt_login(self) -> None:
+        # The policy's count: a login that succeeds resets it (the backoff's exponent).
+        attempt = self._policy.attempts
         try:
             await self._connect_and_login()
         except Exception as exc:
@@ -1321,15 +1323,15 @@ class Session:
             reason = str(exc) if isinstance(exc, ISCSIError) else \
                 f"{type(exc).__name__}: {exc}"
             self.counters.login_failed(exc)
-            recovery_log.info("%s: reconnect attempt %d failed: %s", self.label,
-                              self._policy.attempts, reason)
+            recovery_log.info("%s: reconnect attempt %d failed: %s", self.label, attempt,
+                              reason)
             self._policy.attempt_failed(asyncio.get_running_loop().time(), reason)
             self._arm_policy()
             return
         if self._conn is not None and self.state is SessionState.LOGGED_IN:
             self.reconnects += 1
             recovery_log.info("%s: session reinstated after %d attempt(s)", self.label,
-                              self._policy.attempts)
+                              attempt)
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         if self._attempt is task:

@@ -9,6 +9,7 @@ small through SessionConfig; every wait is bounded so a regression fails instead
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import random
 import re
@@ -734,6 +735,22 @@ async def test_target_restart() -> None:
         result, buf = await read(session, 40, 8)
         assert result.ok and buf == data
         assert session.reconnects == 1 and server.portal.port == session.portal.port
+
+
+async def test_the_reinstated_line_counts_the_login_attempts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The count is the one the "reconnect attempt N failed" lines before it use: the login
+    # that succeeded reset the policy's count, and the line said "after 0 attempt(s)".
+    caplog.set_level(logging.INFO, "initiator.recovery")
+    target = fake()
+    async with logged_in(target) as (server, session):
+        server.accepting = False
+        server.drop()
+        await within(until(lambda: "reconnect attempt 1 failed" in caplog.text))
+        server.accepting = True
+        result, _ = await read(session, 0, 1)
+        assert result.ok and session.reconnects == 1
+    assert "session reinstated after 2 attempt(s)" in caplog.text, caplog.text
 
 
 async def test_replacement_timeout_fails_the_commands() -> None:
