@@ -34,6 +34,7 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hba.argtypes import seconds
 from hba.disks import DiskState
 from hba.errors import HBAError
 from initiator.printable import PrintableFormatter, printable
@@ -729,7 +730,7 @@ def add_commands(sub: Any) -> None:
                        help="attach a LUN through the daemon; prints its /dev/sdX once usable")
     p.add_argument("what", metavar="URL|NAME",
                    help="iscsi://host[:port]/<target-iqn>/<lun> or a configuration nickname")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="SECONDS",
                    help="stop waiting after this long (default 120; the attach goes on)")
     p.set_defaults(handler=cmd_attach)
 
@@ -739,7 +740,7 @@ def add_commands(sub: Any) -> None:
                    help="name (as hbactl list shows it), /dev/sdX or a /dev/disk/by-id link")
     p.add_argument("--force", action="store_true",
                    help="detach even while mounted or held (its users get I/O errors)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="SECONDS",
                    help="stop waiting after this long (default 120)")
     p.set_defaults(handler=cmd_detach)
 
