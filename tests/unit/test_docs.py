@@ -118,3 +118,35 @@ def test_where_is_table_names_files_that_define_its_classes() -> None:
         for name in names:
             assert re.search(rf"^(class|def) {name}\b", text, re.MULTILINE), \
                 f"{mechanism}: {file} defines no {name}"
+
+
+_FAMILY = re.compile(r"\b(Counter|Gauge|Histogram|Info)MetricFamily\(\s*\"(iscsi_hba_\w+)\"")
+_EXPOSED_SUFFIX = {"Counter": "_total", "Info": "_info", "Gauge": "", "Histogram": ""}
+
+
+def _readme_metric_names() -> set[str]:
+    """The metrics README.md's Prometheus table names; ``_suffix`` shorthands after a full
+    name stand for that name's ``iscsi_hba_<group>`` plus the suffix."""
+    names: set[str] = set()
+    for line in (REPO / "README.md").read_text().splitlines():
+        if not line.startswith("| `iscsi_hba_"):
+            continue
+        first_cell = line.split("|")[1]
+        prefix = ""
+        for word in _CODE.findall(first_cell):
+            if word.startswith("iscsi_hba_"):
+                prefix = "_".join(word.split("_")[:3])
+                names.add(word)
+            elif word.startswith("_") and prefix:
+                names.add(prefix + word)
+    return names
+
+
+def test_readme_lists_every_metric_the_daemon_exports() -> None:
+    source = (REPO / "hba" / "metrics.py").read_text()
+    exported = {name + _EXPOSED_SUFFIX[kind] for kind, name in _FAMILY.findall(source)}
+    assert len(exported) > 20, "the pattern no longer finds hba/metrics.py's families"
+    listed = _readme_metric_names()
+    assert not exported - listed, f"README.md's metrics table lacks {sorted(exported - listed)}"
+    unknown = sorted(listed - exported)
+    assert not unknown, f"README.md lists metrics not exported: {unknown}"
