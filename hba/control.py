@@ -11,7 +11,8 @@ in the foreground on one asyncio loop, in this order:
 4. tell systemd ``READY=1`` (``Type=notify``; :func:`tcmu_handler.sdnotify.sd_notify` speaks
    the datagram protocol of sd_notify(3) itself), serve until SIGTERM/SIGINT, then
    ``STOPPING=1`` and stop. SIGHUP reads the configuration again, attaches the entries
-   newly enabled in it and tries at once those still waiting to be tried again.
+   newly enabled in it, tries at once those still waiting to be tried again and stops
+   trying those no longer enabled.
 
 Stopping leaves every disk in the kernel (its commands wait) for the next daemon to take over;
 ``hbactl detach`` is what removes one.
@@ -698,9 +699,11 @@ def add_commands(sub: Any) -> None:
         description="Serve the disks: take over existing ones, attach the configuration's "
                     "entries with Enable = on, answer hbactl and targetcli over the system "
                     "DBus. Stops on SIGTERM/SIGINT (the disks stay for the next start); "
-                    "SIGHUP reads the configuration again and attaches the entries newly "
-                    "enabled in it. An entry whose target cannot be reached is tried again "
-                    "in the background until it attaches (at once after a SIGHUP).")
+                    "SIGHUP reads the configuration again, attaches the entries newly "
+                    "enabled in it, tries at once those waiting to be tried again and stops "
+                    "trying those no longer enabled. An entry whose target cannot be reached "
+                    "is tried again in the background until it attaches; one refused for its "
+                    "credentials or initiator name is not (fix it, then SIGHUP).")
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                    help=f"configuration file (default {DEFAULT_CONFIG}; a missing file means "
                         "nothing to attach)")

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +152,16 @@ def test_readme_lists_every_metric_the_daemon_exports() -> None:
     assert not exported - listed, f"README.md's metrics table lacks {sorted(exported - listed)}"
     unknown = sorted(listed - exported)
     assert not unknown, f"README.md lists metrics not exported: {unknown}"
+
+
+def test_daemon_help_says_all_a_reload_does() -> None:
+    # As the README's daemon section: a reload also stops retrying entries no longer enabled,
+    # and an entry refused for its credentials waits for one.
+    from hba.cli import build_parser
+
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        build_parser().parse_args(["daemon", "--help"])
+    text = " ".join(out.getvalue().split())
+    assert "tries at once those waiting to be tried again" in text
+    assert "stops trying those no longer enabled" in text
+    assert "credentials or initiator name is not (fix it, then SIGHUP)" in text
