@@ -223,3 +223,18 @@ async def test_malformed_answer_names_the_portal_that_sent_it(answer: bytes) -> 
         await run(target)
     assert "portal 127.0.0.1:" in str(info.value)
     assert "answered SendTargets with malformed text" in str(info.value)
+
+
+@pytest.mark.parametrize("address", [
+    "a" * 100_000,
+    "host:" + "9" * 100_000,
+    "host:3260," + "7" * 100_000,
+    "[" + "f" * 100_000 + "]",
+    "host." + "b" * 100_000 + ":3260",
+])
+def test_a_huge_target_address_makes_a_short_error(address: str) -> None:
+    # A target's TargetAddress was quoted whole, twice, in the one line hbactl prints.
+    pairs = [("TargetName", "iqn.a:one"), ("TargetAddress", address)]
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_send_targets(pairs, ASKED)
+    assert "unusable TargetAddress" in str(info.value) and len(str(info.value)) < 1000
