@@ -165,3 +165,17 @@ def test_daemon_help_says_all_a_reload_does() -> None:
     assert "tries at once those waiting to be tried again" in text
     assert "stops trying those no longer enabled" in text
     assert "credentials or initiator name is not (fix it, then SIGHUP)" in text
+
+
+_FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO)))
+def test_configuration_examples_parse(document: Path) -> None:
+    # A newcomer copies them into /etc/iscsi-hba.conf: each must be a configuration the
+    # daemon takes (the multipath design's example had an unquoted "a, b" address list).
+    from hba.config import parse_config
+
+    for block in _FENCE.findall(document.read_text()):
+        if "TargetName" in block and "{" in block:
+            parse_config(block, f"{document.relative_to(REPO)} example")
