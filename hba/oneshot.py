@@ -350,6 +350,13 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     url = target_url(text)
     try:
         data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
+    except IsADirectoryError:
+        raise ConfigurationError(
+            f"cannot read {source}: it is a directory; give a file name, or - for standard "
+            "input") from None
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"cannot read {source}: there is no such file; check the path") from None
     except OSError as exc:
         raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
     shown = "standard input" if source == "-" else source
