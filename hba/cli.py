@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hba import control, top
+from hba.argtypes import seconds, whole_number
 from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
@@ -198,25 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record the session's PDUs into a pcap file (Wireshark/tshark)")
     common.add_argument("--initiator-name", metavar="IQN",
                         help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
-    common.add_argument("--login-timeout", type=float, default=15.0, metavar="SECONDS",
+    common.add_argument("--login-timeout", type=seconds, default=15.0, metavar="SECONDS",
                         help="give up a login after this long, all exchanges and redirects "
                              "included (default 15)")
-    common.add_argument("--command-timeout", type=float, metavar="SECONDS",
+    common.add_argument("--command-timeout", type=seconds, metavar="SECONDS",
                         help="abort a command the target has not completed after this long: "
                              "ABORT TASK, then LUN RESET, then a new connection (default 30; "
                              "0: no deadline)")
-    common.add_argument("--task-management-timeout", type=float, metavar="SECONDS",
+    common.add_argument("--task-management-timeout", type=seconds, metavar="SECONDS",
                         help="give each ABORT TASK or LUN RESET this long (default 15)")
-    common.add_argument("--replacement-timeout", type=float, metavar="SECONDS",
+    common.add_argument("--replacement-timeout", type=seconds, metavar="SECONDS",
                         help="after a lost connection, fail the commands when the session has "
                              "not worked again for this long (default 120)")
-    common.add_argument("--noop-interval", type=float, metavar="SECONDS",
+    common.add_argument("--noop-interval", type=seconds, metavar="SECONDS",
                         help="ping the target after this long without progress (default 5; "
                              "0: no pings)")
-    common.add_argument("--noop-timeout", type=float, metavar="SECONDS",
+    common.add_argument("--noop-timeout", type=seconds, metavar="SECONDS",
                         help="a ping unanswered this long, with no progress meanwhile, means "
                              "the connection is dead (default 5)")
-    common.add_argument("--logout-timeout", type=float, metavar="SECONDS",
+    common.add_argument("--logout-timeout", type=seconds, metavar="SECONDS",
                         help="give up an orderly logout after this long (default 10)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -247,16 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("read", parents=[common], help="read blocks into a file")
     p.add_argument("url", metavar="URL", help=LUN_URL)
-    p.add_argument("--lba", type=int, required=True, help="first block")
-    p.add_argument("--blocks", type=int, required=True, help="number of blocks")
+    p.add_argument("--lba", type=whole_number, required=True, help="first block")
+    p.add_argument("--blocks", type=whole_number, required=True, help="number of blocks")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
     p.set_defaults(handler=_read)
 
     p = sub.add_parser("write", parents=[common], help="write a file's blocks")
     p.add_argument("url", metavar="URL", help=LUN_URL)
-    p.add_argument("--lba", type=int, required=True, help="first block")
+    p.add_argument("--lba", type=whole_number, required=True, help="first block")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="file, or - for stdin")
-    p.add_argument("--blocks", type=int, help="number of blocks (default: the whole file)")
+    p.add_argument("--blocks", type=whole_number, help="number of blocks (default: the whole file)")
     p.set_defaults(handler=_write)
 
     p = sub.add_parser("perf", parents=[common],
@@ -264,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--block-size", default="4096", metavar="BYTES",
                    help="bytes per command: 4096, 4k, 128k, 1m (default 4096)")
-    p.add_argument("--queue-depth", type=int, default=32, metavar="N",
+    p.add_argument("--queue-depth", type=whole_number, default=32, metavar="N",
                    help="commands in flight (default 32)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    p.add_argument("--seconds", type=seconds, default=10.0, help="how long to run (default 10)")
     p.add_argument("--random", action="store_true", help="random LBAs instead of sequential")
     p.add_argument("--write", action="store_true",
                    help="WRITE instead of READ (destroys the LUN's data)")

@@ -11,7 +11,8 @@ in the foreground on one asyncio loop, in this order:
 4. tell systemd ``READY=1`` (``Type=notify``; :func:`tcmu_handler.sdnotify.sd_notify` speaks
    the datagram protocol of sd_notify(3) itself), serve until SIGTERM/SIGINT, then
    ``STOPPING=1`` and stop. SIGHUP reads the configuration again, attaches the entries
-   newly enabled in it and tries at once those still waiting to be tried again.
+   newly enabled in it, tries at once those still waiting to be tried again and stops
+   trying those no longer enabled.
 
 Stopping leaves every disk in the kernel (its commands wait) for the next daemon to take over;
 ``hbactl detach`` is what removes one.
@@ -34,6 +35,7 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hba.argtypes import seconds
 from hba.disks import DiskState
 from hba.errors import HBAError
 from initiator.printable import PrintableFormatter, printable
@@ -697,9 +699,11 @@ def add_commands(sub: Any) -> None:
         description="Serve the disks: take over existing ones, attach the configuration's "
                     "entries with Enable = on, answer hbactl and targetcli over the system "
                     "DBus. Stops on SIGTERM/SIGINT (the disks stay for the next start); "
-                    "SIGHUP reads the configuration again and attaches the entries newly "
-                    "enabled in it. An entry whose target cannot be reached is tried again "
-                    "in the background until it attaches (at once after a SIGHUP).")
+                    "SIGHUP reads the configuration again, attaches the entries newly "
+                    "enabled in it, tries at once those waiting to be tried again and stops "
+                    "trying those no longer enabled. An entry whose target cannot be reached "
+                    "is tried again in the background until it attaches; one refused for its "
+                    "credentials or initiator name is not (fix it, then SIGHUP).")
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                    help=f"configuration file (default {DEFAULT_CONFIG}; a missing file means "
                         "nothing to attach)")
@@ -729,7 +733,7 @@ def add_commands(sub: Any) -> None:
                        help="attach a LUN through the daemon; prints its /dev/sdX once usable")
     p.add_argument("what", metavar="URL|NAME",
                    help="iscsi://host[:port]/<target-iqn>/<lun> or a configuration nickname")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="SECONDS",
                    help="stop waiting after this long (default 120; the attach goes on)")
     p.set_defaults(handler=cmd_attach)
 
@@ -739,7 +743,7 @@ def add_commands(sub: Any) -> None:
                    help="name (as hbactl list shows it), /dev/sdX or a /dev/disk/by-id link")
     p.add_argument("--force", action="store_true",
                    help="detach even while mounted or held (its users get I/O errors)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="SECONDS",
                    help="stop waiting after this long (default 120)")
     p.set_defaults(handler=cmd_detach)
 

@@ -28,7 +28,7 @@ from initiator.login import Portal
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
-from initiator.url import IscsiUrl, check_seconds, decimal, parse_url
+from initiator.url import PORTAL_URL_SYNTAX, IscsiUrl, check_seconds, decimal, parse_url
 from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
@@ -105,6 +105,13 @@ async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Re
     (:func:`_list_luns`). A target or LUN that fails is reported in its entry (``error``) and
     makes the exit status 1; the others are listed all the same."""
     url = parse_url(text)
+    if not url.is_discovery:
+        # SendTargets=All lists every target of the portal: a target or LUN in the URL would
+        # be ignored without a word, as if the listing were of that target alone.
+        raise ConfigurationError(
+            f"URL {str(url)!r} names a target; hbactl discover takes a portal, "
+            f"{PORTAL_URL_SYNTAX}, and lists every target it offers (`hbactl inquiry` "
+            "shows one LUN)")
     portal = Portal(url.host, url.port)
     targets = await discover(portal, session_config(url, options), pcap_path=options.pcap)
     result: Result = {
@@ -343,6 +350,13 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     url = target_url(text)
     try:
         data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
+    except IsADirectoryError:
+        raise ConfigurationError(
+            f"cannot read {source}: it is a directory; give a file name, or - for standard "
+            "input") from None
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"cannot read {source}: there is no such file; check the path") from None
     except OSError as exc:
         raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
     shown = "standard input" if source == "-" else source

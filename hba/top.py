@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from hba.argtypes import seconds, whole_number
 from hba.control import client_error, connect_system_bus, disk_state
 from initiator.printable import printable
 
@@ -298,9 +299,9 @@ def add_command(sub: Any) -> None:
                     "ring completion, queue depth) and how each session is (state, "
                     "reinstatements, lost connections, login failures, digest errors, command "
                     "window, NOP round trip). Ctrl-C quits.")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default 1)")
-    p.add_argument("--count", type=int, metavar="N",
+    p.add_argument("--count", type=whole_number, metavar="N",
                    help="stop after N refreshes (default: until Ctrl-C)")
     p.add_argument("--json", dest="json_lines", action="store_true",
                    help="print one JSON object per interval instead (a stream)")

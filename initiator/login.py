@@ -57,7 +57,7 @@ from initiator.keys import (
 )
 from initiator.pdu import Stage
 from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
-from initiator.url import decimal
+from initiator.url import decimal, quoted
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +87,31 @@ class Portal:
             tpgt = decimal(tag)
             if tpgt is None:
                 raise ConfigurationError(
-                    f"portal {text!r}: portal group tag {tag!r} is not a number")
+                    f"portal {quoted(text)}: portal group tag {quoted(tag)} is not a number")
             if not 0 <= tpgt <= 65535:
-                raise ConfigurationError(f"portal {text!r}: portal group tag out of 0..65535")
+                raise ConfigurationError(f"portal {quoted(text)}: portal group tag out of 0..65535")
         port = default_port
         if raw.startswith("["):
             host, bracket, rest = raw[1:].partition("]")
             if not bracket:
-                raise ConfigurationError(f"portal {text!r}: IPv6 address lacks its closing ']'")
+                raise ConfigurationError(
+                    f"portal {quoted(text)}: IPv6 address lacks its closing ']'")
             if rest:
                 if not rest.startswith(":"):
-                    raise ConfigurationError(f"portal {text!r}: expected ':port' after ']'")
+                    raise ConfigurationError(f"portal {quoted(text)}: expected ':port' after ']'")
                 port = _port(rest[1:], text)
             try:
                 ipaddress.IPv6Address(host.split("%", 1)[0])
             except ValueError:
                 raise ConfigurationError(
-                    f"portal {text!r}: {host!r} is not an IPv6 address") from None
+                    f"portal {quoted(text)}: {quoted(host)} is not an IPv6 address") from None
         elif raw.count(":") > 1:
             host = raw  # a bare IPv6 address without a port
             try:
                 ipaddress.IPv6Address(host.split("%", 1)[0])
             except ValueError:
                 raise ConfigurationError(
-                    f"portal {text!r}: put IPv6 addresses in brackets, as in [fe80::1]:3260"
+                    f"portal {quoted(text)}: put IPv6 addresses in brackets, as in [fe80::1]:3260"
                 ) from None
         else:
             host, colon, port_text = raw.partition(":")
@@ -119,7 +120,7 @@ class Portal:
             if host:
                 _check_host_name(host, text)
         if not host:
-            raise ConfigurationError(f"portal {text!r} has no host")
+            raise ConfigurationError(f"portal {quoted(text)} has no host")
         return cls(host, port, tpgt)
 
 
@@ -131,16 +132,16 @@ def _check_host_name(host: str, where: str) -> None:
     """
     if any(c.isspace() or not c.isprintable() for c in host):
         raise ConfigurationError(
-            f"portal {where!r}: host name {host!r} holds spaces or control characters")
+            f"portal {quoted(where)}: host name {quoted(host)} holds spaces or control characters")
     try:
         encoded = host.encode("idna")
     except UnicodeError as exc:
         reason = str(exc.__cause__ or exc).removeprefix("encoding with 'idna' codec failed ")
         raise ConfigurationError(
-            f"portal {where!r}: {host!r} is not a valid host name ({reason})") from None
+            f"portal {quoted(where)}: {quoted(host)} is not a valid host name ({reason})") from None
     if len(encoded) > 253:
         raise ConfigurationError(
-            f"portal {where!r}: host name is longer than 253 characters")
+            f"portal {quoted(where)}: host name is longer than 253 characters")
 
 
 def _port(text: str, where: str) -> int:
@@ -148,9 +149,9 @@ def _port(text: str, where: str) -> int:
     # target's TargetAddress and show a port that was not what it sent.
     port = decimal(text)
     if port is None:
-        raise ConfigurationError(f"portal {where!r}: port {text!r} is not a number")
+        raise ConfigurationError(f"portal {quoted(where)}: port {quoted(text)} is not a number")
     if not 0 < port < 65536:
-        raise ConfigurationError(f"portal {where!r}: port {port} is out of 1..65535")
+        raise ConfigurationError(f"portal {quoted(where)}: port {port} is out of 1..65535")
     return port
 
 

@@ -231,6 +231,9 @@ TOO_LARGE = 10**19
 """What :func:`decimal` returns for a number of more than 19 digits: beyond every bound a
 person's number is checked against here (ports, LUNs, timeouts, sizes)."""
 
+QUOTE_LIMIT = 200
+"""The most characters of a person's text (a URL, a name, an address) an error message quotes."""
+
 
 def decimal(text: str) -> int | None:
     """``text`` as a whole number when it is ASCII digits only, else None.
@@ -285,7 +288,7 @@ def validate_iscsi_name(name: str, *, what: str = "target name") -> str:
 
     def fail(reason: str) -> ConfigurationError:
         return ConfigurationError(
-            f"{what} {name!r} is not a valid iSCSI name: {reason}; expected {NAME_SYNTAX}"
+            f"{what} {quoted(name)} is not a valid iSCSI name: {reason}; expected {NAME_SYNTAX}"
         )
 
     if not name:
@@ -321,7 +324,7 @@ def validate_iscsi_name(name: str, *, what: str = "target name") -> str:
         )
     bad = _name_chars_ok(name)
     if bad is not None:
-        raise fail(f"character {bad!r} is not allowed (only letters, digits, '-', '.', ':')")
+        raise fail(f"character {quoted(bad)} is not allowed (only letters, digits, '-', '.', ':')")
     return name
 
 
@@ -372,26 +375,28 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
         close = text.find("]")
         if close < 0:
             raise ConfigurationError(
-                f"address {text!r} opens '[' without closing it; expected [IPv6 address][:port]"
+                f"address {quoted(text)} opens '[' without closing it; expected "
+                "[IPv6 address][:port]"
             )
         host = text[1:close]
         rest = text[close + 1 :]
         if rest and not rest.startswith(":"):
             raise ConfigurationError(
-                f"address {text!r} has {rest!r} after ']'; expected [IPv6 address][:port]"
+                f"address {quoted(text)} has {quoted(rest)} after ']'; expected "
+                "[IPv6 address][:port]"
             )
         port_text = rest[1:] if rest else None
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigurationError(
-                f"{host!r} in address {text!r} is not an IPv6 address; brackets are only for "
-                "IPv6 addresses, e.g. [fe80::1]:3260"
+                f"{quoted(host)} in address {quoted(text)} is not an IPv6 address; brackets "
+                "are only for IPv6 addresses, e.g. [fe80::1]:3260"
             ) from None
     else:
         if text.count(":") > 1:
             raise ConfigurationError(
-                f"address {text!r} looks like an IPv6 address; put it in brackets, "
+                f"address {quoted(text)} looks like an IPv6 address; put it in brackets, "
                 f"e.g. {_bracketed(text)}"
             )
         host, colon, port_text_or_empty = text.partition(":")
@@ -401,19 +406,19 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
                 ipaddress.IPv4Address(host)
             except ValueError:
                 raise ConfigurationError(
-                    f"{host!r} in address {text!r} is not a valid IPv4 address"
+                    f"{quoted(host)} in address {quoted(text)} is not a valid IPv4 address"
                 ) from None
         elif not _valid_hostname(host):
             raise ConfigurationError(
-                f"{host!r} in address {text!r} is not a valid host name (letters, digits, '-' "
-                "and '.'), IPv4 address, or bracketed IPv6 address"
+                f"{quoted(host)} in address {quoted(text)} is not a valid host name (letters, "
+                "digits, '-' and '.'), IPv4 address, or bracketed IPv6 address"
             )
     if port_text is None:
         return host, default_port
     port = decimal(port_text)
     if port is None or not 1 <= port <= 65535:
         raise ConfigurationError(
-            f"port {port_text!r} in address {text!r} is not a number from 1 to 65535"
+            f"port {quoted(port_text)} in address {quoted(text)} is not a number from 1 to 65535"
         )
     return host, port
 
@@ -426,6 +431,14 @@ _PREFIX = "iscsi://"
 _OPTIONS = ("header_digest", "data_digest", "target_user", "target_password",
             "discover_portals")
 _ON_OFF = {"on": True, "yes": True, "off": False, "no": False}
+
+
+def quoted(value: object) -> str:
+    """``value`` quoted for an error message, at most :data:`QUOTE_LIMIT` characters of it: a
+    URL of 100 000 characters made a message of 300 000, quoting it three times over, and a
+    target's TargetAddress of any length was quoted whole, twice."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
 
 def _scrub(text: str) -> str:
@@ -464,7 +477,7 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
     :class:`ConfigurationError` naming what is wrong and the expected form, never showing a
     secret.
     """
-    shown = repr(_scrub(text))
+    shown = quoted(_scrub(text))
     if not is_utf8(text):
         raise ConfigurationError(
             f"URL {shown} is not UTF-8 text (it holds bytes that are not UTF-8); write "
@@ -516,7 +529,7 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
         lun = decimal(lun_text)
         if lun is None:
             raise ConfigurationError(
-                f"LUN {lun_text!r} in URL {shown} is not a number; expected a LUN from 0 to "
+                f"LUN {quoted(lun_text)} in URL {shown} is not a number; expected a LUN from 0 to "
                 f"{MAX_LUN} after the target name"
             )
         if lun > MAX_LUN:
@@ -534,7 +547,7 @@ def parse_url(text: str, *, environ: Mapping[str, str] | None = None,
         )
     if discover is not None and discover.lower() not in _ON_OFF:
         raise ConfigurationError(
-            f"discover_portals={discover!r} in URL {shown} is not one of on, off, yes, no"
+            f"discover_portals={quoted(discover)} in URL {shown} is not one of on, off, yes, no"
         )
 
     chap_user: str | None = None
@@ -622,7 +635,7 @@ def _parse_query(query: str, shown: str) -> dict[str, str]:
         if key not in _OPTIONS:
             # Quote the key only when it cannot be a piece of a mis-split secret.
             named = (
-                f"unknown option {key!r}"
+                f"unknown option {quoted(key)}"
                 if re.fullmatch(r"[A-Za-z_]+", key)
                 else "an unknown option"
             )
@@ -650,5 +663,5 @@ def _digest(options: Mapping[str, str], key: str, shown: str) -> DigestPreferenc
         return DigestPreference.parse(value)
     except ValueError:
         raise ConfigurationError(
-            f"{key}={value!r} in URL {shown} is not one of {_DIGEST_CHOICES}"
+            f"{key}={quoted(value)} in URL {shown} is not one of {_DIGEST_CHOICES}"
         ) from None

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tcmu_handler.serve",
         description="Serve one TCMU backstore (user:iscsi) with an iSCSI session to URL.",
-        epilog="URL: iscsi://[user[%%secret]@]host[:port]/<target-iqn>/<lun>[?header_digest="
+        epilog="URL: iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>[?header_digest="
                "crc32c&data_digest=crc32c&target_user=..&target_password=..]. Secrets may come "
                "from ISCSI_HBA_CHAP_SECRET / ISCSI_HBA_TARGET_CHAP_SECRET instead. Logging: "
                "HBA_LOG=debug|info|warning (default info).")

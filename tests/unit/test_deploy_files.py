@@ -1,16 +1,19 @@
 """What ``./run install`` puts on a server, checked without installing it: the example
 configuration it copies to /etc/iscsi-hba.conf parses and attaches nothing until edited, and
-the unit starts the hbactl the install puts in /opt/iscsi-hba."""
+the unit starts the hbactl the install puts in /opt/iscsi-hba. And ``./run`` itself answers a
+wrong command with its name and the list of commands."""
 
 from __future__ import annotations
 
 import configparser
 import shlex
+import subprocess
 from pathlib import Path
 
 from hba.config import parse_config
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
 
 
 def test_example_configuration_parses_and_attaches_nothing() -> None:
@@ -26,3 +29,22 @@ def test_unit_starts_the_installed_hbactl() -> None:
     assert argv == ["/opt/iscsi-hba/bin/hbactl", "daemon", "--config", "/etc/iscsi-hba.conf"]
     install = (DEPLOY / "install").read_text()
     assert "PREFIX=/opt/iscsi-hba\n" in install and "CONFIG=/etc/iscsi-hba.conf\n" in install
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "run"), *argv], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_run_names_an_unknown_command_and_lists_the_commands() -> None:
+    done = _run("tset")
+    assert done.returncode == 2 and done.stdout == ""
+    first, *rest = done.stderr.splitlines()
+    assert first == "./run: unknown command tset; the commands are:"
+    assert any(line.lstrip().startswith("./run test ") for line in rest)
+
+
+def test_run_help_is_the_usage_and_no_error() -> None:
+    done = _run("--help")
+    assert done.returncode == 0 and "./run demo" in done.stdout and done.stderr == ""
+    assert _run().returncode == 2

@@ -223,3 +223,32 @@ async def test_malformed_answer_names_the_portal_that_sent_it(answer: bytes) -> 
         await run(target)
     assert "portal 127.0.0.1:" in str(info.value)
     assert "answered SendTargets with malformed text" in str(info.value)
+
+
+@pytest.mark.parametrize("address", [
+    "a" * 100_000,
+    "host:" + "9" * 100_000,
+    "host:3260," + "7" * 100_000,
+    "[" + "f" * 100_000 + "]",
+    "host." + "b" * 100_000 + ":3260",
+])
+def test_a_huge_target_address_makes_a_short_error(address: str) -> None:
+    # A target's TargetAddress was quoted whole, twice, in the one line hbactl prints.
+    pairs = [("TargetName", "iqn.a:one"), ("TargetAddress", address)]
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_send_targets(pairs, ASKED)
+    assert "unusable TargetAddress" in str(info.value) and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("url", [
+    "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0",
+    "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0?header_digest=crc32c",
+])
+def test_hbactl_discover_refuses_a_url_that_names_a_target(
+        capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # It listed every target of the portal, the target and LUN of the URL ignored unsaid.
+    from hba import cli
+
+    assert cli.main(["discover", "--initiator-name", "iqn.2024-01.org.example:i", url]) == 2
+    err = capsys.readouterr().err
+    assert "names a target; hbactl discover takes a portal" in err and err.count("\n") == 1

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +120,62 @@ def test_where_is_table_names_files_that_define_its_classes() -> None:
         for name in names:
             assert re.search(rf"^(class|def) {name}\b", text, re.MULTILINE), \
                 f"{mechanism}: {file} defines no {name}"
+
+
+_FAMILY = re.compile(r"\b(Counter|Gauge|Histogram|Info)MetricFamily\(\s*\"(iscsi_hba_\w+)\"")
+_EXPOSED_SUFFIX = {"Counter": "_total", "Info": "_info", "Gauge": "", "Histogram": ""}
+
+
+def _readme_metric_names() -> set[str]:
+    """The metrics README.md's Prometheus table names; ``_suffix`` shorthands after a full
+    name stand for that name's ``iscsi_hba_<group>`` plus the suffix."""
+    names: set[str] = set()
+    for line in (REPO / "README.md").read_text().splitlines():
+        if not line.startswith("| `iscsi_hba_"):
+            continue
+        first_cell = line.split("|")[1]
+        prefix = ""
+        for word in _CODE.findall(first_cell):
+            if word.startswith("iscsi_hba_"):
+                prefix = "_".join(word.split("_")[:3])
+                names.add(word)
+            elif word.startswith("_") and prefix:
+                names.add(prefix + word)
+    return names
+
+
+def test_readme_lists_every_metric_the_daemon_exports() -> None:
+    source = (REPO / "hba" / "metrics.py").read_text()
+    exported = {name + _EXPOSED_SUFFIX[kind] for kind, name in _FAMILY.findall(source)}
+    assert len(exported) > 20, "the pattern no longer finds hba/metrics.py's families"
+    listed = _readme_metric_names()
+    assert not exported - listed, f"README.md's metrics table lacks {sorted(exported - listed)}"
+    unknown = sorted(listed - exported)
+    assert not unknown, f"README.md lists metrics not exported: {unknown}"
+
+
+def test_daemon_help_says_all_a_reload_does() -> None:
+    # As the README's daemon section: a reload also stops retrying entries no longer enabled,
+    # and an entry refused for its credentials waits for one.
+    from hba.cli import build_parser
+
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        build_parser().parse_args(["daemon", "--help"])
+    text = " ".join(out.getvalue().split())
+    assert "tries at once those waiting to be tried again" in text
+    assert "stops trying those no longer enabled" in text
+    assert "credentials or initiator name is not (fix it, then SIGHUP)" in text
+
+
+_FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO)))
+def test_configuration_examples_parse(document: Path) -> None:
+    # A newcomer copies them into /etc/iscsi-hba.conf: each must be a configuration the
+    # daemon takes (the multipath design's example had an unquoted "a, b" address list).
+    from hba.config import parse_config
+
+    for block in _FENCE.findall(document.read_text()):
+        if "TargetName" in block and "{" in block:
+            parse_config(block, f"{document.relative_to(REPO)} example")

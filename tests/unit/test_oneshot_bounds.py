@@ -392,3 +392,17 @@ def test_a_size_is_ascii_digits_and_a_unit(text: str) -> None:
 def test_a_size_is_positive(text: str) -> None:
     with pytest.raises(ConfigurationError, match="must be positive"):
         oneshot.parse_size(text)
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("", "it is a directory; give a file name, or - for standard input"),
+    ("missing", "there is no such file; check the path"),
+])
+def test_write_from_a_path_that_is_no_file_says_what_to_do(
+        capsys: pytest.CaptureFixture[str], tmp_path: Any, name: str, words: str) -> None:
+    # It said "Is a directory" / "No such file or directory", and nothing of what to give.
+    path = str(tmp_path / name) if name else str(tmp_path)
+    assert cli.main(["write", f"iscsi://127.0.0.1:1/{TGT}/0", "--initiator-name", INI,
+                     "--lba", "0", "-i", path]) == 2
+    err = capsys.readouterr().err
+    assert f"hbactl: cannot read {path}: {words}" in err and err.count("\n") == 1

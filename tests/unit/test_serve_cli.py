@@ -38,3 +38,10 @@ def test_a_drain_timeout_of_0_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(serve, "serve", served)
     assert serve.main([URL, "--device", "d", "--drain-timeout", "0"]) == 0
+
+
+def test_the_help_shows_the_url_as_it_is_written() -> None:
+    # argparse %-formats the options' help, not the epilog: '%%' there was printed as is.
+    text = serve.build_parser().format_help()
+    assert "[user[%secret]@]" in " ".join(text.split())
+    assert "%%" not in text

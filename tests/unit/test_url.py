@@ -507,3 +507,18 @@ def test_an_environment_variable_that_is_not_utf8_is_named(variable: str) -> Non
 def test_a_name_that_is_not_utf8_is_not_valid() -> None:
     with pytest.raises(ConfigurationError, match="not a valid iSCSI name: it is not UTF-8"):
         validate_iscsi_name(IQN + "\udcff")
+
+
+@pytest.mark.parametrize("text", [
+    "iscsi://" + "a" * 100_000 + "/iqn.2003-01.org.example:disk1/0",
+    "iscsi://[" + "f" * 100_000 + "]/iqn.2003-01.org.example:disk1/0",
+    "iscsi://host/iqn.2003-01.org.example:" + "\x01" * 100_000 + "/0",
+    "iscsi://host/iqn.2003-01.org.example:disk1/" + "x" * 100_000,
+    "iscsi://host/iqn.2003-01.org.example:disk1/0?" + "k" * 100_000 + "=1",
+    "iscsi://host:" + "9" * 100_000 + "/iqn.2003-01.org.example:disk1/0",
+])
+def test_a_huge_url_makes_a_short_message(text: str) -> None:
+    # It was quoted whole, up to three times: a 300 000-character "sentence".
+    with pytest.raises(ConfigurationError) as info:
+        parse_url(text)
+    assert len(str(info.value)) < 1500

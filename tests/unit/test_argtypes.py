@@ -1,0 +1,45 @@
+"""hbactl's numbers are the ones written: ASCII digits, refused with the option's name else."""
+
+from __future__ import annotations
+
+import pytest
+
+from hba.cli import main
+
+URL = "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0"
+ARABIC_ONE = "\u0661"
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["read", URL, "--lba", ARABIC_ONE, "--blocks", "1", "-o", "-"], "argument --lba"),
+    (["read", URL, "--lba", "0", "--blocks", "1_0", "-o", "-"], "argument --blocks"),
+    (["write", URL, "--lba", " 1", "-i", "-"], "argument --lba"),
+    (["perf", URL, "--queue-depth", ARABIC_ONE], "argument --queue-depth"),
+    (["perf", URL, "--seconds", "1_0"], "argument --seconds"),
+    (["inquiry", URL, "--login-timeout", ARABIC_ONE], "argument --login-timeout"),
+    (["inquiry", URL, "--command-timeout", "\uff15"], "argument --command-timeout"),
+    (["top", "--count", ARABIC_ONE], "argument --count"),
+    (["top", "--interval", "1_0"], "argument --interval"),
+    (["attach", "disk1", "--timeout", ARABIC_ONE], "argument --timeout"),
+    (["detach", "disk1", "--timeout", "5 "], "argument --timeout"),
+])
+def test_numbers_in_other_scripts_or_with_separators_are_refused(
+        capsys: pytest.CaptureFixture[str], argv: list[str], words: str) -> None:
+    # int() and float() take them: --lba with an Arabic-Indic 1 read block 1 of the LUN.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["top", "--count", "-1"], "--count must be at least 1"),
+    (["top", "--interval", "nan"], "--interval nan: expected a number of seconds above 0"),
+    (["perf", URL, "--seconds", "1e999"], "--seconds inf: expected a number of seconds"),
+    (["perf", URL, "--queue-depth", "-1"], "--queue-depth must be at least 1"),
+])
+def test_numbers_out_of_range_still_reach_the_commands_own_words(
+        capsys: pytest.CaptureFixture[str], argv: list[str], words: str) -> None:
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
