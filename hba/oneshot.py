@@ -280,9 +280,16 @@ async def _geometry(client: ScsiClient) -> tuple[Capacity, int]:
     return cap, max(1, limit)
 
 
+def _check_numbers(lba: int, blocks: int | None) -> None:
+    """What ``--lba``/``--blocks`` can be judged by before a login (the LUN's end is judged
+    after it, by :func:`_check_range`): a session for nothing is not opened."""
+    if lba < 0:
+        raise ConfigurationError(f"--lba {lba}: a block number is 0 or more")
+    if blocks is not None and blocks < 1:
+        raise ConfigurationError(f"--blocks {blocks}: give 1 or more blocks to move")
+
+
 def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
-    if lba < 0 or blocks < 0:
-        raise ConfigurationError("--lba and --blocks must not be negative")
     if lba + blocks > total:
         raise ConfigurationError(
             f"blocks {lba}..{lba + blocks - 1} are beyond the end of {url.target_iqn} LUN "
@@ -304,6 +311,7 @@ def check_writable(path: str) -> None:
 
 async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
     url = target_url(text)
+    _check_numbers(lba, blocks)
     if output != "-":
         check_writable(output)
 
@@ -348,6 +356,7 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
 async def cmd_write(text: str, options: Options, lba: int, source: str,
                     blocks: int | None) -> Result:
     url = target_url(text)
+    _check_numbers(lba, blocks)
     try:
         data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
     except IsADirectoryError:
@@ -360,6 +369,8 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     except OSError as exc:
         raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
     shown = "standard input" if source == "-" else source
+    if not data:
+        raise ConfigurationError(f"nothing to write: {shown} is empty")
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)

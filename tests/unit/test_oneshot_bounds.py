@@ -355,6 +355,25 @@ def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str
         assert ", 0 errors)" in out and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["read", "--lba", "-1", "--blocks", "1", "-o", "/dev/null"],
+     "--lba -1: a block number is 0 or more"),
+    (["read", "--lba", "0", "--blocks", "0", "-o", "/dev/null"],
+     "--blocks 0: give 1 or more blocks to move"),
+    (["write", "--lba", "-5", "-i", "/dev/null"], "--lba -5: a block number is 0 or more"),
+    (["write", "--lba", "0", "--blocks", "0", "-i", "/dev/null"],
+     "--blocks 0: give 1 or more blocks to move"),
+    (["write", "--lba", "0", "-i", "/dev/null"], "nothing to write: /dev/null is empty"),
+])
+def test_block_numbers_that_move_nothing_are_refused_before_a_login(
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    # Port 1 refuses: had the check waited for the LUN's capacity, the error would be the
+    # connection's. Before, --blocks 0 read nothing and exited 0.
+    status = cli.main([*argv, "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0"])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "cannot connect" not in err, err
+
+
 def test_perf_refuses_buffers_beyond_its_memory_bound(capsys: pytest.CaptureFixture[str]) -> None:
     # Port 1 refuses: the bound is checked before connecting, not after 2 GiB are allocated.
     status = cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
