@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import random
+import stat
 import sys
 import time
 from bisect import bisect_left
@@ -25,6 +26,7 @@ from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import CommandError, CommandTimeout, ConfigurationError, ISCSIError
 from initiator.login import Portal
+from initiator.output import open_for_writing
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
@@ -296,10 +298,20 @@ def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
             f"{url.lun}, which has {total} blocks (0..{total - 1})")
 
 
+_fifos: dict[str, int] = {}
+"""FIFOs :func:`check_writable` opened, by path, until :func:`open_output` takes them (or
+hbactl's command ends, :func:`release_outputs`: a ``--pcap`` or ``--histogram`` FIFO is opened
+again by its writer while this one is held)."""
+
+
 def check_writable(path: str) -> None:
     """Raise ConfigurationError when ``path`` cannot be written: checked before the login, so
     that a typo in a file name costs no session (and no run), without creating or truncating
-    the file before there is something to put in it."""
+    the file before there is something to put in it.
+
+    A FIFO is opened now (:func:`initiator.output.open_for_writing`): one that nobody reads is
+    refused at once rather than blocking hbactl after its run, and one that is read stays open
+    so that its reader does not see an end of file before the output comes."""
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise ConfigurationError(f"cannot write {path}: it is a directory; give a file name")
@@ -307,6 +319,29 @@ def check_writable(path: str) -> None:
         raise ConfigurationError(f"cannot write {path}: there is no directory {folder}")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ConfigurationError(f"cannot write {path}: permission denied")
+    try:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        fifo = False
+    if not fifo or path in _fifos:
+        return
+    try:
+        _fifos[path] = open_for_writing(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def release_outputs() -> None:
+    """Close the FIFOs :func:`check_writable` holds (their readers see the end of file)."""
+    while _fifos:
+        os.close(_fifos.popitem()[1])
+
+
+def open_output(path: str) -> IO[bytes]:
+    """``path`` opened for writing, truncated; a FIFO :func:`check_writable` holds is used as
+    it is, and another one with no reader fails at once (OSError) instead of blocking."""
+    fd = _fifos.pop(path, None)
+    return open(open_for_writing(path) if fd is None else fd, "wb")
 
 
 async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
@@ -324,7 +359,7 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
         cap, chunk = await _geometry(client)
         _check_range(lba, blocks, cap.blocks, url)
         try:
-            out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            out: IO[bytes] = sys.stdout.buffer if output == "-" else open_output(output)
         except OSError as exc:
             raise failed(exc) from None
         try:
