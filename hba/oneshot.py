@@ -7,11 +7,13 @@ plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
 import stat
 import sys
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -393,7 +395,7 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     url = target_url(text)
     _check_numbers(lba, blocks)
     try:
-        data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
+        data = await _read_input(source)
     except IsADirectoryError:
         raise ConfigurationError(
             f"cannot read {source}: it is a directory; give a file name, or - for standard "
@@ -433,9 +435,42 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     return await with_client(url, options, work)
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+async def _read_input(source: str) -> bytes:
+    """All of ``source`` (a path, or ``-`` for standard input), read in a thread of its own.
+
+    Opening a FIFO waits for its writer, and reading a pipe or a terminal waits for its data,
+    as ``cat`` does; done in the loop's thread, that wait could not be interrupted: asyncio's
+    Ctrl-C handler only cancels the main task, which runs again when the system call
+    returns. Awaited here, Ctrl-C cancels the wait at once, and the thread (a daemon, blocked
+    in the kernel) is left to end with hbactl."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    def settle(data: bytes | None, exc: BaseException | None) -> None:
+        if done.done():
+            return  # cancelled by Ctrl-C meanwhile
+        if exc is None:
+            assert data is not None
+            done.set_result(data)
+        else:
+            done.set_exception(exc)
+
+    def read() -> None:
+        data: bytes | None = None
+        error: BaseException | None = None
+        try:
+            if source == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(source, "rb") as f:
+                    data = f.read()
+        except BaseException as exc:  # any: the awaiting task raises it, or it would wait on
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: hbactl is ending
+            loop.call_soon_threadsafe(settle, data, error)
+
+    threading.Thread(target=read, name=f"read {source}", daemon=True).start()
+    return await done
 
 
 # -- perf -------------------------------------------------------------------------------------

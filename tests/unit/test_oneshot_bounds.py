@@ -487,3 +487,23 @@ def test_read_and_perf_write_into_a_fifo_that_is_read(tmp_path: Any) -> None:
             assert cli.main(["perf", "--initiator-name", INI, url.format(port), "--seconds",
                              "0.2", "--queue-depth", "2", "--histogram", fifo]) == 0
         assert b"</svg>" in b"".join(got)
+
+
+def test_ctrl_c_ends_a_write_waiting_for_its_fifo_writer(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # Opening a FIFO to read waits for its writer, as cat does; one Ctrl-C must end that wait
+    # (asyncio's handler only cancelled the main task, blocked in open()).
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    # To the process, as a terminal's Ctrl-C is: the kernel gives it to the main thread, whose
+    # wait it interrupts (raise_signal from the timer's thread would not wake an idle loop).
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        status = cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                           "--lba", "0", "-i", fifo])
+    finally:
+        timer.cancel()
+        # Let the reading thread, still in open(), see a writer come and go.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert status == 130 and "interrupted" in capsys.readouterr().err
