@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hba import plot
+from hba.config import MAX_QUEUE_DEPTH
 from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
@@ -499,6 +500,12 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
+    if settings.queue_depth > MAX_QUEUE_DEPTH:
+        # 100000 spent 5 s setting up its streams, well past --seconds 1.
+        raise ConfigurationError(
+            f"--queue-depth {settings.queue_depth} is more than {MAX_QUEUE_DEPTH}, the most "
+            "commands hbactl perf keeps in flight (the target's command window admits fewer "
+            "anyway)")
     if settings.block_size * settings.queue_depth > PERF_MAX_BUFFERS:
         # One buffer per command in flight: 64 MiB blocks at depth 32 would be 2 GiB.
         raise ConfigurationError(
