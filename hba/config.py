@@ -83,6 +83,11 @@ from initiator.keys import SessionType
 from initiator.url import MAX_LUN, DigestPreference, decimal, format_portal, parse_portal
 from initiator.url import validate_iscsi_name as _validate_iscsi_name
 
+MAX_QUEUE_DEPTH = 1024
+"""The most commands a LUN (QueueDepth) or ``hbactl perf --queue-depth`` keeps in flight: what
+open-iscsi allows for node.session.queue_depth. The session's command window (RFC 7143 §3.2.2.1)
+holds back what the target does not take anyway; more only costs buffers and setup."""
+
 __all__ = [
     "DEFAULT_PATH",
     "AuthMethod",
@@ -479,7 +484,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Protocol", None, _protocol),
     _Key("Offload", None, _text, note="hardware offload does not apply to iscsi-hba"),
     _Key("Lun", "lun", _integer(0, MAX_LUN, " (the LUN as lsscsi and libiscsi number it)")),
-    _Key("QueueDepth", "queue_depth", _integer(1, 1024)),
+    _Key("QueueDepth", "queue_depth", _integer(1, MAX_QUEUE_DEPTH)),
     _Key("ReplacementTimeout", "replacement_timeout", _integer(0, 86_400, " seconds")),
     _Key("LoginTimeout", "login_timeout", _integer(1, 3600, " seconds")),
     _Key("NoopInterval", "noop_interval", _integer(0, 3600, " seconds (0 disables NOPs)")),

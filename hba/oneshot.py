@@ -7,10 +7,13 @@ plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
+import stat
 import sys
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hba import plot
+from hba.config import MAX_QUEUE_DEPTH
 from hba.errors import EXIT_INTERRUPTED, HBAError
 from initiator import scsi, urlconfig
 from initiator.client import COMMAND_ATTEMPTS, Capacity, ScsiClient, retry_delay
@@ -25,6 +29,7 @@ from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import CommandError, CommandTimeout, ConfigurationError, ISCSIError
 from initiator.login import Portal
+from initiator.output import open_for_writing
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
@@ -296,10 +301,20 @@ def _check_range(lba: int, blocks: int, total: int, url: IscsiUrl) -> None:
             f"{url.lun}, which has {total} blocks (0..{total - 1})")
 
 
+_fifos: dict[str, int] = {}
+"""FIFOs :func:`check_writable` opened, by path, until :func:`open_output` takes them (or
+hbactl's command ends, :func:`release_outputs`: a ``--pcap`` or ``--histogram`` FIFO is opened
+again by its writer while this one is held)."""
+
+
 def check_writable(path: str) -> None:
     """Raise ConfigurationError when ``path`` cannot be written: checked before the login, so
     that a typo in a file name costs no session (and no run), without creating or truncating
-    the file before there is something to put in it."""
+    the file before there is something to put in it.
+
+    A FIFO is opened now (:func:`initiator.output.open_for_writing`): one that nobody reads is
+    refused at once rather than blocking hbactl after its run, and one that is read stays open
+    so that its reader does not see an end of file before the output comes."""
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise ConfigurationError(f"cannot write {path}: it is a directory; give a file name")
@@ -307,6 +322,29 @@ def check_writable(path: str) -> None:
         raise ConfigurationError(f"cannot write {path}: there is no directory {folder}")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ConfigurationError(f"cannot write {path}: permission denied")
+    try:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        fifo = False
+    if not fifo or path in _fifos:
+        return
+    try:
+        _fifos[path] = open_for_writing(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def release_outputs() -> None:
+    """Close the FIFOs :func:`check_writable` holds (their readers see the end of file)."""
+    while _fifos:
+        os.close(_fifos.popitem()[1])
+
+
+def open_output(path: str) -> IO[bytes]:
+    """``path`` opened for writing, truncated; a FIFO :func:`check_writable` holds is used as
+    it is, and another one with no reader fails at once (OSError) instead of blocking."""
+    fd = _fifos.pop(path, None)
+    return open(open_for_writing(path) if fd is None else fd, "wb")
 
 
 async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: str) -> Result:
@@ -324,7 +362,7 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
         cap, chunk = await _geometry(client)
         _check_range(lba, blocks, cap.blocks, url)
         try:
-            out: IO[bytes] = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            out: IO[bytes] = sys.stdout.buffer if output == "-" else open_output(output)
         except OSError as exc:
             raise failed(exc) from None
         try:
@@ -358,7 +396,7 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     url = target_url(text)
     _check_numbers(lba, blocks)
     try:
-        data = sys.stdin.buffer.read() if source == "-" else _read_file(source)
+        data = await _read_input(source)
     except IsADirectoryError:
         raise ConfigurationError(
             f"cannot read {source}: it is a directory; give a file name, or - for standard "
@@ -398,9 +436,42 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
     return await with_client(url, options, work)
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+async def _read_input(source: str) -> bytes:
+    """All of ``source`` (a path, or ``-`` for standard input), read in a thread of its own.
+
+    Opening a FIFO waits for its writer, and reading a pipe or a terminal waits for its data,
+    as ``cat`` does; done in the loop's thread, that wait could not be interrupted: asyncio's
+    Ctrl-C handler only cancels the main task, which runs again when the system call
+    returns. Awaited here, Ctrl-C cancels the wait at once, and the thread (a daemon, blocked
+    in the kernel) is left to end with hbactl."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    def settle(data: bytes | None, exc: BaseException | None) -> None:
+        if done.done():
+            return  # cancelled by Ctrl-C meanwhile
+        if exc is None:
+            assert data is not None
+            done.set_result(data)
+        else:
+            done.set_exception(exc)
+
+    def read() -> None:
+        data: bytes | None = None
+        error: BaseException | None = None
+        try:
+            if source == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(source, "rb") as f:
+                    data = f.read()
+        except BaseException as exc:  # any: the awaiting task raises it, or it would wait on
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: hbactl is ending
+            loop.call_soon_threadsafe(settle, data, error)
+
+    threading.Thread(target=read, name=f"read {source}", daemon=True).start()
+    return await done
 
 
 # -- perf -------------------------------------------------------------------------------------
@@ -429,6 +500,12 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
     url = target_url(text)
     if settings.queue_depth < 1:
         raise ConfigurationError("--queue-depth must be at least 1")
+    if settings.queue_depth > MAX_QUEUE_DEPTH:
+        # 100000 spent 5 s setting up its streams, well past --seconds 1.
+        raise ConfigurationError(
+            f"--queue-depth {settings.queue_depth} is more than {MAX_QUEUE_DEPTH}, the most "
+            "commands hbactl perf keeps in flight (the target's command window admits fewer "
+            "anyway)")
     if settings.block_size * settings.queue_depth > PERF_MAX_BUFFERS:
         # One buffer per command in flight: 64 MiB blocks at depth 32 would be 2 GiB.
         raise ConfigurationError(

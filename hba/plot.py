@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hba.errors import HBAError
+from initiator.output import open_for_writing
 from initiator.stats import Histogram, quantile
 
 __all__ = ["Series", "fine_buckets", "latency_svg", "require"]
@@ -157,7 +158,9 @@ def latency_svg(path: str, series: Sequence[Series], title: str, subtitle: str =
     fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout()
     try:
-        fig.savefig(path, format="svg", metadata={"Date": None})
+        # open_for_writing: a FIFO nobody reads fails at once instead of blocking for ever.
+        with open(open_for_writing(path), "wb") as out:
+            fig.savefig(out, format="svg", metadata={"Date": None})
     except OSError as exc:
         raise HBAError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:

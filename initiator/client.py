@@ -27,6 +27,7 @@ that answers UNIT ATTENTION (or BUSY) forever does not keep us forever."""
 # The least a command must return to be parsed at all (SPC-5 §6.7.2, §7.7.1; SBC-4 §5.21.2).
 STANDARD_INQUIRY_LENGTH = 36
 VPD_HEADER_LENGTH = 4
+MAX_ALLOCATION_LENGTH = 0xFFFF  # INQUIRY's two-byte ALLOCATION LENGTH field (SPC-5 §6.7.1)
 READ_CAPACITY16_LENGTH = 12
 NO_LOGICAL_UNIT = 0b011  # INQUIRY peripheral qualifier: nothing can be at this LUN
 MAX_BLOCK_SIZE = 1 << 20
@@ -111,8 +112,17 @@ class ScsiClient:
             await self.read_data(scsi.inquiry(), 255, STANDARD_INQUIRY_LENGTH))
 
     async def vpd(self, page: int, length: int = 4096) -> bytes:
-        return await self.read_data(scsi.inquiry(page, allocation_length=length), length,
+        """VPD ``page``: asked with ``length`` bytes and, when its header says the page is
+        longer than that, asked again with its length (SPC-5 §6.7.1: the device stops at the
+        allocation length), at most 65535, what the CDB's field holds. A longer page stays
+        cut short, and parsing it fails (ScsiDataError)."""
+        data = await self.read_data(scsi.inquiry(page, allocation_length=length), length,
                                     VPD_HEADER_LENGTH)
+        whole = min(scsi.vpd_page_length(data), MAX_ALLOCATION_LENGTH)
+        if len(data) == length < whole:
+            data = await self.read_data(scsi.inquiry(page, allocation_length=whole), whole,
+                                        VPD_HEADER_LENGTH)
+        return data
 
     async def supported_vpd_pages(self) -> tuple[int, ...]:
         try:

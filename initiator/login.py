@@ -57,7 +57,7 @@ from initiator.keys import (
 )
 from initiator.pdu import Stage
 from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
-from initiator.url import decimal, quoted
+from initiator.url import decimal, ipv6_literal, quoted
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,10 @@ class Portal:
                 if not rest.startswith(":"):
                     raise ConfigurationError(f"portal {quoted(text)}: expected ':port' after ']'")
                 port = _port(rest[1:], text)
-            try:
-                ipaddress.IPv6Address(host.split("%", 1)[0])
-            except ValueError:
-                raise ConfigurationError(
-                    f"portal {quoted(text)}: {quoted(host)} is not an IPv6 address") from None
+            # The zone is decoded and its characters checked (the text may be a target's),
+            # not looked up: in a TargetAddress it may name the target's interface as well as
+            # ours, and connecting to a zone this host lacks fails at once.
+            host = ipv6_literal(host, f"portal {quoted(text)}")
         elif raw.count(":") > 1:
             host = raw  # a bare IPv6 address without a port
             try:
@@ -113,6 +112,7 @@ class Portal:
                 raise ConfigurationError(
                     f"portal {quoted(text)}: put IPv6 addresses in brackets, as in [fe80::1]:3260"
                 ) from None
+            host = ipv6_literal(host, f"portal {quoted(text)}")
         else:
             host, colon, port_text = raw.partition(":")
             if colon:

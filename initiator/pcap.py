@@ -64,6 +64,8 @@ from typing import Any
 
 from scapy.utils import PcapWriter
 
+from initiator.output import open_for_writing
+
 __all__ = ["ISCSI_PORTS", "PcapRecorder"]
 
 log = logging.getLogger(__name__)
@@ -172,8 +174,15 @@ class PcapRecorder:
         # Open the file now so a bad path fails here, in the caller, not later in the thread.
         # A new file is made readable by its owner only: it holds the disk's data (and a CHAP
         # exchange), which the umask's 0644 would give every user of the machine.
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._writer: Any = PcapWriter(self.path, linktype=_LINKTYPE_RAW, append=append, sync=False)
+        # A FIFO with no reader fails here at once (NoReader) instead of blocking the open;
+        # this descriptor stays open until PcapWriter has opened the path, so that a FIFO's
+        # reader does not see an end of file in between.
+        fd = open_for_writing(self.path, mode=0o600, truncate=False)
+        try:
+            self._writer: Any = PcapWriter(self.path, linktype=_LINKTYPE_RAW, append=append,
+                                           sync=False)
+        finally:
+            os.close(fd)
         self._writer.write_header(None)
         self._queue: queue.Queue[list[_Segment] | None] = queue.Queue(maxsize=max_batches)
         self._thread = threading.Thread(

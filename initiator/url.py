@@ -12,6 +12,8 @@ accept it, since a one-shot command talks to one portal.
 
 * ``<host>`` is a DNS name, an IPv4 address, or an IPv6 address in brackets
   (``iscsi://[fe80::1]:3261/...``). The port defaults to 3260, IANA's ``iscsi-target``.
+  A link-local address takes its zone as RFC 6874 writes it, ``[fe80::1%25eth0]`` (a bare
+  ``[fe80::1%eth0]`` too); a zone that names no interface of this host is refused.
 * The first ``%`` separates ``<user>`` and ``<secret>`` (libiscsi's rule), so the user name is
   taken literally and cannot contain ``%`` or ``@``. The secret is percent-decoded: a literal
   ``%``, ``@`` or ``?`` inside it must be written ``%25``, ``%40``, ``%3F`` (a ``/`` may stay as
@@ -50,6 +52,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -64,8 +67,10 @@ __all__ = [
     "DigestPreference",
     "IscsiUrl",
     "check_seconds",
+    "check_zone",
     "decimal",
     "format_portal",
+    "ipv6_literal",
     "parse_portal",
     "parse_url",
     "validate_iscsi_name",
@@ -179,7 +184,9 @@ class IscsiUrl:
             if self.chap_secret is not None:
                 userinfo += "%" + _REDACTED
             userinfo += "@"
-        text = f"iscsi://{userinfo}" + ",".join(format_portal(h, p) for h, p in self.portals)
+        # A zone's '%' is written %25 in a URL (RFC 6874).
+        text = f"iscsi://{userinfo}" + ",".join(format_portal(h.replace("%", "%25"), p)
+                                                 for h, p in self.portals)
         if self.target_iqn is not None:
             text += f"/{self.target_iqn}/{self.lun}"
         options: list[str] = []
@@ -353,6 +360,62 @@ def _bracketed(text: str) -> str:
     return f"[{text}] or [{text}]:3260"
 
 
+_ZONE = re.compile(r"[A-Za-z0-9._~-]{1,15}")
+"""A zone (RFC 4007 §11: an interface name or index), once decoded: RFC 6874's ZoneID is
+unreserved characters, and a Linux interface name at most 15 bytes (IFNAMSIZ - 1)."""
+_PERCENT_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def ipv6_literal(text: str, where: str) -> str:
+    """The IPv6 address written between brackets in ``where``, with its zone if it has one
+    (``fe80::1%eth0``, as sockets take it); ConfigurationError if it is none.
+
+    RFC 6874 writes the zone's ``%`` as ``%25`` in a URL (``[fe80::1%25eth0]``), and its
+    §4 asks that a bare ``%`` not followed by two hex digits be taken too (``[fe80::1%eth0]``,
+    as typed and as a target may send it). The zone may come from a target: it is checked
+    against :data:`_ZONE` and quoted escaped, never used as it came."""
+    address, percent, zone = text.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise ConfigurationError(
+            f"{quoted(address)} in {where} is not an IPv6 address; brackets are only for IPv6 "
+            "addresses, e.g. [fe80::1]:3260"
+        ) from None
+    if not percent:
+        return address
+    if _PERCENT_ENCODED.match("%" + zone):
+        if not zone.startswith("25"):
+            raise ConfigurationError(
+                f"the zone of {quoted(text)} in {where} starts with {quoted('%' + zone[:2])}; "
+                "write the '%' before the zone as %25 (RFC 6874), e.g. [fe80::1%25eth0]")
+        zone = unquote_to_bytes(zone[2:]).decode("ascii", "replace")
+    if not _ZONE.fullmatch(zone):
+        raise ConfigurationError(
+            f"the zone {quoted(zone)} of {quoted(text)} in {where} is not a network interface "
+            "name or index (up to 15 letters, digits, '.', '_', '~', '-'), e.g. "
+            "[fe80::1%25eth0]")
+    return f"{address}%{zone}"
+
+
+def check_zone(host: str, where: str) -> None:
+    """Refuse an IPv6 address whose zone names no network interface of this host: else it
+    fails only when connecting, as a host name that does not resolve."""
+    _address, percent, zone = host.partition("%")
+    if not percent:
+        return
+    try:
+        index = decimal(zone)
+        if index is None:
+            socket.if_nametoindex(zone)
+        else:
+            socket.if_indextoname(index)
+    except (OSError, OverflowError):
+        raise ConfigurationError(
+            f"the zone {quoted(zone)} of {quoted(host)} in {where} names no network interface "
+            "of this host; give one `ip link` lists, e.g. [fe80::1%25eth0]") from None
+
+
 def _valid_hostname(host: str) -> bool:
     if len(host) > 253 or not host:
         return False
@@ -386,13 +449,8 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, i
                 "[IPv6 address][:port]"
             )
         port_text = rest[1:] if rest else None
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigurationError(
-                f"{quoted(host)} in address {quoted(text)} is not an IPv6 address; brackets "
-                "are only for IPv6 addresses, e.g. [fe80::1]:3260"
-            ) from None
+        host = ipv6_literal(host, f"address {quoted(text)}")
+        check_zone(host, f"address {quoted(text)}")
     else:
         if text.count(":") > 1:
             raise ConfigurationError(

@@ -47,7 +47,7 @@ from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.printable import PrintableFormatter
 from initiator.transport import Session
-from initiator.url import check_seconds
+from initiator.url import check_seconds, decimal
 from initiator.urlconfig import session_config, target_url
 from tcmu_handler.device import (
     SUBTYPE,
@@ -85,15 +85,24 @@ class Stopped(Exception):
     """SIGTERM/SIGINT arrived before the ring was being served."""
 
 
+def _digits(text: str) -> int:
+    """A whole number in ASCII digits (:func:`initiator.url.decimal`): ``int`` also takes
+    other scripts' digits, ``_``, spaces and signs. The range is checked by :func:`main`."""
+    number = decimal(text)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (digits 0-9)")
+    return number
+
+
 def parse_device_name(text: str) -> tuple[int | None, str]:
     """``NAME`` or ``user_<N>/NAME`` -> (hba index or None, NAME)."""
     head, slash, tail = text.partition("/")
     if slash:
-        index = head.removeprefix("user_")
-        if not head.startswith("user_") or not index.isdigit() or not tail or "/" in tail:
+        index = decimal(head.removeprefix("user_"))
+        if not head.startswith("user_") or index is None or not tail or "/" in tail:
             raise ConfigurationError(
                 f"--device {text!r}: expected a backstore name, or user_<N>/<name>")
-        return int(index), tail
+        return index, tail
     if not text:
         raise ConfigurationError("--device needs the TCMU backstore's name")
     return None, text
@@ -253,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", metavar="URL", help="the remote LUN")
     parser.add_argument("--device", required=True, metavar="NAME",
                         help="the TCMU backstore's name (or user_<N>/<name>)")
-    parser.add_argument("--lun", type=int, metavar="N",
+    parser.add_argument("--lun", type=_digits, metavar="N",
                         help="the target's LUN to send the commands to (default: the URL's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--takeover", dest="takeover", action="store_const",

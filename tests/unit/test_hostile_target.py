@@ -718,3 +718,18 @@ async def test_hbactl_blames_the_target_for_its_chap_protocol_errors(
         assert await hbactl("readcap", wrong) == 1
         err = capsys.readouterr().err
         assert "check chapSecret" in err and "broke the CHAP protocol" not in err
+
+
+@pytest.mark.parametrize("length", [251, 252, 4000])
+async def test_a_long_unit_serial_is_asked_for_again_and_shown_escaped(
+        capsys: pytest.CaptureFixture[str], length: int) -> None:
+    # Asked with 255 bytes, a serial over 251 was cut short, and the error hidden: `-`.
+    serial = ("\x1bS" + "0123456789" * 500)[:length]
+    target = fake(nodes=[TargetNode(TGT, {0: RamDisk(blocks=64, serial=serial)})])
+    async with FakeTargetServer(target) as server:
+        assert await hbactl("inquiry", "--json", url(server)) == 0
+        assert json.loads(capsys.readouterr().out)["unit_serial"] == serial
+        assert await hbactl("inquiry", url(server)) == 0
+        out = capsys.readouterr().out
+        assert_clean(out)
+        assert "\\x1bS0123456789" in out and serial[-20:] in out

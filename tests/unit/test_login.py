@@ -26,6 +26,7 @@ from initiator.chap import (
 )
 from initiator.errors import (
     AuthenticationError,
+    ConfigurationError,
     ISCSIError,
     NegotiationError,
     PDUFormatError,
@@ -617,3 +618,12 @@ def test_garbage_instead_of_a_response() -> None:
     target = FakeTarget(hostile=Hostility(login_hook=lambda req, resp: b"\x3f" * 48))
     with pytest.raises(ISCSIError):
         run(target, machine())
+
+
+def test_a_target_address_zone_is_decoded_and_checked_escaped() -> None:
+    assert Portal.parse("[fe80::1%25eth0]:3261,2") == Portal("fe80::1%eth0", 3261, 2)
+    assert Portal.parse("fe80::1%25eth0") == Portal("fe80::1%eth0", 3260)
+    # A target's zone was taken whatever it held, terminal escapes included.
+    with pytest.raises(ConfigurationError) as exc:
+        Portal.parse("[fe80::1%\x1b[2J]:3260,1")
+    assert "\x1b" not in str(exc.value) and "'\\x1b[2J'" in str(exc.value)

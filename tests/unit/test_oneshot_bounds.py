@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -383,6 +384,17 @@ def test_perf_refuses_buffers_beyond_its_memory_bound(capsys: pytest.CaptureFixt
     assert "lower one of them" in err
 
 
+def test_perf_refuses_a_queue_depth_beyond_its_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    # 100000 ran 6.3 s for --seconds 1, setting up one stream per command before the run.
+    status = cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                       "--queue-depth", "1025", "--block-size", "512"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--queue-depth 1025 is more than 1024" in err, err
+    assert cli.main(["perf", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                     "--queue-depth", "1024", "--block-size", "512", "--seconds", "0.1"]) == 1
+    assert "cannot connect to iSCSI portal 127.0.0.1:1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
 def test_perf_refuses_a_run_length_that_is_no_length(
         capsys: pytest.CaptureFixture[str], seconds: str) -> None:
@@ -425,3 +437,84 @@ def test_write_from_a_path_that_is_no_file_says_what_to_do(
                      "--lba", "0", "-i", path]) == 2
     err = capsys.readouterr().err
     assert f"hbactl: cannot read {path}: {words}" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["read", "--lba", "0", "--blocks", "1", "-o"],
+                                  ["perf", "--seconds", "0.1", "--histogram"],
+                                  ["readcap", "--pcap"]])
+def test_an_output_fifo_nobody_reads_is_refused_before_connecting(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    # It blocked in open() for ever: after the login for read, after the whole run for perf.
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    status = cli.main([*argv, fifo, "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"cannot write {fifo}: nobody is reading the FIFO {fifo}" in err, err
+    assert err.count("\n") == 1
+
+
+@contextmanager
+def fifo_reader(path: str) -> Iterator[list[bytes]]:
+    """A reader of the FIFO ``path`` (open before the test writes, as a shell's would be) that
+    collects what arrives until its writers are done after the block."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                data = None
+            if data:
+                got.append(data)
+            elif data is None or not done.is_set():
+                done.wait(0.01)  # no writer yet, or nothing more yet
+            else:
+                return
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield got
+    finally:
+        oneshot.release_outputs()
+        done.set()
+        thread.join(10)
+        os.close(fd)
+
+
+def test_read_and_perf_write_into_a_fifo_that_is_read(tmp_path: Any) -> None:
+    url = f"iscsi://127.0.0.1:{{}}/{TGT}/0"
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    with target_in_a_thread(fake()) as port:
+        with fifo_reader(fifo) as got:
+            assert cli.main(["read", "--initiator-name", INI, url.format(port), "--lba", "0",
+                             "--blocks", "4", "-o", fifo]) == 0
+        assert len(b"".join(got)) == 4 * 512
+        with fifo_reader(fifo) as got:
+            assert cli.main(["perf", "--initiator-name", INI, url.format(port), "--seconds",
+                             "0.2", "--queue-depth", "2", "--histogram", fifo]) == 0
+        assert b"</svg>" in b"".join(got)
+
+
+def test_ctrl_c_ends_a_write_waiting_for_its_fifo_writer(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # Opening a FIFO to read waits for its writer, as cat does; one Ctrl-C must end that wait
+    # (asyncio's handler only cancelled the main task, blocked in open()).
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    # To the process, as a terminal's Ctrl-C is: the kernel gives it to the main thread, whose
+    # wait it interrupts (raise_signal from the timer's thread would not wake an idle loop).
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        status = cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                           "--lba", "0", "-i", fifo])
+    finally:
+        timer.cancel()
+        # Let the reading thread, still in open(), see a writer come and go.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert status == 130 and "interrupted" in capsys.readouterr().err

@@ -522,3 +522,39 @@ def test_a_huge_url_makes_a_short_message(text: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         parse_url(text)
     assert len(str(info.value)) < 1500
+
+
+@pytest.mark.parametrize(("text", "host"), [
+    # RFC 6874: the zone's '%' is %25 in a URL; it was kept, and 'fe80::1%25lo' looked up.
+    ("iscsi://[fe80::1%25lo]/iqn.2003-01.org.example:d/0", "fe80::1%lo"),
+    ("iscsi://u%s@[fe80::1%25lo]:3261/iqn.2003-01.org.example:d/0", "fe80::1%lo"),
+    ("iscsi://[fe80::1%25%6Co]/iqn.2003-01.org.example:d/0", "fe80::1%lo"),
+    # RFC 6874 §4: a bare '%' not followed by two hex digits is taken as typed.
+    ("iscsi://[fe80::1%lo]/iqn.2003-01.org.example:d/0", "fe80::1%lo"),
+    ("iscsi://[fe80::1%251]/iqn.2003-01.org.example:d/0", "fe80::1%1"),  # lo's index
+])
+def test_an_ipv6_zone_is_decoded(text: str, host: str) -> None:
+    url = parse(text)
+    assert url.host == host
+    assert parse(str(url)).host == host and "[fe80::1%25" in str(url)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("iscsi://[fe80::1%25nosuchif0]/iqn.2003-01.org.example:d/0",
+     "the zone 'nosuchif0' of 'fe80::1%nosuchif0' in address '[fe80::1%25nosuchif0]' names "
+     "no network interface of this host"),
+    ("iscsi://[fe80::1%nosuchif0]/iqn.2003-01.org.example:d/0",
+     "the zone 'nosuchif0' of 'fe80::1%nosuchif0'"),
+    ("iscsi://[fe80::1%254000000000]/iqn.2003-01.org.example:d/0",
+     "names no network interface"),
+    ("iscsi://[fe80::1%2Flo]/iqn.2003-01.org.example:d/0",
+     "write the '%' before the zone as %25 (RFC 6874)"),
+    ("iscsi://[fe80::1%25]/iqn.2003-01.org.example:d/0",
+     "the zone '' of 'fe80::1%25'"),
+    ("iscsi://[fe80::1%25%1B]/iqn.2003-01.org.example:d/0",
+     "the zone '\\x1b' of 'fe80::1%25%1B'"),
+])
+def test_an_ipv6_zone_naming_no_interface_is_refused_when_parsed(text: str, words: str) -> None:
+    with pytest.raises(ConfigurationError) as exc:
+        parse(text)
+    assert words in str(exc.value)

@@ -1,0 +1,52 @@
+"""Open a file to write that may be a FIFO nobody reads.
+
+Theory of operation
+-------------------
+open(2) of a FIFO for writing blocks until a reader opens it (fifo(7)): a command told to put
+its result (``hbactl read -o``, ``--pcap``, ``--histogram``) in a FIFO that nobody reads would
+wait there for ever, after its login or its whole run. Opened with ``O_NONBLOCK``, the same
+open fails at once with ENXIO when there is no reader and succeeds when there is one; the flag
+is then cleared on that same descriptor, so that the writes block as usual when the reader is
+slow. A pipe named as ``/dev/fd/N`` (process substitution, ``-o >(gzip > x.gz)``) has its
+reader and opens as before; a regular file, a terminal or ``/dev/null`` ignore the flag.
+
+Inputs are left alone: a FIFO opened for reading waits for its writer, as ``cat`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+class NoReader(OSError):
+    """A FIFO to write has nobody reading it (ENXIO from a non-blocking open)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            errno.ENXIO,
+            f"nobody is reading the FIFO {path}; start its reader first (e.g. "
+            f"`cat {path} > FILE &`) or give a regular file",
+            path)
+
+
+def open_for_writing(path: str, *, mode: int = 0o666, truncate: bool = True) -> int:
+    """A blocking descriptor open for writing on ``path`` (created with ``mode`` if missing;
+    truncated with ``truncate``), or :class:`NoReader` at once for a FIFO with no reader."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and _is_fifo(path):
+            raise NoReader(path) from None
+        raise
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
