@@ -17,8 +17,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hba import control, top
-from hba.argtypes import seconds, whole_number
 from hba.errors import EXIT_INTERRUPTED, HBAError
+from initiator.argtypes import seconds, whole_number
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
 from initiator.recovery import progress_log

@@ -35,9 +35,9 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hba.argtypes import seconds
 from hba.disks import DiskState
 from hba.errors import HBAError
+from initiator.argtypes import seconds
 from initiator.printable import PrintableFormatter, printable
 
 if TYPE_CHECKING:

@@ -32,11 +32,14 @@ from hba import kernel
 from hba.daemon import Daemon, DaemonOptions, Disk
 from hba.errors import HBAError
 from hba.tgtd import TgtdError, TgtdProcess
+from initiator.argtypes import whole_number
 from initiator.errors import ISCSIError
 
 log = logging.getLogger("iscsi-hba.demo")
 REPO = Path(__file__).resolve().parent.parent
 DEMO_IQN = "iqn.2026-11.org.iscsi-hba:demo"
+MIN_SIZE = 16 << 20
+"""The smallest LUN ``--size`` makes: room for the ext4 filesystem, its journal and the file."""
 T = TypeVar("T")
 
 
@@ -149,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--here", action="store_true",
                         help="run on this kernel, never in the VM")
-    parser.add_argument("--size", default=1 << 30, type=int, help="LUN size in bytes")
+    parser.add_argument("--size", default=1 << 30, type=whole_number,
+                        help=f"LUN size in bytes, at least {MIN_SIZE} (default 1 GiB)")
     args = parser.parse_args(argv)
+    if args.size < MIN_SIZE:
+        parser.error(f"--size {args.size}: the demo's filesystem needs at least {MIN_SIZE} bytes")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if os.geteuid() != 0:
         print("hba.demo: run as root (it creates kernel devices)", file=sys.stderr)

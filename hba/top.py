@@ -32,8 +32,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-from hba.argtypes import seconds, whole_number
 from hba.control import client_error, connect_system_bus, disk_state
+from initiator.argtypes import seconds, whole_number
 from initiator.printable import printable
 
 __all__ = ["add_command", "format_frame", "rates"]

@@ -43,6 +43,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from initiator.argtypes import digits, seconds
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.login import Portal
 from initiator.printable import PrintableFormatter
@@ -83,15 +84,6 @@ class Takeover(enum.Enum):
 
 class Stopped(Exception):
     """SIGTERM/SIGINT arrived before the ring was being served."""
-
-
-def _digits(text: str) -> int:
-    """A whole number in ASCII digits (:func:`initiator.url.decimal`): ``int`` also takes
-    other scripts' digits, ``_``, spaces and signs. The range is checked by :func:`main`."""
-    number = decimal(text)
-    if number is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (digits 0-9)")
-    return number
 
 
 def parse_device_name(text: str) -> tuple[int | None, str]:
@@ -262,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", metavar="URL", help="the remote LUN")
     parser.add_argument("--device", required=True, metavar="NAME",
                         help="the TCMU backstore's name (or user_<N>/<name>)")
-    parser.add_argument("--lun", type=_digits, metavar="N",
+    parser.add_argument("--lun", type=digits, metavar="N",
                         help="the target's LUN to send the commands to (default: the URL's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--takeover", dest="takeover", action="store_const",
@@ -272,13 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                        const=Takeover.NEVER.value,
                        help="never reset the ring; serve what is on it")
     parser.set_defaults(takeover=Takeover.AUTO.value)
-    parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=seconds, default=60.0, metavar="SECONDS",
                         help="how long to wait for the device to appear (default 60)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long commands in flight may take (default 30)")
     parser.add_argument("--initiator-name", metavar="IQN",
                         help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
-    parser.add_argument("--login-timeout", type=float, default=15.0, metavar="SECONDS",
+    parser.add_argument("--login-timeout", type=seconds, default=15.0, metavar="SECONDS",
                         help="give up the first login after this long (default 15)")
     return parser
 

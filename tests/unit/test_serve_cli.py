@@ -31,6 +31,18 @@ def test_a_wait_without_a_bound_is_a_usage_error(
     assert not ran
 
 
+@pytest.mark.parametrize("option", ["--wait", "--login-timeout", "--drain-timeout"])
+@pytest.mark.parametrize("value", ["\u0661", "1_0", "\u00b2", "five"])
+def test_seconds_are_ascii_digits(capsys: pytest.CaptureFixture[str], option: str,
+                                  value: str) -> None:
+    # float() took them: '1_0' waited 10 s, an Arabic-Indic 1 one second.
+    with pytest.raises(SystemExit) as exit_:
+        serve.main([URL, "--device", "d", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option}: {value!r} is not a number of seconds" in err and "Traceback" not in err
+
+
 def test_a_drain_timeout_of_0_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve, "_configure_logging", lambda: None)
 

@@ -1,4 +1,6 @@
-"""The numbers a person types on hbactl's command line, as argparse types.
+"""The numbers a person types on a command line, as argparse types: hbactl's, and those of
+``python -m tcmu_handler.serve`` and ``python -m hba.demo`` (here, below both, so that
+tcmu_handler needs nothing of hba).
 
 ``type=int`` and ``type=float`` take more than a person means: other scripts' digits
 (``--lba`` with an Arabic-Indic one, U+0661, read block 1), ``_`` between digits, spaces
@@ -16,7 +18,7 @@ import re
 
 from initiator.url import decimal
 
-__all__ = ["seconds", "whole_number"]
+__all__ = ["digits", "seconds", "whole_number"]
 
 # A decimal number as a person writes one, or nan/inf (which check_seconds names).
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(nan|inf)",
@@ -26,11 +28,21 @@ _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(
 def whole_number(text: str) -> int:
     """ASCII digits, with an optional ``-`` (the command names a negative number itself); a
     number too long to matter is :data:`initiator.url.TOO_LARGE`."""
-    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text)
-    number = decimal(digits)
+    if text[:1] != "-":
+        return digits(text)
+    number = decimal(text[1:])
     if number is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (digits 0-9)")
-    return sign * number
+    return -number
+
+
+def digits(text: str) -> int:
+    """ASCII digits and nothing else, for a number that has no sign (a LUN): ``-0`` and
+    ``+1`` are refused like any other typo."""
+    number = decimal(text)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (digits 0-9)")
+    return number
 
 
 def seconds(text: str) -> float:
