@@ -108,7 +108,12 @@ async def with_client(url: IscsiUrl, options: Options,
 async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Result:
     """SendTargets; with ``luns``, also log in to each target and list its LUNs
     (:func:`_list_luns`). A target or LUN that fails is reported in its entry (``error``) and
-    makes the exit status 1; the others are listed all the same."""
+    makes the exit status 1; the others are listed all the same.
+
+    A TargetAddress that cannot be used is skipped and listed in ``skipped`` (target, address,
+    why), the rest listed all the same, as iscsiadm does; a target left without any usable
+    portal is not listed (nor logged in to). As iscsiadm's "No portals found", the exit status
+    is 1 when addresses were skipped and no portal is left at all."""
     url = parse_url(text)
     if not url.is_discovery:
         # SendTargets=All lists every target of the portal: a target or LUN in the URL would
@@ -125,10 +130,14 @@ async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Re
             {"name": t.name,
              "portals": [{"address": str(p), "host": p.host, "port": p.port, "tpgt": p.tpgt}
                          for p in t.portals]}
-            for t in targets
+            for t in targets if t.portals
         ],
+        "skipped": [{"target": t.name, "address": address, "error": why}
+                    for t in targets for address, why in t.unusable],
     }
-    if luns:
+    if result["skipped"] and not result["targets"]:
+        result["exit_status"] = 1
+    elif luns:
         failed = False
         for number, entry in enumerate(result["targets"], 1):
             entry["luns"], entry["error"] = await _list_luns(url, options, entry["name"], number)
