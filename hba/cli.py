@@ -242,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "that cannot be used is skipped with a warning on standard error naming "
                     "the target, the address and why, and the rest is listed (as iscsiadm "
                     "does); the exit status is then 1 only when no usable portal is left. "
-                    "With --pcap x.pcap, "
-                    "the session of the Nth target is recorded in x.targetN.pcap.")
+                    "With --luns --pcap x.pcap, "
+                    "the session of the Nth target is recorded in x.targetN.pcap, so x.pcap "
+                    "must then be a regular file (a FIFO or /dev/stdout is refused before "
+                    "any login).")
     p.add_argument("url", metavar="URL", help=PORTAL_URL)
     p.add_argument("--luns", action="store_true",
                    help="log in to each target and list its LUNs: type, vendor, product, size")
