@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -314,21 +314,10 @@ def test_recovery_progress_is_shown_with_v(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_the_daemon_logs_recovery_at_the_default_verbosity(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    from hba import control
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        control.configure_daemon_logging(0, environ={})
-        logging.getLogger(cli.RECOVERY_LOGGER).warning(
-            "%s: connection failed (%s); recovering", f"{TGT} at h:3260", "reset")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+        capsys: pytest.CaptureFixture[str], daemon_logging: Callable[..., None]) -> None:
+    daemon_logging(0, environ={})
+    logging.getLogger(cli.RECOVERY_LOGGER).warning(
+        "%s: connection failed (%s); recovering", f"{TGT} at h:3260", "reset")
     assert f"WARNING {TGT} at h:3260: connection failed (reset); recovering" in \
         capsys.readouterr().err
 
