@@ -57,7 +57,15 @@ def _options(args: argparse.Namespace) -> oneshot.Options:
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
     from hba import oneshot
 
-    return await oneshot.cmd_discover(args.url, _options(args), luns=args.luns)
+    result = await oneshot.cmd_discover(args.url, _options(args), luns=args.luns)
+    # On standard error with --json too, as iscsiadm does: one escaped line each.
+    for skipped in result["skipped"]:
+        print(f"hbactl: warning: {printable(skipped['error'])}", file=sys.stderr)
+    if result["skipped"] and not result["targets"]:
+        print(f"hbactl: no usable portal in the SendTargets answer of portal "
+              f"{printable(result['portal'])}: check the target's portal configuration",
+              file=sys.stderr)
+    return result
 
 
 async def _inquiry(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +107,7 @@ async def _perf(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_discover(r: dict[str, Any]) -> None:
-    if not r["targets"]:
+    if not r["targets"] and not r["skipped"]:
         print(f"portal {printable(r['portal'])} offers no targets to this initiator")
     for t in r["targets"]:
         for p in t["portals"]:
@@ -230,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "credentials and bounds, and list its LUNs (REPORT LUNS): device type, "
                     "vendor and product (INQUIRY), and the capacity of block devices (READ "
                     "CAPACITY), like libiscsi's iscsi-ls -s. A target or LUN that cannot be "
-                    "listed says why on its line and the exit status is 1. With --pcap x.pcap, "
-                    "the session of the Nth target is recorded in x.targetN.pcap.")
+                    "listed says why on its line and the exit status is 1. A TargetAddress "
+                    "that cannot be used is skipped with a warning on standard error naming "
+                    "the target, the address and why, and the rest is listed (as iscsiadm "
+                    "does); the exit status is then 1 only when no usable portal is left. "
+                    "With --luns --pcap x.pcap, "
+                    "the session of the Nth target is recorded in x.targetN.pcap, so x.pcap "
+                    "must then be a regular file (a FIFO or /dev/stdout is refused before "
+                    "any login).")
     p.add_argument("url", metavar="URL", help=PORTAL_URL)
     p.add_argument("--luns", action="store_true",
                    help="log in to each target and list its LUNs: type, vendor, product, size")

@@ -644,6 +644,8 @@ class Daemon:
             if not found:
                 problems.append(f"{portal} does not list {spec.target}")
                 continue
+            for _, why in found[0].unusable:
+                log.warning("%s: %s", spec.name, why)
             more = spec.with_portals(found[0].portals)
             if len(more.portals) > len(spec.portals):
                 log.info("%s: SendTargets at %s lists %s", spec.name, portal,

@@ -29,7 +29,7 @@ from initiator.command import CommandResult
 from initiator.discovery import discover
 from initiator.errors import CommandError, CommandTimeout, ConfigurationError, ISCSIError
 from initiator.login import Portal
-from initiator.output import open_for_writing
+from initiator.output import not_a_file, open_for_writing
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
@@ -108,7 +108,12 @@ async def with_client(url: IscsiUrl, options: Options,
 async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Result:
     """SendTargets; with ``luns``, also log in to each target and list its LUNs
     (:func:`_list_luns`). A target or LUN that fails is reported in its entry (``error``) and
-    makes the exit status 1; the others are listed all the same."""
+    makes the exit status 1; the others are listed all the same.
+
+    A TargetAddress that cannot be used is skipped and listed in ``skipped`` (target, address,
+    why), the rest listed all the same, as iscsiadm does; a target left without any usable
+    portal is not listed (nor logged in to). As iscsiadm's "No portals found", the exit status
+    is 1 when addresses were skipped and no portal is left at all."""
     url = parse_url(text)
     if not url.is_discovery:
         # SendTargets=All lists every target of the portal: a target or LUN in the URL would
@@ -118,6 +123,14 @@ async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Re
             f"{PORTAL_URL_SYNTAX}, and lists every target it offers (`hbactl inquiry` "
             "shows one LUN)")
     portal = Portal(url.host, url.port)
+    if luns and options.pcap is not None and (kind := not_a_file(options.pcap)) is not None:
+        # Before any login: the targets' captures would be regular files beside it.
+        example = _target_pcap(options.pcap, 1)
+        raise ConfigurationError(
+            f"--pcap {options.pcap} is {kind}: with --luns each target's session is "
+            f"recorded in a file of its own named after it ({example}, ...), which would be "
+            "created as regular files beside it; give a regular file's name with --luns (or "
+            "leave out --luns to record the discovery session alone into it)")
     targets = await discover(portal, session_config(url, options), pcap_path=options.pcap)
     result: Result = {
         "portal": str(portal),
@@ -125,10 +138,14 @@ async def cmd_discover(text: str, options: Options, *, luns: bool = False) -> Re
             {"name": t.name,
              "portals": [{"address": str(p), "host": p.host, "port": p.port, "tpgt": p.tpgt}
                          for p in t.portals]}
-            for t in targets
+            for t in targets if t.portals
         ],
+        "skipped": [{"target": t.name, "address": address, "error": why}
+                    for t in targets for address, why in t.unusable],
     }
-    if luns:
+    if result["skipped"] and not result["targets"]:
+        result["exit_status"] = 1
+    elif luns:
         failed = False
         for number, entry in enumerate(result["targets"], 1):
             entry["luns"], entry["error"] = await _list_luns(url, options, entry["name"], number)
@@ -172,8 +189,7 @@ async def _list_luns(url: IscsiUrl, options: Options, name: str, number: int,
 
     # Each session gets a capture of its own: the discovery session's file is not overwritten.
     if options.pcap is not None:
-        root, ext = os.path.splitext(options.pcap)
-        options = dataclasses.replace(options, pcap=f"{root}.target{number}{ext or '.pcap'}")
+        options = dataclasses.replace(options, pcap=_target_pcap(options.pcap, number))
     try:
         done = await with_client(dataclasses.replace(url, target_iqn=name, lun=0), options, work)
     except ConfigurationError:
@@ -184,6 +200,12 @@ async def _list_luns(url: IscsiUrl, options: Options, name: str, number: int,
             why = exc.strerror
         return found, (f"stopped after {len(found)} LUN(s): {why}" if found else why)
     return found, done["error"]
+
+
+def _target_pcap(path: str, number: int) -> str:
+    """The capture of the ``number``-th target's session of ``discover --luns --pcap path``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.target{number}{ext or '.pcap'}"
 
 
 async def report_luns(client: ScsiClient) -> tuple[scsi.ReportLuns, str | None]:

@@ -11,6 +11,11 @@ slow. A pipe named as ``/dev/fd/N`` (process substitution, ``-o >(gzip > x.gz)``
 reader and opens as before; a regular file, a terminal or ``/dev/null`` ignore the flag.
 
 Inputs are left alone: a FIFO opened for reading waits for its writer, as ``cat`` does.
+
+Names derived from an output's name (``hbactl discover --luns --pcap x.pcap`` records the Nth
+target's session in ``x.targetN.pcap``) are regular files whatever the output is: with a FIFO,
+``/dev/stdout`` or another device the derived files would land beside it unasked.
+:func:`not_a_file` says what such an output is, so that the command can refuse it up front.
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ def open_for_writing(path: str, *, mode: int = 0o666, truncate: bool = True) -> 
         raise
     os.set_blocking(fd, True)
     return fd
+
+
+def not_a_file(path: str) -> str | None:
+    """What ``path`` is when it exists and is not a regular file ("a FIFO", "a character
+    device", ...; symbolic links followed, so ``/dev/stdout`` is what standard output is), or
+    None for a regular file or a path that does not exist yet."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, what in _KINDS:
+        if test(mode):
+            return what
+    return None
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
 
 
 def _is_fifo(path: str) -> bool:

@@ -103,7 +103,9 @@ class RecoveryPolicy:
         self.logins = 0
         """Logins that succeeded during the current outage."""
         self.outage_attempts = 0
-        """Logins tried during the current outage (what the give-up message counts)."""
+        """Logins tried during the current outage: what the give-up message counts, and the
+        number of each attempt in the transport's progress lines (one count per outage, from
+        its start until a command completes again)."""
         self.cause = ""
         """Why the connection that started this outage was lost."""
         self.last_error = ""

@@ -40,7 +40,11 @@ Nothing the target sends is trusted to be sane. Data-In must arrive in order (wi
 either key No each command's received ranges are kept exactly (:class:`_Ranges`): a range
 received twice is the target's protocol error, and a command whose data has a hole completes
 with a :class:`~initiator.errors.TransferError`, so ``data_in_length`` still counts bytes the
-target placed contiguously from 0; each R2T
+target placed contiguously from 0. The DataSNs are kept the same way (the PDUs may come in any
+order, but they are still numbered 0, 1, 2... as sent, with a bidirectional command's R2Ts in
+the same sequence, §11.7.4): a DataSN received twice, or
+a status while DataSNs 0..N-1 (N - 1 the highest received) are not all there (a PDU lost),
+is the target's protocol error, as a DataSN out of order is with the keys Yes; each R2T
 is held to the rules of §11.8 (R2TSN, range, MaxBurstLength, no range asked twice, no more than
 MaxOutstandingR2T outstanding) before it is served; answers to the target's pings that it does
 not read are bounded; a flood of Async Messages asks the transport to act once. A breach is a
@@ -163,7 +167,7 @@ class Task:
     __slots__ = (
         "attr", "cdb", "cmd_sn", "data_in", "data_out", "data_sn", "immediate_sent", "in_len",
         "itt", "lost_at", "lun", "lun_wire", "on_done", "out_len", "r2t", "ranges",
-        "received", "reissues", "state", "unsent_frames", "unsolicited",
+        "received", "reissues", "sns", "state", "unsent_frames", "unsolicited",
     )
     lost_at: float
     """When the command was first lost with a connection (set by the transport then: never
@@ -210,6 +214,7 @@ class Task:
         self.state = _QUEUED
         self.received = 0          # Data-In bytes placed so far
         self.ranges: _Ranges | None = None  # where, when they may come out of order
+        self.sns: _Ranges | None = None     # their DataSNs (and bidi R2TSNs), likewise
         self.data_sn = 0           # next expected Data-In DataSN / R2TSN (one sequence, §11.8)
         self.unsent_frames = 0     # frames in the send queue that reference our buffers
         self.unsolicited = 0       # bytes sent without an R2T
@@ -223,6 +228,7 @@ class Task:
         self.state = TaskState.QUEUED
         self.received = 0
         self.ranges = None
+        self.sns = None
         self.data_sn = 0
         self.unsent_frames = 0
         self.unsolicited = 0
@@ -236,7 +242,8 @@ class Task:
 
 
 class _Ranges:
-    """The byte ranges of one command's Data-In received so far, when DataPDUInOrder or
+    """The byte ranges of one command's Data-In received so far (or, one number wide, their
+    DataSNs), when DataPDUInOrder or
     DataSequenceInOrder is No and the target may send them in any order (§13.18, §13.19):
     sorted, disjoint and not touching, so contiguous data is one range however many PDUs
     brought it. A target may send no byte twice (the PDUs of a command partition its data,
@@ -965,7 +972,7 @@ class ConnectionCore:
         task = self._tasks.get(itt)
         if task is None or (flags & 0x81) == 0x01 or ((
                 offset != task.received or data_sn != task.data_sn) if self._in_order
-                else length and not self._place(task, offset, length)):
+                else not self._place(task, offset, length, data_sn)):
             return False
         task.received += length
         task.data_sn = (data_sn + 1) & _MASK
@@ -1279,6 +1286,14 @@ class ConnectionCore:
                 "had already sent: each byte of a read comes once (RFC 7143 §11.7.5, "
                 "DataPDUInOrder/DataSequenceInOrder=No allow another order, not repeats); "
                 "dropping the connection")
+        if not self._in_order and task.sns is not None and task.sns.overlap(
+                pdu.data_sn, pdu.data_sn + 1):
+            raise RemoteProtocolError(
+                f"target {self.target} sent Data-In for {self._what(task)} at offset "
+                f"{pdu.buffer_offset} with DataSN {pdu.data_sn}, a DataSN it had already "
+                "sent: each PDU of a read has its own (RFC 7143 §11.7.4; "
+                "DataPDUInOrder/DataSequenceInOrder=No allow another order, not repeats); "
+                "dropping the connection")
         if pdu.status_present and not pdu.final:
             # Phase collapse: the status comes with the final Data-In (§11.7.4).
             raise RemoteProtocolError(
@@ -1293,20 +1308,42 @@ class ConnectionCore:
             pdu.status, pdu.itt, pdu.buffer_offset, pdu.stat_sn, pdu.exp_cmd_sn,
             pdu.max_cmd_sn, pdu.data_sn, pdu.residual_count, n)
 
-    def _place(self, task: Task, offset: int, length: int) -> bool:
-        """Note the ``length`` (> 0) bytes at ``offset`` of an out-of-order Data-In; False
-        (nothing noted) when they overlap bytes received before: :meth:`_on_data_in` says so.
-        Raises :class:`RemoteProtocolError` past :data:`MAX_DATA_IN_RANGES`."""
+    def _place(self, task: Task, offset: int, length: int, data_sn: int) -> bool:
+        """Note the ``length`` bytes at ``offset`` and the DataSN of an out-of-order Data-In;
+        False (nothing noted) when they overlap bytes received before or the DataSN was
+        received before: :meth:`_on_data_in` says so. Raises :class:`RemoteProtocolError`
+        past :data:`MAX_DATA_IN_RANGES`."""
         ranges = task.ranges
+        if length and ranges is not None and ranges.overlap(offset, offset + length):
+            return False
+        if not self._note_sn(task, data_sn):
+            return False
+        if not length:
+            return True
         if ranges is None:
             ranges = task.ranges = _Ranges()
-        elif ranges.overlap(offset, offset + length):
-            return False
         if ranges.add(offset, offset + length) > MAX_DATA_IN_RANGES:
             raise RemoteProtocolError(
                 f"target {self.target} scattered the Data-In of {self._what(task)} into more "
                 f"than {MAX_DATA_IN_RANGES} separate ranges (the last at offset {offset}, "
                 f"{length} bytes); dropping the connection")
+        return True
+
+    def _note_sn(self, task: Task, sn: int) -> bool:
+        """Note the DataSN (or, for a bidirectional command, R2TSN: one sequence, §11.7.4)
+        of a PDU of ``task`` received out of order; False (nothing noted) when it was received
+        before. Raises :class:`RemoteProtocolError` past :data:`MAX_DATA_IN_RANGES` separate
+        ranges of them, which bounds what a target numbering at random makes us keep."""
+        sns = task.sns
+        if sns is None:
+            sns = task.sns = _Ranges()
+        elif sns.overlap(sn, sn + 1):
+            return False
+        if sns.add(sn, sn + 1) > MAX_DATA_IN_RANGES:
+            raise RemoteProtocolError(
+                f"target {self.target} scattered the DataSNs of {self._what(task)} into more "
+                f"than {MAX_DATA_IN_RANGES} separate ranges (the last DataSN {sn}): PDUs are "
+                "numbered 0, 1, 2... as sent (RFC 7143 §11.7.4); dropping the connection")
         return True
 
     def _on_scsi_response(self, pdu: P.ScsiResponse) -> None:
@@ -1353,7 +1390,14 @@ class ConnectionCore:
         if state is None:
             state = task.r2t = _R2TState(task.unsolicited, params.data_sequence_in_order)
         problem = None
-        if pdu.r2t_sn != task.data_sn:
+        # A bidirectional command's R2Ts are numbered with its Data-In (§11.7.4), which out of
+        # order may come in any order: then the R2TSN must be one not taken yet.
+        unordered_bidi = not self._in_order and task.in_len
+        if unordered_bidi and task.sns is not None and task.sns.overlap(
+                pdu.r2t_sn, pdu.r2t_sn + 1):
+            problem = (f"R2TSN {pdu.r2t_sn}, a number a Data-In or R2T of the command already "
+                       "had (one sequence for both, §11.7.4)")
+        elif not unordered_bidi and pdu.r2t_sn != task.data_sn:
             problem = (f"R2TSN {pdu.r2t_sn} where {task.data_sn} was due (a lost or repeated "
                        "R2T, §11.8.2)")
         elif length > params.max_burst_length:
@@ -1386,6 +1430,8 @@ class ConnectionCore:
             raise RemoteProtocolError(
                 f"target {self.target} broke the R2T rules for {self._what(task)}: it asked "
                 f"for {problem}; dropping the connection")
+        if unordered_bidi:
+            self._note_sn(task, pdu.r2t_sn)
         task.data_sn = (task.data_sn + 1) & _MASK
         state.next_offset = max(state.next_offset, end)
         state.requested += length
@@ -1615,6 +1661,15 @@ class ConnectionCore:
                   bidi_residual: int) -> None:
         """The command got its status, by whichever route (a SCSI Response, a Data-In with
         status as a PDU or from its header's fields): the result goes to ``on_done``, once."""
+        if task.sns is not None and (lost := task.sns.first_hole(task.sns.bounds[-1])):
+            # Out of order, PDUs numbered 0..N-1 must all have come before the status
+            # (§11.7.4): one missing is a PDU lost, as a DataSN skipped is in order.
+            missing = (f"DataSN {lost[0]}" if lost[1] - lost[0] == 1
+                       else f"DataSNs {lost[0]}..{lost[1] - 1}")
+            raise RemoteProtocolError(
+                f"target {self.target} sent the status of {self._what(task)} with {missing} "
+                f"never sent, though it sent DataSN {task.sns.bounds[-1] - 1}: a PDU of the "
+                "command is missing (RFC 7143 §11.7.4); dropping the connection")
         del self._tasks[task.itt]
         self.stats_answered += 1
         # GOOD with no residual says every byte of a write arrived (§11.4.5), but the target

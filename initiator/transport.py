@@ -1311,8 +1311,10 @@ class Session:
         self._arm_policy()
 
     async def _attempt_login(self) -> None:
-        # The policy's count: a login that succeeds resets it (the backoff's exponent).
-        attempt = self._policy.attempts
+        # The outage's count, the one give_up_message() says: a reconnect that logged in but
+        # completed nothing does not end the outage, nor restart the numbering (the policy's
+        # ``attempts``, the backoff's exponent, starts over with every login).
+        attempt = self._policy.outage_attempts
         try:
             await self._connect_and_login()
         except Exception as exc:

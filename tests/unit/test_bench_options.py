@@ -19,6 +19,23 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
+def _refused(argv: list[str]) -> str:
+    """bench/argv[0] with argv[1:]: refused at once (exit 2, an error, no traceback); its
+    standard error."""
+    proc = subprocess.Popen([sys.executable, str(BENCH / argv[0]), *argv[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)   # the VM runner stops its VM on SIGTERM
+        proc.communicate(timeout=30)
+        pytest.fail(f"bench/{' '.join(argv)} started instead of refusing its options")
+    assert proc.returncode == 2, (out, err)
+    assert "error:" in err and "Traceback" not in err
+    return err
+
+
 @pytest.mark.parametrize("argv", [
     ["ring", "--seconds", "nan"],
     ["ring", "--seconds", "inf"],
@@ -39,14 +56,29 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     ["workers", "--repeat", "0"],
 ], ids=" ".join)
 def test_a_bad_run_length_or_count_is_refused_at_once(argv: list[str]) -> None:
-    proc = subprocess.Popen([sys.executable, str(BENCH / argv[0]), *argv[1:]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)   # the VM runner stops its VM on SIGTERM
-        proc.communicate(timeout=30)
-        pytest.fail(f"bench/{' '.join(argv)} started instead of refusing its options")
-    assert proc.returncode == 2, (out, err)
-    assert "error:" in err and "Traceback" not in err
+    _refused(argv)
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    # One picture, into the FIFO itself: nobody reads it (this failed after the whole run).
+    (["initiator_vs_libiscsi", "--sizes", "4k", "--no-load"], "nobody is reading the FIFO"),
+    # Several: the others would be regular files beside the FIFO.
+    (["initiator_vs_libiscsi"], "draws 4 pictures"),
+    (["initiator_vs_libiscsi", "--sizes", "4k", "--no-load", "--write"], "draws 2 pictures"),
+    # Always files named after it.
+    (["e2e_vs_open_iscsi"], "one per job"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_a_histogram_fifo_is_checked_before_the_run(
+        tmp_path: Path, argv: list[str], why: str) -> None:
+    fifo = tmp_path / "h.svg"
+    os.mkfifo(fifo)
+    err = _refused([*argv, "--seconds", "1", "--histogram", str(fifo)])
+    assert "error: --histogram" in err and why in err and str(fifo) in err, err
+    assert os.listdir(tmp_path) == ["h.svg"]
+
+
+@pytest.mark.parametrize("script", ["initiator_vs_libiscsi", "e2e_vs_open_iscsi"])
+def test_a_histogram_in_a_missing_directory_is_refused_before_the_run(
+        tmp_path: Path, script: str) -> None:
+    err = _refused([script, "--histogram", str(tmp_path / "no" / "h.svg")])
+    assert "error: --histogram" in err and "there is no directory" in err, err

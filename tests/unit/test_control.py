@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -861,12 +862,14 @@ async def test_daemon_refuses_a_config_others_can_read(tmp_path: Path) -> None:
 
 
 def test_daemon_prints_each_problem_of_its_configuration_on_a_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
-    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path / "hba.conf", "a {\n Lun = x\n}\nb {\n Foo\x1b[2J = 1\n}\n")
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
     assert cli.main(["daemon", "--config", config]) == control.EXIT_CONFIG
+    # The daemon's logging set-up, which replaces the root logger's handlers, is a no-op in
+    # every unit test without a stub of its own (tests/unit/conftest.py).
+    assert (list(root.handlers), root.level) == before
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"hbactl: 6 problems in {config}:"
     assert lines[3] == (f"  {config}:2: Lun 'x' must be a whole number from 0 to 65535 (the LUN "
@@ -1029,8 +1032,6 @@ def test_daemon_lists_the_kernel_problems_a_line_each(
         raise KernelSetupError("the kernel is not ready for iscsi-hba:\n  - module a missing"
                                "\n  - module b missing")
 
-    # The daemon's logging set-up replaces the root logger's handlers: not in a test process.
-    monkeypatch.setattr(control, "configure_daemon_logging", lambda verbose: None)
     monkeypatch.setattr("hba.kernel.preflight", not_ready)
     assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
                      "--workers", "1"]) == control.EXIT_CONFIG

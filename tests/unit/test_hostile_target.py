@@ -227,14 +227,52 @@ async def test_error_messages_quoting_the_target_are_escaped(
         err = capsys.readouterr().err
         assert err.startswith("hbactl: ") and err.count("\n") == 1 and "redirected" in err
         assert_clean(err)
-    # A target name quoted raw inside the message, as discovery does.
+    # A target name quoted raw inside the message, as discovery does: a warning line for the
+    # address skipped, and (no usable portal left, iscsiadm's "No portals found") an error.
     target = fake(nodes=[TargetNode(f"iqn.2003-01.org.example:{EVIL}", {0: RamDisk(blocks=64)},
                                     addresses=("127.0.0.1:port",))])
     async with FakeTargetServer(target) as server:
         assert await hbactl("discover", f"iscsi://127.0.0.1:{server.port}") == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "unusable TargetAddress" in err
+        assert err.count("\n") == 2 and "unusable TargetAddress" in err
+        assert "no usable portal" in err.splitlines()[1]
         assert_clean(err)
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+async def test_discover_skips_an_unusable_address_and_lists_the_rest(
+        capsys: pytest.CaptureFixture[str], json_output: bool) -> None:
+    """One target's bad TargetAddress failed the whole discover (exit 1, nothing listed).
+    As iscsiadm: a warning naming the target, the address and why; the rest listed; exit 0."""
+    bad = f"10.0.0.1:{EVIL}"
+    nodes = [TargetNode(f"iqn.2003-01.org.example:{EVIL}", {0: RamDisk(blocks=64)},
+                        addresses=(bad, "10.0.0.2:3260,2")),
+             TargetNode("iqn.2003-01.org.example:bad", {0: RamDisk(blocks=64)},
+                        addresses=("10.0.0.3:99999",)),
+             TargetNode("iqn.2003-01.org.example:good", {0: RamDisk(blocks=64)},
+                        addresses=("10.0.0.4:3260,1",))]
+    async with FakeTargetServer(fake(nodes=nodes)) as server:
+        argv = ["discover", *(["--json"] if json_output else []),
+                f"iscsi://127.0.0.1:{server.port}"]
+        assert await hbactl(*argv) == 0
+        captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 2 and all(line.startswith("hbactl: warning: portal ") for line in err)
+    assert f"for {printable(nodes[0].name)}, skipped" in err[0]
+    assert "for iqn.2003-01.org.example:bad, skipped" in err[1] and "99999" in err[1]
+    assert_clean(captured.err)
+    if json_output:
+        result = json.loads(captured.out)
+        assert [t["name"] for t in result["targets"]] == [
+            f"iqn.2003-01.org.example:{EVIL}", "iqn.2003-01.org.example:good"]
+        assert [(s["target"], s["address"]) for s in result["skipped"]] == [
+            (f"iqn.2003-01.org.example:{EVIL}", bad),
+            ("iqn.2003-01.org.example:bad", "10.0.0.3:99999")]
+    else:
+        assert_clean(captured.out)
+        assert captured.out.splitlines() == [
+            f"10.0.0.2:3260,2 {printable(nodes[0].name)}",
+            "10.0.0.4:3260,1 iqn.2003-01.org.example:good"]
 
 
 def test_daemon_list_and_status_escape_what_the_target_named() -> None:

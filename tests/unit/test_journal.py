@@ -9,12 +9,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from hba import control
 from hba.journal import JournalHandler, SessionEvents, encode, under_journal
 
 
@@ -163,25 +162,21 @@ def test_without_the_journal_records_go_to_the_fallback(tmp_path: Path) -> None:
 
 
 def test_daemon_logging_picks_the_journal_under_systemd(
-        journald: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        journald: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch,
+        daemon_logging: Callable[..., None]) -> None:
     sock, path = journald
     monkeypatch.setattr("hba.journal.JOURNAL_SOCKET", path)
     assert under_journal({"JOURNAL_STREAM": "8:1"}, path)
     assert not under_journal({}, path)
     assert not under_journal({"JOURNAL_STREAM": "8:1"}, path + ".missing")
     root = logging.getLogger()
-    saved = list(root.handlers), root.level
-    try:
-        control.configure_daemon_logging(0, {"JOURNAL_STREAM": "8:1"})
-        (handler,) = root.handlers
-        assert isinstance(handler, JournalHandler) and handler.path == path
-        logging.getLogger("iscsi-hba").info("hello", extra={"journal": {"DISK": "d1"}})
-        fields = receive(sock)
-        assert fields["MESSAGE"] == ["hello"] and fields["DISK"] == ["d1"]
-        handler.close()
-        control.configure_daemon_logging(0, {})
-        (handler,) = root.handlers
-        assert not isinstance(handler, JournalHandler)
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
+    daemon_logging(0, {"JOURNAL_STREAM": "8:1"})
+    (handler,) = root.handlers
+    assert isinstance(handler, JournalHandler) and handler.path == path
+    logging.getLogger("iscsi-hba").info("hello", extra={"journal": {"DISK": "d1"}})
+    fields = receive(sock)
+    assert fields["MESSAGE"] == ["hello"] and fields["DISK"] == ["d1"]
+    handler.close()
+    daemon_logging(0, {})
+    (handler,) = root.handlers
+    assert not isinstance(handler, JournalHandler)

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -227,6 +227,36 @@ def test_a_capture_that_cannot_be_written_is_refused_before_connecting(
     assert status == 2 and "cannot write" in err and "there is no directory" in err, err
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/null", "pipe"])
+def test_discover_luns_refuses_a_capture_that_is_not_a_file_before_connecting(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    """With --luns each target's session goes to x.targetN.pcap: for a FIFO or a device
+    those became regular files beside it, unasked. Refused before any login (port 1
+    refuses: reaching it would be a connection error), saying why and what to do; without
+    --luns the same path is taken."""
+    pipe = os.pipe()  # /dev/fd/N: as /dev/stdout is when standard output is a pipe
+    if kind == "fifo":
+        path = str(tmp_path / "x.pcap")
+        os.mkfifo(path)
+    else:
+        path = kind if kind != "pipe" else f"/dev/fd/{pipe[1]}"
+    try:
+        status = cli.main(["discover", "--luns", "iscsi://127.0.0.1:1", "--initiator-name",
+                           INI, "--pcap", path])
+    finally:
+        os.close(pipe[0])
+        os.close(pipe[1])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"--pcap {path} is a " in err and ".target1." in err and "regular file" in err
+    assert os.listdir(tmp_path) == (["x.pcap"] if kind == "fifo" else [])
+    if kind == "/dev/null":
+        status = cli.main(["discover", "iscsi://127.0.0.1:1", "--initiator-name", INI,
+                           "--login-timeout", "2", "--pcap", path])
+        err = capsys.readouterr().err
+        assert status == 1 and "is a " not in err, err
+
+
 @pytest.fixture
 def hbactl_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What hbactl's ``logging.basicConfig`` sets up in a process of its own, installed on
@@ -284,21 +314,10 @@ def test_recovery_progress_is_shown_with_v(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_the_daemon_logs_recovery_at_the_default_verbosity(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    from hba import control
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        control.configure_daemon_logging(0, environ={})
-        logging.getLogger(cli.RECOVERY_LOGGER).warning(
-            "%s: connection failed (%s); recovering", f"{TGT} at h:3260", "reset")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+        capsys: pytest.CaptureFixture[str], daemon_logging: Callable[..., None]) -> None:
+    daemon_logging(0, environ={})
+    logging.getLogger(cli.RECOVERY_LOGGER).warning(
+        "%s: connection failed (%s); recovering", f"{TGT} at h:3260", "reset")
     assert f"WARNING {TGT} at h:3260: connection failed (reset); recovering" in \
         capsys.readouterr().err
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from initiator.output import NoReader, open_for_writing
+from initiator.output import NoReader, not_a_file, open_for_writing
 from initiator.pcap import PcapRecorder
 
 
@@ -78,3 +78,14 @@ def test_a_capture_into_a_read_fifo_is_written(tmp_path: Path) -> None:
         assert os.read(reader, 65536)[:4] == bytes.fromhex("d4c3b2a1")
     finally:
         os.close(reader)
+
+
+def test_not_a_file_names_what_an_output_is(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "file").write_bytes(b"")
+    assert not_a_file(str(fifo)) == "a FIFO"
+    assert not_a_file("/dev/null") == "a character device"
+    assert not_a_file(str(tmp_path)) == "a directory"
+    assert not_a_file(str(tmp_path / "file")) is None
+    assert not_a_file(str(tmp_path / "missing")) is None

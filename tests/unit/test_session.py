@@ -590,6 +590,106 @@ def test_out_of_order_data_in_in_too_many_ranges_is_a_protocol_error() -> None:
         h.deliver(*(h.data_in(task, off, b"x") for off in range(0, size, 2)))
 
 
+@pytest.mark.parametrize("params", [
+    OUT_OF_ORDER, TransferParameters(data_pdu_in_order=False),
+    TransferParameters(data_sequence_in_order=False)])
+@pytest.mark.parametrize("chunk", [None, 48])
+@pytest.mark.parametrize(("sns", "again"), [
+    ([0, 1], 0),           # the first DataSN again, with bytes never sent
+    ([1, 0], 1),           # out of order, then repeated
+    ([0, 2], 2),
+])
+def test_out_of_order_data_in_with_a_datasn_repeated_is_a_protocol_error(
+        params: TransferParameters, chunk: int | None, sns: list[int], again: int) -> None:
+    """Out of order the bytes may come in any order, but each PDU still has its own DataSN
+    (§11.7.4): a DataSN again, even with new bytes (or none), is the target's protocol
+    error, as it is in order, on every path into the buffer."""
+    for last in (b"x" * 1024, b""):
+        h = Harness(params)
+        task = h.submit(data_in=views(bytearray(4096)))
+        h.sent()
+        h.deliver(*(h.data_in(task, 1024 * n, bytes(1024), data_sn=sn)
+                    for n, sn in enumerate(sns)), chunk=chunk)
+        with pytest.raises(RemoteProtocolError) as info:
+            h.deliver(h.data_in(task, 3072, last, data_sn=again), h.response(task),
+                      chunk=chunk)
+        message = str(info.value)
+        assert f"at offset 3072 with DataSN {again}, a DataSN it had already sent" in message
+        assert f"task 0x{task.itt:08x}" in message and "iqn.test:t" in message
+        assert h.result(task) is None and task.itt in h.core._tasks
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+@pytest.mark.parametrize(("sns", "missing"), [
+    ([1, 2, 3], "DataSN 0"),
+    ([0, 1, 3], "DataSN 2"),
+    ([3, 0], "DataSNs 1..2"),
+])
+def test_out_of_order_status_with_a_datasn_missing_is_a_protocol_error(
+        chunk: int | None, sns: list[int], missing: str) -> None:
+    """All the bytes there (or an honest residual), but a DataSN below the highest one never
+    came: a PDU was lost, and the status, in a SCSI Response or the last Data-In, is the
+    target's protocol error; the command stays for re-issue on the next connection."""
+    for via in ("response", "data_in"):
+        h = Harness(OUT_OF_ORDER)
+        size = 1024 * len(sns)
+        task = h.submit(data_in=views(bytearray(size)))
+        h.sent()
+        pdus: list[P.DataIn | P.ScsiResponse] = [
+            h.data_in(task, 1024 * n, bytes(1024), data_sn=sn, status=(
+                via == "data_in" and n == len(sns) - 1)) for n, sn in enumerate(sns)]
+        if via == "response":
+            pdus.append(h.response(task))
+        with pytest.raises(RemoteProtocolError) as info:
+            h.deliver(*pdus, chunk=chunk)
+        message = str(info.value)
+        assert f"with {missing} never sent, though it sent DataSN {max(sns)}" in message, via
+        assert f"task 0x{task.itt:08x}" in message and "iqn.test:t" in message
+        assert h.result(task) is None and task.itt in h.core._tasks
+
+
+def test_out_of_order_bidi_numbers_r2ts_and_data_in_in_one_sequence() -> None:
+    """A bidirectional command's R2Ts and Data-In share one numbering (§11.7.4): the R2TSNs
+    fill the DataSNs' sequence, and one a Data-In already had is the target's error."""
+    for repeat in (False, True):
+        h = Harness(TransferParameters(data_pdu_in_order=False, data_sequence_in_order=False,
+                                       immediate_data=False))
+        task = h.submit(data_out=views(bytearray(1024)), data_in=views(bytearray(2048)))
+        h.sent()
+        h.deliver(h.data_in(task, 1024, bytes(1024), data_sn=1),
+                  h.data_in(task, 0, bytes(1024), data_sn=0))
+        if repeat:
+            with pytest.raises(RemoteProtocolError, match="R2TSN 1, a number a Data-In or R2T"):
+                h.deliver(_nth_r2t(h, task, 1, 0, 1024))
+            continue
+        h.deliver(_nth_r2t(h, task, 2, 0, 1024))
+        assert task.sns is not None and task.sns.bounds == [0, 3]
+        h.sent()
+        h.deliver(h.response(task))
+        assert h.ok(task).data_in_length == 2048
+
+
+def test_out_of_order_datasns_in_too_many_ranges_is_a_protocol_error() -> None:
+    """Every other DataSN makes a range each: bounded as the byte ranges are, and adjacent
+    ones merge (then every DataSN there lets the read complete)."""
+    h = Harness(OUT_OF_ORDER)
+    n = 2 * MAX_DATA_IN_RANGES
+    task = h.submit(data_in=views(bytearray(n)))
+    h.sent()
+    h.deliver(*(h.data_in(task, sn, b"x", data_sn=sn) for sn in range(0, n, 2)))
+    assert task.sns is not None and len(task.sns.bounds) == n
+    h.deliver(*(h.data_in(task, sn, b"y", data_sn=sn) for sn in range(1, n, 2)),
+              h.response(task))
+    assert h.ok(task).data_in_length == n
+    h = Harness(OUT_OF_ORDER)
+    task = h.submit(data_in=views(bytearray(n)))
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match=f"DataSNs .* more than {MAX_DATA_IN_RANGES} "
+                       f"separate ranges \\(the last DataSN {n}\\)"):
+        # One byte range (offsets in order), DataSNs every other number.
+        h.deliver(*(h.data_in(task, i, b"x", data_sn=2 * i) for i in range(n)))
+
+
 @pytest.mark.parametrize("chunk", [None, 48])
 @pytest.mark.parametrize(("first", "then"), [
     ((0, 1024), (0, 1024)),       # repeated

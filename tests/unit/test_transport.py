@@ -753,6 +753,39 @@ async def test_the_reinstated_line_counts_the_login_attempts(
     assert "session reinstated after 2 attempt(s)" in caplog.text, caplog.text
 
 
+async def test_reconnect_attempts_are_numbered_over_the_whole_outage(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A reconnect that logged in but completed nothing does not end the outage, and the
+    give-up message counts its attempts from its start: the "reconnect attempt N failed"
+    lines restarted from 1 after it. One count per outage, reset when a command completes."""
+    caplog.set_level(logging.INFO, "initiator.recovery")
+    target = fake(hostile=Hostility(withhold=True))
+    async with logged_in(target, replacement_timeout=60.0) as (server, session):
+        future = asyncio.ensure_future(read(session, 7, 1))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        server.accepting = False
+        server.drop()
+        await within(until(lambda: "reconnect attempt 1 failed" in caplog.text))
+        # Attempt 2 logs in; the command it re-issues is held, and the connection breaks.
+        server.accepting = True
+        await within(until(lambda: "session reinstated after 2 attempt(s)" in caplog.text))
+        await server.wait_for(lambda: len(server.connections[-1].held) == 1)
+        server.accepting = False
+        server.drop()
+        await within(until(lambda: "reconnect attempt 3 failed" in caplog.text), 20)
+        assert caplog.text.count("reconnect attempt 1 failed") == 1, caplog.text
+        target.hostile.withhold = False
+        server.accepting = True
+        result, _ = await within(future, 20)
+        assert result.ok and "session reinstated after 4 attempt(s)" in caplog.text
+        # Working again: the next outage counts from 1.
+        server.accepting = False
+        server.drop()
+        await within(until(lambda: caplog.text.count("reconnect attempt 1 failed") == 2), 20)
+        server.accepting = True
+        assert (await within(read(session, 0, 1), 20))[0].ok
+
+
 async def test_replacement_timeout_fails_the_commands() -> None:
     target = fake(hostile=Hostility(withhold=True))
     async with serve(target) as server:
