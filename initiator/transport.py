@@ -1245,7 +1245,11 @@ class Session:
         worked = False
         if core is not None:
             worked = core.stats_answered > 0
-            self._pending = self._still_due(core.take_unfinished(), now) + self._pending
+            unfinished = core.take_unfinished()
+            # Given up (_fail_session drops the connection it logged in again): the session's
+            # error, which says why, is what every command gets (_fail_pending), not another.
+            self._pending = (unfinished if self._failed_error is not None else
+                             self._still_due(unfinished, now, error)) + self._pending
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._fail_pending(SessionFailed(f"session to {self.label} closed"))
             return
@@ -1262,10 +1266,12 @@ class Session:
             self._fail_pending(self._failed_error)
         self._arm_policy()
 
-    def _still_due(self, tasks: list[Task], now: float) -> list[Task]:
+    def _still_due(self, tasks: list[Task], now: float, error: ISCSIError) -> list[Task]:
         """The commands of a lost connection that are to be re-issued: not those lost with
         connection after connection for longer than the replacement timeout (one that breaks
-        every connection it is sent on would be retried forever while others complete)."""
+        every connection it is sent on would be retried forever while others complete).
+        Those end with an error that says why the last connection was lost (``error``): the
+        count of connections alone would not tell a person what the target did."""
         due: list[Task] = []
         for task in tasks:
             if task.reissues == 1:
@@ -1278,7 +1284,8 @@ class Session:
                         f"command 0x{task.cdb[0]:02x} (LUN {task.lun}) to {self.label} was "
                         f"lost with {task.reissues} connections in a row over "
                         f"{now - task.lost_at:.0f} s, beyond the replacement timeout of "
-                        f"{self.config.replacement_timeout:g} s"))
+                        f"{self.config.replacement_timeout:g} s; the last connection "
+                        f"ended with: {error}"))
                 continue
             due.append(task)
         return due

@@ -771,3 +771,62 @@ async def test_a_long_unit_serial_is_asked_for_again_and_shown_escaped(
         out = capsys.readouterr().out
         assert_clean(out)
         assert "\\x1bS0123456789" in out and serial[-20:] in out
+
+
+# --------------------------------------------------------------------------------------------
+# A lie that breaks connection after connection: the command's one error says what the target
+# did, not only how many connections it took
+
+
+async def test_a_command_window_that_never_opens_ends_with_the_reason() -> None:
+    """The window stays closed on every connection (MaxCmdSN = ExpCmdSN - 1): the session
+    gives up at the replacement timeout, and the READ gets the session's error, which names
+    the closed window; it used to get "lost with 2 connections in a row", naming nothing."""
+    target = fake(cmd_window=0)
+    async with logged_in(target, command_timeout=1.0, replacement_timeout=1.5,
+                         negotiation={"DefaultTime2Wait": "1"}) as (_, session):
+        with pytest.raises(SessionFailed) as failed:
+            await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert "kept its command window closed for 1 s" in str(failed.value), failed.value
+    assert "in a row" not in str(failed.value)
+
+
+async def test_a_command_that_breaks_every_connection_ends_with_the_last_reason() -> None:
+    """Every connection a READ is sent on is dropped by the target, after other commands
+    (TEST UNIT READY) completed on it: the session works, the READ alone is given up at the
+    replacement timeout, and its error says what ended the last connection."""
+    loop = asyncio.get_running_loop()
+    swallowed: set[object] = set()
+
+    def drop_after_a_read(conn: Any, pdu: P.PDU) -> bool:
+        if isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS:
+            swallowed.add(conn)
+            return True
+        if isinstance(pdu, P.ScsiCommand) and conn in swallowed:
+            loop.call_later(0.02, conn.drop)   # after this command's answer went out
+        return False
+
+    target = fake(Hostility(pdu_hook=drop_after_a_read))
+    async with logged_in(target, replacement_timeout=0.5) as (_, session):
+        client = ScsiClient(session, 0)
+        stop = asyncio.Event()
+
+        async def others() -> None:
+            while not stop.is_set():
+                try:
+                    await client.test_unit_ready()
+                except ISCSIError:
+                    pass
+                await asyncio.sleep(0.03)
+
+        background = asyncio.create_task(others())
+        try:
+            with pytest.raises(SessionFailed) as failed:
+                await within(client.read(0, 8, memoryview(bytearray(4096))))
+        finally:
+            stop.set()
+            await within(background)
+    assert "connections in a row" in str(failed.value), failed.value
+    assert str(failed.value).endswith(
+        f"; the last connection ended with: target 127.0.0.1:{target.portal_address.split(':')[1]}"
+        " closed the connection"), failed.value
