@@ -836,7 +836,7 @@ class Session:
         timeout = self.config.login_timeout
         deadline = loop.time() + timeout
         portal = self.portal
-        exchanges = [0]
+        exchanges = [0, 0]   # Login Responses: in all, and on the current connection
         redirects = 0
         try:
             async with asyncio.timeout_at(deadline):
@@ -866,10 +866,15 @@ class Session:
                         self.portal = portal
         except TimeoutError:
             where = f" and {redirects} redirect(s)" if redirects else ""
+            # A target that answers, but never ends the login (T=0 or C=1 in every response),
+            # is up and reachable: saying to check that would send a person the wrong way.
+            advice = "check that the target is up and its portal reachable" if not \
+                exchanges[1] else ("the target answered without completing the login; check "
+                                   "the target's logs and its login settings")
             raise ConnectionFailed(
                 f"login to {self.target_name or 'discovery'} at {portal} did not complete "
                 f"within the login timeout of {timeout:g} s ({exchanges[0]} login exchange(s)"
-                f"{where}); check that the target is up and its portal reachable") from None
+                f"{where}); {advice}") from None
 
     def _pcap_factory(self) -> Callable[[tuple[str, int], tuple[str, int]], PcapRecorder] | None:
         if self.pcap_path is None:
@@ -900,6 +905,7 @@ class Session:
             portal=conn.portal,
         )
         request = machine.start()
+        exchanges[1] = 0
         while True:
             conn.send_pdu(request)
             try:
@@ -917,6 +923,7 @@ class Session:
                 raise type(exc)(f"login to {self.target_name or 'discovery'} at {conn.portal}: "
                                 f"{exc}") from None
             exchanges[0] += 1
+            exchanges[1] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):
                 request = result
