@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from initiator import pdu as P
 from initiator.command import Buffers, CommandHandle, CommandResult, CompletionCallback
 from initiator.errors import (
+    CommandTimeout,
     ConfigurationError,
     ConnectionFailed,
     ISCSIError,
@@ -1174,8 +1175,16 @@ class Session:
     async def text(self, text: bytes) -> bytes:
         """One text exchange in Full Feature Phase; returns the whole answer. Bounded by
         ``command_timeout``."""
-        response = await self._control(lambda core, cb: core.text_request(
-            text, cb, deadline=self._deadline(self.config.command_timeout)))
+        timeout = self.config.command_timeout
+        try:
+            response = await self._control(lambda core, cb: core.text_request(
+                text, cb, deadline=self._deadline(timeout)))
+        except CommandTimeout:
+            # The core knows the deadline, not the bound it came from: name it, so that a
+            # person knows which setting gave up (hbactl discover waited 30 s "in time").
+            raise CommandTimeout(
+                f"target {self.label} did not answer our Text Request within the command "
+                f"timeout of {timeout:g} s; check the target's logs") from None
         return bytes(response.data)
 
     async def ping(self, data: bytes = b"") -> float:

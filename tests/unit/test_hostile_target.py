@@ -830,3 +830,20 @@ async def test_a_command_that_breaks_every_connection_ends_with_the_last_reason(
     assert str(failed.value).endswith(
         f"; the last connection ended with: target 127.0.0.1:{target.portal_address.split(':')[1]}"
         " closed the connection"), failed.value
+
+
+async def test_hbactl_discover_of_a_target_that_never_answers_names_the_bound(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SendTargets swallowed: discover ends at the command timeout, and says so (it said
+    "did not answer our Text Request (ITT 0x00000001) in time", after 30 s by default)."""
+    def swallow_text(conn: Any, pdu: P.PDU) -> bool:
+        return isinstance(pdu, P.TextRequest)
+
+    target = fake(Hostility(pdu_hook=swallow_text))
+    async with FakeTargetServer(target) as server:
+        assert await hbactl("discover", f"iscsi://127.0.0.1:{server.port}",
+                            "--command-timeout", "0.3") == 1
+    err = capsys.readouterr().err
+    assert err == (f"hbactl: target discovery at 127.0.0.1:{server.port} did not answer our "
+                   "Text Request within the command timeout of 0.3 s; check the target's "
+                   "logs\n"), err
