@@ -81,6 +81,7 @@ from initiator.errors import (
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
+    PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
     TransferError,
@@ -1363,7 +1364,15 @@ class ConnectionCore:
             -pdu.residual_count if pdu.overflow else 0)
         bidi_residual = pdu.bidi_residual_count if pdu.bidi_underflow else (
             -pdu.bidi_residual_count if pdu.bidi_overflow else 0)
-        sense = pdu.sense() if pdu.status == ScsiStatus.CHECK_CONDITION else b""
+        sense = b""
+        if pdu.status == ScsiStatus.CHECK_CONDITION:
+            try:
+                sense = pdu.sense()
+            except PDUFormatError as exc:
+                # The PDU names the lengths, not who sent it or for which command.
+                raise RemoteProtocolError(
+                    f"target {self.target} sent a malformed SCSI Response for "
+                    f"{self._what(task)}: {exc}") from None
         self._complete(task, pdu.status, sense, residual, bidi_residual)
 
     def _on_r2t(self, pdu: P.R2T) -> None:

@@ -340,6 +340,29 @@ def test_data_in_out_of_order_is_a_protocol_error(hostile: Hostility, words: str
     assert words in str(info.value) and not results
 
 
+def test_sense_data_longer_than_its_segment_names_the_target_and_command() -> None:
+    """A CHECK CONDITION whose sense length (255) is more than the segment holds (18): the
+    connection is dropped with an error that says who sent it and for what (it used to say
+    only "SCSI Response declares 255 bytes of sense data but carries 18")."""
+    def lying_sense(conn: Any, pdu: P.PDU) -> bool:
+        if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS):
+            return False
+        conn.exp_cmd_sn = (pdu.cmd_sn + 1) & 0xFFFFFFFF
+        conn.inject(P.ScsiResponse(response=0, status=0x02, itt=pdu.itt,
+                                   data=b"\x00\xff" + bytes(18), **conn._status_fields()))
+        return True
+
+    lb, core = loopback(fake(Hostility(pdu_hook=lying_sense)))
+    results: list[CommandResult | ISCSIError] = []
+    task = submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.pump()
+    assert str(info.value) == (
+        f"target fake sent a malformed SCSI Response for command 0x28 (task 0x{task.itt:08x}, "
+        "LUN 0): SCSI Response declares 255 bytes of sense data but carries 18")
+    assert not results
+
+
 def test_data_in_repeated_with_data_pdu_in_order_no_is_a_protocol_error() -> None:
     # DataPDUInOrder=No (forced by both sides, as SessionConfig.negotiation can): the first
     # PDU again instead of the last one used to count twice, and the read "completed" with

@@ -28,7 +28,6 @@ from initiator.errors import (
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
-    PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
     TransferError,
@@ -810,11 +809,13 @@ def test_sense_is_ignored_unless_check_condition() -> None:
     assert h.ok(task).sense == b"" and h.ok(task).status == ScsiStatus.BUSY
 
 
-def test_sense_length_beyond_the_segment_is_a_format_error() -> None:
+def test_sense_length_beyond_the_segment_is_a_protocol_error() -> None:
+    # The core's error, naming the target and the command, around the PDU's own words.
     h = Harness()
     task = h.submit()
     h.sent()
-    with pytest.raises(PDUFormatError, match="sense"):
+    with pytest.raises(RemoteProtocolError, match=r"sent a malformed SCSI Response for "
+                       r"command .*: SCSI Response declares 32 bytes of sense data"):
         h.deliver(h.response(task, status=CHECK_CONDITION, data=b"\x00\x20abc"))
 
 
