@@ -53,8 +53,10 @@ from initiator.errors import (
     CommandTimeout,
     ConfigurationError,
     ConnectionFailed,
+    DigestError,
     ISCSIError,
     LocalProtocolError,
+    PDUFormatError,
     ProtocolError,
     RemoteProtocolError,
     SessionFailed,
@@ -407,7 +409,7 @@ class Connection(asyncio.BufferedProtocol):
                 if pdus:
                     self._receive(core, pdus, now)
             except ISCSIError as exc:
-                self.fail(exc)
+                self.fail(self._from_target(exc))
                 return
             if nbytes < wanted or self.error is not None:
                 return
@@ -422,6 +424,16 @@ class Connection(asyncio.BufferedProtocol):
             if not reader.held:
                 return
             pdus = reader.parse_buffered()
+
+    def _from_target(self, error: ISCSIError) -> ISCSIError:
+        """The reader's errors name the bytes (a digest, a length, an opcode), not who sent
+        them: in Full Feature Phase, say it was the target (the core's errors already do)."""
+        if isinstance(error, DigestError):
+            return DigestError(f"target {self.portal}: {error}",
+                               header=error.header)
+        if type(error) is PDUFormatError:
+            return PDUFormatError(f"target {self.portal} sent a malformed PDU: {error}")
+        return error
 
     def eof_received(self) -> bool | None:
         self.fail(ConnectionFailed(f"target {self.portal} closed the connection"))
@@ -509,7 +521,7 @@ class Connection(asyncio.BufferedProtocol):
                     "during login, after a Login Response, before our next request")
             self._receive(core, reader.parse_buffered(), now)
         except ISCSIError as exc:
-            self.fail(exc)
+            self.fail(self._from_target(exc))
             return
         # From now on _on_readable reads, not asyncio: asyncio reads into one buffer per
         # loop iteration, and a large Data-In wants its payload and the next header in one.

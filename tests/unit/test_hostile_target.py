@@ -870,3 +870,41 @@ async def test_hbactl_discover_of_a_target_that_never_answers_names_the_bound(
     assert err == (f"hbactl: target discovery at 127.0.0.1:{server.port} did not answer our "
                    "Text Request within the command timeout of 0.3 s; check the target's "
                    "logs\n"), err
+
+
+# --------------------------------------------------------------------------------------------
+# The reader's errors say who sent the bytes
+
+
+async def test_a_pdu_beyond_our_segment_length_is_blamed_on_the_target(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NOP-In with 300000 bytes where we declared 262144: the connection is dropped (and the
+    READ re-issued on the next one) with an error that says which target sent it; it used
+    to say only "NopIn PDU has a 300000-byte data segment, ..."."""
+    sent: list[P.PDU] = []
+
+    def one_huge_nop_in(conn: Any, pdu: P.PDU) -> bool:
+        if not sent and isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS:
+            sent.append(pdu)
+            conn.inject(P.NopIn(itt=P.RESERVED_TAG, ttt=0x77, data=bytes(300000),
+                                **conn._status_fields(advance=False)))
+            return True
+        return False
+
+    target = fake(Hostility(pdu_hook=one_huge_nop_in))
+    caplog.set_level(logging.WARNING, logger="initiator.recovery")
+    async with logged_in(target) as (server, session):
+        await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert (f"connection failed (target 127.0.0.1:{server.port} sent a malformed PDU: NopIn "
+            "PDU has a 300000-byte data segment, more than the MaxRecvDataSegmentLength of "
+            "262144 we declared)") in caplog.text, caplog.text
+
+
+async def test_a_digest_error_is_blamed_on_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0, header_digest=("CRC32C",))
+    target = fake(Hostility(corrupt_header_digest=1), settings=settings)
+    caplog.set_level(logging.WARNING, logger="initiator.recovery")
+    async with logged_in(target, header_digest="CRC32C") as (server, session):
+        await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert f"connection failed (target 127.0.0.1:{server.port}: header digest mismatch" \
+        in caplog.text, caplog.text
