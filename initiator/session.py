@@ -24,7 +24,10 @@ wants renegotiation, reported a SCSI asynchronous event) become :class:`Event`\\
 Sequence numbers (§4.2.2): non-immediate commands take consecutive CmdSNs and are sent only
 while CmdSN is inside [ExpCmdSN, MaxCmdSN]; the rest wait in order. Immediate PDUs (task
 management, NOP-Out pings, logout) carry the current CmdSN without consuming it. Every PDU we
-send carries ExpStatSN = last StatSN received + 1, which acknowledges status.
+send carries ExpStatSN = last StatSN received + 1, which acknowledges status. An ExpCmdSN
+beyond the next CmdSN we assign (the target counting commands we never sent, which it would
+then drop as duplicates) is the target's protocol error, as it is in the final Login Response
+(:mod:`initiator.login`).
 
 Writes (§4.2.4 "Data Transfer", §13.13-13.14): up to FirstBurstLength bytes go unsolicited —
 as immediate data when ImmediateData=Yes, then as Data-Out PDUs with TTT 0xffffffff when
@@ -1250,6 +1253,14 @@ class ConnectionCore:
         if 0 < (exp_cmd_sn - 1 - max_cmd_sn) & _MASK < _HALF:
             return
         if 0 < (exp_cmd_sn - self.exp_cmd_sn) & _MASK < _HALF:
+            if 0 < (exp_cmd_sn - self.cmd_sn) & _MASK < _HALF:
+                # It claims CmdSNs we never used: it would take the commands that get them
+                # for duplicates and drop them (§4.2.2.1), and they would only time out.
+                raise RemoteProtocolError(
+                    f"target {self.target} acknowledged CmdSN up to {(exp_cmd_sn - 1) & _MASK} "
+                    f"(ExpCmdSN {exp_cmd_sn}), but the next CmdSN we assign is {self.cmd_sn}: "
+                    "it counts commands we never sent (RFC 7143 §4.2.2.1); dropping the "
+                    "connection")
             self.exp_cmd_sn = exp_cmd_sn
         if 0 < (max_cmd_sn - self.max_cmd_sn) & _MASK < _HALF:
             self.max_cmd_sn = max_cmd_sn

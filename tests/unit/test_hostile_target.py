@@ -598,7 +598,7 @@ async def test_a_session_with_an_r2t_storming_target_fails_instead_of_streaming(
 
 def nop_in_pings(n: int, first_ttt: int = 0x100) -> bytes:
     return b"".join(P.encode(P.NopIn(itt=P.RESERVED_TAG, ttt=first_ttt + i, stat_sn=0x1000,
-                                     exp_cmd_sn=1, max_cmd_sn=64)) for i in range(n))
+                                     exp_cmd_sn=0, max_cmd_sn=64)) for i in range(n))
 
 
 def flood_core() -> tuple[ConnectionCore, PDUReader]:
@@ -631,7 +631,7 @@ def test_pings_that_are_read_are_all_answered() -> None:
 def test_a_flood_of_async_requests_is_acted_on_once() -> None:
     core, reader = flood_core()
     raw = b"".join(P.encode(P.AsyncMessage(itt=P.RESERVED_TAG, async_event=event, stat_sn=0x1000,
-                                           exp_cmd_sn=1, max_cmd_sn=64))
+                                           exp_cmd_sn=0, max_cmd_sn=64))
                    for event in (P.AsyncEvent.LOGOUT_REQUEST, P.AsyncEvent.NEGOTIATION_REQUEST)
                    for _ in range(500))
     for pdu in reader.feed(raw):
@@ -908,3 +908,41 @@ async def test_a_digest_error_is_blamed_on_the_target(caplog: pytest.LogCaptureF
         await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
     assert f"connection failed (target 127.0.0.1:{server.port}: header digest mismatch" \
         in caplog.text, caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# ExpCmdSN beyond every CmdSN we used: the target would drop our next commands as duplicates
+
+
+def test_a_login_that_expects_cmdsns_we_never_used_is_refused() -> None:
+    """The final Login Response says ExpCmdSN 1000 where our Login Request carried CmdSN 0:
+    the target would take CmdSN 0..999 for duplicates (§4.2.2.1) and every command would only
+    time out; the login fails at once, naming the target and the numbers."""
+    def expect_1000(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
+        if resp.transit and resp.nsg is P.Stage.FULL_FEATURE:
+            resp.exp_cmd_sn, resp.max_cmd_sn = 1000, 1031
+            return resp
+        return None
+
+    lb = Loopback(fake(Hostility(login_hook=expect_1000)))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.login(LoginMachine(initiator_name=INI, target_name=TGT, isid=ISID))
+    assert str(info.value) == (
+        f"target {TGT} completed the login expecting CmdSN 1000, beyond the 0 of our Login "
+        "Request: it counts commands we never sent (RFC 7143 §4.2.2.1)")
+
+
+def test_an_expcmdsn_beyond_the_commands_sent_is_a_protocol_error() -> None:
+    lb, core = loopback(fake())
+    results: list[CommandResult | ISCSIError] = []
+    submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    lb.pump()
+    assert results and core.cmd_sn == core.exp_cmd_sn == 1
+    # A NOP-In (no ping, only the numbers) acknowledging CmdSN 1..4 as well.
+    lb.conn.inject(P.NopIn(itt=P.RESERVED_TAG, ttt=P.RESERVED_TAG, stat_sn=lb.conn.stat_sn,
+                           exp_cmd_sn=5, max_cmd_sn=36))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.pump()
+    assert str(info.value) == (
+        "target fake acknowledged CmdSN up to 4 (ExpCmdSN 5), but the next CmdSN we assign is "
+        "1: it counts commands we never sent (RFC 7143 §4.2.2.1); dropping the connection")
