@@ -611,6 +611,13 @@ class LoginMachine:
         if r.tsih == 0:
             raise RemoteProtocolError(
                 f"target {self.label} completed the login without assigning a TSIH (§11.13.3)")
+        if 0 < (r.exp_cmd_sn - self.cmd_sn) & 0xFFFFFFFF < 0x80000000:
+            # It would take our first commands (CmdSN from ours up) for duplicates and drop
+            # them (§4.2.2.1): they would only time out, one after the other.
+            raise RemoteProtocolError(
+                f"target {self.label} completed the login expecting CmdSN {r.exp_cmd_sn}, "
+                f"beyond the {self.cmd_sn} of our Login Request: it counts commands we never "
+                "sent (RFC 7143 §4.2.2.1)")
         if self.chap is not None:
             self.chap.check_complete()
         params = self.negotiator.finish()

@@ -246,7 +246,12 @@ def _parse_ahs(raw: memoryview) -> tuple[AHS, ...]:
             raise PDUFormatError("truncated additional header segment")
         length, ahs_type, specific = _AHS_HEAD.unpack_from(raw, pos)
         end = pos + 3 + length
-        if length == 0 or end > len(raw):
+        if length == 0:
+            # The length counts the type-specific byte (see _ahs_bytes): 0 is no AHS at all.
+            raise PDUFormatError(
+                f"additional header segment of type {ahs_type} has AHSLength 0, too short "
+                "for even its type-specific byte (RFC 7143 §11.2.2.2)")
+        if end > len(raw):
             raise PDUFormatError(
                 f"additional header segment of type {ahs_type} claims {length} bytes, "
                 f"more than the {len(raw) - pos - 3} left in TotalAHSLength"

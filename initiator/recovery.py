@@ -240,7 +240,7 @@ class RecoveryPolicy:
         """Why the session failed, for the error every waiting command gets."""
         if self._hopeless is not None:
             last = (f"; the target asked to wait {self._hopeless:g} s (Time2Wait) before "
-                    "logging in again, longer than that")
+                    "logging in again, which would end after the replacement timeout does")
         elif self.phase is Phase.LOGGED_IN and self._reconnected:
             last = "; it logged in again, but the target completed no command since"
         elif self.phase is Phase.CONNECTING:

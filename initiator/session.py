@@ -24,7 +24,10 @@ wants renegotiation, reported a SCSI asynchronous event) become :class:`Event`\\
 Sequence numbers (§4.2.2): non-immediate commands take consecutive CmdSNs and are sent only
 while CmdSN is inside [ExpCmdSN, MaxCmdSN]; the rest wait in order. Immediate PDUs (task
 management, NOP-Out pings, logout) carry the current CmdSN without consuming it. Every PDU we
-send carries ExpStatSN = last StatSN received + 1, which acknowledges status.
+send carries ExpStatSN = last StatSN received + 1, which acknowledges status. An ExpCmdSN
+beyond the next CmdSN we assign (the target counting commands we never sent, which it would
+then drop as duplicates) is the target's protocol error, as it is in the final Login Response
+(:mod:`initiator.login`).
 
 Writes (§4.2.4 "Data Transfer", §13.13-13.14): up to FirstBurstLength bytes go unsolicited —
 as immediate data when ImmediateData=Yes, then as Data-Out PDUs with TTT 0xffffffff when
@@ -81,6 +84,7 @@ from initiator.errors import (
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
+    PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
     TransferError,
@@ -1249,6 +1253,14 @@ class ConnectionCore:
         if 0 < (exp_cmd_sn - 1 - max_cmd_sn) & _MASK < _HALF:
             return
         if 0 < (exp_cmd_sn - self.exp_cmd_sn) & _MASK < _HALF:
+            if 0 < (exp_cmd_sn - self.cmd_sn) & _MASK < _HALF:
+                # It claims CmdSNs we never used: it would take the commands that get them
+                # for duplicates and drop them (§4.2.2.1), and they would only time out.
+                raise RemoteProtocolError(
+                    f"target {self.target} acknowledged CmdSN up to {(exp_cmd_sn - 1) & _MASK} "
+                    f"(ExpCmdSN {exp_cmd_sn}), but the next CmdSN we assign is {self.cmd_sn}: "
+                    "it counts commands we never sent (RFC 7143 §4.2.2.1); dropping the "
+                    "connection")
             self.exp_cmd_sn = exp_cmd_sn
         if 0 < (max_cmd_sn - self.max_cmd_sn) & _MASK < _HALF:
             self.max_cmd_sn = max_cmd_sn
@@ -1363,7 +1375,15 @@ class ConnectionCore:
             -pdu.residual_count if pdu.overflow else 0)
         bidi_residual = pdu.bidi_residual_count if pdu.bidi_underflow else (
             -pdu.bidi_residual_count if pdu.bidi_overflow else 0)
-        sense = pdu.sense() if pdu.status == ScsiStatus.CHECK_CONDITION else b""
+        sense = b""
+        if pdu.status == ScsiStatus.CHECK_CONDITION:
+            try:
+                sense = pdu.sense()
+            except PDUFormatError as exc:
+                # The PDU names the lengths, not who sent it or for which command.
+                raise RemoteProtocolError(
+                    f"target {self.target} sent a malformed SCSI Response for "
+                    f"{self._what(task)}: {exc}") from None
         self._complete(task, pdu.status, sense, residual, bidi_residual)
 
     def _on_r2t(self, pdu: P.R2T) -> None:

@@ -50,10 +50,13 @@ from typing import TYPE_CHECKING, Any
 from initiator import pdu as P
 from initiator.command import Buffers, CommandHandle, CommandResult, CompletionCallback
 from initiator.errors import (
+    CommandTimeout,
     ConfigurationError,
     ConnectionFailed,
+    DigestError,
     ISCSIError,
     LocalProtocolError,
+    PDUFormatError,
     ProtocolError,
     RemoteProtocolError,
     SessionFailed,
@@ -406,7 +409,7 @@ class Connection(asyncio.BufferedProtocol):
                 if pdus:
                     self._receive(core, pdus, now)
             except ISCSIError as exc:
-                self.fail(exc)
+                self.fail(self._from_target(exc))
                 return
             if nbytes < wanted or self.error is not None:
                 return
@@ -421,6 +424,16 @@ class Connection(asyncio.BufferedProtocol):
             if not reader.held:
                 return
             pdus = reader.parse_buffered()
+
+    def _from_target(self, error: ISCSIError) -> ISCSIError:
+        """The reader's errors name the bytes (a digest, a length, an opcode), not who sent
+        them: in Full Feature Phase, say it was the target (the core's errors already do)."""
+        if isinstance(error, DigestError):
+            return DigestError(f"target {self.portal}: {error}",
+                               header=error.header)
+        if type(error) is PDUFormatError:
+            return PDUFormatError(f"target {self.portal} sent a malformed PDU: {error}")
+        return error
 
     def eof_received(self) -> bool | None:
         self.fail(ConnectionFailed(f"target {self.portal} closed the connection"))
@@ -508,7 +521,7 @@ class Connection(asyncio.BufferedProtocol):
                     "during login, after a Login Response, before our next request")
             self._receive(core, reader.parse_buffered(), now)
         except ISCSIError as exc:
-            self.fail(exc)
+            self.fail(self._from_target(exc))
             return
         # From now on _on_readable reads, not asyncio: asyncio reads into one buffer per
         # loop iteration, and a large Data-In wants its payload and the next header in one.
@@ -836,7 +849,7 @@ class Session:
         timeout = self.config.login_timeout
         deadline = loop.time() + timeout
         portal = self.portal
-        exchanges = [0]
+        exchanges = [0, 0]   # Login Responses: in all, and on the current connection
         redirects = 0
         try:
             async with asyncio.timeout_at(deadline):
@@ -866,10 +879,15 @@ class Session:
                         self.portal = portal
         except TimeoutError:
             where = f" and {redirects} redirect(s)" if redirects else ""
+            # A target that answers, but never ends the login (T=0 or C=1 in every response),
+            # is up and reachable: saying to check that would send a person the wrong way.
+            advice = "check that the target is up and its portal reachable" if not \
+                exchanges[1] else ("the target answered without completing the login; check "
+                                   "the target's logs and its login settings")
             raise ConnectionFailed(
                 f"login to {self.target_name or 'discovery'} at {portal} did not complete "
                 f"within the login timeout of {timeout:g} s ({exchanges[0]} login exchange(s)"
-                f"{where}); check that the target is up and its portal reachable") from None
+                f"{where}); {advice}") from None
 
     def _pcap_factory(self) -> Callable[[tuple[str, int], tuple[str, int]], PcapRecorder] | None:
         if self.pcap_path is None:
@@ -900,6 +918,7 @@ class Session:
             portal=conn.portal,
         )
         request = machine.start()
+        exchanges[1] = 0
         while True:
             conn.send_pdu(request)
             try:
@@ -917,6 +936,7 @@ class Session:
                 raise type(exc)(f"login to {self.target_name or 'discovery'} at {conn.portal}: "
                                 f"{exc}") from None
             exchanges[0] += 1
+            exchanges[1] += 1
             result = machine.receive(response)
             if isinstance(result, P.LoginRequest):
                 request = result
@@ -1167,8 +1187,16 @@ class Session:
     async def text(self, text: bytes) -> bytes:
         """One text exchange in Full Feature Phase; returns the whole answer. Bounded by
         ``command_timeout``."""
-        response = await self._control(lambda core, cb: core.text_request(
-            text, cb, deadline=self._deadline(self.config.command_timeout)))
+        timeout = self.config.command_timeout
+        try:
+            response = await self._control(lambda core, cb: core.text_request(
+                text, cb, deadline=self._deadline(timeout)))
+        except CommandTimeout:
+            # The core knows the deadline, not the bound it came from: name it, so that a
+            # person knows which setting gave up (hbactl discover waited 30 s "in time").
+            raise CommandTimeout(
+                f"target {self.label} did not answer our Text Request within the command "
+                f"timeout of {timeout:g} s; check the target's logs") from None
         return bytes(response.data)
 
     async def ping(self, data: bytes = b"") -> float:
@@ -1245,7 +1273,11 @@ class Session:
         worked = False
         if core is not None:
             worked = core.stats_answered > 0
-            self._pending = self._still_due(core.take_unfinished(), now) + self._pending
+            unfinished = core.take_unfinished()
+            # Given up (_fail_session drops the connection it logged in again): the session's
+            # error, which says why, is what every command gets (_fail_pending), not another.
+            self._pending = (unfinished if self._failed_error is not None else
+                             self._still_due(unfinished, now, error)) + self._pending
         if self._closing or self.state in (SessionState.CLOSED, SessionState.LOGGING_OUT):
             self._fail_pending(SessionFailed(f"session to {self.label} closed"))
             return
@@ -1262,10 +1294,12 @@ class Session:
             self._fail_pending(self._failed_error)
         self._arm_policy()
 
-    def _still_due(self, tasks: list[Task], now: float) -> list[Task]:
+    def _still_due(self, tasks: list[Task], now: float, error: ISCSIError) -> list[Task]:
         """The commands of a lost connection that are to be re-issued: not those lost with
         connection after connection for longer than the replacement timeout (one that breaks
-        every connection it is sent on would be retried forever while others complete)."""
+        every connection it is sent on would be retried forever while others complete).
+        Those end with an error that says why the last connection was lost (``error``): the
+        count of connections alone would not tell a person what the target did."""
         due: list[Task] = []
         for task in tasks:
             if task.reissues == 1:
@@ -1278,7 +1312,8 @@ class Session:
                         f"command 0x{task.cdb[0]:02x} (LUN {task.lun}) to {self.label} was "
                         f"lost with {task.reissues} connections in a row over "
                         f"{now - task.lost_at:.0f} s, beyond the replacement timeout of "
-                        f"{self.config.replacement_timeout:g} s"))
+                        f"{self.config.replacement_timeout:g} s; the last connection "
+                        f"ended with: {error}"))
                 continue
             due.append(task)
         return due

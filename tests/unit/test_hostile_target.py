@@ -340,6 +340,29 @@ def test_data_in_out_of_order_is_a_protocol_error(hostile: Hostility, words: str
     assert words in str(info.value) and not results
 
 
+def test_sense_data_longer_than_its_segment_names_the_target_and_command() -> None:
+    """A CHECK CONDITION whose sense length (255) is more than the segment holds (18): the
+    connection is dropped with an error that says who sent it and for what (it used to say
+    only "SCSI Response declares 255 bytes of sense data but carries 18")."""
+    def lying_sense(conn: Any, pdu: P.PDU) -> bool:
+        if not (isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS):
+            return False
+        conn.exp_cmd_sn = (pdu.cmd_sn + 1) & 0xFFFFFFFF
+        conn.inject(P.ScsiResponse(response=0, status=0x02, itt=pdu.itt,
+                                   data=b"\x00\xff" + bytes(18), **conn._status_fields()))
+        return True
+
+    lb, core = loopback(fake(Hostility(pdu_hook=lying_sense)))
+    results: list[CommandResult | ISCSIError] = []
+    task = submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.pump()
+    assert str(info.value) == (
+        f"target fake sent a malformed SCSI Response for command 0x28 (task 0x{task.itt:08x}, "
+        "LUN 0): SCSI Response declares 255 bytes of sense data but carries 18")
+    assert not results
+
+
 def test_data_in_repeated_with_data_pdu_in_order_no_is_a_protocol_error() -> None:
     # DataPDUInOrder=No (forced by both sides, as SessionConfig.negotiation can): the first
     # PDU again instead of the last one used to count twice, and the read "completed" with
@@ -575,7 +598,7 @@ async def test_a_session_with_an_r2t_storming_target_fails_instead_of_streaming(
 
 def nop_in_pings(n: int, first_ttt: int = 0x100) -> bytes:
     return b"".join(P.encode(P.NopIn(itt=P.RESERVED_TAG, ttt=first_ttt + i, stat_sn=0x1000,
-                                     exp_cmd_sn=1, max_cmd_sn=64)) for i in range(n))
+                                     exp_cmd_sn=0, max_cmd_sn=64)) for i in range(n))
 
 
 def flood_core() -> tuple[ConnectionCore, PDUReader]:
@@ -608,7 +631,7 @@ def test_pings_that_are_read_are_all_answered() -> None:
 def test_a_flood_of_async_requests_is_acted_on_once() -> None:
     core, reader = flood_core()
     raw = b"".join(P.encode(P.AsyncMessage(itt=P.RESERVED_TAG, async_event=event, stat_sn=0x1000,
-                                           exp_cmd_sn=1, max_cmd_sn=64))
+                                           exp_cmd_sn=0, max_cmd_sn=64))
                    for event in (P.AsyncEvent.LOGOUT_REQUEST, P.AsyncEvent.NEGOTIATION_REQUEST)
                    for _ in range(500))
     for pdu in reader.feed(raw):
@@ -771,3 +794,155 @@ async def test_a_long_unit_serial_is_asked_for_again_and_shown_escaped(
         out = capsys.readouterr().out
         assert_clean(out)
         assert "\\x1bS0123456789" in out and serial[-20:] in out
+
+
+# --------------------------------------------------------------------------------------------
+# A lie that breaks connection after connection: the command's one error says what the target
+# did, not only how many connections it took
+
+
+async def test_a_command_window_that_never_opens_ends_with_the_reason() -> None:
+    """The window stays closed on every connection (MaxCmdSN = ExpCmdSN - 1): the session
+    gives up at the replacement timeout, and the READ gets the session's error, which names
+    the closed window; it used to get "lost with 2 connections in a row", naming nothing."""
+    target = fake(cmd_window=0)
+    async with logged_in(target, command_timeout=1.0, replacement_timeout=1.5,
+                         negotiation={"DefaultTime2Wait": "1"}) as (_, session):
+        with pytest.raises(SessionFailed) as failed:
+            await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert "kept its command window closed for 1 s" in str(failed.value), failed.value
+    assert "in a row" not in str(failed.value)
+
+
+async def test_a_command_that_breaks_every_connection_ends_with_the_last_reason() -> None:
+    """Every connection a READ is sent on is dropped by the target, after other commands
+    (TEST UNIT READY) completed on it: the session works, the READ alone is given up at the
+    replacement timeout, and its error says what ended the last connection."""
+    loop = asyncio.get_running_loop()
+    swallowed: set[object] = set()
+
+    def drop_after_a_read(conn: Any, pdu: P.PDU) -> bool:
+        if isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS:
+            swallowed.add(conn)
+            return True
+        if isinstance(pdu, P.ScsiCommand) and conn in swallowed:
+            loop.call_later(0.02, conn.drop)   # after this command's answer went out
+        return False
+
+    target = fake(Hostility(pdu_hook=drop_after_a_read))
+    async with logged_in(target, replacement_timeout=0.5) as (_, session):
+        client = ScsiClient(session, 0)
+        stop = asyncio.Event()
+
+        async def others() -> None:
+            while not stop.is_set():
+                try:
+                    await client.test_unit_ready()
+                except ISCSIError:
+                    pass
+                await asyncio.sleep(0.03)
+
+        background = asyncio.create_task(others())
+        try:
+            with pytest.raises(SessionFailed) as failed:
+                await within(client.read(0, 8, memoryview(bytearray(4096))))
+        finally:
+            stop.set()
+            await within(background)
+    assert "connections in a row" in str(failed.value), failed.value
+    assert str(failed.value).endswith(
+        f"; the last connection ended with: target 127.0.0.1:{target.portal_address.split(':')[1]}"
+        " closed the connection"), failed.value
+
+
+async def test_hbactl_discover_of_a_target_that_never_answers_names_the_bound(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SendTargets swallowed: discover ends at the command timeout, and says so (it said
+    "did not answer our Text Request (ITT 0x00000001) in time", after 30 s by default)."""
+    def swallow_text(conn: Any, pdu: P.PDU) -> bool:
+        return isinstance(pdu, P.TextRequest)
+
+    target = fake(Hostility(pdu_hook=swallow_text))
+    async with FakeTargetServer(target) as server:
+        assert await hbactl("discover", f"iscsi://127.0.0.1:{server.port}",
+                            "--command-timeout", "0.3") == 1
+    err = capsys.readouterr().err
+    assert err == (f"hbactl: target discovery at 127.0.0.1:{server.port} did not answer our "
+                   "Text Request within the command timeout of 0.3 s; check the target's "
+                   "logs\n"), err
+
+
+# --------------------------------------------------------------------------------------------
+# The reader's errors say who sent the bytes
+
+
+async def test_a_pdu_beyond_our_segment_length_is_blamed_on_the_target(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NOP-In with 300000 bytes where we declared 262144: the connection is dropped (and the
+    READ re-issued on the next one) with an error that says which target sent it; it used
+    to say only "NopIn PDU has a 300000-byte data segment, ..."."""
+    sent: list[P.PDU] = []
+
+    def one_huge_nop_in(conn: Any, pdu: P.PDU) -> bool:
+        if not sent and isinstance(pdu, P.ScsiCommand) and pdu.cdb[0] in READS:
+            sent.append(pdu)
+            conn.inject(P.NopIn(itt=P.RESERVED_TAG, ttt=0x77, data=bytes(300000),
+                                **conn._status_fields(advance=False)))
+            return True
+        return False
+
+    target = fake(Hostility(pdu_hook=one_huge_nop_in))
+    caplog.set_level(logging.WARNING, logger="initiator.recovery")
+    async with logged_in(target) as (server, session):
+        await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert (f"connection failed (target 127.0.0.1:{server.port} sent a malformed PDU: NopIn "
+            "PDU has a 300000-byte data segment, more than the MaxRecvDataSegmentLength of "
+            "262144 we declared)") in caplog.text, caplog.text
+
+
+async def test_a_digest_error_is_blamed_on_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    settings = NegotiationSettings.rfc_defaults(default_time2wait=0, header_digest=("CRC32C",))
+    target = fake(Hostility(corrupt_header_digest=1), settings=settings)
+    caplog.set_level(logging.WARNING, logger="initiator.recovery")
+    async with logged_in(target, header_digest="CRC32C") as (server, session):
+        await within(ScsiClient(session, 0).read(0, 8, memoryview(bytearray(4096))))
+    assert f"connection failed (target 127.0.0.1:{server.port}: header digest mismatch" \
+        in caplog.text, caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# ExpCmdSN beyond every CmdSN we used: the target would drop our next commands as duplicates
+
+
+def test_a_login_that_expects_cmdsns_we_never_used_is_refused() -> None:
+    """The final Login Response says ExpCmdSN 1000 where our Login Request carried CmdSN 0:
+    the target would take CmdSN 0..999 for duplicates (§4.2.2.1) and every command would only
+    time out; the login fails at once, naming the target and the numbers."""
+    def expect_1000(req: P.LoginRequest, resp: P.LoginResponse) -> P.LoginResponse | None:
+        if resp.transit and resp.nsg is P.Stage.FULL_FEATURE:
+            resp.exp_cmd_sn, resp.max_cmd_sn = 1000, 1031
+            return resp
+        return None
+
+    lb = Loopback(fake(Hostility(login_hook=expect_1000)))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.login(LoginMachine(initiator_name=INI, target_name=TGT, isid=ISID))
+    assert str(info.value) == (
+        f"target {TGT} completed the login expecting CmdSN 1000, beyond the 0 of our Login "
+        "Request: it counts commands we never sent (RFC 7143 §4.2.2.1)")
+
+
+def test_an_expcmdsn_beyond_the_commands_sent_is_a_protocol_error() -> None:
+    lb, core = loopback(fake())
+    results: list[CommandResult | ISCSIError] = []
+    submit(core, results, cdb_read10(0, 8), data_in=bytearray(4096))
+    lb.pump()
+    assert results and core.cmd_sn == core.exp_cmd_sn == 1
+    # A NOP-In (no ping, only the numbers) acknowledging CmdSN 1..4 as well.
+    lb.conn.inject(P.NopIn(itt=P.RESERVED_TAG, ttt=P.RESERVED_TAG, stat_sn=lb.conn.stat_sn,
+                           exp_cmd_sn=5, max_cmd_sn=36))
+    with pytest.raises(RemoteProtocolError) as info:
+        lb.pump()
+    assert str(info.value) == (
+        "target fake acknowledged CmdSN up to 4 (ExpCmdSN 5), but the next CmdSN we assign is "
+        "1: it counts commands we never sent (RFC 7143 §4.2.2.1); dropping the connection")

@@ -656,6 +656,17 @@ def test_unknown_ahs_type_is_skipped() -> None:
     assert decoded.data == b"xyz"
 
 
+def test_an_ahs_of_length_zero_is_named_as_such() -> None:
+    # It used to say "claims 0 bytes, more than the 1 left in TotalAHSLength": 0 is no more.
+    bhs = layout((0, "B", 0x01), (1, "B", 0x81), (32, "16s", CDB16))
+    raw = _with_ahs(bhs, struct.pack(">HBB", 0, 0x3F, 0))
+    with pytest.raises(PDUFormatError) as info:
+        pdu.decode(raw)
+    assert str(info.value) == (
+        "additional header segment of type 63 has AHSLength 0, too short for even its "
+        "type-specific byte (RFC 7143 §11.2.2.2)")
+
+
 def test_ahs_on_other_pdus_is_ignored() -> None:
     p, bhs, data = VECTORS[VECTOR_IDS.index("NopIn")]
     raw = _with_ahs(bhs, bidi_ahs(1), data)

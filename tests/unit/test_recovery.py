@@ -76,6 +76,9 @@ def test_a_time2wait_past_the_replacement_deadline_gives_up_at_once(time2wait: f
     assert "re-established within the replacement timeout of 5 s" in message  # none tried
     assert f"asked to wait {time2wait:g} s (Time2Wait) before logging in again" in message
     assert "iqn.x at h:3260" in message and "target closed the connection" in message
+    # Not "longer than that" (than the replacement timeout, it read, also for a Time2Wait
+    # shorter than it that only the time left was too short for).
+    assert "which would end after the replacement timeout does" in message
 
 
 def test_a_time2wait_within_the_deadline_is_waited() -> None:

@@ -28,7 +28,6 @@ from initiator.errors import (
     ConnectionFailed,
     ISCSIError,
     LocalProtocolError,
-    PDUFormatError,
     RemoteProtocolError,
     TaskAborted,
     TransferError,
@@ -300,13 +299,32 @@ def test_new_commands_wait_behind_queued_ones() -> None:
 ])
 def test_window_updates(exp: int, max_: int, expect_exp: int, expect_max: int) -> None:
     h = Harness(cmd_sn=10, window=11)
-    assert (h.core.exp_cmd_sn, h.core.max_cmd_sn) == (10, 20)
+    # CmdSN 10..20 sent: an ExpCmdSN up to 21 acknowledges commands we did send (beyond
+    # that it is the target's protocol error: test_expcmdsn_beyond_what_we_sent...).
+    for _ in range(11):
+        h.submit()
+    h.sent()
+    assert (h.core.cmd_sn, h.core.exp_cmd_sn, h.core.max_cmd_sn) == (21, 10, 20)
     h.deliver(P.NopIn(exp_cmd_sn=exp, max_cmd_sn=max_))
     assert (h.core.exp_cmd_sn, h.core.max_cmd_sn) == (expect_exp, expect_max)
 
 
+@pytest.mark.parametrize(("cmd_sn", "sent", "exp"), [
+    (10, 0, 11), (10, 3, 14), (M - 1, 1, 1), (M - 1, 0, 0)])
+def test_expcmdsn_beyond_what_we_sent_is_a_protocol_error(cmd_sn: int, sent: int,
+                                                          exp: int) -> None:
+    h = Harness(cmd_sn=cmd_sn, window=8)
+    for _ in range(sent):
+        h.submit()
+    h.sent()
+    with pytest.raises(RemoteProtocolError, match="counts commands we never sent"):
+        h.deliver(P.NopIn(exp_cmd_sn=exp, max_cmd_sn=exp + 7))
+
+
 def test_stale_window_update_across_the_wrap() -> None:
     h = Harness(cmd_sn=M - 1, window=4)   # window M-1, M, 0, 1
+    h.submit(), h.submit()
+    h.sent()                              # CmdSN M-1 and M: ExpCmdSN 0 acknowledges both
     h.deliver(P.NopIn(exp_cmd_sn=M - 1, max_cmd_sn=M))  # stale: smaller in serial terms
     assert h.core.max_cmd_sn == 1
     h.deliver(P.NopIn(exp_cmd_sn=0, max_cmd_sn=5))
@@ -810,11 +828,13 @@ def test_sense_is_ignored_unless_check_condition() -> None:
     assert h.ok(task).sense == b"" and h.ok(task).status == ScsiStatus.BUSY
 
 
-def test_sense_length_beyond_the_segment_is_a_format_error() -> None:
+def test_sense_length_beyond_the_segment_is_a_protocol_error() -> None:
+    # The core's error, naming the target and the command, around the PDU's own words.
     h = Harness()
     task = h.submit()
     h.sent()
-    with pytest.raises(PDUFormatError, match="sense"):
+    with pytest.raises(RemoteProtocolError, match=r"sent a malformed SCSI Response for "
+                       r"command .*: SCSI Response declares 32 bytes of sense data"):
         h.deliver(h.response(task, status=CHECK_CONDITION, data=b"\x00\x20abc"))
 
 

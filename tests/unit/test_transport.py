@@ -465,7 +465,8 @@ async def test_target_that_never_answers_the_login() -> None:
     async with serve(target) as server:
         session = Session(server.portal, TGT, config(login_timeout=0.2))
         with pytest.raises(ConnectionFailed, match=r"did not complete within the login "
-                                                   r"timeout of 0\.2 s \(0 login exchange"):
+                                                   r"timeout of 0\.2 s \(0 login exchange.*"
+                                                   r"check that the target is up"):
             await within(session.login())
 
 
@@ -483,6 +484,9 @@ async def test_login_flood_is_bounded_by_the_total_login_timeout() -> None:
         assert 0.4 <= elapsed < 2.0, elapsed
         exchanges = re.search(r"\((\d+) login exchange", str(info.value))
         assert exchanges is not None and int(exchanges.group(1)) > 10
+        # It answered thousands of times: "check that the target is up" would mislead.
+        assert str(info.value).endswith("the target answered without completing the login; "
+                                        "check the target's logs and its login settings")
         assert state(session) is SessionState.CLOSED
 
 
@@ -497,7 +501,8 @@ async def test_login_timeout_covers_redirects_too() -> None:
             loop = asyncio.get_running_loop()
             start = loop.time()
             with pytest.raises(ConnectionFailed, match=r"0\.4 s \(1 login exchange\(s\) and "
-                                                       r"1 redirect"):
+                                                       r"1 redirect\(s\)\); check that the "
+                                                       r"target is up"):
                 await within(session.login())
             assert loop.time() - start < 1.5
 
