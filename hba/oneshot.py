@@ -417,6 +417,7 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
                     blocks: int | None) -> Result:
     url = target_url(text)
     _check_numbers(lba, blocks)
+    shown = "standard input" if source == "-" else source
     try:
         data = await _read_input(source)
     except IsADirectoryError:
@@ -427,8 +428,7 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
         raise ConfigurationError(
             f"cannot read {source}: there is no such file; check the path") from None
     except OSError as exc:
-        raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
-    shown = "standard input" if source == "-" else source
+        raise ConfigurationError(f"cannot read {shown}: {exc.strerror}") from None
     if not data:
         raise ConfigurationError(f"nothing to write: {shown} is empty")
 

@@ -349,6 +349,51 @@ def test_read_and_write_name_standard_output_and_input(
         assert err.count("\n") == 1
 
 
+def _hbactl_with(argv: list[str], port: int, **streams: Any) -> tuple[int, str]:
+    """hbactl in a process of its own (standard streams as a shell leaves them), against the
+    fake target on ``port``; its exit status and standard error."""
+    import subprocess
+
+    url = f"iscsi://127.0.0.1:{port}/{TGT}/0"
+    done = subprocess.run([sys.executable, "-m", "hba.cli", *argv, "--initiator-name", INI, url],
+                          stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                          **streams)
+    return done.returncode, done.stderr
+
+
+def _close(fd: int) -> Any:
+    return lambda: os.close(fd)  # in the child: as `>&-` or `<&-` leaves it
+
+
+@pytest.mark.parametrize(("argv", "streams", "words"), [
+    (["inquiry"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry", "--json"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry", "--help"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry"], "no stdout", "cannot write standard output: it is closed"),
+    (["readcap", "--json"], "no stdout", "cannot write standard output: it is closed"),
+    (["read", "--lba", "0", "--blocks", "1", "-o", "-"], "no stdout",
+     "cannot write standard output: it is closed"),
+    (["write", "--lba", "0", "-i", "-"], "no stdin", "cannot read standard input: it is closed"),
+])
+def test_a_full_or_closed_standard_stream_is_one_line(
+        argv: list[str], streams: str, words: str) -> None:
+    """``hbactl inquiry URL > /dev/full`` and ``... >&-`` ended in a traceback (OSError from
+    the printing, AttributeError on the ``None`` Python makes of a closed stream), and
+    ``--help > /dev/full`` in silence with status 0."""
+    with target_in_a_thread(fake()) as port:
+        if streams == "full":
+            with open("/dev/full", "w", encoding="utf-8") as full:
+                status, err = _hbactl_with(argv, port, stdout=full)
+        elif streams == "no stdout":
+            status, err = _hbactl_with(argv, port, preexec_fn=_close(1))
+        else:
+            status, err = _hbactl_with(argv, port, preexec_fn=_close(0))
+    assert words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert status == (2 if argv[0] == "write" else 1)
+
+
 @pytest.mark.parametrize("json_output", [False, True])
 def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str],
                                                json_output: bool) -> None:
