@@ -900,6 +900,19 @@ async def test_daemon_with_a_dangling_config_symlink_says_so(tmp_path: Path) -> 
     assert info.value.exit_status == control.EXIT_CONFIG
 
 
+def test_daemon_with_a_mistyped_config_path_refuses_to_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``hbactl daemon --config /etc/iscsi-hba.cnf`` started a daemon that attached nothing
+    and said so only at level info; only the default path may be missing."""
+    missing = tmp_path / "iscsi-hba.cnf"
+    assert cli.main(["daemon", "--config", str(missing), "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"hbactl: configuration file {missing} does not exist; check the path given to "
+        "--config (only the default, /etc/iscsi-hba.conf, may be missing: then the daemon "
+        "attaches nothing at start)\n")
+
+
 async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "initiatorname.iscsi"
@@ -1024,7 +1037,7 @@ def test_a_reader_that_stops_reading_is_no_error(
 
 
 def test_daemon_lists_the_kernel_problems_a_line_each(
-        system_bus: str, monkeypatch: pytest.MonkeyPatch,
+        system_bus: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """On a host without the target modules the preflight names each one with its fix; they
     were printed as one line with their newlines escaped (``\\n  - kernel module ...``)."""
@@ -1033,7 +1046,8 @@ def test_daemon_lists_the_kernel_problems_a_line_each(
                                "\n  - module b missing")
 
     monkeypatch.setattr("hba.kernel.preflight", not_ready)
-    assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
+    config = write_config(tmp_path / "hba.conf", "")
+    assert cli.main(["daemon", "--config", config, "--initiator-name", INITIATOR,
                      "--workers", "1"]) == control.EXIT_CONFIG
     assert capsys.readouterr().err.splitlines() == [
         "hbactl: the kernel is not ready for iscsi-hba:", "  - module a missing",
