@@ -534,6 +534,16 @@ _DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address),
                 "priority": _Key("Priority", "priority", _nice)}
 
 
+def _close_name(word: str, names: Sequence[str]) -> str | None:
+    """The name in ``names`` that ``word`` is most likely a misspelling of, if any."""
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        lowered_names = {name.lower(): name for name in names}
+        close = [lowered_names[m] for m in
+                 difflib.get_close_matches(word.lower(), list(lowered_names), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
 def _lookup(word: str) -> _Key | None:
     lowered = word.lower()
     lowered = _ALIASES.get(lowered, lowered).lower()
@@ -601,7 +611,12 @@ class _Parser:
                 self.daemon_key(tok, _DAEMON_KEYS[tok.text.lower()])
                 continue
             if brace is None or brace.kind != _Kind.LBRACE:
-                if brace is not None and brace.kind == _Kind.EQUALS:
+                daemon_key = _close_name(tok.text, [k.name for k in _DAEMON_KEYS.values()])
+                if brace is not None and brace.kind == _Kind.EQUALS and \
+                        daemon_key is not None and _lookup(tok.text) is None:
+                    self.error(tok.line, f"unknown key {tok.text!r} outside a block; did you "
+                                         f"mean {daemon_key}?")
+                elif brace is not None and brace.kind == _Kind.EQUALS:
                     self.error(
                         tok.line,
                         "'key = value' outside a block; settings go inside nickname { ... }",
@@ -735,14 +750,8 @@ class _Parser:
         if lowered in _IGNORED:
             self.warn(tok.line, f"{tok.text} is ignored: {_IGNORED[lowered]}")
             return
-        close = difflib.get_close_matches(tok.text, _ALL_NAMES, n=1, cutoff=0.6)
-        if not close:
-            lowered_names = {name.lower(): name for name in _ALL_NAMES}
-            close = [
-                lowered_names[m]
-                for m in difflib.get_close_matches(lowered, list(lowered_names), n=1, cutoff=0.6)
-            ]
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = _close_name(tok.text, _ALL_NAMES)
+        hint = f"; did you mean {close}?" if close else ""
         self.error(tok.line, f'unknown key {tok.text!r} in "{block.nickname}"{hint}')
 
 

@@ -283,6 +283,9 @@ GOOD = f"TargetAddress = h\n TargetName = {IQN}\n"
         ("}", ":1: '}' without a matching '{'"),
         ("= x", ":1: unexpected '=' outside a block"),
         ("TargetAddress = h", ":1: 'key = value' outside a block"),
+        # a daemon key misspelt was told to go inside a block
+        ("Workrs = 2", ":1: unknown key 'Workrs' outside a block; did you mean Workers?"),
+        ("metric = 9433", ":1: unknown key 'metric' outside a block; did you mean Metrics?"),
         ("t\nx { }", ":1: expected a nickname followed by '{'"),
         (f"t {{ {GOOD}", ':1: block "t" is not closed'),
         (f"t {{ {GOOD} u {{ }}", ":3: blocks cannot be nested"),
