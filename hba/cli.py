@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import control, top
 from hba.errors import EXIT_INTERRUPTED, HBAError
-from initiator.argtypes import seconds, whole_number
+from initiator.argtypes import seconds, size, whole_number
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
 from initiator.recovery import progress_log
@@ -98,7 +98,7 @@ async def _perf(args: argparse.Namespace) -> dict[str, Any]:
     from hba import oneshot
 
     settings = oneshot.PerfSettings(
-        block_size=oneshot.parse_size(args.block_size), queue_depth=args.queue_depth,
+        block_size=args.block_size, queue_depth=args.queue_depth,
         seconds=args.seconds, random=args.random, write=args.write, histogram=args.histogram)
     live = None if args.json else sys.stdout
     return await oneshot.cmd_perf(args.url, _options(args), settings, live)
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perf", parents=[common],
                        help="measure IOPS and throughput, like libiscsi's iscsi-perf")
     p.add_argument("url", metavar="URL", help=LUN_URL)
-    p.add_argument("--block-size", default="4096", metavar="BYTES",
+    p.add_argument("--block-size", type=size, default=4096, metavar="BYTES",
                    help="bytes per command: 4096, 4k, 128k, 1m (default 4096)")
     p.add_argument("--queue-depth", type=whole_number, default=32, metavar="N",
                    help="commands in flight (default 32)")

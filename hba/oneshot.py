@@ -33,7 +33,7 @@ from initiator.output import not_a_file, open_for_writing
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
-from initiator.url import PORTAL_URL_SYNTAX, IscsiUrl, check_seconds, decimal, parse_url
+from initiator.url import PORTAL_URL_SYNTAX, IscsiUrl, check_seconds, parse_url
 from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
@@ -779,15 +779,3 @@ def _failure(cdb: bytes, result: CommandResult, size: int, write: bool) -> ISCSI
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4k``, ``128K``, ``1m``, ``1MiB``: a size in bytes."""
-    raw = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
-    number = decimal(raw[:-1] if mult != 1 else raw)
-    if number is None:
-        raise ConfigurationError(f"size {text!r} is not a number (e.g. 4096, 4k, 1m)")
-    if number == 0:
-        raise ConfigurationError(f"size {text!r} must be positive")
-    return number * mult

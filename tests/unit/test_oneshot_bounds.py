@@ -26,7 +26,7 @@ import pytest
 
 from hba import cli, oneshot
 from initiator import pdu as P
-from initiator.errors import CommandTimeout, ConfigurationError, ISCSIError
+from initiator.errors import CommandTimeout, ISCSIError
 from initiator.keys import NegotiationSettings
 from initiator.url import parse_url
 from tests.support.fake_target import FakeTarget, FakeTargetServer, Hostility, RamDisk, TargetNode
@@ -466,27 +466,6 @@ def test_perf_refuses_a_run_length_that_is_no_length(
                        "--seconds", seconds])
     err = capsys.readouterr().err
     assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err
-
-
-@pytest.mark.parametrize(("text", "size"), [("4096", 4096), ("4k", 4096), ("128K", 131072),
-                                            ("1m", 1 << 20), ("1MiB", 1 << 20), ("2g", 2 << 30),
-                                            (" 512 ", 512)])
-def test_sizes(text: str, size: int) -> None:
-    assert oneshot.parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "k", "4 k", "1_000", "+4k", "\u0664k", "\u00b2k", "1.5k",
-                                  "-4k", "0x10"])
-def test_a_size_is_ascii_digits_and_a_unit(text: str) -> None:
-    # int() took '1_000', '+4', '4 ' and Arabic-Indic digits.
-    with pytest.raises(ConfigurationError, match="is not a number"):
-        oneshot.parse_size(text)
-
-
-@pytest.mark.parametrize("text", ["0", "0k", "000m"])
-def test_a_size_is_positive(text: str) -> None:
-    with pytest.raises(ConfigurationError, match="must be positive"):
-        oneshot.parse_size(text)
 
 
 @pytest.mark.parametrize(("name", "words"), [
