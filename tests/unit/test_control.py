@@ -1089,6 +1089,10 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+    # `--pcap FILE`: it said "cannot create the capture directory FILE: File exists".
+    with pytest.raises(control.StartupError, match=f"--pcap {blocker} is a file, not a "
+                                                   "directory; name a directory"):
+        await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker))
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750, 0o701])
