@@ -468,6 +468,48 @@ def test_perf_refuses_a_run_length_that_is_no_length(
     assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err
 
 
+def test_write_reads_only_the_blocks_it_writes() -> None:
+    """``hbactl write URL --lba 0 --blocks 4 -i /dev/zero`` read its input to the end before
+    the login: for ever, its memory growing. Here a pipe that stays open plays /dev/zero."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    with target_in_a_thread(fake()) as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hba.cli", "write", "--initiator-name", INI,
+             f"iscsi://127.0.0.1:{port}/{TGT}/0", "--lba", "0", "--blocks", "4", "-i", "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
+        assert proc.stdin is not None
+        proc.stdin.write(b"\xaa" * 512 * 5)
+        proc.stdin.flush()
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("hbactl write waited for the end of its input")
+        finally:
+            proc.stdin.close()
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert status == 0, err
+    assert b"wrote 4 blocks (2048 bytes) at LBA 0 from -" in err, (out, err)
+
+
+def test_write_from_a_pipe_longer_than_the_lun_is_refused(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\0" * 512 * 7)))
+    with target_in_a_thread(fake()) as port:
+        assert cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:{port}/{TGT}/0",
+                         "--lba", "4090", "-i", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hbactl: standard input holds more than the 6 blocks from block 4090 to the "
+                   f"end of {TGT} LUN 0; give --blocks\n")
+
+
 @pytest.mark.parametrize(("name", "words"), [
     ("", "it is a directory; give a file name, or - for standard input"),
     ("missing", "there is no such file; check the path"),
