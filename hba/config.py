@@ -922,12 +922,21 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
         # O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever; it does
         # nothing to a regular file, and anything else is refused below.
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError as exc:
+        # It is root's, mode 600, when it holds secrets: a user's `hbactl daemon` cannot read
+        # it, and must not be told to make it readable.
+        raise ConfigError([f"cannot open {name}: {exc.strerror}; the daemon reads it as "
+                           "root (systemctl start iscsi-hba, or hbactl daemon as root)"],
+                          path=name) from exc
     except OSError as exc:
         raise ConfigError([f"cannot open {name}: {exc.strerror}"], path=name) from exc
     try:
         st = os.fstat(fd)  # of the opened file, so a rename in between cannot fool the check
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError([f"{name}: not a regular file"], path=name)
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise ConfigError([f"{name}: not a regular file but {kind}; name the "
+                               "configuration file itself"], path=name)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             raw = handle.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
