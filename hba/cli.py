@@ -311,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     control.add_commands(sub)
     top.add_command(sub)
+    # `hbactl readcap URL -v` was "unrecognized arguments: -v": -v goes after the command
+    # too, as `hbactl daemon -v` has it (a dest of its own: a subcommand's default would
+    # overwrite the count taken before the command).
+    for name, command in sub.choices.items():
+        if name != "daemon":
+            command.add_argument("-v", "--verbose", dest="command_verbose", action="count",
+                                 default=0, help="the same as -v before the command")
     return parser
 
 
@@ -350,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:   # the help, to a full disk or a closed descriptor
         silence_stdout()
         return _fail(stdout_error(exc), EXIT_FAILURE)
-    _configure_logging(args.verbose)
+    _configure_logging(max(args.verbose, getattr(args, "command_verbose", 0)))
     handler: Handler = args.handler
     try:
         result: dict[str, Any] = asyncio.run(handler(args))

@@ -81,6 +81,18 @@ def test_control_commands_parse() -> None:
     assert parse("daemon").config == "/etc/iscsi-hba.conf"
 
 
+@pytest.mark.parametrize(("argv", "count"), [
+    (["readcap", "iscsi://h/iqn.2003-01.org.example:x/0", "-v"], 1),
+    (["discover", "iscsi://h", "-vv"], 2),
+    (["list", "--verbose"], 1),
+    (["top", "-v", "--count", "1"], 1),
+])
+def test_verbose_goes_after_the_command_too(argv: list[str], count: int) -> None:
+    # "hbactl: error: unrecognized arguments: -v", as only `hbactl -v readcap ...` was taken.
+    assert parse(*argv).command_verbose == count
+    assert parse("-v", *argv).verbose == 1
+
+
 def test_missing_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         parse("attach")
