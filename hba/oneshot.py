@@ -593,7 +593,7 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
             f"more than the {PERF_MAX_BUFFERS >> 20} MiB hbactl perf allows; lower one of them")
     check_seconds("--seconds", settings.seconds)  # NaN ran 0 s and called it success
     if settings.histogram is not None:
-        plot.require()  # before the run, not after it
+        plot.require(settings.histogram)  # before the run, not after it
         check_writable(settings.histogram)
 
     async def work(client: ScsiClient) -> Result:
