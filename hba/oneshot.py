@@ -375,6 +375,11 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
     _check_numbers(lba, blocks)
     if output != "-":
         check_writable(output)
+    elif sys.stdout.isatty():
+        # A disk's blocks are binary: on a terminal they are garbage that can reconfigure it
+        # (escape sequences), as gzip and curl refuse too.
+        raise ConfigurationError("standard output is a terminal, and blocks are binary: give "
+                                 "-o FILE, or send them on (-o - | xxd, -o - > FILE)")
 
     where = "standard output" if output == "-" else output
 

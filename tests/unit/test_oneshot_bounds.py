@@ -468,6 +468,27 @@ def test_perf_refuses_a_run_length_that_is_no_length(
     assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err
 
 
+def test_read_refuses_to_print_blocks_on_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # `hbactl read URL --lba 0 --blocks 8 -o -` typed at a terminal printed binary there.
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", encoding="utf-8", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "stdout", terminal)
+            # Port 1 refuses: the check comes before the login.
+            status = cli.main(["read", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                               "--lba", "0", "--blocks", "8", "-o", "-"])
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "hbactl: standard output is a terminal, and blocks are binary: give -o FILE, or send "
+        "them on (-o - | xxd, -o - > FILE)\n")
+
+
 def test_write_reads_only_the_blocks_it_writes() -> None:
     """``hbactl write URL --lba 0 --blocks 4 -i /dev/zero`` read its input to the end before
     the login: for ever, its memory growing. Here a pipe that stays open plays /dev/zero."""
