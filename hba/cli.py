@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import io
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hba import control, top
 from hba.errors import EXIT_INTERRUPTED, HBAError
-from initiator.argtypes import seconds, whole_number
+from initiator.argtypes import seconds, size, whole_number
 from initiator.errors import ConfigurationError, ISCSIError
 from initiator.printable import PrintableFormatter, printable
 from initiator.recovery import progress_log
@@ -96,7 +98,7 @@ async def _perf(args: argparse.Namespace) -> dict[str, Any]:
     from hba import oneshot
 
     settings = oneshot.PerfSettings(
-        block_size=oneshot.parse_size(args.block_size), queue_depth=args.queue_depth,
+        block_size=args.block_size, queue_depth=args.queue_depth,
         seconds=args.seconds, random=args.random, write=args.write, histogram=args.histogram)
     live = None if args.json else sys.stdout
     return await oneshot.cmd_perf(args.url, _options(args), settings, live)
@@ -190,8 +192,25 @@ PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a help text that standard output does not take (``hbactl --help >
+    /dev/full``) is an error (:func:`main` says so), not a silent success: argparse drops
+    every OSError of its printing. A reader that went away (``| head``) stays no error."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if not message:
+            return
+        out = sys.stderr if file is None else file
+        try:
+            out.write(message)
+            out.flush()
+        except BrokenPipeError:
+            if out is sys.stdout:
+                silence_stdout()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(  # its subcommands' parsers are _Parser too
         prog="hbactl",
         description="iscsi-hba: a userspace iSCSI initiator that the kernel sees as a SCSI HBA.",
         epilog="URLs: iscsi://[user[%secret]@]host[:port]/<target-iqn>/<lun>"
@@ -277,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perf", parents=[common],
                        help="measure IOPS and throughput, like libiscsi's iscsi-perf")
     p.add_argument("url", metavar="URL", help=LUN_URL)
-    p.add_argument("--block-size", default="4096", metavar="BYTES",
+    p.add_argument("--block-size", type=size, default=4096, metavar="BYTES",
                    help="bytes per command: 4096, 4k, 128k, 1m (default 4096)")
     p.add_argument("--queue-depth", type=whole_number, default=32, metavar="N",
                    help="commands in flight (default 32)")
@@ -292,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     control.add_commands(sub)
     top.add_command(sub)
+    # `hbactl readcap URL -v` was "unrecognized arguments: -v": -v goes after the command
+    # too, as `hbactl daemon -v` has it (a dest of its own: a subcommand's default would
+    # overwrite the count taken before the command).
+    for name, command in sub.choices.items():
+        if name != "daemon":
+            command.add_argument("-v", "--verbose", dest="command_verbose", action="count",
+                                 default=0, help="the same as -v before the command")
     return parser
 
 
@@ -324,9 +350,14 @@ def _configure_logging(verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _stand_in_for_closed_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    try:
+        args = parser.parse_args(argv)
+    except OSError as exc:   # the help, to a full disk or a closed descriptor
+        silence_stdout()
+        return _fail(stdout_error(exc), EXIT_FAILURE)
+    _configure_logging(max(args.verbose, getattr(args, "command_verbose", 0)))
     handler: Handler = args.handler
     try:
         result: dict[str, Any] = asyncio.run(handler(args))
@@ -350,14 +381,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `hbactl status | head -3`: the reader is done, and that is no error of ours (it was
         # a traceback).
         silence_stdout()
+    except OSError as exc:
+        # `hbactl inquiry URL > /dev/full`: the result is lost, which the user must learn.
+        silence_stdout()
+        return _fail(stdout_error(exc), EXIT_FAILURE)
     return int(result.get("exit_status", EXIT_OK))
 
 
+def stdout_error(exc: OSError) -> HBAError:
+    """The one error for a result that standard output did not take (a full disk, a closed
+    descriptor), other than a reader that went away (:func:`silence_stdout`)."""
+    return HBAError(f"cannot write standard output: {exc.strerror or exc}; check where it "
+                    "goes (a full file system, a descriptor closed with >&-)")
+
+
+class _Closed(io.BufferedIOBase):
+    """A standard stream hbactl was started without (``hbactl inquiry URL >&-``): Python
+    makes it ``None``, which the commands' writes and reads met as an AttributeError
+    traceback; this one fails them as the closed descriptor would (EBADF), and keeps nothing
+    for the interpreter's flush at exit to fail on again."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError(errno.EBADF, "it is closed")
+
+    read1 = read
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.EBADF, "it is closed")
+
+
+def _stand_in_for_closed_streams() -> None:
+    if sys.stdin is None:
+        sys.stdin = io.TextIOWrapper(_Closed(), encoding="utf-8")
+    if sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(_Closed(), encoding="utf-8")
+
+
 def silence_stdout() -> None:
-    """Standard output's reader went away (``| head``): point it at /dev/null, so that the
-    interpreter's flush at exit cannot fail again."""
+    """Standard output's reader went away (``| head``), or it cannot take more: point it at
+    /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):   # a stand-in for a closed one (_Closed): nothing to flush
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the exit
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, fd)
     os.close(devnull)
 
 

@@ -534,6 +534,16 @@ _DAEMON_KEYS = {"metrics": _Key("Metrics", "metrics", _listen_address),
                 "priority": _Key("Priority", "priority", _nice)}
 
 
+def _close_name(word: str, names: Sequence[str]) -> str | None:
+    """The name in ``names`` that ``word`` is most likely a misspelling of, if any."""
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        lowered_names = {name.lower(): name for name in names}
+        close = [lowered_names[m] for m in
+                 difflib.get_close_matches(word.lower(), list(lowered_names), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
 def _lookup(word: str) -> _Key | None:
     lowered = word.lower()
     lowered = _ALIASES.get(lowered, lowered).lower()
@@ -601,7 +611,12 @@ class _Parser:
                 self.daemon_key(tok, _DAEMON_KEYS[tok.text.lower()])
                 continue
             if brace is None or brace.kind != _Kind.LBRACE:
-                if brace is not None and brace.kind == _Kind.EQUALS:
+                daemon_key = _close_name(tok.text, [k.name for k in _DAEMON_KEYS.values()])
+                if brace is not None and brace.kind == _Kind.EQUALS and \
+                        daemon_key is not None and _lookup(tok.text) is None:
+                    self.error(tok.line, f"unknown key {tok.text!r} outside a block; did you "
+                                         f"mean {daemon_key}?")
+                elif brace is not None and brace.kind == _Kind.EQUALS:
                     self.error(
                         tok.line,
                         "'key = value' outside a block; settings go inside nickname { ... }",
@@ -735,14 +750,8 @@ class _Parser:
         if lowered in _IGNORED:
             self.warn(tok.line, f"{tok.text} is ignored: {_IGNORED[lowered]}")
             return
-        close = difflib.get_close_matches(tok.text, _ALL_NAMES, n=1, cutoff=0.6)
-        if not close:
-            lowered_names = {name.lower(): name for name in _ALL_NAMES}
-            close = [
-                lowered_names[m]
-                for m in difflib.get_close_matches(lowered, list(lowered_names), n=1, cutoff=0.6)
-            ]
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = _close_name(tok.text, _ALL_NAMES)
+        hint = f"; did you mean {close}?" if close else ""
         self.error(tok.line, f'unknown key {tok.text!r} in "{block.nickname}"{hint}')
 
 
@@ -913,12 +922,21 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Config:
         # O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever; it does
         # nothing to a regular file, and anything else is refused below.
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError as exc:
+        # It is root's, mode 600, when it holds secrets: a user's `hbactl daemon` cannot read
+        # it, and must not be told to make it readable.
+        raise ConfigError([f"cannot open {name}: {exc.strerror}; the daemon reads it as "
+                           "root (systemctl start iscsi-hba, or hbactl daemon as root)"],
+                          path=name) from exc
     except OSError as exc:
         raise ConfigError([f"cannot open {name}: {exc.strerror}"], path=name) from exc
     try:
         st = os.fstat(fd)  # of the opened file, so a rename in between cannot fool the check
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError([f"{name}: not a regular file"], path=name)
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise ConfigError([f"{name}: not a regular file but {kind}; name the "
+                               "configuration file itself"], path=name)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             raw = handle.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:

@@ -3,7 +3,8 @@
 ``hbactl daemon`` runs :class:`hba.daemon.Daemon` and :class:`hba.dbus_service.DaemonService`
 in the foreground on one asyncio loop, in this order:
 
-1. read the configuration (so a bad file is reported first, even when a daemon runs);
+1. read the configuration (so a bad file is reported first, even when a daemon runs; only
+   the default path may be missing, a ``--config`` path must exist);
 2. connect to the system DBus and own ``org.iscsihba.Daemon`` — a second daemon stops here,
    before it touches any device another one serves;
 3. start the daemon: check the kernel, take over the devices a previous daemon left, attach
@@ -487,7 +488,16 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
         except ConfigurationError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
     # lexists: a dangling symlink is a configuration that went missing, not "none", and
-    # load_config says why it cannot be opened.
+    # load_config says why it cannot be opened. Only the default path may be missing
+    # (nothing to attach at start); another one is a mistyped --config, which would
+    # otherwise start a daemon that serves nothing and says so only at level info.
+    if config_path is not None and config_path != DEFAULT_CONFIG and \
+            not os.path.lexists(config_path):
+        sd_notify(f"STATUS=no configuration file {printable(config_path)}")
+        raise StartupError(
+            f"configuration file {config_path} does not exist; check the path given to "
+            f"--config (only the default, {DEFAULT_CONFIG}, may be missing: then the daemon "
+            "attaches nothing at start)", EXIT_CONFIG)
     if config_path is not None and os.path.lexists(config_path):
         try:
             config = await asyncio.to_thread(load_config, config_path)
@@ -495,7 +505,7 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
             workers = workers or config.workers
             priority = config.priority if priority is None else priority
         except ConfigError as exc:
-            sd_notify(f"STATUS=bad configuration {config_path}")
+            sd_notify(f"STATUS=bad configuration {printable(config_path)}")
             raise StartupError(str(exc), EXIT_CONFIG, exc.lines) from None
     if pcap_dir is not None:
         try:
@@ -705,8 +715,8 @@ def add_commands(sub: Any) -> None:
                     "is tried again in the background until it attaches; one refused for its "
                     "credentials or initiator name is not (fix it, then SIGHUP).")
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                   help=f"configuration file (default {DEFAULT_CONFIG}; a missing file means "
-                        "nothing to attach)")
+                   help=f"configuration file (default {DEFAULT_CONFIG}, which may be "
+                        "missing: then nothing is attached at start; another path must exist)")
     p.add_argument("--initiator-name", metavar="IQN",
                    help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
     p.add_argument("--metrics", metavar="[HOST:]PORT",

@@ -1317,13 +1317,15 @@ async def _wait_for_uio(name: str, hba_index: int, timeout: float = 10.0) -> Uio
 
 def prepare_capture_dir(path: str) -> None:
     """Create the ``--pcap`` directory, readable by root only: captures hold the data."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        # makedirs said "File exists", which reads as if the directory were the problem.
+        raise HBAError(f"--pcap {path} is a file, not a directory; name a directory (it is "
+                       "created mode 700 if it does not exist)")
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise HBAError(f"cannot create the capture directory {path}: {exc.strerror}; give "
-                       "--pcap a directory root can write") from None
-    if not os.path.isdir(path):
-        raise HBAError(f"--pcap {path} is not a directory")
+                       "--pcap a directory the daemon's user can create or write") from None
     # An existing directory keeps its mode, and the capture files get the umask's (0644):
     # `--pcap /tmp` handed every user the disks' data.
     st = os.stat(path)

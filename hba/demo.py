@@ -32,7 +32,7 @@ from hba import kernel
 from hba.daemon import Daemon, DaemonOptions, Disk
 from hba.errors import HBAError
 from hba.tgtd import TgtdError, TgtdProcess
-from initiator.argtypes import whole_number
+from initiator.argtypes import size
 from initiator.errors import ISCSIError
 
 log = logging.getLogger("iscsi-hba.demo")
@@ -148,12 +148,13 @@ def _kernel_ready() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hba.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="./run demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--here", action="store_true",
                         help="run on this kernel, never in the VM")
-    parser.add_argument("--size", default=1 << 30, type=whole_number,
-                        help=f"LUN size in bytes, at least {MIN_SIZE} (default 1 GiB)")
+    parser.add_argument("--size", default=1 << 30, type=size,
+                        help="LUN size in bytes, or with a unit: 256m, 2g (at least "
+                             f"{MIN_SIZE >> 20}m; default 1g)")
     args = parser.parse_args(argv)
     if args.size < MIN_SIZE:
         parser.error(f"--size {args.size}: the demo's filesystem needs at least {MIN_SIZE} bytes")

@@ -18,7 +18,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from hba import plot
 from hba.config import MAX_QUEUE_DEPTH
@@ -33,10 +33,11 @@ from initiator.output import not_a_file, open_for_writing
 from initiator.stats import Histogram, quantile
 from initiator.text import TextValueError, check_iscsi_name
 from initiator.transport import Session, SessionConfig
-from initiator.url import PORTAL_URL_SYNTAX, IscsiUrl, check_seconds, decimal, parse_url
+from initiator.url import PORTAL_URL_SYNTAX, IscsiUrl, check_seconds, parse_url
 from initiator.urlconfig import target_url
 
 Result = dict[str, Any]
+T = TypeVar("T")
 
 # A command moves at most this much per SCSI command (also capped by the Block Limits VPD).
 MAX_TRANSFER = 1 << 20
@@ -374,6 +375,11 @@ async def cmd_read(text: str, options: Options, lba: int, blocks: int, output: s
     _check_numbers(lba, blocks)
     if output != "-":
         check_writable(output)
+    elif sys.stdout.isatty():
+        # A disk's blocks are binary: on a terminal they are garbage that can reconfigure it
+        # (escape sequences), as gzip and curl refuse too.
+        raise ConfigurationError("standard output is a terminal, and blocks are binary: give "
+                                 "-o FILE, or send them on (-o - | xxd, -o - > FILE)")
 
     where = "standard output" if output == "-" else output
 
@@ -417,24 +423,52 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
                     blocks: int | None) -> Result:
     url = target_url(text)
     _check_numbers(lba, blocks)
-    try:
-        data = await _read_input(source)
-    except IsADirectoryError:
-        raise ConfigurationError(
-            f"cannot read {source}: it is a directory; give a file name, or - for standard "
-            "input") from None
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"cannot read {source}: there is no such file; check the path") from None
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {source}: {exc.strerror}") from None
     shown = "standard input" if source == "-" else source
-    if not data:
+
+    def unreadable(exc: OSError) -> ConfigurationError:
+        if isinstance(exc, IsADirectoryError):
+            return ConfigurationError(f"cannot read {source}: it is a directory; give a file "
+                                      "name, or - for standard input")
+        if isinstance(exc, FileNotFoundError):
+            return ConfigurationError(f"cannot read {source}: there is no such file; check "
+                                      "the path")
+        return ConfigurationError(f"cannot read {shown}: {exc.strerror}")
+
+    # Opened before the login (a wrong path is told at once; a FIFO waits for its writer),
+    # read after it: the LUN's block size and end bound what is read, so that `-i /dev/zero
+    # --blocks 8` reads 8 blocks, not until memory runs out.
+    # Its first byte too: an empty input is told before the login as well.
+    try:
+        source_file = await _in_thread(lambda: _open_input(source), f"open {source}")
+        size = _regular_size(source_file)
+        first = await _in_thread(lambda: _read_at_most(source_file, 1), f"read {source}")
+    except OSError as exc:
+        raise unreadable(exc) from None
+    if not first:
         raise ConfigurationError(f"nothing to write: {shown} is empty")
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
-        if len(data) % cap.block_size:
+        if blocks is not None:
+            _check_range(lba, blocks, cap.blocks, url)
+            limit = blocks * cap.block_size
+        elif size is not None:    # a regular file: as many blocks as it holds
+            limit = size
+            if size % cap.block_size == 0:
+                _check_range(lba, size // cap.block_size, cap.blocks, url)
+        else:                     # a pipe, a device: up to the LUN's end, and one byte more
+            _check_range(lba, 1, cap.blocks, url)
+            limit = (cap.blocks - lba) * cap.block_size + 1
+        try:
+            data = first + await _in_thread(lambda: _read_at_most(source_file, limit - 1),
+                                            f"read {source}")
+        except OSError as exc:
+            raise unreadable(exc) from None
+        if blocks is None and size is None and len(data) == limit:
+            raise ConfigurationError(
+                f"{shown} holds more than the {cap.blocks - lba} blocks from block {lba} to "
+                f"the end of {url.target_iqn} LUN {url.lun}; give --blocks")
+        if len(data) % cap.block_size and blocks is None:
             raise ConfigurationError(
                 f"{shown} holds {len(data)} bytes, not a whole number of "
                 f"{cap.block_size}-byte blocks; pad it or use --blocks")
@@ -455,11 +489,44 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
         return {"target": url.target_iqn, "lun": url.lun, "lba": lba, "blocks": count,
                 "bytes": count * cap.block_size, "input": source}
 
-    return await with_client(url, options, work)
+    try:
+        return await with_client(url, options, work)
+    finally:
+        if source_file is not sys.stdin.buffer:
+            source_file.close()
 
 
-async def _read_input(source: str) -> bytes:
-    """All of ``source`` (a path, or ``-`` for standard input), read in a thread of its own.
+def _open_input(source: str) -> IO[bytes]:
+    return sys.stdin.buffer if source == "-" else open(source, "rb")
+
+
+def _regular_size(source: IO[bytes]) -> int | None:
+    """The size of ``source`` when it is a regular file (else None: a pipe, a terminal, a
+    device, whose end only reading finds)."""
+    try:
+        st = os.fstat(source.fileno())
+    except (OSError, ValueError):   # no descriptor (a test's stand-in): read to find out
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+INPUT_CHUNK = 1 << 20
+"""Bytes asked of the input at once: a pipe's or a device's whole is never asked for."""
+
+
+def _read_at_most(source: IO[bytes], limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``source``, fewer only at its end."""
+    data = bytearray()
+    while len(data) < limit:
+        part = source.read(min(INPUT_CHUNK, limit - len(data)))
+        if not part:
+            break
+        data += part
+    return bytes(data)
+
+
+async def _in_thread(call: Callable[[], T], name: str) -> T:
+    """``call()`` in a thread of its own, awaited.
 
     Opening a FIFO waits for its writer, and reading a pipe or a terminal waits for its data,
     as ``cat`` does; done in the loop's thread, that wait could not be interrupted: asyncio's
@@ -467,32 +534,27 @@ async def _read_input(source: str) -> bytes:
     returns. Awaited here, Ctrl-C cancels the wait at once, and the thread (a daemon, blocked
     in the kernel) is left to end with hbactl."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[bytes] = loop.create_future()
+    done: asyncio.Future[T] = loop.create_future()
 
-    def settle(data: bytes | None, exc: BaseException | None) -> None:
+    def settle(result: list[T], exc: BaseException | None) -> None:
         if done.done():
             return  # cancelled by Ctrl-C meanwhile
         if exc is None:
-            assert data is not None
-            done.set_result(data)
+            done.set_result(result[0])
         else:
             done.set_exception(exc)
 
-    def read() -> None:
-        data: bytes | None = None
+    def run() -> None:
+        result: list[T] = []
         error: BaseException | None = None
         try:
-            if source == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(source, "rb") as f:
-                    data = f.read()
+            result.append(call())
         except BaseException as exc:  # any: the awaiting task raises it, or it would wait on
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: hbactl is ending
-            loop.call_soon_threadsafe(settle, data, error)
+            loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=read, name=f"read {source}", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return await done
 
 
@@ -536,7 +598,7 @@ async def cmd_perf(text: str, options: Options, settings: PerfSettings,
             f"more than the {PERF_MAX_BUFFERS >> 20} MiB hbactl perf allows; lower one of them")
     check_seconds("--seconds", settings.seconds)  # NaN ran 0 s and called it success
     if settings.histogram is not None:
-        plot.require()  # before the run, not after it
+        plot.require(settings.histogram)  # before the run, not after it
         check_writable(settings.histogram)
 
     async def work(client: ScsiClient) -> Result:
@@ -779,15 +841,3 @@ def _failure(cdb: bytes, result: CommandResult, size: int, write: bool) -> ISCSI
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4k``, ``128K``, ``1m``, ``1MiB``: a size in bytes."""
-    raw = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:], 1)
-    number = decimal(raw[:-1] if mult != 1 else raw)
-    if number is None:
-        raise ConfigurationError(f"size {text!r} is not a number (e.g. 4096, 4k, 1m)")
-    if number == 0:
-        raise ConfigurationError(f"size {text!r} must be positive")
-    return number * mult

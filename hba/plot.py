@@ -78,8 +78,16 @@ def _tick(seconds: float, _position: object = None) -> str:
     return f"{seconds * 1e6:g} \u00b5s"
 
 
-def require() -> None:
-    """Raise :class:`HBAError` saying how to install matplotlib when it is missing."""
+# What a file name promises that the SVG written into it is not.
+_OTHER_FORMATS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".pdf")
+
+
+def require(path: str | None = None) -> None:
+    """Raise :class:`HBAError` saying how to install matplotlib when it is missing, or that
+    ``path`` names another picture format (``--histogram lat.png`` got an SVG under that
+    name, which image viewers refuse); before a long run, not after it."""
+    if path is not None and path.lower().endswith(_OTHER_FORMATS):
+        raise HBAError(f"--histogram {path}: the picture is an SVG; name the file .svg")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

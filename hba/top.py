@@ -282,6 +282,11 @@ async def cmd_top(args: argparse.Namespace) -> dict[str, Any]:
 
                         silence_stdout()
                         break
+                    except OSError as exc:   # `> /dev/full`: say so, once
+                        from hba.cli import silence_stdout, stdout_error
+
+                        silence_stdout()
+                        raise stdout_error(exc) from None
                     previous = current
                     shown += 1
     finally:

@@ -1,6 +1,8 @@
 """The numbers a person types on a command line, as argparse types: hbactl's, and those of
 ``python -m tcmu_handler.serve`` and ``python -m hba.demo`` (here, below both, so that
-tcmu_handler needs nothing of hba).
+tcmu_handler needs nothing of hba). Sizes in bytes take a unit as people write them
+(``4k``, ``128K``, ``1m``, ``1GiB``: powers of 1024), for ``hbactl perf --block-size`` and
+``./run demo --size`` alike.
 
 ``type=int`` and ``type=float`` take more than a person means: other scripts' digits
 (``--lba`` with an Arabic-Indic one, U+0661, read block 1), ``_`` between digits, spaces
@@ -18,7 +20,7 @@ import re
 
 from initiator.url import decimal
 
-__all__ = ["digits", "seconds", "whole_number"]
+__all__ = ["digits", "seconds", "size", "whole_number"]
 
 # A decimal number as a person writes one, or nan/inf (which check_seconds names).
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(nan|inf)",
@@ -50,3 +52,19 @@ def seconds(text: str) -> float:
     if not text.isascii() or _SECONDS.fullmatch(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 2, 0.5)")
     return float(text)
+
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size(text: str) -> int:
+    """A size in bytes: ASCII digits and an optional unit, ``4096``, ``4k``, ``128K``,
+    ``1m``, ``1MiB``, ``2g`` (spaces around it allowed); above 0."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = _UNITS.get(raw[-1:], 1)
+    number = decimal(raw[:-1] if mult != 1 else raw)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 4096, 4k, 1m)")
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be above 0")
+    return number * mult

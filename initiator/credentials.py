@@ -118,6 +118,14 @@ def _env(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
                 # Not shown: it may be a secret.
                 raise ConfigurationError(
                     f"environment variable {name} is not UTF-8 text; set it in UTF-8")
+            if "\n" in value or "\r" in value:
+                # A secret file's last newline (ISCSI_HBA_CHAP_SECRET="$(< f)" drops it,
+                # an EnvironmentFile or a here-string may not): a line break no target's
+                # secret holds, and the configuration file cannot hold either. Taken as
+                # it is, the login failed with "rejected our CHAP response", naming no cause.
+                raise ConfigurationError(
+                    f"environment variable {name} holds a line break (a file's trailing "
+                    "newline?); set it without one")
             return value
     return None
 

@@ -51,6 +51,7 @@ tshark unable to tell, and it misframes that capture from there on.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -183,7 +184,13 @@ class PcapRecorder:
                                            sync=False)
         finally:
             os.close(fd)
-        self._writer.write_header(None)
+        try:
+            self._writer.write_header(None)
+        except OSError as exc:   # `--pcap /dev/full`, a full disk: name the file
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            raise OSError(exc.errno, f"cannot write the capture {self.path}: "
+                                     f"{exc.strerror or exc}") from None
         self._queue: queue.Queue[list[_Segment] | None] = queue.Queue(maxsize=max_batches)
         self._thread = threading.Thread(
             target=self._write_loop, name=f"pcap {self.path}", daemon=True

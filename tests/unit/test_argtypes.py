@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from hba.cli import main
+from initiator.argtypes import size
 
 URL = "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0"
 ARABIC_ONE = "\u0661"
@@ -43,3 +46,33 @@ def test_numbers_out_of_range_still_reach_the_commands_own_words(
         capsys: pytest.CaptureFixture[str], argv: list[str], words: str) -> None:
     assert main(argv) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "expected"), [("4096", 4096), ("4k", 4096), ("128K", 131072),
+                                            ("1m", 1 << 20), ("1MiB", 1 << 20), ("2g", 2 << 30),
+                                            (" 512 ", 512)])
+def test_sizes(text: str, expected: int) -> None:
+    assert size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "k", "4 k", "1_000", "+4k", "\u0664k", "\u00b2k", "1.5k",
+                                  "-4k", "0x10"])
+def test_a_size_is_ascii_digits_and_a_unit(text: str) -> None:
+    # int() took '1_000', '+4', '4 ' and Arabic-Indic digits.
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a size in bytes"):
+        size(text)
+
+
+@pytest.mark.parametrize("text", ["0", "0k", "000m"])
+def test_a_size_is_positive(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="a size must be above 0"):
+        size(text)
+
+
+def test_perf_block_size_is_refused_with_the_options_name(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["perf", URL, "--block-size", "3x"])
+    assert exit_.value.code == 2
+    assert "argument --block-size: '3x' is not a size in bytes (e.g. 4096, 4k, 1m)" in \
+        capsys.readouterr().err

@@ -82,3 +82,35 @@ def test_a_histogram_in_a_missing_directory_is_refused_before_the_run(
         tmp_path: Path, script: str) -> None:
     err = _refused([script, "--histogram", str(tmp_path / "no" / "h.svg")])
     assert "error: --histogram" in err and "there is no directory" in err, err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCH.iterdir()))
+def test_a_benchmark_run_by_hand_uses_the_checkouts_python(name: str) -> None:
+    """``bench/ring --help`` from a shell without the .venv first on PATH got the system's
+    Python, and every benchmark ended in ``ModuleNotFoundError: No module named 'crc32c'``
+    (or pyudev): the scripts now run again under ``.venv/bin/python``
+    (tests/support/checkout.py). Here the .venv's base interpreter plays the system's."""
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    env = {k: v for k, v in os.environ.items() if k != "ISCSI_HBA_CHECKOUT_PYTHON"}
+    done = subprocess.run([str(base), str(BENCH / name), "--help"], capture_output=True,
+                          text=True, timeout=60, check=False, env=env, cwd="/")
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_the_checkouts_python_is_used_once(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    from tests.support import checkout
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
+    monkeypatch.setattr(sys, "argv", ["bench/ring", "--json"])
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.delenv("ISCSI_HBA_CHECKOUT_PYTHON", raising=False)
+    checkout.use_checkout_python()
+    assert calls == [[str(checkout.VENV / "bin" / "python"), "bench/ring", "--json"]]
+    checkout.use_checkout_python()   # the second start (the variable is set): no third
+    assert len(calls) == 1
+    monkeypatch.delenv("ISCSI_HBA_CHECKOUT_PYTHON")
+    monkeypatch.setattr(checkout, "VENV", tmp_path / "none")
+    with pytest.raises(SystemExit, match=r"run \./run setup first"):
+        checkout.use_checkout_python()

@@ -283,6 +283,9 @@ GOOD = f"TargetAddress = h\n TargetName = {IQN}\n"
         ("}", ":1: '}' without a matching '{'"),
         ("= x", ":1: unexpected '=' outside a block"),
         ("TargetAddress = h", ":1: 'key = value' outside a block"),
+        # a daemon key misspelt was told to go inside a block
+        ("Workrs = 2", ":1: unknown key 'Workrs' outside a block; did you mean Workers?"),
+        ("metric = 9433", ":1: unknown key 'metric' outside a block; did you mean Metrics?"),
         ("t\nx { }", ":1: expected a nickname followed by '{'"),
         (f"t {{ {GOOD}", ':1: block "t" is not closed'),
         (f"t {{ {GOOD} u {{ }}", ":3: blocks cannot be nested"),
@@ -608,8 +611,25 @@ def test_load_a_file_larger_than_any_configuration_is_refused(tmp_path: Path) ->
 
 
 def test_load_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"not a regular file"):
+    # It said "not a regular file" and nothing of what it was or what to give.
+    with pytest.raises(ConfigError) as info:
         load_config(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: not a regular file but a directory; name the "
+                               "configuration file itself")
+
+
+def test_load_a_file_this_user_cannot_read_says_who_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "cannot open /etc/iscsi-hba.conf: Permission denied", and nothing of what to do.
+    def refused(path: str, flags: int) -> int:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "iscsi-hba.conf")
+    assert str(info.value) == (
+        f"cannot open {tmp_path}/iscsi-hba.conf: Permission denied; the daemon reads it as root "
+        "(systemctl start iscsi-hba, or hbactl daemon as root)")
 
 
 def test_load_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:

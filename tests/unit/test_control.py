@@ -81,6 +81,18 @@ def test_control_commands_parse() -> None:
     assert parse("daemon").config == "/etc/iscsi-hba.conf"
 
 
+@pytest.mark.parametrize(("argv", "count"), [
+    (["readcap", "iscsi://h/iqn.2003-01.org.example:x/0", "-v"], 1),
+    (["discover", "iscsi://h", "-vv"], 2),
+    (["list", "--verbose"], 1),
+    (["top", "-v", "--count", "1"], 1),
+])
+def test_verbose_goes_after_the_command_too(argv: list[str], count: int) -> None:
+    # "hbactl: error: unrecognized arguments: -v", as only `hbactl -v readcap ...` was taken.
+    assert parse(*argv).command_verbose == count
+    assert parse("-v", *argv).verbose == 1
+
+
 def test_missing_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         parse("attach")
@@ -900,6 +912,19 @@ async def test_daemon_with_a_dangling_config_symlink_says_so(tmp_path: Path) -> 
     assert info.value.exit_status == control.EXIT_CONFIG
 
 
+def test_daemon_with_a_mistyped_config_path_refuses_to_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``hbactl daemon --config /etc/iscsi-hba.cnf`` started a daemon that attached nothing
+    and said so only at level info; only the default path may be missing."""
+    missing = tmp_path / "iscsi-hba.cnf"
+    assert cli.main(["daemon", "--config", str(missing), "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"hbactl: configuration file {missing} does not exist; check the path given to "
+        "--config (only the default, /etc/iscsi-hba.conf, may be missing: then the daemon "
+        "attaches nothing at start)\n")
+
+
 async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "initiatorname.iscsi"
@@ -1024,7 +1049,7 @@ def test_a_reader_that_stops_reading_is_no_error(
 
 
 def test_daemon_lists_the_kernel_problems_a_line_each(
-        system_bus: str, monkeypatch: pytest.MonkeyPatch,
+        system_bus: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """On a host without the target modules the preflight names each one with its fix; they
     were printed as one line with their newlines escaped (``\\n  - kernel module ...``)."""
@@ -1033,7 +1058,8 @@ def test_daemon_lists_the_kernel_problems_a_line_each(
                                "\n  - module b missing")
 
     monkeypatch.setattr("hba.kernel.preflight", not_ready)
-    assert cli.main(["daemon", "--config", "/nonexistent", "--initiator-name", INITIATOR,
+    config = write_config(tmp_path / "hba.conf", "")
+    assert cli.main(["daemon", "--config", config, "--initiator-name", INITIATOR,
                      "--workers", "1"]) == control.EXIT_CONFIG
     assert capsys.readouterr().err.splitlines() == [
         "hbactl: the kernel is not ready for iscsi-hba:", "  - module a missing",
@@ -1075,6 +1101,10 @@ async def test_daemon_pcap_directory_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(control.StartupError, match=f"cannot create the capture directory "
                                                    f"{blocker}/sub"):
         await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker / "sub"))
+    # `--pcap FILE`: it said "cannot create the capture directory FILE: File exists".
+    with pytest.raises(control.StartupError, match=f"--pcap {blocker} is a file, not a "
+                                                   "directory; name a directory"):
+        await control.run_daemon(None, INITIATOR, pcap_dir=str(blocker))
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750, 0o701])

@@ -86,6 +86,18 @@ def test_environment_fills_only_what_is_missing() -> None:
     assert ChapFields().or_environment({}) == ChapFields()
 
 
+@pytest.mark.parametrize("name", ["ISCSI_HBA_CHAP_SECRET", "LIBISCSI_CHAP_TARGET_PASSWORD",
+                                  "ISCSI_HBA_CHAP_NAME"])
+@pytest.mark.parametrize("value", [SECRET + "\n", SECRET + "\r\n", "a\nb-secret-123"])
+def test_a_line_break_from_the_environment_is_named(name: str, value: str) -> None:
+    """``ISCSI_HBA_CHAP_SECRET=$(printf 'secret\\n')`` (a secret file's last newline) was
+    sent as part of the secret, and the login failed with "rejected our CHAP response"."""
+    with pytest.raises(ConfigurationError) as info:
+        ChapFields().or_environment({name: value})
+    assert str(info.value) == (f"environment variable {name} holds a line break (a file's "
+                               "trailing newline?); set it without one")
+
+
 def test_default_environment_is_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIBISCSI_CHAP_USERNAME", "me")
     monkeypatch.setenv("LIBISCSI_CHAP_PASSWORD", SECRET)

@@ -1,4 +1,4 @@
-"""``python -m hba.demo``: its one option is checked before anything starts."""
+"""``./run demo`` (``python -m hba.demo``): its options is checked before anything starts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from hba import demo
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("-1", "--size -1: the demo's filesystem needs at least 16777216 bytes"),
+    ("-1", "argument --size: '-1' is not a size in bytes"),
     ("4096", "--size 4096: the demo's filesystem needs at least 16777216 bytes"),
-    ("\u0661", "argument --size: '\u0661' is not a whole number (digits 0-9)"),
-    ("1_000_000_000", "argument --size: '1_000_000_000' is not a whole number"),
+    ("\u0661", "argument --size: '\u0661' is not a size in bytes"),
+    ("1_000_000_000", "argument --size: '1_000_000_000' is not a size in bytes"),
+    # a unit is read (it was refused as not a whole number): 1 MiB is too small
+    ("1m", "--size 1048576: the demo's filesystem needs at least 16777216 bytes"),
 ])
 def test_a_size_that_is_no_disk_is_a_usage_error(capsys: pytest.CaptureFixture[str],
                                                  value: str, message: str) -> None:

@@ -10,6 +10,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from hba.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,3 +50,23 @@ def test_run_help_is_the_usage_and_no_error() -> None:
     done = _run("--help")
     assert done.returncode == 0 and "./run demo" in done.stdout and done.stderr == ""
     assert _run().returncode == 2
+
+
+@pytest.mark.parametrize(("script", "argv", "words"), [
+    ("run", ["--help"], "./run demo"),
+    ("deploy/install", ["--help"], "deploy/install --uninstall"),
+])
+def test_scripts_started_with_sh_run_under_bash(script: str, argv: list[str],
+                                                words: str) -> None:
+    """``sh run demo``, as a newcomer may type it: Debian's sh (dash) stopped at the first
+    line, ``set: Illegal option -o pipefail``."""
+    done = subprocess.run(["sh", str(REPO / script), *argv], capture_output=True, text=True,
+                          timeout=30, check=False, cwd="/")
+    assert done.returncode == 0 and words in done.stdout and done.stderr == "", done
+
+
+def test_install_names_an_unknown_option() -> None:
+    done = subprocess.run([str(DEPLOY / "install"), "--wheelhose", "x"], capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("deploy/install: unknown option --wheelhose\n"), done.stderr

@@ -26,7 +26,7 @@ import pytest
 
 from hba import cli, oneshot
 from initiator import pdu as P
-from initiator.errors import CommandTimeout, ConfigurationError, ISCSIError
+from initiator.errors import CommandTimeout, ISCSIError
 from initiator.keys import NegotiationSettings
 from initiator.url import parse_url
 from tests.support.fake_target import FakeTarget, FakeTargetServer, Hostility, RamDisk, TargetNode
@@ -349,6 +349,51 @@ def test_read_and_write_name_standard_output_and_input(
         assert err.count("\n") == 1
 
 
+def _hbactl_with(argv: list[str], port: int, **streams: Any) -> tuple[int, str]:
+    """hbactl in a process of its own (standard streams as a shell leaves them), against the
+    fake target on ``port``; its exit status and standard error."""
+    import subprocess
+
+    url = f"iscsi://127.0.0.1:{port}/{TGT}/0"
+    done = subprocess.run([sys.executable, "-m", "hba.cli", *argv, "--initiator-name", INI, url],
+                          stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                          **streams)
+    return done.returncode, done.stderr
+
+
+def _close(fd: int) -> Any:
+    return lambda: os.close(fd)  # in the child: as `>&-` or `<&-` leaves it
+
+
+@pytest.mark.parametrize(("argv", "streams", "words"), [
+    (["inquiry"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry", "--json"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry", "--help"], "full", "cannot write standard output: No space left on device"),
+    (["inquiry"], "no stdout", "cannot write standard output: it is closed"),
+    (["readcap", "--json"], "no stdout", "cannot write standard output: it is closed"),
+    (["read", "--lba", "0", "--blocks", "1", "-o", "-"], "no stdout",
+     "cannot write standard output: it is closed"),
+    (["write", "--lba", "0", "-i", "-"], "no stdin", "cannot read standard input: it is closed"),
+])
+def test_a_full_or_closed_standard_stream_is_one_line(
+        argv: list[str], streams: str, words: str) -> None:
+    """``hbactl inquiry URL > /dev/full`` and ``... >&-`` ended in a traceback (OSError from
+    the printing, AttributeError on the ``None`` Python makes of a closed stream), and
+    ``--help > /dev/full`` in silence with status 0."""
+    with target_in_a_thread(fake()) as port:
+        if streams == "full":
+            with open("/dev/full", "w", encoding="utf-8") as full:
+                status, err = _hbactl_with(argv, port, stdout=full)
+        elif streams == "no stdout":
+            status, err = _hbactl_with(argv, port, preexec_fn=_close(1))
+        else:
+            status, err = _hbactl_with(argv, port, preexec_fn=_close(0))
+    assert words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert status == (2 if argv[0] == "write" else 1)
+
+
 @pytest.mark.parametrize("json_output", [False, True])
 def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str],
                                                json_output: bool) -> None:
@@ -423,25 +468,67 @@ def test_perf_refuses_a_run_length_that_is_no_length(
     assert status == 2 and f"--seconds {float(seconds):g}: expected a number" in err, err
 
 
-@pytest.mark.parametrize(("text", "size"), [("4096", 4096), ("4k", 4096), ("128K", 131072),
-                                            ("1m", 1 << 20), ("1MiB", 1 << 20), ("2g", 2 << 30),
-                                            (" 512 ", 512)])
-def test_sizes(text: str, size: int) -> None:
-    assert oneshot.parse_size(text) == size
+def test_read_refuses_to_print_blocks_on_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # `hbactl read URL --lba 0 --blocks 8 -o -` typed at a terminal printed binary there.
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", encoding="utf-8", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "stdout", terminal)
+            # Port 1 refuses: the check comes before the login.
+            status = cli.main(["read", "--initiator-name", INI, f"iscsi://127.0.0.1:1/{TGT}/0",
+                               "--lba", "0", "--blocks", "8", "-o", "-"])
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "hbactl: standard output is a terminal, and blocks are binary: give -o FILE, or send "
+        "them on (-o - | xxd, -o - > FILE)\n")
 
 
-@pytest.mark.parametrize("text", ["", "k", "4 k", "1_000", "+4k", "\u0664k", "\u00b2k", "1.5k",
-                                  "-4k", "0x10"])
-def test_a_size_is_ascii_digits_and_a_unit(text: str) -> None:
-    # int() took '1_000', '+4', '4 ' and Arabic-Indic digits.
-    with pytest.raises(ConfigurationError, match="is not a number"):
-        oneshot.parse_size(text)
+def test_write_reads_only_the_blocks_it_writes() -> None:
+    """``hbactl write URL --lba 0 --blocks 4 -i /dev/zero`` read its input to the end before
+    the login: for ever, its memory growing. Here a pipe that stays open plays /dev/zero."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    with target_in_a_thread(fake()) as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hba.cli", "write", "--initiator-name", INI,
+             f"iscsi://127.0.0.1:{port}/{TGT}/0", "--lba", "0", "--blocks", "4", "-i", "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
+        assert proc.stdin is not None
+        proc.stdin.write(b"\xaa" * 512 * 5)
+        proc.stdin.flush()
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("hbactl write waited for the end of its input")
+        finally:
+            proc.stdin.close()
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert status == 0, err
+    assert b"wrote 4 blocks (2048 bytes) at LBA 0 from -" in err, (out, err)
 
 
-@pytest.mark.parametrize("text", ["0", "0k", "000m"])
-def test_a_size_is_positive(text: str) -> None:
-    with pytest.raises(ConfigurationError, match="must be positive"):
-        oneshot.parse_size(text)
+def test_write_from_a_pipe_longer_than_the_lun_is_refused(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\0" * 512 * 7)))
+    with target_in_a_thread(fake()) as port:
+        assert cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:{port}/{TGT}/0",
+                         "--lba", "4090", "-i", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hbactl: standard input holds more than the 6 blocks from block 4090 to the "
+                   f"end of {TGT} LUN 0; give --blocks\n")
 
 
 @pytest.mark.parametrize(("name", "words"), [

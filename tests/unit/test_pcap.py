@@ -534,3 +534,10 @@ def test_tshark_ignores_pdus_over_256k_without_option(tmp_path: Path) -> None:
     options = rec.tshark_options(524288)
     assert iscsi_opcodes(path, *options) == EXPECTED_OPCODES
     assert_clean(path, *options)
+
+
+def test_a_capture_that_cannot_be_written_names_its_file() -> None:
+    # `hbactl readcap --pcap /dev/full URL` said "hbactl: No space left on device".
+    with pytest.raises(OSError) as info:
+        PcapRecorder("/dev/full", *V4)
+    assert info.value.strerror == "cannot write the capture /dev/full: No space left on device"

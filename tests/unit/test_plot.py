@@ -67,6 +67,20 @@ def test_an_unwritable_picture_is_refused_before_the_run(
     assert status != 0 and "cannot write" in err and "connect" not in err, err
 
 
+@pytest.mark.parametrize("name", ["lat.png", "LAT.PDF", "x.jpeg"])
+def test_a_picture_named_for_another_format_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    # `--histogram lat.png` wrote an SVG under that name, after the whole run.
+    path = tmp_path / name
+    status = cli.main(["perf", "--histogram", str(path),
+                       "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0"])
+    err = capsys.readouterr().err
+    assert status == 1 and err == (f"hbactl: --histogram {path}: the picture is an SVG; name "
+                                   "the file .svg\n"), err
+    plot.require(str(tmp_path / "lat.svg"))
+    plot.require(str(tmp_path / "lat"))   # no suffix, a FIFO, /dev/stdout: as given
+
+
 async def test_perf_latency_counts_every_completed_command() -> None:
     # hbactl perf bins each command's latency as it completes: every completed command is in
     # one bucket, and the sum over them gives the mean.

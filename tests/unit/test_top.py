@@ -158,6 +158,41 @@ def test_top_without_a_bus_says_what_to_start(monkeypatch: pytest.MonkeyPatch,
     assert err.count("\n") == 1
 
 
+class _Full(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_top_into_a_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``hbactl top --count 1 > /dev/full`` ended in a traceback; only a closed pipe was
+    caught."""
+    class Client:
+        def __init__(self) -> None:
+            self.time = 0.0
+
+        async def __aenter__(self) -> Client:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+        async def sample(self) -> dict[str, Any]:
+            self.time += 1.0
+            return sample(self.time, 0, 0.0, {}, 0)
+
+    monkeypatch.setattr(top, "_Client", Client)
+    full = io.TextIOWrapper(io.BufferedWriter(_Full()), write_through=True)
+    monkeypatch.setattr("sys.stdout", full)
+    assert main(["top", "--count", "1", "--interval", "0.01", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write standard output: No space left on device" in err, err
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["--interval", "nan"], "--interval nan: expected a number of seconds above 0"),
     (["--interval", "0"], "--interval 0: expected a number of seconds above 0"),
