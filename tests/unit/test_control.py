@@ -431,7 +431,9 @@ def system_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
                              "--nopidfile"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while not sock.exists():
+    # Until it accepts: the socket's file exists from bind(), and a connection between that
+    # and listen() is refused ("system DBus connection refused", seen on a busy machine).
+    while not _accepts(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             _, err = proc.communicate()
@@ -443,6 +445,16 @@ def system_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a Unix socket at ``path`` takes a connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Described:
