@@ -140,7 +140,7 @@ class ScsiClient:
             raise CommandError(
                 f"{self.where}: the target has no logical unit at this LUN (INQUIRY peripheral "
                 "qualifier 011b); check the LUN number in the URL (`hbactl discover --luns "
-                "iscsi://<portal>` lists them)")
+                f"iscsi://{self.session.portal}` lists them)")
         pages = await self.supported_vpd_pages()
         serial: str | None = None
         naa: str | None = None

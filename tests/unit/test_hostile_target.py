@@ -463,7 +463,9 @@ async def test_inquiry_of_a_lun_with_no_unit_is_an_error(
         assert await hbactl("inquiry", url(server).removesuffix("/0") + "/7") == 1
     err = capsys.readouterr().err
     assert "LUN 7" in err and "check the LUN number" in err and err.count("\n") == 1
-    assert "`hbactl discover --luns iscsi://<portal>` lists them" in err
+    # The hint names the portal in use, ready to paste.
+    portal = url(server).removeprefix("iscsi://").split("/")[0]
+    assert f"`hbactl discover --luns iscsi://{portal}` lists them" in err
 
 
 async def test_a_write_the_target_took_only_part_of_is_an_error() -> None:
