@@ -491,11 +491,15 @@ async def run_daemon(config_path: str | None, initiator_name: str | None = None,
     # load_config says why it cannot be opened. Only the default path may be missing
     # (nothing to attach at start); another one is a mistyped --config, which would
     # otherwise start a daemon that serves nothing and says so only at level info.
+    if config_path == "":
+        raise StartupError(
+            f"--config is empty; give the configuration file's path (the default is "
+            f"{DEFAULT_CONFIG})", EXIT_CONFIG)
     if config_path is not None and config_path != DEFAULT_CONFIG and \
             not os.path.lexists(config_path):
         sd_notify(f"STATUS=no configuration file {printable(config_path)}")
         raise StartupError(
-            f"configuration file {config_path} does not exist; check the path given to "
+            f"configuration file {printable(config_path)} does not exist; check the path given to "
             f"--config (only the default, {DEFAULT_CONFIG}, may be missing: then the daemon "
             "attaches nothing at start)", EXIT_CONFIG)
     if config_path is not None and os.path.lexists(config_path):

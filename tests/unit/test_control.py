@@ -937,6 +937,22 @@ def test_daemon_with_a_mistyped_config_path_refuses_to_start(
         "attaches nothing at start)\n")
 
 
+def test_daemon_with_an_empty_or_unprintable_config_path_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `--config ''` said "configuration file  does not exist"; a line break in the path
+    # broke the one line in two.
+    assert cli.main(["daemon", "--config", "", "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        "hbactl: --config is empty; give the configuration file's path (the default is "
+        "/etc/iscsi-hba.conf)\n")
+    odd = f"{tmp_path}/a\nb.conf"
+    assert cli.main(["daemon", "--config", odd, "--initiator-name", INITIATOR,
+                     "--workers", "1"]) == control.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/a\\nb.conf does not exist" in err, err
+
+
 async def test_daemon_with_an_unusable_initiator_name_file_is_not_restarted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "initiatorname.iscsi"
