@@ -181,6 +181,10 @@ class ChapCredentials:
     algorithms: tuple[ChapAlgorithm, ...] = field(default_factory=lambda: DEFAULT_OFFER)
     """The CHAP_A offer, most preferred first (open-iscsi's ``chap_algs``); MD5 alone by
     default (:data:`DEFAULT_OFFER` says why)."""
+    settings: str = field(default="chapSecret / chapIName for this target (<user>%<secret>@ "
+                          "in a URL)", compare=False)
+    """The settings a person gave these in, for a message when the target rejects them
+    (:class:`initiator.credentials.ChapSource` knows the place)."""
 
     def __post_init__(self) -> None:
         # §9.2.1: a secret used to authenticate initiators MUST NOT authenticate targets.
@@ -471,7 +475,7 @@ class ChapInitiator:
         )
         self._fail(
             f"target {self._target} rejected our CHAP response for {account.name!r}: check "
-            f"chapSecret / chapIName for this target (<user>%<secret>@ in a URL){mutual}"
+            f"{self._credentials.settings}{mutual}"
         )
 
     def _answer_challenge(self, keys: Mapping[str, str]) -> list[Pair]:

@@ -67,7 +67,8 @@ class ChapSource:
     ``where`` names the place (``URL 'iscsi://***@host/...'``, ``configuration entry "disk1"``,
     ``the environment``); ``give_user``/``give_secret``/``give_one_way`` say how to supply
     what is missing; ``target_user``/``target_secret`` are how the place spells the
-    mutual-CHAP fields and ``give_target`` where they go.
+    mutual-CHAP fields and ``give_target`` where they go; ``settings`` names the user name and
+    secret to check when the target rejects them.
     """
 
     where: str
@@ -77,6 +78,7 @@ class ChapSource:
     target_user: str
     target_secret: str
     give_target: str
+    settings: str
 
     @classmethod
     def url(cls, shown: str) -> ChapSource:
@@ -89,7 +91,9 @@ class ChapSource:
             give_one_way="give <user>%<secret>@",
             target_user="target_user", target_secret="target_password",
             give_target=f"URL option, or {ENV_TARGET_CHAP_NAME[0]} / "
-                        f"{ENV_TARGET_CHAP_SECRET[0]}")
+                        f"{ENV_TARGET_CHAP_SECRET[0]}",
+            settings=f"the user name and secret of the URL's <user>%<secret>@, or of "
+                     f"{ENV_CHAP_NAME[0]} / {ENV_CHAP_SECRET[0]} where it gives none")
 
     @classmethod
     def entry(cls, nickname: str) -> ChapSource:
@@ -97,7 +101,8 @@ class ChapSource:
         return cls(where=f'configuration entry "{nickname}"', give_user="add chapIName",
                    give_secret="add chapSecret", give_one_way="add chapIName and chapSecret",
                    target_user="tgtChapName", target_secret="tgtChapSecret",
-                   give_target="add it to the entry")
+                   give_target="add it to the entry",
+                   settings=f'chapIName / chapSecret of configuration entry "{nickname}"')
 
 
 ENVIRONMENT = ChapSource(
@@ -106,7 +111,9 @@ ENVIRONMENT = ChapSource(
     give_secret=f"set {_either(ENV_CHAP_SECRET)}",
     give_one_way=f"set {ENV_CHAP_NAME[0]} and {ENV_CHAP_SECRET[0]}",
     target_user=ENV_TARGET_CHAP_NAME[0], target_secret=ENV_TARGET_CHAP_SECRET[0],
-    give_target=f"set both, or {ENV_TARGET_CHAP_NAME[1]} / {ENV_TARGET_CHAP_SECRET[1]}")
+    give_target=f"set both, or {ENV_TARGET_CHAP_NAME[1]} / {ENV_TARGET_CHAP_SECRET[1]}",
+    settings=f"{ENV_CHAP_NAME[0]} / {ENV_CHAP_SECRET[0]} (or {ENV_CHAP_NAME[1]} / "
+             f"{ENV_CHAP_SECRET[1]}) in the environment")
 """CHAP settings that came from the environment alone."""
 
 
@@ -192,6 +199,7 @@ class ChapFields:
             target = None
             if self.target_user is not None and self.target_secret is not None:
                 target = ChapAccount(self.target_user, Secret(self.target_secret))
-            return ChapCredentials(ChapAccount(self.user, Secret(self.secret)), target)
+            return ChapCredentials(ChapAccount(self.user, Secret(self.secret)), target,
+                                   settings=source.settings)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{source.where}: {exc}") from None

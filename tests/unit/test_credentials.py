@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from initiator.chap import ChapInitiator
 from initiator.credentials import ENVIRONMENT, ChapFields, ChapSource
-from initiator.errors import ConfigurationError
+from initiator.errors import AuthenticationError, ConfigurationError
 from initiator.url import IscsiUrl, parse_url
 from initiator.urlconfig import session_config
 
@@ -71,6 +72,24 @@ def test_each_source_says_how_to_fix_it_in_its_own_words() -> None:
     assert "ISCSI_HBA_TARGET_CHAP_NAME is missing" in message(
         ChapFields("me", SECRET, target_secret=TSECRET), ENVIRONMENT)
     assert "add chapIName and chapSecret" in message(ChapFields(None, None, "t", TSECRET), ENTRY)
+
+
+@pytest.mark.parametrize(("source", "settings"), [
+    (URL, "the user name and secret of the URL's <user>%<secret>@, or of ISCSI_HBA_CHAP_NAME"),
+    (ENTRY, 'chapIName / chapSecret of configuration entry "disk1"'),
+    (ENVIRONMENT, "ISCSI_HBA_CHAP_NAME / ISCSI_HBA_CHAP_SECRET (or LIBISCSI_CHAP_USERNAME"),
+], ids=["url", "entry", "env"])
+def test_a_rejected_response_names_the_settings_of_its_source(source: ChapSource,
+                                                               settings: str) -> None:
+    """A target's "authentication failure" told every user to check chapSecret / chapIName,
+    the configuration's names, also when the secret came from the environment."""
+    creds = ChapFields("me", SECRET).build(source)
+    assert creds is not None
+    ini = ChapInitiator(creds, target="iqn.t")
+    with pytest.raises(AuthenticationError) as info:
+        ini.login_rejected()
+    assert f"rejected our CHAP response for 'me': check {settings}" in str(info.value)
+    assert SECRET not in str(info.value)
 
 
 def test_environment_fills_only_what_is_missing() -> None:
