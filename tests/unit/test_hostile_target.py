@@ -780,7 +780,9 @@ async def test_hbactl_blames_the_target_for_its_chap_protocol_errors(
         wrong = url(server).replace("iscsi://", "iscsi://ini-user%wrong-secret-123@")
         assert await hbactl("readcap", wrong) == 1
         err = capsys.readouterr().err
-        assert "check chapSecret" in err and "broke the CHAP protocol" not in err
+        # A URL's credentials: the message names the URL's, not the configuration's.
+        assert "check the user name and secret of the URL's <user>%<secret>@" in err
+        assert "broke the CHAP protocol" not in err and "chapSecret" not in err
 
 
 @pytest.mark.parametrize("length", [251, 252, 4000])
