@@ -286,7 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
     p.set_defaults(handler=_read)
 
-    p = sub.add_parser("write", parents=[common], help="write a file's blocks")
+    p = sub.add_parser(
+        "write", parents=[common], help="write a file's blocks",
+        description="Write a file's blocks (or standard input's) from block --lba on. The "
+                    "input is streamed: read a chunk (1 MiB, or the LUN's Block Limits "
+                    "maximum) at a time, each written as it is read with a few WRITEs in "
+                    "flight, so memory stays at a few MiB whatever its size. A regular file "
+                    "is judged by its size before anything is written; a pipe's length only "
+                    "reading finds, so one that proves longer than the LUN (without "
+                    "--blocks), shorter than --blocks, or no whole number of blocks is "
+                    "refused when that shows, after the chunks before it were written. "
+                    "Then, as after a failed command or Ctrl-C (exit status 130), the error "
+                    "says which blocks were written.")
     p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--lba", type=whole_number, required=True, help="first block")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="file, or - for stdin")

@@ -521,14 +521,16 @@ def test_write_reads_only_the_blocks_it_writes() -> None:
 
 def test_write_from_a_pipe_longer_than_the_lun_is_refused(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more.
+    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more;
+    # the chunk that shows it is not written (tests/unit/test_oneshot_write.py: the chunks
+    # before it are, and the error says which).
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\0" * 512 * 7)))
     with target_in_a_thread(fake()) as port:
         assert cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:{port}/{TGT}/0",
                          "--lba", "4090", "-i", "-"]) == 2
     err = capsys.readouterr().err
     assert err == (f"hbactl: standard input holds more than the 6 blocks from block 4090 to the "
-                   f"end of {TGT} LUN 0; give --blocks\n")
+                   f"end of {TGT} LUN 0; give --blocks; nothing was written\n")
 
 
 @pytest.mark.parametrize(("name", "words"), [
