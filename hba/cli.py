@@ -428,6 +428,24 @@ class _Closed(io.BufferedIOBase):
 
 
 def _stand_in_for_closed_streams() -> None:
+    """Stand-ins for the standard streams hbactl was started without.
+
+    Their descriptors are taken by /dev/null first: left free, the next file or socket
+    opened would take the number, and what is written there (a C-level message on 2) would
+    land in it. A closed standard error becomes /dev/null: Python makes it ``None``, and
+    ``print(..., file=None)`` prints to standard output, so that ``hbactl read URL ... -o -
+    2>&- | xxd`` got its error message in the block data. Its errors are lost then, as
+    they would be to any program; the exit status still tells."""
+    for fd in range(3):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the exit
     if sys.stdin is None:
         sys.stdin = io.TextIOWrapper(_Closed(), encoding="utf-8")
     if sys.stdout is None:

@@ -394,6 +394,24 @@ def test_a_full_or_closed_standard_stream_is_one_line(
     assert status == (2 if argv[0] == "write" else 1)
 
 
+@pytest.mark.parametrize("lba", [None, "4096"])
+def test_an_error_with_standard_error_closed_stays_out_of_the_data(lba: str | None) -> None:
+    """``hbactl read URL ... -o - 2>&- | xxd``: Python makes a closed standard error
+    ``None``, and ``print(..., file=None)`` prints to standard output, so the error message
+    went into the block data. Refused (port 1), or beyond the LUN's end: nothing on stdout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    with target_in_a_thread(fake()) as port:
+        url = f"iscsi://127.0.0.1:{1 if lba is None else port}/{TGT}/0"
+        done = subprocess.run(
+            [sys.executable, "-m", "hba.cli", "read", "--initiator-name", INI, url, "--lba",
+             lba or "0", "--blocks", "1", "-o", "-"],
+            stdout=subprocess.PIPE, timeout=60, check=False, cwd=root, preexec_fn=_close(2))
+    assert done.returncode == (1 if lba is None else 2)
+    assert done.stdout == b"", done.stdout
+
+
 @pytest.mark.parametrize("json_output", [False, True])
 def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str],
                                                json_output: bool) -> None:
