@@ -286,7 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
     p.set_defaults(handler=_read)
 
-    p = sub.add_parser("write", parents=[common], help="write a file's blocks")
+    p = sub.add_parser(
+        "write", parents=[common], help="write a file's blocks",
+        description="Write a file's blocks (or standard input's) from block --lba on. The "
+                    "input is streamed: read a chunk (1 MiB, or the LUN's Block Limits "
+                    "maximum) at a time, each written as it is read with a few WRITEs in "
+                    "flight, so memory stays at a few MiB whatever its size. A regular file "
+                    "is judged by its size before anything is written; a pipe's length only "
+                    "reading finds, so one that proves longer than the LUN (without "
+                    "--blocks), shorter than --blocks, or no whole number of blocks is "
+                    "refused when that shows, after the chunks before it were written. "
+                    "Then, as after a failed command or Ctrl-C (exit status 130), the error "
+                    "says which blocks were written.")
     p.add_argument("url", metavar="URL", help=LUN_URL)
     p.add_argument("--lba", type=whole_number, required=True, help="first block")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="file, or - for stdin")
@@ -417,6 +428,24 @@ class _Closed(io.BufferedIOBase):
 
 
 def _stand_in_for_closed_streams() -> None:
+    """Stand-ins for the standard streams hbactl was started without.
+
+    Their descriptors are taken by /dev/null first: left free, the next file or socket
+    opened would take the number, and what is written there (a C-level message on 2) would
+    land in it. A closed standard error becomes /dev/null: Python makes it ``None``, and
+    ``print(..., file=None)`` prints to standard output, so that ``hbactl read URL ... -o -
+    2>&- | xxd`` got its error message in the block data. Its errors are lost then, as
+    they would be to any program; the exit status still tells."""
+    for fd in range(3):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the exit
     if sys.stdin is None:
         sys.stdin = io.TextIOWrapper(_Closed(), encoding="utf-8")
     if sys.stdout is None:

@@ -692,6 +692,19 @@ def _worker_count(text: str) -> int:
     return number
 
 
+def _metrics_address(text: str) -> str:
+    """``--metrics``, checked when the arguments are parsed: a bad one was told only after
+    the daemon had connected to DBus."""
+    from hba.metrics import parse_listen_address
+    from initiator.errors import ConfigurationError
+
+    try:
+        parse_listen_address(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _nice_value(text: str) -> int:
     from hba.priority import HIGHEST, LOWEST, parse_priority
 
@@ -723,7 +736,7 @@ def add_commands(sub: Any) -> None:
                         "missing: then nothing is attached at start; another path must exist)")
     p.add_argument("--initiator-name", metavar="IQN",
                    help="initiator name (default: /etc/iscsi/initiatorname.iscsi)")
-    p.add_argument("--metrics", metavar="[HOST:]PORT",
+    p.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
                    help="serve Prometheus metrics on this address (a bare port: 127.0.0.1; "
                         "default: the configuration's Metrics key, else none)")
     p.add_argument("--pcap", dest="daemon_pcap", metavar="DIR",

@@ -2,6 +2,12 @@
 
 Each logs in, does its work over :class:`initiator.client.ScsiClient`, logs out, and returns a
 plain ``dict`` that :mod:`hba.cli` prints as text or JSON.
+
+``read`` and ``write`` move at most :data:`MAX_TRANSFER` (or the Block Limits VPD's maximum)
+per command. ``write`` streams its input (:class:`_WriteStream`): a chunk is read while up to
+:data:`WRITE_DEPTH` WRITEs are in flight, so its memory is bounded whatever the input's size;
+what can only be known by reading (a pipe's length) is judged as it shows, and an error or
+Ctrl-C says which blocks were written.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import stat
@@ -435,13 +442,14 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
         return ConfigurationError(f"cannot read {shown}: {exc.strerror}")
 
     # Opened before the login (a wrong path is told at once; a FIFO waits for its writer),
-    # read after it: the LUN's block size and end bound what is read, so that `-i /dev/zero
-    # --blocks 8` reads 8 blocks, not until memory runs out.
+    # read after it, a chunk at a time (_WriteStream): the LUN's block size and end bound
+    # what is read, so that `-i /dev/zero --blocks 8` reads 8 blocks, and memory stays at a
+    # few chunks whatever the input's size.
     # Its first byte too: an empty input is told before the login as well.
     try:
         source_file = await _in_thread(lambda: _open_input(source), f"open {source}")
         size = _regular_size(source_file)
-        first = await _in_thread(lambda: _read_at_most(source_file, 1), f"read {source}")
+        first = await _in_thread(lambda: source_file.read(1), f"read {source}")
     except OSError as exc:
         raise unreadable(exc) from None
     if not first:
@@ -449,45 +457,54 @@ async def cmd_write(text: str, options: Options, lba: int, source: str,
 
     async def work(client: ScsiClient) -> Result:
         cap, chunk = await _geometry(client)
+        bs = cap.block_size
+        # Everything the input can be judged by before a block is written is judged now: a
+        # regular file by its size. A pipe's or a device's length only reading finds.
         if blocks is not None:
             _check_range(lba, blocks, cap.blocks, url)
-            limit = blocks * cap.block_size
+            count, known = blocks, True
+            if size is not None and size < blocks * bs:
+                raise ConfigurationError(
+                    f"--blocks {blocks} needs {blocks * bs} bytes; {shown} has only {size}")
         elif size is not None:    # a regular file: as many blocks as it holds
-            limit = size
-            if size % cap.block_size == 0:
-                _check_range(lba, size // cap.block_size, cap.blocks, url)
-        else:                     # a pipe, a device: up to the LUN's end, and one byte more
+            if size % bs:
+                raise _not_whole(shown, size, bs)
+            count, known = size // bs, True
+            _check_range(lba, count, cap.blocks, url)
+        else:                     # a pipe, a device: up to the LUN's end, where it must end
             _check_range(lba, 1, cap.blocks, url)
-            limit = (cap.blocks - lba) * cap.block_size + 1
+            count, known = cap.blocks - lba, False
+        stream = _WriteStream(client, source_file, first, lba, bs, chunk)
+
+        def read_failed(exc: OSError) -> ConfigurationError:
+            return ConfigurationError(f"{unreadable(exc)}; {stream.written()}")
+
+        # Ctrl-C (asyncio.run() cancels this task) stops the reading and the issuing; the
+        # commands in flight finish (each within the session's bounds; Ctrl-C again quits at
+        # once), so that the one line can say exactly which blocks were written.
         try:
-            data = first + await _in_thread(lambda: _read_at_most(source_file, limit - 1),
-                                            f"read {source}")
-        except OSError as exc:
-            raise unreadable(exc) from None
-        if blocks is None and size is None and len(data) == limit:
+            got = await stream.run(count, lookahead=not known, read_failed=read_failed)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.uncancel() > 0:
+                raise
+            await stream.settle()
+            raise WriteInterrupted(f"interrupted: {stream.written()}") from None
+        if got > count * bs:
             raise ConfigurationError(
                 f"{shown} holds more than the {cap.blocks - lba} blocks from block {lba} to "
-                f"the end of {url.target_iqn} LUN {url.lun}; give --blocks")
-        if len(data) % cap.block_size and blocks is None:
-            raise ConfigurationError(
-                f"{shown} holds {len(data)} bytes, not a whole number of "
-                f"{cap.block_size}-byte blocks; pad it or use --blocks")
-        count = len(data) // cap.block_size if blocks is None else blocks
-        if count * cap.block_size > len(data):
-            raise ConfigurationError(
-                f"--blocks {count} needs {count * cap.block_size} bytes; {shown} has only "
-                f"{len(data)}")
-        _check_range(lba, count, cap.blocks, url)
-        view = memoryview(data)
-        done = 0
-        while done < count:
-            n = min(chunk, count - done)
-            off = done * cap.block_size
-            await client.write(lba + done, n, view[off : off + n * cap.block_size])
-            done += n
+                f"the end of {url.target_iqn} LUN {url.lun}; give --blocks; "
+                f"{stream.written()}")
+        if got % bs:
+            raise ConfigurationError(f"{_not_whole(shown, got, bs)}; {stream.written()}")
+        if got < count * bs and known:
+            needed = (f"--blocks {count} needs {count * bs} bytes" if blocks is not None
+                      else f"{shown} was {size} bytes when the write began")
+            raise ConfigurationError(f"{needed}; {shown} has only {got}; {stream.written()}")
+        count = got // bs
         await client.synchronize_cache()
         return {"target": url.target_iqn, "lun": url.lun, "lba": lba, "blocks": count,
-                "bytes": count * cap.block_size, "input": source}
+                "bytes": count * bs, "input": source}
 
     try:
         return await with_client(url, options, work)
@@ -510,19 +527,148 @@ def _regular_size(source: IO[bytes]) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-INPUT_CHUNK = 1 << 20
-"""Bytes asked of the input at once: a pipe's or a device's whole is never asked for."""
+WRITE_DEPTH = 4
+"""WRITE commands ``hbactl write`` keeps in flight, as libiscsi's iscsi-dd does: its memory
+is that many chunks (of at most :data:`MAX_TRANSFER`) and the one being read, whatever the
+input's size."""
 
 
-def _read_at_most(source: IO[bytes], limit: int) -> bytes:
-    """Up to ``limit`` bytes of ``source``, fewer only at its end."""
-    data = bytearray()
-    while len(data) < limit:
-        part = source.read(min(INPUT_CHUNK, limit - len(data)))
-        if not part:
+def _not_whole(shown: str, length: int, block_size: int) -> ConfigurationError:
+    return ConfigurationError(f"{shown} holds {length} bytes, not a whole number of "
+                              f"{block_size}-byte blocks; pad it or use --blocks")
+
+
+class WriteInterrupted(HBAError):
+    """Ctrl-C during ``hbactl write``: the message says which blocks were written."""
+
+    exit_status = EXIT_INTERRUPTED
+
+
+class PartialWriteError(HBAError):
+    """A WRITE failed after others had written their blocks: the message is the failure's,
+    and which blocks were written before it (never a silent partial write)."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class _WriteStream:
+    """The input read a chunk at a time, each chunk written as soon as it is read, with at
+    most :data:`WRITE_DEPTH` WRITEs in flight: memory stays at ``WRITE_DEPTH + 1`` chunks.
+
+    It keeps which blocks the target acknowledged (:meth:`written`), so that every way a
+    write can end early (an input that proves too long or too short, a failed command,
+    Ctrl-C) says exactly that, as dd reports its records out. A chunk whose WRITE failed
+    may be written in part: it is not counted."""
+
+    def __init__(self, client: ScsiClient, source: IO[bytes], first: bytes, lba: int,
+                 block_size: int, chunk: int) -> None:
+        self.client, self.source, self.first = client, source, first
+        self.lba, self.block_size, self.chunk = lba, block_size, chunk
+        self.in_flight: dict[asyncio.Task[None], bytearray] = {}
+        self.done: list[tuple[int, int]] = []   # (first block, blocks) acknowledged
+        self.spare: list[bytearray] = []
+
+    async def run(self, count: int, *, lookahead: bool,
+                  read_failed: Callable[[OSError], Exception]) -> int:
+        """Write up to ``count`` blocks of the input; return how many bytes it held: fewer
+        when it ends before, and with ``lookahead`` (a pipe, whose end must be the LUN's at
+        the latest) one byte more when it goes on beyond. A last chunk that ends in an error
+        (beyond the LUN's end, no whole number of blocks, short of ``count`` without
+        ``lookahead``) is not written."""
+        bs, got = self.block_size, 0
+        while got < count * bs:
+            n = min(self.chunk, count - got // bs)
+            last = got + n * bs == count * bs
+            buf = await self._buffer()
+            view = memoryview(buf)[: n * bs + (1 if lookahead and last else 0)]
+            try:
+                length = await _in_thread(functools.partial(self._fill, view), "read input")
+            except OSError as exc:
+                await self.settle()
+                raise read_failed(exc) from None
+            got += length
+            if length == n * bs:
+                self._issue(got - length, buf, view[:length])
+                continue
+            if lookahead and 0 < length < n * bs and length % bs == 0:
+                self._issue(got - length, buf, view[:length])   # the input's end
+            else:
+                self.spare.append(buf)
             break
-        data += part
-    return bytes(data)
+        await self.settle()
+        return got
+
+    async def _buffer(self) -> bytearray:
+        """A buffer for the next chunk: a spare one, else a new one while fewer than
+        WRITE_DEPTH + 1 exist, else the buffer of the oldest WRITE once it completes."""
+        while len(self.in_flight) >= WRITE_DEPTH:
+            await self._complete(next(iter(self.in_flight)))
+        return self.spare.pop() if self.spare else bytearray(self.chunk * self.block_size + 1)
+
+    def _fill(self, view: memoryview) -> int:
+        """Read into ``view`` until it is full or the input ends (in a thread)."""
+        filled = 0
+        if self.first:
+            view[: len(self.first)] = self.first
+            filled, self.first = len(self.first), b""
+        while filled < len(view):
+            part = self.source.read(len(view) - filled)
+            if not part:
+                break
+            view[filled : filled + len(part)] = part
+            filled += len(part)
+        return filled
+
+    def _issue(self, offset: int, buf: bytearray, data: memoryview) -> None:
+        first = self.lba + offset // self.block_size
+        blocks = data.nbytes // self.block_size
+
+        async def write() -> None:
+            await self.client.write(first, blocks, data)
+            self.done.append((first, blocks))
+
+        self.in_flight[asyncio.ensure_future(write())] = buf
+
+    async def _complete(self, task: asyncio.Task[None]) -> None:
+        """Wait for ``task``'s WRITE (Ctrl-C leaves it running: the caller settles it);
+        its buffer is free again. When it failed, wait for the others too and raise its
+        error, saying which blocks were written."""
+        await asyncio.wait([task])
+        buf = self.in_flight.pop(task)
+        exc = task.exception()
+        if exc is not None:
+            await self.settle()
+            raise PartialWriteError(f"{exc}; {self.written()}",
+                                    int(getattr(exc, "exit_status", 1))) from exc
+        self.spare.append(buf)
+
+    async def settle(self) -> None:
+        """Wait for every WRITE in flight (each within the session's bounds); their
+        failures are not raised, only left out of :meth:`written`."""
+        if self.in_flight:
+            # asyncio.wait, not gather: Ctrl-C during the wait cancels the wait, not the
+            # WRITEs (the caller settles them again before it reports).
+            await asyncio.wait(set(self.in_flight))
+        for task in self.in_flight:
+            if not task.cancelled():
+                task.exception()   # retrieved: a failure here is told by what was written
+        self.in_flight.clear()
+
+    def written(self) -> str:
+        """Which blocks the target acknowledged, in the words of an error."""
+        spans: list[list[int]] = []
+        for first, blocks in sorted(self.done):
+            if spans and spans[-1][1] + 1 == first:
+                spans[-1][1] = first + blocks - 1
+            else:
+                spans.append([first, first + blocks - 1])
+        if not spans:
+            return "nothing was written"
+        total = sum(blocks for _, blocks in self.done)
+        return ("blocks " + ", ".join(f"{a}..{b}" for a, b in spans)
+                + f" were written ({total} blocks)")
 
 
 async def _in_thread(call: Callable[[], T], name: str) -> T:

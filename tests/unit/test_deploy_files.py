@@ -52,6 +52,14 @@ def test_run_help_is_the_usage_and_no_error() -> None:
     assert _run().returncode == 2
 
 
+@pytest.mark.parametrize("command", ["setup", "bench", "uninstall", "help", "--help"])
+def test_run_refuses_arguments_a_command_does_not_take(command: str) -> None:
+    # `./run setup extra-args` ran the setup and ignored them.
+    done = _run(command, "extra-args", "a b")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr == f"./run {command} takes no arguments; got: extra-args a\\ b\n"
+
+
 @pytest.mark.parametrize(("script", "argv", "words"), [
     ("run", ["--help"], "./run demo"),
     ("deploy/install", ["--help"], "deploy/install --uninstall"),

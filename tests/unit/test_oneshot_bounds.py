@@ -394,6 +394,24 @@ def test_a_full_or_closed_standard_stream_is_one_line(
     assert status == (2 if argv[0] == "write" else 1)
 
 
+@pytest.mark.parametrize("lba", [None, "4096"])
+def test_an_error_with_standard_error_closed_stays_out_of_the_data(lba: str | None) -> None:
+    """``hbactl read URL ... -o - 2>&- | xxd``: Python makes a closed standard error
+    ``None``, and ``print(..., file=None)`` prints to standard output, so the error message
+    went into the block data. Refused (port 1), or beyond the LUN's end: nothing on stdout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    with target_in_a_thread(fake()) as port:
+        url = f"iscsi://127.0.0.1:{1 if lba is None else port}/{TGT}/0"
+        done = subprocess.run(
+            [sys.executable, "-m", "hba.cli", "read", "--initiator-name", INI, url, "--lba",
+             lba or "0", "--blocks", "1", "-o", "-"],
+            stdout=subprocess.PIPE, timeout=60, check=False, cwd=root, preexec_fn=_close(2))
+    assert done.returncode == (1 if lba is None else 2)
+    assert done.stdout == b"", done.stdout
+
+
 @pytest.mark.parametrize("json_output", [False, True])
 def test_perf_on_ctrl_c_reports_the_run_so_far(capsys: pytest.CaptureFixture[str],
                                                json_output: bool) -> None:
@@ -521,14 +539,16 @@ def test_write_reads_only_the_blocks_it_writes() -> None:
 
 def test_write_from_a_pipe_longer_than_the_lun_is_refused(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more.
+    # Without --blocks a pipe is read up to the LUN's end (4096 blocks here) and a byte more;
+    # the chunk that shows it is not written (tests/unit/test_oneshot_write.py: the chunks
+    # before it are, and the error says which).
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\0" * 512 * 7)))
     with target_in_a_thread(fake()) as port:
         assert cli.main(["write", "--initiator-name", INI, f"iscsi://127.0.0.1:{port}/{TGT}/0",
                          "--lba", "4090", "-i", "-"]) == 2
     err = capsys.readouterr().err
     assert err == (f"hbactl: standard input holds more than the 6 blocks from block 4090 to the "
-                   f"end of {TGT} LUN 0; give --blocks\n")
+                   f"end of {TGT} LUN 0; give --blocks; nothing was written\n")
 
 
 @pytest.mark.parametrize(("name", "words"), [

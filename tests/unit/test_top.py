@@ -147,6 +147,19 @@ def test_top_parses() -> None:
     assert args.metrics == "9433"
 
 
+@pytest.mark.parametrize(("value", "words"), [
+    ("70000", "metrics listen address '70000': port 70000 is not between 1 and 65535"),
+    ("a b:1", "metrics listen address: 'a b' in address 'a b:1' is not a valid host name"),
+])
+def test_daemon_refuses_a_bad_metrics_address_when_parsing(
+        capsys: pytest.CaptureFixture[str], value: str, words: str) -> None:
+    # It was told only after the daemon had connected to DBus.
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["daemon", "--metrics", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --metrics: {words}" in err, err
+
+
 def test_top_without_a_bus_says_what_to_start(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
