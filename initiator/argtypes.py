@@ -2,7 +2,9 @@
 ``python -m tcmu_handler.serve`` and ``python -m hba.demo`` (here, below both, so that
 tcmu_handler needs nothing of hba). Sizes in bytes take a unit as people write them
 (``4k``, ``128K``, ``1m``, ``1GiB``: powers of 1024), for ``hbactl perf --block-size`` and
-``./run demo --size`` alike.
+``./run demo --size`` alike; the benchmarks' lists (``--sizes 4k,128k``) and fio's block
+sizes and ranges (``--bs 4k``, ``--bsrange 4k-64k``, one per direction: ``4k,8k``) are
+those sizes too (:func:`sizes`, :func:`size_ranges`), handed to fio as bytes.
 
 ``type=int`` and ``type=float`` take more than a person means: other scripts' digits
 (``--lba`` with an Arabic-Indic one, U+0661, read block 1), ``_`` between digits, spaces
@@ -20,7 +22,7 @@ import re
 
 from initiator.url import decimal
 
-__all__ = ["digits", "seconds", "size", "whole_number"]
+__all__ = ["digits", "fio_sizes", "seconds", "size", "size_ranges", "sizes", "whole_number"]
 
 # A decimal number as a person writes one, or nan/inf (which check_seconds names).
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(nan|inf)",
@@ -68,3 +70,31 @@ def size(text: str) -> int:
     if number == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a size must be above 0")
     return number * mult
+
+
+def sizes(text: str) -> list[int]:
+    """Sizes separated by commas (``4k,128k``), each as :func:`size`; at least one."""
+    items = text.split(",")
+    if not text.strip() or any(not item.strip() for item in items):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of sizes separated by commas (e.g. 4k,128k)")
+    return [size(item) for item in items]
+
+
+def size_ranges(text: str) -> list[tuple[int, int]]:
+    """Ranges of sizes separated by commas, each ``low-high`` (``4k-64k``) or one size
+    (``4k``: both ends); fio's ``--bsrange`` (one per direction: read, write, trim)."""
+    ranges = []
+    for item in text.split(","):
+        low, dash, high = item.partition("-")
+        pair = (size(low), size(high)) if dash else (size(item),) * 2
+        if pair[0] > pair[1]:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: the low end is above the high")
+        ranges.append(pair)
+    return ranges
+
+
+def fio_sizes(values: list[int] | list[tuple[int, int]]) -> str:
+    """:func:`sizes` or :func:`size_ranges` as fio takes them, in bytes (``4096,131072``,
+    ``4096-65536``)."""
+    return ",".join(str(v) if isinstance(v, int) else f"{v[0]}-{v[1]}" for v in values)

@@ -54,6 +54,7 @@ from initiator.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from initiator.printable import quoted
 from initiator.text import (
     MAX_BINARY_VALUE_LENGTH,
     MAX_SIMPLE_VALUE_LENGTH,
@@ -559,8 +560,8 @@ class ChapInitiator:
     def _parse_algorithm(self, value: str) -> ChapAlgorithm:
         if "," in value:
             self._fail_protocol(
-                f"target {self._target} answered CHAP_A with a list ({value!r}); it must choose "
-                "one algorithm (RFC 7143 §6.2.1)"
+                f"target {self._target} answered CHAP_A with a list ({quoted(value)}); it must "
+                "choose one algorithm (RFC 7143 §6.2.1)"
             )
         try:
             number = parse_number(value, key="CHAP_A")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from initiator.errors import ConfigurationError, RemoteProtocolError
 from initiator.login import Portal
+from initiator.printable import quoted
 from initiator.text import Pair, TextFormatError, decode, encode
 from initiator.transport import Session, SessionConfig
 
@@ -67,7 +68,7 @@ def parse_send_targets(pairs: list[Pair], asked: Portal) -> list[DiscoveredTarge
                 portals.append(Portal.parse(value))
             except ConfigurationError as exc:
                 bad.append((value, f"portal {asked} listed an unusable TargetAddress for "
-                                   f"{name}, skipped: {exc}"))
+                                   f"{quoted(name)}, skipped: {exc}"))
         # Other keys (e.g. TargetAlias from some targets) carry nothing we need.
     flush()
     return [DiscoveredTarget(n, tuple(p), tuple(unusable[n])) for n, p in targets.items()]

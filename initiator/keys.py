@@ -54,6 +54,7 @@ from initiator.errors import (
     RemoteProtocolError,
 )
 from initiator.pdu import Stage
+from initiator.printable import quoted
 from initiator.text import (
     MAX_NUMERICAL_VALUE,
     Answer,
@@ -290,7 +291,7 @@ class KeyDef:
             case Kind.LIST:
                 if "," in value:
                     raise TextValueError(
-                        f"{key}={value!r} is a list where a single value is required",
+                        f"{key}={quoted(value)} is a list where a single value is required",
                         key=key,
                         value=value,
                     )
@@ -299,7 +300,7 @@ class KeyDef:
             case Kind.ENUM:
                 if value not in self.choices:
                     raise TextValueError(
-                        f"{key}={value!r} is not one of {', '.join(self.choices)}",
+                        f"{key}={quoted(value)} is not one of {', '.join(self.choices)}",
                         key=key,
                         value=value,
                     )
@@ -967,8 +968,8 @@ class Negotiator:
                 self._log.debug("peer answered our answer %s with %s; ignored", key, value)
             elif key in self._settled:
                 raise NegotiationViolation(
-                    f"{self._peer()} sent {key}={value!r} after {key} was already negotiated; "
-                    "RFC 7143 §6.2 forbids renegotiating a key during login",
+                    f"{self._peer()} sent {key}={quoted(value)} after {key} was already "
+                    "negotiated; RFC 7143 §6.2 forbids renegotiating a key during login",
                     key=key,
                 )
             else:
@@ -1041,7 +1042,7 @@ class Negotiator:
                     key=key,
                 )
             # Declarations need no answer; a peer that still answers one is ignored.
-            self._log.debug("peer answered our declaration %s with %s", key, value)
+            self._log.debug("peer answered our declaration %s with %s", key, quoted(value))
             if value == Answer.NOT_UNDERSTOOD:
                 self._not_understood.add(key)
             return
@@ -1063,7 +1064,7 @@ class Negotiator:
             )
         self._peer_declared.setdefault(key, []).append(value)
         self._peer_values[key] = parsed
-        self._log.debug("peer declared %s=%s", key, value)
+        self._log.debug("peer declared %s=%s", key, quoted(value))
 
     def _receive_answer(self, kd: KeyDef, value: str) -> None:
         key, peer = kd.name, self._peer()
@@ -1131,7 +1132,7 @@ class Negotiator:
                 key=key,
             )
         self._values[key] = answer
-        self._log.debug("peer answered %s=%s", key, value)
+        self._log.debug("peer answered %s=%s", key, quoted(value))
 
     def _accept_list_reject(self, kd: KeyDef, offered: Preference) -> None:
         # §6.2: after Reject the key keeps its current value (the default); the offerer decides
@@ -1194,11 +1195,11 @@ class Negotiator:
         if result is None:
             # §6.2.2: an inadmissible proposal MAY be answered with Reject.
             self._rejected.add(key)
-            self._log.debug("answering %s=%s with Reject", key, value)
+            self._log.debug("answering %s=%s with Reject", key, quoted(value))
             return Answer.REJECT.value
         self._values[key] = result
         wire = kd.format(result)
-        self._log.debug("peer offered %s=%s; answering %s", key, value, wire)
+        self._log.debug("peer offered %s=%s; answering %s", key, quoted(value), wire)
         return wire
 
     # --- outcome -------------------------------------------------------------------------------

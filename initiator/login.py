@@ -56,8 +56,9 @@ from initiator.keys import (
     SessionType,
 )
 from initiator.pdu import Stage
+from initiator.printable import quoted
 from initiator.text import Pair, TextAssembler, TextFormatError, TextSplitter, encode
-from initiator.url import decimal, ipv6_literal, quoted
+from initiator.url import decimal, ipv6_literal
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +529,7 @@ class LoginMachine:
                 portal = Portal.parse(address)
             except ConfigurationError as exc:
                 raise LoginError(
-                    f"target {self.label} redirected the login to {address!r}, which is not "
+                    f"target {self.label} redirected the login to {quoted(address)}, which is not "
                     f"a portal address: {exc}", status_class=r.status_class,
                     status_detail=r.status_detail, target=self.label) from None
             return LoginRedirect(portal, permanent=r.status_detail == 2)
@@ -552,8 +553,8 @@ class LoginMachine:
         if chap is not None:
             if method is not None and method != "CHAP":
                 raise LoginAuthenticationError(
-                    f"target {self.label} chose AuthMethod={method!r}, but CHAP credentials are "
-                    "configured: refusing to log in without CHAP (so that no impostor can pose "
+                    f"target {self.label} chose AuthMethod={quoted(method)}, but CHAP credentials "
+                    "are configured: refusing to log in without CHAP (so that no impostor can pose "
                     "as the target); require CHAP for this initiator on the target, or remove "
                     "the credentials from the URL or configuration",
                     status_class=2, status_detail=1, target=self.label)

@@ -15,7 +15,9 @@ Inputs are left alone: a FIFO opened for reading waits for its writer, as ``cat`
 Names derived from an output's name (``hbactl discover --luns --pcap x.pcap`` records the Nth
 target's session in ``x.targetN.pcap``) are regular files whatever the output is: with a FIFO,
 ``/dev/stdout`` or another device the derived files would land beside it unasked.
-:func:`not_a_file` says what such an output is, so that the command can refuse it up front.
+:func:`not_a_file` says what such an output is, so that the command can refuse it up front;
+:func:`is_stream` says whether names may be derived from it at all, so that a session's
+capture stays one stream across reconnects instead (``initiator/pcap.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def not_a_file(path: str) -> str | None:
         if test(mode):
             return what
     return None
+
+
+def is_stream(path: str) -> bool:
+    """Whether ``path`` is an output that only its own name reaches: not a regular file (a
+    FIFO, a device), or a name of a descriptor already open (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, whatever it leads to). A name derived from it (``x.2.pcap``) would be
+    a regular file beside it, or a name in ``/dev`` or ``/proc``, not that output."""
+    return not_a_file(path) is not None or \
+        os.path.abspath(path).startswith(("/dev/", "/proc/"))
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),

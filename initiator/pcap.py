@@ -25,6 +25,13 @@ loop (they do not block unless the writer falls more than ``max_batches`` batche
 from other threads. A write error (disk full) stops the recording, is logged once, and is
 raised by :meth:`close`; the data path never sees it.
 
+A session records each connection (a recovery reconnects) with a recorder of its own. Into a
+regular file each gets a file (``FILE``, ``FILE.2.pcap``: :class:`~initiator.transport.Session`
+names them); into a stream (a FIFO, ``/dev/stdout``: :func:`initiator.output.is_stream`) the
+next recorder appends (``append=True``) to the one capture without a second file header, and
+the session keeps a descriptor on the stream open meanwhile, so that its reader (tshark) does
+not see the end of the capture between two connections.
+
 Dissecting the result
 ---------------------
 Wireshark's iSCSI dissector (epan/dissectors/packet-iscsi.c) is registered on the TCP ports of
@@ -65,7 +72,7 @@ from typing import Any
 
 from scapy.utils import PcapWriter
 
-from initiator.output import open_for_writing
+from initiator.output import is_stream, open_for_writing
 
 __all__ = ["ISCSI_PORTS", "PcapRecorder"]
 
@@ -120,6 +127,8 @@ class PcapRecorder:
     (1460 for IPv4, 1440 for IPv6) and may be raised to see loopback-sized segments, up to
     65495 (IPv4) / 65475 (IPv6) so that no IP packet exceeds 65535 bytes. ``isn`` fixes the
     initial sequence numbers (local, remote) for reproducible files; they are random otherwise.
+    ``append`` adds this connection's packets to an existing capture (a file's header is
+    written only if it has none; a stream's is taken to be there: the module docstring).
     """
 
     def __init__(
@@ -185,7 +194,12 @@ class PcapRecorder:
         finally:
             os.close(fd)
         try:
-            self._writer.write_header(None)
+            if append and is_stream(self.path):
+                # A FIFO or /dev/stdout cannot be read back to see whether its header is
+                # there: appending to a stream continues one capture, which has it.
+                self._writer.header_present = True
+            else:
+                self._writer.write_header(None)
         except OSError as exc:   # `--pcap /dev/full`, a full disk: name the file
             with contextlib.suppress(OSError):
                 self._writer.close()

@@ -110,6 +110,9 @@ class RecoveryPolicy:
         """Why the connection that started this outage was lost."""
         self.last_error = ""
         """Why the last attempt failed ("" when it logged in)."""
+        self.last_break = ""
+        """Why the last connection logged in during this outage broke before a command
+        completed on it ("" when none did)."""
         self._time2wait: float | None = None
         self._reconnected = False
         self._hopeless: float | None = None
@@ -154,6 +157,9 @@ class RecoveryPolicy:
             self.gave_up = False
             self.logins = 0
             self.outage_attempts = 0
+            self.last_break = ""
+        elif broke:
+            self.last_break = cause
         if time2wait is None:
             time2wait = self._time2wait
         if time2wait is None:
@@ -249,19 +255,34 @@ class RecoveryPolicy:
         elif self.last_error:
             last = f"; last attempt: {self.last_error}"
         elif self.logins:
-            last = (f"; it logged in again {self.logins} time(s), but every connection broke "
-                    "before a command completed")
+            last = ""
         elif self.attempts:
             last = "; every reconnect failed again at once"
         else:
             last = "; the target's Time2Wait ran past it"
         # What recovery tried, and for how long: a one-shot hbactl shows its progress only
         # with -v, so this sentence is all a person sees of it.
+        if self.logins and self.phase is Phase.WAITING and not self.last_error:
+            return self._broke_message(label, last)
         tried = self.outage_attempts
         tries = f" in {tried} login attempt{'' if tried == 1 else 's'}" if tried else ""
         return (f"session to {label} could not be re-established{tries} within the "
                 f"replacement timeout of {self.replacement_timeout:g} s (connection lost: "
                 f"{self.cause}{last})")
+
+    def _broke_message(self, label: str, after: str) -> str:
+        """The give-up message when the last reconnect logged in and its connection broke
+        before a command completed: the logins worked, so "could not be re-established" would
+        send a person to the portal and the credentials instead of to what drops the
+        connections (a target that closes each one after login, a faulty link)."""
+        times = f"{self.logins} time{'' if self.logins == 1 else 's'}"
+        tried = self.outage_attempts
+        if tried > self.logins:
+            times += f" in {tried} login attempts"
+        last = (f"; the last one: {self.last_break}" if self.last_break else "") + after
+        return (f"session to {label} logged in again {times} within the replacement timeout "
+                f"of {self.replacement_timeout:g} s, but each connection broke before a "
+                f"command completed (connection lost: {self.cause}{last})")
 
     # -- internals ---------------------------------------------------------------------------
 

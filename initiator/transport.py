@@ -70,6 +70,7 @@ from initiator.login import (
     LoginSuccess,
     Portal,
 )
+from initiator.output import is_stream, open_for_writing
 from initiator.reader import PDUReader
 from initiator.recovery import MAX_BACKOFF, Action, RecoveryPolicy
 from initiator.recovery import progress_log as recovery_log
@@ -796,6 +797,7 @@ class Session:
         self._closing = False
         self._held: Connection | None = None   # the connection hold_sends() holds
         self._pcap_count = 0
+        self._pcap_hold: int | None = None   # a descriptor on a --pcap stream (_pcap_factory)
         self.events: list[Event] = []
         self.on_event: Callable[[Event], None] | None = None
         self.on_state: Callable[[SessionState], None] | None = None
@@ -894,13 +896,24 @@ class Session:
             return None
         path = self.pcap_path
         self._pcap_count += 1
-        if self._pcap_count > 1:
+        # Each connection of a session (a recovery reconnects) is one TCP flow. A regular file
+        # gets one per connection (FILE, FILE.2.pcap, ...); a FIFO or /dev/stdout (tshark
+        # reading it) cannot have names derived from it, so there they follow each other in
+        # the one capture, which a pcap can hold (each flow its own ports).
+        stream = is_stream(path)
+        if self._pcap_count > 1 and not stream:
             root, ext = os.path.splitext(path)
             path = f"{root}.{self._pcap_count}{ext or '.pcap'}"
+        append = stream and self._pcap_count > 1
 
         def factory(local: tuple[str, int], remote: tuple[str, int]) -> PcapRecorder:
             from initiator.pcap import PcapRecorder
-            return PcapRecorder(path, local=local, remote=remote)
+            recorder = PcapRecorder(path, local=local, remote=remote, append=append)
+            if stream and self._pcap_hold is None:
+                # Held until the session closes: a FIFO's reader would see the end of the
+                # stream when one connection's recorder closes, and stop before the next.
+                self._pcap_hold = open_for_writing(path, truncate=False)
+            return recorder
         return factory
 
     async def _run_login(self, conn: Connection, exchanges: list[int]
@@ -1504,6 +1517,9 @@ class Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(conn.closed), 2)
         self._fail_pending(SessionFailed(f"session to {self.label} was closed"))
+        if self._pcap_hold is not None:
+            os.close(self._pcap_hold)
+            self._pcap_hold = None
         self._set_state(SessionState.CLOSED)
 
     def _stop_recovery(self) -> None:

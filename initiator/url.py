@@ -59,6 +59,7 @@ from urllib.parse import unquote_to_bytes
 
 from initiator.credentials import ChapFields, ChapSource
 from initiator.errors import ConfigurationError
+from initiator.printable import quoted
 from initiator.text import is_utf8
 
 __all__ = [
@@ -238,8 +239,6 @@ TOO_LARGE = 10**19
 """What :func:`decimal` returns for a number of more than 19 digits: beyond every bound a
 person's number is checked against here (ports, LUNs, timeouts, sizes)."""
 
-QUOTE_LIMIT = 200
-"""The most characters of a person's text (a URL, a name, an address) an error message quotes."""
 
 
 def decimal(text: str) -> int | None:
@@ -489,14 +488,6 @@ _PREFIX = "iscsi://"
 _OPTIONS = ("header_digest", "data_digest", "target_user", "target_password",
             "discover_portals")
 _ON_OFF = {"on": True, "yes": True, "off": False, "no": False}
-
-
-def quoted(value: object) -> str:
-    """``value`` quoted for an error message, at most :data:`QUOTE_LIMIT` characters of it: a
-    URL of 100 000 characters made a message of 300 000, quoting it three times over, and a
-    target's TargetAddress of any length was quoted whole, twice."""
-    text = repr(value)
-    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
 
 def _scrub(text: str) -> str:

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from hba.cli import main
-from initiator.argtypes import size
+from initiator.argtypes import fio_sizes, size, size_ranges, sizes
 
 URL = "iscsi://127.0.0.1:1/iqn.2003-01.org.example:disk1/0"
 ARABIC_ONE = "\u0661"
@@ -76,3 +76,23 @@ def test_perf_block_size_is_refused_with_the_options_name(
     assert exit_.value.code == 2
     assert "argument --block-size: '3x' is not a size in bytes (e.g. 4096, 4k, 1m)" in \
         capsys.readouterr().err
+
+
+def test_lists_and_ranges_of_sizes_reach_fio_in_bytes() -> None:
+    # The benchmarks each had a parser of their own, and passed --bs/--block-size on unread.
+    assert sizes("4k,128k") == [4096, 131072]
+    assert size_ranges("4k-64k") == [(4096, 65536)]
+    assert size_ranges("4k-64k, 8k") == [(4096, 65536), (8192, 8192)]
+    assert fio_sizes(sizes("4k,1m")) == "4096,1048576"
+    assert fio_sizes(size_ranges("4KiB-64k,512")) == "4096-65536,512-512"
+
+
+@pytest.mark.parametrize(("parse", "text", "words"), [
+    (sizes, "", "not a list of sizes"), (sizes, "4k,,8k", "not a list of sizes"),
+    (sizes, "4k,x", "'x' is not a size in bytes"), (size_ranges, "64k-4k", "low end is above"),
+    (size_ranges, "4k-", "is not a size in bytes"), (size_ranges, "4k-8k-16k", "not a size"),
+])
+def test_a_bad_list_or_range_of_sizes_is_refused(parse: object, text: str, words: str) -> None:
+    assert callable(parse)
+    with pytest.raises(argparse.ArgumentTypeError, match=words):
+        parse(text)

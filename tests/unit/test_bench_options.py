@@ -54,6 +54,14 @@ def _refused(argv: list[str]) -> str:
     ["e2e_vs_open_iscsi", "--ramp", "nan"],
     ["workers", "--seconds", "nan"],
     ["workers", "--repeat", "0"],
+    # Sizes are initiator.argtypes' (fio was handed whatever was typed).
+    ["workers", "--bs", "4q"],
+    ["workers", "--size", "1_000m"],
+    ["faults_soak", "--block-size", "64k-4k"],
+    ["faults_soak", "--block-size", "4k-x"],
+    ["e2e_vs_open_iscsi", "--size", "\u0662g"],
+    ["initiator_vs_libiscsi", "--sizes", "4k,,128k"],
+    ["ring", "--disks", "1", "--size", "+4k"],
 ], ids=" ".join)
 def test_a_bad_run_length_or_count_is_refused_at_once(argv: list[str]) -> None:
     _refused(argv)

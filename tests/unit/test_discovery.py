@@ -112,7 +112,7 @@ def test_unusable_address_is_skipped_naming_the_target(address: str) -> None:
     assert one.portals == (Portal("10.0.0.1", 3260, 1),) and len(one.unusable) == 1
     assert one.unusable[0][0] == address
     why = one.unusable[0][1]
-    assert why.startswith(f"portal {ASKED} listed an unusable TargetAddress for iqn.a:one, "
+    assert why.startswith(f"portal {ASKED} listed an unusable TargetAddress for 'iqn.a:one', "
                           "skipped: portal ")
     assert two.portals == () and two.unusable == ((address, why.replace(":one", ":two")),)
     assert three == DiscoveredTarget("iqn.a:three", (ASKED,))
@@ -262,3 +262,13 @@ def test_hbactl_discover_refuses_a_url_that_names_a_target(
     assert cli.main(["discover", "--initiator-name", "iqn.2024-01.org.example:i", url]) == 2
     err = capsys.readouterr().err
     assert "names a target; hbactl discover takes a portal" in err and err.count("\n") == 1
+
+
+def test_a_huge_target_name_makes_a_short_error() -> None:
+    # The TargetName a SendTargets answer lists was put whole into the skipped address's line.
+    name = "iqn.2003-01.org.example:" + "n" * 60_000
+    pairs = [("TargetName", name), ("TargetAddress", "10.0.0.1:port")]
+    [target] = parse_send_targets(pairs, ASKED)
+    [(_, why)] = target.unusable
+    assert target.name == name   # the data stays whole: hbactl discover lists it escaped
+    assert "unusable TargetAddress" in why and len(why) < 1000

@@ -44,7 +44,7 @@ from initiator.errors import (
 )
 from initiator.keys import NegotiationSettings
 from initiator.login import LoginAuthenticationError, LoginMachine, LoginSuccess
-from initiator.printable import PrintableFormatter, printable
+from initiator.printable import PrintableFormatter, printable, quoted
 from initiator.reader import PDUReader
 from initiator.session import MAX_UNSENT_PING_ANSWERS, ConnectionCore, EventKind, Task
 from initiator.transport import Session, SessionConfig
@@ -258,8 +258,8 @@ async def test_discover_skips_an_unusable_address_and_lists_the_rest(
         captured = capsys.readouterr()
     err = captured.err.splitlines()
     assert len(err) == 2 and all(line.startswith("hbactl: warning: portal ") for line in err)
-    assert f"for {printable(nodes[0].name)}, skipped" in err[0]
-    assert "for iqn.2003-01.org.example:bad, skipped" in err[1] and "99999" in err[1]
+    assert f"for {printable(quoted(nodes[0].name))}, skipped" in err[0]
+    assert "for 'iqn.2003-01.org.example:bad', skipped" in err[1] and "99999" in err[1]
     assert_clean(captured.err)
     if json_output:
         result = json.loads(captured.out)

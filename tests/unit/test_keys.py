@@ -1245,3 +1245,16 @@ def test_logger_receives_debug_lines(caplog: pytest.LogCaptureFixture) -> None:
     ini = make_initiator()
     ini.offer(Stage.SECURITY)
     assert any("offer InitiatorName=" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("pairs", [
+    [("HeaderDigest", "None," + "x" * 60_000)],                         # a list as an answer
+    [("MaxBurstLength", "65536"), ("MaxBurstLength", "6" * 60_000)],   # renegotiated
+], ids=["list", "renegotiated"])
+def test_a_huge_value_from_the_target_makes_a_short_error(pairs: list[tuple[str, str]]) -> None:
+    # The value a target sent was quoted whole: 60 KiB sent, a 60 KiB line shown.
+    ini = offered_initiator()
+    with pytest.raises(NegotiationError) as info:
+        for pair in pairs:
+            ini.receive([pair], Stage.OPERATIONAL)
+    assert len(str(info.value)) < 1000

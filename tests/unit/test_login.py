@@ -627,3 +627,11 @@ def test_a_target_address_zone_is_decoded_and_checked_escaped() -> None:
     with pytest.raises(ConfigurationError) as exc:
         Portal.parse("[fe80::1%\x1b[2J]:3260,1")
     assert "\x1b" not in str(exc.value) and "'\\x1b[2J'" in str(exc.value)
+
+
+def test_a_huge_redirect_address_makes_a_short_error() -> None:
+    # The address a target redirects to was quoted whole: 60 KiB sent, a 60 KiB line shown.
+    target = FakeTarget(hostile=Hostility(redirect=("h" * 60_000 + ":3260", True)))
+    with pytest.raises(LoginError, match="not a portal address") as info:
+        run(target, machine())
+    assert len(str(info.value)) < 1000

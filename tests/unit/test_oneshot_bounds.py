@@ -291,9 +291,9 @@ def test_recovery_is_one_error_saying_what_was_tried(
     lines = capsys.readouterr().err.splitlines()
     assert status == 1
     assert len(lines) == 1 and re.fullmatch(
-        rf"hbactl: session to {TGT} at 127\.0\.0\.1:{port} could not be re-established "
-        r"in \d+ login attempts? within the replacement timeout of 2\.5 s \(connection lost: "
-        r".*\)", lines[0]), lines
+        rf"hbactl: session to {TGT} at 127\.0\.0\.1:{port} logged in again \d+ times? within "
+        r"the replacement timeout of 2\.5 s, but each connection broke before a command "
+        r"completed \(connection lost: .*; the last one: .*\)", lines[0]), lines
     assert any(r.name == cli.RECOVERY_LOGGER and r.levelno == logging.WARNING
                and r.getMessage().endswith("; recovering") for r in caplog.records)
 

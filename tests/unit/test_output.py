@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from initiator.output import NoReader, not_a_file, open_for_writing
+from initiator.output import NoReader, is_stream, not_a_file, open_for_writing
 from initiator.pcap import PcapRecorder
 
 
@@ -89,3 +89,14 @@ def test_not_a_file_names_what_an_output_is(tmp_path: Path) -> None:
     assert not_a_file(str(tmp_path)) == "a directory"
     assert not_a_file(str(tmp_path / "file")) is None
     assert not_a_file(str(tmp_path / "missing")) is None
+
+
+def test_names_are_derived_only_from_a_regular_files_name(tmp_path: Path) -> None:
+    # A session's capture per reconnect (FILE.2.pcap) or a target's (FILE.targetN.pcap):
+    # beside a FIFO, /dev/stdout or /dev/fd/N it would be a regular file nobody asked for.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "file").write_bytes(b"")
+    assert is_stream(str(fifo)) and is_stream("/dev/stdout") and is_stream("/dev/fd/1")
+    assert is_stream("/dev/null") and is_stream("/proc/self/fd/2")
+    assert not is_stream(str(tmp_path / "file")) and not is_stream(str(tmp_path / "new"))

@@ -166,8 +166,38 @@ def test_a_reconnect_that_completes_no_command_does_not_end_the_outage() -> None
     assert reconnects[0] == 0.0
     assert all(b - a >= 1.0 for a, b in itertools.pairwise(reconnects)), reconnects
     assert policy.logins == len(reconnects)
-    assert f"logged in again {len(reconnects)} time(s), but every connection broke" in \
-        policy.give_up_message("t")
+    assert policy.give_up_message("t") == (
+        f"session to t logged in again {len(reconnects)} times within the replacement timeout "
+        "of 200 s, but each connection broke before a command completed (connection lost: "
+        "target closed the connection; the last one: target closed the connection)")
+
+
+def test_logins_that_each_broke_are_not_called_a_failure_to_log_in() -> None:
+    # A target that drops every connection right after login: each login worked, and the
+    # message said the session "could not be re-established in 3 login attempts", which
+    # sends a person to the portal and the credentials. It says what happened instead, with
+    # the last connection's cause, and the attempts when some of them failed to log in.
+    policy = RecoveryPolicy(10.0, default_time2wait=0.0)
+    policy.connection_lost(0.0, "connection reset", worked=True, waiting=True)
+    outcomes = iter(["logged in", "refused"])   # then each logs in
+
+    def react(now: float, action: Action) -> None:
+        if action is Action.CONNECT:
+            if next(outcomes, "logged in") == "refused":
+                policy.attempt_failed(now, "connection refused")
+                return
+            policy.logged_in(now, waiting=True)
+            policy.connection_lost(now + 0.1, f"closed at {now + 0.1:g} s", worked=False,
+                                   waiting=True)
+
+    run(policy, 1000.0, react)
+    message = policy.give_up_message("iqn.x at h:3260")
+    assert "could not be re-established" not in message, message
+    assert policy.logins == policy.outage_attempts - 1 and message.startswith(
+        f"session to iqn.x at h:3260 logged in again {policy.logins} times in "
+        f"{policy.outage_attempts} "
+        "login attempts within the replacement timeout of 10 s, but each connection broke "
+        "before a command completed (connection lost: connection reset; the last one: closed at ")
 
 
 def test_a_reconnect_that_breaks_waits_time2wait_without_backoff() -> None:

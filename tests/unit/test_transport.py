@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import random
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import pytest
+from scapy.utils import RawPcapReader
 
 from initiator import pdu as P
 from initiator.chap import ChapAccount, ChapCredentials, Secret
@@ -1428,3 +1431,75 @@ def test_an_unusable_initiator_name_file_is_named(tmp_path: pathlib.Path, conten
     with pytest.raises(ConfigurationError, match=message) as info:
         default_initiator_name(str(path))
     assert str(path) in str(info.value) and "--initiator-name" in str(info.value)
+
+
+async def _recorded_reconnect(pcap: pathlib.Path, check: Callable[[], bool | str]) -> None:
+    """A session recorded into ``pcap`` whose first connection the target drops: its
+    commands complete on the second; ``check()`` holds before the session closes."""
+    target = fake(hostile=Hostility(drop_after_commands=3, drop_connections=1))
+    async with serve(target) as server:
+        session = Session(server.portal, TGT, config(), pcap_path=str(pcap))
+        await within(session.login())
+        try:
+            results = await within(asyncio.gather(*(read(session, i, 1) for i in range(5))))
+            assert all(r.ok for r, _ in results) and session.reconnects == 1
+            assert check() is True, check()
+        finally:
+            await within(session.close())
+
+
+def _flows(capture: pathlib.Path) -> list[int]:
+    """The initiator ports of the SYNs in a pcap of IPv4 packets (LINKTYPE_RAW), in order."""
+    ports = []
+    for packet, _meta in RawPcapReader(str(capture)):
+        tcp = packet[(packet[0] & 0x0F) * 4:]
+        if tcp[13] == 0x02:   # SYN alone: the initiator opening a connection
+            ports.append(int.from_bytes(tcp[0:2], "big"))
+    return ports
+
+
+async def test_a_pcap_fifo_keeps_one_capture_across_a_reconnect(tmp_path: pathlib.Path) -> None:
+    # `--pcap FIFO` (tshark reading it) with a recovery: the second connection's capture went
+    # to a regular file named FIFO.2.pcap beside it, and the FIFO's reader saw the end of the
+    # stream when the first connection's recorder closed. Both connections are now flows of
+    # the one capture, which ends when the session closes.
+
+    (tmp_path / "out").mkdir()
+    fifo = tmp_path / "out" / "capture.pcap"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)   # the reader, there before the writer
+    os.set_blocking(fd, True)
+    chunks: list[bytes] = []
+    ended = threading.Event()
+
+    def reader() -> None:
+        while True:
+            data = os.read(fd, 1 << 16)
+            if data:
+                chunks.append(data)
+            elif chunks:   # no writer left, after one came: the end of the stream
+                break
+            else:          # no writer yet
+                ended.wait(0.005)
+        ended.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        await _recorded_reconnect(fifo, lambda: not ended.is_set() or
+                                  "the FIFO's reader saw its end before the session's")
+        await within(asyncio.to_thread(thread.join, 10))
+        assert ended.is_set()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in fifo.parent.iterdir()) == ["capture.pcap"]
+    (tmp_path / "read.pcap").write_bytes(b"".join(chunks))
+    ports = _flows(tmp_path / "read.pcap")
+    assert len(ports) == 2 and ports[0] != ports[1], ports
+
+
+async def test_a_pcap_file_gets_one_file_per_connection(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "capture.pcap"
+    await _recorded_reconnect(path, lambda: True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capture.2.pcap", "capture.pcap"]
+    assert len(_flows(path)) == 1 and len(_flows(tmp_path / "capture.2.pcap")) == 1
