@@ -616,8 +616,9 @@ class ConnectionCore:
     def abort(self, task: Task, now: float, error: ISCSIError,
               on_done: Callable[[], None] | None = None) -> None:
         """End ``task`` at the target whatever it takes, escalating as open-iscsi and the
-        SCSI error handler do: ABORT TASK; if the target refuses it or does not answer within
-        ``tmf_timeout``, LOGICAL UNIT RESET of the task's LUN; if that fails too, the
+        SCSI error handler do: ABORT TASK; if the target refuses it, answers that the task does
+        not exist before its status came, or does not answer within ``tmf_timeout``, LOGICAL
+        UNIT RESET of the task's LUN; if that fails too, the
         connection is given up (:class:`ConnectionFailed` is raised, from
         :meth:`handle_timer` or :meth:`receive_pdu`) and the session reinstated.
 
@@ -1508,7 +1509,14 @@ class ConnectionCore:
             why = f"aborted by {function.name if function else 'task management'}"
             if control.ref_task is not None:
                 task = control.ref_task
-                if task.state is not TaskState.DONE:
+                if task.state is not TaskState.DONE and not (
+                        pdu.response == P.TMResponse.TASK_DOES_NOT_EXIST
+                        and task in self._deadlines.expired):
+                    # "Task does not exist" before the task's status does not say the target
+                    # let go of it: tgtd holds a write in its iSCSI layer until the data is
+                    # in, where ABORT TASK does not look, and answers it later. abort()'s
+                    # escalation goes on (LOGICAL UNIT RESET next), as open-iscsi's does;
+                    # else that status would end the connection, an answer to no command.
                     self._tasks.pop(task.itt, None)
                     self._complete_error(task, TaskAborted(f"{self._what(task)} {why}"))
             elif function in (P.TMFunction.ABORT_TASK_SET, P.TMFunction.CLEAR_TASK_SET,

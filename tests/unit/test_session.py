@@ -1752,6 +1752,35 @@ def test_command_deadline_escalates_to_lun_reset_when_the_abort_is_refused() -> 
     assert h.result(other_lun) is None
 
 
+@pytest.mark.parametrize("status_comes", [True, False])
+def test_a_deadlines_abort_answered_task_does_not_exist_waits_for_its_status(
+        status_comes: bool) -> None:
+    """tgtd answers ABORT TASK for a write whose data it is still taking with "Task does not
+    exist" (its iSCSI layer holds the command, where the abort does not look), then sends the
+    command's R2T and status all the same. The task stays outstanding: its status completes
+    it (it was a protocol error, "not an outstanding command", and a new connection); without
+    one, the escalation's LOGICAL UNIT RESET ends it."""
+    h = Harness(command_timeout=4.0, tmf_timeout=2.0)
+    stuck = h.submit()
+    h.sent()
+    run_timers(h, 4.5)
+    abort = _tmf(h)
+    assert abort.function is P.TMFunction.ABORT_TASK
+    h.deliver(P.TaskMgmtResponse(itt=abort.itt, response=P.TMResponse.TASK_DOES_NOT_EXIST,
+                                 **h.numbers()), now=4.6)
+    assert h.result(stuck) is None
+    reset = _tmf(h)
+    assert reset.function is P.TMFunction.LOGICAL_UNIT_RESET
+    if status_comes:
+        h.deliver(h.response(stuck), now=4.7)
+        assert h.ok(stuck).status == 0
+    h.deliver(P.TaskMgmtResponse(itt=reset.itt, **h.numbers()), now=4.8)
+    if not status_comes:
+        assert isinstance(h.result(stuck), CommandTimeout)
+    run_timers(h, 30.0)
+    assert h.sent() == [] and h.core.take_unfinished() == []
+
+
 def test_command_deadline_ends_in_a_new_connection_when_the_target_ignores_tmfs() -> None:
     h = Harness(command_timeout=4.0, tmf_timeout=1.0)
     stuck = h.submit(data_in=views(bytearray(512)))
