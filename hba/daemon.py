@@ -1048,6 +1048,12 @@ class Daemon:
                 wake.clear()
                 await asyncio.sleep(0.2)  # let a creator finish writing the device's control
                 if self.pool is not None:
+                    # A worker that died leaves its rings to nobody until its replacement
+                    # has taken them over. Scanned meanwhile, they went to the other worker
+                    # as new devices, and the replacement had nothing to take over (seen in
+                    # the VM tier). The takeover serves every backstore nobody serves; the
+                    # scan after it finds what is left.
+                    await self.pool.replacements_done()
                     async with self._lock:
                         await self._serve_new_in_workers()
                     await self.pool.gather("refresh")

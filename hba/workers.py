@@ -400,6 +400,11 @@ class WorkerPool:
         # A dead worker's last rows, until its replacement has taken its disks over; and why
         # they are not served meanwhile.
         self._orphans: dict[int, tuple[list[dict[str, Any]], str]] = {}
+        # Workers that died and are being replaced, from the death until the takeover ends
+        # (or fails): their rings are nobody's meanwhile (replacements_done()).
+        self._replacing: set[int] = set()
+        self._settled = asyncio.Event()
+        self._settled.set()
         self.stopping = False
 
     def command(self, fd: int, index: int) -> list[str]:
@@ -499,23 +504,38 @@ class WorkerPool:
         log.error("worker %d (pid %d) ended: %s; a new worker takes over its disks in %g s",
                   index, link.pid, describe_exit(status), RESTART_DELAY)
         self._orphan(index)
-        await asyncio.sleep(RESTART_DELAY)
-        if self._stopped():
-            return
+        self._replacing.add(index)
+        self._settled.clear()
         try:
-            new = await self.worker(index)
-        except HBAError as exc:
-            log.error("%s; its disks wait (their commands stay in the kernel's rings)", exc)
-            rows, _ = self._orphans.get(index, ([], ""))
-            self._orphans[index] = (rows, f"worker {index} ended and {exc}: its disks wait "
-                                          "(see the daemon's log)")
-            return
-        try:
-            await self._on_restart(new)
+            await asyncio.sleep(RESTART_DELAY)
+            if self._stopped():
+                return
+            try:
+                new = await self.worker(index)
+            except HBAError as exc:
+                log.error("%s; its disks wait (their commands stay in the kernel's rings)",
+                          exc)
+                rows, _ = self._orphans.get(index, ([], ""))
+                self._orphans[index] = (rows, f"worker {index} ended and {exc}: its disks "
+                                              "wait (see the daemon's log)")
+                return
+            try:
+                await self._on_restart(new)
+            finally:
+                # Taken over, or failed to be (each failure is logged by the takeover): from
+                # now on the workers' own answers say what is served.
+                self._orphans.pop(index, None)
         finally:
-            # Taken over, or failed to be (each failure is logged by the takeover): from now
-            # on the workers' own answers say what is served.
-            self._orphans.pop(index, None)
+            self._replacing.discard(index)
+            if not self._replacing:
+                self._settled.set()
+
+    async def replacements_done(self) -> None:
+        """Return once no worker that died is being replaced (each replacement's takeover
+        ended or failed; bounded by :data:`REPLACEMENT_BOUND` each). Until then a dead
+        worker's rings are nobody's: a scan for new devices would serve them elsewhere,
+        as new, instead of leaving them to the replacement that takes them over."""
+        await self._settled.wait()
 
     def _orphan(self, index: int) -> None:
         """Worker ``index`` is gone: its disks are shown from its last rows until taken over."""

@@ -567,6 +567,53 @@ async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> 
     assert dead.replaced.done()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("starts", [True, False])
+async def test_new_devices_wait_while_a_dead_worker_is_replaced(starts: bool) -> None:
+    """A udev event while a dead worker was being replaced had its rings served by the other
+    worker as new devices, before the replacement could take them over (kernel tier, 1 of
+    many runs). The scan for new devices now waits for the replacement's takeover to end,
+    or to fail (a worker that cannot start: then the scan goes on)."""
+    fakes = FakePool(limit=1)
+    dead, replacement = FakeLink(0, fakes), FakeLink(0, fakes)
+    ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    takeover_may_end = asyncio.Event()
+
+    async def on_restart(link: Any) -> None:
+        await takeover_may_end.wait()
+
+    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 1, lambda k, d: None, on_restart)
+    dead.closed = replacement.closed = False  # type: ignore[attr-defined]
+    dead.wait = lambda: ended  # type: ignore[attr-defined]
+    dead.pid = 4242
+    dead.replaced = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+    pool.links = [dead]  # type: ignore[list-item]
+    start_may_end = asyncio.Event()
+
+    async def start(index: int) -> Any:
+        await start_may_end.wait()
+        if not starts:
+            raise WorkerError("worker 0 did not start")
+        pool.links[index] = replacement  # type: ignore[call-overload]
+        return replacement
+
+    pool.worker = start  # type: ignore[method-assign]
+    await asyncio.wait_for(pool.replacements_done(), 1)   # nobody is being replaced
+    with patch("hba.workers.RESTART_DELAY", 0):
+        monitor = asyncio.get_running_loop().create_task(pool._monitor(dead))  # type: ignore[arg-type]
+        dead.closed = True  # type: ignore[attr-defined]
+        ended.set_result(-9)
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(pool.replacements_done())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()   # the replacement is starting
+        start_may_end.set()
+        await asyncio.sleep(0.01)
+        assert waiting.done() is not starts   # taking over, or its start failed
+        takeover_may_end.set()
+        await monitor
+        await asyncio.wait_for(waiting, 1)
+
+
 class DyingLink(FakeLink):
     """A worker that dies under its first attach; ``taken_over`` is what its replacement
     finds of that disk."""
