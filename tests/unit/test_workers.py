@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -524,12 +524,25 @@ async def test_a_dead_workers_disks_stay_listed_while_it_is_replaced() -> None:
     assert sorted(r["name"] for r in await pool.list_rows()) == ["a-0", "b-0"]
 
 
+def dying_worker(fakes: FakePool, on_restart: Callable[[Any], Awaitable[None]]
+                 ) -> tuple[WorkerPool, FakeLink, asyncio.Future[int]]:
+    """A pool of one worker that will die when the returned future gets its exit status."""
+    dead = FakeLink(0, fakes)
+    ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 1, lambda k, d: None, on_restart)
+    dead.closed = False  # type: ignore[attr-defined]
+    dead.wait = lambda: ended  # type: ignore[attr-defined]
+    dead.pid = 4242
+    dead.replaced = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+    pool.links = [dead]  # type: ignore[list-item]
+    return pool, dead, ended
+
+
 async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> None:
     """The monitor's whole cycle: death, replacement, takeover; the list never has a gap."""
     fakes = FakePool(limit=1)
-    dead, replacement = FakeLink(0, fakes), FakeLink(0, fakes)
-    dead.disks = {"a-0": "iqn:a"}
-    ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    replacement = FakeLink(0, fakes)
+    replacement.closed = False  # type: ignore[attr-defined]
     takeover_may_end = asyncio.Event()
     seen: list[list[str]] = []
 
@@ -539,12 +552,8 @@ async def test_a_replaced_workers_disks_are_listed_until_its_takeover_ends() -> 
         replacement.disks = dict(dead.disks)
         await takeover_may_end.wait()
 
-    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 1, lambda k, d: None, on_restart)
-    dead.closed = replacement.closed = False  # type: ignore[attr-defined]
-    dead.wait = lambda: ended  # type: ignore[attr-defined]
-    dead.pid = 4242
-    dead.replaced = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
-    pool.links = [dead]  # type: ignore[list-item]
+    pool, dead, ended = dying_worker(fakes, on_restart)
+    dead.disks = {"a-0": "iqn:a"}
     assert [r["name"] for r in await pool.list_rows()] == ["a-0"]
 
     async def start(index: int) -> Any:
@@ -574,19 +583,14 @@ async def test_new_devices_wait_while_a_dead_worker_is_replaced(starts: bool) ->
     many runs). The scan for new devices now waits for the replacement's takeover to end,
     or to fail (a worker that cannot start: then the scan goes on)."""
     fakes = FakePool(limit=1)
-    dead, replacement = FakeLink(0, fakes), FakeLink(0, fakes)
-    ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    replacement = FakeLink(0, fakes)
+    replacement.closed = False  # type: ignore[attr-defined]
     takeover_may_end = asyncio.Event()
 
     async def on_restart(link: Any) -> None:
         await takeover_may_end.wait()
 
-    pool = WorkerPool(DaemonOptions(initiator_name=INITIATOR), 1, lambda k, d: None, on_restart)
-    dead.closed = replacement.closed = False  # type: ignore[attr-defined]
-    dead.wait = lambda: ended  # type: ignore[attr-defined]
-    dead.pid = 4242
-    dead.replaced = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
-    pool.links = [dead]  # type: ignore[list-item]
+    pool, dead, ended = dying_worker(fakes, on_restart)
     start_may_end = asyncio.Event()
 
     async def start(index: int) -> Any:
