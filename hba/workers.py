@@ -33,7 +33,9 @@ crash) is reported with its exit status; a new worker takes its index and takes 
 backstore no other worker serves — the same takeover, so its disks' I/O continues after a
 pause, as after a daemon restart. Until that takeover has ended (not only until the new worker
 answers), ``hbactl list`` shows those disks from the dead worker's last answer, in state
-``taking over`` (:meth:`WorkerPool.list_rows`).
+``taking over`` (:meth:`WorkerPool.list_rows`), and the scan for new devices (a udev event)
+waits for it (:meth:`WorkerPool.replacements_done`): else the dead worker's rings, which no
+running worker serves, would be served by another worker as new devices.
 
 *Configfs* changes are serialised across processes by :func:`hba.kernel.configfs_lock` (rtslib
 picks a free ``user_<n>`` by looking).
